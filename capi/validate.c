@@ -1,0 +1,241 @@
+/* Argument validation shared by every op; see validate.h. */
+#include <math.h>
+#include <stdio.h>
+
+#include "validate.h"
+
+#ifdef L3K_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+static const char *device_name(DLDevice d, char buf[32]) {
+    switch ((int)d.device_type) {
+    case kDLCPU: snprintf(buf, 32, "cpu"); break;
+    case kDLCUDA: snprintf(buf, 32, "cuda:%d", (int)d.device_id); break;
+    default: snprintf(buf, 32, "device type %d:%d", (int)d.device_type, (int)d.device_id);
+    }
+    return buf;
+}
+
+const char *l3k_dtype_name(DLDataType dt, char buf[32]) {
+    const char *base = "unknown";
+    switch (dt.code) {
+    case kDLInt: base = "int"; break;
+    case kDLUInt: base = dt.bits == 1 ? "bool" : "uint"; break;
+    case kDLFloat: base = "float"; break;
+    case kDLBfloat: base = "bfloat"; break;
+    default: break;
+    }
+    if (dt.code == kDLUInt && dt.bits == 1)
+        snprintf(buf, 32, "bool");
+    else if (dt.lanes > 1)
+        snprintf(buf, 32, "%s%ux%u", base, (unsigned)dt.bits, (unsigned)dt.lanes);
+    else
+        snprintf(buf, 32, "%s%u", base, (unsigned)dt.bits);
+    return buf;
+}
+
+static const char *dt_name(l3k_dt dt) {
+    return dt == L3K_DT_F32 ? "float32" : dt == L3K_DT_F16 ? "float16" : "bfloat16";
+}
+
+int64_t l3k_numel(const DLTensor *t) {
+    int64_t n = 1;
+    for (int i = 0; i < t->ndim; ++i) n *= t->shape[i];
+    return n;
+}
+
+void *l3k_data(const DLTensor *t) { return (char *)t->data + t->byte_offset; }
+
+static int64_t stride_of(const DLTensor *t, int i) {
+    if (t->strides) return t->strides[i];
+    int64_t s = 1;
+    for (int j = i + 1; j < t->ndim; ++j) s *= t->shape[j];
+    return s;
+}
+
+l3k_status l3k_check_tensor(l3k_call *c, const DLTensor *t, const char *name) {
+    char a[32], b[32];
+    if (!t) return l3k_fail(c, L3K_ERROR_NULL_POINTER, "%s is NULL", name);
+    if (t->ndim < 0 || (t->ndim > 0 && !t->shape))
+        return l3k_fail(c, L3K_ERROR_NULL_POINTER, "%s has ndim %d and shape NULL", name,
+                        (int)t->ndim);
+    for (int i = 0; i < t->ndim; ++i)
+        if (t->shape[i] < 0)
+            return l3k_fail(c, L3K_ERROR_SHAPE, "%s.shape[%d] is %lld, expected >= 0", name, i,
+                            (long long)t->shape[i]);
+    if (!t->data && l3k_numel(t) > 0)
+        return l3k_fail(c, L3K_ERROR_NULL_POINTER, "%s.data is NULL", name);
+    int type = (int)t->device.device_type;
+    if (type != kDLCPU && type != kDLCUDA)
+        return l3k_fail(c, L3K_ERROR_DEVICE, "%s is on %s, expected cpu or cuda", name,
+                        device_name(t->device, a));
+#ifndef L3K_WITH_CUDA
+    if (type == kDLCUDA)
+        return l3k_fail(c, L3K_ERROR_NO_CUDA,
+                        "%s is on %s but this library was built without CUDA", name,
+                        device_name(t->device, a));
+#endif
+    if (!c->have_device) {
+        c->have_device = 1;
+        c->device = t->device;
+    } else if (c->device.device_type != t->device.device_type ||
+               (type == kDLCUDA && c->device.device_id != t->device.device_id)) {
+        return l3k_fail(c, L3K_ERROR_DEVICE, "%s is on %s, expected %s like the other tensors",
+                        name, device_name(t->device, a), device_name(c->device, b));
+    }
+    return L3K_SUCCESS;
+}
+
+l3k_status l3k_check_float(l3k_call *c, const DLTensor *t, const char *name, l3k_dt *dt) {
+    char a[32];
+    DLDataType d = t->dtype;
+    if (d.lanes == 1 && d.code == kDLFloat && d.bits == 32) *dt = L3K_DT_F32;
+    else if (d.lanes == 1 && d.code == kDLFloat && d.bits == 16) *dt = L3K_DT_F16;
+    else if (d.lanes == 1 && d.code == kDLBfloat && d.bits == 16) *dt = L3K_DT_BF16;
+    else
+        return l3k_fail(c, L3K_ERROR_DTYPE, "%s dtype %s, expected float32, float16 or bfloat16",
+                        name, l3k_dtype_name(d, a));
+    if (((uintptr_t)l3k_data(t)) % l3k_dt_size(*dt) != 0)
+        return l3k_fail(c, L3K_ERROR_ALIGNMENT,
+                        "%s data pointer %p is not aligned to its %zu-byte elements", name,
+                        l3k_data(t), l3k_dt_size(*dt));
+    return L3K_SUCCESS;
+}
+
+l3k_status l3k_check_dtype(l3k_call *c, const DLTensor *t, const char *name, l3k_dt want,
+                           const char *like) {
+    char a[32];
+    l3k_dt got = want;
+    l3k_status st = l3k_check_float(c, t, name, &got);
+    if (st == L3K_ERROR_DTYPE || (st == L3K_SUCCESS && got != want))
+        return l3k_fail(c, L3K_ERROR_DTYPE, "%s dtype %s, expected %s like %s", name,
+                        l3k_dtype_name(t->dtype, a), dt_name(want), like);
+    return st;
+}
+
+static void shape_str(const DLTensor *t, char *buf, size_t cap) {
+    size_t n = (size_t)snprintf(buf, cap, "(");
+    for (int i = 0; i < t->ndim && n < cap; ++i)
+        n += (size_t)snprintf(buf + n, cap - n, i ? ", %lld" : "%lld", (long long)t->shape[i]);
+    if (n < cap) snprintf(buf + n, cap - n, t->ndim == 1 ? ",)" : ")");
+}
+
+l3k_status l3k_check_same_shape(l3k_call *c, const DLTensor *t, const char *name,
+                                const DLTensor *ref, const char *ref_name) {
+    int same = t->ndim == ref->ndim;
+    for (int i = 0; same && i < t->ndim; ++i) same = t->shape[i] == ref->shape[i];
+    if (same) return L3K_SUCCESS;
+    char a[256], b[256];
+    shape_str(t, a, sizeof a);
+    shape_str(ref, b, sizeof b);
+    return l3k_fail(c, L3K_ERROR_SHAPE, "%s shape %s, expected %s like %s", name, a, b, ref_name);
+}
+
+l3k_status l3k_check_rows(l3k_call *c, const DLTensor *t, const char *name, l3k_rows *out) {
+    if (t->ndim < 1)
+        return l3k_fail(c, L3K_ERROR_SHAPE, "%s has ndim 0, expected >= 1", name);
+    int last = t->ndim - 1;
+    out->data = l3k_data(t);
+    out->n = t->shape[last];
+    out->rows = out->n ? l3k_numel(t) / out->n : 0;
+    for (int i = 0; i < last; ++i)
+        if (t->shape[i] == 0) out->rows = 0;
+    if (out->n > 1 && stride_of(t, last) != 1)
+        return l3k_fail(c, L3K_ERROR_LAYOUT, "%s stride[%d] is %lld, expected 1 (last dim contiguous)",
+                        name, last, (long long)stride_of(t, last));
+    /* Leading dims must form one arithmetic sequence of rows; size-1 dims do not count. */
+    int64_t row_stride = 0, expect = 0;
+    int have = 0;
+    for (int i = last - 1; i >= 0; --i) {
+        if (t->shape[i] == 1) continue;
+        if (!have) {
+            row_stride = stride_of(t, i);
+            expect = row_stride * t->shape[i];
+            have = 1;
+        } else if (stride_of(t, i) != expect) {
+            return l3k_fail(c, L3K_ERROR_LAYOUT,
+                            "%s stride[%d] is %lld, expected %lld: the leading dims must "
+                            "flatten to rows of one stride",
+                            name, i, (long long)stride_of(t, i), (long long)expect);
+        } else {
+            expect *= t->shape[i];
+        }
+    }
+    if (!have) row_stride = out->n;
+    if (out->rows > 1 && row_stride < out->n)
+        return l3k_fail(c, L3K_ERROR_LAYOUT, "%s row stride %lld is below the row length %lld",
+                        name, (long long)row_stride, (long long)out->n);
+    out->row_stride = row_stride;
+    size_t es = (size_t)(t->dtype.bits / 8);
+    out->vec16 = ((uintptr_t)out->data % 16 == 0) && ((size_t)out->n * es) % 16 == 0 &&
+                 ((size_t)row_stride * es) % 16 == 0;
+    return L3K_SUCCESS;
+}
+
+static int is_contiguous(const DLTensor *t) {
+    if (!t->strides) return 1;
+    int64_t expect = 1;
+    for (int i = t->ndim - 1; i >= 0; --i) {
+        if (t->shape[i] != 1 && t->strides[i] != expect) return 0;
+        expect *= t->shape[i];
+    }
+    return 1;
+}
+
+l3k_status l3k_check_contiguous_numel(l3k_call *c, const DLTensor *t, const char *name,
+                                      int64_t numel) {
+    if (l3k_numel(t) != numel)
+        return l3k_fail(c, L3K_ERROR_SHAPE, "%s has %lld elements, expected %lld", name,
+                        (long long)l3k_numel(t), (long long)numel);
+    if (!is_contiguous(t))
+        return l3k_fail(c, L3K_ERROR_LAYOUT, "%s is not contiguous, expected compact row-major",
+                        name);
+    return L3K_SUCCESS;
+}
+
+l3k_status l3k_check_workspace(l3k_call *c, const DLTensor *t, size_t bytes) {
+    if (bytes == 0) return L3K_SUCCESS;
+    if (!t)
+        return l3k_fail(c, L3K_ERROR_WORKSPACE, "workspace is NULL, expected %zu bytes", bytes);
+    l3k_status st = l3k_check_tensor(c, t, "workspace");
+    if (st) return st;
+    if (!is_contiguous(t))
+        return l3k_fail(c, L3K_ERROR_LAYOUT, "workspace is not contiguous");
+    size_t have = (size_t)l3k_numel(t) * ((size_t)t->dtype.bits * t->dtype.lanes / 8);
+    if (have < bytes)
+        return l3k_fail(c, L3K_ERROR_WORKSPACE, "workspace has %zu bytes, expected at least %zu",
+                        have, bytes);
+    if ((uintptr_t)l3k_data(t) % 16 != 0)
+        return l3k_fail(c, L3K_ERROR_ALIGNMENT, "workspace data pointer %p is not 16-byte aligned",
+                        l3k_data(t));
+    return L3K_SUCCESS;
+}
+
+l3k_status l3k_check_eps(l3k_call *c, float eps) {
+    if (!isfinite(eps) || eps < 0.0f)
+        return l3k_fail(c, L3K_ERROR_VALUE, "eps is %g, expected a finite value >= 0", (double)eps);
+    return L3K_SUCCESS;
+}
+
+int l3k_on_cuda(const l3k_call *c) {
+    return c->have_device && c->device.device_type == kDLCUDA;
+}
+
+l3k_status l3k_cuda_launch(l3k_call *c, l3k_cuda_launch_fn fn, const void *args, void *stream) {
+#ifdef L3K_WITH_CUDA
+    int prev = -1;
+    cudaError_t err = cudaGetDevice(&prev);
+    if (err == cudaSuccess && prev != c->device.device_id)
+        err = cudaSetDevice(c->device.device_id);
+    if (err == cudaSuccess) err = (cudaError_t)fn(args, stream);
+    if (prev >= 0 && prev != c->device.device_id) cudaSetDevice(prev);
+    if (err != cudaSuccess)
+        return l3k_fail(c, L3K_ERROR_CUDA, "CUDA error %d (%s) on cuda:%d", (int)err,
+                        cudaGetErrorString(err), (int)c->device.device_id);
+    return L3K_SUCCESS;
+#else
+    (void)fn; (void)args; (void)stream;
+    return l3k_fail(c, L3K_ERROR_NO_CUDA, "this library was built without CUDA");
+#endif
+}

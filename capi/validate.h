@@ -1,0 +1,90 @@
+/* Internal: argument validation shared by every op of the C ABI.
+ *
+ * Each check names the op and the argument in its message, so a failing call
+ * tells the user exactly what to fix.  All checks run before any launch. */
+#ifndef L3K_VALIDATE_H_
+#define L3K_VALIDATE_H_
+
+#include "l3k.h"
+#include "kernels.h"
+
+/* The op being validated and the device its tensors must share. */
+typedef struct {
+    const char *op;
+    int have_device;
+    DLDevice device;
+} l3k_call;
+
+/* A tensor seen as `rows` rows of `n` contiguous elements, row r at data + r * row_stride. */
+typedef struct {
+    void *data;
+    int64_t rows, n, row_stride;
+    int vec16; /* every row start is 16-byte aligned and n * elem is a multiple of 16 */
+} l3k_rows;
+
+/* Record the message "<op>: <fmt...>" as this thread's last error; return `status`. */
+l3k_status l3k_fail(const l3k_call *c, l3k_status status, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
+/* Human-readable name of a DLPack dtype ("bfloat16", "int32", "float64x4"). */
+const char *l3k_dtype_name(DLDataType dt, char buf[32]);
+
+int64_t l3k_numel(const DLTensor *t);
+void *l3k_data(const DLTensor *t); /* data + byte_offset */
+
+/* Non-NULL tensor with a shape, data non-NULL unless empty, on a supported
+ * device that matches the call's other tensors (the first checked sets it). */
+l3k_status l3k_check_tensor(l3k_call *c, const DLTensor *t, const char *name);
+
+/* float32 / float16 / bfloat16, element-aligned data pointer. */
+l3k_status l3k_check_float(l3k_call *c, const DLTensor *t, const char *name, l3k_dt *dt);
+
+/* dtype equal to `want` (the dtype of `like`). */
+l3k_status l3k_check_dtype(l3k_call *c, const DLTensor *t, const char *name, l3k_dt want,
+                           const char *like);
+
+/* Same ndim and sizes as `ref`. */
+l3k_status l3k_check_same_shape(l3k_call *c, const DLTensor *t, const char *name,
+                                const DLTensor *ref, const char *ref_name);
+
+/* Last dim contiguous and leading dims flatten to one row stride. */
+l3k_status l3k_check_rows(l3k_call *c, const DLTensor *t, const char *name, l3k_rows *out);
+
+/* Contiguous (compact row-major), exactly `numel` elements. */
+l3k_status l3k_check_contiguous_numel(l3k_call *c, const DLTensor *t, const char *name,
+                                      int64_t numel);
+
+/* Workspace: present when bytes > 0, 1-D contiguous, at least `bytes` long. */
+l3k_status l3k_check_workspace(l3k_call *c, const DLTensor *t, size_t bytes);
+
+/* eps finite and >= 0. */
+l3k_status l3k_check_eps(l3k_call *c, float eps);
+
+/* 1 when the call's tensors are on the GPU. */
+int l3k_on_cuda(const l3k_call *c);
+
+/* Run a CUDA launcher's result through the CUDA-build checks: make the call's
+ * device current around the launch, translate a cudaError_t into a status. */
+typedef int (*l3k_cuda_launch_fn)(const void *args, void *stream);
+l3k_status l3k_cuda_launch(l3k_call *c, l3k_cuda_launch_fn fn, const void *args, void *stream);
+
+
+
+/* The CUDA launcher `f`, or NULL in a build without CUDA (never reached there:
+ * l3k_check_tensor rejects CUDA tensors first). */
+#ifdef L3K_WITH_CUDA
+#define L3K_CUDA_FN(f) ((l3k_cuda_launch_fn)(f))
+#else
+#define L3K_CUDA_FN(f) ((l3k_cuda_launch_fn)0)
+#endif
+
+/* Return early from the enclosing function on a failing status. */
+#define L3K_TRY(expr)                        \
+    do {                                     \
+        l3k_status l3k_try_st_ = (expr);     \
+        if (l3k_try_st_) return l3k_try_st_; \
+    } while (0)
+#endif /* L3K_VALIDATE_H_ */

@@ -1,0 +1,92 @@
+/* Internal kernel interface: raw pointers, sizes and strides, no policy.
+ *
+ * capi/ validates every argument before it calls anything declared here, so the
+ * kernels trust their inputs.  CPU entry points return 0.  CUDA entry points only
+ * enqueue work on the given stream and return a cudaError_t value (0 = success);
+ * they never allocate, synchronize or exit.  Strides and sizes are in elements,
+ * 64-bit throughout. */
+#ifndef L3K_KERNELS_H_
+#define L3K_KERNELS_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Element type of the floating-point tensors a kernel reads and writes. */
+typedef enum { L3K_DT_F32 = 0, L3K_DT_F16 = 1, L3K_DT_BF16 = 2 } l3k_dt;
+
+static inline size_t l3k_dt_size(l3k_dt dt) { return dt == L3K_DT_F32 ? 4 : 2; }
+
+/* ---- RMSNorm ----------------------------------------------------------------
+ * x, y (and dy, dx) are `rows` rows of `n` elements; row r starts at
+ * ptr + r * row_stride.  Optionally fuses a residual add in front of the norm:
+ * when `residual` is non-NULL, h = x + residual is normalized and written to
+ * `h_out` (row stride h_stride).  weight has n elements of the same dtype.
+ * rstd (optional) receives rows float32 values, 1 / sqrt(mean(h^2) + eps). */
+typedef struct {
+    const void *x;        int64_t x_stride;
+    const void *residual; int64_t residual_stride; /* optional */
+    void *h_out;          int64_t h_stride;        /* required iff residual */
+    const void *weight;
+    void *y;              int64_t y_stride;
+    float *rstd;                                   /* optional */
+    int64_t rows, n;
+    float eps;
+    l3k_dt dtype;
+} l3k_rmsnorm_fwd_args;
+
+/* dx = d/dx of sum(dy * y) (+ dh_in, the gradient arriving at h directly when
+ * the residual add was fused: it is added to dx, which then serves as both the
+ * gradient of x and of the residual).  dweight (optional) receives the sum over
+ * rows of dy * x * rstd, accumulated in float32 in `partials` (workspace) and
+ * reduced in a fixed order: the result is deterministic.  rstd may be NULL: it
+ * is recomputed from x. */
+typedef struct {
+    const void *dy;    int64_t dy_stride;
+    const void *dh_in; int64_t dh_in_stride;       /* optional */
+    const void *x;     int64_t x_stride;           /* the normalized input (h when fused) */
+    const void *weight;
+    const float *rstd;                             /* optional */
+    void *dx;          int64_t dx_stride;
+    void *dweight;                                 /* optional */
+    float *partials;                               /* workspace, see l3k_rmsnorm_bwd_partials */
+    int64_t rows, n;
+    float eps;
+    l3k_dt dtype;
+} l3k_rmsnorm_bwd_args;
+
+/* Launch geometry shared by both backends, so the workspace size is a pure
+ * function of the shape.  A row is cut into slots of 8 elements; `group`
+ * threads (a power of two, 32..1024) share a row, each holding up to
+ * `slots` slots in registers; a backward block holds several groups. */
+static inline int64_t l3k_pow2_ceil(int64_t v) { int64_t p = 1; while (p < v) p <<= 1; return p; }
+static inline int64_t l3k_clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : v > hi ? hi : v; }
+static inline int64_t l3k_rmsnorm_group(int64_t n, int64_t slots_per_thread) {
+    int64_t nslots = (n + 7) / 8;
+    return l3k_clamp64(l3k_pow2_ceil((nslots + slots_per_thread - 1) / slots_per_thread), 32, 1024);
+}
+enum { L3K_RMSNORM_BWD_SLOTS = 2, L3K_RMSNORM_BWD_BLOCK = 512, L3K_RMSNORM_BWD_MAX_PARTIALS = 256 };
+static inline int64_t l3k_rmsnorm_bwd_rows_per_block(int64_t n) {
+    int64_t g = l3k_rmsnorm_group(n, L3K_RMSNORM_BWD_SLOTS);
+    return g >= L3K_RMSNORM_BWD_BLOCK ? 1 : L3K_RMSNORM_BWD_BLOCK / g;
+}
+/* Number of float32 partial dweight rows (each n long) the backward keeps in
+ * its workspace: one per backward block. */
+static inline int64_t l3k_rmsnorm_bwd_partials(int64_t rows, int64_t n) {
+    int64_t r = l3k_rmsnorm_bwd_rows_per_block(n);
+    int64_t blocks = (rows + r - 1) / r;
+    return blocks < L3K_RMSNORM_BWD_MAX_PARTIALS ? blocks : L3K_RMSNORM_BWD_MAX_PARTIALS;
+}
+
+int l3k_cpu_rmsnorm_fwd(const l3k_rmsnorm_fwd_args *a);
+int l3k_cpu_rmsnorm_bwd(const l3k_rmsnorm_bwd_args *a);
+int l3k_cuda_rmsnorm_fwd(const l3k_rmsnorm_fwd_args *a, void *stream);
+int l3k_cuda_rmsnorm_bwd(const l3k_rmsnorm_bwd_args *a, void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* L3K_KERNELS_H_ */

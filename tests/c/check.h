@@ -1,0 +1,50 @@
+/* A tiny test harness for the C tests: tensors in host memory, checks that count failures. */
+#ifndef L3K_TEST_CHECK_H_
+#define L3K_TEST_CHECK_H_
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "l3k.h"
+
+static int g_failures = 0;
+
+#define CHECK(cond, ...)                                              \
+    do {                                                              \
+        if (!(cond)) {                                                \
+            ++g_failures;                                             \
+            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);      \
+            fprintf(stderr, __VA_ARGS__);                             \
+            fprintf(stderr, "\n");                                    \
+        }                                                             \
+    } while (0)
+
+/* A host tensor that owns its shape array. */
+typedef struct {
+    DLTensor t;
+    int64_t shape[4];
+    int64_t strides[4];
+} host_tensor;
+
+static DLTensor *host_f32(host_tensor *h, float *data, int ndim, const int64_t *shape) {
+    memset(h, 0, sizeof *h);
+    for (int i = 0; i < ndim; ++i) h->shape[i] = shape[i];
+    h->t.data = data;
+    h->t.device.device_type = kDLCPU;
+    h->t.ndim = ndim;
+    h->t.dtype.code = kDLFloat;
+    h->t.dtype.bits = 32;
+    h->t.dtype.lanes = 1;
+    h->t.shape = h->shape;
+    h->t.strides = NULL;
+    return &h->t;
+}
+
+static float frand(unsigned *s) {
+    *s = *s * 1664525u + 1013904223u;
+    return ((float)(*s >> 8) / 16777216.0f) * 2.0f - 1.0f;
+}
+
+#endif
