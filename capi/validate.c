@@ -141,6 +141,11 @@ l3k_status l3k_check_rows(l3k_call *c, const DLTensor *t, const char *name, l3k_
     out->rows = out->n ? l3k_numel(t) / out->n : 0;
     for (int i = 0; i < last; ++i)
         if (t->shape[i] == 0) out->rows = 0;
+    if (out->rows == 0) { /* nothing is read or written: any strides will do */
+        out->row_stride = out->n;
+        out->vec16 = 0;
+        return L3K_SUCCESS;
+    }
     if (out->n > 1 && stride_of(t, last) != 1)
         return l3k_fail(c, L3K_ERROR_LAYOUT, "%s stride[%d] is %lld, expected 1 (last dim contiguous)",
                         name, last, (long long)stride_of(t, last));
@@ -238,4 +243,89 @@ l3k_status l3k_cuda_launch(l3k_call *c, l3k_cuda_launch_fn fn, const void *args,
     (void)fn; (void)args; (void)stream;
     return l3k_fail(c, L3K_ERROR_NO_CUDA, "this library was built without CUDA");
 #endif
+}
+
+/* ---- Overlap between outputs and inputs ------------------------------------ */
+
+void l3k_byte_range(const DLTensor *t, uintptr_t *lo, uintptr_t *hi) {
+    const uintptr_t base = (uintptr_t)l3k_data(t);
+    const int64_t es = (int64_t)((t->dtype.bits * t->dtype.lanes + 7) / 8);
+    if (l3k_numel(t) == 0) { *lo = *hi = base; return; }
+    int64_t min_off = 0, max_off = 0; /* in elements */
+    for (int i = 0; i < t->ndim; ++i) {
+        const int64_t span = (t->shape[i] - 1) * stride_of(t, i);
+        if (span < 0) min_off += span; else max_off += span;
+    }
+    *lo = base + (uintptr_t)(min_off * es);
+    *hi = base + (uintptr_t)((max_off + 1) * es);
+}
+
+int l3k_same_view(const DLTensor *a, const DLTensor *b) {
+    if (l3k_data(a) != l3k_data(b) || a->ndim != b->ndim) return 0;
+    for (int i = 0; i < a->ndim; ++i) {
+        if (a->shape[i] != b->shape[i]) return 0;
+        if (a->shape[i] > 1 && stride_of(a, i) != stride_of(b, i)) return 0;
+    }
+    return 1;
+}
+
+l3k_status l3k_check_no_overlap(l3k_call *c, const DLTensor *out, const char *out_name,
+                                const DLTensor *in, const char *in_name, int allow_same) {
+    if (allow_same && l3k_same_view(out, in)) return L3K_SUCCESS;
+    uintptr_t a0, a1, b0, b1;
+    l3k_byte_range(out, &a0, &a1);
+    l3k_byte_range(in, &b0, &b1);
+    if (a0 < b1 && b0 < a1)
+        return l3k_fail(c, L3K_ERROR_LAYOUT,
+                        allow_same ? "%s overlaps %s without being the same view (in place needs "
+                                     "the same data pointer, shape and strides)"
+                                   : "%s overlaps %s, expected separate memory",
+                        out_name, in_name);
+    return L3K_SUCCESS;
+}
+
+/* Is there r' in [0, rb) with r' + t in [0, ra)? */
+static int rows_meet(int64_t t, int64_t ra, int64_t rb) { return t < ra && t > -rb; }
+
+int l3k_rows_overlap(const l3k_rows *a, const l3k_rows *b, size_t es) {
+    if (a->rows == 0 || a->n == 0 || b->rows == 0 || b->n == 0) return 0;
+    const intptr_t pa = (intptr_t)a->data, pb = (intptr_t)b->data;
+    const intptr_t ea = pa + (intptr_t)(((a->rows - 1) * a->row_stride + a->n) * (int64_t)es);
+    const intptr_t eb = pb + (intptr_t)(((b->rows - 1) * b->row_stride + b->n) * (int64_t)es);
+    if (ea <= pb || eb <= pa) return 0; /* byte ranges apart */
+    /* Both views as rows of one stride S (a single row takes the other's). */
+    int64_t S;
+    if (a->rows > 1 && b->rows > 1) {
+        if (a->row_stride != b->row_stride) return 1;
+        S = a->row_stride;
+    } else if (a->rows > 1) {
+        S = a->row_stride;
+    } else if (b->rows > 1) {
+        S = b->row_stride;
+    } else {
+        return 1; /* two single rows whose ranges meet */
+    }
+    if ((pb - pa) % (intptr_t)es != 0 || a->n > S || b->n > S) return 1;
+    /* Element r*S + i of a (i < na) equals d + r'*S + j of b (j < nb), d = q*S + e. */
+    const int64_t d = (int64_t)((pb - pa) / (intptr_t)es);
+    int64_t q = d / S, e = d % S;
+    if (e < 0) { e += S; q -= 1; }
+    if (e < a->n && rows_meet(q, a->rows, b->rows)) return 1;            /* i = j + e */
+    if (S - e < b->n && rows_meet(q + 1, a->rows, b->rows)) return 1;    /* j = i + S - e */
+    return 0;
+}
+
+l3k_status l3k_check_rows_no_overlap(l3k_call *c, const l3k_rows *out, const char *out_name,
+                                     const l3k_rows *in, const char *in_name, size_t es,
+                                     int allow_same) {
+    const int same = out->data == in->data && out->n == in->n && out->rows == in->rows &&
+                     (out->rows <= 1 || out->row_stride == in->row_stride);
+    if (allow_same && same) return L3K_SUCCESS;
+    if (l3k_rows_overlap(out, in, es))
+        return l3k_fail(c, L3K_ERROR_LAYOUT,
+                        allow_same ? "%s overlaps %s without being the same view (in place needs "
+                                     "the same data pointer and row stride)"
+                                   : "%s overlaps %s, expected separate memory",
+                        out_name, in_name);
+    return L3K_SUCCESS;
 }

@@ -1,0 +1,14 @@
+"""llama3_kernels: fused CUDA C kernels for the LLaMA-3 block, behind a C ABI over DLPack.
+
+Layers, each calling only the one below: ``_lib`` (ctypes), ``_dlpack``
+(zero-copy exchange), ``ops`` (functional ops and autograd), ``modules``
+(nn.Modules).
+"""
+from ._lib import (L3KArgumentError, L3KBackendError, L3KDTypeError, L3KError, has_cuda,
+                   library_path, version)
+from .ops.rmsnorm import (add_rms_norm, add_rmsnorm_forward_into, rms_norm,
+                          rmsnorm_backward_into, rmsnorm_backward_workspace_size,
+                          rmsnorm_forward_into, triton_rmsnorm)
+from .modules import RMSNorm
+
+__version__ = "%d.%d.%d" % version()

@@ -1,0 +1,127 @@
+"""Layer 1: find and load the shared library, declare its functions once, and
+turn a non-zero ``l3k_status`` into a Python exception carrying the C message.
+
+``L3K_LIBRARY=/path/to/libl3k.so`` loads a separately built library instead of
+the one packaged in the wheel.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+# l3k_status values (capi/l3k.h).
+SUCCESS = 0
+NULL_POINTER, DEVICE, NO_CUDA, DTYPE, SHAPE, LAYOUT, ALIGNMENT, VALUE, WORKSPACE = range(1, 10)
+CUDA, CUBLAS, INTERNAL = 10, 11, 12
+
+
+class L3KError(Exception):
+    """Base of every error the library reports; ``.status`` is the C status code."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class L3KArgumentError(L3KError, ValueError):
+    """A bad argument: NULL, device, shape, layout, alignment, value or workspace."""
+
+
+class L3KDTypeError(L3KError, TypeError):
+    """An unsupported dtype, or dtypes that must match and do not."""
+
+
+class L3KBackendError(L3KError, RuntimeError):
+    """CUDA or cuBLAS failed, the library lacks CUDA, or an internal error."""
+
+
+def _error_class(status: int) -> type:
+    if status == DTYPE:
+        return L3KDTypeError
+    if status in (NO_CUDA, CUDA, CUBLAS, INTERNAL):
+        return L3KBackendError
+    return L3KArgumentError
+
+
+_P = ctypes.c_void_p  # DLTensor* and cudaStream_t travel as plain pointers
+_F = ctypes.c_float
+_SZ = ctypes.c_size_t
+_I64 = ctypes.c_int64
+_INT = ctypes.c_int
+
+# name -> argtypes; every function returns l3k_status (int) unless listed in _RESTYPES.
+_SIGNATURES: dict[str, list] = {
+    "l3k_status_string": [_INT],
+    "l3k_last_error": [],
+    "l3k_version": [],
+    "l3k_has_cuda": [],
+    "l3k_rmsnorm_forward": [_P, _P, _F, _P, _P, _P],
+    "l3k_add_rmsnorm_forward": [_P, _P, _P, _F, _P, _P, _P, _P],
+    "l3k_rmsnorm_backward_workspace_size": [_P, ctypes.POINTER(_SZ)],
+    "l3k_rmsnorm_backward": [_P, _P, _P, _P, _P, _F, _P, _P, _P, _P],
+}
+_RESTYPES = {
+    "l3k_status_string": ctypes.c_char_p,
+    "l3k_last_error": ctypes.c_char_p,
+}
+
+
+def _candidates() -> list[Path]:
+    override = os.environ.get("L3K_LIBRARY")
+    if override:
+        return [Path(override)]
+    here = Path(__file__).resolve().parent
+    return sorted(here.glob("libl3k.so*")) + sorted(here.glob("l3k.dll"))
+
+
+def _load() -> ctypes.CDLL:
+    paths = _candidates()
+    if not paths:
+        raise ImportError(
+            "llama3_kernels: the shared library libl3k.so was not found next to the package; "
+            "install with `pip install .` or set L3K_LIBRARY=/path/to/libl3k.so")
+    path = paths[0]
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise ImportError(f"llama3_kernels: cannot load {path}: {e}") from e
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name, None)
+        if fn is None:
+            continue  # an older library: calls to it fail with a clear AttributeError below
+        fn.argtypes = argtypes
+        fn.restype = _RESTYPES.get(name, ctypes.c_int)
+    lib._l3k_path = str(path)
+    return lib
+
+
+LIB = _load()
+
+
+def declare(name: str, argtypes: list, restype=ctypes.c_int) -> None:
+    """Declare one more C function (for op modules that add their own)."""
+    _SIGNATURES[name] = argtypes
+    fn = getattr(LIB, name)
+    fn.argtypes = argtypes
+    fn.restype = restype
+
+
+def check(status: int) -> None:
+    """Raise the exception for a non-zero status, with the library's message."""
+    if status != SUCCESS:
+        msg = LIB.l3k_last_error().decode("utf-8", "replace")
+        raise _error_class(status)(status, msg or LIB.l3k_status_string(status).decode())
+
+
+def version() -> tuple[int, int, int]:
+    v = LIB.l3k_version()
+    return v // 10000, v // 100 % 100, v % 100
+
+
+def has_cuda() -> bool:
+    return bool(LIB.l3k_has_cuda())
+
+
+def library_path() -> str:
+    return LIB._l3k_path

@@ -1,0 +1,228 @@
+"""The main job: benchmark the library's ops against PyTorch eager and torch.compile.
+
+    python -m llama3_kernels.bench [--suite rmsnorm] [--out bench_out]
+
+On a GPU it times the real shapes (bf16) with CUDA events, the L2 cache flushed
+before every repetition, and reports medians next to the copy bandwidth
+measured in the same run; without a GPU it runs the CPU path on small shapes
+and says so.  It prints a table and writes JSON (card, versions, shapes,
+medians) and a PNG plot.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import _lib
+from .ops.rmsnorm import rms_norm
+
+
+# ---- timing ----------------------------------------------------------------------------
+
+class Timer:
+    """Median wall time of a callable: CUDA events with an L2 flush on the GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device, reps: int, warmup: int):
+        self.device, self.reps, self.warmup = device, reps, warmup
+        self.flush = (torch.empty(256 << 20, dtype=torch.uint8, device=device)
+                      if device.type == "cuda" else None)
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        for _ in range(self.warmup):
+            fn()
+        if self.device.type != "cuda":
+            times = []
+            for _ in range(self.reps):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            return statistics.median(times)
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
+        torch.cuda.synchronize()
+        for s, e in zip(starts, ends):
+            self.flush.zero_()  # evict L2 so every repetition reads from memory
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def copy_bandwidth(timer: Timer, device) -> float:
+    """Device-to-device copy, bytes read + written per second (the memory ceiling)."""
+    n = (1 << 30) if device.type == "cuda" else (64 << 20)
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src))
+    return 2 * n / (ms * 1e-3)
+
+
+# ---- cases -----------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    op: str
+    shape: tuple
+    dtype: torch.dtype
+    bytes: int                      # fewest bytes the op must move
+    variants: dict[str, Callable]   # label -> callable running the op once
+    results: dict[str, float] = field(default_factory=dict)
+
+
+def eager_rmsnorm(x, w, eps=1e-5):
+    """The tutorial's PyTorch RMSNorm, as a user would write it."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def rmsnorm_cases(device, dtype, compile_ok: bool) -> list[Case]:
+    rows, n = (4096, 4096) if device.type == "cuda" else (512, 1024)
+    x = torch.randn(rows, n, device=device, dtype=dtype)
+    w = torch.randn(n, device=device, dtype=dtype)
+    es = x.element_size()
+    fwd = {"llama3_kernels": lambda: rms_norm(x, w), "eager": lambda: eager_rmsnorm(x, w)}
+    if compile_ok:
+        compiled = torch.compile(eager_rmsnorm)
+        fwd["torch.compile"] = lambda: compiled(x, w)
+
+    xg = x.clone().requires_grad_()
+    wg = w.clone().requires_grad_()
+    dy = torch.randn_like(x)
+
+    def fwd_bwd(f):
+        def run():
+            xg.grad = wg.grad = None
+            f(xg, wg).backward(dy)
+        return run
+
+    fb = {"llama3_kernels": fwd_bwd(rms_norm), "eager": fwd_bwd(eager_rmsnorm)}
+    if compile_ok:
+        fb["torch.compile"] = fwd_bwd(compiled)
+    return [
+        Case("rmsnorm forward", (rows, n), dtype, 2 * rows * n * es + n * es, fwd),
+        # forward reads x, writes y; backward reads x, dy, writes dx (+ weight/dweight)
+        Case("rmsnorm fwd+bwd", (rows, n), dtype, 5 * rows * n * es + 3 * n * es, fb),
+    ]
+
+
+SUITES = {"rmsnorm": rmsnorm_cases}
+
+
+# ---- report ----------------------------------------------------------------------------
+
+def environment(device) -> dict:
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "llama3_kernels": "%d.%d.%d" % _lib.version(),
+        "library": _lib.library_path(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env.update(card=p.name, sms=p.multi_processor_count, cuda=torch.version.cuda)
+    else:
+        env.update(card=f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads")
+    return env
+
+
+def print_table(cases: list[Case], bw: float) -> None:
+    labels = sorted({k for c in cases for k in c.variants}, key=lambda k: (k != "llama3_kernels", k))
+    head = f"{'op':<18} {'shape':<14} " + " ".join(f"{l:>16}" for l in labels) + f" {'floor':>9} {'of floor':>9}"
+    print(head)
+    print("-" * len(head))
+    for c in cases:
+        floor_ms = c.bytes / bw * 1e3
+        cells = " ".join(f"{c.results[l] * 1e3:>13.1f} us" if l in c.results else f"{'-':>16}" for l in labels)
+        ours = c.results.get("llama3_kernels")
+        frac = f"{floor_ms / ours:>8.0%}" if ours else "-"
+        print(f"{c.op:<18} {'x'.join(map(str, c.shape)):<14} {cells} {floor_ms * 1e3:>6.1f} us {frac:>9}")
+
+
+def plot(cases: list[Case], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    labels = sorted({k for c in cases for k in c.variants}, key=lambda k: (k != "llama3_kernels", k))
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(cases), 4))
+    width = 0.8 / len(labels)
+    for i, l in enumerate(labels):
+        xs = [j + i * width for j, c in enumerate(cases) if l in c.results]
+        ys = [c.results[l] * 1e3 for c in cases if l in c.results]
+        ax.bar(xs, ys, width, label=l)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
+    ax.set_xticklabels([f"{c.op}\n{'x'.join(map(str, c.shape))}" for c in cases], fontsize=8)
+    ax.set_ylabel("median time (us), lower is better")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", default="all", choices=["all", *SUITES])
+    ap.add_argument("--out", default="bench_out", help="folder for bench.json and bench.png")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
+    ap.add_argument("--cpu", action="store_true", help="run the CPU path even where a GPU is present")
+    args = ap.parse_args(argv)
+
+    gpu = torch.cuda.is_available() and not args.cpu and _lib.has_cuda()
+    device = torch.device("cuda" if gpu else "cpu")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    reps = args.reps or (100 if gpu else 10)
+    timer = Timer(device, reps=reps, warmup=5 if gpu else 2)
+    env = environment(device)
+    if not gpu:
+        why = "no CUDA GPU visible" if not torch.cuda.is_available() else (
+            "--cpu given" if args.cpu else "library built without CUDA")
+        print(f"[bench] {why}: running the CPU path on small shapes (float32); "
+              "times are CPU times, not GPU results.")
+    print(f"[bench] {env['card']}, torch {env['torch']}, llama3_kernels {env['llama3_kernels']}")
+
+    bw = copy_bandwidth(timer, device)
+    print(f"[bench] copy bandwidth (read + write): {bw / 1e12:.3f} TB/s")
+    suites = SUITES if args.suite == "all" else {args.suite: SUITES[args.suite]}
+    cases = [c for make in suites.values() for c in make(device, dtype, not args.no_compile)]
+    for i, c in enumerate(cases, 1):
+        for label, fn in c.variants.items():
+            c.results[label] = timer(fn)
+            print(f"[bench] ({i}/{len(cases)}) {c.op} {label}: {c.results[label] * 1e3:.1f} us", flush=True)
+
+    print()
+    print_table(cases, bw)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "environment": env,
+        "copy_bandwidth_Bps": bw,
+        "timing": "median of %d reps, CUDA events, L2 flushed per rep" % reps if gpu else
+                  "median of %d reps, perf_counter" % reps,
+        "cases": [{"op": c.op, "shape": list(c.shape), "dtype": str(c.dtype).replace("torch.", ""),
+                   "min_bytes": c.bytes, "floor_ms": c.bytes / bw * 1e3,
+                   "median_ms": c.results} for c in cases],
+    }
+    (out / "bench.json").write_text(json.dumps(record, indent=2))
+    drew = plot(cases, out / "bench.png", f"{env['card']} | torch {env['torch']}")
+    print(f"\n[bench] wrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if drew else
+                                                     " (matplotlib missing: no plot)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
