@@ -1,0 +1,102 @@
+/* kernels/attention.h -- internal interface of the flash-attention kernels.
+ *
+ * Plain C (no CUDA types); included by kernels/cpu/flash_attn.c, kernels/cuda/flash_attn.cu
+ * and the C ABI layer. Policy (validation of shapes, dtypes, strides, alignment) lives in capi/;
+ * these entry points trust their arguments.
+ *
+ * Layout: q is (B, H, Sq, D), k/v are (B, Hkv, Sk, D), o is (B, H, Sq, D), each addressed with its
+ * own int64 element strides for (batch, head, seq); the last dim is contiguous (stride 1).
+ * A (B, S, H, D) buffer viewed as (B, H, S, D) is fine. lse is contiguous float32 (B, H, Sq).
+ *
+ * Semantics
+ *  - scores s_ij = scale * <q_i, k_j>; softmax over visible keys; o_i = sum_j p_ij v_j.
+ *  - causal is aligned bottom-right: key j is visible to query i iff j <= i + (Sk - Sq).
+ *  - GQA/MQA: query head h reads kv head h / (H / Hkv); H must be a multiple of Hkv.
+ *  - lse_i = log(sum_j exp(s_ij)) in natural log, float32.
+ *  - FULLY MASKED ROWS (no visible key: causal with i + Sk - Sq < 0, or Sk == 0):
+ *    o_i = 0 and lse_i = +INFINITY. With that sentinel the backward's p = exp(s - lse) is exactly
+ *    0, so such rows contribute nothing to dk/dv and get dq_i = 0.
+ *  - head_dim: any multiple of 8 in [8, 256]. The CUDA fast paths are head_dim 64 and 128; other
+ *    values run the kernel of the next size in {64, 128, 256} with zero-filled columns.
+ *  - CUDA dtypes: float16 and bfloat16 (fp32 accumulation). The CPU reference also takes float32.
+ *  - CUDA pointers: q/k/v/o/dout/dq/dk/dv 16-byte aligned and every stride a multiple of 8
+ *    elements (16-byte vector loads); the capi layer checks this.
+ *
+ * Backward
+ *  - Inputs: q, k, v, o, lse (the forward's outputs) and dout; outputs dq, dk, dv in the input
+ *    dtype with their own strides (dk/dv are (B, Hkv, Sk, D): the GQA group sum is done inside,
+ *    never with float atomics on dk/dv).
+ *  - deterministic == 0 (default): dq is accumulated with float32 atomics into the workspace,
+ *    then scaled and converted (result may differ in the last bits between runs; dk/dv never).
+ *  - deterministic != 0: a separate query-major kernel recomputes P and dS and writes dq with no
+ *    atomics; bitwise reproducible. About 1.4x the backward FLOPs.
+ *  - Workspace: see l3k_attn_bwd_workspace_bytes. It must be 256-byte aligned (cudaMalloc and
+ *    torch allocations are). The CPU reference needs none (pass NULL/0); it mallocs host scratch.
+ */
+#ifndef L3K_KERNELS_ATTENTION_H
+#define L3K_KERNELS_ATTENTION_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* l3k_dt comes from kernels/kernels.h (owned by the lead). Fallback for standalone builds of the
+ * attention files (tests/c/test_attention_cpu.c, tests/gpu/attn_harness.py) before it exists. */
+#if defined(__has_include)
+#if __has_include("kernels.h")
+#include "kernels.h"
+#define L3K_ATTN_HAVE_KERNELS_H 1
+#endif
+#endif
+#ifndef L3K_ATTN_HAVE_KERNELS_H
+typedef enum { L3K_DT_F32 = 0, L3K_DT_F16 = 1, L3K_DT_BF16 = 2 } l3k_dt;
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+  const void *q, *k, *v;  /* q: (B, H, Sq, D); k, v: (B, Hkv, Sk, D); strides below, last dim contiguous */
+  void *o;                /* (B, H, Sq, D) with its own strides */
+  float *lse;             /* (B, H, Sq) contiguous float32, natural log; +inf for fully masked rows */
+  int64_t batch, n_heads, n_kv_heads, seq_q, seq_k, head_dim;
+  int64_t q_stride[3], k_stride[3], v_stride[3], o_stride[3]; /* element strides: batch, head, seq */
+  float scale;            /* usually 1/sqrt(head_dim) */
+  int causal;             /* bottom-right aligned */
+  l3k_dt dtype;           /* of q, k, v, o (and dout, dq, dk, dv) */
+} l3k_attn_fwd_args;
+
+typedef struct {
+  l3k_attn_fwd_args f;    /* q, k, v, o, lse and sizes as in the forward (o, lse: forward outputs) */
+  const void *dout; int64_t do_stride[3];          /* (B, H, Sq, D) */
+  void *dq, *dk, *dv;                              /* dq (B, H, Sq, D); dk, dv (B, Hkv, Sk, D) */
+  int64_t dq_stride[3], dk_stride[3], dv_stride[3];
+  void *workspace; size_t workspace_bytes;         /* >= l3k_attn_bwd_workspace_bytes(...) */
+  int deterministic;                               /* 0 = default (float atomics into dq workspace) */
+} l3k_attn_bwd_args;
+
+/* Scratch bytes the backward needs; a pure function of its arguments (no device queries).
+ * on_cuda == 0 (CPU reference): 0.
+ * on_cuda != 0:
+ *   dsum  = round_up(B*H*Sq*4, 256)                  float32 D_i = rowsum(dO_i * O_i)
+ *   dqacc = deterministic ? 0 : round_up(B*H*Sq*D*4, 256)   float32 dq accumulator
+ *   total = dsum + dqacc  (0 if any size is 0). */
+size_t l3k_attn_bwd_workspace_bytes(int64_t batch, int64_t n_heads, int64_t n_kv_heads,
+                                    int64_t seq_q, int64_t seq_k, int64_t head_dim,
+                                    int deterministic, int on_cuda);
+
+/* CPU reference (OpenMP). Return 0 on success, 1 if host scratch could not be allocated. */
+int l3k_cpu_attn_fwd(const l3k_attn_fwd_args *a);
+int l3k_cpu_attn_bwd(const l3k_attn_bwd_args *a);
+
+/* CUDA: enqueue on stream (a cudaStream_t; NULL = legacy default). Launch only: never allocates,
+ * never synchronizes, safe under graph capture. Return a cudaError_t value (0 = cudaSuccess);
+ * cudaErrorInvalidValue (1) for an unsupported dtype/head_dim or a too-small workspace. */
+int l3k_cuda_attn_fwd(const l3k_attn_fwd_args *a, void *stream);
+int l3k_cuda_attn_bwd(const l3k_attn_bwd_args *a, void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* L3K_KERNELS_ATTENTION_H */

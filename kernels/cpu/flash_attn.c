@@ -1,0 +1,250 @@
+/* kernels/cpu/flash_attn.c -- C reference of flash attention, forward and backward.
+ *
+ * The executable spec of kernels/cuda/flash_attn.cu (see kernels/attention.h for the contract).
+ * Same algorithm as the GPU: key tiles of FA_CPU_BN columns, online softmax with a running row
+ * max and a running sum (rescaled when the max grows), float32 accumulation, row statistics in
+ * double. The backward recomputes p_ij = exp(s_ij - lse_i) from the saved LSE, D_i = <dO_i, O_i>,
+ * dS = P * (dP - D), dV = P^T dO, dK = scale dS^T Q, dQ = scale dS K. GQA: one task per
+ * (batch, kv head) sums its query heads in order, so the result is deterministic.
+ */
+#include "attention.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define FA_CPU_BN 64
+
+/* ---- dtype helpers (no _Float16 dependence) ---- */
+static inline float fa_bits_to_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t fa_f32_to_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+static inline float fa_bf16_to_f32(uint16_t h) { return fa_bits_to_f32((uint32_t)h << 16); }
+static inline uint16_t fa_f32_to_bf16(float f) {
+  uint32_t u = fa_f32_to_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
+  u += 0x7fffu + ((u >> 16) & 1u);                                            /* RNE */
+  return (uint16_t)(u >> 16);
+}
+
+static inline float fa_f16_to_f32(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  if (exp == 0) {
+    if (man == 0) return fa_bits_to_f32(sign);
+    /* subnormal: man * 2^-24 */
+    float f = (float)man * 5.9604644775390625e-8f;
+    return sign ? -f : f;
+  }
+  if (exp == 31) return fa_bits_to_f32(sign | 0x7f800000u | (man << 13));
+  return fa_bits_to_f32(sign | ((exp + 112u) << 23) | (man << 13));
+}
+static inline uint16_t fa_f32_to_f16(float f) {
+  uint32_t u = fa_f32_to_bits(f);
+  uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+  uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);          /* NaN */
+  if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);          /* >= 65520 rounds to inf */
+  if (a < 0x38800000u) {                                            /* below 2^-14: subnormal */
+    if (a < 0x33000000u) return sign;                               /* < 2^-25 rounds to 0 */
+    uint32_t e = a >> 23, m = (a & 0x7fffffu) | 0x800000u;
+    uint32_t shift = 126u - e;                                      /* 14..24 */
+    uint32_t r = m >> shift, rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+    if (rem > half || (rem == half && (r & 1u))) r++;
+    return (uint16_t)(sign | r);
+  }
+  uint32_t r = ((a >> 13) - (112u << 10));
+  uint32_t rem = a & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) r++;
+  return (uint16_t)(sign | r);
+}
+
+static inline float fa_load(const void *p, int64_t i, l3k_dt dt) {
+  switch (dt) {
+    case L3K_DT_F16: return fa_f16_to_f32(((const uint16_t *)p)[i]);
+    case L3K_DT_BF16: return fa_bf16_to_f32(((const uint16_t *)p)[i]);
+    default: return ((const float *)p)[i];
+  }
+}
+static inline void fa_store(void *p, int64_t i, l3k_dt dt, float x) {
+  switch (dt) {
+    case L3K_DT_F16: ((uint16_t *)p)[i] = fa_f32_to_f16(x); break;
+    case L3K_DT_BF16: ((uint16_t *)p)[i] = fa_f32_to_bf16(x); break;
+    default: ((float *)p)[i] = x; break;
+  }
+}
+static void fa_load_row(const void *p, int64_t off, l3k_dt dt, int64_t n, float *out) {
+  for (int64_t d = 0; d < n; d++) out[d] = fa_load(p, off + d, dt);
+}
+
+static inline int64_t fa_off(const int64_t st[3], int64_t b, int64_t h, int64_t s) {
+  return b * st[0] + h * st[1] + s * st[2];
+}
+
+static inline size_t fa_round256(size_t x) { return (x + 255u) & ~(size_t)255u; }
+
+size_t l3k_attn_bwd_workspace_bytes(int64_t batch, int64_t n_heads, int64_t n_kv_heads,
+                                    int64_t seq_q, int64_t seq_k, int64_t head_dim,
+                                    int deterministic, int on_cuda) {
+  (void)n_kv_heads; (void)seq_k;
+  if (!on_cuda) return 0;
+  if (batch <= 0 || n_heads <= 0 || seq_q <= 0 || head_dim <= 0) return 0;
+  size_t rows = (size_t)batch * (size_t)n_heads * (size_t)seq_q;
+  size_t total = fa_round256(rows * 4u);
+  if (!deterministic) total += fa_round256(rows * (size_t)head_dim * 4u);
+  return total;
+}
+
+/* last visible key (exclusive bound) for query row i */
+static inline int64_t fa_kend(int64_t i, int64_t sq, int64_t sk, int causal) {
+  if (!causal) return sk;
+  int64_t e = i + 1 + sk - sq;
+  return e < 0 ? 0 : (e > sk ? sk : e);
+}
+
+/* ------------------------------------------------------------------ forward */
+int l3k_cpu_attn_fwd(const l3k_attn_fwd_args *a) {
+  const int64_t B = a->batch, H = a->n_heads, HKV = a->n_kv_heads;
+  const int64_t SQ = a->seq_q, SK = a->seq_k, D = a->head_dim;
+  if (B <= 0 || H <= 0 || SQ <= 0 || D <= 0) return 0;
+  const int64_t group = H / HKV;
+  const l3k_dt dt = a->dtype;
+  int fail = 0;
+
+#pragma omp parallel
+  {
+    float *qrow = (float *)malloc(sizeof(float) * (size_t)D);
+    float *acc = (float *)malloc(sizeof(float) * (size_t)D);
+    float *kt = (float *)malloc(sizeof(float) * (size_t)(FA_CPU_BN * D));
+    float *vt = (float *)malloc(sizeof(float) * (size_t)(FA_CPU_BN * D));
+    float s[FA_CPU_BN];
+    if (!qrow || !acc || !kt || !vt) {
+#pragma omp atomic write
+      fail = 1;
+    } else {
+#pragma omp for schedule(dynamic, 1) collapse(2)
+      for (int64_t bh = 0; bh < B * H; bh++) {
+        for (int64_t i = 0; i < SQ; i++) {
+          const int64_t b = bh / H, h = bh % H, hk = h / group;
+          const int64_t kend = fa_kend(i, SQ, SK, a->causal);
+          fa_load_row(a->q, fa_off(a->q_stride, b, h, i), dt, D, qrow);
+          double m = -INFINITY, l = 0.0; /* running max (scaled scores) and sum */
+          for (int64_t d = 0; d < D; d++) acc[d] = 0.f;
+          for (int64_t j0 = 0; j0 < kend; j0 += FA_CPU_BN) {
+            const int64_t nj = (kend - j0 < FA_CPU_BN) ? kend - j0 : FA_CPU_BN;
+            double tmax = -INFINITY;
+            for (int64_t jj = 0; jj < nj; jj++) {
+              fa_load_row(a->k, fa_off(a->k_stride, b, hk, j0 + jj), dt, D, kt + jj * D);
+              fa_load_row(a->v, fa_off(a->v_stride, b, hk, j0 + jj), dt, D, vt + jj * D);
+              float dot = 0.f;
+              for (int64_t d = 0; d < D; d++) dot += qrow[d] * kt[jj * D + d];
+              s[jj] = dot * a->scale;
+              if (s[jj] > tmax) tmax = s[jj];
+            }
+            const double mnew = tmax > m ? tmax : m;
+            const float alpha = (float)exp(m - mnew); /* m = -inf first: 0 */
+            l *= alpha;
+            for (int64_t d = 0; d < D; d++) acc[d] *= alpha;
+            for (int64_t jj = 0; jj < nj; jj++) {
+              const float p = (float)exp((double)s[jj] - mnew);
+              l += p;
+              for (int64_t d = 0; d < D; d++) acc[d] += p * vt[jj * D + d];
+            }
+            m = mnew;
+          }
+          const int64_t ooff = fa_off(a->o_stride, b, h, i);
+          if (l > 0.0) {
+            const float inv = (float)(1.0 / l);
+            for (int64_t d = 0; d < D; d++) fa_store(a->o, ooff + d, dt, acc[d] * inv);
+            a->lse[bh * SQ + i] = (float)(m + log(l));
+          } else { /* fully masked row */
+            for (int64_t d = 0; d < D; d++) fa_store(a->o, ooff + d, dt, 0.f);
+            a->lse[bh * SQ + i] = INFINITY;
+          }
+        }
+      }
+    }
+    free(qrow); free(acc); free(kt); free(vt);
+  }
+  return fail;
+}
+
+/* ------------------------------------------------------------------ backward */
+int l3k_cpu_attn_bwd(const l3k_attn_bwd_args *ab) {
+  const l3k_attn_fwd_args *a = &ab->f;
+  const int64_t B = a->batch, H = a->n_heads, HKV = a->n_kv_heads;
+  const int64_t SQ = a->seq_q, SK = a->seq_k, D = a->head_dim;
+  if (B <= 0 || H <= 0 || HKV <= 0 || D <= 0) return 0;
+  const int64_t group = H / HKV;
+  const l3k_dt dt = a->dtype;
+  const float scale = a->scale;
+  int fail = 0;
+
+#pragma omp parallel
+  {
+    /* per task: float dk, dv accumulators for one kv head; dq for one query head */
+    float *dk = (float *)malloc(sizeof(float) * (size_t)((SK > 0 ? SK : 1) * D));
+    float *dv = (float *)malloc(sizeof(float) * (size_t)((SK > 0 ? SK : 1) * D));
+    float *kk = (float *)malloc(sizeof(float) * (size_t)((SK > 0 ? SK : 1) * D));
+    float *vv = (float *)malloc(sizeof(float) * (size_t)((SK > 0 ? SK : 1) * D));
+    float *qrow = (float *)malloc(sizeof(float) * (size_t)D);
+    float *dorow = (float *)malloc(sizeof(float) * (size_t)D);
+    float *dqrow = (float *)malloc(sizeof(float) * (size_t)D);
+    if (!dk || !dv || !kk || !vv || !qrow || !dorow || !dqrow) {
+#pragma omp atomic write
+      fail = 1;
+    } else {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t bhk = 0; bhk < B * HKV; bhk++) {
+        const int64_t b = bhk / HKV, hk = bhk % HKV;
+        for (int64_t j = 0; j < SK; j++) {
+          fa_load_row(a->k, fa_off(a->k_stride, b, hk, j), dt, D, kk + j * D);
+          fa_load_row(a->v, fa_off(a->v_stride, b, hk, j), dt, D, vv + j * D);
+        }
+        memset(dk, 0, sizeof(float) * (size_t)(SK * D));
+        memset(dv, 0, sizeof(float) * (size_t)(SK * D));
+        for (int64_t h = hk * group; h < (hk + 1) * group; h++) {
+          for (int64_t i = 0; i < SQ; i++) {
+            fa_load_row(a->q, fa_off(a->q_stride, b, h, i), dt, D, qrow);
+            fa_load_row(ab->dout, fa_off(ab->do_stride, b, h, i), dt, D, dorow);
+            /* D_i = <dO_i, O_i> with O as stored by the forward */
+            const int64_t ooff = fa_off(a->o_stride, b, h, i);
+            float Di = 0.f;
+            for (int64_t d = 0; d < D; d++) Di += dorow[d] * fa_load(a->o, ooff + d, dt);
+            const float lse = a->lse[(b * H + h) * SQ + i];
+            const int64_t kend = fa_kend(i, SQ, SK, a->causal);
+            for (int64_t d = 0; d < D; d++) dqrow[d] = 0.f;
+            for (int64_t j0 = 0; j0 < kend; j0 += FA_CPU_BN) {
+              const int64_t j1 = (j0 + FA_CPU_BN < kend) ? j0 + FA_CPU_BN : kend;
+              for (int64_t j = j0; j < j1; j++) {
+                float s = 0.f, dp = 0.f;
+                for (int64_t d = 0; d < D; d++) {
+                  s += qrow[d] * kk[j * D + d];
+                  dp += dorow[d] * vv[j * D + d];
+                }
+                const float p = (float)exp((double)(s * scale) - (double)lse); /* lse=+inf: 0 */
+                const float ds = p * (dp - Di);
+                for (int64_t d = 0; d < D; d++) {
+                  dv[j * D + d] += p * dorow[d];
+                  dk[j * D + d] += ds * qrow[d];
+                  dqrow[d] += ds * kk[j * D + d];
+                }
+              }
+            }
+            const int64_t qoff = fa_off(ab->dq_stride, b, h, i);
+            for (int64_t d = 0; d < D; d++) fa_store(ab->dq, qoff + d, dt, dqrow[d] * scale);
+          }
+        }
+        for (int64_t j = 0; j < SK; j++) {
+          const int64_t koff = fa_off(ab->dk_stride, b, hk, j), voff = fa_off(ab->dv_stride, b, hk, j);
+          for (int64_t d = 0; d < D; d++) {
+            fa_store(ab->dk, koff + d, dt, dk[j * D + d] * scale);
+            fa_store(ab->dv, voff + d, dt, dv[j * D + d]);
+          }
+        }
+      }
+    }
+    free(dk); free(dv); free(kk); free(vv); free(qrow); free(dorow); free(dqrow);
+  }
+  return fail;
+}

@@ -1,0 +1,341 @@
+#!/usr/bin/env python3
+"""GPU harness for kernels/cuda/flash_attn.cu: parity vs a float32 PyTorch reference, timing vs SDPA.
+
+Self-contained: builds kernels/cuda/flash_attn.cu + kernels/cpu/flash_attn.c into a shared library
+with nvcc/gcc and calls it through ctypes with a hand-written mirror of kernels/attention.h.
+
+  python3 tests/gpu/attn_harness.py [--mode all|parity|bench|sanitize] [--lib PATH] [--arch 90a]
+
+--mode sanitize runs a few tiny cases only (for compute-sanitizer memcheck/racecheck).
+"""
+import argparse
+import ctypes
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+class FwdArgs(ctypes.Structure):
+    _fields_ = [
+        ("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p),
+        ("o", ctypes.c_void_p), ("lse", ctypes.c_void_p),
+        ("batch", ctypes.c_int64), ("n_heads", ctypes.c_int64), ("n_kv_heads", ctypes.c_int64),
+        ("seq_q", ctypes.c_int64), ("seq_k", ctypes.c_int64), ("head_dim", ctypes.c_int64),
+        ("q_stride", ctypes.c_int64 * 3), ("k_stride", ctypes.c_int64 * 3),
+        ("v_stride", ctypes.c_int64 * 3), ("o_stride", ctypes.c_int64 * 3),
+        ("scale", ctypes.c_float), ("causal", ctypes.c_int), ("dtype", ctypes.c_int),
+    ]
+
+
+class BwdArgs(ctypes.Structure):
+    _fields_ = [
+        ("f", FwdArgs),
+        ("dout", ctypes.c_void_p), ("do_stride", ctypes.c_int64 * 3),
+        ("dq", ctypes.c_void_p), ("dk", ctypes.c_void_p), ("dv", ctypes.c_void_p),
+        ("dq_stride", ctypes.c_int64 * 3), ("dk_stride", ctypes.c_int64 * 3), ("dv_stride", ctypes.c_int64 * 3),
+        ("workspace", ctypes.c_void_p), ("workspace_bytes", ctypes.c_size_t), ("deterministic", ctypes.c_int),
+    ]
+
+
+def build(arch, out):
+    src_cu = os.path.join(ROOT, "kernels/cuda/flash_attn.cu")
+    src_c = os.path.join(ROOT, "kernels/cpu/flash_attn.c")
+    inc = os.path.join(ROOT, "kernels")
+    obj_c = out + ".c.o"
+    t0 = time.time()
+    subprocess.check_call(["gcc", "-std=c11", "-O2", "-fPIC", "-fopenmp", "-I" + inc, "-c", src_c, "-o", obj_c])
+    gencode = []
+    for a in arch.split(","):
+        gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    cmd = ["nvcc", "-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-fopenmp", *gencode,
+           "-Xptxas", "-v", "-I" + inc, src_cu, obj_c, "-o", out]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(r.stdout, r.stderr)
+        raise SystemExit("build failed")
+    spills = [l for l in r.stderr.splitlines() if "spill" in l and not l.strip().startswith("0 bytes stack")]
+    print(f"built {out} in {time.time() - t0:.1f}s; kernels with spills: {sum(1 for l in spills if ' 0 bytes spill stores' not in l)}")
+    return out
+
+
+class Lib:
+    def __init__(self, path):
+        self.lib = ctypes.CDLL(path)
+        for n in ("l3k_cuda_attn_fwd", "l3k_cuda_attn_bwd", "l3k_cpu_attn_fwd", "l3k_cpu_attn_bwd"):
+            getattr(self.lib, n).restype = ctypes.c_int
+        self.lib.l3k_cuda_attn_fwd_variant.restype = ctypes.c_int
+        self.lib.l3k_attn_bwd_workspace_bytes.restype = ctypes.c_size_t
+        self.lib.l3k_attn_bwd_workspace_bytes.argtypes = [ctypes.c_int64] * 6 + [ctypes.c_int, ctypes.c_int]
+
+    def ws_bytes(self, B, H, HKV, SQ, SK, D, det):
+        return self.lib.l3k_attn_bwd_workspace_bytes(B, H, HKV, SQ, SK, D, det, 1)
+
+
+def st3(t):  # (B, H, S, D) view -> strides of dims 0..2, last dim must be contiguous
+    assert t.stride(3) == 1
+    return (ctypes.c_int64 * 3)(t.stride(0), t.stride(1), t.stride(2))
+
+
+def make_fwd(q, k, v, o, lse, scale, causal):
+    a = FwdArgs()
+    a.q, a.k, a.v, a.o, a.lse = q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr()
+    a.batch, a.n_heads, a.seq_q, a.head_dim = q.shape
+    a.n_kv_heads, a.seq_k = k.shape[1], k.shape[2]
+    a.q_stride, a.k_stride, a.v_stride, a.o_stride = st3(q), st3(k), st3(v), st3(o)
+    a.scale, a.causal, a.dtype = scale, int(causal), DT[q.dtype]
+    return a
+
+
+def make_bwd(fa, do, dq, dk, dv, ws, det):
+    b = BwdArgs()
+    b.f = fa
+    b.dout, b.do_stride = do.data_ptr(), st3(do)
+    b.dq, b.dk, b.dv = dq.data_ptr(), dk.data_ptr(), dv.data_ptr()
+    b.dq_stride, b.dk_stride, b.dv_stride = st3(dq), st3(dk), st3(dv)
+    b.workspace, b.workspace_bytes, b.deterministic = (ws.data_ptr() if ws.numel() else None), ws.numel(), int(det)
+    return b
+
+
+def alloc_bhsd(B, H, S, D, dtype, bshd, fill=None):
+    """(B,H,S,D) tensor; if bshd, a transposed view of a (B,S,H,D) buffer."""
+    if bshd:
+        t = torch.empty(B, S, H, D, device="cuda", dtype=dtype).transpose(1, 2)
+    else:
+        t = torch.empty(B, H, S, D, device="cuda", dtype=dtype)
+    if fill is not None:
+        t.fill_(fill)
+    return t
+
+
+def reference(q, k, v, do, scale, causal, dtype_math):
+    """Attention with bottom-right causal mask, GQA via repeat_interleave; fully masked rows -> 0.
+    Returns o, lse (+inf for fully masked rows), dq, dk, dv computed in dtype_math."""
+    B, H, SQ, D = q.shape
+    HKV, SK = k.shape[1], k.shape[2]
+    qf, kf, vf = [x.detach().to(dtype_math).requires_grad_(True) for x in (q, k, v)]
+    kr = kf.repeat_interleave(H // HKV, dim=1)
+    vr = vf.repeat_interleave(H // HKV, dim=1)
+    s = (qf @ kr.transpose(-1, -2)) * scale
+    if causal:
+        i = torch.arange(SQ, device=q.device)[:, None]
+        j = torch.arange(SK, device=q.device)[None, :]
+        s = s.masked_fill(j > i + SK - SQ, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m).detach()
+    e = torch.exp(s - m)
+    l = e.sum(-1, keepdim=True)
+    p = e / torch.where(l == 0, torch.ones_like(l), l)
+    o = p @ vr
+    lse = torch.where(l == 0, torch.full_like(l, float("inf")), m + torch.log(l)).squeeze(-1)
+    o.backward(do.to(dtype_math))
+    return o.detach(), lse.detach().float(), qf.grad, kf.grad, vf.grad
+
+
+def maxerr(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def run_ours(lib, q, k, v, do, scale, causal, det, bshd, repeat=1):
+    B, H, SQ, D = q.shape
+    HKV, SK = k.shape[1], k.shape[2]
+    nan = float("nan")
+    o = alloc_bhsd(B, H, SQ, D, q.dtype, bshd, nan)
+    lse = torch.full((B, H, SQ), nan, device="cuda", dtype=torch.float32)
+    fa = make_fwd(q, k, v, o, lse, scale, causal)
+    rc = lib.lib.l3k_cuda_attn_fwd(ctypes.byref(fa), None)
+    assert rc == 0, f"fwd rc={rc}"
+    outs = []
+    for _ in range(repeat):
+        dq = alloc_bhsd(B, H, SQ, D, q.dtype, bshd, nan)
+        dk = torch.full((B, HKV, SK, D), nan, device="cuda", dtype=q.dtype)
+        dv = torch.full((B, HKV, SK, D), nan, device="cuda", dtype=q.dtype)
+        ws = torch.full((lib.ws_bytes(B, H, HKV, SQ, SK, D, det),), 255, device="cuda", dtype=torch.uint8)
+        ba = make_bwd(fa, do, dq, dk, dv, ws, det)
+        rc = lib.lib.l3k_cuda_attn_bwd(ctypes.byref(ba), None)
+        assert rc == 0, f"bwd rc={rc}"
+        outs.append((dq, dk, dv))
+    torch.cuda.synchronize()
+    return o, lse, outs
+
+
+PARITY_CASES = [
+    # B, H, HKV, SQ, SK, D, causal
+    (1, 4, 4, 1, 1, 64, False),
+    (2, 4, 4, 17, 17, 64, True),
+    (1, 8, 2, 128, 128, 128, True),
+    (1, 8, 1, 1000, 1000, 128, True),      # MQA
+    (1, 8, 2, 2048, 2048, 128, False),
+    (1, 16, 2, 1000, 1000, 64, False),     # GQA 8
+    (1, 4, 1, 113, 203, 64, True),
+    (1, 4, 4, 203, 113, 128, True),        # Sq > Sk: fully masked rows
+    (1, 2, 2, 1, 239, 128, True),
+    (1, 2, 2, 239, 1, 128, True),
+    (2, 4, 2, 1023, 1024, 128, True),
+    (1, 4, 2, 17, 100, 40, True),          # odd head dims -> padded kernels
+    (1, 4, 1, 100, 17, 96, False),
+    (1, 2, 2, 128, 257, 160, True),
+    (1, 2, 1, 300, 300, 256, True),
+    (1, 4, 4, 2048, 2048, 64, True),
+]
+
+
+def parity(lib):
+    torch.manual_seed(0)
+    fails = 0
+    rows = []
+    for ci, (B, H, HKV, SQ, SK, D, causal) in enumerate(PARITY_CASES):
+        for dtype in (torch.bfloat16, torch.float16):
+            if dtype == torch.float16 and ci % 2 == 1:
+                continue
+            bshd = ci % 3 == 1
+            mag = 3.0 if ci % 4 == 2 else 1.0
+            scale = 1.0 / math.sqrt(D)
+            q = (torch.randn(B, SQ, H, D, device="cuda") * mag).to(dtype).transpose(1, 2) if bshd else \
+                (torch.randn(B, H, SQ, D, device="cuda") * mag).to(dtype)
+            k = (torch.randn(B, HKV, SK, D, device="cuda") * mag).to(dtype)
+            v = torch.randn(B, HKV, SK, D, device="cuda").to(dtype)
+            do = torch.randn(B, H, SQ, D, device="cuda").to(dtype)
+            ro, rl, rdq, rdk, rdv = reference(q, k, v, do, scale, causal, torch.float32)
+            po, pl, pdq, pdk, pdv = reference(q, k, v, do, scale, causal, dtype)
+            for det in (False, True):
+                o, lse, outs = run_ours(lib, q, k, v, do, scale, causal, det, bshd, repeat=2 if det else 1)
+                dq, dk, dv = outs[0]
+                fin = torch.isfinite(rl)
+                lse_err = maxerr(lse[fin], rl[fin]) if fin.any() else 0.0
+                inf_ok = bool((lse[~fin] == float("inf")).all()) if (~fin).any() else True
+                e = dict(o=maxerr(o, ro), dq=maxerr(dq, rdq), dk=maxerr(dk, rdk), dv=maxerr(dv, rdv))
+                ept = dict(o=maxerr(po, ro), dq=maxerr(pdq, rdq), dk=maxerr(pdk, rdk), dv=maxerr(pdv, rdv))
+                ok = inf_ok and lse_err < 1e-3 * max(1.0, mag * mag)
+                for name in e:
+                    mult = 2.0 if name == "o" else 3.0
+                    ok = ok and e[name] == e[name] and e[name] <= mult * ept[name] + 1e-3
+                if det:
+                    dq2, dk2, dv2 = outs[1]
+                    ok = ok and torch.equal(dq, dq2) and torch.equal(dk, dk2) and torch.equal(dv, dv2)
+                fails += not ok
+                rows.append(f"{'PASS' if ok else 'FAIL'} B={B} H={H} Hkv={HKV} Sq={SQ} Sk={SK} D={D} causal={int(causal)} "
+                            f"{str(dtype)[6:]} bshd={int(bshd)} det={int(det)} | lse {lse_err:.1e} inf_ok={int(inf_ok)} | "
+                            + " ".join(f"{n} {e[n]:.2e}/{ept[n]:.2e}" for n in e))
+                print(rows[-1], flush=True)
+    print(f"parity: {len(rows) - fails}/{len(rows)} passed")
+    return fails
+
+
+def bench(lib):
+    import triton.testing as tt
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    shapes = [
+        (2, 32, 8, 2048, 128, True),
+        (2, 32, 32, 2048, 128, True),
+        (2, 32, 8, 2048, 128, False),
+        (1, 32, 8, 8192, 128, True),
+        (1, 32, 8, 8192, 128, False),
+        (2, 32, 8, 2048, 64, True),
+    ]
+    table = []
+    for (B, H, HKV, S, D, causal) in shapes:
+        dtype = torch.bfloat16
+        scale = 1.0 / math.sqrt(D)
+        q = torch.randn(B, H, S, D, device="cuda", dtype=dtype)
+        k = torch.randn(B, HKV, S, D, device="cuda", dtype=dtype)
+        v = torch.randn(B, HKV, S, D, device="cuda", dtype=dtype)
+        do = torch.randn(B, H, S, D, device="cuda", dtype=dtype)
+        o = torch.empty_like(q)
+        lse = torch.empty(B, H, S, device="cuda", dtype=torch.float32)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        ws = torch.empty(lib.ws_bytes(B, H, HKV, S, S, D, 0), device="cuda", dtype=torch.uint8)
+        fa = make_fwd(q, k, v, o, lse, scale, causal)
+        ba = make_bwd(fa, do, dq, dk, dv, ws, 0)
+        wsd = torch.empty(lib.ws_bytes(B, H, HKV, S, S, D, 1), device="cuda", dtype=torch.uint8)
+        bad = make_bwd(fa, do, dq, dk, dv, wsd, 1)
+        flops = 4.0 * B * H * S * S * D / (2 if causal else 1)
+        L = lib.lib
+
+        def f_fwd(variant=0):
+            L.l3k_cuda_attn_fwd_variant(ctypes.byref(fa), None, variant)
+
+        def f_fb():
+            L.l3k_cuda_attn_fwd(ctypes.byref(fa), None)
+            L.l3k_cuda_attn_bwd(ctypes.byref(ba), None)
+
+        def f_fb_det():
+            L.l3k_cuda_attn_fwd(ctypes.byref(fa), None)
+            L.l3k_cuda_attn_bwd(ctypes.byref(bad), None)
+
+        def bench_ms(fn, **kw):
+            return tt.do_bench(fn, warmup=25, rep=100, return_mode="median", **kw)
+
+        res = {}
+        res["ours fwd"] = bench_ms(f_fwd)
+        res["ours fwd v1"] = bench_ms(lambda: f_fwd(1))
+        res["ours fwd+bwd"] = bench_ms(f_fb)
+        res["ours fwd+bwd det"] = bench_ms(f_fb_det)
+        kr = k.repeat_interleave(H // HKV, 1).contiguous()
+        vr = v.repeat_interleave(H // HKV, 1).contiguous()
+        for name, be in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+            try:
+                qq, kk, vv = [x.detach().clone().requires_grad_(True) for x in (q, kr, vr)]
+                with sdpa_kernel(be):
+                    res[name + " fwd"] = bench_ms(lambda: F.scaled_dot_product_attention(qq, kk, vv, is_causal=causal, scale=scale))
+
+                    def fb():
+                        out = F.scaled_dot_product_attention(qq, kk, vv, is_causal=causal, scale=scale)
+                        out.backward(do)
+                    res[name + " fwd+bwd"] = bench_ms(fb, grad_to_none=[qq, kk, vv])
+            except Exception as ex:  # backend unavailable
+                print(f"  {name}: {type(ex).__name__}: {str(ex)[:120]}")
+        line = f"B={B} H={H} Hkv={HKV} S={S} D={D} causal={int(causal)}: " + ", ".join(
+            f"{n} {ms:.3f}ms {flops * (3.5 if 'bwd' in n else 1.0) / ms / 1e9:.0f}TF" for n, ms in res.items())
+        table.append(line)
+        print(line, flush=True)
+        del q, k, v, do, o, dq, dk, dv, ws, wsd, kr, vr
+        torch.cuda.empty_cache()
+    print("\n".join(table))
+
+
+def sanitize(lib):
+    torch.manual_seed(0)
+    for (B, H, HKV, SQ, SK, D, causal) in [(1, 2, 1, 70, 45, 64, True), (1, 2, 2, 33, 130, 128, True),
+                                           (1, 2, 1, 40, 40, 40, False), (1, 1, 1, 20, 70, 256, True)]:
+        for det in (False, True):
+            q = torch.randn(B, H, SQ, D, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(B, HKV, SK, D, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn(B, HKV, SK, D, device="cuda", dtype=torch.bfloat16)
+            do = torch.randn(B, H, SQ, D, device="cuda", dtype=torch.bfloat16)
+            o, lse, outs = run_ours(lib, q, k, v, do, 1.0 / math.sqrt(D), causal, det, False)
+            ro, rl, rdq, rdk, rdv = reference(q, k, v, do, 1.0 / math.sqrt(D), causal, torch.float32)
+            print(f"sanitize case Sq={SQ} Sk={SK} D={D} det={det}: o err {maxerr(o, ro):.2e} dq {maxerr(outs[0][0], rdq):.2e}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", default="all")
+    ap.add_argument("--lib", default="/tmp/libattn.so")
+    ap.add_argument("--arch", default="90a")
+    ap.add_argument("--no-build", action="store_true")
+    args = ap.parse_args()
+    if not args.no_build:
+        build(args.arch, args.lib)
+    lib = Lib(args.lib)
+    fails = 0
+    if args.mode in ("all", "parity"):
+        fails += parity(lib)
+    if args.mode in ("all", "bench"):
+        bench(lib)
+    if args.mode == "sanitize":
+        sanitize(lib)
+    sys.exit(1 if fails else 0)
+
+
+if __name__ == "__main__":
+    main()
