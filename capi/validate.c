@@ -235,6 +235,9 @@ l3k_status l3k_cuda_launch(l3k_call *c, l3k_cuda_launch_fn fn, const void *args,
         err = cudaSetDevice(c->device.device_id);
     if (err == cudaSuccess) err = (cudaError_t)fn(args, stream);
     if (prev >= 0 && prev != c->device.device_id) cudaSetDevice(prev);
+    if ((int)err < 0) /* launchers report cuBLAS failures as -(cublasStatus_t) */
+        return l3k_fail(c, L3K_ERROR_CUBLAS, "cuBLAS status %d on cuda:%d", -(int)err,
+                        (int)c->device.device_id);
     if (err != cudaSuccess)
         return l3k_fail(c, L3K_ERROR_CUDA, "CUDA error %d (%s) on cuda:%d", (int)err,
                         cudaGetErrorString(err), (int)c->device.device_id);

@@ -9,6 +9,8 @@ from ._lib import (L3KArgumentError, L3KBackendError, L3KDTypeError, L3KError, h
 from .ops.rmsnorm import (add_rms_norm, add_rmsnorm_forward_into, rms_norm,
                           rmsnorm_backward_into, rmsnorm_backward_workspace_size,
                           rmsnorm_forward_into, triton_rmsnorm)
+from .ops.linear import (linear, linear_backward_input_into, linear_backward_weight_into,
+                         linear_forward_into)
 from .modules import RMSNorm
 
 __version__ = "%d.%d.%d" % version()

@@ -60,6 +60,10 @@ _SIGNATURES: dict[str, list] = {
     "l3k_add_rmsnorm_forward": [_P, _P, _P, _F, _P, _P, _P, _P],
     "l3k_rmsnorm_backward_workspace_size": [_P, ctypes.POINTER(_SZ)],
     "l3k_rmsnorm_backward": [_P, _P, _P, _P, _P, _F, _P, _P, _P, _P],
+    "l3k_linear_workspace_size": [_P, ctypes.POINTER(_SZ)],
+    "l3k_linear_forward": [_P, _P, _P, _P, _P, _P],
+    "l3k_linear_backward_input": [_P, _P, _P, _INT, _P, _P],
+    "l3k_linear_backward_weight": [_P, _P, _P, _INT, _P, _P],
 }
 _RESTYPES = {
     "l3k_status_string": ctypes.c_char_p,
@@ -76,6 +80,10 @@ def _candidates() -> list[Path]:
 
 
 def _load() -> ctypes.CDLL:
+    try:  # let PyTorch load its CUDA libraries (cuBLASLt) first: the library then shares them
+        import torch  # noqa: F401
+    except ImportError:
+        pass
     paths = _candidates()
     if not paths:
         raise ImportError(

@@ -1,0 +1,94 @@
+"""The linear layer on the library's GEMMs (cuBLASLt on CUDA), with the residual
+add fused into the GEMM (beta = 1, out of place)."""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from .._dlpack import Borrowed, current_stream
+from .._lib import LIB, check
+
+_workspaces: dict[tuple, torch.Tensor] = {}
+
+
+def gemm_workspace(device: torch.device) -> torch.Tensor | None:
+    """The cuBLASLt workspace for `device` and its current stream (allocated once)."""
+    if device.type != "cuda":
+        return None
+    stream = torch.cuda.current_stream(device)
+    key = (device.index, stream.cuda_stream)
+    ws = _workspaces.get(key)
+    if ws is None:
+        probe = torch.empty(0, device=device)
+        size = ctypes.c_size_t(0)
+        b = Borrowed(probe)
+        check(LIB.l3k_linear_workspace_size(b.ptrs[0], ctypes.byref(size)))
+        ws = _workspaces[key] = torch.empty(size.value, dtype=torch.uint8, device=device)
+    return ws
+
+
+# ---- raw calls --------------------------------------------------------------------------
+
+def linear_forward_into(x, weight, y, residual=None, workspace=None, stream=None) -> None:
+    b = Borrowed(x, weight, residual, y, workspace)
+    check(LIB.l3k_linear_forward(*b.ptrs, current_stream(x) if stream is None else stream))
+
+
+def linear_backward_input_into(dy, weight, dx, accumulate=False, workspace=None, stream=None) -> None:
+    b = Borrowed(dy, weight, dx)
+    w = Borrowed(workspace)
+    check(LIB.l3k_linear_backward_input(b.ptrs[0], b.ptrs[1], b.ptrs[2], int(accumulate), w.ptrs[0],
+                                        current_stream(dy) if stream is None else stream))
+
+
+def linear_backward_weight_into(dy, x, dweight, accumulate=False, workspace=None, stream=None) -> None:
+    b = Borrowed(dy, x, dweight)
+    w = Borrowed(workspace)
+    check(LIB.l3k_linear_backward_weight(b.ptrs[0], b.ptrs[1], b.ptrs[2], int(accumulate), w.ptrs[0],
+                                         current_stream(dy) if stream is None else stream))
+
+
+# ---- torch-facing ------------------------------------------------------------------------
+
+def _rows_ok(t: torch.Tensor) -> torch.Tensor:
+    from .rmsnorm import _rows
+    return _rows(t)
+
+
+class LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, residual):
+        x = _rows_ok(x)
+        y = x.new_empty(*x.shape[:-1], weight.shape[0])
+        ws = gemm_workspace(x.device)
+        linear_forward_into(x, weight, y, _rows_ok(residual) if residual is not None else None, ws)
+        ctx.save_for_backward(x, weight)
+        ctx.has_residual = residual is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dy = _rows_ok(dy)
+        ws = gemm_workspace(dy.device)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty_like(x)
+            linear_backward_input_into(dy, weight, dx, workspace=ws)
+        if ctx.needs_input_grad[1]:
+            dw = torch.empty_like(weight)
+            linear_backward_weight_into(dy, x, dw, workspace=ws)
+        dres = dy if ctx.has_residual and ctx.needs_input_grad[2] else None
+        return dx, dw, dres
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ residual, fused into the GEMM epilogue and rounded once)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, residual)):
+        return LinearFunction.apply(x, weight, residual)
+    x = _rows_ok(x)
+    y = x.new_empty(*x.shape[:-1], weight.shape[0])
+    linear_forward_into(x, weight, y, _rows_ok(residual) if residual is not None else None,
+                        gemm_workspace(x.device))
+    return y
