@@ -153,6 +153,119 @@ L3K_API l3k_status l3k_rmsnorm_backward(const DLTensor *dy, const DLTensor *dh, 
                                         DLTensor *dx, DLTensor *dweight, DLTensor *workspace,
                                         void *stream);
 
+/* ---- RoPE (rotary position embedding) --------------------------------- *
+ * Rotates q and k in one launch.  For every row x (one head of one token,
+ * position t = s + offset) and pair p in [0, head_dim/2):
+ *   out1 = x1 * cos[t][p] - x2 * sin[t][p]
+ *   out2 = x2 * cos[t][p] + x1 * sin[t][p]
+ * in float32, where (x1, x2) = (x[p], x[p + head_dim/2]) for L3K_ROPE_HALF
+ * (rotate-half, the Hugging Face convention) or (x[2p], x[2p+1]) for
+ * L3K_ROPE_INTERLEAVED (Meta's original layout).
+ *
+ * q:      (batch, n_heads, seq, head_dim); head_dim even, at most 256.  Last
+ *         dim contiguous; dims 0..2 take any strides, so q and k may be views
+ *         of one fused QKV projection, e.g. torch's
+ *         qkv.view(b, s, h, d).transpose(1, 2).
+ * k:      optional (NULL rotates q only): (batch, n_kv_heads, seq, head_dim),
+ *         dtype of q, same stride rules; n_heads a multiple of n_kv_heads.
+ * cos, sin: (rows, head_dim/2) shared by every batch, or (batch, rows,
+ *         head_dim/2) per batch (leading size 1 also means shared).
+ *         Contiguous; float32 or the dtype of q, both the same dtype.
+ *         rows >= seq + offset (rows may exceed it).
+ * offset: position of token 0 (>= 0), for continuing a sequence (KV cache).
+ * mode:   L3K_ROPE_HALF or L3K_ROPE_INTERLEAVED.
+ * q_out, k_out: shape and dtype of q / k, their own strides (same rules, no
+ *         stride 0).  In place: pass the same view as the input (same data
+ *         pointer, shape and strides).  An output that shares memory with its
+ *         input in any other way is rejected (a byte-range test).  k_out is
+ *         required iff k is given.  Outputs must not share elements with each
+ *         other or with the other input (not checked beyond a shared start).
+ * 16-byte vector loads are used where the rows allow them; any layout works. */
+#define L3K_ROPE_HALF 0
+#define L3K_ROPE_INTERLEAVED 1
+L3K_API l3k_status l3k_rope_forward(const DLTensor *q, const DLTensor *k, const DLTensor *cos,
+                                    const DLTensor *sin, int64_t offset, int mode,
+                                    DLTensor *q_out, DLTensor *k_out, void *stream);
+
+/* Gradient of l3k_rope_forward: the inverse rotation (sin negated) of dq and
+ * (optional) dk into dq_out / dk_out, with the same arguments and rules as
+ * the forward (dq in place of q, dk in place of k).  In place works. */
+L3K_API l3k_status l3k_rope_backward(const DLTensor *dq, const DLTensor *dk, const DLTensor *cos,
+                                     const DLTensor *sin, int64_t offset, int mode,
+                                     DLTensor *dq_out, DLTensor *dk_out, void *stream);
+
+/* ---- SwiGLU activation --------------------------------------------------- *
+ * a = silu(g) * u = g * sigmoid(g) * u, in float32.
+ *
+ * g, u:   (..., hidden), same shape and dtype; the RMSNorm layout rules of x
+ *         (last dim contiguous, leading dims flatten to rows of one stride;
+ *         each tensor its own row stride).
+ * a:      output, shape/dtype/layout rules of g.  May be the same view as g
+ *         or u (in place); any other overlap with them is rejected (exactly:
+ *         interleaved rows that share no element are fine). */
+L3K_API l3k_status l3k_swiglu_forward(const DLTensor *g, const DLTensor *u, DLTensor *a,
+                                      void *stream);
+
+/* The same on one fused gate_up tensor gu (..., 2 * hidden) laid out as
+ * [g | u] along the last dim: g = gu[..., :hidden], u = gu[..., hidden:].
+ * a: (..., hidden).  gu follows the row rules above. */
+L3K_API l3k_status l3k_swiglu_fused_forward(const DLTensor *gu, DLTensor *a, void *stream);
+
+/* Gradients of a = silu(g) * u, silu recomputed from g (sig = sigmoid(g)):
+ *   dg = da * u * sig * (1 + g * (1 - sig)),   du = da * silu(g).
+ * da, g, u: shape/dtype of g (row rules above).
+ * dg, du:   outputs like g.  Each may be the same view as one of da, g, u
+ *           (in place, e.g. dg over g and du over u); other overlaps, and
+ *           dg/du/a overlapping each other, are rejected.
+ * a:        optional output (NULL): receives silu(g) * u recomputed, so a
+ *           caller need not keep the forward's activation for the weight
+ *           gradient of the down projection. */
+L3K_API l3k_status l3k_swiglu_backward(const DLTensor *da, const DLTensor *g, const DLTensor *u,
+                                       DLTensor *dg, DLTensor *du, DLTensor *a, void *stream);
+
+/* Fused layout backward: gu (..., 2 * hidden) as in l3k_swiglu_fused_forward,
+ * da (..., hidden); dgu (..., 2 * hidden) receives [dg | du].  dgu may be the
+ * same view as gu (in place).  a: optional output as in l3k_swiglu_backward. */
+L3K_API l3k_status l3k_swiglu_fused_backward(const DLTensor *da, const DLTensor *gu,
+                                             DLTensor *dgu, DLTensor *a, void *stream);
+
+/* ---- Linear layer (the block's GEMMs; cuBLASLt on CUDA) ----------------- *
+ * x:        (..., K), rows as for RMSNorm (last dim contiguous, leading dims
+ *           flattening to one row stride).
+ * weight:   (N, K), last dim contiguous, any row stride >= K (a row slice of
+ *           a larger fused weight works).  dtype of x.
+ * Arithmetic: float32 accumulation; the result is rounded once to its dtype.
+ * workspace: optional scratch for cuBLASLt (l3k_linear_workspace_size bytes
+ *           give it every algorithm; NULL restricts it to those needing none).
+ *           One workspace must not serve two streams at the same time.
+ * The first CUDA call on a device creates that device's cuBLASLt handle:
+ * make one call before capturing a CUDA graph. */
+
+/* Bytes of workspace that serve every GEMM algorithm on x's device: 32 MiB on
+ * CUDA, 0 on the CPU.  `x` is only inspected. */
+L3K_API l3k_status l3k_linear_workspace_size(const DLTensor *x, size_t *bytes);
+
+/* y = x @ weight^T (+ residual).  y: x's leading dims and N, dtype of x, must
+ * not overlap x or weight.  residual: optional, shape and dtype of y, added
+ * through the GEMM's beta = 1 before the single rounding; it may be y itself
+ * (accumulate in place) or another buffer (out of place: keeps the residual). */
+L3K_API l3k_status l3k_linear_forward(const DLTensor *x, const DLTensor *weight,
+                                      const DLTensor *residual, DLTensor *y, DLTensor *workspace,
+                                      void *stream);
+
+/* dx = dy @ weight (accumulate != 0: dx += dy @ weight).  dy: (..., N) rows;
+ * dx: dy's leading dims and K, dtype of dy. */
+L3K_API l3k_status l3k_linear_backward_input(const DLTensor *dy, const DLTensor *weight,
+                                             DLTensor *dx, int accumulate, DLTensor *workspace,
+                                             void *stream);
+
+/* dweight = dy^T @ x summed over all rows (accumulate != 0: dweight += ...).
+ * dy: (..., N), x: (..., K) with the same number of rows; dweight: (N, K),
+ * dtype of x or float32 (full-precision gradient accumulation). */
+L3K_API l3k_status l3k_linear_backward_weight(const DLTensor *dy, const DLTensor *x,
+                                              DLTensor *dweight, int accumulate,
+                                              DLTensor *workspace, void *stream);
+
 /* @@L3K_DECLARATIONS_END@@ (new ops are declared above this line) */
 
 #ifdef __cplusplus

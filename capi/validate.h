@@ -63,6 +63,29 @@ l3k_status l3k_check_workspace(l3k_call *c, const DLTensor *t, size_t bytes);
 /* eps finite and >= 0. */
 l3k_status l3k_check_eps(l3k_call *c, float eps);
 
+/* Byte range [lo, hi) spanned by a strided tensor's elements (lo == hi when empty). */
+void l3k_byte_range(const DLTensor *t, uintptr_t *lo, uintptr_t *hi);
+
+/* 1 when a and b are the very same view: data + byte_offset, shape and the
+ * strides of every dim longer than 1 agree. */
+int l3k_same_view(const DLTensor *a, const DLTensor *b);
+
+/* An output must be the very same view as input `in` (in place, allowed when
+ * allow_same) or share no byte with it.  A simple byte-range test: views that
+ * interleave without sharing elements are rejected too. */
+l3k_status l3k_check_no_overlap(l3k_call *c, const DLTensor *out, const char *out_name,
+                                const DLTensor *in, const char *in_name, int allow_same);
+
+/* 1 when two row views of `es`-byte elements share an element.  Exact for row
+ * views with one row stride (e.g. the gate and up halves of one fused tensor
+ * are disjoint); conservative (1 when unsure) otherwise. */
+int l3k_rows_overlap(const l3k_rows *a, const l3k_rows *b, size_t es);
+
+/* Row-view form of l3k_check_no_overlap, exact for interleaved rows. */
+l3k_status l3k_check_rows_no_overlap(l3k_call *c, const l3k_rows *out, const char *out_name,
+                                     const l3k_rows *in, const char *in_name, size_t es,
+                                     int allow_same);
+
 /* 1 when the call's tensors are on the GPU. */
 int l3k_on_cuda(const l3k_call *c);
 

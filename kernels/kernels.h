@@ -86,6 +86,64 @@ int l3k_cpu_rmsnorm_bwd(const l3k_rmsnorm_bwd_args *a);
 int l3k_cuda_rmsnorm_fwd(const l3k_rmsnorm_fwd_args *a, void *stream);
 int l3k_cuda_rmsnorm_bwd(const l3k_rmsnorm_bwd_args *a, void *stream);
 
+/* ---- RoPE -------------------------------------------------------------------
+ * Rotates q (batch, hq, seq, head_dim) and, when hk > 0, k (batch, hk, seq,
+ * head_dim) in one pass.  Element (b, h, s, i) of a tensor is at
+ * ptr + b * s[0] + h * s[1] + s * s[2] + i (strides s[] in elements, any sign);
+ * an output may be the very same view as its input (in place).
+ * Pair p in [0, head_dim/2) is (p, p + head_dim/2) (rotate-half) or
+ * (2p, 2p + 1) (interleaved); with c = cos[t][p], s = sin[t][p] (s negated
+ * when `inverse`) and t = token + offset:
+ *   out1 = x1 * c - x2 * s;  out2 = x2 * c + x1 * s   (float32 arithmetic).
+ * cos/sin are contiguous tables of head_dim/2 columns; batch b uses rows from
+ * cos + b * table_batch_stride (0: one table shared by all batches). */
+typedef struct {
+    const void *q; int64_t q_strides[3];
+    void *q_out;   int64_t q_out_strides[3];
+    const void *k; int64_t k_strides[3];       /* optional (hk == 0) */
+    void *k_out;   int64_t k_out_strides[3];
+    const void *cos, *sin; int64_t table_batch_stride;
+    int64_t batch, hq, hk, seq, head_dim, offset;
+    int interleaved, inverse;
+    l3k_dt dtype, table_dtype;                 /* table_dtype: float32 or dtype */
+} l3k_rope_args;
+
+int l3k_cpu_rope(const l3k_rope_args *a);
+int l3k_cuda_rope(const l3k_rope_args *a, void *stream);
+
+/* ---- SwiGLU activation ------------------------------------------------------
+ * Row views as for RMSNorm: `rows` rows of `n` elements, row r at
+ * ptr + r * stride.  Forward: a = silu(g) * u.  Backward, silu recomputed
+ * from g, sig = sigmoid(g):
+ *   dg = da * u * sig * (1 + g * (1 - sig)),  du = da * silu(g),
+ *   a_out (optional) = silu(g) * u.
+ * Every element reads all its inputs before it writes: an output may be the
+ * very same view as an input.  The fused gate_up layout is expressed by
+ * pointers: g = gu, u = gu + n, both with gu's row stride. */
+typedef struct {
+    const void *g; int64_t g_stride;
+    const void *u; int64_t u_stride;
+    void *a;       int64_t a_stride;
+    int64_t rows, n;
+    l3k_dt dtype;
+} l3k_swiglu_fwd_args;
+
+typedef struct {
+    const void *da; int64_t da_stride;
+    const void *g;  int64_t g_stride;
+    const void *u;  int64_t u_stride;
+    void *dg;       int64_t dg_stride;
+    void *du;       int64_t du_stride;
+    void *a_out;    int64_t a_out_stride;      /* optional */
+    int64_t rows, n;
+    l3k_dt dtype;
+} l3k_swiglu_bwd_args;
+
+int l3k_cpu_swiglu_fwd(const l3k_swiglu_fwd_args *a);
+int l3k_cpu_swiglu_bwd(const l3k_swiglu_bwd_args *a);
+int l3k_cuda_swiglu_fwd(const l3k_swiglu_fwd_args *a, void *stream);
+int l3k_cuda_swiglu_bwd(const l3k_swiglu_bwd_args *a, void *stream);
+
 #ifdef __cplusplus
 }
 #endif
