@@ -76,6 +76,48 @@ __device__ __forceinline__ void l3k_store8(T *__restrict__ row, int64_t col, int
     }
 }
 
+/* Eight consecutive elements kept in their storage type (16 bytes for 2-byte
+ * types, 32 for float32): half the registers of eight floats, so more rows
+ * can be in flight per multiprocessor. */
+template <typename T>
+struct l3k_slot {
+    uint4 raw[sizeof(T) / 2];
+    __device__ __forceinline__ T &at(int i) { return reinterpret_cast<T *>(raw)[i]; }
+    __device__ __forceinline__ float get(int i) const { return l3k_to_float(reinterpret_cast<const T *>(raw)[i]); }
+};
+
+/* l3k_load8 into a slot: the same bounds rules, out-of-range elements zero. */
+template <typename T, bool VEC>
+__device__ __forceinline__ l3k_slot<T> l3k_load_slot(const T *__restrict__ row, int64_t col, int64_t n) {
+    constexpr int PER16 = 16 / sizeof(T);
+    l3k_slot<T> s;
+    if (VEC) {
+#pragma unroll
+        for (int piece = 0; piece < 8 / PER16; ++piece) {
+            const int64_t c = col + piece * PER16;
+            s.raw[piece] = c < n ? *reinterpret_cast<const uint4 *>(row + c) : make_uint4(0, 0, 0, 0);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) s.at(i) = col + i < n ? row[col + i] : l3k_from_float<T>(0.0f);
+    }
+    return s;
+}
+
+template <typename T, bool VEC>
+__device__ __forceinline__ void l3k_store_slot(T *__restrict__ row, int64_t col, int64_t n, const l3k_slot<T> &s) {
+    constexpr int PER16 = 16 / sizeof(T);
+    if (VEC) {
+#pragma unroll
+        for (int piece = 0; piece < 8 / PER16; ++piece)
+            if (col + piece * PER16 < n) *reinterpret_cast<uint4 *>(row + col + piece * PER16) = s.raw[piece];
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+            if (col + i < n) row[col + i] = reinterpret_cast<const T *>(s.raw)[i];
+    }
+}
+
 /* Sum over the `width` lanes (a power of two <= 32) that share a sub-warp. */
 template <typename V>
 __device__ __forceinline__ V l3k_subwarp_sum(V v, int width) {

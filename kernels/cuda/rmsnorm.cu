@@ -17,6 +17,20 @@ namespace {
 
 constexpr int FWD_SLOTS = 4;
 constexpr int FWD_BLOCK = 256;
+constexpr int FWD_BLOCKS_PER_SM = 8;
+
+/* Multiprocessors of the current device, read once per device. */
+int sm_count() {
+    static int cached[64];
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 132;
+    if (!cached[dev]) {
+        int v = 0;
+        cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev);
+        cached[dev] = v > 0 ? v : 132;
+    }
+    return cached[dev];
+}
 constexpr int LOOP_BLOCK = 1024;
 
 /* Sum K values over the G threads of each group; every thread gets the sums.
@@ -42,48 +56,49 @@ __device__ __forceinline__ void group_sum(float (&v)[K], int G, float *red /* 32
     }
 }
 
-template <typename T, int S, bool VEC>
+/* A group per row; a thread keeps its S slots in the storage type between the
+ * sum of squares and the output pass.  Blocks loop over rows with a stride of
+ * the grid, so a resident grid streams the whole tensor. */
+template <typename T, int S, bool VEC, bool RES>
 __global__ void __launch_bounds__(1024) fwd_cached(l3k_rmsnorm_fwd_args a, int G) {
     __shared__ float red[32];
     const int R = blockDim.x / G, group = threadIdx.x / G, lane = threadIdx.x % G;
-    const int64_t row = (int64_t)blockIdx.x * R + group;
-    const bool active = row < a.rows;
-    const int64_t r = active ? row : 0;
     const int64_t n = a.n;
-    const T *x = (const T *)a.x + r * a.x_stride;
-    const T *res = (const T *)a.residual + r * a.residual_stride;
-    T *h = (T *)a.h_out + r * a.h_stride;
-
-    float v[S][8];
-    float ss[1] = {0.0f};
+    const int64_t first = (int64_t)blockIdx.x * R, step = (int64_t)gridDim.x * R;
+    const int64_t iters = first < a.rows ? (a.rows - first + step - 1) / step : 0;
+    for (int64_t it = 0; it < iters; ++it) {
+        const int64_t row = first + group + it * step;
+        const bool active = row < a.rows;
+        const int64_t r = active ? row : 0;
+        l3k_slot<T> v[S];
+        float ss[1] = {0.0f};
 #pragma unroll
-    for (int s = 0; s < S; ++s) {
-        const int64_t col = ((int64_t)s * G + lane) * 8;
-        l3k_load8<T, VEC>(x, active ? col : n, n, v[s]);
-        if (a.residual) {
-            float rv[8];
-            l3k_load8<T, VEC>(res, active ? col : n, n, rv);
+        for (int s = 0; s < S; ++s) {
+            const int64_t col = active ? ((int64_t)s * G + lane) * 8 : n;
+            v[s] = l3k_load_slot<T, VEC>((const T *)a.x + r * a.x_stride, col, n);
+            if (RES) {
+                const l3k_slot<T> rv = l3k_load_slot<T, VEC>((const T *)a.residual + r * a.residual_stride, col, n);
 #pragma unroll
-            for (int i = 0; i < 8; ++i) v[s][i] = l3k_round_to<T>(v[s][i] + rv[i]);
-            if (active) l3k_store8<T, VEC>(h, col, n, v[s]);
+                for (int i = 0; i < 8; ++i) v[s].at(i) = l3k_from_float<T>(v[s].get(i) + rv.get(i));
+                if (active) l3k_store_slot<T, VEC>((T *)a.h_out + r * a.h_stride, col, n, v[s]);
+            }
+#pragma unroll
+            for (int i = 0; i < 8; ++i) ss[0] += v[s].get(i) * v[s].get(i);
         }
+        group_sum<1>(ss, G, red);
+        if (!active) continue;
+        const float rstd = rsqrtf(ss[0] / (float)n + a.eps);
+        T *y = (T *)a.y + r * a.y_stride;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) ss[0] += v[s][i] * v[s][i];
+        for (int s = 0; s < S; ++s) {
+            const int64_t col = ((int64_t)s * G + lane) * 8;
+            const l3k_slot<T> w = l3k_load_slot<T, VEC>((const T *)a.weight, col, n);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) v[s].at(i) = l3k_from_float<T>(v[s].get(i) * rstd * w.get(i));
+            l3k_store_slot<T, VEC>(y, col, n, v[s]);
+        }
+        if (lane == 0 && a.rstd) a.rstd[r] = rstd;
     }
-    group_sum<1>(ss, G, red);
-    if (!active) return; /* no barrier follows */
-    const float rstd = rsqrtf(ss[0] / (float)n + a.eps);
-    T *y = (T *)a.y + r * a.y_stride;
-#pragma unroll
-    for (int s = 0; s < S; ++s) {
-        const int64_t col = ((int64_t)s * G + lane) * 8;
-        float w[8];
-        l3k_load8<T, VEC>((const T *)a.weight, col, n, w);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) v[s][i] = v[s][i] * rstd * w[i];
-        l3k_store8<T, VEC>(y, col, n, v[s]);
-    }
-    if (lane == 0 && a.rstd) a.rstd[r] = rstd;
 }
 
 /* Rows too long for registers: one block per row, two passes over global memory. */
@@ -285,10 +300,13 @@ int launch_fwd(const l3k_rmsnorm_fwd_args &a, cudaStream_t st) {
         return (int)cudaGetLastError();
     }
     const int R = G >= FWD_BLOCK ? 1 : FWD_BLOCK / G;
-    const unsigned grid = (unsigned)((a.rows + R - 1) / R);
-    if (S == 1) fwd_cached<T, 1, VEC><<<grid, R * G, 0, st>>>(a, G);
-    else if (S == 2) fwd_cached<T, 2, VEC><<<grid, R * G, 0, st>>>(a, G);
-    else fwd_cached<T, 4, VEC><<<grid, R * G, 0, st>>>(a, G);
+    const int64_t blocks = (a.rows + R - 1) / R;
+    const int64_t resident = (int64_t)sm_count() * FWD_BLOCKS_PER_SM;
+    const unsigned grid = (unsigned)(blocks < resident ? blocks : resident);
+    const bool res = a.residual != nullptr;
+    if (S == 1) (res ? fwd_cached<T, 1, VEC, true> : fwd_cached<T, 1, VEC, false>)<<<grid, R * G, 0, st>>>(a, G);
+    else if (S == 2) (res ? fwd_cached<T, 2, VEC, true> : fwd_cached<T, 2, VEC, false>)<<<grid, R * G, 0, st>>>(a, G);
+    else (res ? fwd_cached<T, 4, VEC, true> : fwd_cached<T, 4, VEC, false>)<<<grid, R * G, 0, st>>>(a, G);
     return (int)cudaGetLastError();
 }
 
