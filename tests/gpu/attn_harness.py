@@ -19,6 +19,7 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+VARIANTS = os.environ.get("ATTN_VARIANTS", "0") == "1"
 DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -71,6 +72,7 @@ class Lib:
         for n in ("l3k_cuda_attn_fwd", "l3k_cuda_attn_bwd", "l3k_cpu_attn_fwd", "l3k_cpu_attn_bwd"):
             getattr(self.lib, n).restype = ctypes.c_int
         self.lib.l3k_cuda_attn_fwd_variant.restype = ctypes.c_int
+        self.has_bwd_variant = hasattr(self.lib, "l3k_cuda_attn_bwd_variant")
         self.lib.l3k_attn_bwd_workspace_bytes.restype = ctypes.c_size_t
         self.lib.l3k_attn_bwd_workspace_bytes.argtypes = [ctypes.c_int64] * 6 + [ctypes.c_int, ctypes.c_int]
 
@@ -277,9 +279,17 @@ def bench(lib):
 
         res = {}
         res["ours fwd"] = bench_ms(f_fwd)
-        res["ours fwd v1"] = bench_ms(lambda: f_fwd(1))
         res["ours fwd+bwd"] = bench_ms(f_fb)
         res["ours fwd+bwd det"] = bench_ms(f_fb_det)
+        if VARIANTS and D == 128:
+            for vi in (1,):  # fwd variant 1: 8 warps x 16 rows (tuning hook; slower on H100)
+                res[f"ours fwd v{vi}"] = bench_ms(lambda: f_fwd(vi))
+
+                if lib.has_bwd_variant:
+                    def f_fbv():
+                        L.l3k_cuda_attn_fwd(ctypes.byref(fa), None)
+                        L.l3k_cuda_attn_bwd_variant(ctypes.byref(ba), None, vi)
+                    res[f"ours fwd+bwd v{vi}"] = bench_ms(f_fbv)
         kr = k.repeat_interleave(H // HKV, 1).contiguous()
         vr = v.repeat_interleave(H // HKV, 1).contiguous()
         for name, be in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
