@@ -11,6 +11,12 @@ from .ops.rmsnorm import (add_rms_norm, add_rmsnorm_forward_into, rms_norm,
                           rmsnorm_forward_into, triton_rmsnorm)
 from .ops.linear import (linear, linear_backward_input_into, linear_backward_weight_into,
                          linear_forward_into)
+from .ops.rope import (llama3_rope_cos_sin, rope, rope_, rope_backward_into, rope_forward_into,
+                       rope_inv_freq, triton_rope)
+from .ops.swiglu import (swiglu, swiglu_backward_into, swiglu_forward_into, swiglu_fused,
+                         swiglu_fused_backward_into, swiglu_fused_forward_into, swiglu_mlp,
+                         triton_swiglu)
 from .modules import RMSNorm
+from .modules import RotaryEmbedding, SwiGLUMLP
 
 __version__ = "%d.%d.%d" % version()

@@ -64,6 +64,12 @@ _SIGNATURES: dict[str, list] = {
     "l3k_linear_forward": [_P, _P, _P, _P, _P, _P],
     "l3k_linear_backward_input": [_P, _P, _P, _INT, _P, _P],
     "l3k_linear_backward_weight": [_P, _P, _P, _INT, _P, _P],
+    "l3k_rope_forward": [_P, _P, _P, _P, _I64, _INT, _P, _P, _P],
+    "l3k_rope_backward": [_P, _P, _P, _P, _I64, _INT, _P, _P, _P],
+    "l3k_swiglu_forward": [_P, _P, _P, _P],
+    "l3k_swiglu_fused_forward": [_P, _P, _P],
+    "l3k_swiglu_backward": [_P, _P, _P, _P, _P, _P, _P],
+    "l3k_swiglu_fused_backward": [_P, _P, _P, _P, _P],
 }
 _RESTYPES = {
     "l3k_status_string": ctypes.c_char_p,
