@@ -115,7 +115,67 @@ def rmsnorm_cases(device, dtype, compile_ok: bool) -> list[Case]:
     ]
 
 
-SUITES = {"rmsnorm": rmsnorm_cases}
+def eager_rope(x, cos, sin):
+    """Rotate-half RoPE as a user would write it: (batch, heads, seq, d), tables (seq, d/2)."""
+    x1, x2 = x.chunk(2, -1)
+    c, s = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+
+
+def rope_cases(device, dtype, compile_ok: bool) -> list[Case]:
+    from .ops.rope import llama3_rope_cos_sin, rope_
+    B, Hq, Hk, S, D = (2, 32, 8, 2048, 128) if device.type == "cuda" else (1, 8, 2, 256, 128)
+    q = torch.randn(B, Hq, S, D, device=device, dtype=dtype)
+    k = torch.randn(B, Hk, S, D, device=device, dtype=dtype)
+    cos, sin = llama3_rope_cos_sin(S, D, device=device)
+    qkv = torch.randn(B, S, (Hq + 2 * Hk) * D, device=device, dtype=dtype)
+    v4 = qkv.view(B, S, Hq + 2 * Hk, D)
+    qv, kv = v4[:, :, :Hq].transpose(1, 2), v4[:, :, Hq:Hq + Hk].transpose(1, 2)
+    es = q.element_size()
+    nbytes = 2 * (q.numel() + k.numel()) * es + 2 * cos.numel() * cos.element_size()
+    eager = lambda qq, kk: (eager_rope(qq, cos, sin), eager_rope(kk, cos, sin))
+    contig = {"llama3_kernels": lambda: rope_(q, k, cos, sin), "eager": lambda: eager(q, k)}
+    views = {"llama3_kernels": lambda: rope_(qv, kv, cos, sin), "eager": lambda: eager(qv, kv)}
+    if compile_ok:
+        compiled = torch.compile(eager)
+        contig["torch.compile"] = lambda: compiled(q, k)
+        views["torch.compile"] = lambda: compiled(qv, kv)
+    return [Case("rope q+k in place", (B, Hq, Hk, S, D), dtype, nbytes, contig),
+            Case("rope fused-QKV view", (B, Hq, Hk, S, D), dtype, nbytes, views)]
+
+
+def eager_swiglu_backward(da, g, u):
+    sig = torch.sigmoid(g)
+    return da * u * sig * (1 + g * (1 - sig)), da * g * sig
+
+
+def swiglu_cases(device, dtype, compile_ok: bool) -> list[Case]:
+    import torch.nn.functional as F
+    from .ops.swiglu import swiglu_backward_into, swiglu_forward_into, swiglu_fused_forward_into
+    rows, n = (4096, 14336) if device.type == "cuda" else (256, 2048)
+    g = torch.randn(rows, n, device=device, dtype=dtype)
+    u = torch.randn(rows, n, device=device, dtype=dtype)
+    gu = torch.randn(rows, 2 * n, device=device, dtype=dtype)
+    da = torch.randn(rows, n, device=device, dtype=dtype)
+    a, dg, du = torch.empty_like(g), torch.empty_like(g), torch.empty_like(g)
+    es = g.element_size()
+    eager_f = lambda gg, uu: F.silu(gg) * uu
+    eager_fused = lambda t: F.silu(t[:, :n]) * t[:, n:]
+    fwd = {"llama3_kernels": lambda: swiglu_forward_into(g, u, a), "eager": lambda: eager_f(g, u)}
+    fused = {"llama3_kernels": lambda: swiglu_fused_forward_into(gu, a), "eager": lambda: eager_fused(gu)}
+    bwd = {"llama3_kernels": lambda: swiglu_backward_into(da, g, u, dg, du),
+           "eager": lambda: eager_swiglu_backward(da, g, u)}
+    if compile_ok:
+        cf, cff, cb = torch.compile(eager_f), torch.compile(eager_fused), torch.compile(eager_swiglu_backward)
+        fwd["torch.compile"] = lambda: cf(g, u)
+        fused["torch.compile"] = lambda: cff(gu)
+        bwd["torch.compile"] = lambda: cb(da, g, u)
+    return [Case("swiglu forward", (rows, n), dtype, 3 * rows * n * es, fwd),
+            Case("swiglu fused gu", (rows, n), dtype, 3 * rows * n * es, fused),
+            Case("swiglu backward", (rows, n), dtype, 5 * rows * n * es, bwd)]
+
+
+SUITES = {"rmsnorm": rmsnorm_cases, "rope": rope_cases, "swiglu": swiglu_cases}
 
 
 # ---- report ----------------------------------------------------------------------------
