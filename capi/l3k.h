@@ -266,6 +266,49 @@ L3K_API l3k_status l3k_linear_backward_weight(const DLTensor *dy, const DLTensor
                                               DLTensor *dweight, int accumulate,
                                               DLTensor *workspace, void *stream);
 
+/* ---- Flash attention ----------------------------------------------------- *
+ * o = softmax(scale * q k^T + mask) v, tiled with an online softmax: the
+ * seq_q x seq_k matrix is never stored.
+ * q: (batch, n_heads, seq_q, head_dim); k, v: (batch, n_kv_heads, seq_k,
+ *    head_dim); n_heads a multiple of n_kv_heads (GQA; MQA when 1): query
+ *    head h reads kv head h / (n_heads / n_kv_heads).
+ * Layout: any strides with head_dim contiguous, so the (batch, seq, heads,
+ *    head_dim) views of a fused QKV projection need no copy.  On CUDA each
+ *    data pointer must be 16-byte aligned and each stride a multiple of 8.
+ * head_dim: a multiple of 8 in [8, 256]; 64 and 128 are the fast paths.
+ * dtype: float16 or bfloat16 on CUDA (float32 accumulation); the CPU
+ *    reference also takes float32.  All of q, k, v, o, dout, dq, dk, dv share it.
+ * scale: > 0, or 0 for 1/sqrt(head_dim).
+ * causal: aligned bottom-right, as FlashAttention 2.1+: key j is visible to
+ *    query i iff j <= i + seq_k - seq_q.  A query that sees no key (possible
+ *    when seq_q > seq_k) gets o = 0 and lse = +inf. */
+
+/* o: shape of q, any strides as above (a (batch, seq, heads, head_dim)
+ * buffer viewed as (batch, heads, seq, head_dim) lets the output projection
+ * read it directly).  lse: float32, contiguous, batch * n_heads * seq_q
+ * elements: the natural-log sum of exp of each row's scores, for the backward. */
+L3K_API l3k_status l3k_attention_forward(const DLTensor *q, const DLTensor *k, const DLTensor *v,
+                                         float scale, int causal, DLTensor *o, DLTensor *lse,
+                                         void *stream);
+
+/* Bytes of workspace l3k_attention_backward needs (0 on the CPU). */
+L3K_API l3k_status l3k_attention_backward_workspace_size(const DLTensor *q, const DLTensor *k,
+                                                         int deterministic, size_t *bytes);
+
+/* dq, dk, dv from dout and the forward's q, k, v, o, lse (o and lse must be
+ * the forward's own outputs).  dk and dv are summed over the query heads of
+ * each kv group without atomics.  deterministic == 0 (the default) adds dq up
+ * with float32 atomics (the last bits may differ between runs);
+ * deterministic != 0 computes dq without atomics, bitwise reproducible, about
+ * 10-15% slower.  dq: shape of q; dk, dv: shape of k; any strides as above.
+ * workspace: at least l3k_attention_backward_workspace_size bytes, 256-byte
+ * aligned. */
+L3K_API l3k_status l3k_attention_backward(const DLTensor *dout, const DLTensor *q, const DLTensor *k,
+                                          const DLTensor *v, const DLTensor *o, const DLTensor *lse,
+                                          float scale, int causal, int deterministic, DLTensor *dq,
+                                          DLTensor *dk, DLTensor *dv, DLTensor *workspace,
+                                          void *stream);
+
 /* @@L3K_DECLARATIONS_END@@ (new ops are declared above this line) */
 
 #ifdef __cplusplus

@@ -47,7 +47,7 @@ int64_t l3k_numel(const DLTensor *t) {
 
 void *l3k_data(const DLTensor *t) { return (char *)t->data + t->byte_offset; }
 
-static int64_t stride_of(const DLTensor *t, int i) {
+int64_t l3k_stride(const DLTensor *t, int i) {
     if (t->strides) return t->strides[i];
     int64_t s = 1;
     for (int j = i + 1; j < t->ndim; ++j) s *= t->shape[j];
@@ -146,23 +146,23 @@ l3k_status l3k_check_rows(l3k_call *c, const DLTensor *t, const char *name, l3k_
         out->vec16 = 0;
         return L3K_SUCCESS;
     }
-    if (out->n > 1 && stride_of(t, last) != 1)
+    if (out->n > 1 && l3k_stride(t, last) != 1)
         return l3k_fail(c, L3K_ERROR_LAYOUT, "%s stride[%d] is %lld, expected 1 (last dim contiguous)",
-                        name, last, (long long)stride_of(t, last));
+                        name, last, (long long)l3k_stride(t, last));
     /* Leading dims must form one arithmetic sequence of rows; size-1 dims do not count. */
     int64_t row_stride = 0, expect = 0;
     int have = 0;
     for (int i = last - 1; i >= 0; --i) {
         if (t->shape[i] == 1) continue;
         if (!have) {
-            row_stride = stride_of(t, i);
+            row_stride = l3k_stride(t, i);
             expect = row_stride * t->shape[i];
             have = 1;
-        } else if (stride_of(t, i) != expect) {
+        } else if (l3k_stride(t, i) != expect) {
             return l3k_fail(c, L3K_ERROR_LAYOUT,
                             "%s stride[%d] is %lld, expected %lld: the leading dims must "
                             "flatten to rows of one stride",
-                            name, i, (long long)stride_of(t, i), (long long)expect);
+                            name, i, (long long)l3k_stride(t, i), (long long)expect);
         } else {
             expect *= t->shape[i];
         }
@@ -256,7 +256,7 @@ void l3k_byte_range(const DLTensor *t, uintptr_t *lo, uintptr_t *hi) {
     if (l3k_numel(t) == 0) { *lo = *hi = base; return; }
     int64_t min_off = 0, max_off = 0; /* in elements */
     for (int i = 0; i < t->ndim; ++i) {
-        const int64_t span = (t->shape[i] - 1) * stride_of(t, i);
+        const int64_t span = (t->shape[i] - 1) * l3k_stride(t, i);
         if (span < 0) min_off += span; else max_off += span;
     }
     *lo = base + (uintptr_t)(min_off * es);
@@ -267,7 +267,7 @@ int l3k_same_view(const DLTensor *a, const DLTensor *b) {
     if (l3k_data(a) != l3k_data(b) || a->ndim != b->ndim) return 0;
     for (int i = 0; i < a->ndim; ++i) {
         if (a->shape[i] != b->shape[i]) return 0;
-        if (a->shape[i] > 1 && stride_of(a, i) != stride_of(b, i)) return 0;
+        if (a->shape[i] > 1 && l3k_stride(a, i) != l3k_stride(b, i)) return 0;
     }
     return 1;
 }

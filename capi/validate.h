@@ -33,6 +33,7 @@ l3k_status l3k_fail(const l3k_call *c, l3k_status status, const char *fmt, ...)
 const char *l3k_dtype_name(DLDataType dt, char buf[32]);
 
 int64_t l3k_numel(const DLTensor *t);
+int64_t l3k_stride(const DLTensor *t, int i); /* in elements; compact row-major when strides is NULL */
 void *l3k_data(const DLTensor *t); /* data + byte_offset */
 
 /* Non-NULL tensor with a shape, data non-NULL unless empty, on a supported

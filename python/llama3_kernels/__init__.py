@@ -16,6 +16,8 @@ from .ops.rope import (llama3_rope_cos_sin, rope, rope_, rope_backward_into, rop
 from .ops.swiglu import (swiglu, swiglu_backward_into, swiglu_forward_into, swiglu_fused,
                          swiglu_fused_backward_into, swiglu_fused_forward_into, swiglu_mlp,
                          triton_swiglu)
+from .ops.attention import (attention_backward_into, attention_backward_workspace_size,
+                            attention_forward_into, flash_attn, triton_flash_attn)
 from .modules import RMSNorm
 from .modules import RotaryEmbedding, SwiGLUMLP
 

@@ -1,0 +1,143 @@
+/* Flash attention: validation and dispatch. */
+#include <math.h>
+
+#include "attention.h"
+#include "validate.h"
+
+/* A (batch, heads, seq, head_dim) tensor: last dim contiguous; on CUDA the
+ * kernels load 16-byte vectors, so the data pointer must be 16-byte aligned
+ * and every stride a multiple of 8 elements. */
+static l3k_status check_bhsd(l3k_call *c, const DLTensor *t, const char *name, l3k_dt dt,
+                             const char *like, int64_t strides[3]) {
+    L3K_TRY(l3k_check_tensor(c, t, name));
+    L3K_TRY(like ? l3k_check_dtype(c, t, name, dt, like) : L3K_SUCCESS);
+    if (t->ndim != 4)
+        return l3k_fail(c, L3K_ERROR_SHAPE, "%s has ndim %d, expected 4 (batch, heads, seq, head_dim)",
+                        name, (int)t->ndim);
+    if (l3k_numel(t) == 0) {
+        strides[0] = strides[1] = strides[2] = 0;
+        return L3K_SUCCESS;
+    }
+    if (t->shape[3] > 1 && l3k_stride(t, 3) != 1)
+        return l3k_fail(c, L3K_ERROR_LAYOUT, "%s stride[3] is %lld, expected 1 (head_dim contiguous)",
+                        name, (long long)l3k_stride(t, 3));
+    for (int i = 0; i < 3; ++i) strides[i] = l3k_stride(t, i);
+    if (c->device.device_type == kDLCUDA) {
+        if ((uintptr_t)l3k_data(t) % 16 != 0)
+            return l3k_fail(c, L3K_ERROR_ALIGNMENT, "%s data pointer %p is not 16-byte aligned",
+                            name, l3k_data(t));
+        for (int i = 0; i < 3; ++i)
+            if (t->shape[i] > 1 && strides[i] % 8 != 0)
+                return l3k_fail(c, L3K_ERROR_LAYOUT,
+                                "%s stride[%d] is %lld, expected a multiple of 8 elements on CUDA",
+                                name, i, (long long)strides[i]);
+    }
+    return L3K_SUCCESS;
+}
+
+/* q, k, v, o (and lse) of either pass, filled into the forward's argument block. */
+static l3k_status check_qkv(l3k_call *c, const DLTensor *q, const DLTensor *k, const DLTensor *v,
+                            const DLTensor *o, const DLTensor *lse, float scale, int causal,
+                            l3k_attn_fwd_args *a) {
+    l3k_dt dt;
+    L3K_TRY(l3k_check_tensor(c, q, "q"));
+    L3K_TRY(l3k_check_float(c, q, "q", &dt));
+    if (c->device.device_type == kDLCUDA && dt == L3K_DT_F32)
+        return l3k_fail(c, L3K_ERROR_DTYPE,
+                        "q dtype float32 on CUDA, expected float16 or bfloat16 (float32 runs on the CPU)");
+    L3K_TRY(check_bhsd(c, q, "q", dt, 0, a->q_stride));
+    L3K_TRY(check_bhsd(c, k, "k", dt, "q", a->k_stride));
+    L3K_TRY(check_bhsd(c, v, "v", dt, "q", a->v_stride));
+    L3K_TRY(l3k_check_same_shape(c, v, "v", k, "k"));
+    const int64_t B = q->shape[0], H = q->shape[1], Sq = q->shape[2], D = q->shape[3];
+    const int64_t Hkv = k->shape[1], Sk = k->shape[2];
+    if (k->shape[0] != B)
+        return l3k_fail(c, L3K_ERROR_SHAPE, "k batch is %lld, expected %lld like q",
+                        (long long)k->shape[0], (long long)B);
+    if (k->shape[3] != D)
+        return l3k_fail(c, L3K_ERROR_SHAPE, "k head_dim is %lld, expected %lld like q",
+                        (long long)k->shape[3], (long long)D);
+    if (Hkv < 1 || H % Hkv != 0)
+        return l3k_fail(c, L3K_ERROR_SHAPE, "q has %lld heads, expected a multiple of k's %lld heads",
+                        (long long)H, (long long)Hkv);
+    if (D < 8 || D > 256 || D % 8 != 0)
+        return l3k_fail(c, L3K_ERROR_SHAPE, "head_dim is %lld, expected a multiple of 8 in [8, 256]",
+                        (long long)D);
+    L3K_TRY(check_bhsd(c, o, "o", dt, "q", a->o_stride));
+    L3K_TRY(l3k_check_same_shape(c, o, "o", q, "q"));
+    char buf[32];
+    L3K_TRY(l3k_check_tensor(c, lse, "lse"));
+    if (lse->dtype.code != kDLFloat || lse->dtype.bits != 32 || lse->dtype.lanes != 1)
+        return l3k_fail(c, L3K_ERROR_DTYPE, "lse dtype %s, expected float32", l3k_dtype_name(lse->dtype, buf));
+    L3K_TRY(l3k_check_contiguous_numel(c, lse, "lse", B * H * Sq));
+    if (!isfinite(scale) || scale < 0.0f)
+        return l3k_fail(c, L3K_ERROR_VALUE, "scale is %g, expected > 0 (or 0 for 1/sqrt(head_dim))",
+                        (double)scale);
+    a->q = l3k_data(q); a->k = l3k_data(k); a->v = l3k_data(v);
+    a->o = l3k_data(o); a->lse = (float *)l3k_data(lse);
+    a->batch = B; a->n_heads = H; a->n_kv_heads = Hkv; a->seq_q = Sq; a->seq_k = Sk; a->head_dim = D;
+    a->scale = scale > 0.0f ? scale : 1.0f / sqrtf((float)D);
+    a->causal = causal != 0;
+    a->dtype = dt;
+    return L3K_SUCCESS;
+}
+
+static l3k_status cpu_result(l3k_call *c, int rc) {
+    return rc ? l3k_fail(c, L3K_ERROR_INTERNAL, "host scratch allocation failed") : L3K_SUCCESS;
+}
+
+l3k_status l3k_attention_forward(const DLTensor *q, const DLTensor *k, const DLTensor *v, float scale,
+                                 int causal, DLTensor *o, DLTensor *lse, void *stream) {
+    l3k_call c = {.op = "attention_forward"};
+    l3k_attn_fwd_args a = {0};
+    L3K_TRY(check_qkv(&c, q, k, v, o, lse, scale, causal, &a));
+    if (a.batch == 0 || a.n_heads == 0 || a.seq_q == 0) return L3K_SUCCESS;
+    if (l3k_on_cuda(&c)) return l3k_cuda_launch(&c, L3K_CUDA_FN(l3k_cuda_attn_fwd), &a, stream);
+    return cpu_result(&c, l3k_cpu_attn_fwd(&a));
+}
+
+l3k_status l3k_attention_backward_workspace_size(const DLTensor *q, const DLTensor *k, int deterministic,
+                                                 size_t *bytes) {
+    l3k_call c = {.op = "attention_backward_workspace_size"};
+    if (!bytes) return l3k_fail(&c, L3K_ERROR_NULL_POINTER, "bytes is NULL");
+    L3K_TRY(l3k_check_tensor(&c, q, "q"));
+    L3K_TRY(l3k_check_tensor(&c, k, "k"));
+    if (q->ndim != 4 || k->ndim != 4)
+        return l3k_fail(&c, L3K_ERROR_SHAPE, "q and k have ndim %d and %d, expected 4", (int)q->ndim,
+                        (int)k->ndim);
+    *bytes = l3k_attn_bwd_workspace_bytes(q->shape[0], q->shape[1], k->shape[1], q->shape[2], k->shape[2],
+                                          q->shape[3], deterministic != 0, l3k_on_cuda(&c));
+    return L3K_SUCCESS;
+}
+
+l3k_status l3k_attention_backward(const DLTensor *dout, const DLTensor *q, const DLTensor *k,
+                                  const DLTensor *v, const DLTensor *o, const DLTensor *lse, float scale,
+                                  int causal, int deterministic, DLTensor *dq, DLTensor *dk, DLTensor *dv,
+                                  DLTensor *workspace, void *stream) {
+    l3k_call c = {.op = "attention_backward"};
+    l3k_attn_bwd_args a = {0};
+    L3K_TRY(check_qkv(&c, q, k, v, o, lse, scale, causal, &a.f));
+    L3K_TRY(check_bhsd(&c, dout, "dout", a.f.dtype, "q", a.do_stride));
+    L3K_TRY(l3k_check_same_shape(&c, dout, "dout", q, "q"));
+    L3K_TRY(check_bhsd(&c, dq, "dq", a.f.dtype, "q", a.dq_stride));
+    L3K_TRY(l3k_check_same_shape(&c, dq, "dq", q, "q"));
+    L3K_TRY(check_bhsd(&c, dk, "dk", a.f.dtype, "q", a.dk_stride));
+    L3K_TRY(l3k_check_same_shape(&c, dk, "dk", k, "k"));
+    L3K_TRY(check_bhsd(&c, dv, "dv", a.f.dtype, "q", a.dv_stride));
+    L3K_TRY(l3k_check_same_shape(&c, dv, "dv", v, "v"));
+    const size_t need = l3k_attn_bwd_workspace_bytes(a.f.batch, a.f.n_heads, a.f.n_kv_heads, a.f.seq_q,
+                                                     a.f.seq_k, a.f.head_dim, deterministic != 0,
+                                                     l3k_on_cuda(&c));
+    L3K_TRY(l3k_check_workspace(&c, workspace, need));
+    if (need && (uintptr_t)l3k_data(workspace) % 256 != 0)
+        return l3k_fail(&c, L3K_ERROR_ALIGNMENT, "workspace data pointer %p is not 256-byte aligned",
+                        l3k_data(workspace));
+    a.dout = l3k_data(dout);
+    a.dq = l3k_data(dq); a.dk = l3k_data(dk); a.dv = l3k_data(dv);
+    a.workspace = need ? l3k_data(workspace) : 0;
+    a.workspace_bytes = need;
+    a.deterministic = deterministic != 0;
+    if (a.f.batch == 0 || a.f.n_kv_heads == 0 || a.f.head_dim == 0) return L3K_SUCCESS;
+    if (l3k_on_cuda(&c)) return l3k_cuda_launch(&c, L3K_CUDA_FN(l3k_cuda_attn_bwd), &a, stream);
+    return cpu_result(&c, l3k_cpu_attn_bwd(&a));
+}

@@ -1,0 +1,103 @@
+"""Flash attention (forward and backward CUDA kernels, a tiled C reference on the CPU)."""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from .._dlpack import Borrowed, current_stream
+from .._lib import LIB, check
+
+
+# ---- raw calls ---------------------------------------------------------------------------
+
+def attention_forward_into(q, k, v, o, lse, causal: bool = False, scale: float = 0.0, stream=None) -> None:
+    """o and lse of attention, written into the caller's buffers (scale 0: 1/sqrt(head_dim))."""
+    b = Borrowed(q, k, v, o, lse)
+    p = b.ptrs
+    check(LIB.l3k_attention_forward(p[0], p[1], p[2], scale, int(causal), p[3], p[4],
+                                    current_stream(q) if stream is None else stream))
+
+
+def attention_backward_workspace_size(q, k, deterministic: bool = False) -> int:
+    b = Borrowed(q, k)
+    size = ctypes.c_size_t(0)
+    check(LIB.l3k_attention_backward_workspace_size(b.ptrs[0], b.ptrs[1], int(deterministic),
+                                                    ctypes.byref(size)))
+    return size.value
+
+
+def attention_backward_into(dout, q, k, v, o, lse, dq, dk, dv, causal: bool = False, scale: float = 0.0,
+                            deterministic: bool = False, workspace=None, stream=None) -> None:
+    b = Borrowed(dout, q, k, v, o, lse, dq, dk, dv, workspace)
+    p = b.ptrs
+    check(LIB.l3k_attention_backward(p[0], p[1], p[2], p[3], p[4], p[5], scale, int(causal),
+                                     int(deterministic), p[6], p[7], p[8], p[9],
+                                     current_stream(q) if stream is None else stream))
+
+
+# ---- torch-facing ------------------------------------------------------------------------
+
+def _bshd_like(t: torch.Tensor) -> torch.Tensor:
+    """An empty (batch, heads, seq, head_dim) tensor stored as (batch, seq, heads, head_dim):
+    the layout the output projection reads without a copy."""
+    b, h, s, d = t.shape
+    return t.new_empty(b, s, h, d).transpose(1, 2)
+
+
+def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
+    """Copy only when the kernels cannot read t's layout (head_dim strided, or unaligned on CUDA)."""
+    ok = t.stride(-1) == 1 or t.shape[-1] == 1
+    if ok and t.is_cuda:
+        ok = t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s, n in zip(t.stride()[:3], t.shape[:3]) if n > 1)
+    return t if ok else t.contiguous()
+
+
+def _lse_buffer(q: torch.Tensor) -> torch.Tensor:
+    return torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+
+
+class FlashAttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, deterministic):
+        q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
+        o = _bshd_like(q)
+        lse = _lse_buffer(q)
+        attention_forward_into(q, k, v, o, lse, causal, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
+        return o
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, o, lse = ctx.saved_tensors
+        dout = _kernel_ready(dout)
+        dq, dk, dv = _bshd_like(q), _bshd_like(k), _bshd_like(v)
+        ws = torch.empty(attention_backward_workspace_size(q, k, ctx.deterministic), dtype=torch.uint8,
+                         device=q.device)
+        attention_backward_into(dout, q, k, v, o, lse, dq, dk, dv, ctx.causal, ctx.scale,
+                                ctx.deterministic, ws)
+        return dq, dk, dv, None, None, None
+
+
+def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+               scale: float | None = None, deterministic: bool = False) -> torch.Tensor:
+    """softmax(scale * q k^T [+ causal mask]) v for q (B, H, Sq, D), k/v (B, Hkv, Sk, D).
+
+    GQA when H is a multiple of Hkv.  Causal is aligned bottom-right when Sq != Sk.
+    The result has shape (B, H, Sq, D) and is stored as (B, Sq, H, D), so
+    ``o.transpose(1, 2).reshape(B, Sq, H * D)`` is free.  Differentiable in q, k, v.
+    """
+    s = 0.0 if scale is None else float(scale)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return FlashAttnFunction.apply(q, k, v, causal, s, deterministic)
+    q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
+    o = _bshd_like(q)
+    attention_forward_into(q, k, v, o, _lse_buffer(q), causal, s)
+    return o
+
+
+def triton_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """The tutorial's name and signature: SDPA semantics (non-causal by default), on the
+    library's flash-attention kernels."""
+    return flash_attn(q, k, v, causal=causal)
