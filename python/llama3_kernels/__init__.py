@@ -19,6 +19,8 @@ from .ops.swiglu import (swiglu, swiglu_backward_into, swiglu_forward_into, swig
 from .ops.attention import (attention_backward_into, attention_backward_workspace_size,
                             attention_forward_into, flash_attn, triton_flash_attn)
 from .modules import RMSNorm
+from .block import TritonLlama3Block
+from .reference import TorchLlama3Block
 from .modules import RotaryEmbedding, SwiGLUMLP
 
 __version__ = "%d.%d.%d" % version()

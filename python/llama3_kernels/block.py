@@ -1,0 +1,258 @@
+"""TritonLlama3Block: the LLaMA-3 transformer block on the library's kernels.
+
+    h   = x + o_proj(attention(rope(qkv_proj(rmsnorm(x)))))       residual in the GEMM epilogue
+    out = h + down_proj(silu(g) * u),  [g | u] = gate_up_proj(rmsnorm(h))
+
+q/k/v are one GEMM and gate/up one GEMM; RoPE rotates q and k in place inside
+the QKV output; attention reads those strided views and writes its output in
+the (batch, seq, heads, head_dim) layout the output projection reads; both
+residual adds ride on the GEMMs (beta = 1, out of place).  Training runs one
+block-level autograd Function whose backward calls the library's backward
+kernels and GEMMs; it saves x, qkv, the attention output and LSE, h and the
+gate/up output, and recomputes both norms and the SiLU product.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .ops.attention import attention_backward_into, attention_backward_workspace_size, attention_forward_into
+from .ops.linear import (gemm_workspace, linear_backward_input_into, linear_backward_weight_into,
+                         linear_forward_into)
+from .ops.rmsnorm import rmsnorm_backward_into, rmsnorm_backward_workspace_size, rmsnorm_forward_into
+from .ops.rope import rope_backward_into, rope_forward_into
+from .ops.swiglu import swiglu_fused_backward_into, swiglu_fused_forward_into
+
+# Parameter names of the tutorial's block and of Hugging Face's LlamaDecoderLayer,
+# mapped onto this block's fused parameters: (fused name, part index).
+_QKV, _GU = ("q", "k", "v"), ("gate", "up")
+_ALIASES = {
+    "attn_q.weight": ("qkv_weight", 0), "attn_k.weight": ("qkv_weight", 1), "attn_v.weight": ("qkv_weight", 2),
+    "attn_o.weight": ("o_weight", None),
+    "mlp_gate.weight": ("gate_up_weight", 0), "mlp_up.weight": ("gate_up_weight", 1),
+    "mlp_down.weight": ("down_weight", None),
+    "self_attn.q_proj.weight": ("qkv_weight", 0), "self_attn.k_proj.weight": ("qkv_weight", 1),
+    "self_attn.v_proj.weight": ("qkv_weight", 2), "self_attn.o_proj.weight": ("o_weight", None),
+    "mlp.gate_proj.weight": ("gate_up_weight", 0), "mlp.up_proj.weight": ("gate_up_weight", 1),
+    "mlp.down_proj.weight": ("down_weight", None),
+    "input_layernorm.weight": ("norm1_weight", None), "post_attention_layernorm.weight": ("norm2_weight", None),
+}
+
+
+class _Shapes:
+    """Sizes of one call, and the q/k/v views of a (tokens, qkv width) buffer."""
+
+    def __init__(self, block: "TritonLlama3Block", x: torch.Tensor):
+        self.b, self.s, self.dim = x.shape
+        self.t = self.b * self.s
+        self.h, self.hkv, self.hd = block.n_heads, block.n_kv_heads, block.head_dim
+
+    def qkv_views(self, qkv: torch.Tensor):
+        v4 = qkv.view(self.b, self.s, self.h + 2 * self.hkv, self.hd)
+        q = v4[:, :, : self.h].transpose(1, 2)
+        k = v4[:, :, self.h: self.h + self.hkv].transpose(1, 2)
+        v = v4[:, :, self.h + self.hkv:].transpose(1, 2)
+        return q, k, v
+
+    def heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(tokens, heads * head_dim) as (batch, heads, seq, head_dim), no copy."""
+        return t.view(self.b, self.s, -1, self.hd).transpose(1, 2)
+
+
+def _tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype):
+    """RoPE reads float32 tables or tables in the activation dtype."""
+    if cos.dtype not in (torch.float32, dtype):
+        cos, sin = cos.float(), sin.float()
+    return cos.contiguous(), sin.contiguous()
+
+
+def _forward(m: "TritonLlama3Block", x: torch.Tensor, cos, sin, save: bool):
+    z = _Shapes(m, x)
+    x2 = x.reshape(z.t, z.dim)
+    ws = gemm_workspace(x.device)
+    new = lambda *shape, dtype=x.dtype: torch.empty(*shape, dtype=dtype, device=x.device)
+
+    h1, rstd1 = new(z.t, z.dim), new(z.t, dtype=torch.float32)
+    rmsnorm_forward_into(x2, m.norm1_weight, m.eps, h1, rstd1)
+    qkv = new(z.t, m.qkv_weight.shape[0])
+    linear_forward_into(h1, m.qkv_weight, qkv, None, ws)
+    del h1
+    q, k, v = z.qkv_views(qkv)
+    rope_forward_into(q, k, cos, sin, q, k)
+    o, lse = new(z.t, z.h * z.hd), new(z.b, z.h, z.s, dtype=torch.float32)
+    attention_forward_into(q, k, v, z.heads(o), lse, m.causal)
+    h = new(z.t, z.dim)
+    linear_forward_into(o, m.o_weight, h, x2, ws)
+    h2, rstd2 = new(z.t, z.dim), new(z.t, dtype=torch.float32)
+    rmsnorm_forward_into(h, m.norm2_weight, m.eps, h2, rstd2)
+    gu = new(z.t, m.gate_up_weight.shape[0])
+    linear_forward_into(h2, m.gate_up_weight, gu, None, ws)
+    del h2
+    a = new(z.t, m.gate_up_weight.shape[0] // 2)
+    swiglu_fused_forward_into(gu, a)
+    out = new(z.t, z.dim)
+    linear_forward_into(a, m.down_weight, out, h, ws)
+    saved = (x2, qkv, o, lse, h, gu, rstd1, rstd2) if save else None
+    return out.view(z.b, z.s, z.dim), saved
+
+
+def _backward(m: "TritonLlama3Block", dout: torch.Tensor, saved, cos, sin, x_shape):
+    x2, qkv, o, lse, h, gu, rstd1, rstd2 = saved
+    z = _Shapes(m, torch.empty(x_shape, device="meta"))
+    dev, dt = x2.device, x2.dtype
+    ws = gemm_workspace(dev)
+    new = lambda *shape, dtype=dt: torch.empty(*shape, dtype=dtype, device=dev)
+    dout = dout.reshape(z.t, z.dim)
+    if not dout.is_contiguous():
+        dout = dout.contiguous()
+    norm_ws = torch.empty(rmsnorm_backward_workspace_size(x2), dtype=torch.uint8, device=dev)
+
+    # MLP: out = h + a Wd^T, a = silu(g) * u.  dgu is written over gu and a over da.
+    da = new(z.t, m.down_weight.shape[1])
+    linear_backward_input_into(dout, m.down_weight, da, workspace=ws)
+    swiglu_fused_backward_into(da, gu, gu, a=da)
+    d_down = torch.empty_like(m.down_weight)
+    linear_backward_weight_into(dout, da, d_down, workspace=ws)
+    del da
+    dgu = gu
+    h2 = new(z.t, z.dim)
+    rmsnorm_forward_into(h, m.norm2_weight, m.eps, h2)
+    dh = new(z.t, z.dim)
+    linear_backward_input_into(dgu, m.gate_up_weight, dh, workspace=ws)
+    d_gate_up = torch.empty_like(m.gate_up_weight)
+    linear_backward_weight_into(dgu, h2, d_gate_up, workspace=ws)
+    del dgu, gu, h2
+    d_norm2 = torch.empty_like(m.norm2_weight)
+    rmsnorm_backward_into(dh, h, m.norm2_weight, rstd2, m.eps, dh, d_norm2, norm_ws, dh=dout)
+
+    # Attention: h = x + o Wo^T.
+    do = new(z.t, z.h * z.hd)
+    linear_backward_input_into(dh, m.o_weight, do, workspace=ws)
+    d_o = torch.empty_like(m.o_weight)
+    linear_backward_weight_into(dh, o, d_o, workspace=ws)
+    q, k, v = z.qkv_views(qkv)
+    dqkv = new(z.t, m.qkv_weight.shape[0])
+    dq, dk, dv = z.qkv_views(dqkv)
+    attn_ws = torch.empty(attention_backward_workspace_size(q, k, m.deterministic), dtype=torch.uint8,
+                          device=dev)
+    attention_backward_into(z.heads(do), q, k, v, z.heads(o), lse, dq, dk, dv, m.causal, 0.0,
+                            m.deterministic, attn_ws)
+    del do, attn_ws
+    rope_backward_into(dq, dk, cos, sin, dq, dk)
+    h1 = new(z.t, z.dim)
+    rmsnorm_forward_into(x2, m.norm1_weight, m.eps, h1)
+    dh1 = new(z.t, z.dim)
+    linear_backward_input_into(dqkv, m.qkv_weight, dh1, workspace=ws)
+    d_qkv = torch.empty_like(m.qkv_weight)
+    linear_backward_weight_into(dqkv, h1, d_qkv, workspace=ws)
+    del dqkv, h1
+    d_norm1 = torch.empty_like(m.norm1_weight)
+    rmsnorm_backward_into(dh1, x2, m.norm1_weight, rstd1, m.eps, dh1, d_norm1, norm_ws, dh=dh)
+    return dh1.view(x_shape), (d_qkv, d_o, d_gate_up, d_down, d_norm1, d_norm2)
+
+
+class LlamaBlockFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin, block, *params):
+        out, saved = _forward(block, x, cos, sin, save=True)
+        ctx.block = block
+        ctx.x_shape = x.shape
+        ctx.save_for_backward(*saved, cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        *saved, cos, sin = ctx.saved_tensors
+        dx, dparams = _backward(ctx.block, dout, saved, cos, sin, ctx.x_shape)
+        return (dx, None, None, None, *dparams)
+
+
+class TritonLlama3Block(nn.Module):
+    """The LLaMA-3 transformer block on fused CUDA C kernels (the tutorial's exercise, solved).
+
+    ``TritonLlama3Block(dim, hidden_dim, n_heads)`` and ``forward(x, cos, sin)`` work as in the
+    tutorial, with cos/sin of shape (seq, head_dim/2) for the rotate-half RoPE.  ``n_kv_heads``
+    gives GQA; attention is causal by default as in a LLaMA decoder (``causal=False`` is the
+    tutorial's stand-in).  Weights load from the tutorial's parameter names (attn_q, ...,
+    norm2_weight) and from a Hugging Face ``LlamaDecoderLayer`` state dict.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, n_heads: int, n_kv_heads: int | None = None,
+                 causal: bool = True, eps: float = 1e-5, deterministic: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"TritonLlama3Block: dim {dim} is not a multiple of n_heads {n_heads}")
+        self.dim, self.hidden_dim = dim, hidden_dim
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads or n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"TritonLlama3Block: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
+        self.head_dim = dim // n_heads
+        self.causal, self.eps, self.deterministic = causal, eps, deterministic
+        kv = self.n_kv_heads * self.head_dim
+        kw = dict(device=device, dtype=dtype)
+        self.qkv_weight = nn.Parameter(torch.empty(dim + 2 * kv, dim, **kw))
+        self.o_weight = nn.Parameter(torch.empty(dim, dim, **kw))
+        self.gate_up_weight = nn.Parameter(torch.empty(2 * hidden_dim, dim, **kw))
+        self.down_weight = nn.Parameter(torch.empty(dim, hidden_dim, **kw))
+        self.norm1_weight = nn.Parameter(torch.ones(dim, **kw))
+        self.norm2_weight = nn.Parameter(torch.ones(dim, **kw))
+        self.reset_parameters()
+        self._register_load_state_dict_pre_hook(self._map_foreign_names)
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default initialisation for each projection; norms at one."""
+        for w in (self.qkv_weight, self.o_weight, self.gate_up_weight, self.down_weight):
+            bound = 1 / math.sqrt(w.shape[1])
+            nn.init.uniform_(w, -bound, bound)
+        nn.init.ones_(self.norm1_weight)
+        nn.init.ones_(self.norm2_weight)
+
+    def _split_sizes(self, name: str):
+        kv = self.n_kv_heads * self.head_dim
+        return (self.dim, kv, kv) if name == "qkv_weight" else (self.hidden_dim, self.hidden_dim)
+
+    def _map_foreign_names(self, state_dict, prefix, *args):
+        """Fold the tutorial's or Hugging Face's separate weights into the fused parameters."""
+        parts: dict[str, dict[int, torch.Tensor]] = {}
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            alias = _ALIASES.get(key[len(prefix):])
+            if alias is None:
+                continue
+            name, idx = alias
+            tensor = state_dict.pop(key)
+            if idx is None:
+                state_dict[prefix + name] = tensor
+            else:
+                parts.setdefault(name, {})[idx] = tensor
+        for name, got in parts.items():
+            n = len(self._split_sizes(name))
+            if sorted(got) != list(range(n)):
+                missing = [(_QKV if name == "qkv_weight" else _GU)[i] for i in range(n) if i not in got]
+                raise KeyError(f"TritonLlama3Block: {name} needs all of its parts, missing {missing}")
+            state_dict[prefix + name] = torch.cat([got[i] for i in range(n)], dim=0)
+
+    def split_weights(self) -> dict[str, torch.Tensor]:
+        """The weights under the tutorial's names (views of the fused parameters)."""
+        q, k, v = self.qkv_weight.split(self._split_sizes("qkv_weight"))
+        g, u = self.gate_up_weight.split(self._split_sizes("gate_up_weight"))
+        return {"attn_q.weight": q, "attn_k.weight": k, "attn_v.weight": v, "attn_o.weight": self.o_weight,
+                "mlp_gate.weight": g, "mlp_up.weight": u, "mlp_down.weight": self.down_weight,
+                "norm1_weight": self.norm1_weight, "norm2_weight": self.norm2_weight}
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"TritonLlama3Block: x has shape {tuple(x.shape)}, expected (batch, seq, {self.dim})")
+        cos, sin = _tables(cos, sin, x.dtype)
+        x = x if x.is_contiguous() else x.contiguous()
+        params = (self.qkv_weight, self.o_weight, self.gate_up_weight, self.down_weight,
+                  self.norm1_weight, self.norm2_weight)
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+            return LlamaBlockFunction.apply(x, cos, sin, self, *params)
+        return _forward(self, x, cos, sin, save=False)[0]
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, hidden_dim={self.hidden_dim}, n_heads={self.n_heads}, "
+                f"n_kv_heads={self.n_kv_heads}, causal={self.causal}, eps={self.eps}")

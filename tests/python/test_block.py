@@ -1,0 +1,140 @@
+"""TritonLlama3Block against the pure-PyTorch block with the same weights: output and every
+gradient, MHA and GQA, causal and not; weight loading from the tutorial's names and from
+Hugging Face's LlamaDecoderLayer; the tutorial's own call."""
+import pytest
+import torch
+
+import llama3_kernels as l3k
+
+from conftest import assert_close
+
+CONFIGS = [  # dim, hidden, heads, kv heads, batch, seq
+    (64, 160, 4, 2, 2, 12), (128, 256, 2, 2, 1, 33), (128, 352, 8, 1, 3, 7),
+]
+
+
+def make_pair(dim, hidden, h, hkv, causal, device, dtype):
+    ref = l3k.TorchLlama3Block(dim, hidden, h, hkv, causal=causal).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        ref.norm1_weight.normal_(1.0, 0.2)
+        ref.norm2_weight.normal_(1.0, 0.2)
+    blk = l3k.TritonLlama3Block(dim, hidden, h, hkv, causal=causal).to(device=device, dtype=dtype)
+    blk.load_state_dict(ref.state_dict())
+    return ref, blk
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_block_matches_pytorch(cfg, causal, dtype, device):
+    if device == "cuda" and dtype == torch.float32:
+        pytest.skip("attention takes float16/bfloat16 on CUDA")
+    dim, hidden, h, hkv, b, s = cfg
+    torch.manual_seed(0)
+    ref, blk = make_pair(dim, hidden, h, hkv, causal, device, dtype)
+    cos, sin = l3k.llama3_rope_cos_sin(s, dim // h, device=device)
+    x = torch.randn(b, s, dim, device=device, dtype=dtype, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    # The reference runs in float32 from the same rounded weights.
+    ref32 = l3k.TorchLlama3Block(dim, hidden, h, hkv, causal=causal).to(device)
+    ref32.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    y = blk(x, cos, sin)
+    y_ref = ref32(xr.float(), cos, sin)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g.float())
+    scale = 3.0  # a chain of GEMMs, norms and attention
+    assert_close(y, y_ref, dtype, scale, "output")
+    assert_close(x.grad, xr.grad, dtype, scale, "dx")
+    ours = _split_grads(blk)
+    for name, p in ref32.named_parameters():
+        assert_close(ours[name], p.grad, dtype, scale * 4, f"d{name}")
+
+
+def _split_grads(blk):
+    """The fused parameters' gradients under the tutorial's names."""
+    q, k, v = blk.qkv_weight.grad.split(blk._split_sizes("qkv_weight"))
+    g, u = blk.gate_up_weight.grad.split(blk._split_sizes("gate_up_weight"))
+    return {"attn_q.weight": q, "attn_k.weight": k, "attn_v.weight": v, "attn_o.weight": blk.o_weight.grad,
+            "mlp_gate.weight": g, "mlp_up.weight": u, "mlp_down.weight": blk.down_weight.grad,
+            "norm1_weight": blk.norm1_weight.grad, "norm2_weight": blk.norm2_weight.grad}
+
+
+def test_inference_path_equals_training_path(device):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    _, blk = make_pair(64, 128, 4, 1, True, device, dtype)
+    cos, sin = l3k.llama3_rope_cos_sin(9, 16, device=device)
+    x = torch.randn(2, 9, 64, device=device, dtype=dtype)
+    with torch.no_grad():
+        y0 = blk(x, cos, sin)
+    y1 = blk(x.requires_grad_(), cos, sin)
+    assert torch.equal(y0, y1.detach())
+
+
+def test_tutorial_exercise_call(device):
+    """The tutorial's test: default constructor, .half(), random (seq, head_dim/2) tables."""
+    if device != "cuda":
+        pytest.skip("the tutorial's check runs on the GPU in half precision")
+    dim, hidden, heads, batch, seq = 512, 2048, 8, 2, 128
+    blk = l3k.TritonLlama3Block(dim, hidden, heads).cuda().half()
+    x = torch.randn(batch, seq, dim, device="cuda", dtype=torch.float16)
+    cos = torch.randn(seq, dim // heads // 2, device="cuda", dtype=torch.float16)
+    sin = torch.randn(seq, dim // heads // 2, device="cuda", dtype=torch.float16)
+    out = blk(x, cos, sin)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_weight_names_round_trip():
+    blk = l3k.TritonLlama3Block(64, 96, 4, 2)
+    tutorial = {k: v.detach().clone() for k, v in blk.split_weights().items()}
+    other = l3k.TritonLlama3Block(64, 96, 4, 2)
+    other.load_state_dict(tutorial)
+    for k, v in other.split_weights().items():
+        assert torch.equal(v, tutorial[k])
+    with pytest.raises(KeyError, match="qkv_weight needs all of its parts, missing \\['v'\\]"):
+        other.load_state_dict({k: v for k, v in tutorial.items() if k != "attn_v.weight"})
+
+
+def test_matches_hugging_face_llama_decoder_layer(device):
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                                   num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0,
+                                   max_position_embeddings=64)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    hf = LlamaDecoderLayer(cfg, layer_idx=0).to(device=device, dtype=torch.float32)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.05)
+        hf.input_layernorm.weight.normal_(1, 0.2)
+        hf.post_attention_layernorm.weight.normal_(1, 0.2)
+    blk = l3k.TritonLlama3Block(128, 256, 4, 2).to(device=device, dtype=dtype)
+    blk.load_state_dict({k: v.to(dtype) for k, v in hf.state_dict().items()})
+    b, s = 2, 16
+    x = torch.randn(b, s, 128, device=device, dtype=dtype, requires_grad=True)
+    pos = torch.arange(s, device=device)[None].expand(b, s)
+    cos_full, sin_full = LlamaRotaryEmbedding(cfg, device=device)(x.float(), pos)
+    hf_x = x.detach().float().requires_grad_()
+    mask = torch.full((s, s), float("-inf"), device=device).triu(1)[None, None]
+    out = hf(hf_x, attention_mask=mask, position_ids=pos, position_embeddings=(cos_full, sin_full))
+    y_ref = out[0] if isinstance(out, tuple) else out
+    cos, sin = cos_full[0, :, : 16].contiguous(), sin_full[0, :, : 16].contiguous()
+    y = blk(x, cos, sin)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g.float())
+    assert_close(y, y_ref, dtype, 3, "output vs LlamaDecoderLayer")
+    assert_close(x.grad, hf_x.grad, dtype, 3, "dx vs LlamaDecoderLayer")
+    q_grad = blk.qkv_weight.grad[:128]
+    assert_close(q_grad, hf.self_attn.q_proj.weight.grad, dtype, 12, "dWq vs LlamaDecoderLayer")
+
+
+def test_bad_block_inputs():
+    with pytest.raises(ValueError, match="n_heads 6 is not a multiple of n_kv_heads 4"):
+        l3k.TritonLlama3Block(96, 64, 6, 4)
+    blk = l3k.TritonLlama3Block(64, 96, 4)
+    with pytest.raises(ValueError, match=r"x has shape \(2, 5, 32\), expected \(batch, seq, 64\)"):
+        blk(torch.randn(2, 5, 32), torch.randn(5, 8), torch.randn(5, 8))
+    with pytest.raises(ValueError, match="rope_forward"):
+        blk(torch.randn(2, 5, 64), torch.randn(3, 8), torch.randn(3, 8))  # table too short
