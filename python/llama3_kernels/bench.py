@@ -209,6 +209,17 @@ def print_table(cases: list[Case], bw: float) -> None:
         print(f"{c.op:<18} {'x'.join(map(str, c.shape)):<14} {cells} {floor_ms * 1e3:>6.1f} us {frac:>9}")
 
 
+def block_plot_cases(blocks) -> list[Case]:
+    """Block results in the plot's shape: one bar group per (config, pass)."""
+    out = []
+    for b in blocks:
+        for kind in ("fwd", "fwd+bwd"):
+            res = {l: v for (l, k), v in b.results.items() if k == kind and l != "GEMMs alone"}
+            if res:
+                out.append(Case(f"{b.name} {kind}", (b.batch, b.seq, b.dim), b.dtype, 0, dict.fromkeys(res), res))
+    return out
+
+
 def plot(cases: list[Case], path: Path, title: str) -> bool:
     try:
         import matplotlib
@@ -225,7 +236,8 @@ def plot(cases: list[Case], path: Path, title: str) -> bool:
         ax.bar(xs, ys, width, label=l)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
     ax.set_xticklabels([f"{c.op}\n{'x'.join(map(str, c.shape))}" for c in cases], fontsize=8)
-    ax.set_ylabel("median time (us), lower is better")
+    ax.set_yscale("log")
+    ax.set_ylabel("median time (us, log scale), lower is better")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -235,7 +247,8 @@ def plot(cases: list[Case], path: Path, title: str) -> bool:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", default="all", choices=["all", *SUITES])
+    ap.add_argument("--suite", default="block", choices=["all", "block", *SUITES],
+                    help="block (default): the whole LLaMA-3 block; all: block and every op")
     ap.add_argument("--out", default="bench_out", help="folder for bench.json and bench.png")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
@@ -257,15 +270,24 @@ def main(argv=None) -> int:
 
     bw = copy_bandwidth(timer, device)
     print(f"[bench] copy bandwidth (read + write): {bw / 1e12:.3f} TB/s")
-    suites = SUITES if args.suite == "all" else {args.suite: SUITES[args.suite]}
+    suites = SUITES if args.suite == "all" else {} if args.suite == "block" else {args.suite: SUITES[args.suite]}
     cases = [c for make in suites.values() for c in make(device, dtype, not args.no_compile)]
+    blocks = []
+    if args.suite in ("all", "block"):
+        from .bench_block import run_block_suite
+        blocks = run_block_suite(timer, device, not args.no_compile)
     for i, c in enumerate(cases, 1):
         for label, fn in c.variants.items():
             c.results[label] = timer(fn)
             print(f"[bench] ({i}/{len(cases)}) {c.op} {label}: {c.results[label] * 1e3:.1f} us", flush=True)
 
     print()
-    print_table(cases, bw)
+    if blocks:
+        from .bench_block import print_block_table
+        print_block_table(blocks)
+        print()
+    if cases:
+        print_table(cases, bw)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {
@@ -277,8 +299,11 @@ def main(argv=None) -> int:
                    "min_bytes": c.bytes, "floor_ms": c.bytes / bw * 1e3,
                    "median_ms": c.results} for c in cases],
     }
+    if blocks:
+        from .bench_block import block_records
+        record["blocks"] = block_records(blocks)
     (out / "bench.json").write_text(json.dumps(record, indent=2))
-    drew = plot(cases, out / "bench.png", f"{env['card']} | torch {env['torch']}")
+    drew = plot(cases + block_plot_cases(blocks), out / "bench.png", f"{env['card']} | torch {env['torch']}")
     print(f"\n[bench] wrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if drew else
                                                      " (matplotlib missing: no plot)"))
     return 0

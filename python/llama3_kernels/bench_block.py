@@ -1,0 +1,164 @@
+"""The block benchmark (the main job): TritonLlama3Block against the same block in PyTorch
+eager and under torch.compile, forward and forward+backward, extra peak memory, and the
+time each spends outside its GEMMs (the GEMMs timed alone in the same run).
+
+Configurations on a GPU: the LLaMA-3-8B layer (bf16, GQA 32/8, causal, batch 2, seq 2048),
+the tutorial's benchmark config (fp16, MHA, not causal) and the tutorial's test shape.
+Without a GPU: one small float32 config on the CPU path.
+"""
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+
+import torch
+
+from .block import TritonLlama3Block
+from .ops.rope import llama3_rope_cos_sin
+from .reference import TorchLlama3Block
+
+
+@dataclass
+class BlockConfig:
+    name: str
+    dim: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    causal: bool
+    dtype: torch.dtype
+    batch: int
+    seq: int
+    backward: bool = True
+    results: dict = field(default_factory=dict)   # (variant, "fwd"|"fwd+bwd"|"mem") -> value
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    def forward_flops(self) -> float:
+        t, d, hd = self.tokens, self.dim, self.dim // self.heads
+        qkv = d + 2 * self.kv_heads * hd
+        gemm = 2 * t * d * (qkv + d + 3 * self.hidden)
+        attn = 4 * self.batch * self.heads * self.seq * self.seq * hd * (0.5 if self.causal else 1.0)
+        return gemm + attn
+
+
+GPU_CONFIGS = [
+    BlockConfig("llama3-8b layer", 4096, 14336, 32, 8, True, torch.bfloat16, 2, 2048),
+    BlockConfig("tutorial bench", 4096, 14336, 32, 32, False, torch.float16, 2, 2048),
+    BlockConfig("tutorial test", 512, 2048, 8, 8, False, torch.float16, 2, 128),
+]
+CPU_CONFIGS = [BlockConfig("small (CPU)", 256, 512, 4, 2, True, torch.float32, 2, 64)]
+
+
+def _gemms(cfg: BlockConfig, device):
+    """The block's bare GEMMs (q/k/v fused, gate/up fused), forward and forward+backward."""
+    t, d, hd = cfg.tokens, cfg.dim, cfg.dim // cfg.heads
+    mk = lambda *s: torch.randn(*s, device=device, dtype=cfg.dtype) * 0.02
+    shapes = [(d, d + 2 * cfg.kv_heads * hd), (d, d), (d, 2 * cfg.hidden), (cfg.hidden, d)]
+    xs = [mk(t, k) for k, _ in shapes]
+    ws = [mk(n, k) for k, n in shapes]
+    dys = [mk(t, n) for _, n in shapes]
+
+    def fwd():
+        for x, w in zip(xs, ws):
+            x @ w.T
+
+    def fwd_bwd():
+        for x, w, dy in zip(xs, ws, dys):
+            x @ w.T
+            dy @ w
+            dy.T @ x
+    return fwd, fwd_bwd
+
+
+def run_block_suite(timer, device, compile_ok: bool, log=print) -> list[BlockConfig]:
+    configs = GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS
+    for cfg in configs:
+        torch.manual_seed(0)
+        ref = TorchLlama3Block(cfg.dim, cfg.hidden, cfg.heads, cfg.kv_heads, causal=cfg.causal,
+                               device=device, dtype=cfg.dtype)
+        ours = TritonLlama3Block(cfg.dim, cfg.hidden, cfg.heads, cfg.kv_heads, causal=cfg.causal,
+                                 device=device, dtype=cfg.dtype)
+        ours.load_state_dict(ref.state_dict())
+        cos, sin = llama3_rope_cos_sin(cfg.seq, cfg.dim // cfg.heads, device=device)
+        x = torch.randn(cfg.batch, cfg.seq, cfg.dim, device=device, dtype=cfg.dtype)
+        dy = torch.randn_like(x)
+        variants = {"llama3_kernels": ours, "eager": ref}
+        if compile_ok:
+            variants["torch.compile"] = torch.compile(ref)
+        gemm_fwd, gemm_fb = _gemms(cfg, device)
+        cfg.results[("GEMMs alone", "fwd")] = timer(gemm_fwd)
+        cfg.results[("GEMMs alone", "fwd+bwd")] = timer(gemm_fb)
+        for label, block in variants.items():
+            with torch.no_grad():
+                cfg.results[(label, "fwd")] = t = timer(lambda: block(x, cos, sin))
+            log(f"[bench] {cfg.name}: {label} forward {t:.3f} ms")
+            if not cfg.backward:
+                continue
+            xg = x.clone().requires_grad_()
+            params = list(ref.parameters()) if block is not ours else list(ours.parameters())
+
+            def fb():
+                xg.grad = None
+                for p in params:
+                    p.grad = None
+                block(xg, cos, sin).backward(dy)
+            cfg.results[(label, "fwd+bwd")] = t = timer(fb)
+            log(f"[bench] {cfg.name}: {label} forward+backward {t:.3f} ms")
+            if device.type == "cuda":
+                fb()
+                xg.grad = None
+                for p in params:
+                    p.grad = None
+                gc.collect()
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                fb()
+                torch.cuda.synchronize()
+                cfg.results[(label, "mem")] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        del ref, ours, variants
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return configs
+
+
+def print_block_table(configs: list[BlockConfig]) -> None:
+    labels = ["llama3_kernels", "eager", "torch.compile"]
+    print(f"{'block':<16} {'pass':<8} " + " ".join(f"{l:>15}" for l in labels)
+          + f" {'GEMMs alone':>12} {'vs eager':>9} {'vs compile':>10}")
+    for cfg in configs:
+        for kind in ("fwd", "fwd+bwd"):
+            row = [cfg.results.get((l, kind)) for l in labels]
+            if row[0] is None:
+                continue
+            cells = " ".join(f"{v:>12.3f} ms" if v is not None else f"{'-':>15}" for v in row)
+            ratio = lambda v: f"{row[0] / v:>8.2f}x" if v else f"{'-':>9}"
+            print(f"{cfg.name:<16} {kind:<8} {cells} {cfg.results[('GEMMs alone', kind)]:>9.3f} ms "
+                  f"{ratio(row[1])} {ratio(row[2]):>10}")
+    print()
+    print(f"{'block':<16} {'outside GEMMs fwd':>36} {'outside GEMMs fwd+bwd':>40} {'extra peak MiB fwd+bwd':>36}")
+    for cfg in configs:
+        def out(label, kind):
+            v = cfg.results.get((label, kind))
+            return f"{v - cfg.results[('GEMMs alone', kind)]:>7.3f}" if v is not None else f"{'-':>7}"
+        mem = lambda l: f"{cfg.results[(l, 'mem')]:>7.0f}" if (l, "mem") in cfg.results else f"{'-':>7}"
+        print(f"{cfg.name:<16} ours {out('llama3_kernels', 'fwd')} compile {out('torch.compile', 'fwd')} ms   "
+              f"ours {out('llama3_kernels', 'fwd+bwd')} compile {out('torch.compile', 'fwd+bwd')} ms   "
+              f"ours {mem('llama3_kernels')} eager {mem('eager')} compile {mem('torch.compile')}")
+
+
+def block_records(configs: list[BlockConfig]) -> list[dict]:
+    recs = []
+    for cfg in configs:
+        recs.append({
+            "config": cfg.name, "dim": cfg.dim, "hidden": cfg.hidden, "heads": cfg.heads,
+            "kv_heads": cfg.kv_heads, "causal": cfg.causal, "dtype": str(cfg.dtype).replace("torch.", ""),
+            "batch": cfg.batch, "seq": cfg.seq, "forward_tflop": cfg.forward_flops() / 1e12,
+            "median_ms": {f"{l} {k}": v for (l, k), v in cfg.results.items() if k != "mem"},
+            "extra_peak_mib_fwd_bwd": {l: v for (l, k), v in cfg.results.items() if k == "mem"},
+        })
+    return recs
