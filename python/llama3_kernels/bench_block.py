@@ -129,16 +129,16 @@ def run_block_suite(timer, device, compile_ok: bool, log=print) -> list[BlockCon
 def print_block_table(configs: list[BlockConfig]) -> None:
     labels = ["llama3_kernels", "eager", "torch.compile"]
     print(f"{'block':<16} {'pass':<8} " + " ".join(f"{l:>15}" for l in labels)
-          + f" {'GEMMs alone':>12} {'vs eager':>9} {'vs compile':>10}")
+          + f" {'GEMMs alone':>12} {'ours/eager':>10} {'ours/compile':>12}")
     for cfg in configs:
         for kind in ("fwd", "fwd+bwd"):
             row = [cfg.results.get((l, kind)) for l in labels]
             if row[0] is None:
                 continue
             cells = " ".join(f"{v:>12.3f} ms" if v is not None else f"{'-':>15}" for v in row)
-            ratio = lambda v: f"{row[0] / v:>8.2f}x" if v else f"{'-':>9}"
+            ratio = lambda v: f"{row[0] / v:>9.2f}x" if v else f"{'-':>10}"
             print(f"{cfg.name:<16} {kind:<8} {cells} {cfg.results[('GEMMs alone', kind)]:>9.3f} ms "
-                  f"{ratio(row[1])} {ratio(row[2]):>10}")
+                  f"{ratio(row[1])} {ratio(row[2]):>12}")
     print()
     print(f"{'block':<16} {'outside GEMMs fwd':>36} {'outside GEMMs fwd+bwd':>40} {'extra peak MiB fwd+bwd':>36}")
     for cfg in configs:
