@@ -94,12 +94,15 @@ def _forward(m: "TritonLlama3Block", x: torch.Tensor, cos, sin, save: bool):
     swiglu_fused_forward_into(gu, a)
     out = new(z.t, z.dim)
     linear_forward_into(a, m.down_weight, out, h, ws)
-    saved = (x2, qkv, o, lse, h, gu, rstd1, rstd2) if save else None
+    saved = dict(x=x2, qkv=qkv, o=o, lse=lse, h=h, gu=gu, rstd1=rstd1, rstd2=rstd2) if save else None
     return out.view(z.b, z.s, z.dim), saved
 
 
-def _backward(m: "TritonLlama3Block", dout: torch.Tensor, saved, cos, sin, x_shape):
-    x2, qkv, o, lse, h, gu, rstd1, rstd2 = saved
+def _backward(m: "TritonLlama3Block", dout: torch.Tensor, saved: dict, cos, sin, x_shape):
+    """`saved` is emptied as the backward goes, so each activation is freed once used;
+    gu is overwritten with its gradient: the backward can run only once."""
+    x2, qkv, o, lse, rstd1, rstd2 = (saved[k] for k in ("x", "qkv", "o", "lse", "rstd1", "rstd2"))
+    h, gu = saved.pop("h"), saved.pop("gu")
     z = _Shapes(m, torch.empty(x_shape, device="meta"))
     dev, dt = x2.device, x2.dtype
     ws = gemm_workspace(dev)
@@ -119,13 +122,15 @@ def _backward(m: "TritonLlama3Block", dout: torch.Tensor, saved, cos, sin, x_sha
     dgu = gu
     h2 = new(z.t, z.dim)
     rmsnorm_forward_into(h, m.norm2_weight, m.eps, h2)
-    dh = new(z.t, z.dim)
-    linear_backward_input_into(dgu, m.gate_up_weight, dh, workspace=ws)
     d_gate_up = torch.empty_like(m.gate_up_weight)
     linear_backward_weight_into(dgu, h2, d_gate_up, workspace=ws)
-    del dgu, gu, h2
+    del h2
+    dh = new(z.t, z.dim)
+    linear_backward_input_into(dgu, m.gate_up_weight, dh, workspace=ws)
+    del dgu, gu
     d_norm2 = torch.empty_like(m.norm2_weight)
     rmsnorm_backward_into(dh, h, m.norm2_weight, rstd2, m.eps, dh, d_norm2, norm_ws, dh=dout)
+    del h
 
     # Attention: h = x + o Wo^T.
     do = new(z.t, z.h * z.hd)
@@ -133,13 +138,14 @@ def _backward(m: "TritonLlama3Block", dout: torch.Tensor, saved, cos, sin, x_sha
     d_o = torch.empty_like(m.o_weight)
     linear_backward_weight_into(dh, o, d_o, workspace=ws)
     q, k, v = z.qkv_views(qkv)
+    saved.clear()  # from here on, only this frame holds qkv, o and lse
     dqkv = new(z.t, m.qkv_weight.shape[0])
     dq, dk, dv = z.qkv_views(dqkv)
     attn_ws = torch.empty(attention_backward_workspace_size(q, k, m.deterministic), dtype=torch.uint8,
                           device=dev)
     attention_backward_into(z.heads(do), q, k, v, z.heads(o), lse, dq, dk, dv, m.causal, 0.0,
                             m.deterministic, attn_ws)
-    del do, attn_ws
+    del do, attn_ws, q, k, v, qkv, o, lse
     rope_backward_into(dq, dk, cos, sin, dq, dk)
     h1 = new(z.t, z.dim)
     rmsnorm_forward_into(x2, m.norm1_weight, m.eps, h1)
@@ -154,17 +160,23 @@ def _backward(m: "TritonLlama3Block", dout: torch.Tensor, saved, cos, sin, x_sha
 
 
 class LlamaBlockFunction(torch.autograd.Function):
+    """The whole block as one autograd node.  Its activations are kept on ctx (not through
+    save_for_backward) so that the backward can free each as soon as it is used."""
+
     @staticmethod
     def forward(ctx, x, cos, sin, block, *params):
         out, saved = _forward(block, x, cos, sin, save=True)
-        ctx.block = block
-        ctx.x_shape = x.shape
-        ctx.save_for_backward(*saved, cos, sin)
+        ctx.block, ctx.x_shape, ctx.activations = block, x.shape, saved
+        ctx.save_for_backward(cos, sin)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        *saved, cos, sin = ctx.saved_tensors
+        if ctx.activations is None:
+            raise RuntimeError("TritonLlama3Block: backward through the block a second time "
+                               "(retain_graph=True) is not supported: its activations are consumed")
+        saved, ctx.activations = ctx.activations, None
+        cos, sin = ctx.saved_tensors
         dx, dparams = _backward(ctx.block, dout, saved, cos, sin, ctx.x_shape)
         return (dx, None, None, None, *dparams)
 

@@ -83,6 +83,15 @@ def test_tutorial_exercise_call(device):
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
+def test_second_backward_is_refused():
+    blk = l3k.TritonLlama3Block(64, 96, 4, 2)
+    cos, sin = l3k.llama3_rope_cos_sin(5, 16)
+    y = blk(torch.randn(1, 5, 64, requires_grad=True), cos, sin).sum()
+    y.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward through the block a second time"):
+        y.backward()
+
+
 def test_weight_names_round_trip():
     blk = l3k.TritonLlama3Block(64, 96, 4, 2)
     tutorial = {k: v.detach().clone() for k, v in blk.split_weights().items()}
