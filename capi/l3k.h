@@ -309,6 +309,44 @@ L3K_API l3k_status l3k_attention_backward(const DLTensor *dout, const DLTensor *
                                           DLTensor *dk, DLTensor *dv, DLTensor *workspace,
                                           void *stream);
 
+/* ---- The whole LLaMA-3 block forward ------------------------------------- *
+ *   h   = x + attention(rope(rmsnorm(x) Wqkv^T)) Wo^T
+ *   out = h + (silu(g) * u) Wd^T,  [g | u] = rmsnorm(h) Wgu^T
+ * composed from the ops above in one call (inference: nothing is kept for a
+ * backward).  RoPE is rotate-half; attention is causal when cfg->causal. */
+typedef struct {
+    const DLTensor *qkv_weight;     /* (dim + 2 * n_kv_heads * head_dim, dim): q, then k, then v rows */
+    const DLTensor *o_weight;       /* (dim, dim) */
+    const DLTensor *gate_up_weight; /* (2 * hidden, dim): gate rows, then up rows */
+    const DLTensor *down_weight;    /* (dim, hidden) */
+    const DLTensor *norm1_weight;   /* (dim,) */
+    const DLTensor *norm2_weight;   /* (dim,) */
+} l3k_llama_block_weights;
+
+typedef struct {
+    int64_t n_heads;    /* head_dim = dim / n_heads */
+    int64_t n_kv_heads; /* divides n_heads */
+    int causal;
+    float eps;          /* of both RMSNorms */
+} l3k_llama_block_config;
+
+/* Bytes of workspace l3k_llama_block_forward needs for x's shape: every
+ * intermediate plus the GEMM workspace.  `x` and the weights are only inspected. */
+L3K_API l3k_status l3k_llama_block_forward_workspace_size(const DLTensor *x,
+                                                          const l3k_llama_block_weights *weights,
+                                                          const l3k_llama_block_config *cfg,
+                                                          size_t *bytes);
+
+/* x: (batch, seq, dim), contiguous.  cos, sin: RoPE tables as for
+ * l3k_rope_forward ((seq', head_dim/2) or (batch, seq', head_dim/2), seq' >= seq).
+ * out: shape and dtype of x, a separate buffer.  Weights in x's dtype.
+ * workspace: at least the bytes the size query gives, on x's device.
+ * A failing step reports its own message after "llama_block_forward: ". */
+L3K_API l3k_status l3k_llama_block_forward(const DLTensor *x, const DLTensor *cos, const DLTensor *sin,
+                                           const l3k_llama_block_weights *weights,
+                                           const l3k_llama_block_config *cfg, DLTensor *out,
+                                           DLTensor *workspace, void *stream);
+
 /* @@L3K_DECLARATIONS_END@@ (new ops are declared above this line) */
 
 #ifdef __cplusplus

@@ -63,6 +63,8 @@ _SIGNATURES: dict[str, list] = {
     "l3k_attention_forward": [_P, _P, _P, _F, _INT, _P, _P, _P],
     "l3k_attention_backward_workspace_size": [_P, _P, _INT, ctypes.POINTER(_SZ)],
     "l3k_attention_backward": [_P, _P, _P, _P, _P, _P, _F, _INT, _INT, _P, _P, _P, _P, _P],
+    "l3k_llama_block_forward_workspace_size": [_P, _P, _P, ctypes.POINTER(_SZ)],
+    "l3k_llama_block_forward": [_P, _P, _P, _P, _P, _P, _P, _P],
     "l3k_linear_workspace_size": [_P, ctypes.POINTER(_SZ)],
     "l3k_linear_forward": [_P, _P, _P, _P, _P, _P],
     "l3k_linear_backward_input": [_P, _P, _P, _INT, _P, _P],

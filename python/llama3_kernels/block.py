@@ -13,10 +13,14 @@ gate/up output, and recomputes both norms and the SiLU product.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
 from torch import nn
+
+from ._dlpack import Borrowed, current_stream
+from ._lib import LIB, check
 
 from .ops.attention import attention_backward_into, attention_backward_workspace_size, attention_forward_into
 from .ops.linear import (gemm_workspace, linear_backward_input_into, linear_backward_weight_into,
@@ -68,7 +72,8 @@ def _tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype):
     return cos.contiguous(), sin.contiguous()
 
 
-def _forward(m: "TritonLlama3Block", x: torch.Tensor, cos, sin, save: bool):
+def _forward(m: "TritonLlama3Block", x: torch.Tensor, cos, sin):
+    """Training forward: returns the output and the activations the backward needs."""
     z = _Shapes(m, x)
     x2 = x.reshape(z.t, z.dim)
     ws = gemm_workspace(x.device)
@@ -94,7 +99,7 @@ def _forward(m: "TritonLlama3Block", x: torch.Tensor, cos, sin, save: bool):
     swiglu_fused_forward_into(gu, a)
     out = new(z.t, z.dim)
     linear_forward_into(a, m.down_weight, out, h, ws)
-    saved = dict(x=x2, qkv=qkv, o=o, lse=lse, h=h, gu=gu, rstd1=rstd1, rstd2=rstd2) if save else None
+    saved = dict(x=x2, qkv=qkv, o=o, lse=lse, h=h, gu=gu, rstd1=rstd1, rstd2=rstd2)
     return out.view(z.b, z.s, z.dim), saved
 
 
@@ -159,13 +164,40 @@ def _backward(m: "TritonLlama3Block", dout: torch.Tensor, saved: dict, cos, sin,
     return dh1.view(x_shape), (d_qkv, d_o, d_gate_up, d_down, d_norm1, d_norm2)
 
 
+class _Weights(ctypes.Structure):  # l3k_llama_block_weights: six DLTensor pointers
+    _fields_ = [(n, ctypes.c_void_p) for n in ("qkv", "o", "gate_up", "down", "norm1", "norm2")]
+
+
+class _Config(ctypes.Structure):  # l3k_llama_block_config
+    _fields_ = [("n_heads", ctypes.c_int64), ("n_kv_heads", ctypes.c_int64), ("causal", ctypes.c_int),
+                ("eps", ctypes.c_float)]
+
+
+def _forward_one_call(m: "TritonLlama3Block", x: torch.Tensor, cos, sin) -> torch.Tensor:
+    """Inference: the whole block in one C call (l3k_llama_block_forward), its
+    intermediates in one workspace tensor, so a forward costs a handful of host calls."""
+    params = (m.qkv_weight, m.o_weight, m.gate_up_weight, m.down_weight, m.norm1_weight, m.norm2_weight)
+    b = Borrowed(x, cos, sin, *params)
+    weights = _Weights(*b.ptrs[3:])
+    cfg = _Config(m.n_heads, m.n_kv_heads, int(m.causal), m.eps)
+    size = ctypes.c_size_t(0)
+    check(LIB.l3k_llama_block_forward_workspace_size(b.ptrs[0], ctypes.byref(weights), ctypes.byref(cfg),
+                                                     ctypes.byref(size)))
+    out = torch.empty_like(x)
+    ws = torch.empty(size.value, dtype=torch.uint8, device=x.device)
+    o = Borrowed(out, ws)
+    check(LIB.l3k_llama_block_forward(b.ptrs[0], b.ptrs[1], b.ptrs[2], ctypes.byref(weights),
+                                      ctypes.byref(cfg), o.ptrs[0], o.ptrs[1], current_stream(x)))
+    return out
+
+
 class LlamaBlockFunction(torch.autograd.Function):
     """The whole block as one autograd node.  Its activations are kept on ctx (not through
     save_for_backward) so that the backward can free each as soon as it is used."""
 
     @staticmethod
     def forward(ctx, x, cos, sin, block, *params):
-        out, saved = _forward(block, x, cos, sin, save=True)
+        out, saved = _forward(block, x, cos, sin)
         ctx.block, ctx.x_shape, ctx.activations = block, x.shape, saved
         ctx.save_for_backward(cos, sin)
         return out
@@ -263,7 +295,7 @@ class TritonLlama3Block(nn.Module):
                   self.norm1_weight, self.norm2_weight)
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
             return LlamaBlockFunction.apply(x, cos, sin, self, *params)
-        return _forward(self, x, cos, sin, save=False)[0]
+        return _forward_one_call(self, x, cos, sin)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, hidden_dim={self.hidden_dim}, n_heads={self.n_heads}, "
