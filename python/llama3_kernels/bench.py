@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from . import _lib
-from .ops.rmsnorm import rms_norm
+from .ops.rmsnorm import add_rms_norm, rms_norm
 
 
 # ---- timing ----------------------------------------------------------------------------
@@ -108,8 +108,19 @@ def rmsnorm_cases(device, dtype, compile_ok: bool) -> list[Case]:
     fb = {"llama3_kernels": fwd_bwd(rms_norm), "eager": fwd_bwd(eager_rmsnorm)}
     if compile_ok:
         fb["torch.compile"] = fwd_bwd(compiled)
+    r = torch.randn_like(x)
+
+    def eager_add_rmsnorm(x, r, w):
+        h = x + r
+        return h, eager_rmsnorm(h, w)
+    add = {"llama3_kernels": lambda: add_rms_norm(x, r, w), "eager": lambda: eager_add_rmsnorm(x, r, w)}
+    if compile_ok:
+        compiled_add = torch.compile(eager_add_rmsnorm)
+        add["torch.compile"] = lambda: compiled_add(x, r, w)
     return [
         Case("rmsnorm forward", (rows, n), dtype, 2 * rows * n * es + n * es, fwd),
+        # reads x and the residual, writes h and y
+        Case("add+rmsnorm fwd", (rows, n), dtype, 4 * rows * n * es + n * es, add),
         # forward reads x, writes y; backward reads x, dy, writes dx (+ weight/dweight)
         Case("rmsnorm fwd+bwd", (rows, n), dtype, 5 * rows * n * es + 3 * n * es, fb),
     ]
