@@ -39,17 +39,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* l3k_dt comes from kernels/kernels.h (owned by the lead). Fallback for standalone builds of the
- * attention files (tests/c/test_attention_cpu.c, tests/gpu/attn_harness.py) before it exists. */
-#if defined(__has_include)
-#if __has_include("kernels.h")
 #include "kernels.h"
-#define L3K_ATTN_HAVE_KERNELS_H 1
-#endif
-#endif
-#ifndef L3K_ATTN_HAVE_KERNELS_H
-typedef enum { L3K_DT_F32 = 0, L3K_DT_F16 = 1, L3K_DT_BF16 = 2 } l3k_dt;
-#endif
 
 #ifdef __cplusplus
 extern "C" {

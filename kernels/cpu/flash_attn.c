@@ -8,6 +8,7 @@
  * (batch, kv head) sums its query heads in order, so the result is deterministic.
  */
 #include "attention.h"
+#include "convert.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -15,66 +16,8 @@
 
 #define FA_CPU_BN 64
 
-/* ---- dtype helpers (no _Float16 dependence) ---- */
-static inline float fa_bits_to_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-static inline uint32_t fa_f32_to_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-
-static inline float fa_bf16_to_f32(uint16_t h) { return fa_bits_to_f32((uint32_t)h << 16); }
-static inline uint16_t fa_f32_to_bf16(float f) {
-  uint32_t u = fa_f32_to_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
-  u += 0x7fffu + ((u >> 16) & 1u);                                            /* RNE */
-  return (uint16_t)(u >> 16);
-}
-
-static inline float fa_f16_to_f32(uint16_t h) {
-  uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
-  if (exp == 0) {
-    if (man == 0) return fa_bits_to_f32(sign);
-    /* subnormal: man * 2^-24 */
-    float f = (float)man * 5.9604644775390625e-8f;
-    return sign ? -f : f;
-  }
-  if (exp == 31) return fa_bits_to_f32(sign | 0x7f800000u | (man << 13));
-  return fa_bits_to_f32(sign | ((exp + 112u) << 23) | (man << 13));
-}
-static inline uint16_t fa_f32_to_f16(float f) {
-  uint32_t u = fa_f32_to_bits(f);
-  uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
-  uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);          /* NaN */
-  if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);          /* >= 65520 rounds to inf */
-  if (a < 0x38800000u) {                                            /* below 2^-14: subnormal */
-    if (a < 0x33000000u) return sign;                               /* < 2^-25 rounds to 0 */
-    uint32_t e = a >> 23, m = (a & 0x7fffffu) | 0x800000u;
-    uint32_t shift = 126u - e;                                      /* 14..24 */
-    uint32_t r = m >> shift, rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
-    if (rem > half || (rem == half && (r & 1u))) r++;
-    return (uint16_t)(sign | r);
-  }
-  uint32_t r = ((a >> 13) - (112u << 10));
-  uint32_t rem = a & 0x1fffu;
-  if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) r++;
-  return (uint16_t)(sign | r);
-}
-
-static inline float fa_load(const void *p, int64_t i, l3k_dt dt) {
-  switch (dt) {
-    case L3K_DT_F16: return fa_f16_to_f32(((const uint16_t *)p)[i]);
-    case L3K_DT_BF16: return fa_bf16_to_f32(((const uint16_t *)p)[i]);
-    default: return ((const float *)p)[i];
-  }
-}
-static inline void fa_store(void *p, int64_t i, l3k_dt dt, float x) {
-  switch (dt) {
-    case L3K_DT_F16: ((uint16_t *)p)[i] = fa_f32_to_f16(x); break;
-    case L3K_DT_BF16: ((uint16_t *)p)[i] = fa_f32_to_bf16(x); break;
-    default: ((float *)p)[i] = x; break;
-  }
-}
 static void fa_load_row(const void *p, int64_t off, l3k_dt dt, int64_t n, float *out) {
-  for (int64_t d = 0; d < n; d++) out[d] = fa_load(p, off + d, dt);
+  for (int64_t d = 0; d < n; d++) out[d] = l3k_load(p, off + d, dt);
 }
 
 static inline int64_t fa_off(const int64_t st[3], int64_t b, int64_t h, int64_t s) {
@@ -155,10 +98,10 @@ int l3k_cpu_attn_fwd(const l3k_attn_fwd_args *a) {
           const int64_t ooff = fa_off(a->o_stride, b, h, i);
           if (l > 0.0) {
             const float inv = (float)(1.0 / l);
-            for (int64_t d = 0; d < D; d++) fa_store(a->o, ooff + d, dt, acc[d] * inv);
+            for (int64_t d = 0; d < D; d++) l3k_store(a->o, ooff + d, acc[d] * inv, dt);
             a->lse[bh * SQ + i] = (float)(m + log(l));
           } else { /* fully masked row */
-            for (int64_t d = 0; d < D; d++) fa_store(a->o, ooff + d, dt, 0.f);
+            for (int64_t d = 0; d < D; d++) l3k_store(a->o, ooff + d, 0.f, dt);
             a->lse[bh * SQ + i] = INFINITY;
           }
         }
@@ -210,7 +153,7 @@ int l3k_cpu_attn_bwd(const l3k_attn_bwd_args *ab) {
             /* D_i = <dO_i, O_i> with O as stored by the forward */
             const int64_t ooff = fa_off(a->o_stride, b, h, i);
             float Di = 0.f;
-            for (int64_t d = 0; d < D; d++) Di += dorow[d] * fa_load(a->o, ooff + d, dt);
+            for (int64_t d = 0; d < D; d++) Di += dorow[d] * l3k_load(a->o, ooff + d, dt);
             const float lse = a->lse[(b * H + h) * SQ + i];
             const int64_t kend = fa_kend(i, SQ, SK, a->causal);
             for (int64_t d = 0; d < D; d++) dqrow[d] = 0.f;
@@ -232,14 +175,14 @@ int l3k_cpu_attn_bwd(const l3k_attn_bwd_args *ab) {
               }
             }
             const int64_t qoff = fa_off(ab->dq_stride, b, h, i);
-            for (int64_t d = 0; d < D; d++) fa_store(ab->dq, qoff + d, dt, dqrow[d] * scale);
+            for (int64_t d = 0; d < D; d++) l3k_store(ab->dq, qoff + d, dqrow[d] * scale, dt);
           }
         }
         for (int64_t j = 0; j < SK; j++) {
           const int64_t koff = fa_off(ab->dk_stride, b, hk, j), voff = fa_off(ab->dv_stride, b, hk, j);
           for (int64_t d = 0; d < D; d++) {
-            fa_store(ab->dk, koff + d, dt, dk[j * D + d] * scale);
-            fa_store(ab->dv, voff + d, dt, dv[j * D + d]);
+            l3k_store(ab->dk, koff + d, dk[j * D + d] * scale, dt);
+            l3k_store(ab->dv, voff + d, dv[j * D + d], dt);
           }
         }
       }

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "l3k.h"
+#include "kernels.h"
 
 static int g_failures = 0;
 
@@ -28,18 +29,31 @@ typedef struct {
     int64_t strides[4];
 } host_tensor;
 
-static DLTensor *host_f32(host_tensor *h, float *data, int ndim, const int64_t *shape) {
+/* A host tensor of any storage dtype; strides NULL = compact row-major. */
+static void set_tensor(host_tensor *h, void *data, l3k_dt dt, int ndim, const int64_t *shape,
+                       const int64_t *strides) {
     memset(h, 0, sizeof *h);
-    for (int i = 0; i < ndim; ++i) h->shape[i] = shape[i];
+    for (int i = 0; i < ndim; ++i) {
+        h->shape[i] = shape[i];
+        if (strides) h->strides[i] = strides[i];
+    }
     h->t.data = data;
     h->t.device.device_type = kDLCPU;
     h->t.ndim = ndim;
-    h->t.dtype.code = kDLFloat;
-    h->t.dtype.bits = 32;
+    h->t.dtype.code = dt == L3K_DT_BF16 ? kDLBfloat : kDLFloat;
+    h->t.dtype.bits = dt == L3K_DT_F32 ? 32 : 16;
     h->t.dtype.lanes = 1;
     h->t.shape = h->shape;
-    h->t.strides = NULL;
+    h->t.strides = strides ? h->strides : NULL;
+}
+
+static DLTensor *host_f32(host_tensor *h, float *data, int ndim, const int64_t *shape) {
+    set_tensor(h, data, L3K_DT_F32, ndim, shape, NULL);
     return &h->t;
+}
+
+static const char *dt_label(l3k_dt dt) {
+    return dt == L3K_DT_F32 ? "f32" : dt == L3K_DT_F16 ? "f16" : "bf16";
 }
 
 static float frand(unsigned *s) {

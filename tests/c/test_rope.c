@@ -6,27 +6,6 @@
 #include "check.h"
 #include "convert.h"
 
-static void set_tensor(host_tensor *h, void *data, l3k_dt dt, int ndim, const int64_t *shape,
-                       const int64_t *strides) {
-    memset(h, 0, sizeof *h);
-    for (int i = 0; i < ndim; ++i) {
-        h->shape[i] = shape[i];
-        if (strides) h->strides[i] = strides[i];
-    }
-    h->t.data = data;
-    h->t.device.device_type = kDLCPU;
-    h->t.ndim = ndim;
-    h->t.dtype.code = dt == L3K_DT_BF16 ? kDLBfloat : kDLFloat;
-    h->t.dtype.bits = dt == L3K_DT_F32 ? 32 : 16;
-    h->t.dtype.lanes = 1;
-    h->t.shape = h->shape;
-    h->t.strides = strides ? h->strides : NULL;
-}
-
-static const char *dt_label(l3k_dt dt) {
-    return dt == L3K_DT_F32 ? "f32" : dt == L3K_DT_F16 ? "f16" : "bf16";
-}
-
 typedef struct {
     int64_t B, Hq, Hk, S, D, offset, extra_rows;
     int mode;        /* L3K_ROPE_HALF / L3K_ROPE_INTERLEAVED */
