@@ -60,21 +60,27 @@ typedef struct {
 
 /* Launch geometry shared by both backends, so the workspace size is a pure
  * function of the shape.  A row is cut into slots of 8 elements; `group`
- * threads (a power of two, 32..1024) share a row, each holding up to
- * `slots` slots in registers; a backward block holds several groups. */
+ * threads (a power of two) share a row, each holding a few slots in
+ * registers.  Backward: groups of 32..L3K_RMSNORM_BWD_BLOCK threads, sized for
+ * L3K_RMSNORM_BWD_SLOTS slots a thread; a block of L3K_RMSNORM_BWD_BLOCK
+ * threads holds one or several groups and owns one partial dweight row. */
 static inline int64_t l3k_pow2_ceil(int64_t v) { int64_t p = 1; while (p < v) p <<= 1; return p; }
 static inline int64_t l3k_clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : v > hi ? hi : v; }
 static inline int64_t l3k_rmsnorm_group(int64_t n, int64_t slots_per_thread) {
     int64_t nslots = (n + 7) / 8;
     return l3k_clamp64(l3k_pow2_ceil((nslots + slots_per_thread - 1) / slots_per_thread), 32, 1024);
 }
-enum { L3K_RMSNORM_BWD_SLOTS = 2, L3K_RMSNORM_BWD_BLOCK = 512, L3K_RMSNORM_BWD_MAX_PARTIALS = 256 };
-static inline int64_t l3k_rmsnorm_bwd_rows_per_block(int64_t n) {
+enum { L3K_RMSNORM_BWD_SLOTS = 1, L3K_RMSNORM_BWD_BLOCK = 512, L3K_RMSNORM_BWD_MAX_PARTIALS = 256 };
+static inline int64_t l3k_rmsnorm_bwd_group(int64_t n) {
     int64_t g = l3k_rmsnorm_group(n, L3K_RMSNORM_BWD_SLOTS);
-    return g >= L3K_RMSNORM_BWD_BLOCK ? 1 : L3K_RMSNORM_BWD_BLOCK / g;
+    return g < L3K_RMSNORM_BWD_BLOCK ? g : L3K_RMSNORM_BWD_BLOCK;
+}
+static inline int64_t l3k_rmsnorm_bwd_rows_per_block(int64_t n) {
+    return L3K_RMSNORM_BWD_BLOCK / l3k_rmsnorm_bwd_group(n);
 }
 /* Number of float32 partial dweight rows (each n long) the backward keeps in
- * its workspace: one per backward block. */
+ * its workspace: one per backward block, at most L3K_RMSNORM_BWD_MAX_PARTIALS
+ * (so that every block is resident at once on a large GPU). */
 static inline int64_t l3k_rmsnorm_bwd_partials(int64_t rows, int64_t n) {
     int64_t r = l3k_rmsnorm_bwd_rows_per_block(n);
     int64_t blocks = (rows + r - 1) / r;
