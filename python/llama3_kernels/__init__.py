@@ -22,5 +22,6 @@ from .modules import RMSNorm
 from .block import TritonLlama3Block
 from .reference import TorchLlama3Block
 from .modules import RotaryEmbedding, SwiGLUMLP
+from . import library  # registers torch.ops.llama3_kernels.* (torch.compile, torch.library)
 
 __version__ = "%d.%d.%d" % version()

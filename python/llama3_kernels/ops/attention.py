@@ -88,6 +88,9 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
     The result has shape (B, H, Sq, D) and is stored as (B, Sq, H, D), so
     ``o.transpose(1, 2).reshape(B, Sq, H * D)`` is free.  Differentiable in q, k, v.
     """
+    if torch.compiler.is_compiling():  # torch.compile: the opaque torch.ops.llama3_kernels op
+        from .. import library  # (imported here: library.py imports this module)
+        return library.flash_attn(q, k, v, causal, scale, deterministic)
     s = 0.0 if scale is None else float(scale)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return FlashAttnFunction.apply(q, k, v, causal, s, deterministic)

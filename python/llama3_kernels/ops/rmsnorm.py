@@ -141,6 +141,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
 
     Differentiable in x and weight.  weight is cast to x's dtype if it differs.
     """
+    if torch.compiler.is_compiling():  # torch.compile: the opaque torch.ops.llama3_kernels op
+        from .. import library  # (imported here: library.py imports this module)
+        return library.rms_norm(x, weight, eps)
     weight = _weight_like(weight, x)
     if _needs_grad(x, weight):
         return RMSNormFunction.apply(x, weight, eps)
@@ -153,6 +156,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused residual add + RMSNorm: returns (h, y) with h = x + residual, y = rmsnorm(h) * weight."""
+    if torch.compiler.is_compiling():  # torch.compile: the opaque torch.ops.llama3_kernels op
+        from .. import library  # (imported here: library.py imports this module)
+        return library.add_rms_norm(x, residual, weight, eps)
     weight = _weight_like(weight, x)
     if _needs_grad(x, residual, weight):
         return AddRMSNormFunction.apply(x, residual, weight, eps)

@@ -247,6 +247,9 @@ def rope(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.
     (full-width (.., head_dim) tables are accepted too); float32 or q's dtype, else converted.
     interleaved=False rotates pairs (i, i + head_dim/2) (Hugging Face), True pairs (2i, 2i+1)
     (Meta).  q and k may be strided views (e.g. of one fused QKV projection)."""
+    if torch.compiler.is_compiling():  # torch.compile: the opaque torch.ops.llama3_kernels op
+        from .. import library  # (imported here: library.py imports this module)
+        return library.rope(q, k, cos, sin, offset, interleaved)
     cos, sin = _prep(q, k, cos, sin, interleaved)
     if _needs_grad(q, k):
         return RoPEFunction.apply(q, k, cos, sin, int(offset), bool(interleaved))
@@ -262,6 +265,9 @@ def rope_(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch
           offset: int = 0, interleaved: bool = False):
     """In-place rotary embedding of q and k (see `rope`); returns (q, k).  Differentiable
     (autograd sees the in-place update).  q and k need a contiguous last dim."""
+    if torch.compiler.is_compiling():  # torch.compile: the opaque torch.ops.llama3_kernels op
+        from .. import library  # (imported here: library.py imports this module)
+        return library.rope_(q, k, cos, sin, offset, interleaved)
     cos, sin = _prep(q, k, cos, sin, interleaved)
     if _needs_grad(q, k):
         return _rope_inplace_autograd(q, k, cos, sin, int(offset), bool(interleaved))

@@ -91,6 +91,9 @@ def _needs_grad(*ts) -> bool:
 
 def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """silu(g) * u in one kernel (float32 inside).  Differentiable in g and u."""
+    if torch.compiler.is_compiling():  # torch.compile: the opaque torch.ops.llama3_kernels op
+        from .. import library  # (imported here: library.py imports this module)
+        return library.swiglu(g, u)
     if _needs_grad(g, u):
         return SwiGLUFunction.apply(g, u)
     g, u = _rows(g), _rows(u)
@@ -101,6 +104,9 @@ def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def swiglu_fused(gu: torch.Tensor) -> torch.Tensor:
     """silu(gu[..., :h]) * gu[..., h:] for a fused gate_up tensor (..., 2h).  Differentiable."""
+    if torch.compiler.is_compiling():  # torch.compile: the opaque torch.ops.llama3_kernels op
+        from .. import library  # (imported here: library.py imports this module)
+        return library.swiglu_fused(gu)
     if gu.shape[-1] % 2:
         raise ValueError(f"swiglu_fused: gu.shape[-1] is {gu.shape[-1]}, expected an even size (2 * hidden)")
     if _needs_grad(gu):
@@ -168,6 +174,9 @@ def swiglu_mlp(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tens
                down_weight: torch.Tensor) -> torch.Tensor:
     """The LLaMA MLP: (silu(x @ gate.T) * (x @ up.T)) @ down.T.  gate/up run as one GEMM
     (torch matmul for now), the activation is the fused kernel.  Differentiable."""
+    if torch.compiler.is_compiling():  # torch.compile: the opaque torch.ops.llama3_kernels op
+        from .. import library  # (imported here: library.py imports this module)
+        return library.swiglu_mlp(x, gate_weight, up_weight, down_weight)
     if _needs_grad(x, gate_weight, up_weight, down_weight):
         return SwiGLUMLPFunction.apply(x, gate_weight, up_weight, down_weight)
     gu = x.reshape(-1, x.shape[-1]) @ gate_up_weight(gate_weight, up_weight).t()
