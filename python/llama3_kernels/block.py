@@ -287,6 +287,9 @@ class TritonLlama3Block(nn.Module):
                 "norm1_weight": self.norm1_weight, "norm2_weight": self.norm2_weight}
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # torch.compile: the block as registered opaque ops
+            from .library import llama_block
+            return llama_block(self, x, *_tables(cos, sin, x.dtype))
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"TritonLlama3Block: x has shape {tuple(x.shape)}, expected (batch, seq, {self.dim})")
         cos, sin = _tables(cos, sin, x.dtype)

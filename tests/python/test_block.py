@@ -83,6 +83,30 @@ def test_tutorial_exercise_call(device):
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
+def test_compiled_block_is_one_graph_and_matches_eager(device):
+    """torch.compile(fullgraph=True) of the block: no graph break, same output and gradients."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    _, blk = make_pair(64, 128, 4, 2, True, device, dtype)
+    cos, sin = l3k.llama3_rope_cos_sin(9, 16, device=device)
+    x = torch.randn(2, 9, 64, device=device, dtype=dtype, requires_grad=True)
+    y = blk(x, cos, sin)
+    g = torch.randn_like(y)
+    y.backward(g)
+    eager = [x.grad.clone()] + [p.grad.clone() for p in blk.parameters()]
+    x.grad = None
+    for p in blk.parameters():
+        p.grad = None
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(blk)(x, cos, sin)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
+    compiled = torch.compile(blk, fullgraph=True, backend="aot_eager")
+    yc = compiled(x, cos, sin)
+    yc.backward(g)
+    assert_close(yc, y, dtype, what="compiled output")
+    for got, want in zip([x.grad] + [p.grad for p in blk.parameters()], eager):
+        assert_close(got, want, dtype, 2, "compiled gradient")
+
+
 def test_second_backward_is_refused():
     blk = l3k.TritonLlama3Block(64, 96, 4, 2)
     cos, sin = l3k.llama3_rope_cos_sin(5, 16)
