@@ -30,6 +30,7 @@ class BlockConfig:
     batch: int
     seq: int
     backward: bool = True
+    graphs: bool = False      # also time forward replays of CUDA graphs (hand-captured, reduce-overhead)
     results: dict = field(default_factory=dict)   # (variant, "fwd"|"fwd+bwd"|"mem") -> value
 
     @property
@@ -47,7 +48,7 @@ class BlockConfig:
 GPU_CONFIGS = [
     BlockConfig("llama3-8b layer", 4096, 14336, 32, 8, True, torch.bfloat16, 2, 2048),
     BlockConfig("tutorial bench", 4096, 14336, 32, 32, False, torch.float16, 2, 2048),
-    BlockConfig("tutorial test", 512, 2048, 8, 8, False, torch.float16, 2, 128),
+    BlockConfig("tutorial test", 512, 2048, 8, 8, False, torch.float16, 2, 128, graphs=True),
 ]
 CPU_CONFIGS = [BlockConfig("small (CPU)", 256, 512, 4, 2, True, torch.float32, 2, 64)]
 
@@ -88,6 +89,7 @@ def run_block_suite(timer, device, compile_ok: bool, log=print) -> list[BlockCon
         variants = {"llama3_kernels": ours, "eager": ref}
         if compile_ok:
             variants["torch.compile"] = torch.compile(ref)
+            variants["llama3_kernels compiled"] = torch.compile(ours)
         gemm_fwd, gemm_fb = _gemms(cfg, device)
         cfg.results[("GEMMs alone", "fwd")] = timer(gemm_fwd)
         cfg.results[("GEMMs alone", "fwd+bwd")] = timer(gemm_fb)
@@ -98,7 +100,7 @@ def run_block_suite(timer, device, compile_ok: bool, log=print) -> list[BlockCon
             if not cfg.backward:
                 continue
             xg = x.clone().requires_grad_()
-            params = list(ref.parameters()) if block is not ours else list(ours.parameters())
+            params = list(getattr(block, "_orig_mod", block).parameters())
 
             def fb():
                 xg.grad = None
@@ -119,11 +121,41 @@ def run_block_suite(timer, device, compile_ok: bool, log=print) -> list[BlockCon
                 fb()
                 torch.cuda.synchronize()
                 cfg.results[(label, "mem")] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        if cfg.graphs and device.type == "cuda":
+            _time_graphs(cfg, timer, {"llama3_kernels": ours, "eager": ref}, x, cos, sin, compile_ok, log)
         del ref, ours, variants
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return configs
+
+
+def _time_graphs(cfg, timer, blocks, x, cos, sin, compile_ok, log) -> None:
+    """Forward under CUDA graphs: captured by hand with torch.cuda.graph, and through
+    torch.compile(mode="reduce-overhead"); the input is copied into the graph's buffer."""
+    static_x = x.clone()
+    for label, block in blocks.items():
+        with torch.no_grad():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    block(static_x, cos, sin)
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                block(static_x, cos, sin)
+
+            def replay():
+                static_x.copy_(x)
+                g.replay()
+            cfg.results[(f"{label} cuda graph", "fwd")] = t = timer(replay)
+        log(f"[bench] {cfg.name}: {label} forward, hand-captured CUDA graph {t * 1e3:.1f} us")
+        if compile_ok:
+            ro = torch.compile(block, mode="reduce-overhead")
+            with torch.no_grad():
+                cfg.results[(f"{label} reduce-overhead", "fwd")] = t = timer(lambda: ro(x, cos, sin))
+            log(f"[bench] {cfg.name}: {label} forward, torch.compile reduce-overhead {t * 1e3:.1f} us")
 
 
 def print_block_table(configs: list[BlockConfig]) -> None:
@@ -139,6 +171,17 @@ def print_block_table(configs: list[BlockConfig]) -> None:
             ratio = lambda v: f"{row[0] / v:>9.2f}x" if v else f"{'-':>10}"
             print(f"{cfg.name:<16} {kind:<8} {cells} {cfg.results[('GEMMs alone', kind)]:>9.3f} ms "
                   f"{ratio(row[1])} {ratio(row[2]):>12}")
+    extra = sorted({l for c in configs for (l, k) in c.results if l not in labels + ["GEMMs alone"]})
+    if extra:
+        print()
+        print(f"{'block':<16} {'variant':<40} {'forward':>12} {'fwd+bwd':>12}")
+        for cfg in configs:
+            for l in extra:
+                f, fb = cfg.results.get((l, "fwd")), cfg.results.get((l, "fwd+bwd"))
+                if f is None and fb is None:
+                    continue
+                cell = lambda v: f"{v:>9.3f} ms" if v is not None else f"{'-':>12}"
+                print(f"{cfg.name:<16} {l:<40} {cell(f)} {cell(fb)}")
     print()
     print(f"{'block':<16} {'outside GEMMs fwd':>36} {'outside GEMMs fwd+bwd':>40} {'extra peak MiB fwd+bwd':>36}")
     for cfg in configs:
