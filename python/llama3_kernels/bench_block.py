@@ -122,7 +122,10 @@ def run_block_suite(timer, device, compile_ok: bool, log=print) -> list[BlockCon
                 torch.cuda.synchronize()
                 cfg.results[(label, "mem")] = (torch.cuda.max_memory_allocated() - base) / 2**20
         if cfg.graphs and device.type == "cuda":
-            _time_graphs(cfg, timer, {"llama3_kernels": ours, "eager": ref}, x, cos, sin, compile_ok, log)
+            try:
+                _time_graphs(cfg, timer, {"llama3_kernels": ours, "eager": ref}, x, cos, sin, compile_ok, log)
+            except RuntimeError as e:  # report it and keep the rest of the run
+                log(f"[bench] {cfg.name}: CUDA-graph timing failed: {str(e).splitlines()[0]}")
         del ref, ours, variants
         gc.collect()
         if device.type == "cuda":

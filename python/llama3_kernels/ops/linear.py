@@ -9,23 +9,23 @@ import torch
 from .._dlpack import Borrowed, current_stream
 from .._lib import LIB, check
 
-_workspaces: dict[tuple, torch.Tensor] = {}
+_workspace_bytes: list[int] = []  # l3k_linear_workspace_size for CUDA tensors, asked once
 
 
 def gemm_workspace(device: torch.device) -> torch.Tensor | None:
-    """The cuBLASLt workspace for `device` and its current stream (allocated once)."""
+    """A cuBLASLt workspace for one call on `device`.
+
+    Allocated per call from PyTorch's caching allocator (a few microseconds) and never
+    cached: a cached buffer would be shared by concurrent streams, and one first made
+    while a CUDA graph is captured or warmed up (torch.compile's reduce-overhead) would
+    live in that graph's private pool and outlive it."""
     if device.type != "cuda":
         return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, torch._C._cuda_getCurrentRawStream(index))  # the raw getter: ~0.2 us, not ~10
-    ws = _workspaces.get(key)
-    if ws is None:
-        probe = torch.empty(0, device=device)
+    if not _workspace_bytes:
         size = ctypes.c_size_t(0)
-        b = Borrowed(probe)
-        check(LIB.l3k_linear_workspace_size(b.ptrs[0], ctypes.byref(size)))
-        ws = _workspaces[key] = torch.empty(size.value, dtype=torch.uint8, device=device)
-    return ws
+        check(LIB.l3k_linear_workspace_size(Borrowed(torch.empty(0, device=device)).ptrs[0], ctypes.byref(size)))
+        _workspace_bytes.append(size.value)
+    return torch.empty(_workspace_bytes[0], dtype=torch.uint8, device=device)
 
 
 # ---- raw calls --------------------------------------------------------------------------
