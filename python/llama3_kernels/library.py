@@ -41,6 +41,7 @@ from .ops import linear as _linear
 from .ops import rmsnorm as _rms
 from .ops import rope as _rope
 from .ops import swiglu as _swiglu
+from .ops._common import rows_view
 
 NAMESPACE = "llama3_kernels"
 _LIB = torch.library.Library(NAMESPACE, "DEF")
@@ -73,7 +74,7 @@ def _none_slot(like: torch.Tensor) -> torch.Tensor:
 
 def _rms_norm_kernel(x, weight, eps):
     w = _rms._weight_like(weight, x)
-    x = _rms._rows(x)
+    x = rows_view(x)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     rstd = _rms._rstd_buffer(x)
     _rms.rmsnorm_forward_into(x, w, eps, y, rstd)
@@ -90,8 +91,8 @@ _define("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor y, Tensor rstd)
 
 def _rms_backward(dy, dh, x, weight, rstd, eps, need_dweight):
     w = _rms._weight_like(weight, x)
-    x, dy = _rms._rows(x), _rms._rows(dy)
-    dh = _rms._rows(dh) if dh is not None else None
+    x, dy = rows_view(x), rows_view(dy)
+    dh = rows_view(dh) if dh is not None else None
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     if need_dweight:
         dw = torch.empty_like(w)
@@ -120,7 +121,7 @@ _define("rms_norm_backward(Tensor dy, Tensor x, Tensor weight, Tensor rstd, floa
 
 def _add_rms_norm_kernel(x, residual, weight, eps):
     w = _rms._weight_like(weight, x)
-    x, residual = _rms._rows(x), _rms._rows(residual)
+    x, residual = rows_view(x), rows_view(residual)
     h = torch.empty_like(x, memory_format=torch.contiguous_format)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     rstd = _rms._rstd_buffer(x)
@@ -271,28 +272,28 @@ _LIB.impl("rope_", _rope_inplace_version_bump, "ADInplaceOrView", with_keyset=Tr
 # ======================================================================================
 
 def _swiglu_kernel(g, u):
-    g, u = _swiglu._rows(g), _swiglu._rows(u)
+    g, u = rows_view(g), rows_view(u)
     a = _empty(g.shape, g)
     _swiglu.swiglu_forward_into(g, u, a)
     return a
 
 
 def _swiglu_backward_kernel(da, g, u):
-    g, u, da = _swiglu._rows(g), _swiglu._rows(u), _swiglu._rows(da)
+    g, u, da = rows_view(g), rows_view(u), rows_view(da)
     dg, du = _empty(g.shape, g), _empty(u.shape, u)
     _swiglu.swiglu_backward_into(da, g, u, dg, du)
     return dg, du
 
 
 def _swiglu_fused_kernel(gu):
-    gu = _swiglu._rows(gu)
+    gu = rows_view(gu)
     a = _empty((*gu.shape[:-1], gu.shape[-1] // 2), gu)
     _swiglu.swiglu_fused_forward_into(gu, a)
     return a
 
 
 def _swiglu_fused_backward_kernel(da, gu):
-    gu, da = _swiglu._rows(gu), _swiglu._rows(da)
+    gu, da = rows_view(gu), rows_view(da)
     dgu = _empty(gu.shape, gu)
     _swiglu.swiglu_fused_backward_into(da, gu, dgu)
     return dgu
@@ -398,22 +399,22 @@ torch.library.register_autograd(f"{NAMESPACE}::flash_attn", _flash_attn_bwd,
 # ======================================================================================
 
 def _linear_kernel(x, weight, residual=None):
-    x = _rms._rows(x)
+    x = rows_view(x)
     y = x.new_empty(*x.shape[:-1], weight.shape[0])
-    _linear.linear_forward_into(x, weight, y, _rms._rows(residual) if residual is not None else None,
+    _linear.linear_forward_into(x, weight, y, rows_view(residual) if residual is not None else None,
                                 _linear.gemm_workspace(x.device))
     return y
 
 
 def _linear_backward_input_kernel(dy, weight):
-    dy = _rms._rows(dy)
+    dy = rows_view(dy)
     dx = dy.new_empty(*dy.shape[:-1], weight.shape[1])
     _linear.linear_backward_input_into(dy, weight, dx, workspace=_linear.gemm_workspace(dy.device))
     return dx
 
 
 def _linear_backward_weight_kernel(dy, x):
-    dy, x = _rms._rows(dy), _rms._rows(x)
+    dy, x = rows_view(dy), rows_view(x)
     dw = x.new_empty(dy.shape[-1], x.shape[-1])
     _linear.linear_backward_weight_into(dy, x, dw, workspace=_linear.gemm_workspace(dy.device))
     return dw

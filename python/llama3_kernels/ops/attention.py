@@ -7,6 +7,7 @@ import torch
 
 from .._dlpack import Borrowed, current_stream
 from .._lib import LIB, check
+from ._common import needs_grad
 
 
 # ---- raw calls ---------------------------------------------------------------------------
@@ -92,7 +93,7 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
         from .. import library  # (imported here: library.py imports this module)
         return library.flash_attn(q, k, v, causal, scale, deterministic)
     s = 0.0 if scale is None else float(scale)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if needs_grad(q, k, v):
         return FlashAttnFunction.apply(q, k, v, causal, s, deterministic)
     q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
     o = _bshd_like(q)

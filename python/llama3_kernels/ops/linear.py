@@ -8,6 +8,7 @@ import torch
 
 from .._dlpack import Borrowed, current_stream
 from .._lib import LIB, check
+from ._common import needs_grad, rows_view
 
 _workspace_bytes: list[int] = []  # l3k_linear_workspace_size for CUDA tensors, asked once
 
@@ -51,18 +52,13 @@ def linear_backward_weight_into(dy, x, dweight, accumulate=False, workspace=None
 
 # ---- torch-facing ------------------------------------------------------------------------
 
-def _rows_ok(t: torch.Tensor) -> torch.Tensor:
-    from .rmsnorm import _rows
-    return _rows(t)
-
-
 class LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, residual):
-        x = _rows_ok(x)
+        x = rows_view(x)
         y = x.new_empty(*x.shape[:-1], weight.shape[0])
         ws = gemm_workspace(x.device)
-        linear_forward_into(x, weight, y, _rows_ok(residual) if residual is not None else None, ws)
+        linear_forward_into(x, weight, y, rows_view(residual) if residual is not None else None, ws)
         ctx.save_for_backward(x, weight)
         ctx.has_residual = residual is not None
         return y
@@ -70,7 +66,7 @@ class LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        dy = _rows_ok(dy)
+        dy = rows_view(dy)
         ws = gemm_workspace(dy.device)
         dx = dw = None
         if ctx.needs_input_grad[0]:
@@ -88,10 +84,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None 
     if torch.compiler.is_compiling():  # torch.compile: the opaque torch.ops.llama3_kernels op
         from .. import library  # (imported here: library.py imports this module)
         return library.linear(x, weight, residual)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, residual)):
+    if needs_grad(x, weight, residual):
         return LinearFunction.apply(x, weight, residual)
-    x = _rows_ok(x)
+    x = rows_view(x)
     y = x.new_empty(*x.shape[:-1], weight.shape[0])
-    linear_forward_into(x, weight, y, _rows_ok(residual) if residual is not None else None,
+    linear_forward_into(x, weight, y, rows_view(residual) if residual is not None else None,
                         gemm_workspace(x.device))
     return y

@@ -7,6 +7,7 @@ import torch
 
 from .._dlpack import Borrowed, current_stream
 from .._lib import LIB, check
+from ._common import needs_grad, rows_view
 
 
 # ---- raw calls: caller-owned buffers, any DLPack producer ------------------------------
@@ -47,29 +48,6 @@ def rmsnorm_backward_into(dy, x, weight, rstd, eps: float, dx, dweight=None, wor
 
 # ---- torch-facing ops ------------------------------------------------------------------
 
-def _rows_layout_ok(t: torch.Tensor) -> bool:
-    """True when the C ABI accepts t's strides: last dim contiguous, rows of one stride."""
-    if t.dim() == 0:
-        return False
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        return False
-    expect = None
-    for size, stride in zip(reversed(t.shape[:-1]), reversed(t.stride()[:-1])):
-        if size == 1:
-            continue
-        if expect is None:
-            expect = stride * size
-        elif stride != expect:
-            return False
-        else:
-            expect *= size
-    return True
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t if _rows_layout_ok(t) else t.contiguous()
-
-
 def _workspace(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(rmsnorm_backward_workspace_size(x), dtype=torch.uint8, device=x.device)
 
@@ -85,7 +63,7 @@ def _weight_like(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
-        x = _rows(x)
+        x = rows_view(x)
         y = torch.empty_like(x, memory_format=torch.contiguous_format)
         rstd = _rstd_buffer(x)
         rmsnorm_forward_into(x, weight, eps, y, rstd)
@@ -96,7 +74,7 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        dy = _rows(dy)
+        dy = rows_view(dy)
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
         dweight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
         ws = _workspace(x) if dweight is not None else None
@@ -109,7 +87,7 @@ class AddRMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, eps):
-        x, residual = _rows(x), _rows(residual)
+        x, residual = rows_view(x), rows_view(residual)
         h = torch.empty_like(x, memory_format=torch.contiguous_format)
         y = torch.empty_like(x, memory_format=torch.contiguous_format)
         rstd = _rstd_buffer(x)
@@ -123,17 +101,13 @@ class AddRMSNormFunction(torch.autograd.Function):
         h, weight, rstd = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(h)
-        dy = _rows(dy)
-        dh = _rows(dh) if dh is not None else None
+        dy = rows_view(dy)
+        dh = rows_view(dh) if dh is not None else None
         dx = torch.empty_like(h, memory_format=torch.contiguous_format)
         dweight = torch.empty_like(weight) if ctx.needs_input_grad[2] else None
         ws = _workspace(h) if dweight is not None else None
         rmsnorm_backward_into(dy, h, weight, rstd, ctx.eps, dx, dweight, ws, dh=dh)
         return dx, dx, dweight, None
-
-
-def _needs_grad(*ts) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -145,9 +119,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
         from .. import library  # (imported here: library.py imports this module)
         return library.rms_norm(x, weight, eps)
     weight = _weight_like(weight, x)
-    if _needs_grad(x, weight):
+    if needs_grad(x, weight):
         return RMSNormFunction.apply(x, weight, eps)
-    x = _rows(x)
+    x = rows_view(x)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     rmsnorm_forward_into(x, weight, eps, y)
     return y
@@ -160,9 +134,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
         from .. import library  # (imported here: library.py imports this module)
         return library.add_rms_norm(x, residual, weight, eps)
     weight = _weight_like(weight, x)
-    if _needs_grad(x, residual, weight):
+    if needs_grad(x, residual, weight):
         return AddRMSNormFunction.apply(x, residual, weight, eps)
-    x, residual = _rows(x), _rows(residual)
+    x, residual = rows_view(x), rows_view(residual)
     h = torch.empty_like(x, memory_format=torch.contiguous_format)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     add_rmsnorm_forward_into(x, residual, weight, eps, h, y)

@@ -7,6 +7,7 @@ import torch
 
 from .._dlpack import Borrowed, current_stream
 from .._lib import LIB, check
+from ._common import needs_grad
 
 HALF, INTERLEAVED = 0, 1  # L3K_ROPE_HALF, L3K_ROPE_INTERLEAVED
 
@@ -234,10 +235,6 @@ def _rope_inplace_autograd(q, k, cos, sin, offset, interleaved):
     return q, k
 
 
-def _needs_grad(*ts) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
-
-
 def rope(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
          offset: int = 0, interleaved: bool = False):
     """Rotary embedding of q (batch, heads, seq, head_dim) and k (batch, kv_heads, seq,
@@ -251,7 +248,7 @@ def rope(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.
         from .. import library  # (imported here: library.py imports this module)
         return library.rope(q, k, cos, sin, offset, interleaved)
     cos, sin = _prep(q, k, cos, sin, interleaved)
-    if _needs_grad(q, k):
+    if needs_grad(q, k):
         return RoPEFunction.apply(q, k, cos, sin, int(offset), bool(interleaved))
     q = _last_contig(q)
     k = _last_contig(k) if k is not None else None
@@ -269,7 +266,7 @@ def rope_(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch
         from .. import library  # (imported here: library.py imports this module)
         return library.rope_(q, k, cos, sin, offset, interleaved)
     cos, sin = _prep(q, k, cos, sin, interleaved)
-    if _needs_grad(q, k):
+    if needs_grad(q, k):
         return _rope_inplace_autograd(q, k, cos, sin, int(offset), bool(interleaved))
     rope_forward_into(q, k, cos, sin, q, k, offset, interleaved)
     return q, k

@@ -6,6 +6,7 @@ import torch
 
 from .._dlpack import Borrowed, current_stream
 from .._lib import LIB, check
+from ._common import needs_grad, rows_view
 
 
 # ---- raw calls: caller-owned buffers, any DLPack producer ------------------------------
@@ -36,11 +37,6 @@ def swiglu_fused_backward_into(da, gu, dgu, a=None, stream: int | None = None) -
 
 # ---- torch-facing ops ------------------------------------------------------------------
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    from .rmsnorm import _rows as rows
-    return rows(t)
-
-
 def _empty(shape, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
@@ -50,7 +46,7 @@ class SwiGLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, g, u):
-        g, u = _rows(g), _rows(u)
+        g, u = rows_view(g), rows_view(u)
         a = _empty(g.shape, g)
         swiglu_forward_into(g, u, a)
         ctx.save_for_backward(g, u)
@@ -59,7 +55,7 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, da):
         g, u = ctx.saved_tensors
-        da = _rows(da)
+        da = rows_view(da)
         dg, du = _empty(g.shape, g), _empty(u.shape, u)
         swiglu_backward_into(da, g, u, dg, du)
         return dg, du
@@ -70,7 +66,7 @@ class SwiGLUFusedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gu):
-        gu = _rows(gu)
+        gu = rows_view(gu)
         a = _empty((*gu.shape[:-1], gu.shape[-1] // 2), gu)
         swiglu_fused_forward_into(gu, a)
         ctx.save_for_backward(gu)
@@ -79,14 +75,10 @@ class SwiGLUFusedFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, da):
         (gu,) = ctx.saved_tensors
-        da = _rows(da)
+        da = rows_view(da)
         dgu = _empty(gu.shape, gu)
         swiglu_fused_backward_into(da, gu, dgu)
         return dgu
-
-
-def _needs_grad(*ts) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
 def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -94,9 +86,9 @@ def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():  # torch.compile: the opaque torch.ops.llama3_kernels op
         from .. import library  # (imported here: library.py imports this module)
         return library.swiglu(g, u)
-    if _needs_grad(g, u):
+    if needs_grad(g, u):
         return SwiGLUFunction.apply(g, u)
-    g, u = _rows(g), _rows(u)
+    g, u = rows_view(g), rows_view(u)
     a = _empty(g.shape, g)
     swiglu_forward_into(g, u, a)
     return a
@@ -109,9 +101,9 @@ def swiglu_fused(gu: torch.Tensor) -> torch.Tensor:
         return library.swiglu_fused(gu)
     if gu.shape[-1] % 2:
         raise ValueError(f"swiglu_fused: gu.shape[-1] is {gu.shape[-1]}, expected an even size (2 * hidden)")
-    if _needs_grad(gu):
+    if needs_grad(gu):
         return SwiGLUFusedFunction.apply(gu)
-    gu = _rows(gu)
+    gu = rows_view(gu)
     a = _empty((*gu.shape[:-1], gu.shape[-1] // 2), gu)
     swiglu_fused_forward_into(gu, a)
     return a
@@ -177,7 +169,7 @@ def swiglu_mlp(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tens
     if torch.compiler.is_compiling():  # torch.compile: the opaque torch.ops.llama3_kernels op
         from .. import library  # (imported here: library.py imports this module)
         return library.swiglu_mlp(x, gate_weight, up_weight, down_weight)
-    if _needs_grad(x, gate_weight, up_weight, down_weight):
+    if needs_grad(x, gate_weight, up_weight, down_weight):
         return SwiGLUMLPFunction.apply(x, gate_weight, up_weight, down_weight)
     gu = x.reshape(-1, x.shape[-1]) @ gate_up_weight(gate_weight, up_weight).t()
     a = _empty((gu.shape[0], gu.shape[1] // 2), gu)

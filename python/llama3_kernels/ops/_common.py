@@ -1,0 +1,33 @@
+"""Helpers every op module shares."""
+from __future__ import annotations
+
+import torch
+
+
+def needs_grad(*ts) -> bool:
+    """True when autograd must record a Function for these inputs."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def rows_layout_ok(t: torch.Tensor) -> bool:
+    """True when the C ABI accepts t's strides: last dim contiguous, rows of one stride."""
+    if t.dim() == 0:
+        return False
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        return False
+    expect = None
+    for size, stride in zip(reversed(t.shape[:-1]), reversed(t.stride()[:-1])):
+        if size == 1:
+            continue
+        if expect is None:
+            expect = stride * size
+        elif stride != expect:
+            return False
+        else:
+            expect *= size
+    return True
+
+
+def rows_view(t: torch.Tensor) -> torch.Tensor:
+    """t itself when the C ABI reads its layout as rows, else a contiguous copy."""
+    return t if rows_layout_ok(t) else t.contiguous()
