@@ -107,6 +107,29 @@ def test_compiled_block_is_one_graph_and_matches_eager(device):
         assert_close(got, want, dtype, 2, "compiled gradient")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_eager_block_in_a_hand_captured_cuda_graph():
+    """The inference path (one C call, workspace from PyTorch's allocator) captured with
+    torch.cuda.graph replays correctly with new inputs copied in."""
+    _, blk = make_pair(128, 256, 4, 2, True, "cuda", torch.float16)
+    cos, sin = l3k.llama3_rope_cos_sin(64, 32, device="cuda")
+    static_x = torch.randn(2, 64, 128, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            blk(static_x, cos, sin)  # warm-up outside capture (cuBLASLt handle, kernel attributes)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = blk(static_x, cos, sin)
+        for _ in range(2):
+            x = torch.randn_like(static_x)
+            static_x.copy_(x)
+            graph.replay()
+            assert_close(static_y, blk(x, cos, sin), torch.float16, what="graph replay")
+
+
 def test_second_backward_is_refused():
     blk = l3k.TritonLlama3Block(64, 96, 4, 2)
     cos, sin = l3k.llama3_rope_cos_sin(5, 16)
