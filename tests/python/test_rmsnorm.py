@@ -231,15 +231,33 @@ def test_backward_bad_workspace(device):
     assert torch.all(dx == 7.0)
 
 
+class DLTensor(ctypes.Structure):
+    """DLPack's DLTensor, for tensors built by hand to reach the ABI with odd metadata."""
+    _fields_ = [("data", ctypes.c_void_p), ("device_type", ctypes.c_int), ("device_id", ctypes.c_int32),
+                ("ndim", ctypes.c_int32), ("code", ctypes.c_uint8), ("bits", ctypes.c_uint8),
+                ("lanes", ctypes.c_uint16), ("shape", ctypes.POINTER(ctypes.c_int64)),
+                ("strides", ctypes.c_void_p), ("byte_offset", ctypes.c_uint64)]
+
+
+def test_tensors_on_two_gpus_are_rejected_before_any_launch():
+    """x on cuda:0, weight on cuda:1: refused by validation (no GPU needed to check it)."""
+    from llama3_kernels._lib import LIB, DEVICE, NO_CUDA
+
+    buf = (ctypes.c_float * 64)()
+    shape = (ctypes.c_int64 * 1)(64)
+    on = lambda dev: DLTensor(ctypes.addressof(buf), 2, dev, 1, 2, 32, 1, shape, None, 0)  # kDLCUDA
+    x, w, y = on(0), on(1), on(0)
+    st = LIB.l3k_rmsnorm_forward(ctypes.byref(x), ctypes.byref(w), 1e-5, ctypes.byref(y), None, None)
+    if l3k.has_cuda():
+        assert st == DEVICE
+        assert LIB.l3k_last_error() == b"rmsnorm_forward: weight is on cuda:1, expected cuda:0 like the other tensors"
+    else:
+        assert st == NO_CUDA and b"built without CUDA" in LIB.l3k_last_error()
+
+
 def test_misaligned_pointer_is_rejected():
     """A float16 DLTensor whose data pointer is odd: built by hand through the ABI."""
     from llama3_kernels._lib import LIB, ALIGNMENT
-
-    class DLTensor(ctypes.Structure):
-        _fields_ = [("data", ctypes.c_void_p), ("device_type", ctypes.c_int), ("device_id", ctypes.c_int32),
-                    ("ndim", ctypes.c_int32), ("code", ctypes.c_uint8), ("bits", ctypes.c_uint8),
-                    ("lanes", ctypes.c_uint16), ("shape", ctypes.POINTER(ctypes.c_int64)),
-                    ("strides", ctypes.c_void_p), ("byte_offset", ctypes.c_uint64)]
 
     buf = (ctypes.c_uint16 * 130)()
     shape = (ctypes.c_int64 * 1)(64)
