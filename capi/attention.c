@@ -70,6 +70,9 @@ static l3k_status check_qkv(l3k_call *c, const DLTensor *q, const DLTensor *k, c
     if (lse->dtype.code != kDLFloat || lse->dtype.bits != 32 || lse->dtype.lanes != 1)
         return l3k_fail(c, L3K_ERROR_DTYPE, "lse dtype %s, expected float32", l3k_dtype_name(lse->dtype, buf));
     L3K_TRY(l3k_check_contiguous_numel(c, lse, "lse", B * H * Sq));
+    const DLTensor *ins[3] = {q, k, v};
+    static const char *in_names[3] = {"q", "k", "v"};
+    for (int i = 0; i < 3; ++i) L3K_TRY(l3k_check_no_overlap(c, o, "o", ins[i], in_names[i], 0));
     if (!isfinite(scale) || scale < 0.0f)
         return l3k_fail(c, L3K_ERROR_VALUE, "scale is %g, expected > 0 (or 0 for 1/sqrt(head_dim))",
                         (double)scale);
@@ -125,6 +128,11 @@ l3k_status l3k_attention_backward(const DLTensor *dout, const DLTensor *q, const
     L3K_TRY(l3k_check_same_shape(&c, dk, "dk", k, "k"));
     L3K_TRY(check_bhsd(&c, dv, "dv", a.f.dtype, "q", a.dv_stride));
     L3K_TRY(l3k_check_same_shape(&c, dv, "dv", v, "v"));
+    /* The gradients may share one buffer (views of a fused dQKV) but no input's memory. */
+    const DLTensor *outs[3] = {dq, dk, dv}, *ins[5] = {dout, q, k, v, o};
+    static const char *out_names[3] = {"dq", "dk", "dv"}, *in_names[5] = {"dout", "q", "k", "v", "o"};
+    for (int i = 0; i < 3; ++i)
+        for (int j = 0; j < 5; ++j) L3K_TRY(l3k_check_no_overlap(&c, outs[i], out_names[i], ins[j], in_names[j], 0));
     const size_t need = l3k_attn_bwd_workspace_bytes(a.f.batch, a.f.n_heads, a.f.n_kv_heads, a.f.seq_q,
                                                      a.f.seq_k, a.f.head_dim, deterministic != 0,
                                                      l3k_on_cuda(&c));

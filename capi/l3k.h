@@ -130,8 +130,8 @@ L3K_API l3k_status l3k_add_rmsnorm_forward(const DLTensor *x, const DLTensor *re
                                            const DLTensor *weight, float eps, DLTensor *h,
                                            DLTensor *y, DLTensor *rstd, void *stream);
 
-/* Bytes of workspace l3k_rmsnorm_backward needs for x's shape (0 when dweight
- * is not asked for still needs no workspace).  `x` is only inspected. */
+/* Bytes of workspace l3k_rmsnorm_backward needs for x's shape when dweight is
+ * asked for (without dweight it needs none).  `x` is only inspected. */
 L3K_API l3k_status l3k_rmsnorm_backward_workspace_size(const DLTensor *x, size_t *bytes);
 
 /* Gradients of RMSNorm (or of the fused add + RMSNorm).
@@ -224,8 +224,10 @@ L3K_API l3k_status l3k_swiglu_backward(const DLTensor *da, const DLTensor *g, co
                                        DLTensor *dg, DLTensor *du, DLTensor *a, void *stream);
 
 /* Fused layout backward: gu (..., 2 * hidden) as in l3k_swiglu_fused_forward,
- * da (..., hidden); dgu (..., 2 * hidden) receives [dg | du].  dgu may be the
- * same view as gu (in place).  a: optional output as in l3k_swiglu_backward. */
+ * da (..., hidden); dgu (..., 2 * hidden) receives [dg | du].  a: optional
+ * output as in l3k_swiglu_backward.  Each output may be the same view as an
+ * input (every element reads its inputs before it is written): dgu over gu and
+ * a over da turn the backward's buffers into its outputs with no extra memory. */
 L3K_API l3k_status l3k_swiglu_fused_backward(const DLTensor *da, const DLTensor *gu,
                                              DLTensor *dgu, DLTensor *a, void *stream);
 
@@ -254,14 +256,15 @@ L3K_API l3k_status l3k_linear_forward(const DLTensor *x, const DLTensor *weight,
                                       void *stream);
 
 /* dx = dy @ weight (accumulate != 0: dx += dy @ weight).  dy: (..., N) rows;
- * dx: dy's leading dims and K, dtype of dy. */
+ * dx: dy's leading dims and K, dtype of dy, not overlapping dy or weight. */
 L3K_API l3k_status l3k_linear_backward_input(const DLTensor *dy, const DLTensor *weight,
                                              DLTensor *dx, int accumulate, DLTensor *workspace,
                                              void *stream);
 
 /* dweight = dy^T @ x summed over all rows (accumulate != 0: dweight += ...).
  * dy: (..., N), x: (..., K) with the same number of rows; dweight: (N, K),
- * dtype of x or float32 (full-precision gradient accumulation). */
+ * dtype of x or float32 (full-precision gradient accumulation), not
+ * overlapping dy or x. */
 L3K_API l3k_status l3k_linear_backward_weight(const DLTensor *dy, const DLTensor *x,
                                               DLTensor *dweight, int accumulate,
                                               DLTensor *workspace, void *stream);
@@ -285,7 +288,7 @@ L3K_API l3k_status l3k_linear_backward_weight(const DLTensor *dy, const DLTensor
 
 /* o: shape of q, any strides as above (a (batch, seq, heads, head_dim)
  * buffer viewed as (batch, heads, seq, head_dim) lets the output projection
- * read it directly).  lse: float32, contiguous, batch * n_heads * seq_q
+ * read it directly); its memory must not overlap q, k or v.  lse: float32, contiguous, batch * n_heads * seq_q
  * elements: the natural-log sum of exp of each row's scores, for the backward. */
 L3K_API l3k_status l3k_attention_forward(const DLTensor *q, const DLTensor *k, const DLTensor *v,
                                          float scale, int causal, DLTensor *o, DLTensor *lse,
@@ -300,7 +303,8 @@ L3K_API l3k_status l3k_attention_backward_workspace_size(const DLTensor *q, cons
  * each kv group without atomics.  deterministic == 0 (the default) adds dq up
  * with float32 atomics (the last bits may differ between runs);
  * deterministic != 0 computes dq without atomics, bitwise reproducible, about
- * 10-15% slower.  dq: shape of q; dk, dv: shape of k; any strides as above.
+ * 10-15% slower.  dq: shape of q; dk, dv: shape of k; any strides as above;
+ * they may be views of one buffer but must not overlap dout, q, k, v or o.
  * workspace: at least l3k_attention_backward_workspace_size bytes, 256-byte
  * aligned. */
 L3K_API l3k_status l3k_attention_backward(const DLTensor *dout, const DLTensor *q, const DLTensor *k,

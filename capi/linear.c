@@ -85,6 +85,9 @@ l3k_status l3k_linear_forward(const DLTensor *x, const DLTensor *weight, const D
         if (rr.data == yr.data && rr.row_stride != yr.row_stride)
             return l3k_fail(&c, L3K_ERROR_LAYOUT, "residual aliases y with another row stride");
     }
+    L3K_TRY(l3k_check_no_overlap(&c, y, "y", x, "x", 0));
+    L3K_TRY(l3k_check_no_overlap(&c, y, "y", weight, "weight", 0));
+    if (residual) L3K_TRY(l3k_check_no_overlap(&c, y, "y", residual, "residual", 1));
     void *ws;
     size_t ws_bytes;
     L3K_TRY(workspace_of(&c, workspace, &ws, &ws_bytes));
@@ -112,6 +115,8 @@ l3k_status l3k_linear_backward_input(const DLTensor *dy, const DLTensor *weight,
     L3K_TRY(l3k_check_dtype(&c, dx, "dx", dt, "dy"));
     L3K_TRY(check_leading(&c, dx, "dx", dy, wr.n));
     L3K_TRY(l3k_check_rows(&c, dx, "dx", &dxr));
+    L3K_TRY(l3k_check_no_overlap(&c, dx, "dx", dy, "dy", 0));
+    L3K_TRY(l3k_check_no_overlap(&c, dx, "dx", weight, "weight", 0));
     void *ws;
     size_t ws_bytes;
     L3K_TRY(workspace_of(&c, workspace, &ws, &ws_bytes));
@@ -148,6 +153,8 @@ l3k_status l3k_linear_backward_weight(const DLTensor *dy, const DLTensor *x, DLT
         return l3k_fail(&c, L3K_ERROR_SHAPE, "dweight has ndim %d, expected shape (%lld, %lld)",
                         (int)dweight->ndim, (long long)dyr.n, (long long)xr.n);
     L3K_TRY(l3k_check_rows(&c, dweight, "dweight", &dwr));
+    L3K_TRY(l3k_check_no_overlap(&c, dweight, "dweight", dy, "dy", 0));
+    L3K_TRY(l3k_check_no_overlap(&c, dweight, "dweight", x, "x", 0));
     void *ws;
     size_t ws_bytes;
     L3K_TRY(workspace_of(&c, workspace, &ws, &ws_bytes));

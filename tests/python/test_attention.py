@@ -128,6 +128,15 @@ BAD = [
 ]
 
 
+def test_output_overlapping_an_input_is_rejected(device):
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    q = torch.randn(1, 2, 8, 64, device=device, dtype=dtype)
+    k = torch.randn(1, 2, 8, 64, device=device, dtype=dtype)
+    lse = torch.empty(1, 2, 8, device=device)
+    with pytest.raises(ValueError, match="attention_forward: o overlaps q, expected separate memory"):
+        l3k.attention_forward_into(q, k, k, q, lse)
+
+
 @pytest.mark.parametrize("case", BAD, ids=lambda c: c[0])
 def test_bad_inputs(device, case):
     name, make, exc, message = case

@@ -75,4 +75,7 @@ def test_bad_inputs(device):
         l3k.linear_forward_into(x, w, y, residual=torch.randn(4, 17, device=device))
     with pytest.raises(TypeError, match="linear_backward_weight: dweight dtype float16, expected float32 or the dtype of x"):
         l3k.linear_backward_weight_into(y, x, torch.empty(16, 32, device=device, dtype=torch.float16))
+    with pytest.raises(ValueError, match="linear_forward: y overlaps x, expected separate memory"):
+        buf = torch.randn(4, 48, device=device)
+        l3k.linear_forward_into(buf[:, :32], w, buf[:, 32:])
     assert torch.all(y == 3.0)
