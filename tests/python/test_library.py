@@ -329,16 +329,20 @@ def test_inductor_all_ops_dynamic():
           _t(n, hid, grad=True, **kw, scale=hid ** -0.5)]
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
     compiled = torch.compile(_all_ops, backend=counter, fullgraph=True, dynamic=True)
+    frames = []
     for s in (5, 9):
         x, r = _t(1, s, n, grad=True, **kw), _t(1, s, n, grad=True, **kw)
         cos, sin = _tables(s, "cpu")
         args = (x, r, *ws, cos, sin)
         out_e, g_e = _run(_all_ops, args)
         out_c, g_c = _run(compiled, args)
+        frames.append(counter.frame_count)
         assert_close(out_c[0], out_e[0], dt, scale=10, what=f"s={s} output")
         for i, (a, b) in enumerate(zip(g_c, g_e)):
             assert_close(a, b, dt, scale=10, what=f"s={s} grad {i}")
-    assert counter.frame_count == 1
+    # The second length compiles nothing new.  (Some torch versions restart the first
+    # trace once, so the first length may count two frames: torch 2.15 does.)
+    assert frames[0] in (1, 2) and frames[1] == frames[0], frames
     assert {"llama3_kernels.flash_attn", "llama3_kernels.rope_", "llama3_kernels.swiglu_fused"} <= Recorder.targets(counter.graphs)
 
 
