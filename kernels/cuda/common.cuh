@@ -86,38 +86,6 @@ struct l3k_slot {
     __device__ __forceinline__ float get(int i) const { return l3k_to_float(reinterpret_cast<const T *>(raw)[i]); }
 };
 
-/* l3k_load8 into a slot: the same bounds rules, out-of-range elements zero. */
-template <typename T, bool VEC>
-__device__ __forceinline__ l3k_slot<T> l3k_load_slot(const T *__restrict__ row, int64_t col, int64_t n) {
-    constexpr int PER16 = 16 / sizeof(T);
-    l3k_slot<T> s;
-    if (VEC) {
-#pragma unroll
-        for (int piece = 0; piece < 8 / PER16; ++piece) {
-            const int64_t c = col + piece * PER16;
-            s.raw[piece] = c < n ? *reinterpret_cast<const uint4 *>(row + c) : make_uint4(0, 0, 0, 0);
-        }
-    } else {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) s.at(i) = col + i < n ? row[col + i] : l3k_from_float<T>(0.0f);
-    }
-    return s;
-}
-
-template <typename T, bool VEC>
-__device__ __forceinline__ void l3k_store_slot(T *__restrict__ row, int64_t col, int64_t n, const l3k_slot<T> &s) {
-    constexpr int PER16 = 16 / sizeof(T);
-    if (VEC) {
-#pragma unroll
-        for (int piece = 0; piece < 8 / PER16; ++piece)
-            if (col + piece * PER16 < n) *reinterpret_cast<uint4 *>(row + col + piece * PER16) = s.raw[piece];
-    } else {
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-            if (col + i < n) row[col + i] = reinterpret_cast<const T *>(s.raw)[i];
-    }
-}
-
 /* Sum over the `width` lanes (a power of two <= 32) that share a sub-warp. */
 template <typename V>
 __device__ __forceinline__ V l3k_subwarp_sum(V v, int width) {
