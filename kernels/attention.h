@@ -17,7 +17,8 @@
  *    o_i = 0 and lse_i = +INFINITY. With that sentinel the backward's p = exp(s - lse) is exactly
  *    0, so such rows contribute nothing to dk/dv and get dq_i = 0.
  *  - head_dim: any multiple of 8 in [8, 256]. The CUDA fast paths are head_dim 64 and 128; other
- *    values run the kernel of the next size in {64, 128, 256} with zero-filled columns.
+ *    values run the kernel of the next size in {64, 128, 256} with zero-filled columns. On H100
+ *    (sm_90a builds) the forward for 64 < head_dim <= 128 runs on wgmma, elsewhere on mma.sync.
  *  - CUDA dtypes: float16 and bfloat16 (fp32 accumulation). The CPU reference also takes float32.
  *  - CUDA pointers: q/k/v/o/dout/dq/dk/dv 16-byte aligned and every stride a multiple of 8
  *    elements (16-byte vector loads); the capi layer checks this.
@@ -83,7 +84,31 @@ int l3k_cpu_attn_bwd(const l3k_attn_bwd_args *a);
  * never synchronizes, safe under graph capture. Return a cudaError_t value (0 = cudaSuccess);
  * cudaErrorInvalidValue (1) for an unsupported dtype/head_dim or a too-small workspace. */
 int l3k_cuda_attn_fwd(const l3k_attn_fwd_args *a, void *stream);
+/* The Hopper (sm_90a, wgmma) forward behind l3k_cuda_attn_fwd: 64 < head_dim <= 128 on a
+ * compute capability 9.0 GPU with a build that carries sm_90a code. Returns cudaErrorNotSupported
+ * (801) without launching anything otherwise. */
+int l3k_cuda_attn_fwd_sm90(const l3k_attn_fwd_args *a, void *stream);
 int l3k_cuda_attn_bwd(const l3k_attn_bwd_args *a, void *stream);
+/* The Hopper (sm_90a, wgmma) backward main kernel behind l3k_cuda_attn_bwd (non-deterministic
+ * mode): dk, dv written, dS K added to dqacc with float atomics. dsum and dqacc are the workspace's
+ * D and zeroed dq accumulator, set up by the caller's preprocess kernel; the caller then converts
+ * dqacc to dq. head_dim <= 128 on a compute capability 9.0 GPU with a build that carries sm_90a
+ * code; returns cudaErrorNotSupported (801) without launching anything otherwise (deterministic,
+ * head_dim > 128, other GPUs).
+ * dqacc layout: row-major (B, H, Sq, head_dim) float32, except with dq_mode 4 (the default, see
+ * L3K_ATTN_BWD_SM90_DQ_MODE): there every full 64-row block (rows 64m..64m+63 < Sq) of a head_dim
+ * 64 or 128 problem keeps its span of the row-major buffer but is stored in wgmma accumulator order
+ * (flash_attn_bwd_sm90.cu, kDqTile); the dq convert kernel must be told (tiled = 1). */
+#define L3K_ATTN_BWD_SM90_DQ_MODE 4
+int l3k_cuda_attn_bwd_main_sm90(const l3k_attn_bwd_args *a, const float *dsum, float *dqacc, void *stream);
+/* Testing hooks. l3k_cuda_attn_bwd_main_sm90_mode: dq_mode 0 = row-major, per-row bulk reduce adds;
+ * 1 = row-major, per-thread vector atomics; 4 = tiled blocks (above), one bulk reduce per warpgroup
+ * and block; any other value: cudaErrorInvalidValue. l3k_cuda_attn_bwd_variant:
+ * 0 = l3k_cuda_attn_bwd; 1 = the mma.sync main kernel even where the wgmma one is available;
+ * 2 + m = the wgmma kernel with dq_mode m. */
+int l3k_cuda_attn_bwd_main_sm90_mode(const l3k_attn_bwd_args *a, const float *dsum, float *dqacc, void *stream,
+                                     int dq_mode);
+int l3k_cuda_attn_bwd_variant(const l3k_attn_bwd_args *a, void *stream, int variant);
 
 #ifdef __cplusplus
 }

@@ -27,24 +27,13 @@
 #include <math.h>
 
 #include "attention.h"
+#include "flash_common.cuh"
 
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f;
+using namespace l3k_fa;
 
 // ------------------------------------------------------------------ PTX helpers
-__device__ __forceinline__ uint32_t smem_u32(const void *p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, bool pred) {
-  const int sz = pred ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(sz));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 __device__ __forceinline__ void ldsm_x4(uint32_t &r0, uint32_t &r1, uint32_t &r2, uint32_t &r3, uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
@@ -55,11 +44,6 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t &r0, uint32_t &r1, uint32_t &
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
                : "r"(addr));
 }
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
 
 template <typename T> struct MmaOp;
 template <> struct MmaOp<__nv_bfloat16> {
@@ -68,10 +52,7 @@ template <> struct MmaOp<__nv_bfloat16> {
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t *>(&v);
-  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) { return pack2<__nv_bfloat16>(lo, hi); }
 };
 template <> struct MmaOp<__half> {
   static __device__ __forceinline__ void run(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
@@ -79,10 +60,7 @@ template <> struct MmaOp<__half> {
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t *>(&v);
-  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) { return pack2<__half>(lo, hi); }
 };
 
 // Swizzled element offset of (r, c) in a row-major tile of W 16-bit columns. The 16-byte chunk
@@ -139,8 +117,6 @@ __device__ __forceinline__ void store_tile(T *g, int64_t rs, const T *s, int64_t
       *reinterpret_cast<uint4 *>(g + (int64_t)r * rs + ch * 8) = *reinterpret_cast<const uint4 *>(s + sw<W>(r, ch * 8));
   }
 }
-
-__device__ __forceinline__ int64_t ceil_div_pos(int64_t a, int64_t b) { return a <= 0 ? 0 : (a + b - 1) / b; }
 
 // ================================================================== forward
 template <typename T, int HD, int BM, int BN, int NW, int MW>
@@ -388,9 +364,11 @@ __global__ void fa_bwd_pre_kernel(const l3k_attn_bwd_args a, float *dsum, float 
   }
 }
 
-// dq = dqacc * scale -> T. One warp per row.
+// dq = dqacc * scale -> T. One warp per row. tiled: full 64-row blocks of a head_dim 64/128
+// problem are in the wgmma accumulator order of flash_attn_bwd_sm90.cu (kDqTile): element
+// (row 16wi + g + 8r, column 64w + 8j + 2t + e) of the block at 4096w + 4(128j + 32wi + 4g + t) + 2r + e.
 template <typename T>
-__global__ void fa_bwd_dq_convert_kernel(const l3k_attn_bwd_args a, const float *dqacc) {
+__global__ void fa_bwd_dq_convert_kernel(const l3k_attn_bwd_args a, const float *dqacc, int tiled) {
   const int64_t H = a.f.n_heads, Sq = a.f.seq_q;
   const int hd = (int)a.f.head_dim;
   const int lane = threadIdx.x & 31;
@@ -401,6 +379,30 @@ __global__ void fa_bwd_dq_convert_kernel(const l3k_attn_bwd_args a, const float 
   T *dqg = static_cast<T *>(a.dq) + b * a.dq_stride[0] + h * a.dq_stride[1] + i * a.dq_stride[2];
   const float *src = dqacc + row * hd;
   const float sc = a.f.scale;
+  const int64_t m0 = i - (i & 63);
+  if (tiled && (hd == 64 || hd == 128) && m0 + 64 <= Sq) {
+    const float *blk = dqacc + (bh * Sq + m0) * hd;
+    const int lr = (int)(i & 63);
+    const int rbase = 32 * (lr >> 4) + 4 * (lr & 7), roff = 2 * ((lr >> 3) & 1);
+    for (int c = lane * 8; c < hd; c += 256) {
+      float x[8];
+#pragma unroll
+      for (int u = 0; u < 4; u++) {  // columns c + 2u, c + 2u + 1: t = u (c is a multiple of 8)
+        const int cc = c + 2 * u;
+        const float2 v = *reinterpret_cast<const float2 *>(
+            blk + 4096 * (cc >> 6) + 4 * (128 * ((cc & 63) >> 3) + rbase + u) + roff);
+        x[2 * u] = v.x;
+        x[2 * u + 1] = v.y;
+      }
+      uint4 out;
+      out.x = MmaOp<T>::pack(x[0] * sc, x[1] * sc);
+      out.y = MmaOp<T>::pack(x[2] * sc, x[3] * sc);
+      out.z = MmaOp<T>::pack(x[4] * sc, x[5] * sc);
+      out.w = MmaOp<T>::pack(x[6] * sc, x[7] * sc);
+      *reinterpret_cast<uint4 *>(dqg + c) = out;
+    }
+    return;
+  }
   for (int c = lane * 8; c < hd; c += 256) {
     const float4 x0 = *reinterpret_cast<const float4 *>(src + c);
     const float4 x1 = *reinterpret_cast<const float4 *>(src + c + 4);
@@ -857,13 +859,17 @@ cudaError_t fwd_dispatch(const l3k_attn_fwd_args &a, cudaStream_t s, int variant
   return launch_fwd<T, 256, 64, 64, 4, 1>(a, s);
 }
 
+// variant 0: default (the wgmma main kernel of flash_attn_bwd_sm90.cu where this GPU and build
+// have it, non-deterministic mode, head_dim <= 128); 1: always the mma.sync main kernel;
+// 2 + m: the wgmma kernel with dQ mode m (l3k_cuda_attn_bwd_main_sm90_mode).
 template <typename T>
-cudaError_t bwd_dispatch(const l3k_attn_bwd_args &a, cudaStream_t s) {
+cudaError_t bwd_dispatch(const l3k_attn_bwd_args &a, cudaStream_t s, int variant) {
   const int64_t d = a.f.head_dim;
   const size_t rows = (size_t)(a.f.batch * a.f.n_heads * a.f.seq_q);
   float *dsum = static_cast<float *>(a.workspace);
   float *dqacc = a.deterministic ? nullptr : reinterpret_cast<float *>(static_cast<char *>(a.workspace) + round256(rows * 4));
   cudaError_t e;
+  int dq_tiled = 0;  // dqacc layout left by the main kernel (attention.h, l3k_cuda_attn_bwd_main_sm90)
   if (rows > 0) {
     const unsigned blocks = (unsigned)((rows + 7) / 8);
     fa_bwd_pre_kernel<T><<<blocks, 256, 0, s>>>(a, dsum, dqacc);
@@ -875,9 +881,15 @@ cudaError_t bwd_dispatch(const l3k_attn_bwd_args &a, cudaStream_t s) {
       else if (d <= 128) e = launch_bwd_main<T, 128, 64, 128, 8, 1, false>(a, dsum, dqacc, s);
       else e = launch_bwd_main<T, 256, 32, 64, 8, 2, false>(a, dsum, dqacc, s);
     } else {
-      if (d <= 64) e = launch_bwd_main<T, 64, 64, 128, 8, 1, true>(a, dsum, dqacc, s);
-      else if (d <= 128) e = launch_bwd_main<T, 128, 64, 128, 8, 1, true>(a, dsum, dqacc, s);
-      else e = launch_bwd_main<T, 256, 32, 64, 8, 2, true>(a, dsum, dqacc, s);
+      e = cudaErrorNotSupported;
+      const int mode = variant == 0 ? L3K_ATTN_BWD_SM90_DQ_MODE : variant - 2;
+      if (variant != 1) e = (cudaError_t)l3k_cuda_attn_bwd_main_sm90_mode(&a, dsum, dqacc, s, mode);
+      if (e == cudaSuccess) dq_tiled = mode == 4;
+      if (e == cudaErrorNotSupported) {  // not an sm_90a build on H100, or head_dim > 128
+        if (d <= 64) e = launch_bwd_main<T, 64, 64, 128, 8, 1, true>(a, dsum, dqacc, s);
+        else if (d <= 128) e = launch_bwd_main<T, 128, 64, 128, 8, 1, true>(a, dsum, dqacc, s);
+        else e = launch_bwd_main<T, 256, 32, 64, 8, 2, true>(a, dsum, dqacc, s);
+      }
     }
     if (e != cudaSuccess) return e;
   }
@@ -887,7 +899,7 @@ cudaError_t bwd_dispatch(const l3k_attn_bwd_args &a, cudaStream_t s) {
     if (d <= 128) return launch_bwd_dq<T, 128, 64, 64, 4>(a, dsum, s);
     return launch_bwd_dq<T, 256, 64, 32, 4>(a, dsum, s);
   }
-  fa_bwd_dq_convert_kernel<T><<<(unsigned)((rows + 7) / 8), 256, 0, s>>>(a, dqacc);
+  fa_bwd_dq_convert_kernel<T><<<(unsigned)((rows + 7) / 8), 256, 0, s>>>(a, dqacc, dq_tiled);
   return cudaGetLastError();
 }
 
@@ -898,9 +910,16 @@ bool shape_ok(const l3k_attn_fwd_args &a) {
 
 }  // namespace
 
+// Tuning/testing hook (tests/gpu/attn_harness.py): 0 default (wgmma where available), 1 mma.sync
+// 8 warps, 2 mma.sync 4 warps.
 extern "C" int l3k_cuda_attn_fwd_variant(const l3k_attn_fwd_args *a, void *stream, int variant) {
   if (!a || !shape_ok(*a)) return (int)cudaErrorInvalidValue;
   if (a->batch <= 0 || a->n_heads <= 0 || a->seq_q <= 0) return (int)cudaSuccess;
+  // The wgmma kernel (flash_attn_sm90.cu) where this GPU and build have it, else mma.sync.
+  if (variant == 0) {
+    const int rc = l3k_cuda_attn_fwd_sm90(a, stream);
+    if (rc != (int)cudaErrorNotSupported) return rc;
+  }
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (a->dtype == L3K_DT_BF16) return (int)fwd_dispatch<__nv_bfloat16>(*a, s, variant);
   return (int)fwd_dispatch<__half>(*a, s, variant);
@@ -910,7 +929,9 @@ extern "C" int l3k_cuda_attn_fwd(const l3k_attn_fwd_args *a, void *stream) {
   return l3k_cuda_attn_fwd_variant(a, stream, 0);
 }
 
-extern "C" int l3k_cuda_attn_bwd(const l3k_attn_bwd_args *a, void *stream) {
+// Tuning/testing hook (tests/gpu/attn_harness.py): 0 default, 1 the mma.sync main kernel even on H100,
+// 2 + m the wgmma main kernel with dQ mode m (m = 0, 1, 4; l3k_cuda_attn_bwd_main_sm90_mode).
+extern "C" int l3k_cuda_attn_bwd_variant(const l3k_attn_bwd_args *a, void *stream, int variant) {
   if (!a || !shape_ok(a->f)) return (int)cudaErrorInvalidValue;
   const l3k_attn_fwd_args &f = a->f;
   if (f.batch <= 0 || f.n_heads <= 0) return (int)cudaSuccess;
@@ -919,6 +940,10 @@ extern "C" int l3k_cuda_attn_bwd(const l3k_attn_bwd_args *a, void *stream) {
                                                    f.head_dim, a->deterministic, 1);
   if (need > 0 && (a->workspace == nullptr || a->workspace_bytes < need)) return (int)cudaErrorInvalidValue;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (f.dtype == L3K_DT_BF16) return (int)bwd_dispatch<__nv_bfloat16>(*a, s);
-  return (int)bwd_dispatch<__half>(*a, s);
+  if (f.dtype == L3K_DT_BF16) return (int)bwd_dispatch<__nv_bfloat16>(*a, s, variant);
+  return (int)bwd_dispatch<__half>(*a, s, variant);
+}
+
+extern "C" int l3k_cuda_attn_bwd(const l3k_attn_bwd_args *a, void *stream) {
+  return l3k_cuda_attn_bwd_variant(a, stream, 0);
 }

@@ -268,6 +268,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
     ap.add_argument("--cpu", action="store_true", help="run the CPU path even where a GPU is present")
+    ap.add_argument("--configs", default=None,
+                    help="block configs to run, comma-separated name prefixes (e.g. 'llama3-8b'); default all")
     args = ap.parse_args(argv)
 
     gpu = torch.cuda.is_available() and not args.cpu and _lib.has_cuda()
@@ -290,7 +292,8 @@ def main(argv=None) -> int:
     blocks = []
     if args.suite in ("all", "block"):
         from .bench_block import run_block_suite
-        blocks = run_block_suite(timer, device, not args.no_compile)
+        only = [n.strip() for n in args.configs.split(",")] if args.configs else None
+        blocks = run_block_suite(timer, device, not args.no_compile, only=only)
     for i, c in enumerate(cases, 1):
         for label, fn in c.variants.items():
             c.results[label] = timer(fn)

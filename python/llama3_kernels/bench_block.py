@@ -74,8 +74,13 @@ def _gemms(cfg: BlockConfig, device):
     return fwd, fwd_bwd
 
 
-def run_block_suite(timer, device, compile_ok: bool, log=print) -> list[BlockConfig]:
+def run_block_suite(timer, device, compile_ok: bool, log=print, only=None) -> list[BlockConfig]:
+    """`only`: name prefixes of the configs to run (None: all of the device's configs)."""
     configs = GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS
+    if only:
+        configs = [c for c in configs if any(c.name.startswith(o) for o in only)]
+        if not configs:
+            raise SystemExit(f"--configs {','.join(only)}: no block config of this device matches")
     for cfg in configs:
         torch.manual_seed(0)
         ref = TorchLlama3Block(cfg.dim, cfg.hidden, cfg.heads, cfg.kv_heads, causal=cfg.causal,

@@ -20,6 +20,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VARIANTS = os.environ.get("ATTN_VARIANTS", "0") == "1"
+# forward kernel for parity/sanitize: 0 default (wgmma on H100), 2 mma.sync
+FWD_VARIANT = int(os.environ.get("ATTN_FWD_VARIANT", "0"))
+# backward for parity/sanitize: 0 default (wgmma main kernel on H100), 1 mma.sync main kernel,
+# 2 + m wgmma main kernel with dq mode m (kernels/attention.h, l3k_cuda_attn_bwd_main_sm90_mode)
+BWD_VARIANT = int(os.environ.get("ATTN_BWD_VARIANT", "0"))
 DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -46,7 +51,7 @@ class BwdArgs(ctypes.Structure):
 
 
 def build(arch, out):
-    src_cu = os.path.join(ROOT, "kernels/cuda/flash_attn.cu")
+    src_cu = [os.path.join(ROOT, "kernels/cuda", f) for f in ("flash_attn.cu", "flash_attn_sm90.cu", "flash_attn_bwd_sm90.cu")]
     src_c = os.path.join(ROOT, "kernels/cpu/flash_attn.c")
     inc = os.path.join(ROOT, "kernels")
     obj_c = out + ".c.o"
@@ -56,7 +61,7 @@ def build(arch, out):
     for a in arch.split(","):
         gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
     cmd = ["nvcc", "-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-fopenmp", *gencode,
-           "-Xptxas", "-v", "-I" + inc, src_cu, obj_c, "-o", out]
+           "-Xptxas", "-v", "-I" + inc, *src_cu, obj_c, "-o", out]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         print(r.stdout, r.stderr)
@@ -151,7 +156,7 @@ def run_ours(lib, q, k, v, do, scale, causal, det, bshd, repeat=1):
     o = alloc_bhsd(B, H, SQ, D, q.dtype, bshd, nan)
     lse = torch.full((B, H, SQ), nan, device="cuda", dtype=torch.float32)
     fa = make_fwd(q, k, v, o, lse, scale, causal)
-    rc = lib.lib.l3k_cuda_attn_fwd(ctypes.byref(fa), None)
+    rc = lib.lib.l3k_cuda_attn_fwd_variant(ctypes.byref(fa), None, FWD_VARIANT)
     assert rc == 0, f"fwd rc={rc}"
     outs = []
     for _ in range(repeat):
@@ -160,7 +165,10 @@ def run_ours(lib, q, k, v, do, scale, causal, det, bshd, repeat=1):
         dv = torch.full((B, HKV, SK, D), nan, device="cuda", dtype=q.dtype)
         ws = torch.full((lib.ws_bytes(B, H, HKV, SQ, SK, D, det),), 255, device="cuda", dtype=torch.uint8)
         ba = make_bwd(fa, do, dq, dk, dv, ws, det)
-        rc = lib.lib.l3k_cuda_attn_bwd(ctypes.byref(ba), None)
+        if BWD_VARIANT:
+            rc = lib.lib.l3k_cuda_attn_bwd_variant(ctypes.byref(ba), None, BWD_VARIANT)
+        else:
+            rc = lib.lib.l3k_cuda_attn_bwd(ctypes.byref(ba), None)
         assert rc == 0, f"bwd rc={rc}"
         outs.append((dq, dk, dv))
     torch.cuda.synchronize()
@@ -185,6 +193,10 @@ PARITY_CASES = [
     (1, 2, 2, 128, 257, 160, True),
     (1, 2, 1, 300, 300, 256, True),
     (1, 4, 4, 2048, 2048, 64, True),
+    # more tiles than SMs: persistent CTAs walk several tiles (and skip fully masked ones)
+    (2, 32, 8, 1100, 1100, 128, True),
+    (2, 16, 4, 1500, 700, 128, True),
+    (3, 24, 8, 777, 333, 128, False),
 ]
 
 
@@ -279,6 +291,7 @@ def bench(lib):
 
         res = {}
         res["ours fwd"] = bench_ms(f_fwd)
+        res["ours fwd mma.sync"] = bench_ms(lambda: f_fwd(2))
         res["ours fwd+bwd"] = bench_ms(f_fb)
         res["ours fwd+bwd det"] = bench_ms(f_fb_det)
         if VARIANTS and D == 128:
@@ -344,6 +357,16 @@ def main():
         bench(lib)
     if args.mode == "sanitize":
         sanitize(lib)
+    if args.mode == "profile":  # one shape, a few forward launches, for ncu
+        B, H, HKV, S, D = 2, 32, 8, 2048, 128
+        q = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(B, HKV, S, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(B, HKV, S, D, device="cuda", dtype=torch.bfloat16)
+        o, lse = torch.empty_like(q), torch.empty(B, H, S, device="cuda")
+        fa = make_fwd(q, k, v, o, lse, 1.0 / math.sqrt(D), True)
+        for _ in range(3):
+            lib.lib.l3k_cuda_attn_fwd_variant(ctypes.byref(fa), None, FWD_VARIANT)
+        torch.cuda.synchronize()
     sys.exit(1 if fails else 0)
 
 

@@ -1,0 +1,426 @@
+// kernels/cuda/flash_attn_bwd_sm90.cu -- Hopper backward attention main kernel: wgmma (sm_90a).
+//
+// Contract: kernels/attention.h. Replaces only fa_bwd_kernel<..., DQ = true> of flash_attn.cu
+// (non-deterministic mode, head_dim <= 128); the preprocess (D = rowsum(dO*O), dqacc = 0) and the
+// dq convert kernel there are unchanged, so dqacc gets the same unscaled sum of dS K.
+//
+// CTA = 128 keys of one (batch, kv head), two warpgroups; warpgroup w owns keys 64w..64w+63 and
+// their dK, dV accumulators (64 x HD fp32 each, in registers for the whole kernel). K and V stay
+// resident in shared memory; the CTA walks the 64-row Q blocks (causal: only blocks that see a key
+// of this block) of the GQA group's query heads, Q, dO, LSE and D double-buffered (cp.async).
+// Per Q block and warpgroup (scores transposed so that P^T and dS^T, keys x queries, come out in
+// the accumulator layout that is the A fragment of the register-A products):
+//   S^T  = K_w Q^T      ss m64n64, K and Q K-major
+//   dP^T = V_w dO^T     ss m64n64, V and dO K-major
+//   P^T  = exp2(S^T scale log2e - LSE log2e), masked;  dS^T = P^T o (dP^T - D)
+//   dV  += P^T dO       rs m64nHD, dO MN-major (transpose bit)
+//   dK  += dS^T Q       rs m64nHD, Q MN-major
+//   dQ   = dS K         ss m64n64 from the CTA's dS^T (both warpgroups' rows, staged in shared
+//                       memory) and K, both read MN-major; hd128: warpgroup w takes columns
+//                       64w.., all 128 keys; hd64: keys 64w.., all columns (two partial sums).
+//                       Added to dqacc in fp32 by one bulk reduce per warpgroup (kDqTile below).
+// dK is scaled by the softmax scale at the end; dq's scale is applied by the convert kernel.
+// Registers: dK, dV 128 + S^T, dP^T 64 + packed P^T, dS^T 32 of 255 per thread (no spills);
+// hence one CTA per SM and no producer warp: every thread issues the cp.async copies.
+// Tile layout as in flash_attn_sm90.cu: 64-column panels of 128-byte rows, 16-byte chunk c of
+// row r at chunk c ^ (r % 8), tiles 1024-byte aligned.
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+#include <math.h>
+
+#include "attention.h"
+#include "flash_common.cuh"
+#include "wgmma.cuh"
+
+namespace {
+
+using namespace l3k_fa;
+
+constexpr int kThreads = 256;
+constexpr int kKeys = 128;  // keys per CTA (two warpgroups of 64)
+constexpr int kRowsQ = 64;  // query rows per Q block
+
+#if L3K_HAVE_WGMMA  // the device code exists only in the sm_90a pass
+using namespace l3k_wgmma;
+
+// 4-byte global->shared copy (LSE, D rows are not 16-byte aligned); pred == false writes zero.
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void *src, bool pred) {
+  const int sz = pred ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(sz));
+}
+
+// Two adjacent fp32 adds into dqacc, one vector reduction (sm_90).
+__device__ __forceinline__ void red_add_v2(float *dst, float x, float y) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst), "f"(x), "f"(y) : "memory");
+}
+// Bulk (TMA-unit) fp32 add of `bytes` (multiple of 16) contiguous shared memory into global.
+__device__ __forceinline__ void bulk_reduce_add_f32(float *dst, uint32_t src, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+               ::"l"(dst), "r"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// The shared memory source of this thread's bulk groups has been read (may be overwritten).
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+
+#endif  // L3K_HAVE_WGMMA
+
+// dQ accumulation modes (dqacc layouts: attention.h, l3k_cuda_attn_bwd_main_sm90).
+// kDqTile (default): a full 64-row block with head_dim == HD is stored in accumulator order,
+//   float4 q of thread x of warpgroup w (dq[4q..4q+3]) at float 4096 w + 4 (128 q + x) of the
+//   block's span (hd64: both warpgroups add onto w = 0). Each warpgroup stages its tile with
+//   conflict-free 16-byte stores and adds it with ONE 16 KB bulk reduce (TMA unit). Partial blocks
+//   and padded head dims stay row-major, added with red.v2.
+// kDqBulk: row-major; the staged tile is added row by row (64 bulk reduces of 256 B per warpgroup).
+// kDqRed: row-major; per-thread red.global.add.v2.f32.
+// Measured (H100, B=2 H=32 Hkv=8 S=2048 hd128 causal, backward main kernel alone): tile 0.658 ms,
+// red 0.682, row bulk 0.690; with no dQ adds at all 0.478 (timing probe, since removed).
+enum { kDqBulk = 0, kDqRed = 1, kDqTile = 4 };
+constexpr int kDqStride = 64 + 8;  // floats per staged dQ row: 16-byte aligned, conflict-free float2 stores
+
+template <typename T, int HD, int DQM>
+__global__ void __launch_bounds__(kThreads, 1)
+    fa_bwd_sm90_kernel(const l3k_attn_bwd_args a, const float *dsum, float *dqacc) {
+#if L3K_HAVE_WGMMA
+  static_assert(HD == 64 || HD == 128, "head_dim tile");
+  constexpr uint32_t KT = kKeys * HD * 2;       // K, V tile bytes
+  constexpr uint32_t QT = kRowsQ * HD * 2;      // Q, dO tile bytes (per stage)
+  constexpr uint32_t DST = kKeys * kRowsQ * 2;  // dS^T tile: keys x 64 queries = one panel
+  constexpr int KSTEPS = HD / 16;
+  using W = Wgmma<T>;
+  using SS = WgmmaSS<T>;
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t sK = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  const uint32_t sV = sK + KT;
+  const uint32_t sQ = sV + KT;          // [2 stages]
+  const uint32_t sdO = sQ + 2 * QT;     // [2 stages]
+  const uint32_t sdS = sdO + 2 * QT;
+  const uint32_t sLD = sdS + DST;       // float L[2][64] (lse), D[2][64]
+  const uint32_t sdQ = sLD + 4 * kRowsQ * 4;  // float [2 warpgroups][64][kDqStride]
+  unsigned char *smem_gen = smem_raw + (sK - smem_u32(smem_raw));
+  const float *sL = reinterpret_cast<const float *>(smem_gen + (sLD - sK));
+  const float *sD = sL + 2 * kRowsQ;
+
+  const int tid = threadIdx.x, wg = tid >> 7, wl = tid & 127, wi = wl >> 5;
+  const int lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const l3k_attn_fwd_args &f = a.f;
+  const int64_t H = f.n_heads, HKV = f.n_kv_heads, Sq = f.seq_q, Sk = f.seq_k;
+  const int64_t G = H / HKV;
+  const int64_t bhk = blockIdx.x, b = bhk / HKV, hk = bhk % HKV;
+  const int64_t n0 = (int64_t)blockIdx.y * kKeys;
+  const int hd = (int)f.head_dim;
+  const float scale = f.scale;
+
+  const T *kg = static_cast<const T *>(f.k) + b * f.k_stride[0] + hk * f.k_stride[1] + n0 * f.k_stride[2];
+  const T *vg = static_cast<const T *>(f.v) + b * f.v_stride[0] + hk * f.v_stride[1] + n0 * f.v_stride[2];
+
+  // Q blocks that see at least one key of this block (causal: the first query seeing key n0 on)
+  const int64_t m_blocks = ceil_div_pos(Sq, kRowsQ);
+  int64_t m_min = 0;
+  if (f.causal) {
+    const int64_t first = n0 - (Sk - Sq);
+    m_min = first > 0 ? first / kRowsQ : 0;
+  }
+  const int64_t per_head = m_blocks > m_min ? m_blocks - m_min : 0;
+  const int64_t total = G * per_head;
+
+  // Step order: Q blocks from the last one down to m_min, the group's query heads inside. Every CTA
+  // of a (batch, kv head) then works on the same Q block at the same time (the causal ones just
+  // stop earlier), so their dqacc adds and Q, dO, LSE, D reads hit the same L2 lines; head-major
+  // order spread them over all of dqacc (measured 30% slower at S = 2048, dqacc > L2).
+  auto issue = [&](int64_t h, int64_t m0, uint32_t stg) {
+    const T *qg = static_cast<const T *>(f.q) + b * f.q_stride[0] + h * f.q_stride[1] + m0 * f.q_stride[2];
+    const T *dog = static_cast<const T *>(a.dout) + b * a.do_stride[0] + h * a.do_stride[1] + m0 * a.do_stride[2];
+    sw128_load_tile<kRowsQ, HD, kThreads>(sQ + stg * QT, qg, f.q_stride[2], Sq - m0, hd, tid);
+    sw128_load_tile<kRowsQ, HD, kThreads>(sdO + stg * QT, dog, a.do_stride[2], Sq - m0, hd, tid);
+    // Rows past Sq read as lse = 0, D = 0: their Q and dO rows are zero, so P^T dO, dS^T = P^T o
+    // (0 - 0) and their dQ (never stored) contribute nothing.
+    const int64_t rb = (b * H + h) * Sq + m0;
+    if (tid < 2 * kRowsQ) {
+      const int r = tid & (kRowsQ - 1);
+      const bool ok = m0 + r < Sq;
+      const float *src = (tid < kRowsQ ? f.lse : dsum) + (ok ? rb + r : 0);
+      cp_async4(sLD + (uint32_t)(((tid >= kRowsQ) * 2 + stg) * kRowsQ + r) * 4u, src, ok);
+    }
+  };
+
+  sw128_load_tile<kKeys, HD, kThreads>(sK, kg, f.k_stride[2], Sk - n0, hd, tid);
+  sw128_load_tile<kKeys, HD, kThreads>(sV, vg, f.v_stride[2], Sk - n0, hd, tid);
+  if (total > 0) issue(hk * G, (m_blocks - 1) * kRowsQ, 0);
+  cp_async_commit();
+
+  float dk[HD / 2], dv[HD / 2];
+#pragma unroll
+  for (int i = 0; i < HD / 2; i++) dk[i] = dv[i] = 0.f;
+
+  const uint32_t sKw = sK + (uint32_t)(64 * wg * 128), sVw = sV + (uint32_t)(64 * wg * 128);
+  const int krow0 = 64 * wg + 16 * wi + g;  // tile key row of accumulator elements 0,1 (+8: 2,3)
+  // dQ split: hd128 -> columns 64wg.. over all keys; hd64 -> keys 64wg.. over all columns
+  constexpr int DQ_STEPS = HD == 128 ? kKeys / 16 : 64 / 16;
+  const uint32_t dq_key0 = HD == 128 ? 0u : (uint32_t)(64 * wg);
+  const uint32_t sKdq = sK + (HD == 128 ? (uint32_t)wg * (uint32_t)(kKeys * 128) : 0u);
+  const int dq_col0 = HD == 128 ? 64 * wg : 0;
+
+  int64_t h = hk * G, m0 = (m_blocks - 1) * kRowsQ, h_next = h, m0_next = m0;
+  for (int64_t p = 0; p < total; p++, h = h_next, m0 = m0_next) {
+    const uint32_t st = (uint32_t)(p & 1);
+    h_next = h + 1;
+    m0_next = m0;
+    if (h_next == (hk + 1) * G) { h_next = hk * G; m0_next = m0 - kRowsQ; }
+    cp_async_wait<0>();  // this stage's Q, dO, LSE, D (and K, V) landed: this thread's copies
+    fence_async_shared();
+    __syncthreads();     // ... everyone's; everyone is done with stage st^1 and with sdS
+    if (p + 1 < total) issue(h_next, m0_next, st ^ 1);
+    cp_async_commit();
+
+    const uint32_t sQs = sQ + st * QT, sdOs = sdO + st * QT;
+    static_assert(DQM == kDqBulk || DQM == kDqRed || DQM == kDqTile, "dq mode");
+    // ---- S^T = K_w Q^T, dP^T = V_w dO^T: two groups, P^T is computed while dP^T runs
+    float s[32], dp[32];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS; kk++) {
+      const uint32_t ko = (uint32_t)((kk >> 2) * kKeys * 128 + (kk & 3) * 32);
+      const uint32_t qo = (uint32_t)((kk >> 2) * kRowsQ * 128 + (kk & 3) * 32);
+      SS::template n64<0, 0>(s, sw128_desc(sKw + ko, 16, 1024), sw128_desc(sQs + qo, 16, 1024), kk > 0);
+    }
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS; kk++) {
+      const uint32_t ko = (uint32_t)((kk >> 2) * kKeys * 128 + (kk & 3) * 32);
+      const uint32_t qo = (uint32_t)((kk >> 2) * kRowsQ * 128 + (kk & 3) * 32);
+      SS::template n64<0, 0>(dp, sw128_desc(sVw + ko, 16, 1024), sw128_desc(sdOs + qo, 16, 1024), kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();
+    pin(s);
+
+    // ---- P^T: element (key krow0 + 8r, query 8j + 2t + e) is s[4j + 2r + e]
+    const float *sLs = sL + st * kRowsQ, *sDs = sD + st * kRowsQ;
+    const int64_t kw0 = n0 + 64 * wg;  // this warpgroup's first key
+    const bool need_mask = (kw0 + 64 > Sk) || (f.causal && kw0 + 63 > m0 + Sk - Sq);
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      const float2 L = *reinterpret_cast<const float2 *>(sLs + 8 * j + 2 * t);
+      const float l0 = L.x * kLog2e, l1 = L.y * kLog2e;  // lse = +inf (fully masked row): P = 0
+#pragma unroll
+      for (int r = 0; r < 2; r++) {
+        float p0 = ex2(fmaf(s[4 * j + 2 * r], scale * kLog2e, -l0));
+        float p1 = ex2(fmaf(s[4 * j + 2 * r + 1], scale * kLog2e, -l1));
+        if (need_mask) {
+          const int64_t key = n0 + krow0 + 8 * r, q = m0 + 8 * j + 2 * t;
+          const int64_t lim = f.causal ? key - (Sk - Sq) : -1;  // query q sees key iff q >= lim
+          if (key >= Sk || q < lim) p0 = 0.f;
+          if (key >= Sk || q + 1 < lim) p1 = 0.f;
+        }
+        s[4 * j + 2 * r] = p0;
+        s[4 * j + 2 * r + 1] = p1;
+      }
+    }
+    // ---- dV += P^T dO: k-step kk = queries 16kk..16kk+15 = accumulator chunks 2kk, 2kk+1
+    uint32_t pp[16];
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+      pp[4 * kk + 0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+      pp[4 * kk + 1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+      pp[4 * kk + 2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+      pp[4 * kk + 3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+      const uint64_t db = sw128_desc(sdOs + (uint32_t)(kk * 16 * 128), kRowsQ * 128, 1024);
+      if constexpr (HD == 128) W::rs_n128(dv, &pp[4 * kk], db);
+      else W::rs_n64(dv, &pp[4 * kk], db);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();  // dP^T done (the dV group may still run)
+    pin(dp);
+
+    // ---- dS^T = P^T o (dP^T - D), packed as the dK A fragment and staged for dQ
+    uint32_t dsp[16];
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      const float2 D = *reinterpret_cast<const float2 *>(sDs + 8 * j + 2 * t);
+#pragma unroll
+      for (int r = 0; r < 2; r++) {
+        const float d0 = s[4 * j + 2 * r] * (dp[4 * j + 2 * r] - D.x);
+        const float d1 = s[4 * j + 2 * r + 1] * (dp[4 * j + 2 * r + 1] - D.y);
+        dsp[2 * j + r] = pack2<T>(d0, d1);  // = A fragment register 4(j/2) + 2(j%2) + r
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+      for (int r = 0; r < 2; r++)
+        *reinterpret_cast<uint32_t *>(smem_gen + (sdS - sK) + sw128_tile_off(kKeys, krow0 + 8 * r, j) + 4 * t) =
+            dsp[2 * j + r];
+    // ---- dK += dS^T Q
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+      const uint64_t db = sw128_desc(sQs + (uint32_t)(kk * 16 * 128), kRowsQ * 128, 1024);
+      if constexpr (HD == 128) W::rs_n128(dk, &dsp[4 * kk], db);
+      else W::rs_n64(dk, &dsp[4 * kk], db);
+    }
+    wgmma_commit();
+    fence_async_shared();  // dS^T stores -> async proxy
+    // The previous Q block's bulk adds have read this warpgroup's dQ staging rows (issued a whole
+    // iteration ago, so this rarely waits); the barrier orders that before the stores below.
+    if ((DQM == kDqBulk || DQM == kDqTile) && wl < 64) bulk_wait_read();
+    __syncthreads();       // both warpgroups' dS^T rows are in place
+
+    // ---- dQ (64 queries x 64 columns) = dS K over this warpgroup's key range
+    float dq[32];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < DQ_STEPS; kk++) {
+      const uint32_t ko = (dq_key0 + 16u * kk) * 128u;
+      SS::template n64<1, 1>(dq, sw128_desc(sdS + ko, kKeys * 128, 1024), sw128_desc(sKdq + ko, kKeys * 128, 1024),
+                             kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin(dq);
+    pin(dv);
+    pin(dk);
+    pin(pp);
+    pin(dsp);
+    // dq element (query 16wi + g + 8r, column dq_col0 + 8j + 2t + e) is dq[4j + 2r + e]
+    float *dqb = dqacc + ((b * H + h) * Sq + m0) * (int64_t)hd;
+    const bool tile_full = DQM == kDqTile && m0 + kRowsQ <= Sq && hd == HD;  // CTA-uniform
+    if (DQM == kDqTile && tile_full) {
+      const uint32_t sdQw = sdQ + (uint32_t)wg * 16384u;
+      float *sdQg = reinterpret_cast<float *>(smem_gen + (sdQw - sK));
+#pragma unroll
+      for (int j = 0; j < 8; j++)
+        *reinterpret_cast<float4 *>(sdQg + 4 * (128 * j + wl)) = make_float4(dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]);
+      fence_async_shared();  // the stores -> the bulk copy's (async proxy) reads
+      warpgroup_sync(wg);
+      if (wl == 0) {
+        bulk_reduce_add_f32(dqb + (HD == 128 ? 4096 * wg : 0), sdQw, 16384u);
+        bulk_commit();
+      }
+    } else if constexpr (DQM == kDqRed || DQM == kDqTile) {
+#pragma unroll
+      for (int j = 0; j < 8; j++)
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+          const int row = 16 * wi + g + 8 * r, col = dq_col0 + 8 * j + 2 * t;
+          if (m0 + row < Sq && col < hd) red_add_v2(dqb + (int64_t)row * hd + col, dq[4 * j + 2 * r], dq[4 * j + 2 * r + 1]);
+        }
+    } else if constexpr (DQM == kDqBulk) {
+      const uint32_t sdQw = sdQ + (uint32_t)(wg * 64 * kDqStride * 4);
+      float *sdQg = reinterpret_cast<float *>(smem_gen + (sdQw - sK));
+#pragma unroll
+      for (int j = 0; j < 8; j++)
+#pragma unroll
+        for (int r = 0; r < 2; r++)
+          *reinterpret_cast<float2 *>(sdQg + (16 * wi + g + 8 * r) * kDqStride + 8 * j + 2 * t) =
+              make_float2(dq[4 * j + 2 * r], dq[4 * j + 2 * r + 1]);
+      fence_async_shared();  // the stores -> the bulk copy's (async proxy) reads
+      warpgroup_sync(wg);
+      // hd columns past dq_col0 (a multiple of 8, so the row piece is a multiple of 32 bytes)
+      const int ncol = hd - dq_col0 < 64 ? hd - dq_col0 : 64;
+      if (wl < 64 && m0 + wl < Sq && ncol > 0) {
+        bulk_reduce_add_f32(dqb + (int64_t)wl * hd + dq_col0, sdQw + (uint32_t)(wl * kDqStride * 4), (uint32_t)ncol * 4u);
+        bulk_commit();
+      }
+    }
+  }
+  if ((DQM == kDqBulk || DQM == kDqTile) && wl < 64) bulk_wait_all();
+
+  // ---- epilogue: dK * scale, dV -> T, staged through the K and V tiles (all reads of them done)
+  cp_async_wait<0>();
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < HD / 8; j++)
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      const uint32_t o = sw128_tile_off(kKeys, krow0 + 8 * r, j) + 4 * t;
+      *reinterpret_cast<uint32_t *>(smem_gen + o) = pack2<T>(dk[4 * j + 2 * r] * scale, dk[4 * j + 2 * r + 1] * scale);
+      *reinterpret_cast<uint32_t *>(smem_gen + KT + o) = pack2<T>(dv[4 * j + 2 * r], dv[4 * j + 2 * r + 1]);
+    }
+  __syncthreads();
+  T *dkg = static_cast<T *>(a.dk) + b * a.dk_stride[0] + hk * a.dk_stride[1] + n0 * a.dk_stride[2];
+  T *dvg = static_cast<T *>(a.dv) + b * a.dv_stride[0] + hk * a.dv_stride[1] + n0 * a.dv_stride[2];
+  constexpr int CH = HD / 8;
+  for (int i = tid; i < kKeys * CH; i += kThreads) {
+    const int r = i / CH, ch = i % CH;
+    if (n0 + r < Sk && ch * 8 < hd) {
+      const uint32_t o = sw128_tile_off(kKeys, r, ch);
+      *reinterpret_cast<uint4 *>(dkg + (int64_t)r * a.dk_stride[2] + ch * 8) = *reinterpret_cast<const uint4 *>(smem_gen + o);
+      *reinterpret_cast<uint4 *>(dvg + (int64_t)r * a.dv_stride[2] + ch * 8) = *reinterpret_cast<const uint4 *>(smem_gen + KT + o);
+    }
+  }
+#endif  // L3K_HAVE_WGMMA
+}
+
+// ------------------------------------------------------------------ host side
+template <typename T, int HD, int DQM>
+cudaError_t launch(const l3k_attn_bwd_args &a, const float *dsum, float *dqacc, cudaStream_t s) {
+  auto kern = fa_bwd_sm90_kernel<T, HD, DQM>;
+  // K, V, 2 Q, 2 dO tiles, dS^T, LSE/D stages, dQ staging, alignment slack
+  constexpr size_t smem = 2 * (size_t)kKeys * HD * 2 + 4 * (size_t)kRowsQ * HD * 2 + (size_t)kKeys * kRowsQ * 2 +
+                          4 * kRowsQ * sizeof(float) + 2 * 64 * kDqStride * sizeof(float) + 1024;
+  // Per device: 0 unknown, 1 this build has the sm_90a kernel for it, 2 it does not.
+  static int state[64] = {0};
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  if (dev < 0 || dev >= 64) return cudaErrorNotSupported;
+  if (state[dev] == 0) {
+    int major = 0, minor = 0;
+    cudaFuncAttributes attr;
+    if ((e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev)) != cudaSuccess) return e;
+    if ((e = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev)) != cudaSuccess) return e;
+    bool ok = major == 9 && minor == 0 && cudaFuncGetAttributes(&attr, kern) == cudaSuccess &&
+              attr.binaryVersion == 90;
+    if (ok) ok = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) == cudaSuccess;
+    (void)cudaGetLastError();  // a failed probe is an answer, not a sticky error
+    state[dev] = ok ? 1 : 2;
+  }
+  if (state[dev] != 1) return cudaErrorNotSupported;
+  dim3 grid((unsigned)(a.f.batch * a.f.n_kv_heads), (unsigned)((a.f.seq_k + kKeys - 1) / kKeys));
+  kern<<<grid, kThreads, smem, s>>>(a, dsum, dqacc);
+  return cudaGetLastError();
+}
+
+template <typename T, int DQM>
+cudaError_t dispatch(const l3k_attn_bwd_args &a, const float *dsum, float *dqacc, cudaStream_t s) {
+  if (a.f.head_dim <= 64) return launch<T, 64, DQM>(a, dsum, dqacc, s);
+  return launch<T, 128, DQM>(a, dsum, dqacc, s);
+}
+
+template <typename T>
+cudaError_t dispatch_mode(const l3k_attn_bwd_args &a, const float *dsum, float *dqacc, cudaStream_t s, int mode) {
+  switch (mode) {
+    case kDqBulk: return dispatch<T, kDqBulk>(a, dsum, dqacc, s);
+    case kDqRed: return dispatch<T, kDqRed>(a, dsum, dqacc, s);
+    case kDqTile: return dispatch<T, kDqTile>(a, dsum, dqacc, s);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+// Testing hook: dq_mode 4 = tiled dqacc blocks, one bulk reduce per warpgroup (what
+// l3k_cuda_attn_bwd_main_sm90 runs); 0 = row-major, per-row bulk reduces; 1 = row-major, per-thread
+// vector atomics; others: cudaErrorInvalidValue.
+extern "C" int l3k_cuda_attn_bwd_main_sm90_mode(const l3k_attn_bwd_args *a, const float *dsum, float *dqacc,
+                                                void *stream, int dq_mode) {
+  if (a->deterministic || dqacc == nullptr || a->f.head_dim > 128 ||
+      (a->f.dtype != L3K_DT_BF16 && a->f.dtype != L3K_DT_F16))
+    return (int)cudaErrorNotSupported;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (a->f.dtype == L3K_DT_BF16) return (int)dispatch_mode<__nv_bfloat16>(*a, dsum, dqacc, s, dq_mode);
+  return (int)dispatch_mode<__half>(*a, dsum, dqacc, s, dq_mode);
+}
+
+// The backward main kernel on wgmma (see the file comment) when this GPU and build have it,
+// head_dim <= 128 and deterministic == 0; otherwise cudaErrorNotSupported, nothing launched.
+extern "C" int l3k_cuda_attn_bwd_main_sm90(const l3k_attn_bwd_args *a, const float *dsum, float *dqacc, void *stream) {
+  return l3k_cuda_attn_bwd_main_sm90_mode(a, dsum, dqacc, stream, L3K_ATTN_BWD_SM90_DQ_MODE);
+}

@@ -1,0 +1,356 @@
+// kernels/cuda/flash_attn_sm90.cu -- Hopper forward attention: wgmma tensor-core GEMMs (sm_90a).
+//
+// Contract: kernels/attention.h (same semantics, LSE convention and layouts as the mma.sync
+// forward in flash_attn.cu, which stays the path for other GPUs and for head_dim <= 64 or > 128).
+//
+// Persistent CTAs (one per SM) walk 128-query-row tiles of one (batch, head), longest first under
+// a causal mask. A CTA has two warpgroups; warpgroup w owns rows 64w..64w+63. Per KV block of 128
+// keys (walked in reverse, masked blocks first):
+//   S = Q K^T   wgmma m64n128k16, Q and K read from shared memory (K-major)
+//   online softmax on the S accumulators in registers (exp2, scale*log2(e) folded in)
+//   O += P V    wgmma m64n128k16, P from registers (an accumulator pair is an A fragment),
+//               V read from shared memory MN-major (the instruction's transpose bit)
+// The P V product of block n+1 is issued right after S(n) and runs under the softmax of S(n).
+// Tiles are 16-byte cp.async copies into the layout wgmma's 128-byte swizzle expects: 64-column
+// panels of 128-byte rows, 16-byte chunk c of row r at chunk c ^ (r % 8), tiles 1024-byte aligned.
+// Buffers: Q x2 (consecutive tiles), K x2, V x2 stages, each with a "full" mbarrier (cp.async
+// arrivals) and an "empty" one (per-warp arrivals once its tensor-core reads are done): loads run
+// one KV block ahead, the next tile's Q and first K load under the current tile's tail, and the two
+// warpgroups drift freely within the ring (measured: forcing them to alternate was slower).
+// The epilogue stages O through the warpgroup's own rows of its Q buffer for 16-byte stores.
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+#include <math.h>
+
+#include "attention.h"
+#include "flash_common.cuh"
+#include "wgmma.cuh"
+
+namespace {
+
+using namespace l3k_fa;
+
+constexpr int kRows = 128;      // query rows per CTA (two warpgroups of 64)
+constexpr int kThreads = 256;
+
+#if L3K_HAVE_WGMMA  // the device code exists only in the sm_90a pass
+using namespace l3k_wgmma;
+
+constexpr int kKeys = 128;      // keys per KV block
+
+#endif  // L3K_HAVE_WGMMA
+
+// One tile = kRows query rows of one (batch, head); tile index i walks m blocks from the last
+// (longest under a causal mask) to the first, heads fastest.
+struct Tile {
+  int64_t b, h, hk, m0, n_max;  // n_max: KV blocks with a visible key (0: every row fully masked)
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) fa_fwd_sm90_kernel(const l3k_attn_fwd_args a) {
+#if L3K_HAVE_WGMMA
+  constexpr int HD = 128;
+  constexpr int TILE_BYTES = kRows * HD * 2;   // a Q, K or V tile (kKeys == kRows)
+  constexpr int NS = kKeys / 8;                // score n8 chunks per row
+  constexpr int NO = HD / 8;                   // output n8 chunks per row
+  using W = Wgmma<T>;
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t sQ = (smem_u32(smem_raw) + 1023u) & ~1023u;  // [2 buffers] consecutive tiles alternate
+  const uint32_t sK = sQ + 2 * TILE_BYTES;                      // [2 stages]
+  const uint32_t sV = sK + 2 * TILE_BYTES;                      // [2 stages]
+  unsigned char *smem_gen = smem_raw + (sQ - smem_u32(smem_raw));
+  // full*: the buffer's copies have landed (one cp.async arrival per thread); empty*: every warp is
+  // done reading it (one arrival per warp). Each is a pair (buffer or stage 0, 1), 8 bytes apart.
+  const uint32_t fullQ = sV + 2 * TILE_BYTES, fullK = fullQ + 16, fullV = fullQ + 32;
+  const uint32_t emptyQ = fullQ + 48, emptyK = fullQ + 64, emptyV = fullQ + 80;
+
+  const int tid = threadIdx.x, wg = tid >> 7, wl = tid & 127;
+  const int lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int64_t H = a.n_heads, Sq = a.seq_q, Sk = a.seq_k;
+  const int64_t n_bh = a.batch * H, n_m = (Sq + kRows - 1) / kRows, n_tiles = n_bh * n_m;
+  const int hd = (int)a.head_dim;
+  const float sl2 = a.scale * kLog2e;
+  const int row0 = 64 * wg + 16 * (wl >> 5) + g;  // tile row of accumulator elements 0,1 (+8: 2,3)
+
+  if (tid == 0) {
+    for (int i = 0; i < 2; i++) {
+      mbar_init(fullQ + 8 * i, kThreads);
+      mbar_init(fullK + 8 * i, kThreads);
+      mbar_init(fullV + 8 * i, kThreads);
+      mbar_init(emptyQ + 8 * i, kThreads / 32);
+      mbar_init(emptyK + 8 * i, kThreads / 32);
+      mbar_init(emptyV + 8 * i, kThreads / 32);
+    }
+  }
+  __syncthreads();
+
+  auto tile_at = [&](int64_t i, Tile &x) {
+    const int64_t bh = i % n_bh;
+    x.b = bh / H;
+    x.h = bh % H;
+    x.hk = x.h / (H / a.n_kv_heads);
+    x.m0 = (n_m - 1 - i / n_bh) * kRows;
+    x.n_max = ceil_div_pos(Sk, kKeys);
+    if (a.causal) {
+      const int64_t lim = ceil_div_pos(x.m0 + kRows + Sk - Sq, kKeys);
+      x.n_max = lim < x.n_max ? lim : x.n_max;
+    }
+  };
+  auto o_ptr = [&](const Tile &x) {
+    return static_cast<T *>(a.o) + x.b * a.o_stride[0] + x.h * a.o_stride[1] + x.m0 * a.o_stride[2];
+  };
+  auto k_ptr = [&](const Tile &x) { return static_cast<const T *>(a.k) + x.b * a.k_stride[0] + x.hk * a.k_stride[1]; };
+  auto v_ptr = [&](const Tile &x) { return static_cast<const T *>(a.v) + x.b * a.v_stride[0] + x.hk * a.v_stride[1]; };
+  auto lse_ptr = [&](const Tile &x) { return a.lse + (x.b * H + x.h) * Sq + x.m0; };
+  // This CTA's tiles from i on: writes the fully masked ones (O = 0, LSE = +inf) and returns the
+  // index of the first with keys to visit (n_tiles if none).
+  auto next_live = [&](int64_t i, Tile &x) {
+    for (; i < n_tiles; i += gridDim.x) {
+      tile_at(i, x);
+      if (x.n_max > 0) break;
+      T *og = o_ptr(x);
+      for (int c = tid; c < kRows * NO; c += kThreads) {
+        const int r = c / NO, ch = c % NO;
+        if (x.m0 + r < Sq && ch * 8 < hd)
+          *reinterpret_cast<uint4 *>(og + (int64_t)r * a.o_stride[2] + ch * 8) = make_uint4(0, 0, 0, 0);
+      }
+      for (int r = tid; r < kRows; r += kThreads)
+        if (x.m0 + r < Sq) lse_ptr(x)[r] = INFINITY;
+    }
+    return i;
+  };
+  // Q of the CTA's k-th live tile into buffer k & 1, and its first K block into the stage of global
+  // KV iteration j; each waits for the last readers of its buffer.
+  auto load_head = [&](const Tile &x, int64_t k, int64_t j) {
+    if (k >= 2) mbar_wait(emptyQ + 8 * (k & 1), (uint32_t)((k - 2) >> 1) & 1);
+    const T *qg = static_cast<const T *>(a.q) + x.b * a.q_stride[0] + x.h * a.q_stride[1] + x.m0 * a.q_stride[2];
+    sw128_load_tile<kRows, HD, kThreads>(sQ + (k & 1) * TILE_BYTES, qg, a.q_stride[2], Sq - x.m0, hd, tid);
+    mbar_arrive_cp_async(fullQ + 8 * (k & 1));
+    if (j >= 2) mbar_wait(emptyK + 8 * (j & 1), (uint32_t)((j - 2) >> 1) & 1);
+    const int64_t n0 = (x.n_max - 1) * kKeys;
+    sw128_load_tile<kKeys, HD, kThreads>(sK + (j & 1) * TILE_BYTES, k_ptr(x) + n0 * a.k_stride[2], a.k_stride[2], Sk - n0, hd, tid);
+    mbar_arrive_cp_async(fullK + 8 * (j & 1));
+  };
+
+  float acc_o[HD / 2], s[kKeys / 2];
+  uint32_t p[kKeys / 4];  // P of the previous block as bf16/fp16 A fragments
+  // O += P V for the block whose V sits in stage `vst`; k-step kk covers keys 16kk..16kk+15.
+  auto issue_pv = [&](uint32_t vst) {
+    const uint32_t sVs = sV + vst * TILE_BYTES;
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; kk++)
+      W::rs_n128(acc_o, &p[4 * kk], sw128_desc(sVs + (uint32_t)(kk * 16 * 128), kKeys * 128, 1024));
+  };
+
+  Tile x;
+  int64_t idx = next_live(blockIdx.x, x);
+  if (idx >= n_tiles) return;
+  int64_t j = 0;  // global KV iteration of this CTA: stage j & 1, a stage's u-th use has parity u & 1
+  load_head(x, 0, 0);
+  for (int64_t k = 0; idx < n_tiles; k++) {
+    const T *kg = k_ptr(x), *vg = v_ptr(x);
+    const int64_t m0 = x.m0;
+    const uint32_t sQw = sQ + (uint32_t)((k & 1) * TILE_BYTES + 64 * wg * 128);
+#pragma unroll
+    for (int i = 0; i < HD / 2; i++) acc_o[i] = 0.f;
+    float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};
+
+    // Iteration j handles block n: S(n) = Q K(n)^T is issued together with O += P(n+1) V(n+1), and
+    // the softmax of S(n) runs while that P V product is still on the tensor cores. Loads run one
+    // iteration ahead (K(n-1) and V(n) are copied while block n is computed); the warpgroups meet
+    // only through the buffer barriers, so one's softmax can overlap the other's GEMMs.
+    for (int64_t n = x.n_max - 1, lit = 0; n >= 0; --n, ++lit, ++j) {
+      const uint32_t st = (uint32_t)(j & 1);
+      const int64_t n0 = n * kKeys;
+      if (n > 0) {  // K(n-1) into the stage that S of iteration j-1 read
+        if (j >= 1) mbar_wait(emptyK + 8 * (st ^ 1), (uint32_t)((j - 1) >> 1) & 1);
+        sw128_load_tile<kKeys, HD, kThreads>(sK + (st ^ 1) * TILE_BYTES, kg + (n0 - kKeys) * a.k_stride[2], a.k_stride[2],
+                             Sk - (n0 - kKeys), hd, tid);
+        mbar_arrive_cp_async(fullK + 8 * (st ^ 1));
+      }
+      // V(n) into the stage whose P V product finished in iteration j-1
+      if (j >= 2) mbar_wait(emptyV + 8 * st, (uint32_t)((j - 2) >> 1) & 1);
+      sw128_load_tile<kKeys, HD, kThreads>(sV + st * TILE_BYTES, vg + n0 * a.v_stride[2], a.v_stride[2], Sk - n0, hd, tid);
+      mbar_arrive_cp_async(fullV + 8 * st);
+      if (lit == 0) mbar_wait(fullQ + 8 * (k & 1), (uint32_t)(k >> 1) & 1);
+      mbar_wait(fullK + 8 * st, (uint32_t)(j >> 1) & 1);
+      if (lit > 0) mbar_wait(fullV + 8 * (st ^ 1), (uint32_t)((j - 1) >> 1) & 1);
+      fence_async_shared();
+      // ---- S = Q K^T: HD/16 k-steps; a k-step moves 32 bytes inside a 128-byte row, 4 per panel
+      const uint32_t sKs = sK + st * TILE_BYTES;
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < HD / 16; kk++) {
+        const uint32_t koff = (uint32_t)((kk >> 2) * kRows * 128 + (kk & 3) * 32);
+        W::ss_n128(s, sw128_desc(sQw + koff, 16, 1024), sw128_desc(sKs + koff, 16, 1024), kk > 0);
+      }
+      wgmma_commit();
+      if (lit > 0) {
+        issue_pv(st ^ 1);
+        wgmma_commit();
+        wgmma_wait<1>();
+      } else {
+        wgmma_wait<0>();
+      }
+      pin(s);
+      if (lane == 0) mbar_arrive(emptyK + 8 * st);
+      // ---- mask (key tail, causal diagonal); CTA-uniform branch
+      const bool need_mask = (n0 + kKeys > Sk) || (a.causal && n0 + kKeys - 1 > m0 + Sk - Sq);
+      if (need_mask) {
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+          const int64_t row = m0 + row0 + 8 * r;
+          int64_t lim = Sk;
+          if (a.causal) { const int64_t c = row + 1 + Sk - Sq; lim = c < lim ? c : lim; }
+#pragma unroll
+          for (int jj = 0; jj < NS; jj++)
+#pragma unroll
+            for (int e = 0; e < 2; e++)
+              if (n0 + jj * 8 + 2 * t + e >= lim) s[4 * jj + 2 * r + e] = -INFINITY;
+        }
+      }
+      // ---- online softmax: row (row0 + 8r) lives in the quad of lanes sharing g
+      float alpha[2];
+#pragma unroll
+      for (int r = 0; r < 2; r++) {
+        float mx = row_m[r];
+#pragma unroll
+        for (int jj = 0; jj < NS; jj++) mx = fmaxf(mx, fmaxf(s[4 * jj + 2 * r], s[4 * jj + 2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float msc = ((mx == -INFINITY) ? 0.f : mx) * sl2;
+        alpha[r] = ex2(row_m[r] * sl2 - msc);  // old max -inf: 0
+        row_m[r] = mx;
+        float lsum = 0.f;
+#pragma unroll
+        for (int jj = 0; jj < NS; jj++) {
+          const float p0 = ex2(fmaf(s[4 * jj + 2 * r], sl2, -msc));
+          const float p1 = ex2(fmaf(s[4 * jj + 2 * r + 1], sl2, -msc));
+          s[4 * jj + 2 * r] = p0;
+          s[4 * jj + 2 * r + 1] = p1;
+          lsum += p0 + p1;
+        }
+        row_l[r] = row_l[r] * alpha[r] + lsum;
+      }
+      // ---- the previous P V is done: rescale O to the new row max, P(n) into A fragments
+      wgmma_wait<0>();
+      pin(acc_o);
+      pin(p);
+      if (lit > 0 && lane == 0) mbar_arrive(emptyV + 8 * (st ^ 1));
+#pragma unroll
+      for (int jj = 0; jj < NO; jj++) {
+        acc_o[4 * jj + 0] *= alpha[0];
+        acc_o[4 * jj + 1] *= alpha[0];
+        acc_o[4 * jj + 2] *= alpha[1];
+        acc_o[4 * jj + 3] *= alpha[1];
+      }
+#pragma unroll
+      for (int kk = 0; kk < kKeys / 16; kk++) {
+        p[4 * kk + 0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+        p[4 * kk + 1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+        p[4 * kk + 2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+        p[4 * kk + 3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+      }
+    }
+    // ---- the next tile's Q and first K start loading under this tile's last P V and epilogue
+    Tile nx;
+    const int64_t nidx = next_live(idx + gridDim.x, nx);
+    if (nidx < n_tiles) load_head(nx, k + 1, j);
+    const uint32_t vlast = (uint32_t)((j - 1) & 1);
+    mbar_wait(fullV + 8 * vlast, (uint32_t)((j - 1) >> 1) & 1);
+    fence_async_shared();
+    wgmma_fence();
+    issue_pv(vlast);
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin(acc_o);
+    pin(p);
+    if (lane == 0) mbar_arrive(emptyV + 8 * vlast);
+
+    // ---- epilogue: normalize, LSE, O staged in this warpgroup's rows of the Q buffer
+    float *lseg = lse_ptr(x);
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      float l = row_l[r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const bool live = l > 0.f;
+      const float inv = live ? 1.f / l : 0.f;
+#pragma unroll
+      for (int jj = 0; jj < NO; jj++) {
+        acc_o[4 * jj + 2 * r] *= inv;
+        acc_o[4 * jj + 2 * r + 1] *= inv;
+      }
+      const int lr = row0 + 8 * r;
+      if (t == 0 && m0 + lr < Sq) lseg[lr] = live ? row_m[r] * a.scale + logf(l) : INFINITY;
+    }
+    unsigned char *sO = smem_gen + (k & 1) * TILE_BYTES;
+#pragma unroll
+    for (int jj = 0; jj < NO; jj++)
+#pragma unroll
+      for (int r = 0; r < 2; r++)
+        *reinterpret_cast<uint32_t *>(sO + sw128_tile_off(kRows, row0 + 8 * r, jj) + 4 * t) =
+            pack2<T>(acc_o[4 * jj + 2 * r], acc_o[4 * jj + 2 * r + 1]);
+    warpgroup_sync(wg);
+    T *og = o_ptr(x);
+    for (int i = wl; i < 64 * NO; i += 128) {
+      const int r = 64 * wg + i / NO, ch = i % NO;
+      if (m0 + r < Sq && ch * 8 < hd)
+        *reinterpret_cast<uint4 *>(og + (int64_t)r * a.o_stride[2] + ch * 8) =
+            *reinterpret_cast<const uint4 *>(sO + sw128_tile_off(kRows, r, ch));
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(emptyQ + 8 * (k & 1));
+    idx = nidx;
+    x = nx;
+  }
+#endif  // L3K_HAVE_WGMMA
+}
+
+// ------------------------------------------------------------------ host side
+template <typename T>
+cudaError_t launch(const l3k_attn_fwd_args &a, cudaStream_t s) {
+  auto kern = fa_fwd_sm90_kernel<T>;
+  constexpr size_t smem = 6 * (size_t)kRows * 128 * 2 + 128 + 1024;  // 2 Q, 2 K, 2 V tiles, barriers, alignment
+  // Per device: 0 unknown, 1 this build has the sm_90a kernel for it, 2 it does not.
+  static int state[64] = {0};
+  static int sm_count[64] = {0};
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  if (dev < 0 || dev >= 64) return cudaErrorNotSupported;
+  if (state[dev] == 0) {
+    int major = 0, minor = 0, sms = 0;
+    cudaFuncAttributes attr;
+    if ((e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev)) != cudaSuccess) return e;
+    if ((e = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev)) != cudaSuccess) return e;
+    if ((e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess) return e;
+    bool ok = major == 9 && minor == 0 && cudaFuncGetAttributes(&attr, kern) == cudaSuccess &&
+              attr.binaryVersion == 90;
+    if (ok) ok = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) == cudaSuccess;
+    (void)cudaGetLastError();  // a failed probe is an answer, not a sticky error
+    sm_count[dev] = sms;
+    state[dev] = ok ? 1 : 2;
+  }
+  if (state[dev] != 1) return cudaErrorNotSupported;
+  // Persistent: one CTA per SM walks the tiles (so a tile's loads overlap the previous one's tail);
+  const int64_t tiles = a.batch * a.n_heads * ((a.seq_q + kRows - 1) / kRows);
+  const int64_t ctas = tiles < sm_count[dev] ? tiles : sm_count[dev];
+  kern<<<(unsigned)ctas, kThreads, smem, s>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+// Forward on the wgmma path when this GPU and build have it and 64 < head_dim <= 128 (head_dim 64
+// is faster on the mma.sync kernel: measured 213 vs 199 TFLOP/s); otherwise returns
+// cudaErrorNotSupported (nothing launched) and the caller takes the mma.sync kernel.
+extern "C" int l3k_cuda_attn_fwd_sm90(const l3k_attn_fwd_args *a, void *stream) {
+  if (a->head_dim <= 64 || a->head_dim > 128 || (a->dtype != L3K_DT_BF16 && a->dtype != L3K_DT_F16))
+    return (int)cudaErrorNotSupported;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (a->dtype == L3K_DT_BF16) return (int)launch<__nv_bfloat16>(*a, s);
+  return (int)launch<__half>(*a, s);
+}

@@ -1,0 +1,123 @@
+// kernels/cuda/wgmma.cuh -- Hopper warpgroup MMA (wgmma) plumbing, sm_90a only.
+//
+// Operand conventions (PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply"):
+//  - 16-bit operands in shared memory use the 128-byte swizzle: 64-element panels of 128-byte
+//    rows, the 16-byte chunk c of row r stored at chunk c ^ (r % 8), panels 1024-byte aligned.
+//  - K-major operand (the GEMM's K dimension contiguous): descriptor stride offset 1024 B (the
+//    next 8-row group); a k16 step adds 32 B to the start address inside a panel.
+//  - MN-major operand (M or N contiguous; the instruction's transpose bit): stride offset 1024 B
+//    steps 8 rows of K, leading offset steps to the next 64-element panel of M/N.
+//  - Accumulators (m64nN, fp32): warp w of the warpgroup holds rows 16w + lane/4 (+8);
+//    d[4j + 2r + e] is row (lane/4 + 8r), column 8j + 2(lane%4) + e. Two adjacent n8 chunks are
+//    exactly the register A fragment of an m64k16 product (pack2 pairs them).
+// Sequence: wgmma_fence(); wgmma...; wgmma_commit(); wgmma_wait<N>(); pin(registers read).
+#ifndef L3K_CUDA_WGMMA_CUH_
+#define L3K_CUDA_WGMMA_CUH_
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#include "flash_common.cuh"
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define L3K_HAVE_WGMMA 1
+#else
+#define L3K_HAVE_WGMMA 0
+#endif
+
+#if L3K_HAVE_WGMMA
+namespace l3k_wgmma {
+
+// Shared-memory matrix descriptor, 128-byte swizzle: start address, leading and stride byte
+// offsets (>> 4 each). K-major operands use only the stride offset (8-row groups, 1024 B);
+// MN-major operands also step between 64-element panels with the leading offset.
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
+  return (uint64_t)((saddr >> 4) & 0x3FFFu) | ((uint64_t)((lbo >> 4) & 0x3FFFu) << 16) |
+         ((uint64_t)((sbo >> 4) & 0x3FFFu) << 32) | (1ull << 62);
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { wgmma_wait<0>(); }
+// After the wait: the compiler must not read (or reuse) these registers earlier.
+template <int N>
+__device__ __forceinline__ void pin(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; i++) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void pin(uint32_t (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; i++) asm volatile("" : "+r"(r[i])::"memory");
+}
+// Ordinary (cp.async) writes to shared memory become visible to the tensor cores' async proxy.
+__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void warpgroup_sync(int wg) {
+  asm volatile("bar.sync %0, 128;\n" ::"r"(wg + 1) : "memory");
+}
+
+// Byte offset of 16-byte chunk `ch` (8 elements) of row `r` in a swizzled tile of `rows` rows:
+// the 128-byte-swizzle panel layout above.
+__device__ __forceinline__ uint32_t sw128_tile_off(int rows, int r, int ch) {
+  return (uint32_t)((ch >> 3) * rows * 128 + r * 128 + (((ch & 7) ^ (r & 7)) << 4));
+}
+
+// NT threads cp.async a ROWS x HD tile (row stride rs elements) into the swizzled panel layout;
+// rows >= nrows and columns >= ncols are zero-filled.
+template <int ROWS, int HD, int NT, typename T>
+__device__ __forceinline__ void sw128_load_tile(uint32_t s, const T *g, int64_t rs, int64_t nrows, int ncols, int tid) {
+  constexpr int CH = HD / 8;
+#pragma unroll
+  for (int i = tid; i < ROWS * CH; i += NT) {
+    const int r = i / CH, ch = i % CH;
+    const bool p = (r < nrows) && (ch * 8 < ncols);
+    l3k_fa::cp_async16(s + sw128_tile_off(ROWS, r, ch), p ? g + (int64_t)r * rs + ch * 8 : g, p);
+  }
+}
+
+// mbarriers (8 bytes of shared memory each). A phase completes when its expected arrivals are in;
+// waiters name the phase by its parity (callers keep a barrier from running two phases ahead of
+// any waiter).
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// One arrival on `bar` once every cp.async this thread has issued so far has landed.
+__device__ __forceinline__ void mbar_arrive_cp_async(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done)
+    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+}
+
+// m64nNk16, fp32 accumulators. ss_n128: D = A B (+ D if accumulate), A and B K-major in smem.
+// rs_nN: D += A B, A an m64k16 register fragment, B MN-major in smem (transpose bit set).
+template <typename T> struct Wgmma;
+
+// ss n64 with compile-time transpose bits (backward, flash_attn_bwd_sm90.cu): TA/TB = 0 for a
+// K-major operand, 1 for an MN-major one. S^T = K Q^T uses <0, 0>; dQ = dS K reads dS^T and K
+// as stored (keys x columns), i.e. both MN-major: <1, 1>.
+template <typename T> struct WgmmaSS;
+
+#define L3K_WGMMA_T __nv_bfloat16
+#define L3K_WGMMA_PTX "bf16"
+#include "wgmma_ops.inc"
+#undef L3K_WGMMA_T
+#undef L3K_WGMMA_PTX
+#define L3K_WGMMA_T __half
+#define L3K_WGMMA_PTX "f16"
+#include "wgmma_ops.inc"
+#undef L3K_WGMMA_T
+#undef L3K_WGMMA_PTX
+
+}  // namespace l3k_wgmma
+#endif  // L3K_HAVE_WGMMA
+
+#endif  // L3K_CUDA_WGMMA_CUH_

@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Why is torch.compile(mode="reduce-overhead") of TritonLlama3Block slower than a hand-captured
+graph?  Prints Inductor's cudagraph skip counters, a profile of one call (graph launches vs
+kernel launches, host time), and the timing of both forms at the tutorial's test shape.
+Run with TORCH_LOGS=cudagraphs,perf_hints for the compiler's own account."""
+import time
+
+import torch
+import torch._dynamo.utils as dutils
+
+from llama3_kernels import TritonLlama3Block
+from llama3_kernels.reference import TorchLlama3Block
+
+
+def timeit(fn, n=200):
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def main():
+    torch.manual_seed(0)
+    dim, hidden, heads, b, s = 512, 2048, 8, 2, 128
+    x = torch.randn(b, s, dim, device="cuda", dtype=torch.float16)
+    hd = dim // heads
+    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, device="cuda").float() / hd))
+    ang = torch.arange(s, device="cuda").float()[:, None] * inv[None]
+    cos, sin = ang.cos(), ang.sin()
+    for name, cls in (("ours", TritonLlama3Block), ("torch", TorchLlama3Block)):
+        block = cls(dim, hidden, heads, causal=False).cuda().half()
+        dutils.counters.clear()
+        ro = torch.compile(block, mode="reduce-overhead")
+        with torch.no_grad():
+            for _ in range(4):
+                ro(x, cos, sin)
+            torch.cuda.synchronize()
+            print(f"[{name}] inductor counters: {dict(dutils.counters['inductor'])}")
+            print(f"[{name}] cudagraph skips: {dutils.counters['inductor'].get('cudagraph_skips', 0)}")
+            t = timeit(lambda: ro(x, cos, sin))
+            print(f"[{name}] reduce-overhead forward: {t:.1f} us per call")
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                t = timeit(lambda: ro(x, cos, sin))
+            print(f"[{name}] reduce-overhead forward, guards skipped: {t:.1f} us per call")
+            xs = x.clone()
+            g = torch.cuda.CUDAGraph()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    block(xs, cos, sin)
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(g):
+                block(xs, cos, sin)
+            t = timeit(lambda: (xs.copy_(x), g.replay()))
+            print(f"[{name}] hand-captured graph forward: {t:.1f} us per call")
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    ro(x, cos, sin)
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
