@@ -492,6 +492,27 @@ def test_compile_reduce_overhead_cuda():
             assert_close(out, ref, torch.bfloat16, scale=4, what="reduce-overhead")
 
 
+@requires_cuda
+def test_block_reduce_overhead_uses_cudagraphs_cuda():
+    """torch.compile(TritonLlama3Block, mode="reduce-overhead"): Inductor skips no CUDA graph
+    for this library's ops, and the replays match the eager block."""
+    from torch._dynamo.utils import counters
+    from llama3_kernels.block import TritonLlama3Block
+
+    dim, hid, s = H * D, 128, 16
+    m = TritonLlama3Block(dim, hid, H, HKV).to("cuda", torch.bfloat16)
+    cos, sin = l3k.llama3_rope_cos_sin(s, D)
+    cos, sin = cos.cuda(), sin.cuda()
+    counters.clear()
+    compiled = torch.compile(m, mode="reduce-overhead")
+    with torch.no_grad():
+        for _ in range(3):  # warm-up, record, replay
+            x = torch.randn(2, s, dim, device="cuda", dtype=torch.bfloat16)
+            out = compiled(x, cos, sin).clone()
+            assert_close(out, m(x, cos, sin), torch.bfloat16, scale=4, what="reduce-overhead block")
+    assert counters["inductor"].get("cudagraph_skips", 0) == 0, dict(counters["inductor"])
+
+
 def test_llama_block_compiled_equals_eager_block():
     """library.llama_block (TritonLlama3Block's forward as registered ops) compiles with no
     graph break and matches the eager block, forward and every gradient."""
