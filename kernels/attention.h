@@ -90,24 +90,18 @@ int l3k_cuda_attn_fwd(const l3k_attn_fwd_args *a, void *stream);
 int l3k_cuda_attn_fwd_sm90(const l3k_attn_fwd_args *a, void *stream);
 int l3k_cuda_attn_bwd(const l3k_attn_bwd_args *a, void *stream);
 /* The Hopper (sm_90a, wgmma) backward main kernel behind l3k_cuda_attn_bwd (non-deterministic
- * mode): dk, dv written, dS K added to dqacc with float atomics. dsum and dqacc are the workspace's
- * D and zeroed dq accumulator, set up by the caller's preprocess kernel; the caller then converts
- * dqacc to dq. head_dim <= 128 on a compute capability 9.0 GPU with a build that carries sm_90a
- * code; returns cudaErrorNotSupported (801) without launching anything otherwise (deterministic,
- * head_dim > 128, other GPUs).
- * dqacc layout: row-major (B, H, Sq, head_dim) float32, except with dq_mode 4 (the default, see
- * L3K_ATTN_BWD_SM90_DQ_MODE): there every full 64-row block (rows 64m..64m+63 < Sq) of a head_dim
- * 64 or 128 problem keeps its span of the row-major buffer but is stored in wgmma accumulator order
- * (flash_attn_bwd_sm90.cu, kDqTile); the dq convert kernel must be told (tiled = 1). */
-#define L3K_ATTN_BWD_SM90_DQ_MODE 4
+ * mode): dk, dv written, dS K added to dqacc. dsum and dqacc are the workspace's D and zeroed dq
+ * accumulator, set up by the caller's preprocess kernel; the caller then converts dqacc to dq.
+ * head_dim <= 128 on a compute capability 9.0 GPU with a build that carries sm_90a code; returns
+ * cudaErrorNotSupported (801) without launching anything otherwise (deterministic, head_dim > 128,
+ * other GPUs).
+ * dqacc layout it leaves: row-major (B, H, Sq, head_dim) float32, except that every full 64-row
+ * block (rows 64m..64m+63 < Sq) of a head_dim 64 or 128 problem keeps its span of the row-major
+ * buffer but is stored in wgmma accumulator order (flash_attn_bwd_sm90.cu); the dq convert kernel
+ * must be told (tiled = 1). */
 int l3k_cuda_attn_bwd_main_sm90(const l3k_attn_bwd_args *a, const float *dsum, float *dqacc, void *stream);
-/* Testing hooks. l3k_cuda_attn_bwd_main_sm90_mode: dq_mode 0 = row-major, per-row bulk reduce adds;
- * 1 = row-major, per-thread vector atomics; 4 = tiled blocks (above), one bulk reduce per warpgroup
- * and block; any other value: cudaErrorInvalidValue. l3k_cuda_attn_bwd_variant:
- * 0 = l3k_cuda_attn_bwd; 1 = the mma.sync main kernel even where the wgmma one is available;
- * 2 + m = the wgmma kernel with dq_mode m. */
-int l3k_cuda_attn_bwd_main_sm90_mode(const l3k_attn_bwd_args *a, const float *dsum, float *dqacc, void *stream,
-                                     int dq_mode);
+/* Testing hook: variant 0 = l3k_cuda_attn_bwd; 1 = the mma.sync main kernel even where the wgmma
+ * one is available. */
 int l3k_cuda_attn_bwd_variant(const l3k_attn_bwd_args *a, void *stream, int variant);
 
 #ifdef __cplusplus

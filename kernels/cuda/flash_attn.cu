@@ -860,8 +860,7 @@ cudaError_t fwd_dispatch(const l3k_attn_fwd_args &a, cudaStream_t s, int variant
 }
 
 // variant 0: default (the wgmma main kernel of flash_attn_bwd_sm90.cu where this GPU and build
-// have it, non-deterministic mode, head_dim <= 128); 1: always the mma.sync main kernel;
-// 2 + m: the wgmma kernel with dQ mode m (l3k_cuda_attn_bwd_main_sm90_mode).
+// have it, non-deterministic mode, head_dim <= 128); 1: always the mma.sync main kernel.
 template <typename T>
 cudaError_t bwd_dispatch(const l3k_attn_bwd_args &a, cudaStream_t s, int variant) {
   const int64_t d = a.f.head_dim;
@@ -881,10 +880,8 @@ cudaError_t bwd_dispatch(const l3k_attn_bwd_args &a, cudaStream_t s, int variant
       else if (d <= 128) e = launch_bwd_main<T, 128, 64, 128, 8, 1, false>(a, dsum, dqacc, s);
       else e = launch_bwd_main<T, 256, 32, 64, 8, 2, false>(a, dsum, dqacc, s);
     } else {
-      e = cudaErrorNotSupported;
-      const int mode = variant == 0 ? L3K_ATTN_BWD_SM90_DQ_MODE : variant - 2;
-      if (variant != 1) e = (cudaError_t)l3k_cuda_attn_bwd_main_sm90_mode(&a, dsum, dqacc, s, mode);
-      if (e == cudaSuccess) dq_tiled = mode == 4;
+      e = variant == 1 ? cudaErrorNotSupported : (cudaError_t)l3k_cuda_attn_bwd_main_sm90(&a, dsum, dqacc, s);
+      if (e == cudaSuccess) dq_tiled = 1;
       if (e == cudaErrorNotSupported) {  // not an sm_90a build on H100, or head_dim > 128
         if (d <= 64) e = launch_bwd_main<T, 64, 64, 128, 8, 1, true>(a, dsum, dqacc, s);
         else if (d <= 128) e = launch_bwd_main<T, 128, 64, 128, 8, 1, true>(a, dsum, dqacc, s);
@@ -929,8 +926,7 @@ extern "C" int l3k_cuda_attn_fwd(const l3k_attn_fwd_args *a, void *stream) {
   return l3k_cuda_attn_fwd_variant(a, stream, 0);
 }
 
-// Tuning/testing hook (tests/gpu/attn_harness.py): 0 default, 1 the mma.sync main kernel even on H100,
-// 2 + m the wgmma main kernel with dQ mode m (m = 0, 1, 4; l3k_cuda_attn_bwd_main_sm90_mode).
+// Tuning/testing hook (tests/gpu/attn_harness.py): 0 default, 1 the mma.sync main kernel even on H100.
 extern "C" int l3k_cuda_attn_bwd_variant(const l3k_attn_bwd_args *a, void *stream, int variant) {
   if (!a || !shape_ok(a->f)) return (int)cudaErrorInvalidValue;
   const l3k_attn_fwd_args &f = a->f;

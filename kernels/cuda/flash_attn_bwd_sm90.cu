@@ -18,7 +18,7 @@
 //   dQ   = dS K         ss m64n64 from the CTA's dS^T (both warpgroups' rows, staged in shared
 //                       memory) and K, both read MN-major; hd128: warpgroup w takes columns
 //                       64w.., all 128 keys; hd64: keys 64w.., all columns (two partial sums).
-//                       Added to dqacc in fp32 by one bulk reduce per warpgroup (kDqTile below).
+//                       Added to dqacc in fp32 by one bulk reduce per warpgroup (below).
 // dK is scaled by the softmax scale at the end; dq's scale is applied by the convert kernel.
 // Registers: dK, dV 128 + S^T, dP^T 64 + packed P^T, dS^T 32 of 255 per thread (no spills);
 // hence one CTA per SM and no producer warp: every thread issues the cp.async copies.
@@ -67,20 +67,17 @@ __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wa
 
 #endif  // L3K_HAVE_WGMMA
 
-// dQ accumulation modes (dqacc layouts: attention.h, l3k_cuda_attn_bwd_main_sm90).
-// kDqTile (default): a full 64-row block with head_dim == HD is stored in accumulator order,
-//   float4 q of thread x of warpgroup w (dq[4q..4q+3]) at float 4096 w + 4 (128 q + x) of the
-//   block's span (hd64: both warpgroups add onto w = 0). Each warpgroup stages its tile with
-//   conflict-free 16-byte stores and adds it with ONE 16 KB bulk reduce (TMA unit). Partial blocks
-//   and padded head dims stay row-major, added with red.v2.
-// kDqBulk: row-major; the staged tile is added row by row (64 bulk reduces of 256 B per warpgroup).
-// kDqRed: row-major; per-thread red.global.add.v2.f32.
-// Measured (H100, B=2 H=32 Hkv=8 S=2048 hd128 causal, backward main kernel alone): tile 0.658 ms,
-// red 0.682, row bulk 0.690; with no dQ adds at all 0.478 (timing probe, since removed).
-enum { kDqBulk = 0, kDqRed = 1, kDqTile = 4 };
-constexpr int kDqStride = 64 + 8;  // floats per staged dQ row: 16-byte aligned, conflict-free float2 stores
+// dQ accumulation (dqacc layout: attention.h, l3k_cuda_attn_bwd_main_sm90): a full 64-row block
+// with head_dim == HD is stored in accumulator order, float4 q of thread x of warpgroup w
+// (dq[4q..4q+3]) at float 4096 w + 4 (128 q + x) of the block's span (hd64: both warpgroups add onto
+// w = 0). Each warpgroup stages its tile with conflict-free 16-byte stores and adds it with ONE 16 KB
+// bulk reduce (TMA unit). Partial blocks and padded head dims stay row-major, added with red.v2.
+// Measured (H100, B=2 H=32 Hkv=8 S=2048 hd128 causal, backward main kernel alone): this 0.658 ms;
+// row-major with per-thread red.v2 0.682, row-major with per-row bulk reduces 0.690; with no dQ
+// adds at all 0.478 (timing probes, since removed).
+constexpr uint32_t kDqTileBytes = 64 * 64 * 4;  // one warpgroup's staged dQ tile
 
-template <typename T, int HD, int DQM>
+template <typename T, int HD>
 __global__ void __launch_bounds__(kThreads, 1)
     fa_bwd_sm90_kernel(const l3k_attn_bwd_args a, const float *dsum, float *dqacc) {
 #if L3K_HAVE_WGMMA
@@ -98,7 +95,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t sdO = sQ + 2 * QT;     // [2 stages]
   const uint32_t sdS = sdO + 2 * QT;
   const uint32_t sLD = sdS + DST;       // float L[2][64] (lse), D[2][64]
-  const uint32_t sdQ = sLD + 4 * kRowsQ * 4;  // float [2 warpgroups][64][kDqStride]
+  const uint32_t sdQ = sLD + 4 * kRowsQ * 4;  // [2 warpgroups] staged dQ tiles, kDqTileBytes each
   unsigned char *smem_gen = smem_raw + (sK - smem_u32(smem_raw));
   const float *sL = reinterpret_cast<const float *>(smem_gen + (sLD - sK));
   const float *sD = sL + 2 * kRowsQ;
@@ -176,7 +173,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     cp_async_commit();
 
     const uint32_t sQs = sQ + st * QT, sdOs = sdO + st * QT;
-    static_assert(DQM == kDqBulk || DQM == kDqRed || DQM == kDqTile, "dq mode");
     // ---- S^T = K_w Q^T, dP^T = V_w dO^T: two groups, P^T is computed while dP^T runs
     float s[32], dp[32];
     wgmma_fence();
@@ -269,7 +265,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_async_shared();  // dS^T stores -> async proxy
     // The previous Q block's bulk adds have read this warpgroup's dQ staging rows (issued a whole
     // iteration ago, so this rarely waits); the barrier orders that before the stores below.
-    if ((DQM == kDqBulk || DQM == kDqTile) && wl < 64) bulk_wait_read();
+    if (wl < 64) bulk_wait_read();
     __syncthreads();       // both warpgroups' dS^T rows are in place
 
     // ---- dQ (64 queries x 64 columns) = dS K over this warpgroup's key range
@@ -290,9 +286,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     pin(dsp);
     // dq element (query 16wi + g + 8r, column dq_col0 + 8j + 2t + e) is dq[4j + 2r + e]
     float *dqb = dqacc + ((b * H + h) * Sq + m0) * (int64_t)hd;
-    const bool tile_full = DQM == kDqTile && m0 + kRowsQ <= Sq && hd == HD;  // CTA-uniform
-    if (DQM == kDqTile && tile_full) {
-      const uint32_t sdQw = sdQ + (uint32_t)wg * 16384u;
+    if (m0 + kRowsQ <= Sq && hd == HD) {  // a full block: CTA-uniform
+      const uint32_t sdQw = sdQ + (uint32_t)wg * kDqTileBytes;
       float *sdQg = reinterpret_cast<float *>(smem_gen + (sdQw - sK));
 #pragma unroll
       for (int j = 0; j < 8; j++)
@@ -300,10 +295,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_async_shared();  // the stores -> the bulk copy's (async proxy) reads
       warpgroup_sync(wg);
       if (wl == 0) {
-        bulk_reduce_add_f32(dqb + (HD == 128 ? 4096 * wg : 0), sdQw, 16384u);
+        bulk_reduce_add_f32(dqb + (HD == 128 ? 4096 * wg : 0), sdQw, kDqTileBytes);
         bulk_commit();
       }
-    } else if constexpr (DQM == kDqRed || DQM == kDqTile) {
+    } else {
 #pragma unroll
       for (int j = 0; j < 8; j++)
 #pragma unroll
@@ -311,26 +306,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int row = 16 * wi + g + 8 * r, col = dq_col0 + 8 * j + 2 * t;
           if (m0 + row < Sq && col < hd) red_add_v2(dqb + (int64_t)row * hd + col, dq[4 * j + 2 * r], dq[4 * j + 2 * r + 1]);
         }
-    } else if constexpr (DQM == kDqBulk) {
-      const uint32_t sdQw = sdQ + (uint32_t)(wg * 64 * kDqStride * 4);
-      float *sdQg = reinterpret_cast<float *>(smem_gen + (sdQw - sK));
-#pragma unroll
-      for (int j = 0; j < 8; j++)
-#pragma unroll
-        for (int r = 0; r < 2; r++)
-          *reinterpret_cast<float2 *>(sdQg + (16 * wi + g + 8 * r) * kDqStride + 8 * j + 2 * t) =
-              make_float2(dq[4 * j + 2 * r], dq[4 * j + 2 * r + 1]);
-      fence_async_shared();  // the stores -> the bulk copy's (async proxy) reads
-      warpgroup_sync(wg);
-      // hd columns past dq_col0 (a multiple of 8, so the row piece is a multiple of 32 bytes)
-      const int ncol = hd - dq_col0 < 64 ? hd - dq_col0 : 64;
-      if (wl < 64 && m0 + wl < Sq && ncol > 0) {
-        bulk_reduce_add_f32(dqb + (int64_t)wl * hd + dq_col0, sdQw + (uint32_t)(wl * kDqStride * 4), (uint32_t)ncol * 4u);
-        bulk_commit();
-      }
     }
   }
-  if ((DQM == kDqBulk || DQM == kDqTile) && wl < 64) bulk_wait_all();
+  if (wl < 64) bulk_wait_all();
 
   // ---- epilogue: dK * scale, dV -> T, staged through the K and V tiles (all reads of them done)
   cp_async_wait<0>();
@@ -359,68 +337,35 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // ------------------------------------------------------------------ host side
-template <typename T, int HD, int DQM>
+template <typename T, int HD>
 cudaError_t launch(const l3k_attn_bwd_args &a, const float *dsum, float *dqacc, cudaStream_t s) {
-  auto kern = fa_bwd_sm90_kernel<T, HD, DQM>;
+  auto kern = fa_bwd_sm90_kernel<T, HD>;
   // K, V, 2 Q, 2 dO tiles, dS^T, LSE/D stages, dQ staging, alignment slack
   constexpr size_t smem = 2 * (size_t)kKeys * HD * 2 + 4 * (size_t)kRowsQ * HD * 2 + (size_t)kKeys * kRowsQ * 2 +
-                          4 * kRowsQ * sizeof(float) + 2 * 64 * kDqStride * sizeof(float) + 1024;
-  // Per device: 0 unknown, 1 this build has the sm_90a kernel for it, 2 it does not.
-  static int state[64] = {0};
-  int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
+                          4 * kRowsQ * sizeof(float) + 2 * (size_t)kDqTileBytes + 1024;
+  static L3kSm90aCache cache;
+  const cudaError_t e = l3k_sm90a_prepare(kern, smem, cache, nullptr);
   if (e != cudaSuccess) return e;
-  if (dev < 0 || dev >= 64) return cudaErrorNotSupported;
-  if (state[dev] == 0) {
-    int major = 0, minor = 0;
-    cudaFuncAttributes attr;
-    if ((e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev)) != cudaSuccess) return e;
-    if ((e = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev)) != cudaSuccess) return e;
-    bool ok = major == 9 && minor == 0 && cudaFuncGetAttributes(&attr, kern) == cudaSuccess &&
-              attr.binaryVersion == 90;
-    if (ok) ok = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) == cudaSuccess;
-    (void)cudaGetLastError();  // a failed probe is an answer, not a sticky error
-    state[dev] = ok ? 1 : 2;
-  }
-  if (state[dev] != 1) return cudaErrorNotSupported;
   dim3 grid((unsigned)(a.f.batch * a.f.n_kv_heads), (unsigned)((a.f.seq_k + kKeys - 1) / kKeys));
   kern<<<grid, kThreads, smem, s>>>(a, dsum, dqacc);
   return cudaGetLastError();
 }
 
-template <typename T, int DQM>
-cudaError_t dispatch(const l3k_attn_bwd_args &a, const float *dsum, float *dqacc, cudaStream_t s) {
-  if (a.f.head_dim <= 64) return launch<T, 64, DQM>(a, dsum, dqacc, s);
-  return launch<T, 128, DQM>(a, dsum, dqacc, s);
-}
-
 template <typename T>
-cudaError_t dispatch_mode(const l3k_attn_bwd_args &a, const float *dsum, float *dqacc, cudaStream_t s, int mode) {
-  switch (mode) {
-    case kDqBulk: return dispatch<T, kDqBulk>(a, dsum, dqacc, s);
-    case kDqRed: return dispatch<T, kDqRed>(a, dsum, dqacc, s);
-    case kDqTile: return dispatch<T, kDqTile>(a, dsum, dqacc, s);
-    default: return cudaErrorInvalidValue;
-  }
+cudaError_t dispatch(const l3k_attn_bwd_args &a, const float *dsum, float *dqacc, cudaStream_t s) {
+  if (a.f.head_dim <= 64) return launch<T, 64>(a, dsum, dqacc, s);
+  return launch<T, 128>(a, dsum, dqacc, s);
 }
 
 }  // namespace
 
-// Testing hook: dq_mode 4 = tiled dqacc blocks, one bulk reduce per warpgroup (what
-// l3k_cuda_attn_bwd_main_sm90 runs); 0 = row-major, per-row bulk reduces; 1 = row-major, per-thread
-// vector atomics; others: cudaErrorInvalidValue.
-extern "C" int l3k_cuda_attn_bwd_main_sm90_mode(const l3k_attn_bwd_args *a, const float *dsum, float *dqacc,
-                                                void *stream, int dq_mode) {
+// The backward main kernel on wgmma (see the file comment) when this GPU and build have it,
+// head_dim <= 128 and deterministic == 0; otherwise cudaErrorNotSupported, nothing launched.
+extern "C" int l3k_cuda_attn_bwd_main_sm90(const l3k_attn_bwd_args *a, const float *dsum, float *dqacc, void *stream) {
   if (a->deterministic || dqacc == nullptr || a->f.head_dim > 128 ||
       (a->f.dtype != L3K_DT_BF16 && a->f.dtype != L3K_DT_F16))
     return (int)cudaErrorNotSupported;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (a->f.dtype == L3K_DT_BF16) return (int)dispatch_mode<__nv_bfloat16>(*a, dsum, dqacc, s, dq_mode);
-  return (int)dispatch_mode<__half>(*a, dsum, dqacc, s, dq_mode);
-}
-
-// The backward main kernel on wgmma (see the file comment) when this GPU and build have it,
-// head_dim <= 128 and deterministic == 0; otherwise cudaErrorNotSupported, nothing launched.
-extern "C" int l3k_cuda_attn_bwd_main_sm90(const l3k_attn_bwd_args *a, const float *dsum, float *dqacc, void *stream) {
-  return l3k_cuda_attn_bwd_main_sm90_mode(a, dsum, dqacc, stream, L3K_ATTN_BWD_SM90_DQ_MODE);
+  if (a->f.dtype == L3K_DT_BF16) return (int)dispatch<__nv_bfloat16>(*a, dsum, dqacc, s);
+  return (int)dispatch<__half>(*a, dsum, dqacc, s);
 }

@@ -314,30 +314,13 @@ template <typename T>
 cudaError_t launch(const l3k_attn_fwd_args &a, cudaStream_t s) {
   auto kern = fa_fwd_sm90_kernel<T>;
   constexpr size_t smem = 6 * (size_t)kRows * 128 * 2 + 128 + 1024;  // 2 Q, 2 K, 2 V tiles, barriers, alignment
-  // Per device: 0 unknown, 1 this build has the sm_90a kernel for it, 2 it does not.
-  static int state[64] = {0};
-  static int sm_count[64] = {0};
-  int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
+  static L3kSm90aCache cache;
+  int sm_count = 0;
+  const cudaError_t e = l3k_sm90a_prepare(kern, smem, cache, &sm_count);
   if (e != cudaSuccess) return e;
-  if (dev < 0 || dev >= 64) return cudaErrorNotSupported;
-  if (state[dev] == 0) {
-    int major = 0, minor = 0, sms = 0;
-    cudaFuncAttributes attr;
-    if ((e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev)) != cudaSuccess) return e;
-    if ((e = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev)) != cudaSuccess) return e;
-    if ((e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess) return e;
-    bool ok = major == 9 && minor == 0 && cudaFuncGetAttributes(&attr, kern) == cudaSuccess &&
-              attr.binaryVersion == 90;
-    if (ok) ok = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) == cudaSuccess;
-    (void)cudaGetLastError();  // a failed probe is an answer, not a sticky error
-    sm_count[dev] = sms;
-    state[dev] = ok ? 1 : 2;
-  }
-  if (state[dev] != 1) return cudaErrorNotSupported;
-  // Persistent: one CTA per SM walks the tiles (so a tile's loads overlap the previous one's tail);
+  // Persistent: one CTA per SM walks the tiles, so a tile's loads overlap the previous one's tail.
   const int64_t tiles = a.batch * a.n_heads * ((a.seq_q + kRows - 1) / kRows);
-  const int64_t ctas = tiles < sm_count[dev] ? tiles : sm_count[dev];
+  const int64_t ctas = tiles < sm_count ? tiles : sm_count;
   kern<<<(unsigned)ctas, kThreads, smem, s>>>(a);
   return cudaGetLastError();
 }

@@ -14,6 +14,7 @@
 #ifndef L3K_CUDA_WGMMA_CUH_
 #define L3K_CUDA_WGMMA_CUH_
 
+#include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -119,5 +120,39 @@ template <typename T> struct WgmmaSS;
 
 }  // namespace l3k_wgmma
 #endif  // L3K_HAVE_WGMMA
+
+// Host side, for launching the sm_90a kernels: whether `kernel` runs on the current device, i.e.
+// compute capability 9.0 and an sm_90a cubin of it in this binary (a build without sm_90a has only
+// the empty sm_80 body). The first call per device also raises the kernel's dynamic shared memory
+// limit to `smem` and caches the answer and the SM count in `cache` (one per kernel). Returns
+// cudaSuccess (*sm_count set when asked), cudaErrorNotSupported, or a failed query's error. No
+// stream work: legal while a stream is being captured.
+struct L3kSm90aCache {
+  int ready[64];  // per device: 0 unknown, 1 yes, 2 no
+  int sms[64];
+};
+template <typename K>
+inline cudaError_t l3k_sm90a_prepare(K kernel, size_t smem, L3kSm90aCache &cache, int *sm_count) {
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  if (dev < 0 || dev >= 64) return cudaErrorNotSupported;
+  if (cache.ready[dev] == 0) {
+    int major = 0, minor = 0, sms = 0;
+    cudaFuncAttributes attr;
+    if ((e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev)) != cudaSuccess) return e;
+    if ((e = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev)) != cudaSuccess) return e;
+    if ((e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess) return e;
+    bool ok = major == 9 && minor == 0 && cudaFuncGetAttributes(&attr, kernel) == cudaSuccess &&
+              attr.binaryVersion == 90;
+    if (ok) ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) == cudaSuccess;
+    (void)cudaGetLastError();  // a failed probe is an answer, not a sticky error
+    cache.sms[dev] = sms;
+    cache.ready[dev] = ok ? 1 : 2;
+  }
+  if (cache.ready[dev] != 1) return cudaErrorNotSupported;
+  if (sm_count) *sm_count = cache.sms[dev];
+  return cudaSuccess;
+}
 
 #endif  // L3K_CUDA_WGMMA_CUH_

@@ -22,8 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 VARIANTS = os.environ.get("ATTN_VARIANTS", "0") == "1"
 # forward kernel for parity/sanitize: 0 default (wgmma on H100), 2 mma.sync
 FWD_VARIANT = int(os.environ.get("ATTN_FWD_VARIANT", "0"))
-# backward for parity/sanitize: 0 default (wgmma main kernel on H100), 1 mma.sync main kernel,
-# 2 + m wgmma main kernel with dq mode m (kernels/attention.h, l3k_cuda_attn_bwd_main_sm90_mode)
+# backward for parity/sanitize: 0 default (wgmma main kernel on H100), 1 mma.sync main kernel
 BWD_VARIANT = int(os.environ.get("ATTN_BWD_VARIANT", "0"))
 DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
