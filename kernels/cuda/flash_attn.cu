@@ -418,6 +418,30 @@ __global__ void fa_bwd_dq_convert_kernel(const l3k_attn_bwd_args a, const float 
 // ================================================================== backward: main (KV-outer)
 // CTA = (BN keys, b, kv head). Warp w owns key strip (w % (BN/16)) and, for dK/dV, the column
 // range [(w / (BN/16)) * HD/DSPLIT, +HD/DSPLIT). Loops over (query head of the group, Q block).
+// c = A B^T for the backward's 16-row strips: A is this warp's 16 x HD strip at byte address sA
+// (ldmatrix offsets oA), B the BM x HD tile at sB (offsets oB), both swizzled with row width HD;
+// c holds BM/8 m16n8 accumulator tiles. (S^T = K Q^T and dP^T = V dO^T.)
+template <typename T, int HD, int BM>
+__device__ __forceinline__ void strip_times_rows_t(float (&c)[BM / 8][4], uint32_t sA, uint32_t sB, uint32_t oA,
+                                                   uint32_t oB) {
+#pragma unroll
+  for (int j = 0; j < BM / 8; j++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) c[j][e] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; kk++) {
+    uint32_t a[4];
+    ldsm_x4(a[0], a[1], a[2], a[3], sA + xo(oA, kk * 2));
+#pragma unroll
+    for (int nj = 0; nj < BM / 16; nj++) {
+      uint32_t b0, b1, b2, b3;
+      ldsm_x4(b0, b1, b2, b3, sB + (xo(oB, kk * 2) + nj * 16 * HD * 2));
+      MmaOp<T>::run(c[2 * nj], a, b0, b1);
+      MmaOp<T>::run(c[2 * nj + 1], a, b2, b3);
+    }
+  }
+}
+
 template <typename T, int HD, int BM, int BN, int NW, int DSPLIT, bool DQ>
 __global__ void __launch_bounds__(NW * 32, 1)
     fa_bwd_kernel(const l3k_attn_bwd_args a, const float *dsum, float *dqacc) {
@@ -507,22 +531,7 @@ __global__ void __launch_bounds__(NW * 32, 1)
 
     // ---- S^T = K_strip Q^T  (16 keys x BM queries)
     float sT[NQ][4];
-#pragma unroll
-    for (int j = 0; j < NQ; j++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) sT[j][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < HD / 16; kk++) {
-      uint32_t ka[4];
-      ldsm_x4(ka[0], ka[1], ka[2], ka[3], sKw + xo(oA, kk * 2));
-#pragma unroll
-      for (int nj = 0; nj < BM / 16; nj++) {
-        uint32_t b0, b1, b2, b3;
-        ldsm_x4(b0, b1, b2, b3, sQs + (xo(oB, kk * 2) + nj * 16 * HD * 2));
-        Op::run(sT[2 * nj], ka, b0, b1);
-        Op::run(sT[2 * nj + 1], ka, b2, b3);
-      }
-    }
+    strip_times_rows_t<T, HD, BM>(sT, sKw, sQs, oA, oB);
     // ---- P^T = exp2(S^T * scale*log2e - lse*log2e), masked to 0
     const bool need_mask = (n0 + BN > Sk) || (f.causal && n0 + BN - 1 > m0 + Sk - Sq);
 #pragma unroll
@@ -555,22 +564,7 @@ __global__ void __launch_bounds__(NW * 32, 1)
     }
     // ---- dP^T = V_strip dO^T
     float dpT[NQ][4];
-#pragma unroll
-    for (int j = 0; j < NQ; j++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) dpT[j][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < HD / 16; kk++) {
-      uint32_t va[4];
-      ldsm_x4(va[0], va[1], va[2], va[3], sVw + xo(oA, kk * 2));
-#pragma unroll
-      for (int nj = 0; nj < BM / 16; nj++) {
-        uint32_t b0, b1, b2, b3;
-        ldsm_x4(b0, b1, b2, b3, sdOs + (xo(oB, kk * 2) + nj * 16 * HD * 2));
-        Op::run(dpT[2 * nj], va, b0, b1);
-        Op::run(dpT[2 * nj + 1], va, b2, b3);
-      }
-    }
+    strip_times_rows_t<T, HD, BM>(dpT, sVw, sdOs, oA, oB);
     // ---- dS^T = P^T * (dP^T - D)
 #pragma unroll
     for (int j = 0; j < NQ; j++)
