@@ -138,25 +138,34 @@ def run_block_suite(timer, device, compile_ok: bool, log=print, only=None) -> li
     return configs
 
 
+def capture_forward(block, x, cos, sin):
+    """`block`'s inference forward captured by hand in a CUDA graph (warmed up on a side
+    stream first, as capture requires). Returns replay(): copies `x` into the graph's input
+    buffer and replays."""
+    static_x = x.clone()
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                block(static_x, cos, sin)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            block(static_x, cos, sin)
+
+    def replay():
+        static_x.copy_(x)
+        g.replay()
+    return replay
+
+
 def _time_graphs(cfg, timer, blocks, x, cos, sin, compile_ok, log) -> None:
     """Forward under CUDA graphs: captured by hand with torch.cuda.graph, and through
     torch.compile(mode="reduce-overhead"); the input is copied into the graph's buffer."""
-    static_x = x.clone()
     for label, block in blocks.items():
+        replay = capture_forward(block, x, cos, sin)
         with torch.no_grad():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    block(static_x, cos, sin)
-            torch.cuda.current_stream().wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                block(static_x, cos, sin)
-
-            def replay():
-                static_x.copy_(x)
-                g.replay()
             cfg.results[(f"{label} cuda graph", "fwd")] = t = timer(replay)
         log(f"[bench] {cfg.name}: {label} forward, hand-captured CUDA graph {t * 1e3:.1f} us")
         if compile_ok:

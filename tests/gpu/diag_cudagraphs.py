@@ -9,6 +9,7 @@ import torch
 import torch._dynamo.utils as dutils
 
 from llama3_kernels import TritonLlama3Block
+from llama3_kernels.bench_block import capture_forward
 from llama3_kernels.reference import TorchLlama3Block
 
 
@@ -46,17 +47,7 @@ def main():
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 t = timeit(lambda: ro(x, cos, sin))
             print(f"[{name}] reduce-overhead forward, guards skipped: {t:.1f} us per call")
-            xs = x.clone()
-            g = torch.cuda.CUDAGraph()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    block(xs, cos, sin)
-            torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(g):
-                block(xs, cos, sin)
-            t = timeit(lambda: (xs.copy_(x), g.replay()))
+            t = timeit(capture_forward(block, x, cos, sin))
             print(f"[{name}] hand-captured graph forward: {t:.1f} us per call")
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                     torch.profiler.ProfilerActivity.CUDA]) as prof:
