@@ -11,12 +11,13 @@
 //   O += P V    wgmma m64n128k16, P from registers (an accumulator pair is an A fragment),
 //               V read from shared memory MN-major (the instruction's transpose bit)
 // The P V product of block n+1 is issued right after S(n) and runs under the softmax of S(n).
-// Tiles are 16-byte cp.async copies into the layout wgmma's 128-byte swizzle expects: 64-column
-// panels of 128-byte rows, 16-byte chunk c of row r at chunk c ^ (r % 8), tiles 1024-byte aligned.
-// Buffers: Q x2 (consecutive tiles), K x2, V x2 stages, each with a "full" mbarrier (cp.async
-// arrivals) and an "empty" one (per-warp arrivals once its tensor-core reads are done): loads run
-// one KV block ahead, the next tile's Q and first K load under the current tile's tail, and the two
-// warpgroups drift freely within the ring (measured: forcing them to alternate was slower).
+// A third (producer) warpgroup gives up its registers (setmaxnreg) and one of its threads issues
+// TMA loads of 64-column x 128-row boxes with the 128-byte swizzle wgmma expects (64-column panels
+// of 128-byte rows, 16-byte chunk c of row r at chunk c ^ (r % 8), tiles 1024-byte aligned).
+// Buffers: Q x2 (consecutive tiles), K x2, V x2 stages, each with a "full" mbarrier (TMA
+// transaction count) and an "empty" one (per-warp arrivals once its reads are done): the producer
+// runs ahead as far as the rings allow, and the two math warpgroups drift freely within them
+// (measured on the cp.async version: forcing them to alternate was slower).
 // The epilogue stages O through the warpgroup's own rows of its Q buffer for 16-byte stores.
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -28,17 +29,33 @@
 #include "flash_common.cuh"
 #include "wgmma.cuh"
 
+#include <cuda.h>            // CUtensorMap (types only: the encoder comes through the runtime)
+#include <cudaTypedefs.h>
+
 namespace {
 
 using namespace l3k_fa;
 
 constexpr int kRows = 128;      // query rows per CTA (two warpgroups of 64)
-constexpr int kThreads = 256;
+constexpr int kConsumers = 256;          // two math warpgroups
+constexpr int kThreads = kConsumers + 128;  // + one producer warpgroup (one thread issues TMA)
 
 #if L3K_HAVE_WGMMA  // the device code exists only in the sm_90a pass
 using namespace l3k_wgmma;
 
 constexpr int kKeys = 128;      // keys per KV block
+
+// The transaction-count arrival that a TMA load completes against.
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// One 64-column x 128-row box of a (head_dim, seq, head, batch) tensor map into swizzled smem.
+__device__ __forceinline__ void tma_box(uint32_t dst, const CUtensorMap *map, int col, int row, int head, int batch,
+                                        uint32_t bar) {
+  asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
+               ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(col), "r"(row), "r"(head), "r"(batch), "r"(bar)
+               : "memory");
+}
 
 #endif  // L3K_HAVE_WGMMA
 
@@ -49,7 +66,9 @@ struct Tile {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) fa_fwd_sm90_kernel(const l3k_attn_fwd_args a) {
+__global__ void __launch_bounds__(kThreads, 1)
+fa_fwd_sm90_kernel(const l3k_attn_fwd_args a, const __grid_constant__ CUtensorMap tm_q,
+                   const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v) {
 #if L3K_HAVE_WGMMA
   constexpr int HD = 128;
   constexpr int TILE_BYTES = kRows * HD * 2;   // a Q, K or V tile (kKeys == kRows)
@@ -61,8 +80,9 @@ __global__ void __launch_bounds__(kThreads, 1) fa_fwd_sm90_kernel(const l3k_attn
   const uint32_t sK = sQ + 2 * TILE_BYTES;                      // [2 stages]
   const uint32_t sV = sK + 2 * TILE_BYTES;                      // [2 stages]
   unsigned char *smem_gen = smem_raw + (sQ - smem_u32(smem_raw));
-  // full*: the buffer's copies have landed (one cp.async arrival per thread); empty*: every warp is
-  // done reading it (one arrival per warp). Each is a pair (buffer or stage 0, 1), 8 bytes apart.
+  // full*: the buffer's TMA bytes have landed (the producer's expect_tx arrival + the transaction
+  // count); empty*: every math warp is done reading it (one arrival per warp). Each is a pair
+  // (buffer or stage 0, 1), 8 bytes apart.
   const uint32_t fullQ = sV + 2 * TILE_BYTES, fullK = fullQ + 16, fullV = fullQ + 32;
   const uint32_t emptyQ = fullQ + 48, emptyK = fullQ + 64, emptyV = fullQ + 80;
 
@@ -76,12 +96,12 @@ __global__ void __launch_bounds__(kThreads, 1) fa_fwd_sm90_kernel(const l3k_attn
 
   if (tid == 0) {
     for (int i = 0; i < 2; i++) {
-      mbar_init(fullQ + 8 * i, kThreads);
-      mbar_init(fullK + 8 * i, kThreads);
-      mbar_init(fullV + 8 * i, kThreads);
-      mbar_init(emptyQ + 8 * i, kThreads / 32);
-      mbar_init(emptyK + 8 * i, kThreads / 32);
-      mbar_init(emptyV + 8 * i, kThreads / 32);
+      mbar_init(fullQ + 8 * i, 1);
+      mbar_init(fullK + 8 * i, 1);
+      mbar_init(fullV + 8 * i, 1);
+      mbar_init(emptyQ + 8 * i, kConsumers / 32);
+      mbar_init(emptyK + 8 * i, kConsumers / 32);
+      mbar_init(emptyV + 8 * i, kConsumers / 32);
     }
   }
   __syncthreads();
@@ -101,8 +121,6 @@ __global__ void __launch_bounds__(kThreads, 1) fa_fwd_sm90_kernel(const l3k_attn
   auto o_ptr = [&](const Tile &x) {
     return static_cast<T *>(a.o) + x.b * a.o_stride[0] + x.h * a.o_stride[1] + x.m0 * a.o_stride[2];
   };
-  auto k_ptr = [&](const Tile &x) { return static_cast<const T *>(a.k) + x.b * a.k_stride[0] + x.hk * a.k_stride[1]; };
-  auto v_ptr = [&](const Tile &x) { return static_cast<const T *>(a.v) + x.b * a.v_stride[0] + x.hk * a.v_stride[1]; };
   auto lse_ptr = [&](const Tile &x) { return a.lse + (x.b * H + x.h) * Sq + x.m0; };
   // This CTA's tiles from i on: writes the fully masked ones (O = 0, LSE = +inf) and returns the
   // index of the first with keys to visit (n_tiles if none).
@@ -110,30 +128,18 @@ __global__ void __launch_bounds__(kThreads, 1) fa_fwd_sm90_kernel(const l3k_attn
     for (; i < n_tiles; i += gridDim.x) {
       tile_at(i, x);
       if (x.n_max > 0) break;
+      if (wg == 2) continue;  // the producer only skips them
       T *og = o_ptr(x);
-      for (int c = tid; c < kRows * NO; c += kThreads) {
+      for (int c = tid; c < kRows * NO; c += kConsumers) {
         const int r = c / NO, ch = c % NO;
         if (x.m0 + r < Sq && ch * 8 < hd)
           *reinterpret_cast<uint4 *>(og + (int64_t)r * a.o_stride[2] + ch * 8) = make_uint4(0, 0, 0, 0);
       }
-      for (int r = tid; r < kRows; r += kThreads)
+      for (int r = tid; r < kRows; r += kConsumers)
         if (x.m0 + r < Sq) lse_ptr(x)[r] = INFINITY;
     }
     return i;
   };
-  // Q of the CTA's k-th live tile into buffer k & 1, and its first K block into the stage of global
-  // KV iteration j; each waits for the last readers of its buffer.
-  auto load_head = [&](const Tile &x, int64_t k, int64_t j) {
-    if (k >= 2) mbar_wait(emptyQ + 8 * (k & 1), (uint32_t)((k - 2) >> 1) & 1);
-    const T *qg = static_cast<const T *>(a.q) + x.b * a.q_stride[0] + x.h * a.q_stride[1] + x.m0 * a.q_stride[2];
-    sw128_load_tile<kRows, HD, kThreads>(sQ + (k & 1) * TILE_BYTES, qg, a.q_stride[2], Sq - x.m0, hd, tid);
-    mbar_arrive_cp_async(fullQ + 8 * (k & 1));
-    if (j >= 2) mbar_wait(emptyK + 8 * (j & 1), (uint32_t)((j - 2) >> 1) & 1);
-    const int64_t n0 = (x.n_max - 1) * kKeys;
-    sw128_load_tile<kKeys, HD, kThreads>(sK + (j & 1) * TILE_BYTES, k_ptr(x) + n0 * a.k_stride[2], a.k_stride[2], Sk - n0, hd, tid);
-    mbar_arrive_cp_async(fullK + 8 * (j & 1));
-  };
-
   float acc_o[HD / 2], s[kKeys / 2];
   uint32_t p[kKeys / 4];  // P of the previous block as bf16/fp16 A fragments
   // O += P V for the block whose V sits in stage `vst`; k-step kk covers keys 16kk..16kk+15.
@@ -146,11 +152,39 @@ __global__ void __launch_bounds__(kThreads, 1) fa_fwd_sm90_kernel(const l3k_attn
 
   Tile x;
   int64_t idx = next_live(blockIdx.x, x);
+  if (wg == 2) {
+    // ---- producer: one thread walks the same tiles and KV blocks as the math warpgroups and
+    // issues each tile's Q, then per block K(n) and V(n), as soon as their buffers are free.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
+    if (wl != 0) return;
+    constexpr uint32_t kBox = kRows * 128, kTileTx = 2 * kBox;  // bytes: one box, one tile
+    for (int64_t k = 0, j = 0; idx < n_tiles; k++) {
+      const int head = (int)x.h, kvh = (int)x.hk, bat = (int)x.b;
+      if (k >= 2) mbar_wait(emptyQ + 8 * (k & 1), (uint32_t)((k - 2) >> 1) & 1);
+      const uint32_t qb = sQ + (uint32_t)(k & 1) * TILE_BYTES, qbar = fullQ + 8 * (k & 1);
+      mbar_expect_tx(qbar, kTileTx);
+      tma_box(qb, &tm_q, 0, (int)x.m0, head, bat, qbar);
+      tma_box(qb + kBox, &tm_q, 64, (int)x.m0, head, bat, qbar);
+      for (int64_t n = x.n_max - 1; n >= 0; --n, ++j) {
+        const uint32_t st = (uint32_t)(j & 1), par = (uint32_t)((j - 2) >> 1) & 1;
+        const int row = (int)(n * kKeys);
+        if (j >= 2) mbar_wait(emptyK + 8 * st, par);
+        mbar_expect_tx(fullK + 8 * st, kTileTx);
+        tma_box(sK + st * TILE_BYTES, &tm_k, 0, row, kvh, bat, fullK + 8 * st);
+        tma_box(sK + st * TILE_BYTES + kBox, &tm_k, 64, row, kvh, bat, fullK + 8 * st);
+        if (j >= 2) mbar_wait(emptyV + 8 * st, par);
+        mbar_expect_tx(fullV + 8 * st, kTileTx);
+        tma_box(sV + st * TILE_BYTES, &tm_v, 0, row, kvh, bat, fullV + 8 * st);
+        tma_box(sV + st * TILE_BYTES + kBox, &tm_v, 64, row, kvh, bat, fullV + 8 * st);
+      }
+      idx = next_live(idx + gridDim.x, x);
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
   if (idx >= n_tiles) return;
   int64_t j = 0;  // global KV iteration of this CTA: stage j & 1, a stage's u-th use has parity u & 1
-  load_head(x, 0, 0);
   for (int64_t k = 0; idx < n_tiles; k++) {
-    const T *kg = k_ptr(x), *vg = v_ptr(x);
     const int64_t m0 = x.m0;
     const uint32_t sQw = sQ + (uint32_t)((k & 1) * TILE_BYTES + 64 * wg * 128);
 #pragma unroll
@@ -158,26 +192,15 @@ __global__ void __launch_bounds__(kThreads, 1) fa_fwd_sm90_kernel(const l3k_attn
     float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};
 
     // Iteration j handles block n: S(n) = Q K(n)^T is issued together with O += P(n+1) V(n+1), and
-    // the softmax of S(n) runs while that P V product is still on the tensor cores. Loads run one
-    // iteration ahead (K(n-1) and V(n) are copied while block n is computed); the warpgroups meet
-    // only through the buffer barriers, so one's softmax can overlap the other's GEMMs.
+    // the softmax of S(n) runs while that P V product is still on the tensor cores. The producer
+    // fills the rings ahead; the math warpgroups meet only through the buffer barriers, so one's
+    // softmax can overlap the other's GEMMs.
     for (int64_t n = x.n_max - 1, lit = 0; n >= 0; --n, ++lit, ++j) {
       const uint32_t st = (uint32_t)(j & 1);
       const int64_t n0 = n * kKeys;
-      if (n > 0) {  // K(n-1) into the stage that S of iteration j-1 read
-        if (j >= 1) mbar_wait(emptyK + 8 * (st ^ 1), (uint32_t)((j - 1) >> 1) & 1);
-        sw128_load_tile<kKeys, HD, kThreads>(sK + (st ^ 1) * TILE_BYTES, kg + (n0 - kKeys) * a.k_stride[2], a.k_stride[2],
-                             Sk - (n0 - kKeys), hd, tid);
-        mbar_arrive_cp_async(fullK + 8 * (st ^ 1));
-      }
-      // V(n) into the stage whose P V product finished in iteration j-1
-      if (j >= 2) mbar_wait(emptyV + 8 * st, (uint32_t)((j - 2) >> 1) & 1);
-      sw128_load_tile<kKeys, HD, kThreads>(sV + st * TILE_BYTES, vg + n0 * a.v_stride[2], a.v_stride[2], Sk - n0, hd, tid);
-      mbar_arrive_cp_async(fullV + 8 * st);
       if (lit == 0) mbar_wait(fullQ + 8 * (k & 1), (uint32_t)(k >> 1) & 1);
       mbar_wait(fullK + 8 * st, (uint32_t)(j >> 1) & 1);
       if (lit > 0) mbar_wait(fullV + 8 * (st ^ 1), (uint32_t)((j - 1) >> 1) & 1);
-      fence_async_shared();
       // ---- S = Q K^T: HD/16 k-steps; a k-step moves 32 bytes inside a 128-byte row, 4 per panel
       const uint32_t sKs = sK + st * TILE_BYTES;
       wgmma_fence();
@@ -254,13 +277,10 @@ __global__ void __launch_bounds__(kThreads, 1) fa_fwd_sm90_kernel(const l3k_attn
         p[4 * kk + 3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
       }
     }
-    // ---- the next tile's Q and first K start loading under this tile's last P V and epilogue
     Tile nx;
     const int64_t nidx = next_live(idx + gridDim.x, nx);
-    if (nidx < n_tiles) load_head(nx, k + 1, j);
     const uint32_t vlast = (uint32_t)((j - 1) & 1);
     mbar_wait(fullV + 8 * vlast, (uint32_t)((j - 1) >> 1) & 1);
-    fence_async_shared();
     wgmma_fence();
     issue_pv(vlast);
     wgmma_commit();
@@ -301,6 +321,7 @@ __global__ void __launch_bounds__(kThreads, 1) fa_fwd_sm90_kernel(const l3k_attn
         *reinterpret_cast<uint4 *>(og + (int64_t)r * a.o_stride[2] + ch * 8) =
             *reinterpret_cast<const uint4 *>(sO + sw128_tile_off(kRows, r, ch));
     }
+    fence_async_shared();  // these generic accesses come before the producer's next TMA write here
     __syncwarp();
     if (lane == 0) mbar_arrive(emptyQ + 8 * (k & 1));
     idx = nidx;
@@ -310,6 +331,33 @@ __global__ void __launch_bounds__(kThreads, 1) fa_fwd_sm90_kernel(const l3k_attn
 }
 
 // ------------------------------------------------------------------ host side
+// A (head_dim, seq, head, batch) tensor map over a strided (B, H, S, D) view: 64-column x 128-row
+// boxes with the 128-byte swizzle; out-of-range rows and columns read as zeros.
+cudaError_t encode_map(CUtensorMap *m, const void *ptr, l3k_dt dt, int64_t d, int64_t seq, int64_t heads,
+                       int64_t batch, const int64_t stride[3]) {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
+  if (!encode) {
+    void *fn = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q);
+    if (e != cudaSuccess || q != cudaDriverEntryPointSuccess || !fn) return cudaErrorNotSupported;
+    encode = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }
+  const cuuint64_t dims[4] = {(cuuint64_t)d, (cuuint64_t)seq, (cuuint64_t)heads, (cuuint64_t)batch};
+  // A size-1 dimension's stride is arbitrary in a view but must be a multiple of 16 bytes for TMA:
+  // give it the packed value.
+  const cuuint64_t s_seq = seq == 1 ? (cuuint64_t)d * 2 : (cuuint64_t)stride[2] * 2;  // d * 2: a multiple of 16
+  const cuuint64_t s_head = heads == 1 ? s_seq * (cuuint64_t)seq : (cuuint64_t)stride[1] * 2;
+  const cuuint64_t s_batch = batch == 1 ? s_head * (cuuint64_t)heads : (cuuint64_t)stride[0] * 2;
+  const cuuint64_t strides[3] = {s_seq, s_head, s_batch};
+  const cuuint32_t box[4] = {64, (cuuint32_t)kRows, 1, 1}, elem[4] = {1, 1, 1, 1};
+  const CUresult r = encode(m, dt == L3K_DT_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+                            const_cast<void *>(ptr), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorNotSupported;
+}
+
 template <typename T>
 cudaError_t launch(const l3k_attn_fwd_args &a, cudaStream_t s) {
   auto kern = fa_fwd_sm90_kernel<T>;
@@ -318,10 +366,15 @@ cudaError_t launch(const l3k_attn_fwd_args &a, cudaStream_t s) {
   int sm_count = 0;
   const cudaError_t e = l3k_sm90a_prepare(kern, smem, cache, &sm_count);
   if (e != cudaSuccess) return e;
-  // Persistent: one CTA per SM walks the tiles, so a tile's loads overlap the previous one's tail.
+  CUtensorMap tq, tk, tv;
+  if (encode_map(&tq, a.q, a.dtype, a.head_dim, a.seq_q, a.n_heads, a.batch, a.q_stride) != cudaSuccess ||
+      encode_map(&tk, a.k, a.dtype, a.head_dim, a.seq_k, a.n_kv_heads, a.batch, a.k_stride) != cudaSuccess ||
+      encode_map(&tv, a.v, a.dtype, a.head_dim, a.seq_k, a.n_kv_heads, a.batch, a.v_stride) != cudaSuccess)
+    return cudaErrorNotSupported;  // e.g. a driver without the encoder, or strides TMA cannot take: mma.sync runs
+  // Persistent: one CTA per SM walks the tiles.
   const int64_t tiles = a.batch * a.n_heads * ((a.seq_q + kRows - 1) / kRows);
   const int64_t ctas = tiles < sm_count ? tiles : sm_count;
-  kern<<<(unsigned)ctas, kThreads, smem, s>>>(a);
+  kern<<<(unsigned)ctas, kThreads, smem, s>>>(a, tq, tk, tv);
   return cudaGetLastError();
 }
 

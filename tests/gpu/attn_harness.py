@@ -4,7 +4,9 @@
 Self-contained: builds kernels/cuda/flash_attn.cu + kernels/cpu/flash_attn.c into a shared library
 with nvcc/gcc and calls it through ctypes with a hand-written mirror of kernels/attention.h.
 
-  python3 tests/gpu/attn_harness.py [--mode all|parity|bench|sanitize] [--lib PATH] [--arch 90a]
+  python3 tests/gpu/attn_harness.py [--mode all|parity|bench|sanitize] [--lib PATH] [--arch 90a] [--root DIR]
+
+--root builds from another tree's kernels/ (an A/B against a saved version of a kernel).
 
 --mode sanitize runs a few tiny cases only (for compute-sanitizer memcheck/racecheck).
 """
@@ -49,10 +51,10 @@ class BwdArgs(ctypes.Structure):
     ]
 
 
-def build(arch, out):
-    src_cu = [os.path.join(ROOT, "kernels/cuda", f) for f in ("flash_attn.cu", "flash_attn_sm90.cu", "flash_attn_bwd_sm90.cu")]
-    src_c = os.path.join(ROOT, "kernels/cpu/flash_attn.c")
-    inc = os.path.join(ROOT, "kernels")
+def build(arch, out, root=ROOT):
+    src_cu = [os.path.join(root, "kernels/cuda", f) for f in ("flash_attn.cu", "flash_attn_sm90.cu", "flash_attn_bwd_sm90.cu")]
+    src_c = os.path.join(root, "kernels/cpu/flash_attn.c")
+    inc = os.path.join(root, "kernels")
     obj_c = out + ".c.o"
     t0 = time.time()
     subprocess.check_call(["gcc", "-std=c11", "-O2", "-fPIC", "-fopenmp", "-I" + inc, "-c", src_c, "-o", obj_c])
@@ -345,9 +347,10 @@ def main():
     ap.add_argument("--lib", default="/tmp/libattn.so")
     ap.add_argument("--arch", default="90a")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--root", default=ROOT)
     args = ap.parse_args()
     if not args.no_build:
-        build(args.arch, args.lib)
+        build(args.arch, args.lib, args.root)
     lib = Lib(args.lib)
     fails = 0
     if args.mode in ("all", "parity"):

@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Where a TritonLlama3Block forward+backward spends its GPU time: every kernel of one training
+step of the LLaMA-3-8B layer (B2 S2048 bf16) under torch.profiler, in launch order and summed by
+kind, so the time outside the GEMMs can be attributed.
+
+  python3 tests/gpu/profile_block.py [--steps 3]
+"""
+import argparse
+from collections import defaultdict
+
+import torch
+
+from llama3_kernels import TritonLlama3Block
+from llama3_kernels.ops.rope import llama3_rope_cos_sin
+
+
+def kind(name: str) -> str:
+    n = name.lower()
+    for key, label in (("gemm", "GEMM"), ("nvjet", "GEMM"), ("cutlass", "GEMM"), ("sm90_xmma", "GEMM"),
+                       ("fa_", "attention"), ("attn", "attention"), ("rmsnorm", "rmsnorm"), ("rope", "rope"),
+                       ("swiglu", "swiglu"), ("memset", "memset"), ("memcpy", "memcpy")):
+        if key in n:
+            return label
+    return "other"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=3)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    dim, hidden, heads, kv, b, s = 4096, 14336, 32, 8, 2, 2048
+    block = TritonLlama3Block(dim, hidden, heads, kv, device="cuda", dtype=torch.bfloat16)
+    cos, sin = llama3_rope_cos_sin(s, dim // heads, device="cuda")
+    x = torch.randn(b, s, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(x)
+
+    def step():
+        x.grad = None
+        for p in block.parameters():
+            p.grad = None
+        block(x, cos, sin).backward(dy)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    per_step = len(events) // args.steps
+    last = events[-per_step:]
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  kernels per step: {per_step}")
+    print(f"{'#':>3} {'us':>8}  kernel")
+    by_kind = defaultdict(float)
+    for i, e in enumerate(last):
+        us = e.device_time if hasattr(e, "device_time") else e.cuda_time
+        by_kind[kind(e.name)] += us
+        print(f"{i:>3} {us:>8.1f}  {e.name[:110]}")
+    total = sum(by_kind.values())
+    print(f"\nsum of kernel times per step: {total / 1e3:.3f} ms")
+    for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:<10} {v / 1e3:8.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
