@@ -7,7 +7,11 @@
 // CTA = 128 keys of one (batch, kv head), two warpgroups; warpgroup w owns keys 64w..64w+63 and
 // their dK, dV accumulators (64 x HD fp32 each, in registers for the whole kernel). K and V stay
 // resident in shared memory; the CTA walks the 64-row Q blocks (causal: only blocks that see a key
-// of this block) of the GQA group's query heads, Q, dO, LSE and D double-buffered (cp.async).
+// of this block) of the GQA group's query heads, Q, dO, LSE and D double-buffered. A third
+// (producer) warpgroup gives up its registers (setmaxnreg) and one of its warps loads them: TMA
+// boxes for the tiles, cp.async for the LSE and D rows, completing a "full" mbarrier per stage; the
+// math warps release a stage through its "empty" mbarrier and meet each other once per Q block
+// (their dS^T rows, double-buffered, are both in place).
 // Per Q block and warpgroup (scores transposed so that P^T and dS^T, keys x queries, come out in
 // the accumulator layout that is the A fragment of the register-A products):
 //   S^T  = K_w Q^T      ss m64n64, K and Q K-major
@@ -20,8 +24,7 @@
 //                       64w.., all 128 keys; hd64: keys 64w.., all columns (two partial sums).
 //                       Added to dqacc in fp32 by one bulk reduce per warpgroup (below).
 // dK is scaled by the softmax scale at the end; dq's scale is applied by the convert kernel.
-// Registers: dK, dV 128 + S^T, dP^T 64 + packed P^T, dS^T 32 of 255 per thread (no spills);
-// hence one CTA per SM and no producer warp: every thread issues the cp.async copies.
+// Registers: dK, dV 128 + S^T, dP^T 64 + packed P^T, dS^T 32 of the math warps' 240; one CTA per SM.
 // Tile layout as in flash_attn_sm90.cu: 64-column panels of 128-byte rows, 16-byte chunk c of
 // row r at chunk c ^ (r % 8), tiles 1024-byte aligned.
 #include <cuda_runtime.h>
@@ -38,7 +41,8 @@ namespace {
 
 using namespace l3k_fa;
 
-constexpr int kThreads = 256;
+constexpr int kConsumers = 256;             // two math warpgroups
+constexpr int kThreads = kConsumers + 128;  // + the producer warpgroup
 constexpr int kKeys = 128;  // keys per CTA (two warpgroups of 64)
 constexpr int kRowsQ = 64;  // query rows per Q block
 
@@ -77,9 +81,14 @@ __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wa
 // adds at all 0.478 (timing probes, since removed).
 constexpr uint32_t kDqTileBytes = 64 * 64 * 4;  // one warpgroup's staged dQ tile
 
+// Named barrier of the 256 math threads (ids 1, 2 are the warpgroups' own: warpgroup_sync).
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 3, %0;\n" ::"n"(kConsumers) : "memory"); }
+
 template <typename T, int HD>
 __global__ void __launch_bounds__(kThreads, 1)
-    fa_bwd_sm90_kernel(const l3k_attn_bwd_args a, const float *dsum, float *dqacc) {
+    fa_bwd_sm90_kernel(const l3k_attn_bwd_args a, const float *dsum, float *dqacc,
+                       const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_do,
+                       const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v) {
 #if L3K_HAVE_WGMMA
   static_assert(HD == 64 || HD == 128, "head_dim tile");
   constexpr uint32_t KT = kKeys * HD * 2;       // K, V tile bytes
@@ -93,9 +102,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t sV = sK + KT;
   const uint32_t sQ = sV + KT;          // [2 stages]
   const uint32_t sdO = sQ + 2 * QT;     // [2 stages]
-  const uint32_t sdS = sdO + 2 * QT;
-  const uint32_t sLD = sdS + DST;       // float L[2][64] (lse), D[2][64]
+  const uint32_t sdS = sdO + 2 * QT;    // [2 Q blocks]
+  const uint32_t sLD = sdS + 2 * DST;   // float L[2][64] (lse), D[2][64]
   const uint32_t sdQ = sLD + 4 * kRowsQ * 4;  // [2 warpgroups] staged dQ tiles, kDqTileBytes each
+  // fullKV: K and V landed (once); fullQ[st]: stage st's Q, dO (TMA bytes) and LSE, D (the producer
+  // warp's cp.async arrivals) landed; emptyQ[st]: every math thread is done reading stage st.
+  const uint32_t fullKV = sdQ + 2 * kDqTileBytes, fullQ = fullKV + 8, emptyQ = fullKV + 24;
   unsigned char *smem_gen = smem_raw + (sK - smem_u32(smem_raw));
   const float *sL = reinterpret_cast<const float *>(smem_gen + (sLD - sK));
   const float *sD = sL + 2 * kRowsQ;
@@ -123,30 +135,53 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t per_head = m_blocks > m_min ? m_blocks - m_min : 0;
   const int64_t total = G * per_head;
 
+  if (tid == 0) {
+    mbar_init(fullKV, 1);
+    for (int i = 0; i < 2; i++) {
+      mbar_init(fullQ + 8 * i, 1 + 32);
+      mbar_init(emptyQ + 8 * i, kConsumers);
+    }
+  }
+  __syncthreads();
+
   // Step order: Q blocks from the last one down to m_min, the group's query heads inside. Every CTA
   // of a (batch, kv head) then works on the same Q block at the same time (the causal ones just
   // stop earlier), so their dqacc adds and Q, dO, LSE, D reads hit the same L2 lines; head-major
   // order spread them over all of dqacc (measured 30% slower at S = 2048, dqacc > L2).
-  auto issue = [&](int64_t h, int64_t m0, uint32_t stg) {
-    const T *qg = static_cast<const T *>(f.q) + b * f.q_stride[0] + h * f.q_stride[1] + m0 * f.q_stride[2];
-    const T *dog = static_cast<const T *>(a.dout) + b * a.do_stride[0] + h * a.do_stride[1] + m0 * a.do_stride[2];
-    sw128_load_tile<kRowsQ, HD, kThreads>(sQ + stg * QT, qg, f.q_stride[2], Sq - m0, hd, tid);
-    sw128_load_tile<kRowsQ, HD, kThreads>(sdO + stg * QT, dog, a.do_stride[2], Sq - m0, hd, tid);
-    // Rows past Sq read as lse = 0, D = 0: their Q and dO rows are zero, so P^T dO, dS^T = P^T o
-    // (0 - 0) and their dQ (never stored) contribute nothing.
-    const int64_t rb = (b * H + h) * Sq + m0;
-    if (tid < 2 * kRowsQ) {
-      const int r = tid & (kRowsQ - 1);
-      const bool ok = m0 + r < Sq;
-      const float *src = (tid < kRowsQ ? f.lse : dsum) + (ok ? rb + r : 0);
-      cp_async4(sLD + (uint32_t)(((tid >= kRowsQ) * 2 + stg) * kRowsQ + r) * 4u, src, ok);
+  if (wg == 2) {
+    // ---- producer: warp 0 walks the same (query head, Q block) steps as the math warpgroups.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
+    if (wl >= 32) return;
+    if (lane == 0 && total > 0) {  // with no Q block to visit, the epilogue reuses sK, sV at once
+      mbar_expect_tx(fullKV, 2 * KT);
+      tma_tile<kKeys, HD>(sK, &tm_k, (int)n0, (int)hk, (int)b, fullKV);
+      tma_tile<kKeys, HD>(sV, &tm_v, (int)n0, (int)hk, (int)b, fullKV);
     }
-  };
-
-  sw128_load_tile<kKeys, HD, kThreads>(sK, kg, f.k_stride[2], Sk - n0, hd, tid);
-  sw128_load_tile<kKeys, HD, kThreads>(sV, vg, f.v_stride[2], Sk - n0, hd, tid);
-  if (total > 0) issue(hk * G, (m_blocks - 1) * kRowsQ, 0);
-  cp_async_commit();
+    int64_t h = hk * G, m0 = (m_blocks - 1) * kRowsQ;
+    for (int64_t p = 0; p < total; p++) {
+      const uint32_t st = (uint32_t)(p & 1);
+      if (p >= 2) mbar_wait(emptyQ + 8 * st, (uint32_t)((p - 2) >> 1) & 1);
+      if (lane == 0) {
+        mbar_expect_tx(fullQ + 8 * st, 2 * QT);
+        tma_tile<kRowsQ, HD>(sQ + st * QT, &tm_q, (int)m0, (int)h, (int)b, fullQ + 8 * st);
+        tma_tile<kRowsQ, HD>(sdO + st * QT, &tm_do, (int)m0, (int)h, (int)b, fullQ + 8 * st);
+      }
+      // Rows past Sq read as lse = 0, D = 0: their Q and dO rows are zero (TMA fill), so P^T dO,
+      // dS^T = P^T o (0 - 0) and their dQ (never stored) contribute nothing.
+      const int64_t rb = (b * H + h) * Sq + m0;
+#pragma unroll
+      for (int u = 0; u < 4; u++) {  // lse rows lane, lane + 32, then D rows
+        const int r = lane + 32 * (u & 1);
+        const bool ok = m0 + r < Sq;
+        const float *src = (u < 2 ? f.lse : dsum) + (ok ? rb + r : 0);
+        cp_async4(sLD + (uint32_t)(((u >> 1) * 2 + st) * kRowsQ + r) * 4u, src, ok);
+      }
+      mbar_arrive_cp_async(fullQ + 8 * st);
+      if (++h == (hk + 1) * G) { h = hk * G; m0 -= kRowsQ; }
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
 
   float dk[HD / 2], dv[HD / 2];
 #pragma unroll
@@ -161,16 +196,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int dq_col0 = HD == 128 ? 64 * wg : 0;
 
   int64_t h = hk * G, m0 = (m_blocks - 1) * kRowsQ, h_next = h, m0_next = m0;
+  if (total > 0) mbar_wait(fullKV, 0);
   for (int64_t p = 0; p < total; p++, h = h_next, m0 = m0_next) {
     const uint32_t st = (uint32_t)(p & 1);
     h_next = h + 1;
     m0_next = m0;
     if (h_next == (hk + 1) * G) { h_next = hk * G; m0_next = m0 - kRowsQ; }
-    cp_async_wait<0>();  // this stage's Q, dO, LSE, D (and K, V) landed: this thread's copies
-    fence_async_shared();
-    __syncthreads();     // ... everyone's; everyone is done with stage st^1 and with sdS
-    if (p + 1 < total) issue(h_next, m0_next, st ^ 1);
-    cp_async_commit();
+    mbar_wait(fullQ + 8 * st, (uint32_t)(p >> 1) & 1);  // this stage's Q, dO, LSE, D landed
+    const uint32_t sdSp = sdS + st * DST;  // this Q block's dS^T (the other buffer may still be read)
 
     const uint32_t sQs = sQ + st * QT, sdOs = sdO + st * QT;
     // ---- S^T = K_w Q^T, dP^T = V_w dO^T: two groups, P^T is computed while dP^T runs
@@ -251,7 +284,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int j = 0; j < 8; j++)
 #pragma unroll
       for (int r = 0; r < 2; r++)
-        *reinterpret_cast<uint32_t *>(smem_gen + (sdS - sK) + sw128_tile_off(kKeys, krow0 + 8 * r, j) + 4 * t) =
+        *reinterpret_cast<uint32_t *>(smem_gen + (sdSp - sK) + sw128_tile_off(kKeys, krow0 + 8 * r, j) + 4 * t) =
             dsp[2 * j + r];
     // ---- dK += dS^T Q
     wgmma_fence();
@@ -263,10 +296,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     wgmma_commit();
     fence_async_shared();  // dS^T stores -> async proxy
-    // The previous Q block's bulk adds have read this warpgroup's dQ staging rows (issued a whole
-    // iteration ago, so this rarely waits); the barrier orders that before the stores below.
-    if (wl < 64) bulk_wait_read();
-    __syncthreads();       // both warpgroups' dS^T rows are in place
+    // The previous Q block's bulk add has read this warpgroup's dQ staging rows (issued a whole
+    // iteration ago, so this rarely waits); the barrier orders that before the stores below. Both
+    // warpgroups are then past their previous dQ product, so the other dS^T buffer is free again.
+    if (wl == 0) bulk_wait_read();
+    consumers_sync();      // both warpgroups' dS^T rows are in place
 
     // ---- dQ (64 queries x 64 columns) = dS K over this warpgroup's key range
     float dq[32];
@@ -274,7 +308,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int kk = 0; kk < DQ_STEPS; kk++) {
       const uint32_t ko = (dq_key0 + 16u * kk) * 128u;
-      SS::template n64<1, 1>(dq, sw128_desc(sdS + ko, kKeys * 128, 1024), sw128_desc(sKdq + ko, kKeys * 128, 1024),
+      SS::template n64<1, 1>(dq, sw128_desc(sdSp + ko, kKeys * 128, 1024), sw128_desc(sKdq + ko, kKeys * 128, 1024),
                              kk > 0);
     }
     wgmma_commit();
@@ -284,6 +318,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     pin(dk);
     pin(pp);
     pin(dsp);
+    // Stage st (Q, dO, LSE, D) is no longer read. Every thread arrives for its own LSE/D reads:
+    // with one arrival per warp after __syncwarp, racecheck reported the producer's next cp.async
+    // into the stage as a WAR hazard on those reads (1024 reports); with these, 0 hazards.
+    mbar_arrive(emptyQ + 8 * st);
     // dq element (query 16wi + g + 8r, column dq_col0 + 8j + 2t + e) is dq[4j + 2r + e]
     float *dqb = dqacc + ((b * H + h) * Sq + m0) * (int64_t)hd;
     if (m0 + kRowsQ <= Sq && hd == HD) {  // a full block: CTA-uniform
@@ -308,11 +346,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
     }
   }
-  if (wl < 64) bulk_wait_all();
+  if (wl == 0) bulk_wait_all();
 
   // ---- epilogue: dK * scale, dV -> T, staged through the K and V tiles (all reads of them done)
-  cp_async_wait<0>();
-  __syncthreads();
+  consumers_sync();
 #pragma unroll
   for (int j = 0; j < HD / 8; j++)
 #pragma unroll
@@ -321,11 +358,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       *reinterpret_cast<uint32_t *>(smem_gen + o) = pack2<T>(dk[4 * j + 2 * r] * scale, dk[4 * j + 2 * r + 1] * scale);
       *reinterpret_cast<uint32_t *>(smem_gen + KT + o) = pack2<T>(dv[4 * j + 2 * r], dv[4 * j + 2 * r + 1]);
     }
-  __syncthreads();
+  consumers_sync();
   T *dkg = static_cast<T *>(a.dk) + b * a.dk_stride[0] + hk * a.dk_stride[1] + n0 * a.dk_stride[2];
   T *dvg = static_cast<T *>(a.dv) + b * a.dv_stride[0] + hk * a.dv_stride[1] + n0 * a.dv_stride[2];
   constexpr int CH = HD / 8;
-  for (int i = tid; i < kKeys * CH; i += kThreads) {
+  for (int i = tid; i < kKeys * CH; i += kConsumers) {
     const int r = i / CH, ch = i % CH;
     if (n0 + r < Sk && ch * 8 < hd) {
       const uint32_t o = sw128_tile_off(kKeys, r, ch);
@@ -340,14 +377,22 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <typename T, int HD>
 cudaError_t launch(const l3k_attn_bwd_args &a, const float *dsum, float *dqacc, cudaStream_t s) {
   auto kern = fa_bwd_sm90_kernel<T, HD>;
-  // K, V, 2 Q, 2 dO tiles, dS^T, LSE/D stages, dQ staging, alignment slack
-  constexpr size_t smem = 2 * (size_t)kKeys * HD * 2 + 4 * (size_t)kRowsQ * HD * 2 + (size_t)kKeys * kRowsQ * 2 +
-                          4 * kRowsQ * sizeof(float) + 2 * (size_t)kDqTileBytes + 1024;
+  // K, V, 2 Q, 2 dO tiles, 2 dS^T, LSE/D stages, dQ staging, barriers, alignment slack
+  constexpr size_t smem = 2 * (size_t)kKeys * HD * 2 + 4 * (size_t)kRowsQ * HD * 2 + 2 * (size_t)kKeys * kRowsQ * 2 +
+                          4 * kRowsQ * sizeof(float) + 2 * (size_t)kDqTileBytes + 64 + 1024;
   static L3kSm90aCache cache;
   const cudaError_t e = l3k_sm90a_prepare(kern, smem, cache, nullptr);
   if (e != cudaSuccess) return e;
-  dim3 grid((unsigned)(a.f.batch * a.f.n_kv_heads), (unsigned)((a.f.seq_k + kKeys - 1) / kKeys));
-  kern<<<grid, kThreads, smem, s>>>(a, dsum, dqacc);
+  const l3k_attn_fwd_args &f = a.f;
+  const bool bf16 = f.dtype == L3K_DT_BF16;
+  CUtensorMap tq, tdo, tk, tv;
+  if (l3k_tma_map_bhsd(&tq, f.q, bf16, f.head_dim, f.seq_q, f.n_heads, f.batch, f.q_stride, kRowsQ) != cudaSuccess ||
+      l3k_tma_map_bhsd(&tdo, a.dout, bf16, f.head_dim, f.seq_q, f.n_heads, f.batch, a.do_stride, kRowsQ) != cudaSuccess ||
+      l3k_tma_map_bhsd(&tk, f.k, bf16, f.head_dim, f.seq_k, f.n_kv_heads, f.batch, f.k_stride, kKeys) != cudaSuccess ||
+      l3k_tma_map_bhsd(&tv, f.v, bf16, f.head_dim, f.seq_k, f.n_kv_heads, f.batch, f.v_stride, kKeys) != cudaSuccess)
+    return cudaErrorNotSupported;  // strides TMA cannot take, or no encoder: the mma.sync kernel runs
+  dim3 grid((unsigned)(f.batch * f.n_kv_heads), (unsigned)((f.seq_k + kKeys - 1) / kKeys));
+  kern<<<grid, kThreads, smem, s>>>(a, dsum, dqacc, tq, tdo, tk, tv);
   return cudaGetLastError();
 }
 

@@ -29,9 +29,6 @@
 #include "flash_common.cuh"
 #include "wgmma.cuh"
 
-#include <cuda.h>            // CUtensorMap (types only: the encoder comes through the runtime)
-#include <cudaTypedefs.h>
-
 namespace {
 
 using namespace l3k_fa;
@@ -44,18 +41,6 @@ constexpr int kThreads = kConsumers + 128;  // + one producer warpgroup (one thr
 using namespace l3k_wgmma;
 
 constexpr int kKeys = 128;      // keys per KV block
-
-// The transaction-count arrival that a TMA load completes against.
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-// One 64-column x 128-row box of a (head_dim, seq, head, batch) tensor map into swizzled smem.
-__device__ __forceinline__ void tma_box(uint32_t dst, const CUtensorMap *map, int col, int row, int head, int batch,
-                                        uint32_t bar) {
-  asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
-               ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(col), "r"(row), "r"(head), "r"(batch), "r"(bar)
-               : "memory");
-}
 
 #endif  // L3K_HAVE_WGMMA
 
@@ -157,25 +142,22 @@ fa_fwd_sm90_kernel(const l3k_attn_fwd_args a, const __grid_constant__ CUtensorMa
     // issues each tile's Q, then per block K(n) and V(n), as soon as their buffers are free.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
     if (wl != 0) return;
-    constexpr uint32_t kBox = kRows * 128, kTileTx = 2 * kBox;  // bytes: one box, one tile
+    constexpr uint32_t kTileTx = TILE_BYTES;  // bytes a tile's boxes complete
     for (int64_t k = 0, j = 0; idx < n_tiles; k++) {
       const int head = (int)x.h, kvh = (int)x.hk, bat = (int)x.b;
       if (k >= 2) mbar_wait(emptyQ + 8 * (k & 1), (uint32_t)((k - 2) >> 1) & 1);
       const uint32_t qb = sQ + (uint32_t)(k & 1) * TILE_BYTES, qbar = fullQ + 8 * (k & 1);
       mbar_expect_tx(qbar, kTileTx);
-      tma_box(qb, &tm_q, 0, (int)x.m0, head, bat, qbar);
-      tma_box(qb + kBox, &tm_q, 64, (int)x.m0, head, bat, qbar);
+      tma_tile<kRows, HD>(qb, &tm_q, (int)x.m0, head, bat, qbar);
       for (int64_t n = x.n_max - 1; n >= 0; --n, ++j) {
         const uint32_t st = (uint32_t)(j & 1), par = (uint32_t)((j - 2) >> 1) & 1;
         const int row = (int)(n * kKeys);
         if (j >= 2) mbar_wait(emptyK + 8 * st, par);
         mbar_expect_tx(fullK + 8 * st, kTileTx);
-        tma_box(sK + st * TILE_BYTES, &tm_k, 0, row, kvh, bat, fullK + 8 * st);
-        tma_box(sK + st * TILE_BYTES + kBox, &tm_k, 64, row, kvh, bat, fullK + 8 * st);
+        tma_tile<kKeys, HD>(sK + st * TILE_BYTES, &tm_k, row, kvh, bat, fullK + 8 * st);
         if (j >= 2) mbar_wait(emptyV + 8 * st, par);
         mbar_expect_tx(fullV + 8 * st, kTileTx);
-        tma_box(sV + st * TILE_BYTES, &tm_v, 0, row, kvh, bat, fullV + 8 * st);
-        tma_box(sV + st * TILE_BYTES + kBox, &tm_v, 64, row, kvh, bat, fullV + 8 * st);
+        tma_tile<kKeys, HD>(sV + st * TILE_BYTES, &tm_v, row, kvh, bat, fullV + 8 * st);
       }
       idx = next_live(idx + gridDim.x, x);
     }
@@ -331,33 +313,6 @@ fa_fwd_sm90_kernel(const l3k_attn_fwd_args a, const __grid_constant__ CUtensorMa
 }
 
 // ------------------------------------------------------------------ host side
-// A (head_dim, seq, head, batch) tensor map over a strided (B, H, S, D) view: 64-column x 128-row
-// boxes with the 128-byte swizzle; out-of-range rows and columns read as zeros.
-cudaError_t encode_map(CUtensorMap *m, const void *ptr, l3k_dt dt, int64_t d, int64_t seq, int64_t heads,
-                       int64_t batch, const int64_t stride[3]) {
-  static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
-  if (!encode) {
-    void *fn = nullptr;
-    cudaDriverEntryPointQueryResult q;
-    cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q);
-    if (e != cudaSuccess || q != cudaDriverEntryPointSuccess || !fn) return cudaErrorNotSupported;
-    encode = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  }
-  const cuuint64_t dims[4] = {(cuuint64_t)d, (cuuint64_t)seq, (cuuint64_t)heads, (cuuint64_t)batch};
-  // A size-1 dimension's stride is arbitrary in a view but must be a multiple of 16 bytes for TMA:
-  // give it the packed value.
-  const cuuint64_t s_seq = seq == 1 ? (cuuint64_t)d * 2 : (cuuint64_t)stride[2] * 2;  // d * 2: a multiple of 16
-  const cuuint64_t s_head = heads == 1 ? s_seq * (cuuint64_t)seq : (cuuint64_t)stride[1] * 2;
-  const cuuint64_t s_batch = batch == 1 ? s_head * (cuuint64_t)heads : (cuuint64_t)stride[0] * 2;
-  const cuuint64_t strides[3] = {s_seq, s_head, s_batch};
-  const cuuint32_t box[4] = {64, (cuuint32_t)kRows, 1, 1}, elem[4] = {1, 1, 1, 1};
-  const CUresult r = encode(m, dt == L3K_DT_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
-                            const_cast<void *>(ptr), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorNotSupported;
-}
-
 template <typename T>
 cudaError_t launch(const l3k_attn_fwd_args &a, cudaStream_t s) {
   auto kern = fa_fwd_sm90_kernel<T>;
@@ -367,9 +322,10 @@ cudaError_t launch(const l3k_attn_fwd_args &a, cudaStream_t s) {
   const cudaError_t e = l3k_sm90a_prepare(kern, smem, cache, &sm_count);
   if (e != cudaSuccess) return e;
   CUtensorMap tq, tk, tv;
-  if (encode_map(&tq, a.q, a.dtype, a.head_dim, a.seq_q, a.n_heads, a.batch, a.q_stride) != cudaSuccess ||
-      encode_map(&tk, a.k, a.dtype, a.head_dim, a.seq_k, a.n_kv_heads, a.batch, a.k_stride) != cudaSuccess ||
-      encode_map(&tv, a.v, a.dtype, a.head_dim, a.seq_k, a.n_kv_heads, a.batch, a.v_stride) != cudaSuccess)
+  const bool bf16 = a.dtype == L3K_DT_BF16;
+  if (l3k_tma_map_bhsd(&tq, a.q, bf16, a.head_dim, a.seq_q, a.n_heads, a.batch, a.q_stride, kRows) != cudaSuccess ||
+      l3k_tma_map_bhsd(&tk, a.k, bf16, a.head_dim, a.seq_k, a.n_kv_heads, a.batch, a.k_stride, kRows) != cudaSuccess ||
+      l3k_tma_map_bhsd(&tv, a.v, bf16, a.head_dim, a.seq_k, a.n_kv_heads, a.batch, a.v_stride, kRows) != cudaSuccess)
     return cudaErrorNotSupported;  // e.g. a driver without the encoder, or strides TMA cannot take: mma.sync runs
   // Persistent: one CTA per SM walks the tiles.
   const int64_t tiles = a.batch * a.n_heads * ((a.seq_q + kRows - 1) / kRows);

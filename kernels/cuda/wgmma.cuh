@@ -19,6 +19,9 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include <cuda.h>            // CUtensorMap (types only: the encoder comes through the runtime)
+#include <cudaTypedefs.h>
+
 #include "flash_common.cuh"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -117,6 +120,25 @@ template <typename T> struct WgmmaSS;
 #include "wgmma_ops.inc"
 #undef L3K_WGMMA_T
 #undef L3K_WGMMA_PTX
+// TMA: the producer's arrival that also announces `bytes` of transactions the loads will complete.
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// One 64-column box of a (head_dim, seq, head, batch) tensor map (l3k_tma_map_bhsd) into
+// swizzled shared memory at `dst`, completing its bytes on `bar`.
+__device__ __forceinline__ void tma_box(uint32_t dst, const CUtensorMap *map, int col, int row, int head, int batch,
+                                        uint32_t bar) {
+  asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
+               ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(col), "r"(row), "r"(head), "r"(batch), "r"(bar)
+               : "memory");
+}
+// A ROWS x HD tile of rows row0.. of (head, batch) as HD / 64 boxes (the 64-column panels).
+template <int ROWS, int HD>
+__device__ __forceinline__ void tma_tile(uint32_t dst, const CUtensorMap *map, int row0, int head, int batch,
+                                         uint32_t bar) {
+#pragma unroll
+  for (int p = 0; p < HD / 64; p++) tma_box(dst + (uint32_t)(p * ROWS * 128), map, 64 * p, row0, head, batch, bar);
+}
 
 }  // namespace l3k_wgmma
 #endif  // L3K_HAVE_WGMMA
@@ -153,6 +175,36 @@ inline cudaError_t l3k_sm90a_prepare(K kernel, size_t smem, L3kSm90aCache &cache
   if (cache.ready[dev] != 1) return cudaErrorNotSupported;
   if (sm_count) *sm_count = cache.sms[dev];
   return cudaSuccess;
+}
+
+// A TMA tensor map over a strided (batch, heads, seq, head_dim) view of 16-bit elements, as a 4-d
+// (head_dim, seq, heads, batch) tensor: boxes of 64 columns x `box_rows` rows in the 128-byte
+// swizzle above; rows and columns out of range read as zeros. cudaErrorNotSupported when this
+// driver has no encoder or the view does not suit TMA (address or strides not multiples of 16
+// bytes); the caller then takes another kernel. Host only, no stream work.
+inline cudaError_t l3k_tma_map_bhsd(CUtensorMap *m, const void *ptr, bool bf16, int64_t d, int64_t seq, int64_t heads,
+                                    int64_t batch, const int64_t stride[3], int box_rows) {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
+  if (!encode) {
+    void *fn = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q);
+    if (e != cudaSuccess || q != cudaDriverEntryPointSuccess || !fn) return cudaErrorNotSupported;
+    encode = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }
+  const cuuint64_t dims[4] = {(cuuint64_t)d, (cuuint64_t)seq, (cuuint64_t)heads, (cuuint64_t)batch};
+  // A size-1 dimension's stride is arbitrary in a view but must be a multiple of 16 bytes for TMA:
+  // give it the packed value (d * 2 is one: head_dim is a multiple of 8).
+  const cuuint64_t s_seq = seq == 1 ? (cuuint64_t)d * 2 : (cuuint64_t)stride[2] * 2;
+  const cuuint64_t s_head = heads == 1 ? s_seq * (cuuint64_t)seq : (cuuint64_t)stride[1] * 2;
+  const cuuint64_t s_batch = batch == 1 ? s_head * (cuuint64_t)heads : (cuuint64_t)stride[0] * 2;
+  const cuuint64_t strides[3] = {s_seq, s_head, s_batch};
+  const cuuint32_t box[4] = {64, (cuuint32_t)box_rows, 1, 1}, elem[4] = {1, 1, 1, 1};
+  const CUresult r = encode(m, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+                            const_cast<void *>(ptr), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorNotSupported;
 }
 
 #endif  // L3K_CUDA_WGMMA_CUH_

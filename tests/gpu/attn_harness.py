@@ -61,7 +61,7 @@ def build(arch, out, root=ROOT):
     gencode = []
     for a in arch.split(","):
         gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-    cmd = ["nvcc", "-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-fopenmp", *gencode,
+    cmd = ["nvcc", "-std=c++17", "-O3", "-lineinfo", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-fopenmp", *gencode,
            "-Xptxas", "-v", "-I" + inc, *src_cu, obj_c, "-o", out]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
