@@ -115,7 +115,6 @@ def _backward(m: "TritonLlama3Block", dout: torch.Tensor, saved: dict, cos, sin,
     dout = dout.reshape(z.t, z.dim)
     if not dout.is_contiguous():
         dout = dout.contiguous()
-    norm_ws = torch.empty(rmsnorm_backward_workspace_size(x2), dtype=torch.uint8, device=dev)
 
     # MLP: out = h + a Wd^T, a = silu(g) * u.  dgu is written over gu and a over da.
     da = new(z.t, m.down_weight.shape[1])
@@ -128,12 +127,15 @@ def _backward(m: "TritonLlama3Block", dout: torch.Tensor, saved: dict, cos, sin,
     h2 = new(z.t, z.dim)
     rmsnorm_forward_into(h, m.norm2_weight, m.eps, h2)
     d_gate_up = torch.empty_like(m.gate_up_weight)
-    linear_backward_weight_into(dgu, h2, d_gate_up, workspace=ws)
+    # The backward's memory peak: no cuBLASLt workspace here (this large GEMM needs no split-K), and
+    # the RMSNorm scratch is made only after it.
+    linear_backward_weight_into(dgu, h2, d_gate_up)
     del h2
     dh = new(z.t, z.dim)
     linear_backward_input_into(dgu, m.gate_up_weight, dh, workspace=ws)
     del dgu, gu
     d_norm2 = torch.empty_like(m.norm2_weight)
+    norm_ws = torch.empty(rmsnorm_backward_workspace_size(x2), dtype=torch.uint8, device=dev)
     rmsnorm_backward_into(dh, h, m.norm2_weight, rstd2, m.eps, dh, d_norm2, norm_ws, dh=dout)
     del h
 
