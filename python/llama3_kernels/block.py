@@ -126,14 +126,17 @@ def _backward(m: "TritonLlama3Block", dout: torch.Tensor, saved: dict, cos, sin,
     dgu = gu
     h2 = new(z.t, z.dim)
     rmsnorm_forward_into(h, m.norm2_weight, m.eps, h2)
+    # The backward's memory peak is here (d_down, d_gate_up, dgu and h2 or dh live at once): these two
+    # GEMMs run without the cuBLASLt workspace (cuBLASLt then picks a kernel as fast on H100: 1.237
+    # vs 1.251 ms for the weight gradient), and the RMSNorm scratch is made after them.
+    del ws
     d_gate_up = torch.empty_like(m.gate_up_weight)
-    # The backward's memory peak: no cuBLASLt workspace here (this large GEMM needs no split-K), and
-    # the RMSNorm scratch is made only after it.
     linear_backward_weight_into(dgu, h2, d_gate_up)
     del h2
     dh = new(z.t, z.dim)
-    linear_backward_input_into(dgu, m.gate_up_weight, dh, workspace=ws)
+    linear_backward_input_into(dgu, m.gate_up_weight, dh)
     del dgu, gu
+    ws = gemm_workspace(dev)
     d_norm2 = torch.empty_like(m.norm2_weight)
     norm_ws = torch.empty(rmsnorm_backward_workspace_size(x2), dtype=torch.uint8, device=dev)
     rmsnorm_backward_into(dh, h, m.norm2_weight, rstd2, m.eps, dh, d_norm2, norm_ws, dh=dout)

@@ -1,0 +1,53 @@
+#!/usr/bin/env python3
+"""Where TritonLlama3Block's training step reaches its memory peak: every kernel call the block
+makes (the names llama3_kernels.block imports) is wrapped to print the memory allocated beyond
+the step's start, before and after it, for the LLaMA-3-8B layer (B2 S2048 bf16).
+
+  python3 tests/gpu/mem_trace_block.py
+"""
+import torch
+
+import llama3_kernels.block as blk
+from llama3_kernels import TritonLlama3Block
+from llama3_kernels.ops.rope import llama3_rope_cos_sin
+
+MiB = 2 ** 20
+trace = []
+
+
+def wrap(name, fn):
+    def call(*args, **kw):
+        before = torch.cuda.memory_allocated()
+        out = fn(*args, **kw)
+        trace.append((name, before, torch.cuda.max_memory_allocated()))
+        return out
+    return call
+
+
+def main():
+    for name in dir(blk):
+        if name.endswith("_into"):
+            setattr(blk, name, wrap(name, getattr(blk, name)))
+    dim, hidden, heads, kv, b, s = 4096, 14336, 32, 8, 2, 2048
+    block = TritonLlama3Block(dim, hidden, heads, kv, device="cuda", dtype=torch.bfloat16)
+    cos, sin = llama3_rope_cos_sin(s, dim // heads, device="cuda")
+    x = torch.randn(b, s, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(x)
+    block(x, cos, sin).backward(dy)  # warm-up
+    x.grad = None
+    for p in block.parameters():
+        p.grad = None
+    torch.cuda.synchronize()
+    trace.clear()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    block(x, cos, sin).backward(dy)
+    torch.cuda.synchronize()
+    print(f"{'call':<36} {'allocated before':>17} {'peak so far':>12}  (MiB beyond the step's start)")
+    for name, before, peak in trace:
+        print(f"{name:<36} {(before - base) / MiB:>17.1f} {(peak - base) / MiB:>12.1f}")
+    print(f"extra peak of the step: {(torch.cuda.max_memory_allocated() - base) / MiB:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
