@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Why is torch.compile(mode="reduce-overhead") of TritonLlama3Block slower than a hand-captured
 graph?  Prints Inductor's cudagraph skip counters, a profile of one call (graph launches vs
-kernel launches, host time), and the timing of both forms at the tutorial's test shape.
+kernel launches, host time), the timing of both forms at the tutorial's test shape, and the floor:
+reduce-overhead of a module whose graph is one tiny kernel, timed the same ways (wall clock, and
+CUDA events after an L2-evicting read as the block benchmark does).
 Run with TORCH_LOGS=cudagraphs,perf_hints for the compiler's own account."""
 import time
 
@@ -9,6 +11,7 @@ import torch
 import torch._dynamo.utils as dutils
 
 from llama3_kernels import TritonLlama3Block
+from llama3_kernels.bench import Timer
 from llama3_kernels.bench_block import capture_forward
 from llama3_kernels.reference import TorchLlama3Block
 
@@ -22,6 +25,26 @@ def timeit(fn, n=200):
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) / n * 1e6
+
+
+class OneKernel(torch.nn.Module):
+    """The floor: what reduce-overhead costs a call when the graph is a single elementwise kernel."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(dim, device="cuda", dtype=torch.float16))
+
+    def forward(self, x, cos, sin):
+        return x * self.w
+
+
+def floor(x, cos, sin):
+    m, events = OneKernel(x.shape[-1]), Timer(torch.device("cuda"), reps=50, warmup=10)
+    with torch.no_grad():
+        ro = torch.compile(m, mode="reduce-overhead")
+        for name, fn in (("eager", lambda: m(x, cos, sin)), ("reduce-overhead", lambda: ro(x, cos, sin))):
+            print(f"[floor] one-kernel module, {name}: events {events(fn) * 1e3:.1f} us, "
+                  f"wall {timeit(fn):.1f} us per call")
 
 
 def main():
@@ -55,6 +78,7 @@ def main():
                     ro(x, cos, sin)
                 torch.cuda.synchronize()
             print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18, max_name_column_width=60))
+    floor(x, cos, sin)
 
 
 if __name__ == "__main__":
