@@ -91,6 +91,31 @@ template <int W> __device__ __forceinline__ uint32_t off_b(int lane) { return la
 template <int W> __device__ __forceinline__ uint32_t off_t(int lane) { return lane_off<W>((lane & 7) + ((lane >> 3) & 1) * 8, lane >> 4); }
 __device__ __forceinline__ uint32_t xo(uint32_t off, int cc) { return off ^ ((uint32_t)cc << 4); }
 
+// The m16k16 A fragment made of two adjacent m16n8 accumulator tiles (P or dS from the previous
+// product, rounded to T): the register-A operand of the next product.
+template <typename T>
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+  a[0] = MmaOp<T>::pack(lo[0], lo[1]);
+  a[1] = MmaOp<T>::pack(lo[2], lo[3]);
+  a[2] = MmaOp<T>::pack(hi[0], hi[1]);
+  a[3] = MmaOp<T>::pack(hi[2], hi[3]);
+}
+
+// acc (W / 8 m16n8 tiles) += A (m16k16 fragment) x B, where B is the 16-row slab at byte offset
+// `slab` of the tile at sB (row width HD, swizzled), columns from 8-element chunk c0 on, read
+// through ldmatrix.trans (lane offsets oT).
+template <typename T, int HD, int W>
+__device__ __forceinline__ void a_times_slab_t(float (&acc)[W / 8][4], const uint32_t (&a)[4], uint32_t sB,
+                                               uint32_t oT, int c0, uint32_t slab) {
+#pragma unroll
+  for (int dj = 0; dj < W / 16; dj++) {
+    uint32_t b0, b1, b2, b3;
+    ldsm_x4_t(b0, b1, b2, b3, sB + (xo(oT, c0 + dj * 2) + slab));
+    MmaOp<T>::run(acc[2 * dj], a, b0, b1);
+    MmaOp<T>::run(acc[2 * dj + 1], a, b2, b3);
+  }
+}
+
 // cp.async a ROWS x W tile (row stride `rs` elements) into swizzled smem; rows >= nrows and
 // columns >= ncols are zero-filled.
 template <int ROWS, int W, int NT, typename T>
@@ -283,12 +308,7 @@ __global__ void __launch_bounds__(NW * 32, 1) fa_fwd_kernel(const l3k_attn_fwd_a
     for (int kk = 0; kk < BN / 16; kk++) {
       uint32_t pa[MW][4];
 #pragma unroll
-      for (int mi = 0; mi < MW; mi++) {
-        pa[mi][0] = Op::pack(s[mi][2 * kk][0], s[mi][2 * kk][1]);
-        pa[mi][1] = Op::pack(s[mi][2 * kk][2], s[mi][2 * kk][3]);
-        pa[mi][2] = Op::pack(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
-        pa[mi][3] = Op::pack(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
-      }
+      for (int mi = 0; mi < MW; mi++) acc_to_a<T>(pa[mi], s[mi][2 * kk], s[mi][2 * kk + 1]);
 #pragma unroll
       for (int dj = 0; dj < HD / 16; dj++) {
         uint32_t b0, b1, b2, b3;
@@ -550,17 +570,8 @@ __global__ void __launch_bounds__(NW * 32, 1)
 #pragma unroll
     for (int kk = 0; kk < BM / 16; kk++) {
       uint32_t pa[4];
-      pa[0] = Op::pack(sT[2 * kk][0], sT[2 * kk][1]);
-      pa[1] = Op::pack(sT[2 * kk][2], sT[2 * kk][3]);
-      pa[2] = Op::pack(sT[2 * kk + 1][0], sT[2 * kk + 1][1]);
-      pa[3] = Op::pack(sT[2 * kk + 1][2], sT[2 * kk + 1][3]);
-#pragma unroll
-      for (int dj = 0; dj < DW / 16; dj++) {
-        uint32_t b0, b1, b2, b3;
-        ldsm_x4_t(b0, b1, b2, b3, sdOs + (xo(oT, dbase / 8 + dj * 2) + kk * 16 * HD * 2));
-        Op::run(acc_dv[2 * dj], pa, b0, b1);
-        Op::run(acc_dv[2 * dj + 1], pa, b2, b3);
-      }
+      acc_to_a<T>(pa, sT[2 * kk], sT[2 * kk + 1]);
+      a_times_slab_t<T, HD, DW>(acc_dv, pa, sdOs, oT, dbase / 8, kk * 16 * HD * 2);
     }
     // ---- dP^T = V_strip dO^T
     float dpT[NQ][4];
@@ -574,23 +585,14 @@ __global__ void __launch_bounds__(NW * 32, 1)
 #pragma unroll
     for (int kk = 0; kk < BM / 16; kk++) {
       uint32_t da[4];
-      da[0] = Op::pack(dpT[2 * kk][0], dpT[2 * kk][1]);
-      da[1] = Op::pack(dpT[2 * kk][2], dpT[2 * kk][3]);
-      da[2] = Op::pack(dpT[2 * kk + 1][0], dpT[2 * kk + 1][1]);
-      da[3] = Op::pack(dpT[2 * kk + 1][2], dpT[2 * kk + 1][3]);
+      acc_to_a<T>(da, dpT[2 * kk], dpT[2 * kk + 1]);
       if (DQ && dbase == 0) {  // stage dS^T (bf16/fp16) for the dQ product
         *reinterpret_cast<uint32_t *>(sdS + sw<BM>(ks * 16 + g, kk * 16 + 2 * t)) = da[0];
         *reinterpret_cast<uint32_t *>(sdS + sw<BM>(ks * 16 + g + 8, kk * 16 + 2 * t)) = da[1];
         *reinterpret_cast<uint32_t *>(sdS + sw<BM>(ks * 16 + g, kk * 16 + 8 + 2 * t)) = da[2];
         *reinterpret_cast<uint32_t *>(sdS + sw<BM>(ks * 16 + g + 8, kk * 16 + 8 + 2 * t)) = da[3];
       }
-#pragma unroll
-      for (int dj = 0; dj < DW / 16; dj++) {
-        uint32_t b0, b1, b2, b3;
-        ldsm_x4_t(b0, b1, b2, b3, sQs + (xo(oT, dbase / 8 + dj * 2) + kk * 16 * HD * 2));
-        Op::run(acc_dk[2 * dj], da, b0, b1);
-        Op::run(acc_dk[2 * dj + 1], da, b2, b3);
-      }
+      a_times_slab_t<T, HD, DW>(acc_dk, da, sQs, oT, dbase / 8, kk * 16 * HD * 2);
     }
     if constexpr (DQ) {
       __syncthreads();  // dS^T complete
@@ -606,13 +608,7 @@ __global__ void __launch_bounds__(NW * 32, 1)
       for (int kk = 0; kk < BN / 16; kk++) {
         uint32_t dsa[4];  // A = dS rows qs*16.., keys kk*16..; stored transposed -> ldmatrix.trans
         ldsm_x4_t(dsa[0], dsa[1], dsa[2], dsa[3], sdSw + kk * 16 * BM * 2);
-#pragma unroll
-        for (int dj = 0; dj < DQW / 16; dj++) {
-          uint32_t b0, b1, b2, b3;
-          ldsm_x4_t(b0, b1, b2, b3, sKa + (xo(oT, qd / 8 + dj * 2) + kk * 16 * HD * 2));
-          Op::run(acc_q[2 * dj], dsa, b0, b1);
-          Op::run(acc_q[2 * dj + 1], dsa, b2, b3);
-        }
+        a_times_slab_t<T, HD, DQW>(acc_q, dsa, sKa, oT, qd / 8, kk * 16 * HD * 2);
       }
       float *dqb = dqacc + ((b * H + h) * Sq + m0) * (int64_t)hd;
 #pragma unroll
@@ -759,17 +755,8 @@ __global__ void __launch_bounds__(NW * 32, 1) fa_bwd_dq_kernel(const l3k_attn_bw
 #pragma unroll
     for (int kk = 0; kk < BN / 16; kk++) {
       uint32_t pa[4];
-      pa[0] = Op::pack(s[2 * kk][0], s[2 * kk][1]);
-      pa[1] = Op::pack(s[2 * kk][2], s[2 * kk][3]);
-      pa[2] = Op::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[3] = Op::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-      for (int dj = 0; dj < HD / 16; dj++) {
-        uint32_t b0, b1, b2, b3;
-        ldsm_x4_t(b0, b1, b2, b3, sKs + (xo(oT, dj * 2) + kk * 16 * HD * 2));
-        Op::run(acc[2 * dj], pa, b0, b1);
-        Op::run(acc[2 * dj + 1], pa, b2, b3);
-      }
+      acc_to_a<T>(pa, s[2 * kk], s[2 * kk + 1]);
+      a_times_slab_t<T, HD, HD>(acc, pa, sKs, oT, 0, kk * 16 * HD * 2);
     }
   }
   cp_async_wait<0>();

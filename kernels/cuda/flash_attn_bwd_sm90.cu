@@ -122,9 +122,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int hd = (int)f.head_dim;
   const float scale = f.scale;
 
-  const T *kg = static_cast<const T *>(f.k) + b * f.k_stride[0] + hk * f.k_stride[1] + n0 * f.k_stride[2];
-  const T *vg = static_cast<const T *>(f.v) + b * f.v_stride[0] + hk * f.v_stride[1] + n0 * f.v_stride[2];
-
   // Q blocks that see at least one key of this block (causal: the first query seeing key n0 on)
   const int64_t m_blocks = ceil_div_pos(Sq, kRowsQ);
   int64_t m_min = 0;

@@ -56,7 +56,7 @@ __device__ __forceinline__ void pin(uint32_t (&r)[N]) {
 #pragma unroll
   for (int i = 0; i < N; i++) asm volatile("" : "+r"(r[i])::"memory");
 }
-// Ordinary (cp.async) writes to shared memory become visible to the tensor cores' async proxy.
+// Ordinary stores to shared memory become visible to the async proxy (wgmma, TMA, bulk copies).
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 __device__ __forceinline__ void warpgroup_sync(int wg) {
   asm volatile("bar.sync %0, 128;\n" ::"r"(wg + 1) : "memory");
@@ -66,19 +66,6 @@ __device__ __forceinline__ void warpgroup_sync(int wg) {
 // the 128-byte-swizzle panel layout above.
 __device__ __forceinline__ uint32_t sw128_tile_off(int rows, int r, int ch) {
   return (uint32_t)((ch >> 3) * rows * 128 + r * 128 + (((ch & 7) ^ (r & 7)) << 4));
-}
-
-// NT threads cp.async a ROWS x HD tile (row stride rs elements) into the swizzled panel layout;
-// rows >= nrows and columns >= ncols are zero-filled.
-template <int ROWS, int HD, int NT, typename T>
-__device__ __forceinline__ void sw128_load_tile(uint32_t s, const T *g, int64_t rs, int64_t nrows, int ncols, int tid) {
-  constexpr int CH = HD / 8;
-#pragma unroll
-  for (int i = tid; i < ROWS * CH; i += NT) {
-    const int r = i / CH, ch = i % CH;
-    const bool p = (r < nrows) && (ch * 8 < ncols);
-    l3k_fa::cp_async16(s + sw128_tile_off(ROWS, r, ch), p ? g + (int64_t)r * rs + ch * 8 : g, p);
-  }
 }
 
 // mbarriers (8 bytes of shared memory each). A phase completes when its expected arrivals are in;
