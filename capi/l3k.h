@@ -241,7 +241,18 @@ L3K_API l3k_status l3k_swiglu_fused_backward(const DLTensor *da, const DLTensor 
  *           give it every algorithm; NULL restricts it to those needing none).
  *           One workspace must not serve two streams at the same time.
  * The first CUDA call on a device creates that device's cuBLASLt handle:
- * make one call before capturing a CUDA graph. */
+ * make one call before capturing a CUDA graph.
+ * Algorithm: the first CUDA call of a configuration (device, shapes, strides,
+ *           dtypes, pointer alignments, workspace size, residual in place or
+ *           not) times cuBLASLt's heuristic candidates (up to 8, six rounds)
+ *           on the call's own operands and keeps the fastest for every later
+ *           call; that first call waits for its stream.  Not tuned: calls on
+ *           a stream being captured (the heuristic's first pick, not
+ *           remembered), calls whose residual is y itself, and every call
+ *           when the environment sets L3K_GEMM_AUTOTUNE=0 (first pick, as
+ *           cuBLAS does).  Once tuned, a configuration runs the same algorithm
+ *           for the rest of the process (bitwise repeatable results); another
+ *           process may time a different pick. */
 
 /* Bytes of workspace that serve every GEMM algorithm on x's device: 32 MiB on
  * CUDA, 0 on the CPU.  `x` is only inspected. */

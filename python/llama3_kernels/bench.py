@@ -32,8 +32,8 @@ from .ops.rmsnorm import add_rms_norm, rms_norm
 class Timer:
     """Median wall time of a callable: CUDA events with an L2 flush on the GPU, perf_counter on the CPU."""
 
-    def __init__(self, device: torch.device, reps: int, warmup: int):
-        self.device, self.reps, self.warmup = device, reps, warmup
+    def __init__(self, device: torch.device, reps: int, warmup: int, interleave: bool = True):
+        self.device, self.reps, self.warmup, self.interleave = device, reps, warmup, interleave
         # 256 MiB read before every repetition evicts the L2.  A read, not a write:
         # zeroing the buffer leaves ~50 MB of dirty lines whose write-back the
         # timed kernel would pay (a same-size copy measured 28-32 us that way
@@ -61,6 +61,39 @@ class Timer:
             e.record()
         torch.cuda.synchronize()
         return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+    def interleaved(self, fns: dict[str, Callable[[], object]]) -> dict[str, float]:
+        """Median time of each callable, timed in rounds: every round times each once, in an order
+        rotated by one from the last round's, so clock and thermal drift over the run (the lent H100's
+        GEMMs moved ~5% between runs) reaches every contender alike instead of whichever ran last.
+        With interleave=False (--blocked) each callable is timed alone, all its repetitions in a row."""
+        if not self.interleave:
+            return {label: self(fn) for label, fn in fns.items()}
+        labels = list(fns)
+        for label in labels:
+            for _ in range(self.warmup):
+                fns[label]()
+        times: dict[str, list[float]] = {label: [] for label in labels}
+        for r in range(self.reps):
+            order = labels[r % len(labels):] + labels[:r % len(labels)]
+            if self.device.type != "cuda":
+                for label in order:
+                    t0 = time.perf_counter()
+                    fns[label]()
+                    times[label].append((time.perf_counter() - t0) * 1e3)
+                continue
+            marks = []
+            for label in order:
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                self.flush.sum()
+                s.record()
+                fns[label]()
+                e.record()
+                marks.append((label, s, e))
+            torch.cuda.synchronize()
+            for label, s, e in marks:
+                times[label].append(s.elapsed_time(e))
+        return {label: statistics.median(t) for label, t in times.items()}
 
 
 def copy_bandwidth(timer: Timer, device) -> float:
@@ -268,6 +301,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
     ap.add_argument("--cpu", action="store_true", help="run the CPU path even where a GPU is present")
+    ap.add_argument("--blocked", action="store_true",
+                    help="time each block contender alone, all repetitions in a row (default: in shared rounds)")
     ap.add_argument("--configs", default=None,
                     help="block configs to run, comma-separated name prefixes (e.g. 'llama3-8b'); default all")
     args = ap.parse_args(argv)
@@ -276,7 +311,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if gpu else "cpu")
     dtype = torch.bfloat16 if gpu else torch.float32
     reps = args.reps or (100 if gpu else 10)
-    timer = Timer(device, reps=reps, warmup=5 if gpu else 2)
+    timer = Timer(device, reps=reps, warmup=5 if gpu else 2, interleave=not args.blocked)
     env = environment(device)
     if not gpu:
         why = "no CUDA GPU visible" if not torch.cuda.is_available() else (
@@ -311,8 +346,10 @@ def main(argv=None) -> int:
     record = {
         "environment": env,
         "copy_bandwidth_Bps": bw,
-        "timing": "median of %d reps, CUDA events, L2 evicted by a 256 MiB read before each rep" % reps if gpu else
-                  "median of %d reps, perf_counter" % reps,
+        "timing": ("median of %d reps, CUDA events, L2 evicted by a 256 MiB read before each rep" % reps if gpu else
+                   "median of %d reps, perf_counter" % reps)
+                  + ("; block contenders timed alone in turn" if args.blocked else
+                     "; block contenders timed in shared rounds, order rotated each round"),
         "cases": [{"op": c.op, "shape": list(c.shape), "dtype": str(c.dtype).replace("torch.", ""),
                    "min_bytes": c.bytes, "floor_ms": c.bytes / bw * 1e3,
                    "median_ms": c.results} for c in cases],

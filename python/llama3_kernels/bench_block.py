@@ -96,36 +96,41 @@ def run_block_suite(timer, device, compile_ok: bool, log=print, only=None) -> li
             variants["torch.compile"] = torch.compile(ref)
             variants["llama3_kernels compiled"] = torch.compile(ours)
         gemm_fwd, gemm_fb = _gemms(cfg, device)
-        cfg.results[("GEMMs alone", "fwd")] = timer(gemm_fwd)
-        cfg.results[("GEMMs alone", "fwd+bwd")] = timer(gemm_fb)
-        for label, block in variants.items():
-            with torch.no_grad():
-                cfg.results[(label, "fwd")] = t = timer(lambda: block(x, cos, sin))
-            log(f"[bench] {cfg.name}: {label} forward {t:.3f} ms")
-            if not cfg.backward:
-                continue
-            xg = x.clone().requires_grad_()
+        xg = x.clone().requires_grad_()
+
+        def inference(block):
+            def run():
+                with torch.no_grad():
+                    block(x, cos, sin)
+            return run
+
+        def training_step(block):
             params = list(getattr(block, "_orig_mod", block).parameters())
 
-            def fb():
+            def clear_grads():
                 xg.grad = None
                 for p in params:
                     p.grad = None
+
+            def run():
+                clear_grads()
                 block(xg, cos, sin).backward(dy)
-            cfg.results[(label, "fwd+bwd")] = t = timer(fb)
-            log(f"[bench] {cfg.name}: {label} forward+backward {t:.3f} ms")
+            run.clear_grads = clear_grads
+            return run
+
+        # Every contender of a pass is timed in the same rounds (Timer.interleaved).
+        fwd = {"GEMMs alone": gemm_fwd, **{label: inference(b) for label, b in variants.items()}}
+        for label, t in timer.interleaved(fwd).items():
+            cfg.results[(label, "fwd")] = t
+            log(f"[bench] {cfg.name}: {label} forward {t:.3f} ms")
+        if cfg.backward:
+            steps = {label: training_step(b) for label, b in variants.items()}
+            for label, t in timer.interleaved({"GEMMs alone": gemm_fb, **steps}).items():
+                cfg.results[(label, "fwd+bwd")] = t
+                log(f"[bench] {cfg.name}: {label} forward+backward {t:.3f} ms")
             if device.type == "cuda":
-                fb()
-                xg.grad = None
-                for p in params:
-                    p.grad = None
-                gc.collect()
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                fb()
-                torch.cuda.synchronize()
-                cfg.results[(label, "mem")] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                for label, step in steps.items():
+                    cfg.results[(label, "mem")] = _extra_peak_mib(step)
         if cfg.graphs and device.type == "cuda":
             try:
                 _time_graphs(cfg, timer, {"llama3_kernels": ours, "eager": ref}, x, cos, sin, compile_ok, log)
@@ -136,6 +141,19 @@ def run_block_suite(timer, device, compile_ok: bool, log=print, only=None) -> li
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return configs
+
+
+def _extra_peak_mib(step) -> float:
+    """Peak memory of one training step above what was allocated before it (grads cleared)."""
+    step()
+    step.clear_grads()
+    gc.collect()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def capture_forward(block, x, cos, sin):

@@ -70,6 +70,28 @@ def test_inference_path_equals_training_path(device):
     assert torch.equal(y0, y1.detach())
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_recomputed_attention_output_gives_the_same_gradients(causal, device):
+    """The default backward reruns the attention forward; keeping its output instead
+    (recompute_attention=False) must give bitwise the same gradients (deterministic dq)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    ref, keep = make_pair(64, 160, 4, 2, causal, device, dtype)
+    recompute = l3k.TritonLlama3Block(64, 160, 4, 2, causal=causal, deterministic=True).to(device, dtype)
+    keep.recompute_attention, keep.deterministic = False, True
+    recompute.load_state_dict(keep.state_dict())
+    cos, sin = l3k.llama3_rope_cos_sin(21, 16, device=device)
+    x = torch.randn(2, 21, 64, device=device, dtype=dtype)
+    g = torch.randn_like(x)
+    grads = []
+    for blk in (keep, recompute):
+        xg = x.clone().requires_grad_()
+        blk(xg, cos, sin).backward(g)
+        grads.append([xg.grad] + [p.grad for p in blk.parameters()])
+    assert recompute.recompute_attention
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 def test_tutorial_exercise_call(device):
     """The tutorial's test: default constructor, .half(), random (seq, head_dim/2) tables."""
     if device != "cuda":

@@ -36,6 +36,26 @@ def test_forward_backward(xshape, n, dtype, device):
     assert_close(dw32, ref_dw + 1, torch.float32 if dtype == torch.float32 else dtype, scale * 2, "dw fp32 +=")
 
 
+def test_first_call_tunes_and_later_calls_agree(device):
+    """On CUDA the first call of a GEMM configuration times cuBLASLt's candidates on the
+    caller's buffers: its output (with an out-of-place residual, run once per candidate)
+    must still be x W^T + r, a later call must reuse the pick (same bits), and a first
+    call that accumulates into y itself (not tuned) must add exactly once."""
+    x = torch.randn(3, 77, 320, device=device).bfloat16()   # a shape no other test uses
+    w = (torch.randn(200, 320, device=device) / 18).bfloat16()
+    r = torch.randn(3, 77, 200, device=device).bfloat16()
+    ref = x.float() @ w.float().T + r.float()
+    y1 = poison(torch.empty_like(r))
+    l3k.linear_forward_into(x, w, y1, residual=r)
+    assert_close(y1, ref, torch.bfloat16, 2, "first call")
+    y2 = poison(torch.empty_like(r))
+    l3k.linear_forward_into(x, w, y2, residual=r)
+    assert torch.equal(y1, y2)
+    y3 = r.clone()
+    l3k.linear_forward_into(x, w, y3, residual=y3)
+    assert_close(y3, ref, torch.bfloat16, 2, "in place")
+
+
 def test_autograd(dtype, device):
     x = torch.randn(3, 9, 40, device=device, dtype=dtype, requires_grad=True)
     w = (torch.randn(24, 40, device=device) / 6).to(dtype).requires_grad_()
