@@ -62,10 +62,18 @@ class Timer:
         torch.cuda.synchronize()
         return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
-    def interleaved(self, fns: dict[str, Callable[[], object]]) -> dict[str, float]:
+    # GPU-side wait before a timed region when the host is to be kept out of it: ~2-2.7 ms at
+    # the H100's 1.5-1.98 GHz, longer than any block contender's host launches take to get ahead.
+    LEAD_CYCLES = 4_000_000
+
+    def interleaved(self, fns: dict[str, Callable[[], object]], host_ahead: bool = False) -> dict[str, float]:
         """Median time of each callable, timed in rounds: every round times each once, in an order
-        rotated by one from the last round's, so clock and thermal drift over the run (the lent H100's
-        GEMMs moved ~5% between runs) reaches every contender alike instead of whichever ran last.
+        rotated by one from the last round's, so clock drift reaches every contender alike.  (The
+        lent H100 runs power-capped at ~700 W: its SM clock fell from ~1860 to ~1470 MHz over a
+        run, so contenders timed one after another got the clock of their turn.)
+        host_ahead: the GPU waits LEAD_CYCLES before each timed region, so the host has queued the
+        callable's kernels before the first starts and the time is the GPU's alone, as in a model
+        of many layers where the host runs ahead (the favourable case for launch-heavy eager code).
         With interleave=False (--blocked) each callable is timed alone, all its repetitions in a row."""
         if not self.interleave:
             return {label: self(fn) for label, fn in fns.items()}
@@ -86,6 +94,8 @@ class Timer:
             for label in order:
                 s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 self.flush.sum()
+                if host_ahead:
+                    torch.cuda._sleep(self.LEAD_CYCLES)
                 s.record()
                 fns[label]()
                 e.record()
@@ -349,7 +359,9 @@ def main(argv=None) -> int:
         "timing": ("median of %d reps, CUDA events, L2 evicted by a 256 MiB read before each rep" % reps if gpu else
                    "median of %d reps, perf_counter" % reps)
                   + ("; block contenders timed alone in turn" if args.blocked else
-                     "; block contenders timed in shared rounds, order rotated each round"),
+                     "; block contenders timed in shared rounds, order rotated each round; where a block "
+                     "config says host_ahead, the GPU waits ~2 ms before each timed region so the host "
+                     "has queued the contender's kernels (GPU time alone)"),
         "cases": [{"op": c.op, "shape": list(c.shape), "dtype": str(c.dtype).replace("torch.", ""),
                    "min_bytes": c.bytes, "floor_ms": c.bytes / bw * 1e3,
                    "median_ms": c.results} for c in cases],
