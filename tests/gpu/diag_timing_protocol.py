@@ -71,7 +71,22 @@ def main():
                 block(x, cos, sin)
         return run
 
-    fns = {"GEMMs alone": gemms, "ours": infer(ours), "eager": infer(ref)}
+    xg = x.clone().requires_grad_()
+    dy = torch.randn_like(x)
+
+    def train(block):
+        def run():
+            xg.grad = None
+            for p in block.parameters():
+                p.grad = None
+            block(xg, cos, sin).backward(dy)
+        return run
+
+    fns = {"GEMMs alone": gemms, "ours": infer(ours), "eager": infer(ref),
+           "ours step": train(ours), "eager step": train(ref)}
+    for fn in fns.values():  # first calls tune the GEMMs and build cuDNN plans
+        fn()
+        fn()
     timer = Timer(dev, reps=args.reps, warmup=5)
     sampler = Sampler()
     time.sleep(0.5)
@@ -84,7 +99,7 @@ def main():
         torch.cuda.synchronize()
         t1 = time.time()
         for label, ms in res.items():
-            print(f"{name:<34} {label:<12} {ms:7.3f} ms")
+            print(f"{name:<34} {label:<24} {ms:7.3f} ms")
         print(f"{'':<34} {'(phase)':<12} {sampler.between(t0, t1)}")
 
     def alone(order):
@@ -107,12 +122,57 @@ def main():
             return out
         return run
 
+    def timed(label):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        timer.flush.sum()
+        s.record()
+        fns[label]()
+        e.record()
+        return s, e
+
+    def alternating_blocks(order, blocks=6, per_block=25, skip=5):
+        """Each contender alone for `per_block` reps, contenders alternating block by block (drift
+        cancels); the first `skip` reps of a block (the switch) are reported apart."""
+        def run():
+            steady, first = {l: [] for l in order}, {l: [] for l in order}
+            for _ in range(blocks):
+                for label in order:
+                    marks = [timed(label) for _ in range(per_block)]
+                    torch.cuda.synchronize()
+                    t = [s.elapsed_time(e) for s, e in marks]
+                    first[label] += t[:skip]
+                    steady[label] += t[skip:]
+            out = {f"{l} steady": statistics.median(steady[l]) for l in order}
+            out.update({f"{l} after switch": statistics.median(first[l]) for l in order})
+            return out
+        return run
+
+    def paired_rounds(order, rounds=30):
+        """Shared rounds in which each contender runs twice in a row: the first run follows another
+        contender, the second follows itself."""
+        def run():
+            after_other, after_self = {l: [] for l in order}, {l: [] for l in order}
+            for r in range(rounds):
+                rot = order[r % len(order):] + order[:r % len(order)]
+                marks = [(label, i, timed(label)) for label in rot for i in range(2)]
+                torch.cuda.synchronize()
+                for label, i, (s, e) in marks:
+                    (after_self if i else after_other)[label].append(s.elapsed_time(e))
+            out = {f"{l} after another": statistics.median(after_other[l]) for l in order}
+            out.update({f"{l} after itself": statistics.median(after_self[l]) for l in order})
+            return out
+        return run
+
     phase("alone, GEMMs/ours/eager", alone(["GEMMs alone", "ours", "eager"]))
+    phase("alternating blocks of 25", alternating_blocks(["ours", "eager", "GEMMs alone"]))
+    phase("paired shared rounds", paired_rounds(["ours", "eager", "GEMMs alone"]))
+    phase("fwd+bwd, alternating blocks of 25", alternating_blocks(["ours step", "eager step"]))
+    phase("fwd+bwd, shared rounds", lambda: timer.interleaved({k: fns[k] for k in ("ours step", "eager step")}))
     phase("alone, eager/ours/GEMMs", alone(["eager", "ours", "GEMMs alone"]))
     phase("alone, sync every rep", alone_synced(["eager", "ours", "GEMMs alone"]))
-    phase("shared rounds", lambda: timer.interleaved(fns))
-    phase("shared rounds, host ahead", lambda: timer.interleaved(fns, host_ahead=True))
-    phase("alone, GEMMs/ours/eager again", alone(["GEMMs alone", "ours", "eager"]))
+    fwd = {k: fns[k] for k in ("GEMMs alone", "ours", "eager")}
+    phase("shared rounds", lambda: timer.interleaved(fwd))
+    phase("shared rounds, host ahead", lambda: timer.interleaved(fwd, host_ahead=True))
     for label in ("ours", "eager", "GEMMs alone"):
         phase(f"alone, {label} per-phase clock", alone([label]))
     sampler.stop()
