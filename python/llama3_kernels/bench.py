@@ -30,10 +30,10 @@ from .ops.rmsnorm import add_rms_norm, rms_norm
 # ---- timing ----------------------------------------------------------------------------
 
 class Timer:
-    """Median wall time of a callable: CUDA events with an L2 flush on the GPU, perf_counter on the CPU."""
+    """Median wall time of callables: CUDA events with an L2 flush on the GPU, perf_counter on the CPU."""
 
-    def __init__(self, device: torch.device, reps: int, warmup: int, interleave: bool = True):
-        self.device, self.reps, self.warmup, self.interleave = device, reps, warmup, interleave
+    def __init__(self, device: torch.device, reps: int, warmup: int):
+        self.device, self.reps, self.warmup = device, reps, warmup
         # 256 MiB read before every repetition evicts the L2.  A read, not a write:
         # zeroing the buffer leaves ~50 MB of dirty lines whose write-back the
         # timed kernel would pay (a same-size copy measured 28-32 us that way
@@ -41,42 +41,40 @@ class Timer:
         self.flush = (torch.ones(64 << 20, dtype=torch.float32, device=device)
                       if device.type == "cuda" else None)
 
+    def _start(self, fn: Callable[[], object]):
+        """Runs fn once, timed: ms on the CPU, a pair of CUDA events to read after a sync on the GPU."""
+        if self.device.type != "cuda":
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.flush.sum()  # evict L2 (clean lines) so every repetition reads from memory
+        s.record()
+        fn()
+        e.record()
+        return s, e
+
+    def _read(self, marks: list) -> list[float]:
+        if self.device.type != "cuda":
+            return marks
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) for s, e in marks]
+
+    def _timed_reps(self, fn: Callable[[], object], n: int) -> list[float]:
+        """n back-to-back repetitions (the host queues ahead of the GPU), ms each."""
+        return self._read([self._start(fn) for _ in range(n)])
+
     def __call__(self, fn: Callable[[], object]) -> float:
         for _ in range(self.warmup):
             fn()
-        if self.device.type != "cuda":
-            times = []
-            for _ in range(self.reps):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
-        torch.cuda.synchronize()
-        for s, e in zip(starts, ends):
-            self.flush.sum()  # evict L2 (clean lines) so every repetition reads from memory
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+        self._read([])
+        return statistics.median(self._timed_reps(fn, self.reps))
 
-    # GPU-side wait before a timed region when the host is to be kept out of it: ~2-2.7 ms at
-    # the H100's 1.5-1.98 GHz, longer than any block contender's host launches take to get ahead.
-    LEAD_CYCLES = 4_000_000
-
-    def interleaved(self, fns: dict[str, Callable[[], object]], host_ahead: bool = False) -> dict[str, float]:
-        """Median time of each callable, timed in rounds: every round times each once, in an order
-        rotated by one from the last round's, so clock drift reaches every contender alike.  (The
-        lent H100 runs power-capped at ~700 W: its SM clock fell from ~1860 to ~1470 MHz over a
-        run, so contenders timed one after another got the clock of their turn.)
-        host_ahead: the GPU waits LEAD_CYCLES before each timed region, so the host has queued the
-        callable's kernels before the first starts and the time is the GPU's alone, as in a model
-        of many layers where the host runs ahead (the favourable case for launch-heavy eager code).
-        With interleave=False (--blocked) each callable is timed alone, all its repetitions in a row."""
-        if not self.interleave:
-            return {label: self(fn) for label, fn in fns.items()}
+    def rounds(self, fns: dict[str, Callable[[], object]]) -> dict[str, float]:
+        """Clock-equalized: every round times each callable once, in an order rotated by one from
+        the last round's, so all see the same clocks.  The lent H100 runs power-capped (~700 W):
+        its SM clock fell from ~1870 to ~1500 MHz over a run, so callables timed one after the
+        other each got the clock of their turn."""
         labels = list(fns)
         for label in labels:
             for _ in range(self.warmup):
@@ -84,25 +82,22 @@ class Timer:
         times: dict[str, list[float]] = {label: [] for label in labels}
         for r in range(self.reps):
             order = labels[r % len(labels):] + labels[:r % len(labels)]
-            if self.device.type != "cuda":
-                for label in order:
-                    t0 = time.perf_counter()
-                    fns[label]()
-                    times[label].append((time.perf_counter() - t0) * 1e3)
-                continue
-            marks = []
-            for label in order:
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                self.flush.sum()
-                if host_ahead:
-                    torch.cuda._sleep(self.LEAD_CYCLES)
-                s.record()
-                fns[label]()
-                e.record()
-                marks.append((label, s, e))
-            torch.cuda.synchronize()
-            for label, s, e in marks:
-                times[label].append(s.elapsed_time(e))
+            for label, ms in zip(order, self._read([self._start(fns[label]) for label in order])):
+                times[label].append(ms)
+        return {label: statistics.median(t) for label, t in times.items()}
+
+    def steady(self, fns: dict[str, Callable[[], object]], blocks: int = 4, skip: int = 5) -> dict[str, float]:
+        """Steady state, as a user running one of them sees it: each callable alone for a block of
+        reps/blocks repetitions, the callables taking turns block by block (drift cancels); the
+        first `skip` repetitions of each block, while the clock settles after the switch, are
+        dropped.  Power-capped, a card clocks code with more memory-bound time (less power per
+        second) higher: on the H100 a PyTorch eager step ran ~4% faster at the end of its block
+        than just after our block's, ours ~4% slower (tests/gpu/diag_timing_protocol.py)."""
+        per_block = max(skip + 5, self.reps // blocks)
+        times: dict[str, list[float]] = {label: [] for label in fns}
+        for _ in range(blocks):
+            for label, fn in fns.items():
+                times[label] += self._timed_reps(fn, per_block)[skip:]
         return {label: statistics.median(t) for label, t in times.items()}
 
 
@@ -311,8 +306,6 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
     ap.add_argument("--cpu", action="store_true", help="run the CPU path even where a GPU is present")
-    ap.add_argument("--blocked", action="store_true",
-                    help="time each block contender alone, all repetitions in a row (default: in shared rounds)")
     ap.add_argument("--configs", default=None,
                     help="block configs to run, comma-separated name prefixes (e.g. 'llama3-8b'); default all")
     args = ap.parse_args(argv)
@@ -321,7 +314,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if gpu else "cpu")
     dtype = torch.bfloat16 if gpu else torch.float32
     reps = args.reps or (100 if gpu else 10)
-    timer = Timer(device, reps=reps, warmup=5 if gpu else 2, interleave=not args.blocked)
+    timer = Timer(device, reps=reps, warmup=5 if gpu else 2)
     env = environment(device)
     if not gpu:
         why = "no CUDA GPU visible" if not torch.cuda.is_available() else (
@@ -358,10 +351,9 @@ def main(argv=None) -> int:
         "copy_bandwidth_Bps": bw,
         "timing": ("median of %d reps, CUDA events, L2 evicted by a 256 MiB read before each rep" % reps if gpu else
                    "median of %d reps, perf_counter" % reps)
-                  + ("; block contenders timed alone in turn" if args.blocked else
-                     "; block contenders timed in shared rounds, order rotated each round; where a block "
-                     "config says host_ahead, the GPU waits ~2 ms before each timed region so the host "
-                     "has queued the contender's kernels (GPU time alone)"),
+                  + "; block contenders both clock-equalized (shared rounds, order rotated each round) and in "
+                    "steady state (each alone for a block of repetitions, blocks alternating, the first 5 "
+                    "of each block dropped)",
         "cases": [{"op": c.op, "shape": list(c.shape), "dtype": str(c.dtype).replace("torch.", ""),
                    "min_bytes": c.bytes, "floor_ms": c.bytes / bw * 1e3,
                    "median_ms": c.results} for c in cases],

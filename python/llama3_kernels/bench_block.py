@@ -31,7 +31,6 @@ class BlockConfig:
     seq: int
     backward: bool = True
     graphs: bool = False      # also time forward replays of CUDA graphs (hand-captured, reduce-overhead)
-    host_ahead: bool = True   # time the GPU's work alone (False: host overhead is what the shape measures)
     results: dict = field(default_factory=dict)   # (variant, "fwd"|"fwd+bwd"|"mem") -> value
 
     @property
@@ -49,7 +48,7 @@ class BlockConfig:
 GPU_CONFIGS = [
     BlockConfig("llama3-8b layer", 4096, 14336, 32, 8, True, torch.bfloat16, 2, 2048),
     BlockConfig("tutorial bench", 4096, 14336, 32, 32, False, torch.float16, 2, 2048),
-    BlockConfig("tutorial test", 512, 2048, 8, 8, False, torch.float16, 2, 128, graphs=True, host_ahead=False),
+    BlockConfig("tutorial test", 512, 2048, 8, 8, False, torch.float16, 2, 128, graphs=True),
 ]
 CPU_CONFIGS = [BlockConfig("small (CPU)", 256, 512, 4, 2, True, torch.float32, 2, 64)]
 
@@ -119,17 +118,19 @@ def run_block_suite(timer, device, compile_ok: bool, log=print, only=None) -> li
             run.clear_grads = clear_grads
             return run
 
-        # Every contender of a pass is timed in the same rounds (Timer.interleaved).
-        ahead = cfg.host_ahead and device.type == "cuda"
+        # Each pass twice: clock-equalized (shared rounds) and each contender alone in steady state.
         fwd = {"GEMMs alone": gemm_fwd, **{label: inference(b) for label, b in variants.items()}}
-        for label, t in timer.interleaved(fwd, ahead).items():
-            cfg.results[(label, "fwd")] = t
-            log(f"[bench] {cfg.name}: {label} forward {t:.3f} ms")
+        steps = {"GEMMs alone": gemm_fb, **{label: training_step(b) for label, b in variants.items()}}
+        passes = [("fwd", fwd)] + ([("fwd+bwd", steps)] if cfg.backward else [])
+        for kind, fns in passes:
+            for protocol, how in (("", timer.rounds), (" steady", timer.steady)):
+                if protocol and device.type != "cuda":
+                    continue
+                for label, t in how(fns).items():
+                    cfg.results[(label, kind + protocol)] = t
+                    log(f"[bench] {cfg.name}: {label} {kind}{protocol} {t:.3f} ms")
         if cfg.backward:
-            steps = {label: training_step(b) for label, b in variants.items()}
-            for label, t in timer.interleaved({"GEMMs alone": gemm_fb, **steps}, ahead).items():
-                cfg.results[(label, "fwd+bwd")] = t
-                log(f"[bench] {cfg.name}: {label} forward+backward {t:.3f} ms")
+            steps.pop("GEMMs alone")
             if device.type == "cuda":
                 for label, step in steps.items():
                     cfg.results[(label, "mem")] = _extra_peak_mib(step)
@@ -195,40 +196,45 @@ def _time_graphs(cfg, timer, blocks, x, cos, sin, compile_ok, log) -> None:
             log(f"[bench] {cfg.name}: {label} forward, torch.compile reduce-overhead {t * 1e3:.1f} us")
 
 
+KINDS = ("fwd", "fwd steady", "fwd+bwd", "fwd+bwd steady")
+
+
 def print_block_table(configs: list[BlockConfig]) -> None:
+    """'fwd', 'fwd+bwd': clock-equalized (shared rounds); '... steady': each contender alone."""
     labels = ["llama3_kernels", "eager", "torch.compile"]
-    print(f"{'block':<16} {'pass':<8} " + " ".join(f"{l:>15}" for l in labels)
+    print(f"{'block':<16} {'pass':<15} " + " ".join(f"{l:>15}" for l in labels)
           + f" {'GEMMs alone':>12} {'ours/eager':>10} {'ours/compile':>12}")
     for cfg in configs:
-        for kind in ("fwd", "fwd+bwd"):
+        for kind in KINDS:
             row = [cfg.results.get((l, kind)) for l in labels]
             if row[0] is None:
                 continue
             cells = " ".join(f"{v:>12.3f} ms" if v is not None else f"{'-':>15}" for v in row)
             ratio = lambda v: f"{row[0] / v:>9.2f}x" if v else f"{'-':>10}"
-            print(f"{cfg.name:<16} {kind:<8} {cells} {cfg.results[('GEMMs alone', kind)]:>9.3f} ms "
+            print(f"{cfg.name:<16} {kind:<15} {cells} {cfg.results[('GEMMs alone', kind)]:>9.3f} ms "
                   f"{ratio(row[1])} {ratio(row[2]):>12}")
     extra = sorted({l for c in configs for (l, k) in c.results if l not in labels + ["GEMMs alone"]})
     if extra:
         print()
-        print(f"{'block':<16} {'variant':<40} {'forward':>12} {'fwd+bwd':>12}")
+        print(f"{'block':<16} {'variant':<40} " + " ".join(f"{k:>15}" for k in KINDS))
         for cfg in configs:
             for l in extra:
-                f, fb = cfg.results.get((l, "fwd")), cfg.results.get((l, "fwd+bwd"))
-                if f is None and fb is None:
+                vals = [cfg.results.get((l, k)) for k in KINDS]
+                if all(v is None for v in vals):
                     continue
-                cell = lambda v: f"{v:>9.3f} ms" if v is not None else f"{'-':>12}"
-                print(f"{cfg.name:<16} {l:<40} {cell(f)} {cell(fb)}")
+                print(f"{cfg.name:<16} {l:<40} "
+                      + " ".join(f"{v:>12.3f} ms" if v is not None else f"{'-':>15}" for v in vals))
     print()
-    print(f"{'block':<16} {'outside GEMMs fwd':>36} {'outside GEMMs fwd+bwd':>40} {'extra peak MiB fwd+bwd':>36}")
+    print(f"{'block':<16} {'time outside the GEMMs (ms)':<34} {'extra peak MiB fwd+bwd':>40}")
     for cfg in configs:
         def out(label, kind):
             v = cfg.results.get((label, kind))
-            return f"{v - cfg.results[('GEMMs alone', kind)]:>7.3f}" if v is not None else f"{'-':>7}"
-        mem = lambda l: f"{cfg.results[(l, 'mem')]:>7.0f}" if (l, "mem") in cfg.results else f"{'-':>7}"
-        print(f"{cfg.name:<16} ours {out('llama3_kernels', 'fwd')} compile {out('torch.compile', 'fwd')} ms   "
-              f"ours {out('llama3_kernels', 'fwd+bwd')} compile {out('torch.compile', 'fwd+bwd')} ms   "
-              f"ours {mem('llama3_kernels')} eager {mem('eager')} compile {mem('torch.compile')}")
+            return f"{v - cfg.results[('GEMMs alone', kind)]:.3f}" if v is not None else "-"
+        mem = lambda l: f"{cfg.results[(l, 'mem')]:.0f}" if (l, "mem") in cfg.results else "-"
+        cells = "  ".join(f"{k}: ours {out('llama3_kernels', k)} compile {out('torch.compile', k)}"
+                          for k in KINDS if (("llama3_kernels", k) in cfg.results))
+        print(f"{cfg.name:<16} {cells}   mem: ours {mem('llama3_kernels')} eager {mem('eager')} "
+              f"compile {mem('torch.compile')}")
 
 
 def block_records(configs: list[BlockConfig]) -> list[dict]:
@@ -238,7 +244,6 @@ def block_records(configs: list[BlockConfig]) -> list[dict]:
             "config": cfg.name, "dim": cfg.dim, "hidden": cfg.hidden, "heads": cfg.heads,
             "kv_heads": cfg.kv_heads, "causal": cfg.causal, "dtype": str(cfg.dtype).replace("torch.", ""),
             "batch": cfg.batch, "seq": cfg.seq, "forward_tflop": cfg.forward_flops() / 1e12,
-            "host_ahead": cfg.host_ahead,
             "median_ms": {f"{l} {k}": v for (l, k), v in cfg.results.items() if k != "mem"},
             "extra_peak_mib_fwd_bwd": {l: v for (l, k), v in cfg.results.items() if k == "mem"},
         })
