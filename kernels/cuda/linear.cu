@@ -12,9 +12,10 @@
  * first call for a GEMM configuration (device, shape, ops, strides, dtypes,
  * pointer alignments, workspace) times the candidates on the caller's own
  * operands, keeps the fastest, and every later call reuses it.  Tuning is
- * skipped (the first pick is used, and not remembered) while the stream is
- * being captured into a CUDA graph and when C is D (running a candidate would
- * accumulate into the caller's output); L3K_GEMM_AUTOTUNE=0 turns it off. */
+ * skipped, and the first pick runs, while the stream is being captured into a
+ * CUDA graph (not remembered: a later call outside capture tunes) and when C
+ * is D (a candidate's run would accumulate into the caller's output);
+ * L3K_GEMM_AUTOTUNE=0 turns it off. */
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
