@@ -75,7 +75,8 @@ class Timer:
     def __call__(self, fn: Callable[[], object]) -> float:
         for _ in range(self.warmup):
             fn()
-        self._read([])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
         return statistics.median(self._timed_reps(fn, self.reps))
 
     def rounds(self, fns: dict[str, Callable[[], object]]) -> dict[str, float]:
@@ -360,9 +361,9 @@ def main(argv=None) -> int:
         "copy_bandwidth_Bps": bw,
         "timing": ("median of %d reps, CUDA events, L2 evicted by a 256 MiB read before each rep" % reps if gpu else
                    "median of %d reps, perf_counter" % reps)
-                  + "; block contenders both clock-equalized (shared rounds, order rotated each round) and in "
-                    "steady state (each alone for a block of repetitions, blocks alternating, the first 5 "
-                    "of each block dropped)",
+                  + "; block contenders timed in shared rounds, order rotated each round (clock-equalized)"
+                  + ("; and in steady state (each alone for a block of repetitions, blocks alternating, "
+                     "the first 5 of each block dropped)" if gpu else ""),
         "cases": [{"op": c.op, "shape": list(c.shape), "dtype": str(c.dtype).replace("torch.", ""),
                    "min_bytes": c.bytes, "floor_ms": c.bytes / bw * 1e3,
                    "median_ms": c.results} for c in cases],

@@ -129,11 +129,9 @@ def run_block_suite(timer, device, compile_ok: bool, log=print, only=None) -> li
                 for label, t in how(fns).items():
                     cfg.results[(label, kind + protocol)] = t
                     log(f"[bench] {cfg.name}: {label} {kind}{protocol} {t:.3f} ms")
-        if cfg.backward:
-            steps.pop("GEMMs alone")
-            if device.type == "cuda":
-                for label, step in steps.items():
-                    cfg.results[(label, "mem")] = _extra_peak_mib(step)
+        if cfg.backward and device.type == "cuda":
+            for label in variants:
+                cfg.results[(label, "mem")] = _extra_peak_mib(steps[label])
         if cfg.graphs and device.type == "cuda":
             try:
                 _time_graphs(cfg, timer, {"llama3_kernels": ours, "eager": ref}, x, cos, sin, compile_ok, log)

@@ -8,10 +8,10 @@ the QKV output; attention reads those strided views and writes its output in
 the (batch, seq, heads, head_dim) layout the output projection reads; both
 residual adds ride on the GEMMs (beta = 1, out of place).  Training runs one
 block-level autograd Function whose backward calls the library's backward
-kernels and GEMMs; it saves x, qkv, the attention output and LSE, h and the
-gate/up output, and recomputes both norms and the SiLU product; by default it also
-recomputes the attention output (one forward attention kernel) rather than keeping it,
-which takes the backward's memory peak down by batch * seq * dim elements.
+kernels and GEMMs; it saves x, qkv, h and the gate/up output, and recomputes
+both norms and the SiLU product.  The attention output is recomputed too (one
+forward attention kernel), which takes the backward's memory peak down by
+batch * seq * dim elements; recompute_attention=False saves it and its LSE instead.
 """
 from __future__ import annotations
 

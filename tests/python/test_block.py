@@ -75,7 +75,7 @@ def test_recomputed_attention_output_gives_the_same_gradients(causal, device):
     """The default backward reruns the attention forward; keeping its output instead
     (recompute_attention=False) must give bitwise the same gradients (deterministic dq)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    ref, keep = make_pair(64, 160, 4, 2, causal, device, dtype)
+    _, keep = make_pair(64, 160, 4, 2, causal, device, dtype)
     recompute = l3k.TritonLlama3Block(64, 160, 4, 2, causal=causal, deterministic=True).to(device, dtype)
     keep.recompute_attention, keep.deterministic = False, True
     recompute.load_state_dict(keep.state_dict())
