@@ -11,10 +11,11 @@
  * the LLaMA-3-8B layer's GEMMs on the H100 (tests/gpu/gemm_algos.cu).  So the
  * first call for a GEMM configuration (device, shape, ops, strides, dtypes,
  * pointer alignments, workspace) times the candidates on the caller's own
- * operands, keeps the fastest, and every later call reuses it.  Tuning is
- * skipped, and the first pick runs, while the stream is being captured into a
- * CUDA graph (not remembered: a later call outside capture tunes) and when C
- * is D (a candidate's run would accumulate into the caller's output);
+ * operands, keeps the fastest, and every later call reuses it together with
+ * the configuration's cuBLASLt descriptors.  Tuning is skipped, and the first
+ * pick runs, while the stream is being captured into a CUDA graph (not
+ * remembered: a later call outside capture tunes) and when C is D (a
+ * candidate's run would accumulate into the caller's output);
  * L3K_GEMM_AUTOTUNE=0 turns it off. */
 #include <cublasLt.h>
 #include <cuda_runtime.h>
@@ -24,6 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -35,10 +37,7 @@ constexpr int kMaxDevices = 64;
 cublasLtHandle_t g_handles[kMaxDevices];
 std::mutex g_handle_mutex;
 
-int handle_for_current_device(cublasLtHandle_t *out) {
-    int dev = 0;
-    cudaError_t err = cudaGetDevice(&dev);
-    if (err != cudaSuccess) return (int)err;
+int handle_for_device(int dev, cublasLtHandle_t *out) {
     if (dev < 0 || dev >= kMaxDevices) return (int)cudaErrorInvalidDevice;
     std::lock_guard<std::mutex> lock(g_handle_mutex);
     if (!g_handles[dev]) {
@@ -60,18 +59,30 @@ uint32_t alignment_of(const void *p) {
     return a;
 }
 
-/* Owns the descriptors of one call; destroys them on scope exit. */
+/* The descriptors of one GEMM configuration.  Built on a configuration's first call and kept
+ * with its algorithm for the life of the process: a later call goes straight to cublasLtMatmul
+ * (creating and destroying six descriptors cost more host time than the launch itself at the
+ * small, host-bound shapes).  Never modified once built, so threads may share them. */
 struct Descriptors {
     cublasLtMatmulDesc_t op = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr, d = nullptr;
-    cublasLtMatmulPreference_t pref = nullptr;
+    Descriptors() = default;
+    Descriptors(const Descriptors &) = delete;
+    Descriptors &operator=(const Descriptors &) = delete;
     ~Descriptors() {
-        if (pref) cublasLtMatmulPreferenceDestroy(pref);
         if (d) cublasLtMatrixLayoutDestroy(d);
         if (c) cublasLtMatrixLayoutDestroy(c);
         if (b) cublasLtMatrixLayoutDestroy(b);
         if (a) cublasLtMatrixLayoutDestroy(a);
         if (op) cublasLtMatmulDescDestroy(op);
+    }
+    cublasLtMatrixLayout_t c_layout() const { return c ? c : d; }
+};
+
+struct Preference {  /* only the heuristic query needs one */
+    cublasLtMatmulPreference_t p = nullptr;
+    ~Preference() {
+        if (p) cublasLtMatmulPreferenceDestroy(p);
     }
 };
 
@@ -83,8 +94,12 @@ struct Descriptors {
 
 /* Everything the heuristic's answer depends on, plus the device and workspace. */
 using TuneKey = std::array<int64_t, 16>;
-std::map<TuneKey, cublasLtMatmulAlgo_t> g_tuned;
-std::mutex g_tuned_mutex;
+struct Plan {
+    Descriptors ds;
+    cublasLtMatmulAlgo_t algo;
+};
+std::map<TuneKey, std::unique_ptr<const Plan>> g_plans;
+std::mutex g_plans_mutex;
 
 constexpr int kCandidates = 8;   /* cuBLASLt returned at most 8 for these GEMMs */
 constexpr int kRounds = 5;       /* timed rounds after one warm-up round; median per candidate */
@@ -101,8 +116,7 @@ bool autotune_enabled() {
 /* The candidates are run in rounds, each round once each, so drift in clocks reaches them
  * alike; events sit between consecutive runs.  Returns the index of the fastest, 0 when
  * the first pick is within kMinGain of it or timing failed. */
-int fastest_candidate(cublasLtHandle_t handle, const Descriptors &ds, cublasLtMatrixLayout_t cdesc,
-                      const l3k_gemm_args *g, const void *c, float alpha, float beta,
+int fastest_candidate(cublasLtHandle_t handle, const Descriptors &ds, const l3k_gemm_args *g, const void *c, float alpha, float beta,
                       const cublasLtMatmulHeuristicResult_t *cand, int count, cudaStream_t stream) {
     const int per_round = count + 1, total = per_round * (kRounds + 1);
     std::vector<cudaEvent_t> ev(total, nullptr);
@@ -113,7 +127,7 @@ int fastest_candidate(cublasLtHandle_t handle, const Descriptors &ds, cublasLtMa
         cudaEvent_t *round = &ev[r * per_round];
         ok = cudaEventRecord(round[0], stream) == cudaSuccess;
         for (int i = 0; ok && i < count; ++i) {
-            if (cublasLtMatmul(handle, ds.op, &alpha, g->a, ds.a, g->b, ds.b, &beta, c, cdesc, g->d, ds.d,
+            if (cublasLtMatmul(handle, ds.op, &alpha, g->a, ds.a, g->b, ds.b, &beta, c, ds.c_layout(), g->d, ds.d,
                                &cand[i].algo, g->workspace, g->workspace ? g->workspace_bytes : 0,
                                stream) != CUBLAS_STATUS_SUCCESS)
                 failed[i] = true;
@@ -143,6 +157,21 @@ int fastest_candidate(cublasLtHandle_t handle, const Descriptors &ds, cublasLtMa
     return best;
 }
 
+/* The descriptors of `g`'s configuration; has_c: C is read (beta != 0), separate_c: C needs its own
+ * layout (another buffer or leading dimension than D). */
+int build_descriptors(const l3k_gemm_args *g, bool has_c, bool separate_c, Descriptors &ds) {
+    LT_TRY(cublasLtMatmulDescCreate(&ds.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const int32_t ta = g->trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = g->trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    LT_TRY(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+    LT_TRY(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+    const cudaDataType_t ab = cuda_type(g->ab_dtype), cd = cuda_type(g->cd_dtype);
+    LT_TRY(cublasLtMatrixLayoutCreate(&ds.a, ab, g->trans_a ? g->k : g->m, g->trans_a ? g->m : g->k, g->lda));
+    LT_TRY(cublasLtMatrixLayoutCreate(&ds.b, ab, g->trans_b ? g->n : g->k, g->trans_b ? g->k : g->n, g->ldb));
+    LT_TRY(cublasLtMatrixLayoutCreate(&ds.d, cd, g->m, g->n, g->ldd));
+    if (has_c && separate_c) LT_TRY(cublasLtMatrixLayoutCreate(&ds.c, cd, g->m, g->n, g->ldc));
+    return 0;
+}
+
 } // namespace
 
 extern "C" int l3k_cuda_gemm(const l3k_gemm_args *g, void *stream) {
@@ -152,74 +181,67 @@ extern "C" int l3k_cuda_gemm(const l3k_gemm_args *g, void *stream) {
         return (int)cudaMemset2DAsync(g->d, (size_t)g->ldd * es, 0, (size_t)g->m * es, (size_t)g->n,
                                       (cudaStream_t)stream);
     }
+    int dev = 0;
+    cudaError_t cerr = cudaGetDevice(&dev);
+    if (cerr != cudaSuccess) return (int)cerr;
     cublasLtHandle_t handle;
-    int err = handle_for_current_device(&handle);
+    int err = handle_for_device(dev, &handle);
     if (err) return err;
 
-    Descriptors ds;
-    const cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
-    LT_TRY(cublasLtMatmulDescCreate(&ds.op, compute, CUDA_R_32F));
-    const int32_t ta = g->trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = g->trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-    LT_TRY(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
-    LT_TRY(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
-
-    const cudaDataType_t ab = cuda_type(g->ab_dtype), cd = cuda_type(g->cd_dtype);
-    LT_TRY(cublasLtMatrixLayoutCreate(&ds.a, ab, g->trans_a ? g->k : g->m, g->trans_a ? g->m : g->k, g->lda));
-    LT_TRY(cublasLtMatrixLayoutCreate(&ds.b, ab, g->trans_b ? g->n : g->k, g->trans_b ? g->k : g->n, g->ldb));
-    LT_TRY(cublasLtMatrixLayoutCreate(&ds.d, cd, g->m, g->n, g->ldd));
     const bool has_c = g->beta != 0.0f && g->c;
     const void *c = has_c ? g->c : g->d;
-    if (has_c && (c != g->d || g->ldc != g->ldd)) {
-        LT_TRY(cublasLtMatrixLayoutCreate(&ds.c, cd, g->m, g->n, g->ldc));
-    }
-    cublasLtMatrixLayout_t cdesc = ds.c ? ds.c : ds.d;
-
-    LT_TRY(cublasLtMatmulPreferenceCreate(&ds.pref));
-    const uint64_t ws = g->workspace ? g->workspace_bytes : 0;
-    LT_TRY(cublasLtMatmulPreferenceSetAttribute(ds.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
-    const uint32_t al[4] = {alignment_of(g->a), alignment_of(g->b), alignment_of(c), alignment_of(g->d)};
-    LT_TRY(cublasLtMatmulPreferenceSetAttribute(ds.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al[0], 4));
-    LT_TRY(cublasLtMatmulPreferenceSetAttribute(ds.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al[1], 4));
-    LT_TRY(cublasLtMatmulPreferenceSetAttribute(ds.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al[2], 4));
-    LT_TRY(cublasLtMatmulPreferenceSetAttribute(ds.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al[3], 4));
-
-    const float alpha = g->alpha, beta = has_c ? g->beta : 0.0f;
     const bool in_place = has_c && c == g->d;
-    int dev = 0;
-    cudaGetDevice(&dev);
+    const bool separate_c = has_c && (c != g->d || g->ldc != g->ldd);
+    const float alpha = g->alpha, beta = has_c ? g->beta : 0.0f;
+    const uint64_t ws = g->workspace ? g->workspace_bytes : 0;
+    const uint32_t al[4] = {alignment_of(g->a), alignment_of(g->b), alignment_of(c), alignment_of(g->d)};
     const TuneKey key = {dev, g->trans_a, g->trans_b, g->m, g->n, g->k, g->lda, g->ldb,
                          has_c ? g->ldc * 2 + in_place : -1, g->ldd, g->ab_dtype * 16 + g->cd_dtype,
                          al[0], al[1], al[2], al[3], (int64_t)ws};
-    cublasLtMatmulAlgo_t algo;
-    bool known = false;
+    const Plan *plan = nullptr;
     {
-        std::lock_guard<std::mutex> lock(g_tuned_mutex);
-        auto it = g_tuned.find(key);
-        if (it != g_tuned.end()) algo = it->second, known = true;
+        std::lock_guard<std::mutex> lock(g_plans_mutex);
+        auto it = g_plans.find(key);
+        if (it != g_plans.end()) plan = it->second.get();
     }
-    if (!known) {
+    std::unique_ptr<Plan> fresh;
+    bool capturing = false;
+    if (!plan) {
+        fresh.reset(new Plan());
+        Descriptors &ds = fresh->ds;
+        if ((err = build_descriptors(g, has_c, separate_c, ds)) != 0) return err;
+        Preference pref;
+        LT_TRY(cublasLtMatmulPreferenceCreate(&pref.p));
+        LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+        LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al[0], 4));
+        LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al[1], 4));
+        LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al[2], 4));
+        LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al[3], 4));
+
         cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
         if (cudaStreamIsCapturing((cudaStream_t)stream, &capture) != cudaSuccess) {
             (void)cudaGetLastError();
             capture = cudaStreamCaptureStatusActive; /* unknown: run nothing extra, remember nothing */
         }
-        const bool capturing = capture != cudaStreamCaptureStatusNone;
+        capturing = capture != cudaStreamCaptureStatusNone;
         const bool tune = autotune_enabled() && !capturing && !in_place;
         /* A one-result query is served from cuBLASLt's heuristics cache; a longer one is not (~160 us). */
         cublasLtMatmulHeuristicResult_t cand[kCandidates] = {};
         int found = 0;
-        LT_TRY(cublasLtMatmulAlgoGetHeuristic(handle, ds.op, ds.a, ds.b, cdesc, ds.d, ds.pref,
+        LT_TRY(cublasLtMatmulAlgoGetHeuristic(handle, ds.op, ds.a, ds.b, ds.c_layout(), ds.d, pref.p,
                                               tune ? kCandidates : 1, cand, &found));
         if (found < 1) return -(int)CUBLAS_STATUS_NOT_SUPPORTED;
-        algo = cand[tune && found > 1 ? fastest_candidate(handle, ds, cdesc, g, c, alpha, beta, cand, found,
-                                                          (cudaStream_t)stream)
-                                      : 0].algo;
-        if (!capturing) {
-            std::lock_guard<std::mutex> lock(g_tuned_mutex);
-            g_tuned.emplace(key, algo);
-        }
+        fresh->algo = cand[tune && found > 1 ? fastest_candidate(handle, ds, g, c, alpha, beta, cand, found,
+                                                                 (cudaStream_t)stream)
+                                             : 0].algo;
+        plan = fresh.get();
     }
-    LT_TRY(cublasLtMatmul(handle, ds.op, &alpha, g->a, ds.a, g->b, ds.b, &beta, c, cdesc, g->d, ds.d,
-                          &algo, g->workspace, g->workspace ? g->workspace_bytes : 0, (cudaStream_t)stream));
+    const Descriptors &ds = plan->ds;
+    LT_TRY(cublasLtMatmul(handle, ds.op, &alpha, g->a, ds.a, g->b, ds.b, &beta, c, ds.c_layout(), g->d, ds.d,
+                          &plan->algo, g->workspace, ws, (cudaStream_t)stream));
+    if (fresh && !capturing) {
+        std::lock_guard<std::mutex> lock(g_plans_mutex);
+        g_plans.emplace(key, std::move(fresh)); /* a thread that raced here keeps the first entry */
+    }
     return 0;
 }

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -177,6 +178,10 @@ def _backward(m: "TritonLlama3Block", dout: torch.Tensor, saved: dict, cos, sin,
     return dh1.view(x_shape), (d_qkv, d_o, d_gate_up, d_down, d_norm1, d_norm2)
 
 
+# The fused parameters, in the order of l3k_llama_block_weights and of the backward's gradients.
+_PARAM_NAMES = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight", "norm1_weight", "norm2_weight")
+
+
 class _Weights(ctypes.Structure):  # l3k_llama_block_weights: six DLTensor pointers
     _fields_ = [(n, ctypes.c_void_p) for n in ("qkv", "o", "gate_up", "down", "norm1", "norm2")]
 
@@ -186,21 +191,49 @@ class _Config(ctypes.Structure):  # l3k_llama_block_config
                 ("eps", ctypes.c_float)]
 
 
-def _forward_one_call(m: "TritonLlama3Block", x: torch.Tensor, cos, sin) -> torch.Tensor:
+class _InferenceCall:
+    """What a block's inference forward keeps between calls, so that a call at a host-bound shape
+    costs little more than the C call itself: the weights' DLTensors, the config struct, and the
+    workspace size per input shape.  Valid while the parameters keep their storage (checked each
+    call by data pointer and shape); it holds references to the weights it borrowed."""
+
+    __slots__ = ("key", "borrowed", "weights", "cfg", "ws_bytes")
+
+    def __init__(self, m: "TritonLlama3Block", params, key):
+        self.key = key
+        self.borrowed = Borrowed(*params)
+        self.weights = _Weights(*self.borrowed.ptrs)
+        self.cfg = _Config(m.n_heads, m.n_kv_heads, int(m.causal), m.eps)
+        self.ws_bytes: dict = {}
+
+    def workspace_bytes(self, x, x_ptr) -> int:
+        k = (x.shape, x.dtype)
+        n = self.ws_bytes.get(k)
+        if n is None:
+            size = ctypes.c_size_t(0)
+            check(LIB.l3k_llama_block_forward_workspace_size(x_ptr, ctypes.byref(self.weights),
+                                                             ctypes.byref(self.cfg), ctypes.byref(size)))
+            n = self.ws_bytes[k] = size.value
+        return n
+
+
+# Kept outside the modules so that copying or pickling a block never meets a DLPack capsule.
+_INFERENCE_CALLS: "weakref.WeakKeyDictionary[TritonLlama3Block, _InferenceCall]" = weakref.WeakKeyDictionary()
+
+
+def _forward_one_call(m: "TritonLlama3Block", x: torch.Tensor, cos, sin, params) -> torch.Tensor:
     """Inference: the whole block in one C call (l3k_llama_block_forward), its
     intermediates in one workspace tensor, so a forward costs a handful of host calls."""
-    params = (m.qkv_weight, m.o_weight, m.gate_up_weight, m.down_weight, m.norm1_weight, m.norm2_weight)
-    b = Borrowed(x, cos, sin, *params)
-    weights = _Weights(*b.ptrs[3:])
-    cfg = _Config(m.n_heads, m.n_kv_heads, int(m.causal), m.eps)
-    size = ctypes.c_size_t(0)
-    check(LIB.l3k_llama_block_forward_workspace_size(b.ptrs[0], ctypes.byref(weights), ctypes.byref(cfg),
-                                                     ctypes.byref(size)))
+    key = (tuple([(p.data_ptr(), p.shape) for p in params]), m.n_heads, m.n_kv_heads, m.causal, m.eps)
+    call = _INFERENCE_CALLS.get(m)
+    if call is None or call.key != key:
+        call = _INFERENCE_CALLS[m] = _InferenceCall(m, params, key)
+    b = Borrowed(x, cos, sin)
     out = torch.empty_like(x)
-    ws = torch.empty(size.value, dtype=torch.uint8, device=x.device)
+    ws = torch.empty(call.workspace_bytes(x, b.ptrs[0]), dtype=torch.uint8, device=x.device)
     o = Borrowed(out, ws)
-    check(LIB.l3k_llama_block_forward(b.ptrs[0], b.ptrs[1], b.ptrs[2], ctypes.byref(weights),
-                                      ctypes.byref(cfg), o.ptrs[0], o.ptrs[1], current_stream(x)))
+    check(LIB.l3k_llama_block_forward(b.ptrs[0], b.ptrs[1], b.ptrs[2], ctypes.byref(call.weights),
+                                      ctypes.byref(call.cfg), o.ptrs[0], o.ptrs[1], current_stream(x)))
     return out
 
 
@@ -312,11 +345,15 @@ class TritonLlama3Block(nn.Module):
             raise ValueError(f"TritonLlama3Block: x has shape {tuple(x.shape)}, expected (batch, seq, {self.dim})")
         cos, sin = _tables(cos, sin, x.dtype)
         x = x if x.is_contiguous() else x.contiguous()
-        params = (self.qkv_weight, self.o_weight, self.gate_up_weight, self.down_weight,
-                  self.norm1_weight, self.norm2_weight)
+        ps = self._parameters  # not six trips through nn.Module.__getattr__ (~1 us each)
+        params = tuple([ps[n] for n in _PARAM_NAMES])
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
             return LlamaBlockFunction.apply(x, cos, sin, self, *params)
-        return _forward_one_call(self, x, cos, sin)
+        return _forward_one_call(self, x, cos, sin, params)
+
+    def _apply(self, fn, *args, **kwargs):
+        _INFERENCE_CALLS.pop(self, None)  # .to(), .half(), ...: let go of the old weights now
+        return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, hidden_dim={self.hidden_dim}, n_heads={self.n_heads}, "

@@ -70,6 +70,39 @@ def test_inference_path_equals_training_path(device):
     assert torch.equal(y0, y1.detach())
 
 
+def test_inference_follows_weight_changes(device):
+    """The inference path keeps the weights' DLTensors between calls: an in-place update, a
+    new tensor assigned to a parameter, a copy of the block and a dtype change must all be seen
+    (each call checked against the training path, which borrows the weights afresh)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    ref, blk = make_pair(64, 128, 4, 2, True, device, dtype)
+    cos, sin = l3k.llama3_rope_cos_sin(5, 16, device=device)
+    x = torch.randn(2, 5, 64, device=device, dtype=dtype)
+
+    def check(tag):
+        with torch.no_grad():
+            y, y_train = blk(x, cos, sin), l3k.block.LlamaBlockFunction.apply(
+                x, cos, sin, blk, *(getattr(blk, n) for n in l3k.block._PARAM_NAMES))
+        assert torch.equal(y, y_train), tag
+        return y
+
+    y0 = check("first call")
+    with torch.no_grad():
+        blk.down_weight.mul_(0.5)  # same storage
+    y1 = check("in-place update")
+    assert not torch.equal(y0, y1)
+    blk.o_weight.data = torch.randn_like(blk.o_weight) * 0.05  # new storage
+    y2 = check("new tensor")
+    assert not torch.equal(y1, y2)
+    copy = __import__("copy").deepcopy(blk)
+    with torch.no_grad():
+        assert torch.equal(copy(x, cos, sin), y2)
+    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+    blk.to(other)
+    x = x.to(other)
+    check("after a dtype change")
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_recomputed_attention_output_gives_the_same_gradients(causal, device):
     """The default backward reruns the attention forward; keeping its output instead
