@@ -199,12 +199,22 @@ class _InferenceCall:
 
     __slots__ = ("key", "borrowed", "weights", "cfg", "ws_bytes")
 
-    def __init__(self, m: "TritonLlama3Block", params, key):
+    def __init__(self, params, n_heads: int, n_kv_heads: int, causal: bool, eps: float, key=None):
         self.key = key
         self.borrowed = Borrowed(*params)
         self.weights = _Weights(*self.borrowed.ptrs)
-        self.cfg = _Config(m.n_heads, m.n_kv_heads, int(m.causal), m.eps)
+        self.cfg = _Config(n_heads, n_kv_heads, int(causal), eps)
         self.ws_bytes: dict = {}
+
+    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The block's output for contiguous x (batch, seq, dim), in one C call."""
+        b = Borrowed(x, cos, sin)
+        out = torch.empty_like(x)
+        ws = torch.empty(self.workspace_bytes(x, b.ptrs[0]), dtype=torch.uint8, device=x.device)
+        o = Borrowed(out, ws)
+        check(LIB.l3k_llama_block_forward(b.ptrs[0], b.ptrs[1], b.ptrs[2], ctypes.byref(self.weights),
+                                          ctypes.byref(self.cfg), o.ptrs[0], o.ptrs[1], current_stream(x)))
+        return out
 
     def workspace_bytes(self, x, x_ptr) -> int:
         k = (x.shape, x.dtype)
@@ -227,14 +237,8 @@ def _forward_one_call(m: "TritonLlama3Block", x: torch.Tensor, cos, sin, params)
     key = (tuple([(p.data_ptr(), p.shape) for p in params]), m.n_heads, m.n_kv_heads, m.causal, m.eps)
     call = _INFERENCE_CALLS.get(m)
     if call is None or call.key != key:
-        call = _INFERENCE_CALLS[m] = _InferenceCall(m, params, key)
-    b = Borrowed(x, cos, sin)
-    out = torch.empty_like(x)
-    ws = torch.empty(call.workspace_bytes(x, b.ptrs[0]), dtype=torch.uint8, device=x.device)
-    o = Borrowed(out, ws)
-    check(LIB.l3k_llama_block_forward(b.ptrs[0], b.ptrs[1], b.ptrs[2], ctypes.byref(call.weights),
-                                      ctypes.byref(call.cfg), o.ptrs[0], o.ptrs[1], current_stream(x)))
-    return out
+        call = _INFERENCE_CALLS[m] = _InferenceCall(params, m.n_heads, m.n_kv_heads, m.causal, m.eps, key)
+    return call.run(x, cos, sin)
 
 
 class LlamaBlockFunction(torch.autograd.Function):
@@ -338,16 +342,17 @@ class TritonLlama3Block(nn.Module):
                 "norm1_weight": self.norm1_weight, "norm2_weight": self.norm2_weight}
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # torch.compile: the block as registered opaque ops
-            from .library import llama_block
-            return llama_block(self, x, *_tables(cos, sin, x.dtype))
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"TritonLlama3Block: x has shape {tuple(x.shape)}, expected (batch, seq, {self.dim})")
         cos, sin = _tables(cos, sin, x.dtype)
-        x = x if x.is_contiguous() else x.contiguous()
         ps = self._parameters  # not six trips through nn.Module.__getattr__ (~1 us each)
         params = tuple([ps[n] for n in _PARAM_NAMES])
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+        if torch.compiler.is_compiling():  # torch.compile: the block as registered opaque ops
+            from .library import llama_block, llama_block_inference
+            return (llama_block if grad else llama_block_inference)(self, x, cos, sin)
+        x = x if x.is_contiguous() else x.contiguous()
+        if grad:
             return LlamaBlockFunction.apply(x, cos, sin, self, *params)
         return _forward_one_call(self, x, cos, sin, params)
 

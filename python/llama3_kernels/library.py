@@ -451,6 +451,29 @@ torch.library.register_autograd(f"{NAMESPACE}::linear", _linear_bwd, setup_conte
 
 
 # ======================================================================================
+# The whole block's inference forward: one op, one C call (l3k_llama_block_forward).
+# No autograd: TritonLlama3Block routes here under torch.compile only when no gradient
+# is wanted; training goes through llama_block below, op by op.
+# ======================================================================================
+
+def _block_inference_kernel(x, cos, sin, qkv_weight, o_weight, gate_up_weight, down_weight,
+                            norm1_weight, norm2_weight, n_heads, n_kv_heads, causal, eps):
+    from .block import _InferenceCall
+    params = (qkv_weight, o_weight, gate_up_weight, down_weight, norm1_weight, norm2_weight)
+    return _InferenceCall(params, n_heads, n_kv_heads, causal, eps).run(x.contiguous(), cos, sin)
+
+
+def _block_inference_fake(x, cos, sin, *rest):
+    return _empty(x.shape, x)
+
+
+_define("llama_block_inference(Tensor x, Tensor cos, Tensor sin, Tensor qkv_weight, Tensor o_weight, "
+        "Tensor gate_up_weight, Tensor down_weight, Tensor norm1_weight, Tensor norm2_weight, "
+        "int n_heads, int n_kv_heads, bool causal, float eps) -> Tensor",
+        _block_inference_kernel, _block_inference_fake)
+
+
+# ======================================================================================
 # Python wrappers: the public ops' signatures and results on top of the registered ops.
 # The functions in ops/ call these when torch.compiler.is_compiling() is true.
 # ======================================================================================
@@ -503,6 +526,15 @@ def flash_attn(q, k, v, causal: bool = False, scale: float | None = None,
 
 def linear(x, weight, residual=None) -> torch.Tensor:
     return ops.linear(x, weight, residual)
+
+
+def llama_block_inference(block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """TritonLlama3Block's forward without autograd, as one registered op (the eager inference
+    path's single C call): at host-bound shapes one dispatch instead of one per kernel."""
+    return ops.llama_block_inference(x, cos, sin, block.qkv_weight, block.o_weight, block.gate_up_weight,
+                                     block.down_weight, block.norm1_weight, block.norm2_weight,
+                                     int(block.n_heads), int(block.n_kv_heads), bool(block.causal),
+                                     float(block.eps))
 
 
 def llama_block(block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -162,6 +162,27 @@ def test_compiled_block_is_one_graph_and_matches_eager(device):
         assert_close(got, want, dtype, 2, "compiled gradient")
 
 
+def test_compiled_inference_is_one_op(device):
+    """Without grad, the compiled block is the single llama_block_inference op (one C call, as
+    in eager inference), and gives the eager inference output bit for bit."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    _, blk = make_pair(64, 128, 4, 2, True, device, dtype)
+    cos, sin = l3k.llama3_rope_cos_sin(9, 16, device=device)
+    x = torch.randn(2, 9, 64, device=device, dtype=dtype)
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+    torch._dynamo.reset()
+    with torch.no_grad():
+        y = blk(x, cos, sin)
+        yc = torch.compile(blk, fullgraph=True, backend=backend)(x, cos, sin)
+    kernel_ops = [t.removesuffix(".default") for t in seen if "llama3_kernels" in t]
+    assert kernel_ops == ["llama3_kernels.llama_block_inference"], seen
+    assert torch.equal(yc, y)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_eager_block_in_a_hand_captured_cuda_graph():
     """The inference path (one C call, workspace from PyTorch's allocator) captured with

@@ -106,7 +106,16 @@ def op_cases(device, grad=True):
         ("linear_residual", ops.linear.default, (x, W, _t(3, s, 32, grad=grad, **kw))),
         ("linear_backward_input", ops.linear_backward_input.default, (_t(3, s, 32, **kw), d(W))),
         ("linear_backward_weight", ops.linear_backward_weight.default, (_t(3, s, 32, **kw), d(x))),
+        ("llama_block_inference", ops.llama_block_inference.default, _block_inference_args(device, dt)),
     ]
+
+
+def _block_inference_args(device, dtype):
+    """A GQA block (dim 128 = 2 x 64, hidden 96) on 2 x 5 tokens: its op takes no gradient."""
+    blk = l3k.TritonLlama3Block(128, 96, 2, 1).to(device, dtype)
+    cos, sin = l3k.llama3_rope_cos_sin(5, 64, device=device)
+    x = _t(2, 5, 128, device=device, dtype=dtype)
+    return (x, cos, sin, *(getattr(blk, n).detach() for n in l3k.block._PARAM_NAMES), 2, 1, True, 1e-5)
 
 
 CASE_IDS = [c[0] for c in op_cases("cpu", grad=False)]
