@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the lent GPU: install, the CUDA GEMM and block tests, memcheck of the GEMM tuning and plan
+# On the lent GPU: install, the CUDA GEMM, block and torch.library tests, memcheck of the GEMM tuning and plan
 # cache, the host-overhead probe, and the block benchmark at the tutorial's test shape (the
 # host-bound one). Every step has its own time limit; logs under $OUT.
 set -uo pipefail
@@ -7,7 +7,7 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 src=$(bash tests/gpu/build.sh) || exit 1
 cd $src
-timeout ${TEST_T:-120} python3 -m pytest -q -x tests/python/test_linear.py tests/python/test_block.py -k cuda \
+timeout ${TEST_T:-240} python3 -m pytest -q -x tests/python/test_linear.py tests/python/test_block.py tests/python/test_library.py -k cuda \
   2>&1 | tee $OUT/pytest.log | tail -2
 timeout ${SAN_T:-150} compute-sanitizer --tool memcheck --print-limit 20 python3 tests/gpu/sanitize_linear.py \
   > $OUT/memcheck_linear.log 2>&1; echo "memcheck rc=$?: $(grep -E 'ERROR SUMMARY|done' $OUT/memcheck_linear.log | tr '\n' ' ')"
