@@ -4,8 +4,9 @@
 #
 #   1. cross-device check: a block on cuda:1 while the current device is cuda:0 gives what it
 #      gives on cuda:0 (the library's per-device cuBLASLt handle and GEMM workspace)
-#   2. float32 parity: --mode single vs DDP vs FSDP2 on NGPU GPUs, the same global batch;
-#      losses must agree step by step (tests/python/test_distributed.py does this on CPU)
+#   2. bf16 parity: --mode single vs DDP vs FSDP2 on NGPU GPUs, the same global batch; losses
+#      must agree step by step within bf16 rounding (the library's attention takes 16-bit dtypes
+#      on CUDA; tests/python/test_distributed.py checks float32 parity to 1e-6 on the CPU)
 #   3. throughput in bf16: DDP and FSDP2, triton vs torch blocks, steps/s and tokens/s a GPU
 #
 # Run from the repository root:  bash tests/gpu/run_distributed.sh    (results under $OUT)
@@ -35,11 +36,13 @@ launch() {  # launch NAME ARGS...: one torchrun (or plain python for --mode sing
     > "$OUT/$name.log" 2>&1
   local rc=$?
   echo "$name: rc=$rc $(grep '^\[train_llama\]' "$OUT/$name.log" | tail -1)"
-  [ $rc -eq 0 ] || tail -20 "$OUT/$name.log"
+  [ $rc -eq 0 ] || grep -m 5 -E "Error|error:" "$OUT/$name.log"
 }
 
+stage() { [[ " ${STAGES:-1 2 3} " == *" $1 "* ]]; }   # STAGES="2": the parity runs alone
+
 # ---- 1. a block on cuda:1 while cuda:0 is current ------------------------------------------
-python3 - <<'EOF' 2>&1 | tee "$OUT/cross_device.log"
+stage 1 && python3 - <<'EOF' 2>&1 | tee "$OUT/cross_device.log"
 import os
 import torch
 from llama3_kernels import TritonLlama3Block, llama3_rope_cos_sin
@@ -71,9 +74,10 @@ for name, a, b in zip(("out", "inference out", "dx", "d_qkv", "d_down"), res[a_d
 print("cross-device: OK")
 EOF
 
-# ---- 2. float32 parity: single vs DDP vs FSDP2 -----------------------------------------------
-SMALL=(--dtype float32 --steps 8 --dim 256 --hidden 704 --layers 2 --heads 4 --kv-heads 2
+# ---- 2. bf16 parity: single vs DDP vs FSDP2 --------------------------------------------------
+SMALL=(--dtype bfloat16 --steps 8 --dim 256 --hidden 704 --layers 2 --heads 4 --kv-heads 2
        --vocab 1024 --seq 128 --batch $((4 * NGPU)) --seed 1)
+if stage 2; then
 launch parity_single --mode single "${SMALL[@]}"
 launch parity_ddp --mode ddp "${SMALL[@]}"
 launch parity_fsdp2 --mode fsdp2 "${SMALL[@]}"
@@ -87,16 +91,18 @@ for name in ("parity_ddp", "parity_fsdp2", "parity_single_torch"):
         r = json.load(open(f"{out}/{name}.json"))
     except OSError:
         print(f"{name}: no result"); continue
-    d = max(abs(a - b) for a, b in zip(r["losses"], ref["losses"]))
-    print(f"{name} vs parity_single: max |loss diff| {d:.3g}, grad norm {r['grad_norm']:.6g} vs "
-          f"{ref['grad_norm']:.6g}  {'OK' if d < 1e-3 else 'MISMATCH'}")
+    d = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ref["losses"]))
+    print(f"{name} vs parity_single: max relative loss difference {d:.3g}, grad norm {r['grad_norm']:.6g} "
+          f"vs {ref['grad_norm']:.6g}  {'OK' if d < 5e-3 else 'MISMATCH'} (bf16 tolerance 5e-3)")
 EOF
+fi
 
 # ---- 3. bf16 throughput: DDP and FSDP2, triton vs torch blocks ---------------------------------
 STEPS=${STEPS:-30}; WARMUP=${WARMUP:-5}
 BIG=(--dtype bfloat16 --steps "$STEPS" --warmup "$WARMUP" --dim "${DIM:-2048}" --hidden "${HIDDEN:-5632}"
      --layers "${LAYERS:-4}" --heads "${HEADS:-16}" --kv-heads "${KV_HEADS:-8}" --vocab "${VOCAB:-32000}"
      --seq "${SEQ:-2048}" --batch "${BATCH:-$((4 * NGPU))}" --lr 1e-4)
+if stage 3; then
 for mode in ddp fsdp2; do
   for block in triton torch; do
     launch "${mode}_${block}_bf16" --mode $mode --block $block "${BIG[@]}"
@@ -111,3 +117,4 @@ for f in sorted(glob.glob(f"{sys.argv[1]}/*_bf16.json")):
     print(f"{os.path.basename(f)[:-5]:22s} {r['world_size']:4d} {r['steps_per_s']:8.2f} "
           f"{r['tokens_per_s_per_rank']:10.0f} {mem:8.1f}  {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}")
 EOF
+fi
