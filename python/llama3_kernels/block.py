@@ -8,10 +8,14 @@ the QKV output; attention reads those strided views and writes its output in
 the (batch, seq, heads, head_dim) layout the output projection reads; both
 residual adds ride on the GEMMs (beta = 1, out of place).  Training runs one
 block-level autograd Function whose backward calls the library's backward
-kernels and GEMMs; it saves x, qkv, h and the gate/up output, and recomputes
-both norms and the SiLU product.  The attention output is recomputed too (one
-forward attention kernel), which takes the backward's memory peak down by
-batch * seq * dim elements; recompute_attention=False saves it and its LSE instead.
+kernels and GEMMs; it saves x, qkv, h, the second norm's output and the gate/up
+output, and recomputes the first norm and the SiLU product.  The second norm's
+output is live at the backward's memory peak either way (the gate/up weight
+gradient reads it there), so keeping it costs no peak memory and saves an RMSNorm
+pass; keeping the first norm's would raise that peak.  The attention output is
+recomputed too (one forward attention kernel), which takes the backward's memory
+peak down by batch * seq * dim elements; recompute_attention=False saves it and
+its LSE instead.
 """
 from __future__ import annotations
 
@@ -99,12 +103,11 @@ def _forward(m: "TritonLlama3Block", x: torch.Tensor, cos, sin):
     rmsnorm_forward_into(h, m.norm2_weight, m.eps, h2, rstd2)
     gu = new(z.t, m.gate_up_weight.shape[0])
     linear_forward_into(h2, m.gate_up_weight, gu, None, ws)
-    del h2
     a = new(z.t, m.gate_up_weight.shape[0] // 2)
     swiglu_fused_forward_into(gu, a)
     out = new(z.t, z.dim)
     linear_forward_into(a, m.down_weight, out, h, ws)
-    saved = dict(x=x2, qkv=qkv, h=h, gu=gu, rstd1=rstd1, rstd2=rstd2, **attn)
+    saved = dict(x=x2, qkv=qkv, h=h, h2=h2, gu=gu, rstd1=rstd1, rstd2=rstd2, **attn)
     return out.view(z.b, z.s, z.dim), saved
 
 
@@ -113,7 +116,7 @@ def _backward(m: "TritonLlama3Block", dout: torch.Tensor, saved: dict, cos, sin,
     gu is overwritten with its gradient: the backward can run only once."""
     x2, qkv, rstd1, rstd2 = (saved[k] for k in ("x", "qkv", "rstd1", "rstd2"))
     o, lse = saved.get("o"), saved.get("lse")
-    h, gu = saved.pop("h"), saved.pop("gu")
+    h, h2, gu = saved.pop("h"), saved.pop("h2"), saved.pop("gu")
     z = _Shapes(m, torch.empty(x_shape, device="meta"))
     dev, dt = x2.device, x2.dtype
     ws = gemm_workspace(dev)
@@ -130,8 +133,6 @@ def _backward(m: "TritonLlama3Block", dout: torch.Tensor, saved: dict, cos, sin,
     linear_backward_weight_into(dout, da, d_down, workspace=ws)
     del da
     dgu = gu
-    h2 = new(z.t, z.dim)
-    rmsnorm_forward_into(h, m.norm2_weight, m.eps, h2)
     # The backward's memory peak is here (d_down, d_gate_up, dgu and h2 or dh live at once): these two
     # GEMMs run without the cuBLASLt workspace (cuBLASLt then picks a kernel as fast on H100: 1.237
     # vs 1.251 ms for the weight gradient), and the RMSNorm scratch is made after them.

@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""Where the host time of a small (host-bound) training step goes: TritonLlama3Block forward +
+backward at the tutorial's test shape (dim 512, hidden 2048, 8 heads, batch 2, seq 128, fp16).
+Prints the wall-clock time per step, then torch.profiler's CPU-side events of 20 steps summed by
+name (CUDA runtime and driver calls included: a synchronizing call would show up here), per step.
+
+  python3 tests/gpu/diag_train_host.py
+"""
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from llama3_kernels import TritonLlama3Block, llama3_rope_cos_sin
+
+
+def main():
+    torch.manual_seed(0)
+    blk = TritonLlama3Block(512, 2048, 8, 8, causal=False, device="cuda", dtype=torch.float16)
+    cos, sin = llama3_rope_cos_sin(128, 64, device="cuda")
+    x = torch.randn(2, 128, 512, device="cuda", dtype=torch.float16, requires_grad=True)
+    dy = torch.randn_like(x)
+    params = list(blk.parameters())
+
+    def step():
+        x.grad = None
+        for p in params:
+            p.grad = None
+        blk(x, cos, sin).backward(dy)
+
+    for _ in range(20):
+        step()
+    torch.cuda.synchronize()
+    n = 200
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: training step {(t1 - t0) / n * 1e6:.0f} us "
+          f"of host time per step ({(t2 - t0) / n * 1e6:.0f} us with the final drain)")
+    steps = 20
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    print(f"{'CPU-side event':<60} {'calls/step':>10} {'self us/step':>13}")
+    for e in rows[:25]:
+        print(f"{e.key[:60]:<60} {e.count / steps:>10.1f} {e.self_cpu_time_total / steps:>13.1f}")
+
+
+if __name__ == "__main__":
+    main()
