@@ -23,6 +23,32 @@ def make_pair(dim, hidden, h, hkv, causal, device, dtype):
     return ref, blk
 
 
+# A chain of GEMMs, norms and attention: outputs and dx within 3x the dtype's tolerance of the
+# float32 reference, weight gradients (sums over every token) within 12x.
+OUT_SCALE, WEIGHT_GRAD_SCALE = 3.0, 12.0
+
+
+def _reference32(ref, causal, x, cos, sin, g):
+    """The pure-PyTorch block in float32 from the same rounded weights and input: output, dx and
+    the weight gradients under the tutorial's names."""
+    dim, hidden, h, hkv = ref.attn_q.in_features, ref.mlp_gate.out_features, ref.n_heads, ref.n_kv_heads
+    ref32 = l3k.TorchLlama3Block(dim, hidden, h, hkv, causal=causal).to(x.device)
+    ref32.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    xr = x.detach().float().requires_grad_()
+    y = ref32(xr, cos, sin)
+    y.backward(g.float())
+    return y, xr.grad, {name: p.grad for name, p in ref32.named_parameters()}
+
+
+def _assert_like_reference(y, dx, blk, want, dtype, what):
+    y_ref, dx_ref, grads_ref = want
+    assert_close(y, y_ref, dtype, OUT_SCALE, f"{what} output")
+    assert_close(dx, dx_ref, dtype, OUT_SCALE, f"{what} dx")
+    ours = _split_grads(blk)
+    for name, grad in grads_ref.items():
+        assert_close(ours[name], grad, dtype, WEIGHT_GRAD_SCALE, f"{what} d{name}")
+
+
 @pytest.mark.parametrize("cfg", CONFIGS, ids=str)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_block_matches_pytorch(cfg, causal, dtype, device):
@@ -33,21 +59,10 @@ def test_block_matches_pytorch(cfg, causal, dtype, device):
     ref, blk = make_pair(dim, hidden, h, hkv, causal, device, dtype)
     cos, sin = l3k.llama3_rope_cos_sin(s, dim // h, device=device)
     x = torch.randn(b, s, dim, device=device, dtype=dtype, requires_grad=True)
-    xr = x.detach().clone().requires_grad_()
-    # The reference runs in float32 from the same rounded weights.
-    ref32 = l3k.TorchLlama3Block(dim, hidden, h, hkv, causal=causal).to(device)
-    ref32.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
     y = blk(x, cos, sin)
-    y_ref = ref32(xr.float(), cos, sin)
     g = torch.randn_like(y)
     y.backward(g)
-    y_ref.backward(g.float())
-    scale = 3.0  # a chain of GEMMs, norms and attention
-    assert_close(y, y_ref, dtype, scale, "output")
-    assert_close(x.grad, xr.grad, dtype, scale, "dx")
-    ours = _split_grads(blk)
-    for name, p in ref32.named_parameters():
-        assert_close(ours[name], p.grad, dtype, scale * 4, f"d{name}")
+    _assert_like_reference(y, x.grad, blk, _reference32(ref, causal, x, cos, sin, g), dtype, "eager")
 
 
 def _split_grads(blk):
@@ -139,15 +154,18 @@ def test_tutorial_exercise_call(device):
 
 
 def test_compiled_block_is_one_graph_and_matches_eager(device):
-    """torch.compile(fullgraph=True) of the block: no graph break, same output and gradients."""
+    """torch.compile(fullgraph=True) of the block: no graph break; output and gradients held to the
+    float32 reference as the eager block is (the compiled graph runs other ops: RoPE out of
+    place, per-op autograd, no recompute, so it matches eager only to rounding)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    _, blk = make_pair(64, 128, 4, 2, True, device, dtype)
+    ref, blk = make_pair(64, 128, 4, 2, True, device, dtype)
     cos, sin = l3k.llama3_rope_cos_sin(9, 16, device=device)
     x = torch.randn(2, 9, 64, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(2, 9, 64, device=device, dtype=dtype)
+    want = _reference32(ref, True, x, cos, sin, g)
     y = blk(x, cos, sin)
-    g = torch.randn_like(y)
     y.backward(g)
-    eager = [x.grad.clone()] + [p.grad.clone() for p in blk.parameters()]
+    _assert_like_reference(y, x.grad, blk, want, dtype, "eager")
     x.grad = None
     for p in blk.parameters():
         p.grad = None
@@ -157,9 +175,9 @@ def test_compiled_block_is_one_graph_and_matches_eager(device):
     compiled = torch.compile(blk, fullgraph=True, backend="aot_eager")
     yc = compiled(x, cos, sin)
     yc.backward(g)
-    assert_close(yc, y, dtype, what="compiled output")
-    for got, want in zip([x.grad] + [p.grad for p in blk.parameters()], eager):
-        assert_close(got, want, dtype, 2, "compiled gradient")
+    _assert_like_reference(yc, x.grad, blk, want, dtype, "compiled")
+    if dtype == torch.float32:  # no rounding to speak of: the two paths agree closely
+        assert_close(yc, y, dtype, what="compiled vs eager output")
 
 
 def test_compiled_inference_is_one_op(device):
@@ -256,10 +274,10 @@ def test_matches_hugging_face_llama_decoder_layer(device):
     g = torch.randn_like(y)
     y.backward(g)
     y_ref.backward(g.float())
-    assert_close(y, y_ref, dtype, 3, "output vs LlamaDecoderLayer")
-    assert_close(x.grad, hf_x.grad, dtype, 3, "dx vs LlamaDecoderLayer")
+    assert_close(y, y_ref, dtype, OUT_SCALE, "output vs LlamaDecoderLayer")
+    assert_close(x.grad, hf_x.grad, dtype, OUT_SCALE, "dx vs LlamaDecoderLayer")
     q_grad = blk.qkv_weight.grad[:128]
-    assert_close(q_grad, hf.self_attn.q_proj.weight.grad, dtype, 12, "dWq vs LlamaDecoderLayer")
+    assert_close(q_grad, hf.self_attn.q_proj.weight.grad, dtype, WEIGHT_GRAD_SCALE, "dWq vs LlamaDecoderLayer")
 
 
 def test_bad_block_inputs():
