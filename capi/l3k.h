@@ -252,7 +252,10 @@ L3K_API l3k_status l3k_swiglu_fused_backward(const DLTensor *da, const DLTensor 
  *           when the environment sets L3K_GEMM_AUTOTUNE=0 (first pick, as
  *           cuBLAS does).  Once tuned, a configuration runs the same algorithm
  *           for the rest of the process (bitwise repeatable results); another
- *           process may time a different pick. */
+ *           process may time a different pick.  The library keeps each
+ *           configuration's cuBLASLt descriptors with its algorithm (a small,
+ *           fixed amount of host memory per configuration, held until the
+ *           process exits), so a later call costs one cublasLtMatmul. */
 
 /* Bytes of workspace that serve every GEMM algorithm on x's device: 32 MiB on
  * CUDA, 0 on the CPU.  `x` is only inspected. */
