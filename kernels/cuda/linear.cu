@@ -60,9 +60,10 @@ uint32_t alignment_of(const void *p) {
 }
 
 /* The descriptors of one GEMM configuration.  Built on a configuration's first call and kept
- * with its algorithm for the life of the process: a later call goes straight to cublasLtMatmul
- * (creating and destroying six descriptors cost more host time than the launch itself at the
- * small, host-bound shapes).  Never modified once built, so threads may share them. */
+ * with its algorithm for the life of the process (unless that call was being captured): a later
+ * call goes straight to cublasLtMatmul (creating and destroying six descriptors cost more host
+ * time than the launch itself at the small, host-bound shapes).  Never modified once built, so
+ * threads may share them. */
 struct Descriptors {
     cublasLtMatmulDesc_t op = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr, d = nullptr;
@@ -116,8 +117,9 @@ bool autotune_enabled() {
 /* The candidates are run in rounds, each round once each, so drift in clocks reaches them
  * alike; events sit between consecutive runs.  Returns the index of the fastest, 0 when
  * the first pick is within kMinGain of it or timing failed. */
-int fastest_candidate(cublasLtHandle_t handle, const Descriptors &ds, const l3k_gemm_args *g, const void *c, float alpha, float beta,
-                      const cublasLtMatmulHeuristicResult_t *cand, int count, cudaStream_t stream) {
+int fastest_candidate(cublasLtHandle_t handle, const Descriptors &ds, const l3k_gemm_args *g, const void *c,
+                      float alpha, float beta, const cublasLtMatmulHeuristicResult_t *cand, int count,
+                      cudaStream_t stream) {
     const int per_round = count + 1, total = per_round * (kRounds + 1);
     std::vector<cudaEvent_t> ev(total, nullptr);
     bool ok = true;
