@@ -15,7 +15,9 @@ with grad, which is why eager calls do not come here.  Each op has
 * a fake kernel (``register_fake``) whose outputs match the real ones in shape, dtype
   and strides (every output is a new contiguous tensor);
 * for the forward ops, autograd through ``torch.library.register_autograd`` whose
-  backward calls the registered backward ops, so AOTAutograd traces it.
+  backward calls the registered backward ops, so AOTAutograd traces it; except
+  ``llama_block_inference`` (the whole block forward in one C call), which
+  TritonLlama3Block takes only when no gradient is wanted.
 
 Layout conventions of the op level (the Python wrappers below hide them):
 
