@@ -38,9 +38,11 @@ def to_capsule(obj):
 
 def capsule_tensor_ptr(capsule) -> int:
     """Address of the DLTensor inside a 'dltensor' or 'dltensor_versioned' capsule."""
+    try:  # the common, unversioned capsule (torch's): no name query, a third of the cost
+        return _get_pointer(capsule, b"dltensor")  # DLTensor is the first member of DLManagedTensor
+    except ValueError:
+        pass
     name = _get_name(capsule)
-    if name == b"dltensor":
-        return _get_pointer(capsule, name)  # DLTensor is the first member of DLManagedTensor
     if name == b"dltensor_versioned":
         return _get_pointer(capsule, name) + _VERSIONED_OFFSET
     raise ValueError(f"not an unconsumed DLPack capsule (name {name!r})")
@@ -58,17 +60,9 @@ class Borrowed:
             if obj is None:
                 self.ptrs.append(None)
                 continue
-            if _to_dlpack is not None and isinstance(obj, torch.Tensor):
-                cap = _to_dlpack(obj)
-                try:  # torch's capsules are unversioned: skip the name query (a third of the cost)
-                    ptr = _get_pointer(cap, b"dltensor")
-                except ValueError:
-                    ptr = capsule_tensor_ptr(cap)
-            else:
-                cap = to_capsule(obj)
-                ptr = capsule_tensor_ptr(cap)
+            cap = to_capsule(obj)
             self.capsules.append(cap)
-            self.ptrs.append(ptr)
+            self.ptrs.append(capsule_tensor_ptr(cap))
 
 
 def current_stream(tensor) -> int | None:
