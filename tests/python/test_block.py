@@ -1,6 +1,8 @@
 """TritonLlama3Block against the pure-PyTorch block with the same weights: output and every
 gradient, MHA and GQA, causal and not; weight loading from the tutorial's names and from
 Hugging Face's LlamaDecoderLayer; the tutorial's own call."""
+import copy
+
 import pytest
 import torch
 
@@ -109,9 +111,9 @@ def test_inference_follows_weight_changes(device):
     blk.o_weight.data = torch.randn_like(blk.o_weight) * 0.05  # new storage
     y2 = check("new tensor")
     assert not torch.equal(y1, y2)
-    copy = __import__("copy").deepcopy(blk)
+    clone = copy.deepcopy(blk)
     with torch.no_grad():
-        assert torch.equal(copy(x, cos, sin), y2)
+        assert torch.equal(clone(x, cos, sin), y2)
     other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
     blk.to(other)
     x = x.to(other)
