@@ -4,7 +4,7 @@
 Self-contained: builds kernels/cuda/flash_attn.cu + kernels/cpu/flash_attn.c into a shared library
 with nvcc/gcc and calls it through ctypes with a hand-written mirror of kernels/attention.h.
 
-  python3 tests/gpu/attn_harness.py [--mode all|parity|bench|sanitize] [--lib PATH] [--arch 90a] [--root DIR]
+  python3 tools/attn_harness.py [--mode all|parity|bench|sanitize] [--lib PATH] [--arch 90a] [--root DIR]
 
 --root builds from another tree's kernels/ (an A/B against a saved version of a kernel).
 
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = os.environ.get("ATTN_VARIANTS", "0") == "1"
 # forward kernel for parity/sanitize: 0 default (wgmma on H100), 2 mma.sync
 FWD_VARIANT = int(os.environ.get("ATTN_FWD_VARIANT", "0"))

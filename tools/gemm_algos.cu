@@ -3,7 +3,7 @@
 // capi/linear.c maps them.  For each GEMM: the top candidates of cublasLtMatmulAlgoGetHeuristic,
 // each timed (CUDA events, median of REPS after an L2-evicting read), with its tile and stages.
 //
-//   nvcc -O2 -arch=sm_90a tests/gpu/gemm_algos.cu -lcublasLt -o /tmp/gemm_algos && /tmp/gemm_algos [candidates]
+//   nvcc -O2 -arch=sm_90a tools/gemm_algos.cu -lcublasLt -o /tmp/gemm_algos && /tmp/gemm_algos [candidates]
 #include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>

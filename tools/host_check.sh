@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# On the lent GPU: install, the CUDA GEMM, block and torch.library tests, memcheck of the GEMM tuning and plan
+# On an H100 machine: install, the CUDA GEMM, block and torch.library tests, memcheck of the GEMM tuning and plan
 # cache, the host-overhead probe, and the block benchmark at the tutorial's test shape (the
 # host-bound one). Every step has its own time limit; logs under $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}
-src=$(bash tests/gpu/build.sh) || exit 1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+src=$(bash tools/build.sh) || exit 1
 cd $src
 timeout ${TEST_T:-240} python3 -m pytest -q -x tests/python/test_linear.py tests/python/test_block.py tests/python/test_library.py -k cuda \
   2>&1 | tee $OUT/pytest.log | tail -2
-timeout ${SAN_T:-150} compute-sanitizer --tool memcheck --print-limit 20 python3 tests/gpu/sanitize_linear.py \
+timeout ${SAN_T:-150} compute-sanitizer --tool memcheck --print-limit 20 python3 tools/sanitize_linear.py \
   > $OUT/memcheck_linear.log 2>&1; echo "memcheck rc=$?: $(grep -E 'ERROR SUMMARY|done' $OUT/memcheck_linear.log | tr '\n' ' ')"
-timeout ${HOST_T:-60} python3 tests/gpu/host_overhead.py 2>&1 | tee $OUT/host_overhead.log
+timeout ${HOST_T:-60} python3 tools/host_overhead.py 2>&1 | tee $OUT/host_overhead.log
 timeout ${BENCH_T:-200} python3 -m llama3_kernels.bench --suite block --configs "tutorial test" \
   --out $OUT/bench_tt 2>&1 | tee $OUT/bench_tt.log | grep -v '^\[bench\] (' | tail -14

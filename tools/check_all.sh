@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# On the lent GPU: install HEAD's snapshot (tests/gpu/build.sh), the whole pytest suite on CUDA,
+# On an H100 machine: install the tree (tools/build.sh), the whole pytest suite on CUDA,
 # compute-sanitizer (memcheck, racecheck) on each op's small workload, then benchmark suites.
 #   SANITIZE="..."  workloads to sanitize (empty: none)      SUITES="..."  bench suites (e.g. "all")
 #   PYTEST_TIMEOUT  seconds for pytest (default 300)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}
-src=$(bash tests/gpu/build.sh) || exit 1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+src=$(bash tools/build.sh) || exit 1
 cd $src
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader
 timeout ${PYTEST_TIMEOUT:-300} python3 -m pytest -q tests/python --ignore=tests/python/test_distributed.py 2>&1 \
   | tee $OUT/pytest.log | tail -4
 for w in ${SANITIZE-sanitize_rmsnorm sanitize_rope_swiglu sanitize_attention}; do
   for tool in memcheck racecheck; do
-    compute-sanitizer --tool $tool --error-exitcode 9 python3 tests/gpu/$w.py > $OUT/$w-$tool.log 2>&1
+    compute-sanitizer --tool $tool --error-exitcode 9 python3 tools/$w.py > $OUT/$w-$tool.log 2>&1
     echo "$w $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' $OUT/$w-$tool.log | tail -1)"
   done
 done

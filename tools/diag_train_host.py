@@ -4,7 +4,7 @@ backward at the tutorial's test shape (dim 512, hidden 2048, 8 heads, batch 2, s
 Prints the wall-clock time per step, then torch.profiler's CPU-side events of 20 steps summed by
 name (CUDA runtime and driver calls included: a synchronizing call would show up here), per step.
 
-  python3 tests/gpu/diag_train_host.py
+  python3 tools/diag_train_host.py
 """
 import time
 

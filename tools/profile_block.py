@@ -3,7 +3,7 @@
 step of the LLaMA-3-8B layer (B2 S2048 bf16) under torch.profiler, in launch order and summed by
 kind, so the time outside the GEMMs can be attributed.
 
-  python3 tests/gpu/profile_block.py [--steps 3]
+  python3 tools/profile_block.py [--steps 3]
 """
 import argparse
 from collections import defaultdict

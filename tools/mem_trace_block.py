@@ -3,7 +3,7 @@
 makes (the names llama3_kernels.block imports) is wrapped to print the memory allocated beyond
 the step's start, before and after it, for the LLaMA-3-8B layer (B2 S2048 bf16).
 
-  python3 tests/gpu/mem_trace_block.py
+  python3 tools/mem_trace_block.py
 """
 import torch
 

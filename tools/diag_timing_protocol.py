@@ -6,7 +6,7 @@ rounds, with the SM clock and board power that nvidia-smi samples every 20 ms du
 (A run with the GPU sleeping ~2 ms before each timed region, so that the host was always ahead,
 ran at ~1900 MHz and gave the same ratios as the rounds: host launches are not the difference.)
 
-  python3 tests/gpu/diag_timing_protocol.py [--reps 60]
+  python3 tools/diag_timing_protocol.py [--reps 60]
 """
 import argparse
 import statistics

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On a lent multi-GPU machine (nvidia-h100-x2 or larger): torch.distributed over
+# On a machine with two or more GPUs: torch.distributed over
 # TritonLlama3Block with python/llama3_kernels/examples/train_llama.py.
 #
 #   1. cross-device check: a block on cuda:1 while the current device is cuda:0 gives what it
@@ -9,17 +9,17 @@
 #      on CUDA; tests/python/test_distributed.py checks float32 parity to 1e-6 on the CPU)
 #   3. throughput in bf16: DDP and FSDP2, triton vs torch blocks, steps/s and tokens/s a GPU
 #
-# Run from the repository root:  bash tests/gpu/run_distributed.sh    (results under $OUT)
+# Run:  bash tools/run_distributed.sh    (from any directory; results under $OUT)
 # Knobs: NGPU (default: every visible GPU, at least 2), STEPS, WARMUP, and the bf16 model:
 # DIM HIDDEN LAYERS HEADS KV_HEADS VOCAB SEQ BATCH (BATCH is the global batch: BATCH/NGPU a GPU).
 # NVLink multicast (NVLS) stays off: NCCL_NVLS_ENABLE=0 here and in the example itself.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
 
-src=$(bash tests/gpu/build.sh) || exit 1   # pip-installs the tree (sm_90a only); prints its dir
+src=$(bash tools/build.sh) || exit 1   # pip-installs the tree (sm_90a only); prints its dir
 cd "$src"
 nvidia-smi --query-gpu=index,name,clocks.sm,clocks.max.sm,memory.total --format=csv,noheader
 have=$(python3 -c "import torch; print(torch.cuda.device_count())")

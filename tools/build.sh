@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# On the lent GPU: install the committed tree (carried as .snap/src.tar when present)
-# with pip; only sm_90a is compiled there to save device time.  Prints the source dir.
+# Install the tree with pip for the GPU scripts beside this one: the repository this script
+# lives in, or the source snapshot .snap/src.tar (a tarball of a commit) when present.  Only
+# sm_90a is compiled, to save build time.  Prints the source dir; pip's log goes to $OUT.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
 src=$PWD
 if [ -f .snap/src.tar ]; then
   src=/tmp/l3k-src; rm -rf $src; mkdir -p $src; tar -xf .snap/src.tar -C $src
