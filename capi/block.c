@@ -1,99 +1,150 @@
-/* The whole LLaMA-3 block forward in one call, composed from this ABI's own ops.
+/* The whole LLaMA-3 block, composed once from this ABI's own ops: the inference
+ * forward, the training forward and the backward (see l3k.h).
  *
- * Every intermediate lives in the caller's workspace, viewed through DLTensors
- * built here; each step goes through the public entry point, so it gets the
- * same validation and dispatch as a direct call.  A failing step's message is
- * kept, prefixed with this op's name. */
+ * Every intermediate lives in caller memory viewed through DLTensors built here;
+ * each step goes through the public entry point, so it gets the same validation
+ * and dispatch as a direct call, and a failing step's message is kept under the
+ * block op's name.
+ *
+ * Memory plan of the backward (tokens T, the step's largest buffers first):
+ *  - dgu, the gate/up gradient, is written over the saved gate/up activation
+ *    (or into the workspace when the activations must be preserved);
+ *  - da (T x hidden) lives in the gate/up weight gradient's buffer, which is
+ *    written only after da is dead, when it is large enough (T <= 2 * dim);
+ *  - the gradient of h lives in dx from the moment it exists: dx is written last,
+ *    by the first RMSNorm's backward, which adds into it in place;
+ *  - the second norm's output is recomputed into dx just before it is needed;
+ *  - the attention part's scratch (attention output, dO, dQKV, the attention
+ *    backward's workspace) goes where dgu was, once dgu is dead, when it fits.
+ * So the workspace holds little more than the cuBLASLt workspace at the step's
+ * memory peak (the gate/up weight gradient). */
 #include <stdio.h>
 #include <string.h>
 
 #include "validate.h"
 
-#define ALIGN_UP(v) (((v) + 255) & ~(size_t)255)
+#define ALIGN 256
+#define ALIGN_UP(v) (((v) + (size_t)(ALIGN - 1)) & ~(size_t)(ALIGN - 1))
 
+/* Sizes of one call. */
 typedef struct {
     int64_t b, s, t, dim, hd, h, hkv, qkv, hidden;
-    size_t es;
-    size_t off_h1, off_qkv, off_o, off_lse, off_h, off_gu, off_a, off_gemm, total;
-} plan;
-
-static l3k_status make_plan(l3k_call *c, const DLTensor *x, const l3k_llama_block_weights *w,
-                            const l3k_llama_block_config *cfg, plan *p) {
-    if (!w || !cfg) return l3k_fail(c, L3K_ERROR_NULL_POINTER, "%s is NULL", w ? "cfg" : "weights");
-    L3K_TRY(l3k_check_tensor(c, x, "x"));
     l3k_dt dt;
-    L3K_TRY(l3k_check_float(c, x, "x", &dt));
+    size_t es;
+    size_t gemm_ws;  /* cuBLASLt workspace bytes */
+    size_t norm_ws;  /* RMSNorm backward's dweight partials */
+    size_t attn_ws;  /* attention backward's workspace */
+} dims;
+
+/* A contiguous region: `bytes` at `off` from a base pointer. */
+typedef struct {
+    size_t off, bytes;
+} region;
+
+static region take(size_t *cursor, size_t bytes) {
+    region r = {*cursor, bytes};
+    *cursor += ALIGN_UP(bytes);
+    return r;
+}
+
+/* ---- validation ---------------------------------------------------------- */
+
+static l3k_status check_struct_size(l3k_call *c, const void *s, size_t have, size_t first, const char *name,
+                                    const char *init) {
+    if (!s) return l3k_fail(c, L3K_ERROR_NULL_POINTER, "%s is NULL", name);
+    if (have < first)
+        return l3k_fail(c, L3K_ERROR_VALUE, "%s->struct_size is %zu, expected at least %zu (initialize it with %s)",
+                        name, have, first, init);
+    return L3K_SUCCESS;
+}
+
+static l3k_status make_dims(l3k_call *c, const DLTensor *x, const l3k_llama_block_weights *w,
+                            const l3k_llama_block_config *cfg, dims *d) {
+    L3K_TRY(check_struct_size(c, w, w ? w->struct_size : 0, sizeof(l3k_llama_block_weights), "weights",
+                              "L3K_LLAMA_BLOCK_WEIGHTS_INIT"));
+    L3K_TRY(check_struct_size(c, cfg, cfg ? cfg->struct_size : 0, sizeof(l3k_llama_block_config), "cfg",
+                              "L3K_LLAMA_BLOCK_CONFIG_INIT"));
+    L3K_TRY(l3k_check_tensor(c, x, "x"));
+    L3K_TRY(l3k_check_float(c, x, "x", &d->dt));
     if (x->ndim != 3)
         return l3k_fail(c, L3K_ERROR_SHAPE, "x has ndim %d, expected 3 (batch, seq, dim)", (int)x->ndim);
-    l3k_rows xr;
-    L3K_TRY(l3k_check_rows(c, x, "x", &xr));
-    if (xr.rows > 1 && xr.row_stride != xr.n)
-        return l3k_fail(c, L3K_ERROR_LAYOUT, "x is not contiguous");
-    const DLTensor *ws[6] = {w->qkv_weight, w->o_weight, w->gate_up_weight, w->down_weight,
-                             w->norm1_weight, w->norm2_weight};
-    static const char *names[6] = {"qkv_weight", "o_weight", "gate_up_weight", "down_weight",
-                                   "norm1_weight", "norm2_weight"};
+    L3K_TRY(l3k_check_contiguous_numel(c, x, "x", l3k_numel(x)));
+    const DLTensor *ws[6] = {w->qkv_weight,   w->o_weight,     w->gate_up_weight,
+                             w->down_weight,  w->norm1_weight, w->norm2_weight};
+    static const char *names[6] = {"qkv_weight", "o_weight", "gate_up_weight", "down_weight", "norm1_weight",
+                                   "norm2_weight"};
     for (int i = 0; i < 6; ++i) {
         L3K_TRY(l3k_check_tensor(c, ws[i], names[i]));
+        L3K_TRY(l3k_check_dtype(c, ws[i], names[i], d->dt, "x"));
         if (ws[i]->ndim != (i < 4 ? 2 : 1))
             return l3k_fail(c, L3K_ERROR_SHAPE, "%s has ndim %d, expected %d", names[i], (int)ws[i]->ndim,
                             i < 4 ? 2 : 1);
     }
-    p->b = x->shape[0]; p->s = x->shape[1]; p->dim = x->shape[2]; p->t = p->b * p->s;
-    if (cfg->n_heads < 1 || p->dim % cfg->n_heads != 0)
+    d->b = x->shape[0];
+    d->s = x->shape[1];
+    d->dim = x->shape[2];
+    d->t = d->b * d->s;
+    if (cfg->n_heads < 1 || d->dim % cfg->n_heads != 0)
         return l3k_fail(c, L3K_ERROR_VALUE, "n_heads is %lld, expected a divisor of dim %lld",
-                        (long long)cfg->n_heads, (long long)p->dim);
+                        (long long)cfg->n_heads, (long long)d->dim);
     if (cfg->n_kv_heads < 1 || cfg->n_heads % cfg->n_kv_heads != 0)
         return l3k_fail(c, L3K_ERROR_VALUE, "n_kv_heads is %lld, expected a divisor of n_heads %lld",
                         (long long)cfg->n_kv_heads, (long long)cfg->n_heads);
-    p->h = cfg->n_heads; p->hkv = cfg->n_kv_heads; p->hd = p->dim / p->h;
-    p->qkv = p->dim + 2 * p->hkv * p->hd;
-    if (w->qkv_weight->shape[0] != p->qkv)
-        return l3k_fail(c, L3K_ERROR_SHAPE, "qkv_weight has %lld rows, expected dim + 2 * n_kv_heads * head_dim = %lld",
-                        (long long)w->qkv_weight->shape[0], (long long)p->qkv);
-    if (w->gate_up_weight->shape[0] % 2 != 0)
-        return l3k_fail(c, L3K_ERROR_SHAPE, "gate_up_weight has %lld rows, expected an even count (gate, then up)",
-                        (long long)w->gate_up_weight->shape[0]);
-    p->hidden = w->gate_up_weight->shape[0] / 2;
-    p->es = l3k_dt_size(dt);
-    const size_t td = (size_t)p->t * (size_t)p->dim * p->es;
-    size_t off = 0;
-    p->off_h1 = off; off += ALIGN_UP(td);
-    p->off_qkv = off; off += ALIGN_UP((size_t)p->t * (size_t)p->qkv * p->es);
-    p->off_o = off; off += ALIGN_UP(td);
-    p->off_lse = off; off += ALIGN_UP((size_t)p->b * (size_t)p->h * (size_t)p->s * 4);
-    p->off_h = off; off += ALIGN_UP(td);
-    p->off_gu = off; off += ALIGN_UP((size_t)p->t * 2 * (size_t)p->hidden * p->es);
-    p->off_a = off; off += ALIGN_UP((size_t)p->t * (size_t)p->hidden * p->es);
-    p->off_gemm = off;
-    size_t gemm = 0;
-    L3K_TRY(l3k_linear_workspace_size(x, &gemm));
-    p->total = off + gemm;
+    L3K_TRY(l3k_check_eps(c, cfg->eps));
+    d->h = cfg->n_heads;
+    d->hkv = cfg->n_kv_heads;
+    d->hd = d->dim / d->h;
+    d->qkv = d->dim + 2 * d->hkv * d->hd;
+    if (w->qkv_weight->shape[0] != d->qkv || w->qkv_weight->shape[1] != d->dim)
+        return l3k_fail(c, L3K_ERROR_SHAPE,
+                        "qkv_weight has shape (%lld, %lld), expected (dim + 2 * n_kv_heads * head_dim, dim) = "
+                        "(%lld, %lld)",
+                        (long long)w->qkv_weight->shape[0], (long long)w->qkv_weight->shape[1],
+                        (long long)d->qkv, (long long)d->dim);
+    if (w->gate_up_weight->shape[0] % 2 != 0 || w->gate_up_weight->shape[1] != d->dim)
+        return l3k_fail(c, L3K_ERROR_SHAPE,
+                        "gate_up_weight has shape (%lld, %lld), expected (2 * hidden, %lld): gate rows, then up rows",
+                        (long long)w->gate_up_weight->shape[0], (long long)w->gate_up_weight->shape[1],
+                        (long long)d->dim);
+    d->hidden = w->gate_up_weight->shape[0] / 2;
+    const int64_t want[4][2] = {{d->qkv, d->dim}, {d->dim, d->dim}, {2 * d->hidden, d->dim}, {d->dim, d->hidden}};
+    for (int i = 1; i < 6; ++i) {
+        const int64_t r = i < 4 ? want[i][0] : d->dim, cols = i < 4 ? want[i][1] : 1;
+        const int bad = i < 4 ? (ws[i]->shape[0] != r || ws[i]->shape[1] != cols) : ws[i]->shape[0] != d->dim;
+        if (bad && i < 4)
+            return l3k_fail(c, L3K_ERROR_SHAPE, "%s has shape (%lld, %lld), expected (%lld, %lld)", names[i],
+                            (long long)ws[i]->shape[0], (long long)ws[i]->shape[1], (long long)r, (long long)cols);
+        if (bad)
+            return l3k_fail(c, L3K_ERROR_SHAPE, "%s has shape (%lld,), expected (%lld,)", names[i],
+                            (long long)ws[i]->shape[0], (long long)d->dim);
+    }
+    d->es = l3k_dt_size(d->dt);
+    L3K_TRY(l3k_linear_workspace_size(x, &d->gemm_ws));
+    /* The RMSNorm backward's scratch for (tokens, dim) rows, asked of the op itself. */
+    const int64_t rows_shape[2] = {d->t, d->dim};
+    DLTensor rows = *x;
+    rows.ndim = 2;
+    rows.shape = (int64_t *)rows_shape;
+    rows.strides = NULL;
+    L3K_TRY(l3k_rmsnorm_backward_workspace_size(&rows, &d->norm_ws));
+    d->attn_ws = 0;
     return L3K_SUCCESS;
 }
 
-l3k_status l3k_llama_block_forward_workspace_size(const DLTensor *x, const l3k_llama_block_weights *weights,
-                                                  const l3k_llama_block_config *cfg, size_t *bytes) {
-    l3k_call c = {.op = "llama_block_forward_workspace_size"};
-    plan p;
-    if (!bytes) return l3k_fail(&c, L3K_ERROR_NULL_POINTER, "bytes is NULL");
-    L3K_TRY(make_plan(&c, x, weights, cfg, &p));
-    *bytes = p.total;
-    return L3K_SUCCESS;
-}
+/* ---- views ---------------------------------------------------------------- */
 
-/* A DLTensor over workspace bytes; shape and strides are stored in the struct that owns it. */
+/* A DLTensor over caller memory; shape and strides live in the struct that owns it. */
 typedef struct {
     DLTensor t;
     int64_t shape[4], strides[4];
 } view;
 
-static DLTensor *make_view(view *v, const DLTensor *like, char *base, size_t offset, DLDataType dt, int ndim,
+static DLTensor *make_view(view *v, DLDevice dev, void *base, size_t offset, DLDataType dt, int ndim,
                            const int64_t *shape, const int64_t *strides) {
     memset(v, 0, sizeof *v);
     v->t.data = base;
     v->t.byte_offset = offset;
-    v->t.device = like->device;
+    v->t.device = dev;
     v->t.dtype = dt;
     v->t.ndim = ndim;
     for (int i = 0; i < ndim; ++i) {
@@ -105,18 +156,31 @@ static DLTensor *make_view(view *v, const DLTensor *like, char *base, size_t off
     return &v->t;
 }
 
-static DLTensor *rows_view(view *v, const DLTensor *like, char *base, size_t offset, int64_t rows, int64_t n) {
+/* (rows, n) row-major at base + offset, of like's dtype. */
+static DLTensor *rows_view(view *v, const DLTensor *like, void *base, size_t offset, int64_t rows, int64_t n) {
     const int64_t shape[2] = {rows, n}, strides[2] = {n, 1};
-    return make_view(v, like, base, offset, like->dtype, 2, shape, strides);
+    return make_view(v, like->device, base, offset, like->dtype, 2, shape, strides);
 }
 
 /* (batch, heads, seq, head_dim) view of `heads` heads starting at head `first` of a
  * (tokens, width) buffer laid out (batch, seq, width). */
-static DLTensor *heads_view(view *v, const DLTensor *like, char *base, size_t offset, const plan *p,
-                            int64_t width, int64_t first, int64_t heads) {
-    const int64_t shape[4] = {p->b, heads, p->s, p->hd};
-    const int64_t strides[4] = {p->s * width, p->hd, width, 1};
-    return make_view(v, like, base, offset + (size_t)(first * p->hd) * p->es, like->dtype, 4, shape, strides);
+static DLTensor *heads_view(view *v, const DLTensor *like, void *base, size_t offset, const dims *d, int64_t width,
+                            int64_t first, int64_t heads) {
+    const int64_t shape[4] = {d->b, heads, d->s, d->hd};
+    const int64_t strides[4] = {d->s * width, d->hd, width, 1};
+    return make_view(v, like->device, base, offset + (size_t)(first * d->hd) * d->es, like->dtype, 4, shape,
+                     strides);
+}
+
+/* (n,) float32 at base + offset. */
+static DLTensor *f32_view(view *v, const DLTensor *like, void *base, size_t offset, int64_t n) {
+    const int64_t shape[1] = {n}, strides[1] = {1};
+    return make_view(v, like->device, base, offset, (DLDataType){kDLFloat, 32, 1}, 1, shape, strides);
+}
+
+static DLTensor *bytes_view(view *v, const DLTensor *like, void *base, region r) {
+    const int64_t shape[1] = {(int64_t)r.bytes}, strides[1] = {1};
+    return make_view(v, like->device, base, r.off, (DLDataType){kDLUInt, 8, 1}, 1, shape, strides);
 }
 
 /* Run one step; on failure keep its message under this op's name. */
@@ -127,49 +191,420 @@ static l3k_status step(l3k_call *c, l3k_status st) {
     return l3k_fail(c, st, "%s", inner);
 }
 
+/* ---- the forward ------------------------------------------------------------ */
+
+/* Where the forward's buffers are: the kept ones (qkv, h, gate_up, rstds, attn_out,
+ * lse) in the caller's activations or, for inference, in the workspace. */
+typedef struct {
+    void *qkv, *h, *gu, *o;
+    float *rstd1, *rstd2, *lse;
+} fwd_buffers;
+
+/* Forward workspace: the norm output (reused by the SiLU product once the gate/up
+ * GEMM has read it), the attention output and LSE unless kept, the GEMM workspace;
+ * for inference also the buffers a training forward keeps. */
+typedef struct {
+    region norm_out, o, lse, a, qkv, h, gu, gemm;
+    size_t total;
+} fwd_plan;
+
+static void plan_forward(const dims *d, int inference, int keep_attn, fwd_plan *p) {
+    size_t at = 0;
+    const size_t td = (size_t)d->t * (size_t)d->dim * d->es;
+    memset(p, 0, sizeof *p);
+    p->gemm = take(&at, d->gemm_ws);
+    if (inference) {
+        p->qkv = take(&at, (size_t)d->t * (size_t)d->qkv * d->es);
+        p->h = take(&at, td);
+        p->gu = take(&at, (size_t)d->t * 2 * (size_t)d->hidden * d->es);
+    }
+    /* norm_out, o, lse are dead once the MLP starts: a (T x hidden) reuses them. */
+    size_t early = at;
+    p->norm_out = take(&early, td);
+    if (!keep_attn) {
+        p->o = take(&early, td);
+        p->lse = take(&early, (size_t)d->b * (size_t)d->h * (size_t)d->s * 4);
+    }
+    size_t late = at;
+    p->a = take(&late, (size_t)d->t * (size_t)d->hidden * d->es);
+    p->total = early > late ? early : late;
+}
+
+static l3k_status run_forward(l3k_call *c, const dims *d, const DLTensor *x, const DLTensor *cos,
+                              const DLTensor *sin, const l3k_llama_block_weights *w,
+                              const l3k_llama_block_config *cfg, DLTensor *out, const fwd_buffers *buf,
+                              const fwd_plan *p, char *ws, void *stream) {
+    view vx, vn, vqkv, vq, vk, vv, vo, vo4, vlse, vh, vgu, va, vout, vgemm, vr1, vr2;
+    DLTensor *x2 = rows_view(&vx, x, l3k_data(x), 0, d->t, d->dim);
+    DLTensor *out2 = rows_view(&vout, x, l3k_data(out), 0, d->t, d->dim);
+    DLTensor *norm = rows_view(&vn, x, ws, p->norm_out.off, d->t, d->dim);
+    DLTensor *qkv = rows_view(&vqkv, x, buf->qkv, 0, d->t, d->qkv);
+    DLTensor *q = heads_view(&vq, x, buf->qkv, 0, d, d->qkv, 0, d->h);
+    DLTensor *k = heads_view(&vk, x, buf->qkv, 0, d, d->qkv, d->h, d->hkv);
+    DLTensor *v = heads_view(&vv, x, buf->qkv, 0, d, d->qkv, d->h + d->hkv, d->hkv);
+    DLTensor *o = rows_view(&vo, x, buf->o, 0, d->t, d->dim);
+    DLTensor *o4 = heads_view(&vo4, x, buf->o, 0, d, d->dim, 0, d->h);
+    const int64_t nlse = d->b * d->h * d->s;
+    DLTensor *lse = f32_view(&vlse, x, buf->lse, 0, nlse);
+    DLTensor *h = rows_view(&vh, x, buf->h, 0, d->t, d->dim);
+    DLTensor *gu = rows_view(&vgu, x, buf->gu, 0, d->t, 2 * d->hidden);
+    DLTensor *a = rows_view(&va, x, ws, p->a.off, d->t, d->hidden);
+    DLTensor *r1 = buf->rstd1 ? f32_view(&vr1, x, buf->rstd1, 0, d->t) : NULL;
+    DLTensor *r2 = buf->rstd2 ? f32_view(&vr2, x, buf->rstd2, 0, d->t) : NULL;
+    DLTensor *gemm = p->gemm.bytes ? bytes_view(&vgemm, x, ws, p->gemm) : NULL;
+
+    L3K_TRY(step(c, l3k_rmsnorm_forward(x2, w->norm1_weight, cfg->eps, norm, r1, stream)));
+    L3K_TRY(step(c, l3k_linear_forward(norm, w->qkv_weight, NULL, qkv, gemm, stream)));
+    L3K_TRY(step(c, l3k_rope_forward(q, k, cos, sin, 0, L3K_ROPE_HALF, q, k, stream)));
+    L3K_TRY(step(c, l3k_attention_forward(q, k, v, 0.0f, cfg->causal, o4, lse, stream)));
+    L3K_TRY(step(c, l3k_linear_forward(o, w->o_weight, x2, h, gemm, stream)));
+    L3K_TRY(step(c, l3k_rmsnorm_forward(h, w->norm2_weight, cfg->eps, norm, r2, stream)));
+    L3K_TRY(step(c, l3k_linear_forward(norm, w->gate_up_weight, NULL, gu, gemm, stream)));
+    L3K_TRY(step(c, l3k_swiglu_fused_forward(gu, a, stream)));
+    return step(c, l3k_linear_forward(a, w->down_weight, h, out2, gemm, stream));
+}
+
+/* A caller tensor the block writes: contiguous, `numel` elements, x's device, its dtype. */
+static l3k_status check_buffer(l3k_call *c, const DLTensor *t, const char *name, int64_t numel, l3k_dt want,
+                               const char *like) {
+    L3K_TRY(l3k_check_tensor(c, t, name));
+    L3K_TRY(l3k_check_dtype(c, t, name, want, like));
+    L3K_TRY(l3k_check_contiguous_numel(c, t, name, numel));
+    return L3K_SUCCESS;
+}
+
+static l3k_status check_aligned(l3k_call *c, const DLTensor *t, const char *name) {
+    if (t && (uintptr_t)l3k_data(t) % ALIGN != 0)
+        return l3k_fail(c, L3K_ERROR_ALIGNMENT, "%s data pointer %p is not %d-byte aligned", name, l3k_data(t),
+                        ALIGN);
+    return L3K_SUCCESS;
+}
+
+/* No written tensor may share a byte with any other tensor of the call. */
+static l3k_status check_disjoint(l3k_call *c, const DLTensor *const *outs, const char *const *out_names, int n_out,
+                                 const DLTensor *const *ins, const char *const *in_names, int n_in) {
+    for (int i = 0; i < n_out; ++i) {
+        if (!outs[i]) continue;
+        for (int j = i + 1; j < n_out; ++j)
+            if (outs[j]) L3K_TRY(l3k_check_no_overlap(c, outs[i], out_names[i], outs[j], out_names[j], 0));
+        for (int j = 0; j < n_in; ++j)
+            if (ins[j]) L3K_TRY(l3k_check_no_overlap(c, outs[i], out_names[i], ins[j], in_names[j], 0));
+    }
+    return L3K_SUCCESS;
+}
+
+static l3k_status check_workspace_aligned(l3k_call *c, DLTensor *workspace, size_t bytes) {
+    L3K_TRY(l3k_check_workspace(c, workspace, bytes));
+    return bytes ? check_aligned(c, workspace, "workspace") : L3K_SUCCESS;
+}
+
+l3k_status l3k_llama_block_forward_workspace_size(const DLTensor *x, const l3k_llama_block_weights *weights,
+                                                  const l3k_llama_block_config *cfg, size_t *bytes) {
+    l3k_call c = {.op = "llama_block_forward_workspace_size"};
+    dims d;
+    fwd_plan p;
+    if (!bytes) return l3k_fail(&c, L3K_ERROR_NULL_POINTER, "bytes is NULL");
+    L3K_TRY(make_dims(&c, x, weights, cfg, &d));
+    plan_forward(&d, 1, 0, &p);
+    *bytes = p.total;
+    return L3K_SUCCESS;
+}
+
 l3k_status l3k_llama_block_forward(const DLTensor *x, const DLTensor *cos, const DLTensor *sin,
                                    const l3k_llama_block_weights *w, const l3k_llama_block_config *cfg,
                                    DLTensor *out, DLTensor *workspace, void *stream) {
     l3k_call c = {.op = "llama_block_forward"};
-    plan p;
-    L3K_TRY(make_plan(&c, x, w, cfg, &p));
-    L3K_TRY(l3k_check_tensor(&c, out, "out"));
+    dims d;
+    fwd_plan p;
+    L3K_TRY(make_dims(&c, x, w, cfg, &d));
+    L3K_TRY(check_buffer(&c, out, "out", l3k_numel(x), d.dt, "x"));
     L3K_TRY(l3k_check_same_shape(&c, out, "out", x, "x"));
-    L3K_TRY(l3k_check_workspace(&c, workspace, p.total));
-    if (l3k_data(out) == l3k_data(x))
-        return l3k_fail(&c, L3K_ERROR_LAYOUT, "out aliases x, expected a separate buffer");
-    if (p.t == 0) return L3K_SUCCESS;
+    plan_forward(&d, 1, 0, &p);
+    L3K_TRY(check_workspace_aligned(&c, workspace, p.total));
+    const DLTensor *outs[2] = {out, workspace};
+    const char *out_names[2] = {"out", "workspace"};
+    const DLTensor *ins[9] = {x, cos, sin, w->qkv_weight, w->o_weight, w->gate_up_weight, w->down_weight,
+                              w->norm1_weight, w->norm2_weight};
+    const char *in_names[9] = {"x", "cos", "sin", "qkv_weight", "o_weight", "gate_up_weight", "down_weight",
+                               "norm1_weight", "norm2_weight"};
+    L3K_TRY(check_disjoint(&c, outs, out_names, 2, ins, in_names, 9));
+    if (d.t == 0 || d.dim == 0) return L3K_SUCCESS;
+    char *ws = (char *)l3k_data(workspace);
+    const fwd_buffers buf = {ws + p.qkv.off, ws + p.h.off, ws + p.gu.off, ws + p.o.off,
+                             NULL, NULL, (float *)(ws + p.lse.off)};
+    return run_forward(&c, &d, x, cos, sin, w, cfg, out, &buf, &p, ws, stream);
+}
 
-    char *base = (char *)l3k_data(workspace);
+/* ---- training ------------------------------------------------------------- */
+
+/* Backward scratch of the attention part, at `base` (where dgu was, or the workspace). */
+typedef struct {
+    region o, lse, dout, dqkv, attn_ws;
+    size_t total;
+} attn_plan;
+
+static void plan_attention_part(const dims *d, attn_plan *p) {
+    size_t at = 0;
+    const size_t td = (size_t)d->t * (size_t)d->dim * d->es;
+    p->o = take(&at, td);  /* the attention output (recomputed), later dQKV Wqkv */
+    p->lse = take(&at, (size_t)d->b * (size_t)d->h * (size_t)d->s * 4);
+    p->dout = take(&at, td); /* dO, later the first norm's output */
+    p->dqkv = take(&at, (size_t)d->t * (size_t)d->qkv * d->es);
+    p->attn_ws = take(&at, d->attn_ws);
+    p->total = at;
+}
+
+typedef struct {
+    region gemm, norm_ws, dgu, da, attn; /* attn: where attn_plan lives when not in dgu's place */
+    int da_in_dgrad, attn_in_dgu;
+    attn_plan ap;
+    size_t total;
+} bwd_plan;
+
+static void plan_backward(const dims *d, int preserve, bwd_plan *p) {
+    size_t at = 0;
+    const size_t dgu_bytes = (size_t)d->t * 2 * (size_t)d->hidden * d->es;
+    const size_t da_bytes = (size_t)d->t * (size_t)d->hidden * d->es;
+    memset(p, 0, sizeof *p);
+    plan_attention_part(d, &p->ap);
+    p->gemm = take(&at, d->gemm_ws);
+    p->norm_ws = take(&at, d->norm_ws);
+    if (preserve) p->dgu = take(&at, dgu_bytes);
+    p->da_in_dgrad = da_bytes <= (size_t)2 * (size_t)d->hidden * (size_t)d->dim * d->es;
+    p->attn_in_dgu = p->ap.total <= dgu_bytes;
+    /* da is dead before the attention part starts: the two share one region. */
+    size_t shared = 0;
+    if (!p->da_in_dgrad) shared = da_bytes;
+    if (!p->attn_in_dgu && p->ap.total > shared) shared = p->ap.total;
+    p->da = p->attn = take(&at, shared);
+    p->total = at;
+}
+
+static l3k_status attention_ws_size(l3k_call *c, const DLTensor *x, const l3k_llama_block_config *cfg, dims *d) {
+    /* Shapes of the backward's q and k views are all the size query reads. */
+    view vq, vk;
+    DLTensor *q = heads_view(&vq, x, (void *)0x100, 0, d, d->qkv, 0, d->h);
+    DLTensor *k = heads_view(&vk, x, (void *)0x100, 0, d, d->qkv, d->h, d->hkv);
+    return step(c, l3k_attention_backward_workspace_size(q, k, cfg->deterministic, &d->attn_ws));
+}
+
+l3k_status l3k_llama_block_training_layout(const DLTensor *x, const l3k_llama_block_weights *w,
+                                           const l3k_llama_block_config *cfg,
+                                           l3k_llama_block_layout *layout) {
+    l3k_call c = {.op = "llama_block_training_layout"};
+    dims d;
+    fwd_plan fp;
+    bwd_plan consume, preserve;
+    L3K_TRY(check_struct_size(&c, layout, layout ? layout->struct_size : 0,
+                              sizeof(l3k_llama_block_layout), "layout",
+                              "L3K_LLAMA_BLOCK_LAYOUT_INIT"));
+    L3K_TRY(make_dims(&c, x, w, cfg, &d));
+    L3K_TRY(attention_ws_size(&c, x, cfg, &d));
+    plan_forward(&d, 0, 0, &fp);
+    plan_backward(&d, 0, &consume);
+    plan_backward(&d, 1, &preserve);
     const DLDataType f32 = {kDLFloat, 32, 1};
-    view vx, vh1, vqkv, vq, vk, vv, vo, vo4, vlse, vh, vgu, va, vout, vgemm;
-    DLTensor *x2 = make_view(&vx, x, (char *)l3k_data(x), 0, x->dtype, 2, (int64_t[]){p.t, p.dim},
-                             (int64_t[]){p.dim, 1});
-    DLTensor *out2 = make_view(&vout, out, (char *)l3k_data(out), 0, out->dtype, 2, (int64_t[]){p.t, p.dim},
-                               (int64_t[]){p.dim, 1});
-    DLTensor *h1 = rows_view(&vh1, x, base, p.off_h1, p.t, p.dim);
-    DLTensor *qkv = rows_view(&vqkv, x, base, p.off_qkv, p.t, p.qkv);
-    DLTensor *q = heads_view(&vq, x, base, p.off_qkv, &p, p.qkv, 0, p.h);
-    DLTensor *k = heads_view(&vk, x, base, p.off_qkv, &p, p.qkv, p.h, p.hkv);
-    DLTensor *v = heads_view(&vv, x, base, p.off_qkv, &p, p.qkv, p.h + p.hkv, p.hkv);
-    DLTensor *o = rows_view(&vo, x, base, p.off_o, p.t, p.dim);
-    DLTensor *o4 = heads_view(&vo4, x, base, p.off_o, &p, p.dim, 0, p.h);
-    DLTensor *lse = make_view(&vlse, x, base, p.off_lse, f32, 1, (int64_t[]){p.b * p.h * p.s}, (int64_t[]){1});
-    DLTensor *h = rows_view(&vh, x, base, p.off_h, p.t, p.dim);
-    DLTensor *gu = rows_view(&vgu, x, base, p.off_gu, p.t, 2 * p.hidden);
-    DLTensor *a = rows_view(&va, x, base, p.off_a, p.t, p.hidden);
-    const int64_t gemm_bytes = (int64_t)(p.total - p.off_gemm);
-    DLTensor *gemm = gemm_bytes ? make_view(&vgemm, x, base, p.off_gemm, (DLDataType){kDLUInt, 8, 1}, 1,
-                                            (int64_t[]){gemm_bytes}, (int64_t[]){1})
-                                : NULL;
+    layout->qkv = (l3k_buffer_desc){d.t, d.qkv, x->dtype};
+    layout->h = (l3k_buffer_desc){d.t, d.dim, x->dtype};
+    layout->gate_up = (l3k_buffer_desc){d.t, 2 * d.hidden, x->dtype};
+    layout->rstd1 = layout->rstd2 = (l3k_buffer_desc){d.t, 1, f32};
+    layout->attn_out = (l3k_buffer_desc){d.t, d.dim, x->dtype};
+    layout->lse = (l3k_buffer_desc){d.b * d.h * d.s, 1, f32};
+    layout->forward_workspace_bytes = fp.total;
+    layout->backward_workspace_bytes = consume.total;
+    layout->backward_workspace_bytes_preserving = preserve.total;
+    return L3K_SUCCESS;
+}
 
-    L3K_TRY(step(&c, l3k_rmsnorm_forward(x2, w->norm1_weight, cfg->eps, h1, NULL, stream)));
-    L3K_TRY(step(&c, l3k_linear_forward(h1, w->qkv_weight, NULL, qkv, gemm, stream)));
-    L3K_TRY(step(&c, l3k_rope_forward(q, k, cos, sin, 0, L3K_ROPE_HALF, q, k, stream)));
-    L3K_TRY(step(&c, l3k_attention_forward(q, k, v, 0.0f, cfg->causal, o4, lse, stream)));
-    L3K_TRY(step(&c, l3k_linear_forward(o, w->o_weight, x2, h, gemm, stream)));
-    L3K_TRY(step(&c, l3k_rmsnorm_forward(h, w->norm2_weight, cfg->eps, h1, NULL, stream)));
-    L3K_TRY(step(&c, l3k_linear_forward(h1, w->gate_up_weight, NULL, gu, gemm, stream)));
-    L3K_TRY(step(&c, l3k_swiglu_fused_forward(gu, a, stream)));
-    return step(&c, l3k_linear_forward(a, w->down_weight, h, out2, gemm, stream));
+static l3k_status check_activations(l3k_call *c, const dims *d, const l3k_llama_block_activations *s) {
+    L3K_TRY(check_struct_size(c, s, s ? s->struct_size : 0, sizeof(l3k_llama_block_activations), "saved",
+                              "L3K_LLAMA_BLOCK_ACTIVATIONS_INIT"));
+    L3K_TRY(check_buffer(c, s->qkv, "saved->qkv", d->t * d->qkv, d->dt, "x"));
+    L3K_TRY(check_buffer(c, s->h, "saved->h", d->t * d->dim, d->dt, "x"));
+    L3K_TRY(check_buffer(c, s->gate_up, "saved->gate_up", d->t * 2 * d->hidden, d->dt, "x"));
+    L3K_TRY(check_buffer(c, s->rstd1, "saved->rstd1", d->t, L3K_DT_F32, "rstd"));
+    L3K_TRY(check_buffer(c, s->rstd2, "saved->rstd2", d->t, L3K_DT_F32, "rstd"));
+    if (!s->attn_out != !s->lse)
+        return l3k_fail(c, L3K_ERROR_NULL_POINTER, "saved->%s is NULL but saved->%s is not: give both or neither",
+                        s->attn_out ? "lse" : "attn_out", s->attn_out ? "attn_out" : "lse");
+    if (s->attn_out) {
+        L3K_TRY(check_buffer(c, s->attn_out, "saved->attn_out", d->t * d->dim, d->dt, "x"));
+        L3K_TRY(check_buffer(c, s->lse, "saved->lse", d->b * d->h * d->s, L3K_DT_F32, "lse"));
+    }
+    const DLTensor *all[7] = {s->qkv, s->h, s->gate_up, s->rstd1, s->rstd2, s->attn_out, s->lse};
+    static const char *names[7] = {"saved->qkv",   "saved->h",        "saved->gate_up", "saved->rstd1",
+                                   "saved->rstd2", "saved->attn_out", "saved->lse"};
+    for (int i = 0; i < 7; ++i) L3K_TRY(check_aligned(c, all[i], names[i]));
+    return L3K_SUCCESS;
+}
+
+l3k_status l3k_llama_block_forward_train(const DLTensor *x, const DLTensor *cos, const DLTensor *sin,
+                                         const l3k_llama_block_weights *w, const l3k_llama_block_config *cfg,
+                                         DLTensor *out, const l3k_llama_block_activations *saved,
+                                         DLTensor *workspace, void *stream) {
+    l3k_call c = {.op = "llama_block_forward_train"};
+    dims d;
+    fwd_plan p;
+    L3K_TRY(make_dims(&c, x, w, cfg, &d));
+    L3K_TRY(check_buffer(&c, out, "out", l3k_numel(x), d.dt, "x"));
+    L3K_TRY(l3k_check_same_shape(&c, out, "out", x, "x"));
+    L3K_TRY(check_activations(&c, &d, saved));
+    const int keep_attn = saved->attn_out != NULL;
+    plan_forward(&d, 0, keep_attn, &p);
+    L3K_TRY(check_workspace_aligned(&c, workspace, p.total));
+    const DLTensor *outs[9] = {out,          workspace,   saved->qkv,      saved->h,  saved->gate_up,
+                               saved->rstd1, saved->rstd2, saved->attn_out, saved->lse};
+    const char *out_names[9] = {"out",          "workspace",    "saved->qkv",      "saved->h",  "saved->gate_up",
+                                "saved->rstd1", "saved->rstd2", "saved->attn_out", "saved->lse"};
+    const DLTensor *ins[9] = {x, cos, sin, w->qkv_weight, w->o_weight, w->gate_up_weight, w->down_weight,
+                              w->norm1_weight, w->norm2_weight};
+    const char *in_names[9] = {"x", "cos", "sin", "qkv_weight", "o_weight", "gate_up_weight", "down_weight",
+                               "norm1_weight", "norm2_weight"};
+    L3K_TRY(check_disjoint(&c, outs, out_names, 9, ins, in_names, 9));
+    if (d.t == 0 || d.dim == 0) return L3K_SUCCESS;
+    char *ws = (char *)l3k_data(workspace);
+    const fwd_buffers buf = {
+        l3k_data(saved->qkv),
+        l3k_data(saved->h),
+        l3k_data(saved->gate_up),
+        keep_attn ? l3k_data(saved->attn_out) : ws + p.o.off,
+        (float *)l3k_data(saved->rstd1),
+        (float *)l3k_data(saved->rstd2),
+        keep_attn ? (float *)l3k_data(saved->lse) : (float *)(ws + p.lse.off),
+    };
+    return run_forward(&c, &d, x, cos, sin, w, cfg, out, &buf, &p, ws, stream);
+}
+
+static l3k_status check_grads(l3k_call *c, const dims *d, const l3k_llama_block_weights *w,
+                              const l3k_llama_block_grads *g) {
+    L3K_TRY(check_struct_size(c, g, g ? g->struct_size : 0, sizeof(l3k_llama_block_grads), "grads",
+                              "L3K_LLAMA_BLOCK_GRADS_INIT"));
+    const DLTensor *ws[6] = {w->qkv_weight,  w->o_weight,     w->gate_up_weight,
+                             w->down_weight, w->norm1_weight, w->norm2_weight};
+    const DLTensor *gs[6] = {g->qkv_weight,  g->o_weight,     g->gate_up_weight,
+                             g->down_weight, g->norm1_weight, g->norm2_weight};
+    static const char *names[6] = {"grads->qkv_weight",  "grads->o_weight",     "grads->gate_up_weight",
+                                   "grads->down_weight", "grads->norm1_weight", "grads->norm2_weight"};
+    for (int i = 0; i < 6; ++i) {
+        L3K_TRY(check_buffer(c, gs[i], names[i], l3k_numel(ws[i]), d->dt, "its weight"));
+        L3K_TRY(l3k_check_same_shape(c, gs[i], names[i], ws[i], "its weight"));
+        L3K_TRY(check_aligned(c, gs[i], names[i]));
+    }
+    return L3K_SUCCESS;
+}
+
+l3k_status l3k_llama_block_backward(const DLTensor *dout, const DLTensor *x, const DLTensor *cos,
+                                    const DLTensor *sin, const l3k_llama_block_weights *w,
+                                    const l3k_llama_block_config *cfg, const l3k_llama_block_activations *saved,
+                                    unsigned flags, DLTensor *dx, const l3k_llama_block_grads *g,
+                                    DLTensor *workspace, void *stream) {
+    l3k_call c = {.op = "llama_block_backward"};
+    dims d;
+    bwd_plan p;
+    L3K_TRY(make_dims(&c, x, w, cfg, &d));
+    if (flags & ~L3K_BLOCK_PRESERVE_ACTIVATIONS)
+        return l3k_fail(&c, L3K_ERROR_VALUE, "flags is %u, expected 0 or L3K_BLOCK_PRESERVE_ACTIVATIONS (%u)",
+                        flags, L3K_BLOCK_PRESERVE_ACTIVATIONS);
+    const int preserve = (flags & L3K_BLOCK_PRESERVE_ACTIVATIONS) != 0;
+    L3K_TRY(check_buffer(&c, dout, "dout", l3k_numel(x), d.dt, "x"));
+    L3K_TRY(l3k_check_same_shape(&c, dout, "dout", x, "x"));
+    L3K_TRY(check_buffer(&c, dx, "dx", l3k_numel(x), d.dt, "x"));
+    L3K_TRY(l3k_check_same_shape(&c, dx, "dx", x, "x"));
+    L3K_TRY(check_activations(&c, &d, saved));
+    L3K_TRY(check_grads(&c, &d, w, g));
+    L3K_TRY(attention_ws_size(&c, x, cfg, &d));
+    plan_backward(&d, preserve, &p);
+    L3K_TRY(check_workspace_aligned(&c, workspace, p.total));
+    /* gate_up is written unless preserved; the others are read only. */
+    const DLTensor *outs[9] = {dx,         workspace,        g->qkv_weight,    g->o_weight,
+                               g->gate_up_weight, g->down_weight, g->norm1_weight, g->norm2_weight,
+                               preserve ? NULL : saved->gate_up};
+    const char *out_names[9] = {"dx",
+                                "workspace",
+                                "grads->qkv_weight",
+                                "grads->o_weight",
+                                "grads->gate_up_weight",
+                                "grads->down_weight",
+                                "grads->norm1_weight",
+                                "grads->norm2_weight",
+                                "saved->gate_up"};
+    const DLTensor *ins[17] = {dout,          x,            cos,           sin,          w->qkv_weight,
+                               w->o_weight,   w->gate_up_weight, w->down_weight, w->norm1_weight, w->norm2_weight,
+                               saved->qkv,    saved->h,     saved->rstd1,  saved->rstd2, saved->attn_out,
+                               saved->lse,    preserve ? saved->gate_up : NULL};
+    const char *in_names[17] = {"dout",         "x",           "cos",          "sin",
+                                "qkv_weight",   "o_weight",    "gate_up_weight", "down_weight",
+                                "norm1_weight", "norm2_weight", "saved->qkv",   "saved->h",
+                                "saved->rstd1", "saved->rstd2", "saved->attn_out", "saved->lse",
+                                "saved->gate_up"};
+    L3K_TRY(check_disjoint(&c, outs, out_names, 9, ins, in_names, 17));
+    /* With no token the steps still run: the weight gradients' GEMMs over zero rows write zeros. */
+    if (d.dim == 0) return L3K_SUCCESS;
+
+    char *ws = (char *)l3k_data(workspace);
+    view vx, vdout, vdx, vda, vdgu, vgu, vh, vr1, vr2, vq, vk, vv, vo, vo4, vlse, vdo, vdo4, vdqkv, vdq, vdk,
+        vdv, vxpre, vnorm, vgemm, vnws, vaws;
+    char *dgu_base = preserve ? ws + p.dgu.off : (char *)l3k_data(saved->gate_up);
+    char *attn_base = p.attn_in_dgu ? dgu_base : ws + p.attn.off;
+    char *da_base = p.da_in_dgrad ? (char *)l3k_data(g->gate_up_weight) : ws + p.da.off;
+    const attn_plan *ap = &p.ap;
+
+    DLTensor *x2 = rows_view(&vx, x, l3k_data(x), 0, d.t, d.dim);
+    DLTensor *dout2 = rows_view(&vdout, x, l3k_data(dout), 0, d.t, d.dim);
+    DLTensor *dx2 = rows_view(&vdx, x, l3k_data(dx), 0, d.t, d.dim);
+    DLTensor *da = rows_view(&vda, x, da_base, 0, d.t, d.hidden);
+    DLTensor *gu = rows_view(&vgu, x, l3k_data(saved->gate_up), 0, d.t, 2 * d.hidden);
+    DLTensor *dgu = rows_view(&vdgu, x, dgu_base, 0, d.t, 2 * d.hidden);
+    DLTensor *h = rows_view(&vh, x, l3k_data(saved->h), 0, d.t, d.dim);
+    DLTensor *r1 = f32_view(&vr1, x, l3k_data(saved->rstd1), 0, d.t);
+    DLTensor *r2 = f32_view(&vr2, x, l3k_data(saved->rstd2), 0, d.t);
+    DLTensor *q = heads_view(&vq, x, l3k_data(saved->qkv), 0, &d, d.qkv, 0, d.h);
+    DLTensor *k = heads_view(&vk, x, l3k_data(saved->qkv), 0, &d, d.qkv, d.h, d.hkv);
+    DLTensor *v = heads_view(&vv, x, l3k_data(saved->qkv), 0, &d, d.qkv, d.h + d.hkv, d.hkv);
+    const int keep_attn = saved->attn_out != NULL;
+    void *o_base = keep_attn ? l3k_data(saved->attn_out) : attn_base + ap->o.off;
+    DLTensor *o = rows_view(&vo, x, o_base, 0, d.t, d.dim);
+    DLTensor *o4 = heads_view(&vo4, x, o_base, 0, &d, d.dim, 0, d.h);
+    const int64_t nlse = d.b * d.h * d.s;
+    DLTensor *lse = f32_view(&vlse, x, keep_attn ? l3k_data(saved->lse) : attn_base + ap->lse.off, 0, nlse);
+    DLTensor *dO = rows_view(&vdo, x, attn_base, ap->dout.off, d.t, d.dim);
+    DLTensor *dO4 = heads_view(&vdo4, x, attn_base, ap->dout.off, &d, d.dim, 0, d.h);
+    DLTensor *dqkv = rows_view(&vdqkv, x, attn_base, ap->dqkv.off, d.t, d.qkv);
+    DLTensor *dq = heads_view(&vdq, x, attn_base, ap->dqkv.off, &d, d.qkv, 0, d.h);
+    DLTensor *dk = heads_view(&vdk, x, attn_base, ap->dqkv.off, &d, d.qkv, d.h, d.hkv);
+    DLTensor *dv = heads_view(&vdv, x, attn_base, ap->dqkv.off, &d, d.qkv, d.h + d.hkv, d.hkv);
+    /* dQKV Wqkv reuses the attention output's slot, the first norm's output dO's. */
+    DLTensor *xpre = rows_view(&vxpre, x, attn_base, ap->o.off, d.t, d.dim);
+    DLTensor *norm1 = rows_view(&vnorm, x, attn_base, ap->dout.off, d.t, d.dim);
+    DLTensor *gemm = p.gemm.bytes ? bytes_view(&vgemm, x, ws, p.gemm) : NULL;
+    DLTensor *norm_ws = p.norm_ws.bytes ? bytes_view(&vnws, x, ws, p.norm_ws) : NULL;
+    region aw = {ap->attn_ws.off, ap->attn_ws.bytes};
+    DLTensor *attn_ws = aw.bytes ? bytes_view(&vaws, x, attn_base, aw) : NULL;
+
+    /* MLP: out = h + a Wd^T, a = silu(g) * u.  a is written over da. */
+    L3K_TRY(step(&c, l3k_linear_backward_input(dout2, w->down_weight, da, 0, gemm, stream)));
+    L3K_TRY(step(&c, l3k_swiglu_fused_backward(da, gu, dgu, da, stream)));
+    L3K_TRY(step(&c, l3k_linear_backward_weight(dout2, da, g->down_weight, 0, gemm, stream)));
+    /* [g | u] = rmsnorm(h) Wgu^T: the norm's output is recomputed into dx, read, then dx takes dh. */
+    L3K_TRY(step(&c, l3k_rmsnorm_forward(h, w->norm2_weight, cfg->eps, dx2, NULL, stream)));
+    L3K_TRY(step(&c, l3k_linear_backward_weight(dgu, dx2, g->gate_up_weight, 0, gemm, stream)));
+    L3K_TRY(step(&c, l3k_linear_backward_input(dgu, w->gate_up_weight, dx2, 0, gemm, stream)));
+    /* dx <- d(out)/dh: through the second norm, plus dout along the residual. */
+    L3K_TRY(step(&c, l3k_rmsnorm_backward(dx2, dout2, h, w->norm2_weight, r2, cfg->eps, dx2, g->norm2_weight,
+                                          norm_ws, stream)));
+
+    /* Attention: h = x + o Wo^T; dgu is dead, its memory is the scratch from here on. */
+    if (!keep_attn) L3K_TRY(step(&c, l3k_attention_forward(q, k, v, 0.0f, cfg->causal, o4, lse, stream)));
+    L3K_TRY(step(&c, l3k_linear_backward_input(dx2, w->o_weight, dO, 0, gemm, stream)));
+    L3K_TRY(step(&c, l3k_linear_backward_weight(dx2, o, g->o_weight, 0, gemm, stream)));
+    L3K_TRY(step(&c, l3k_attention_backward(dO4, q, k, v, o4, lse, 0.0f, cfg->causal, cfg->deterministic, dq, dk,
+                                            dv, attn_ws, stream)));
+    L3K_TRY(step(&c, l3k_rope_backward(dq, dk, cos, sin, 0, L3K_ROPE_HALF, dq, dk, stream)));
+    /* qkv = rmsnorm(x) Wqkv^T: the norm's output is recomputed. */
+    L3K_TRY(step(&c, l3k_rmsnorm_forward(x2, w->norm1_weight, cfg->eps, norm1, NULL, stream)));
+    L3K_TRY(step(&c, l3k_linear_backward_weight(dqkv, norm1, g->qkv_weight, 0, gemm, stream)));
+    L3K_TRY(step(&c, l3k_linear_backward_input(dqkv, w->qkv_weight, xpre, 0, gemm, stream)));
+    /* dx = through the first norm, plus dh along the residual (dx holds dh: in place). */
+    return step(&c, l3k_rmsnorm_backward(xpre, dx2, x2, w->norm1_weight, r1, cfg->eps, dx2, g->norm1_weight,
+                                         norm_ws, stream));
 }

@@ -42,7 +42,7 @@
 #include <stdint.h>
 
 #define L3K_VERSION_MAJOR 0
-#define L3K_VERSION_MINOR 1
+#define L3K_VERSION_MINOR 2
 #define L3K_VERSION_PATCH 0
 /* One integer that orders versions: major * 10000 + minor * 100 + patch. */
 #define L3K_VERSION (L3K_VERSION_MAJOR * 10000 + L3K_VERSION_MINOR * 100 + L3K_VERSION_PATCH)
@@ -327,12 +327,36 @@ L3K_API l3k_status l3k_attention_backward(const DLTensor *dout, const DLTensor *
                                           DLTensor *dk, DLTensor *dv, DLTensor *workspace,
                                           void *stream);
 
-/* ---- The whole LLaMA-3 block forward ------------------------------------- *
- *   h   = x + attention(rope(rmsnorm(x) Wqkv^T)) Wo^T
- *   out = h + (silu(g) * u) Wd^T,  [g | u] = rmsnorm(h) Wgu^T
- * composed from the ops above in one call (inference: nothing is kept for a
- * backward).  RoPE is rotate-half; attention is causal when cfg->causal. */
+/* ---- The whole LLaMA-3 block --------------------------------------------- *
+ *   h   = x + attention(rope(rmsnorm(x) * norm1_weight) Wqkv^T) Wo^T
+ *   out = h + (silu(g) * u) Wd^T,  [g | u] = (rmsnorm(h) * norm2_weight) Wgu^T
+ * composed once, in C, from the ops above: every step goes through the public
+ * entry point, so it gets the same validation and dispatch as a direct call, and
+ * a failing step reports its own message after the block op's name
+ * ("llama_block_forward: rope_forward: ...").  RoPE is rotate-half; attention is
+ * causal when cfg->causal; the residual adds ride on the GEMMs (beta = 1).
+ *
+ * Three calls share that composition: l3k_llama_block_forward (inference:
+ * nothing is kept), l3k_llama_block_forward_train (the same forward, keeping the
+ * activations the backward needs in caller buffers) and l3k_llama_block_backward
+ * (every gradient in one call).  l3k_llama_block_training_layout tells the
+ * caller what to allocate for the last two.
+ *
+ * Common arguments:
+ *  x:        (batch, seq, dim), contiguous.  Weights in x's dtype, contiguous.
+ *  cos, sin: RoPE tables as for l3k_rope_forward ((seq', head_dim/2) or
+ *            (batch, seq', head_dim/2), seq' >= seq).
+ *  out, dout, dx: shape and dtype of x, contiguous, each a separate buffer.
+ *  workspace: at least the bytes the size query gives, on x's device, 1-D,
+ *            contiguous, 256-byte aligned (cudaMalloc and torch allocations are).
+ *
+ * Versioned structs: each begins with `struct_size`, which its L3K_..._INIT
+ * macro sets to the size of the struct the caller was compiled against.  The
+ * library reads only the fields that size covers, so fields appended in later
+ * versions leave older callers working; a struct_size below the first
+ * version's is refused (L3K_ERROR_VALUE). */
 typedef struct {
+    size_t struct_size;             /* sizeof(l3k_llama_block_weights): use L3K_LLAMA_BLOCK_WEIGHTS_INIT */
     const DLTensor *qkv_weight;     /* (dim + 2 * n_kv_heads * head_dim, dim): q, then k, then v rows */
     const DLTensor *o_weight;       /* (dim, dim) */
     const DLTensor *gate_up_weight; /* (2 * hidden, dim): gate rows, then up rows */
@@ -340,13 +364,18 @@ typedef struct {
     const DLTensor *norm1_weight;   /* (dim,) */
     const DLTensor *norm2_weight;   /* (dim,) */
 } l3k_llama_block_weights;
+#define L3K_LLAMA_BLOCK_WEIGHTS_INIT {sizeof(l3k_llama_block_weights), NULL, NULL, NULL, NULL, NULL, NULL}
 
 typedef struct {
+    size_t struct_size; /* sizeof(l3k_llama_block_config): use L3K_LLAMA_BLOCK_CONFIG_INIT */
     int64_t n_heads;    /* head_dim = dim / n_heads */
     int64_t n_kv_heads; /* divides n_heads */
-    int causal;
-    float eps;          /* of both RMSNorms */
+    int causal;         /* 1 for a decoder (the default) */
+    float eps;          /* of both RMSNorms, finite and >= 0 */
+    int deterministic;  /* != 0: the attention backward's dq without atomics (bitwise repeatable) */
 } l3k_llama_block_config;
+/* Defaults: causal, eps 1e-5, dq with atomics; n_heads and n_kv_heads must be set. */
+#define L3K_LLAMA_BLOCK_CONFIG_INIT {sizeof(l3k_llama_block_config), 0, 0, 1, 1e-5f, 0}
 
 /* Bytes of workspace l3k_llama_block_forward needs for x's shape: every
  * intermediate plus the GEMM workspace.  `x` and the weights are only inspected. */
@@ -355,15 +384,86 @@ L3K_API l3k_status l3k_llama_block_forward_workspace_size(const DLTensor *x,
                                                           const l3k_llama_block_config *cfg,
                                                           size_t *bytes);
 
-/* x: (batch, seq, dim), contiguous.  cos, sin: RoPE tables as for
- * l3k_rope_forward ((seq', head_dim/2) or (batch, seq', head_dim/2), seq' >= seq).
- * out: shape and dtype of x, a separate buffer.  Weights in x's dtype.
- * workspace: at least the bytes the size query gives, on x's device.
- * A failing step reports its own message after "llama_block_forward: ". */
+/* Inference forward: out = block(x), nothing kept for a backward. */
 L3K_API l3k_status l3k_llama_block_forward(const DLTensor *x, const DLTensor *cos, const DLTensor *sin,
                                            const l3k_llama_block_weights *weights,
                                            const l3k_llama_block_config *cfg, DLTensor *out,
                                            DLTensor *workspace, void *stream);
+
+/* The activations a training forward keeps for the backward, in caller-owned
+ * buffers.  Each buffer is contiguous (any shape with the element count the
+ * layout query gives), 256-byte aligned, on x's device, and shares no byte
+ * with any other tensor of the call.  tokens = batch * seq. */
+typedef struct {
+    size_t struct_size; /* sizeof(l3k_llama_block_activations): use L3K_LLAMA_BLOCK_ACTIVATIONS_INIT */
+    DLTensor *qkv;      /* (tokens, qkv rows), x's dtype: q and k rotated, then v */
+    DLTensor *h;        /* (tokens, dim), x's dtype: x + the attention's output projection */
+    DLTensor *gate_up;  /* (tokens, 2 * hidden), x's dtype: the gate/up projection */
+    DLTensor *rstd1;    /* (tokens,) float32: 1 / rms of each row of x */
+    DLTensor *rstd2;    /* (tokens,) float32: 1 / rms of each row of h */
+    DLTensor *attn_out; /* optional, (tokens, dim), x's dtype: the attention output; NULL: the
+                           backward recomputes it (one attention forward) and saves the memory */
+    DLTensor *lse;      /* (batch * n_heads * seq,) float32, given iff attn_out is */
+} l3k_llama_block_activations;
+#define L3K_LLAMA_BLOCK_ACTIVATIONS_INIT {sizeof(l3k_llama_block_activations), NULL, NULL, NULL, NULL, NULL, NULL, NULL}
+
+/* One buffer of the layout: rows * cols elements of `dtype`, row-major. */
+typedef struct {
+    int64_t rows, cols;
+    DLDataType dtype;
+} l3k_buffer_desc;
+
+/* What a training step needs, for x's shape. */
+typedef struct {
+    size_t struct_size; /* sizeof(l3k_llama_block_layout): use L3K_LLAMA_BLOCK_LAYOUT_INIT */
+    l3k_buffer_desc qkv, h, gate_up, rstd1, rstd2, attn_out, lse; /* the activations, as above */
+    size_t forward_workspace_bytes;   /* for l3k_llama_block_forward_train */
+    size_t backward_workspace_bytes;  /* for l3k_llama_block_backward without flags */
+    size_t backward_workspace_bytes_preserving; /* ... with L3K_BLOCK_PRESERVE_ACTIVATIONS */
+} l3k_llama_block_layout;
+#define L3K_LLAMA_BLOCK_LAYOUT_INIT {sizeof(l3k_llama_block_layout)}
+
+/* Fill `layout` for x's shape, the weights and cfg.  Only shapes and dtypes are
+ * read.  The workspace sizes hold whether attn_out is kept or not. */
+L3K_API l3k_status l3k_llama_block_training_layout(const DLTensor *x, const l3k_llama_block_weights *weights,
+                                                   const l3k_llama_block_config *cfg,
+                                                   l3k_llama_block_layout *layout);
+
+/* Training forward: out = block(x) as l3k_llama_block_forward computes it
+ * (bitwise the same), and the activations written into `saved`. */
+L3K_API l3k_status l3k_llama_block_forward_train(const DLTensor *x, const DLTensor *cos, const DLTensor *sin,
+                                                 const l3k_llama_block_weights *weights,
+                                                 const l3k_llama_block_config *cfg, DLTensor *out,
+                                                 const l3k_llama_block_activations *saved,
+                                                 DLTensor *workspace, void *stream);
+
+/* The weight gradients: each contiguous, the shape and dtype of its weight,
+ * 256-byte aligned; overwritten (not accumulated).  All six are required: the
+ * backward also uses the buffers as scratch before their values are written. */
+typedef struct {
+    size_t struct_size; /* sizeof(l3k_llama_block_grads): use L3K_LLAMA_BLOCK_GRADS_INIT */
+    DLTensor *qkv_weight, *o_weight, *gate_up_weight, *down_weight, *norm1_weight, *norm2_weight;
+} l3k_llama_block_grads;
+#define L3K_LLAMA_BLOCK_GRADS_INIT {sizeof(l3k_llama_block_grads), NULL, NULL, NULL, NULL, NULL, NULL}
+
+/* Backward flag: leave every activation as the forward wrote it (a second
+ * backward over them works), at the cost of the larger workspace
+ * (backward_workspace_bytes_preserving).  Without it the backward overwrites
+ * saved->gate_up (its gradient and then scratch go there), so the activations
+ * serve one backward. */
+#define L3K_BLOCK_PRESERVE_ACTIVATIONS 1u
+
+/* Gradients of the block: dx and every weight gradient from dout, given the
+ * forward's x, tables, weights, cfg and the activations
+ * l3k_llama_block_forward_train wrote.  The residual stream's gradient passes
+ * through both residual adds; RMSNorm outputs and (unless kept) the attention
+ * output are recomputed.  flags: 0 or L3K_BLOCK_PRESERVE_ACTIVATIONS. */
+L3K_API l3k_status l3k_llama_block_backward(const DLTensor *dout, const DLTensor *x, const DLTensor *cos,
+                                            const DLTensor *sin, const l3k_llama_block_weights *weights,
+                                            const l3k_llama_block_config *cfg,
+                                            const l3k_llama_block_activations *saved, unsigned flags,
+                                            DLTensor *dx, const l3k_llama_block_grads *grads,
+                                            DLTensor *workspace, void *stream);
 
 /* @@L3K_DECLARATIONS_END@@ (new ops are declared above this line) */
 

@@ -1,11 +1,32 @@
-/* The whole block forward in one C call (l3k_llama_block_forward) on host memory,
- * against a naive float64 LLaMA block written out in loops here. */
+/* The whole block from C on host memory: the inference forward, the training
+ * forward and the backward (l3k_llama_block_*), against a naive float64 LLaMA
+ * block written out in loops here.  The reference gradients are central
+ * differences of that float64 block, element by element: independent of how
+ * the library derives its backward, and accurate to ~1e-9 at these sizes,
+ * far below the float32 kernels' rounding. */
 #include "check.h"
 
-enum { B = 2, S = 5, DIM = 32, H = 4, HKV = 2, HD = DIM / H, HID = 48, QKV = DIM + 2 * HKV * HD };
+enum { B = 2, S = 5, DIM = 32, H = 4, HKV = 2, HD = DIM / H, HID = 48, QKV = DIM + 2 * HKV * HD, T = B * S };
 
-static void rmsnorm(const double *x, const float *w, double *y, int rows) {
-    for (int r = 0; r < rows; ++r) {
+/* The parameters and input of the block, in float64. */
+typedef struct {
+    double x[T * DIM], wqkv[QKV * DIM], wo[DIM * DIM], wgu[2 * HID * DIM], wd[DIM * HID], n1[DIM], n2[DIM];
+} params;
+
+enum { N_PARTS = 7 };
+static double *part(params *p, int i, int *n) {
+    static const int sizes[N_PARTS] = {T * DIM, QKV * DIM, DIM * DIM, 2 * HID * DIM, DIM * HID, DIM, DIM};
+    double *ptrs[N_PARTS] = {p->x, p->wqkv, p->wo, p->wgu, p->wd, p->n1, p->n2};
+    *n = sizes[i];
+    return ptrs[i];
+}
+static const char *part_names[N_PARTS] = {"dx", "d qkv_weight", "d o_weight", "d gate_up_weight",
+                                          "d down_weight", "d norm1_weight", "d norm2_weight"};
+
+static double cos_tab[S * HD / 2], sin_tab[S * HD / 2];
+
+static void rmsnorm(const double *x, const double *w, double *y) {
+    for (int r = 0; r < T; ++r) {
         double ss = 0;
         for (int i = 0; i < DIM; ++i) ss += x[r * DIM + i] * x[r * DIM + i];
         double rs = 1.0 / sqrt(ss / DIM + 1e-5);
@@ -14,8 +35,8 @@ static void rmsnorm(const double *x, const float *w, double *y, int rows) {
 }
 
 /* y[t][n] = sum_k x[t][k] w[n][k] */
-static void matmul(const double *x, const float *w, double *y, int rows, int n, int k) {
-    for (int t = 0; t < rows; ++t)
+static void matmul(const double *x, const double *w, double *y, int n, int k) {
+    for (int t = 0; t < T; ++t)
         for (int j = 0; j < n; ++j) {
             double acc = 0;
             for (int l = 0; l < k; ++l) acc += x[t * k + l] * w[j * k + l];
@@ -23,21 +44,19 @@ static void matmul(const double *x, const float *w, double *y, int rows, int n, 
         }
 }
 
-static void reference(const float *xf, const float *wqkv, const float *wo, const float *wgu, const float *wd,
-                      const float *n1, const float *n2, const float *cosf, const float *sinf, double *out) {
-    static double x[B * S * DIM], h1[B * S * DIM], qkv[B * S * QKV], o[B * S * DIM], h[B * S * DIM];
-    static double gu[B * S * 2 * HID], a[B * S * HID], mlp[B * S * DIM];
-    for (int i = 0; i < B * S * DIM; ++i) x[i] = xf[i];
-    rmsnorm(x, n1, h1, B * S);
-    matmul(h1, wqkv, qkv, B * S, QKV, DIM);
-    for (int t = 0; t < B * S; ++t) /* rotate-half RoPE on the q and k heads */
+/* out = block(x); h (x + attention's projection) too, for the saved-activation check. */
+static void reference(const params *p, double *out, double *h) {
+    double h1[T * DIM], qkv[T * QKV], o[T * DIM], gu[T * 2 * HID], a[T * HID], mlp[T * DIM];
+    rmsnorm(p->x, p->n1, h1);
+    matmul(h1, p->wqkv, qkv, QKV, DIM);
+    for (int t = 0; t < T; ++t) /* rotate-half RoPE on the q and k heads */
         for (int hh = 0; hh < H + HKV; ++hh)
-            for (int p = 0; p < HD / 2; ++p) {
+            for (int i = 0; i < HD / 2; ++i) {
                 double *e = qkv + t * QKV + hh * HD;
-                double c = cosf[(t % S) * (HD / 2) + p], s = sinf[(t % S) * (HD / 2) + p];
-                double x1 = e[p], x2 = e[p + HD / 2];
-                e[p] = x1 * c - x2 * s;
-                e[p + HD / 2] = x2 * c + x1 * s;
+                double c = cos_tab[(t % S) * (HD / 2) + i], s = sin_tab[(t % S) * (HD / 2) + i];
+                double x1 = e[i], x2 = e[i + HD / 2];
+                e[i] = x1 * c - x2 * s;
+                e[i + HD / 2] = x2 * c + x1 * s;
             }
     for (int b = 0; b < B; ++b) /* causal attention, GQA */
         for (int hh = 0; hh < H; ++hh)
@@ -47,9 +66,9 @@ static void reference(const float *xf, const float *wqkv, const float *wo, const
                 double sc[S], mx = -1e300, sum = 0;
                 for (int j = 0; j <= i; ++j) {
                     const double *k = qkv + (b * S + j) * QKV + DIM + kvh * HD;
-                    double d = 0;
-                    for (int l = 0; l < HD; ++l) d += q[l] * k[l];
-                    sc[j] = d / sqrt((double)HD);
+                    double dot = 0;
+                    for (int l = 0; l < HD; ++l) dot += q[l] * k[l];
+                    sc[j] = dot / sqrt((double)HD);
                     if (sc[j] > mx) mx = sc[j];
                 }
                 for (int j = 0; j <= i; ++j) sum += (sc[j] = exp(sc[j] - mx));
@@ -59,74 +78,323 @@ static void reference(const float *xf, const float *wqkv, const float *wo, const
                     o[(b * S + i) * DIM + hh * HD + l] = acc / sum;
                 }
             }
-    matmul(o, wo, h, B * S, DIM, DIM);
-    for (int i = 0; i < B * S * DIM; ++i) h[i] += x[i];
-    rmsnorm(h, n2, h1, B * S);
-    matmul(h1, wgu, gu, B * S, 2 * HID, DIM);
-    for (int t = 0; t < B * S; ++t)
+    matmul(o, p->wo, h, DIM, DIM);
+    for (int i = 0; i < T * DIM; ++i) h[i] += p->x[i];
+    rmsnorm(h, p->n2, h1);
+    matmul(h1, p->wgu, gu, 2 * HID, DIM);
+    for (int t = 0; t < T; ++t)
         for (int j = 0; j < HID; ++j) {
             double g = gu[t * 2 * HID + j], u = gu[t * 2 * HID + HID + j];
             a[t * HID + j] = g / (1 + exp(-g)) * u;
         }
-    matmul(a, wd, mlp, B * S, DIM, HID);
-    for (int i = 0; i < B * S * DIM; ++i) out[i] = h[i] + mlp[i];
+    matmul(a, p->wd, mlp, DIM, HID);
+    for (int i = 0; i < T * DIM; ++i) out[i] = h[i] + mlp[i];
+}
+
+/* <dout, block(p)> */
+static double loss(const params *p, const double *dout) {
+    double out[T * DIM], h[T * DIM], l = 0;
+    reference(p, out, h);
+    for (int i = 0; i < T * DIM; ++i) l += dout[i] * out[i];
+    return l;
+}
+
+/* Every gradient of <dout, block(p)> by central differences. */
+static void reference_grads(const params *p0, const double *dout, params *grad) {
+    static params p;
+    p = *p0;
+    for (int i = 0; i < N_PARTS; ++i) {
+        int n;
+        double *v = part(&p, i, &n), *gv = part(grad, i, &n);
+        for (int j = 0; j < n; ++j) {
+            const double keep = v[j], eps = 1e-5 * fmax(1.0, fabs(keep));
+            v[j] = keep + eps;
+            const double up = loss(&p, dout);
+            v[j] = keep - eps;
+            const double down = loss(&p, dout);
+            v[j] = keep;
+            gv[j] = (up - down) / (2 * eps);
+        }
+    }
+}
+
+/* float32 storage of the block's tensors and their descriptors. */
+typedef struct {
+    float x[T * DIM], wqkv[QKV * DIM], wo[DIM * DIM], wgu[2 * HID * DIM], wd[DIM * HID], n1[DIM], n2[DIM];
+} params_f32;
+
+static float *part_f32(params_f32 *p, int i) {
+    float *ptrs[N_PARTS] = {p->x, p->wqkv, p->wo, p->wgu, p->wd, p->n1, p->n2};
+    return ptrs[i];
+}
+
+static const int64_t part_shapes[N_PARTS][3] = {{B, S, DIM}, {QKV, DIM}, {DIM, DIM}, {2 * HID, DIM},
+                                                {DIM, HID},  {DIM},      {DIM}};
+static const int part_ndims[N_PARTS] = {3, 2, 2, 2, 2, 1, 1};
+
+typedef struct {
+    host_tensor t[N_PARTS];
+} described;
+
+static void describe(described *d, params_f32 *p) {
+    for (int i = 0; i < N_PARTS; ++i) host_f32(&d->t[i], part_f32(p, i), part_ndims[i], part_shapes[i]);
+}
+
+/* 256-byte aligned host memory (the block asks it of its buffers). */
+static void *alloc_aligned(size_t bytes) {
+    void *p = NULL;
+    if (posix_memalign(&p, 256, bytes ? bytes : 256)) return NULL;
+    return p;
+}
+
+static DLTensor *f32_buffer(host_tensor *ht, size_t n, float fill) {
+    float *p = alloc_aligned(n * sizeof(float));
+    for (size_t i = 0; i < n; ++i) p[i] = fill;
+    const int64_t shape[1] = {(int64_t)n};
+    return host_f32(ht, p, 1, shape);
+}
+
+static float *data_of(const DLTensor *t) { return (float *)t->data; }
+
+static double max_abs(const double *v, int n) {
+    double m = 0;
+    for (int i = 0; i < n; ++i) m = fmax(m, fabs(v[i]));
+    return m;
 }
 
 int main(void) {
-    static float x[B * S * DIM], out[B * S * DIM], wqkv[QKV * DIM], wo[DIM * DIM], wgu[2 * HID * DIM],
-        wd[DIM * HID], n1[DIM], n2[DIM], cs[S * HD / 2], sn[S * HD / 2];
-    static double ref[B * S * DIM];
+    static params p, ref_grad;
+    static params_f32 pf, gf;
+    static double dout[T * DIM], ref_out[T * DIM], ref_h[T * DIM];
+    static float dout_f[T * DIM], out_inf[T * DIM], out_train[T * DIM], cs[S * HD / 2], sn[S * HD / 2];
     unsigned seed = 7;
-    float *ws_[] = {wqkv, wo, wgu, wd};
-    int sizes[] = {QKV * DIM, DIM * DIM, 2 * HID * DIM, DIM * HID};
-    for (int m = 0; m < 4; ++m)
-        for (int i = 0; i < sizes[m]; ++i) ws_[m][i] = 0.3f * frand(&seed);
-    for (int i = 0; i < DIM; ++i) { n1[i] = 1 + 0.2f * frand(&seed); n2[i] = 1 + 0.2f * frand(&seed); }
-    for (int i = 0; i < B * S * DIM; ++i) { x[i] = frand(&seed); out[i] = NAN; }
-    for (int s = 0; s < S; ++s)
-        for (int p = 0; p < HD / 2; ++p) {
-            double ang = s * pow(500000.0, -2.0 * p / HD);
-            cs[s * HD / 2 + p] = (float)cos(ang);
-            sn[s * HD / 2 + p] = (float)sin(ang);
+    for (int i = 0; i < N_PARTS; ++i) {
+        int n;
+        double *v = part(&p, i, &n);
+        float *f = part_f32(&pf, i);
+        const float scale = i == 0 ? 1.0f : i < 5 ? 0.3f : 0.2f;
+        for (int j = 0; j < n; ++j) {
+            f[j] = (i >= 5 ? 1.0f : 0.0f) + scale * frand(&seed);
+            v[j] = f[j];
         }
-    host_tensor tx, tout, tq, to, tg, td, t1, t2, tc, ts, tw;
-    int64_t sx[3] = {B, S, DIM}, sq[2] = {QKV, DIM}, so[2] = {DIM, DIM}, sg[2] = {2 * HID, DIM},
-            sd[2] = {DIM, HID}, sn1[1] = {DIM}, stab[2] = {S, HD / 2};
-    l3k_llama_block_weights w = {host_f32(&tq, wqkv, 2, sq), host_f32(&to, wo, 2, so), host_f32(&tg, wgu, 2, sg),
-                                 host_f32(&td, wd, 2, sd), host_f32(&t1, n1, 1, sn1), host_f32(&t2, n2, 1, sn1)};
-    l3k_llama_block_config cfg = {H, HKV, 1, 1e-5f};
-    DLTensor *X = host_f32(&tx, x, 3, sx), *OUT = host_f32(&tout, out, 3, sx);
+    }
+    for (int i = 0; i < T * DIM; ++i) dout[i] = dout_f[i] = frand(&seed);
+    for (int s = 0; s < S; ++s)
+        for (int i = 0; i < HD / 2; ++i) {
+            double ang = s * pow(500000.0, -2.0 * i / HD);
+            cs[s * HD / 2 + i] = (float)cos(ang);
+            sn[s * HD / 2 + i] = (float)sin(ang);
+            cos_tab[s * HD / 2 + i] = cs[s * HD / 2 + i];
+            sin_tab[s * HD / 2 + i] = sn[s * HD / 2 + i];
+        }
+    reference(&p, ref_out, ref_h);
+
+    described in, grads_d;
+    describe(&in, &pf);
+    describe(&grads_d, &gf);
+    DLTensor *X = &in.t[0].t;
+    l3k_llama_block_weights w = L3K_LLAMA_BLOCK_WEIGHTS_INIT;
+    w.qkv_weight = &in.t[1].t;
+    w.o_weight = &in.t[2].t;
+    w.gate_up_weight = &in.t[3].t;
+    w.down_weight = &in.t[4].t;
+    w.norm1_weight = &in.t[5].t;
+    w.norm2_weight = &in.t[6].t;
+    l3k_llama_block_config cfg = L3K_LLAMA_BLOCK_CONFIG_INIT;
+    cfg.n_heads = H;
+    cfg.n_kv_heads = HKV;
+    host_tensor tout, tc, ts, tdo;
+    const int64_t sx[3] = {B, S, DIM}, stab[2] = {S, HD / 2};
     DLTensor *COS = host_f32(&tc, cs, 2, stab), *SIN = host_f32(&ts, sn, 2, stab);
+    DLTensor *DOUT = host_f32(&tdo, dout_f, 3, sx);
+
+    /* ---- inference forward ---- */
+    for (int i = 0; i < T * DIM; ++i) out_inf[i] = NAN;
+    DLTensor *OUT = host_f32(&tout, out_inf, 3, sx);
     size_t bytes = 0;
     CHECK(l3k_llama_block_forward_workspace_size(X, &w, &cfg, &bytes) == L3K_SUCCESS, "%s", l3k_last_error());
-    float *ws = malloc(bytes + 256);
-    float *ws_aligned = (float *)(((uintptr_t)ws + 255) & ~(uintptr_t)255);
-    int64_t swn[1] = {(int64_t)(bytes / 4)};
-    DLTensor *WS = host_f32(&tw, ws_aligned, 1, swn);
+    host_tensor tws;
+    DLTensor *WS = f32_buffer(&tws, bytes / 4 + 1, NAN);
     CHECK(l3k_llama_block_forward(X, COS, SIN, &w, &cfg, OUT, WS, NULL) == L3K_SUCCESS, "%s", l3k_last_error());
-    reference(x, wqkv, wo, wgu, wd, n1, n2, cs, sn, ref);
-    double err = 0, mag = 0;
-    for (int i = 0; i < B * S * DIM; ++i) {
-        err = fmax(err, fabs(out[i] - ref[i]));
-        mag = fmax(mag, fabs(ref[i]));
-    }
+    double err = 0, mag = max_abs(ref_out, T * DIM);
+    for (int i = 0; i < T * DIM; ++i) err = fmax(err, fabs(out_inf[i] - ref_out[i]));
     CHECK(err <= 1e-4 * mag, "block output max error %g (max |ref| %g)", err, mag);
     printf("block forward: max error %.3g of max |ref| %.3g\n", err, mag);
+    free(WS->data);
 
-    /* A bad weight is reported under the block's name with the step's own message. */
-    int64_t bad[2] = {QKV - 8, DIM};
-    host_tensor tb;
-    l3k_llama_block_weights wb = w;
-    wb.qkv_weight = host_f32(&tb, wqkv, 2, bad);
-    CHECK(l3k_llama_block_forward(X, COS, SIN, &wb, &cfg, OUT, WS, NULL) == L3K_ERROR_SHAPE, "bad qkv rows");
-    CHECK(strstr(l3k_last_error(), "llama_block_forward: qkv_weight has 56 rows, expected") != NULL, "%s",
+    /* ---- training forward: the same output bitwise, the activations kept ---- */
+    l3k_llama_block_layout lay = L3K_LLAMA_BLOCK_LAYOUT_INIT;
+    CHECK(l3k_llama_block_training_layout(X, &w, &cfg, &lay) == L3K_SUCCESS, "%s", l3k_last_error());
+    CHECK(lay.qkv.rows == T && lay.qkv.cols == QKV && lay.gate_up.cols == 2 * HID && lay.h.cols == DIM &&
+              lay.rstd1.rows * lay.rstd1.cols == T && lay.lse.rows * lay.lse.cols == B * H * S &&
+              lay.rstd1.dtype.code == kDLFloat && lay.rstd1.dtype.bits == 32,
+          "layout shapes");
+    CHECK(lay.backward_workspace_bytes_preserving >= lay.backward_workspace_bytes, "preserving needs more");
+    host_tensor tq, th, tgu, tr1, tr2, tao, tlse, tfw, tbw, tdx, tout2;
+    l3k_llama_block_activations act = L3K_LLAMA_BLOCK_ACTIVATIONS_INIT;
+    act.qkv = f32_buffer(&tq, (size_t)(lay.qkv.rows * lay.qkv.cols), NAN);
+    act.h = f32_buffer(&th, (size_t)(lay.h.rows * lay.h.cols), NAN);
+    act.gate_up = f32_buffer(&tgu, (size_t)(lay.gate_up.rows * lay.gate_up.cols), NAN);
+    act.rstd1 = f32_buffer(&tr1, T, NAN);
+    act.rstd2 = f32_buffer(&tr2, T, NAN);
+    DLTensor *FWS = f32_buffer(&tfw, lay.forward_workspace_bytes / 4 + 1, NAN);
+    DLTensor *OUT2 = host_f32(&tout2, out_train, 3, sx);
+    CHECK(l3k_llama_block_forward_train(X, COS, SIN, &w, &cfg, OUT2, &act, FWS, NULL) == L3K_SUCCESS, "%s",
           l3k_last_error());
+    CHECK(memcmp(out_inf, out_train, sizeof out_inf) == 0, "training forward differs from inference");
+    err = 0;
+    for (int i = 0; i < T * DIM; ++i) err = fmax(err, fabs(data_of(act.h)[i] - ref_h[i]));
+    CHECK(err <= 1e-4 * max_abs(ref_h, T * DIM), "saved h max error %g", err);
+
+    /* ---- backward against the float64 block's central differences ---- */
+    reference_grads(&p, dout, &ref_grad);
+    const size_t ws_bytes = lay.backward_workspace_bytes_preserving;
+    DLTensor *BWS = f32_buffer(&tbw, ws_bytes / 4 + 1, NAN);
+    static float dx_f[T * DIM];
+    DLTensor *DX = host_f32(&tdx, dx_f, 3, sx);
+    l3k_llama_block_grads g = L3K_LLAMA_BLOCK_GRADS_INIT;
+    /* Gradient buffers, aligned as the block asks. */
+    float *gbuf[N_PARTS];
+    host_tensor gt[N_PARTS];
+    for (int i = 1; i < N_PARTS; ++i) {
+        int n;
+        part(&p, i, &n);
+        gbuf[i] = alloc_aligned((size_t)n * 4);
+        host_f32(&gt[i], gbuf[i], part_ndims[i], part_shapes[i]);
+    }
+    g.qkv_weight = &gt[1].t;
+    g.o_weight = &gt[2].t;
+    g.gate_up_weight = &gt[3].t;
+    g.down_weight = &gt[4].t;
+    g.norm1_weight = &gt[5].t;
+    g.norm2_weight = &gt[6].t;
+    gbuf[0] = dx_f;
+
+    /* Three runs: activations preserved (twice: the second sees them intact), then consumed;
+     * all three must agree bitwise and match the reference. */
+    static float first[N_PARTS][2 * HID * DIM];
+    const size_t gu_bytes = (size_t)(lay.gate_up.rows * lay.gate_up.cols) * 4;
+    float *gu_copy = malloc(gu_bytes);
+    memcpy(gu_copy, act.gate_up->data, gu_bytes);
+    for (int run = 0; run < 3; ++run) {
+        const unsigned flags = run < 2 ? L3K_BLOCK_PRESERVE_ACTIVATIONS : 0;
+        for (int i = 0; i < N_PARTS; ++i) {
+            int n;
+            part(&p, i, &n);
+            for (int j = 0; j < n; ++j) gbuf[i][j] = NAN;
+        }
+        CHECK(l3k_llama_block_backward(DOUT, X, COS, SIN, &w, &cfg, &act, flags, DX, &g, BWS, NULL) == L3K_SUCCESS,
+              "backward run %d: %s", run, l3k_last_error());
+        for (int i = 0; i < N_PARTS; ++i) {
+            int n;
+            const double *r = part(&ref_grad, i, &n);
+            double e = 0, m = max_abs(r, n);
+            for (int j = 0; j < n; ++j) e = fmax(e, isnan(gbuf[i][j]) ? INFINITY : fabs(gbuf[i][j] - r[j]));
+            CHECK(e <= 2e-4 * m, "run %d: %s max error %g (max |ref| %g)", run, part_names[i], e, m);
+            if (run == 0) {
+                memcpy(first[i], gbuf[i], (size_t)n * 4);
+                printf("block backward: %-16s max error %.3g of max |ref| %.3g\n", part_names[i], e, m);
+            } else {
+                CHECK(memcmp(first[i], gbuf[i], (size_t)n * 4) == 0, "run %d: %s differs from run 0", run,
+                      part_names[i]);
+            }
+        }
+        if (run < 2) CHECK(memcmp(gu_copy, act.gate_up->data, gu_bytes) == 0, "preserved gate_up was changed");
+    }
+
+    /* The attention output kept by the forward: the same gradients, bitwise (the CPU forward
+     * is deterministic, so its recomputation is the same tensor). */
+    act.attn_out = f32_buffer(&tao, (size_t)T * DIM, NAN);
+    act.lse = f32_buffer(&tlse, (size_t)B * H * S, NAN);
+    CHECK(l3k_llama_block_forward_train(X, COS, SIN, &w, &cfg, OUT2, &act, FWS, NULL) == L3K_SUCCESS, "%s",
+          l3k_last_error());
+    CHECK(l3k_llama_block_backward(DOUT, X, COS, SIN, &w, &cfg, &act, 0, DX, &g, BWS, NULL) == L3K_SUCCESS, "%s",
+          l3k_last_error());
+    for (int i = 0; i < N_PARTS; ++i) {
+        int n;
+        part(&p, i, &n);
+        CHECK(memcmp(first[i], gbuf[i], (size_t)n * 4) == 0, "kept attention output: %s differs", part_names[i]);
+    }
+
+    /* ---- bad inputs: a clear error, nothing written ---- */
+    memcpy(gu_copy, act.gate_up->data, gu_bytes);
+    for (int j = 0; j < T * DIM; ++j) dx_f[j] = 12345.0f;
+    l3k_llama_block_weights w_old = w;
+    w_old.struct_size = 8;
+    EXPECT_FAILS(l3k_llama_block_backward(DOUT, X, COS, SIN, &w_old, &cfg, &act, 0, DX, &g, BWS, NULL),
+                 L3K_ERROR_VALUE, "llama_block_backward: weights->struct_size is 8, expected at least");
+    host_tensor tsmall;
+    const int64_t small_n[1] = {(int64_t)(lay.backward_workspace_bytes / 4) - 64};
+    DLTensor *SMALL = host_f32(&tsmall, data_of(BWS), 1, small_n);
+    EXPECT_FAILS(l3k_llama_block_backward(DOUT, X, COS, SIN, &w, &cfg, &act, 0, DX, &g, SMALL, NULL),
+                 L3K_ERROR_WORKSPACE, "llama_block_backward: workspace has");
+    EXPECT_FAILS(l3k_llama_block_backward(DOUT, X, COS, SIN, &w, &cfg, &act, 0, DOUT, &g, BWS, NULL),
+                 L3K_ERROR_LAYOUT, "dx");
+    EXPECT_FAILS(l3k_llama_block_backward(DOUT, X, COS, SIN, &w, &cfg, &act, 4, DX, &g, BWS, NULL),
+                 L3K_ERROR_VALUE, "flags is 4");
+    l3k_llama_block_grads g_missing = g;
+    g_missing.o_weight = NULL;
+    EXPECT_FAILS(l3k_llama_block_backward(DOUT, X, COS, SIN, &w, &cfg, &act, 0, DX, &g_missing, BWS, NULL),
+                 L3K_ERROR_NULL_POINTER, "grads->o_weight is NULL");
+    l3k_llama_block_activations half = act;
+    half.lse = NULL;
+    EXPECT_FAILS(l3k_llama_block_backward(DOUT, X, COS, SIN, &w, &cfg, &half, 0, DX, &g, BWS, NULL),
+                 L3K_ERROR_NULL_POINTER, "saved->lse is NULL but saved->attn_out is not");
+    l3k_llama_block_grads g_alias = g;
+    g_alias.down_weight = (DLTensor *)w.down_weight; /* a gradient written over its own weight */
+    EXPECT_FAILS(l3k_llama_block_backward(DOUT, X, COS, SIN, &w, &cfg, &act, 0, DX, &g_alias, BWS, NULL),
+                 L3K_ERROR_LAYOUT, "grads->down_weight");
+    host_tensor tmis;
+    float *misaligned = (float *)act.h->data + 1;
+    l3k_llama_block_activations mis = act;
+    const int64_t hn[1] = {T * DIM - 1};
+    mis.rstd1 = host_f32(&tmis, misaligned, 1, hn);
+    EXPECT_FAILS(l3k_llama_block_backward(DOUT, X, COS, SIN, &w, &cfg, &mis, 0, DX, &g, BWS, NULL),
+                 L3K_ERROR_SHAPE, "saved->rstd1");
+    for (int j = 0; j < T * DIM; ++j) CHECK(dx_f[j] == 12345.0f, "a refused call wrote dx[%d]", j);
+    CHECK(memcmp(gu_copy, act.gate_up->data, gu_bytes) == 0, "a refused call wrote saved->gate_up");
+    l3k_llama_block_config cfg_old = cfg;
+    cfg_old.struct_size = 0;
+    EXPECT_FAILS(l3k_llama_block_forward(X, COS, SIN, &w, &cfg_old, OUT, FWS, NULL), L3K_ERROR_VALUE,
+                 "llama_block_forward: cfg->struct_size is 0, expected at least");
+
+    /* A failing step is reported under the block's name with the step's own message. */
     int64_t short_tab[2] = {S - 1, HD / 2};
     host_tensor tcs;
     DLTensor *SHORT = host_f32(&tcs, cs, 2, short_tab);
-    CHECK(l3k_llama_block_forward(X, SHORT, SIN, &w, &cfg, OUT, WS, NULL) != L3K_SUCCESS, "short table");
-    CHECK(strncmp(l3k_last_error(), "llama_block_forward: rope_forward: ", 35) == 0, "%s", l3k_last_error());
-    free(ws);
+    CHECK(l3k_llama_block_forward_train(X, SHORT, SIN, &w, &cfg, OUT2, &act, FWS, NULL) != L3K_SUCCESS,
+          "short table");
+    CHECK(strncmp(l3k_last_error(), "llama_block_forward_train: rope_forward: ", 41) == 0, "%s", l3k_last_error());
+    int64_t bad[2] = {QKV - 8, DIM};
+    host_tensor tb;
+    l3k_llama_block_weights wb = w;
+    wb.qkv_weight = host_f32(&tb, pf.wqkv, 2, bad);
+    EXPECT_FAILS(l3k_llama_block_forward(X, COS, SIN, &wb, &cfg, OUT, FWS, NULL), L3K_ERROR_SHAPE,
+                 "llama_block_forward: qkv_weight has shape (56, 32), expected");
+
+    /* ---- no tokens: nothing to do forward; every gradient is zero ---- */
+    host_tensor tx0, tdo0, tdx0;
+    const int64_t s0[3] = {0, S, DIM};
+    DLTensor *X0 = host_f32(&tx0, NULL, 3, s0), *DO0 = host_f32(&tdo0, NULL, 3, s0), *DX0 = host_f32(&tdx0, NULL, 3, s0);
+    l3k_llama_block_layout lay0 = L3K_LLAMA_BLOCK_LAYOUT_INIT;
+    CHECK(l3k_llama_block_training_layout(X0, &w, &cfg, &lay0) == L3K_SUCCESS, "%s", l3k_last_error());
+    host_tensor e[5];
+    const int64_t zero[1] = {0};
+    l3k_llama_block_activations act0 = L3K_LLAMA_BLOCK_ACTIVATIONS_INIT;
+    act0.qkv = host_f32(&e[0], NULL, 1, zero);
+    act0.h = host_f32(&e[1], NULL, 1, zero);
+    act0.gate_up = host_f32(&e[2], NULL, 1, zero);
+    act0.rstd1 = host_f32(&e[3], NULL, 1, zero);
+    act0.rstd2 = host_f32(&e[4], NULL, 1, zero);
+    CHECK(l3k_llama_block_backward(DO0, X0, COS, SIN, &w, &cfg, &act0, 0, DX0, &g, BWS, NULL) == L3K_SUCCESS, "%s",
+          l3k_last_error());
+    for (int i = 1; i < N_PARTS; ++i) {
+        int n;
+        part(&p, i, &n);
+        for (int j = 0; j < n; ++j) CHECK(gbuf[i][j] == 0.0f, "no tokens: %s[%d] = %g", part_names[i], j, gbuf[i][j]);
+    }
+
+    free(gu_copy);
     printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "ok", g_failures);
     return g_failures ? 1 : 0;
 }
