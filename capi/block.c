@@ -405,7 +405,7 @@ l3k_status l3k_llama_block_training_layout(const DLTensor *x, const l3k_llama_bl
     plan_backward(&d, 1, &preserve);
     const DLDataType f32 = {kDLFloat, 32, 1};
     layout->qkv = (l3k_buffer_desc){d.t, d.qkv, x->dtype};
-    layout->h = (l3k_buffer_desc){d.t, d.dim, x->dtype};
+    layout->residual = (l3k_buffer_desc){d.t, d.dim, x->dtype};
     layout->gate_up = (l3k_buffer_desc){d.t, 2 * d.hidden, x->dtype};
     layout->rstd1 = layout->rstd2 = (l3k_buffer_desc){d.t, 1, f32};
     layout->attn_out = (l3k_buffer_desc){d.t, d.dim, x->dtype};
@@ -420,7 +420,7 @@ static l3k_status check_activations(l3k_call *c, const dims *d, const l3k_llama_
     L3K_TRY(check_struct_size(c, s, s ? s->struct_size : 0, sizeof(l3k_llama_block_activations), "saved",
                               "L3K_LLAMA_BLOCK_ACTIVATIONS_INIT"));
     L3K_TRY(check_buffer(c, s->qkv, "saved->qkv", d->t * d->qkv, d->dt, "x"));
-    L3K_TRY(check_buffer(c, s->h, "saved->h", d->t * d->dim, d->dt, "x"));
+    L3K_TRY(check_buffer(c, s->residual, "saved->residual", d->t * d->dim, d->dt, "x"));
     L3K_TRY(check_buffer(c, s->gate_up, "saved->gate_up", d->t * 2 * d->hidden, d->dt, "x"));
     L3K_TRY(check_buffer(c, s->rstd1, "saved->rstd1", d->t, L3K_DT_F32, "rstd"));
     L3K_TRY(check_buffer(c, s->rstd2, "saved->rstd2", d->t, L3K_DT_F32, "rstd"));
@@ -431,8 +431,8 @@ static l3k_status check_activations(l3k_call *c, const dims *d, const l3k_llama_
         L3K_TRY(check_buffer(c, s->attn_out, "saved->attn_out", d->t * d->dim, d->dt, "x"));
         L3K_TRY(check_buffer(c, s->lse, "saved->lse", d->b * d->h * d->s, L3K_DT_F32, "lse"));
     }
-    const DLTensor *all[7] = {s->qkv, s->h, s->gate_up, s->rstd1, s->rstd2, s->attn_out, s->lse};
-    static const char *names[7] = {"saved->qkv",   "saved->h",        "saved->gate_up", "saved->rstd1",
+    const DLTensor *all[7] = {s->qkv, s->residual, s->gate_up, s->rstd1, s->rstd2, s->attn_out, s->lse};
+    static const char *names[7] = {"saved->qkv",   "saved->residual",        "saved->gate_up", "saved->rstd1",
                                    "saved->rstd2", "saved->attn_out", "saved->lse"};
     for (int i = 0; i < 7; ++i) L3K_TRY(check_aligned(c, all[i], names[i]));
     return L3K_SUCCESS;
@@ -452,9 +452,9 @@ l3k_status l3k_llama_block_forward_train(const DLTensor *x, const DLTensor *cos,
     const int keep_attn = saved->attn_out != NULL;
     plan_forward(&d, 0, keep_attn, &p);
     L3K_TRY(check_workspace_aligned(&c, workspace, p.total));
-    const DLTensor *outs[9] = {out,          workspace,   saved->qkv,      saved->h,  saved->gate_up,
+    const DLTensor *outs[9] = {out,          workspace,   saved->qkv,      saved->residual,  saved->gate_up,
                                saved->rstd1, saved->rstd2, saved->attn_out, saved->lse};
-    const char *out_names[9] = {"out",          "workspace",    "saved->qkv",      "saved->h",  "saved->gate_up",
+    const char *out_names[9] = {"out",          "workspace",    "saved->qkv",      "saved->residual",  "saved->gate_up",
                                 "saved->rstd1", "saved->rstd2", "saved->attn_out", "saved->lse"};
     const DLTensor *ins[9] = {x, cos, sin, w->qkv_weight, w->o_weight, w->gate_up_weight, w->down_weight,
                               w->norm1_weight, w->norm2_weight};
@@ -465,7 +465,7 @@ l3k_status l3k_llama_block_forward_train(const DLTensor *x, const DLTensor *cos,
     char *ws = (char *)l3k_data(workspace);
     const fwd_buffers buf = {
         l3k_data(saved->qkv),
-        l3k_data(saved->h),
+        l3k_data(saved->residual),
         l3k_data(saved->gate_up),
         keep_attn ? l3k_data(saved->attn_out) : ws + p.o.off,
         (float *)l3k_data(saved->rstd1),
@@ -530,11 +530,11 @@ l3k_status l3k_llama_block_backward(const DLTensor *dout, const DLTensor *x, con
                                 "saved->gate_up"};
     const DLTensor *ins[17] = {dout,          x,            cos,           sin,          w->qkv_weight,
                                w->o_weight,   w->gate_up_weight, w->down_weight, w->norm1_weight, w->norm2_weight,
-                               saved->qkv,    saved->h,     saved->rstd1,  saved->rstd2, saved->attn_out,
+                               saved->qkv,    saved->residual,     saved->rstd1,  saved->rstd2, saved->attn_out,
                                saved->lse,    preserve ? saved->gate_up : NULL};
     const char *in_names[17] = {"dout",         "x",           "cos",          "sin",
                                 "qkv_weight",   "o_weight",    "gate_up_weight", "down_weight",
-                                "norm1_weight", "norm2_weight", "saved->qkv",   "saved->h",
+                                "norm1_weight", "norm2_weight", "saved->qkv",   "saved->residual",
                                 "saved->rstd1", "saved->rstd2", "saved->attn_out", "saved->lse",
                                 "saved->gate_up"};
     L3K_TRY(check_disjoint(&c, outs, out_names, 9, ins, in_names, 17));
@@ -555,7 +555,7 @@ l3k_status l3k_llama_block_backward(const DLTensor *dout, const DLTensor *x, con
     DLTensor *da = rows_view(&vda, x, da_base, 0, d.t, d.hidden);
     DLTensor *gu = rows_view(&vgu, x, l3k_data(saved->gate_up), 0, d.t, 2 * d.hidden);
     DLTensor *dgu = rows_view(&vdgu, x, dgu_base, 0, d.t, 2 * d.hidden);
-    DLTensor *h = rows_view(&vh, x, l3k_data(saved->h), 0, d.t, d.dim);
+    DLTensor *h = rows_view(&vh, x, l3k_data(saved->residual), 0, d.t, d.dim);
     DLTensor *r1 = f32_view(&vr1, x, l3k_data(saved->rstd1), 0, d.t);
     DLTensor *r2 = f32_view(&vr2, x, l3k_data(saved->rstd2), 0, d.t);
     DLTensor *q = heads_view(&vq, x, l3k_data(saved->qkv), 0, &d, d.qkv, 0, d.h);

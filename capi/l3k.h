@@ -397,10 +397,11 @@ L3K_API l3k_status l3k_llama_block_forward(const DLTensor *x, const DLTensor *co
 typedef struct {
     size_t struct_size; /* sizeof(l3k_llama_block_activations): use L3K_LLAMA_BLOCK_ACTIVATIONS_INIT */
     DLTensor *qkv;      /* (tokens, qkv rows), x's dtype: q and k rotated, then v */
-    DLTensor *h;        /* (tokens, dim), x's dtype: x + the attention's output projection */
+    DLTensor *residual; /* (tokens, dim), x's dtype: x + the attention's output projection, the
+                           residual stream between the two sublayers */
     DLTensor *gate_up;  /* (tokens, 2 * hidden), x's dtype: the gate/up projection */
     DLTensor *rstd1;    /* (tokens,) float32: 1 / rms of each row of x */
-    DLTensor *rstd2;    /* (tokens,) float32: 1 / rms of each row of h */
+    DLTensor *rstd2;    /* (tokens,) float32: 1 / rms of each row of residual */
     DLTensor *attn_out; /* optional, (tokens, dim), x's dtype: the attention output; NULL: the
                            backward recomputes it (one attention forward) and saves the memory */
     DLTensor *lse;      /* (batch * n_heads * seq,) float32, given iff attn_out is */
@@ -416,7 +417,7 @@ typedef struct {
 /* What a training step needs, for x's shape. */
 typedef struct {
     size_t struct_size; /* sizeof(l3k_llama_block_layout): use L3K_LLAMA_BLOCK_LAYOUT_INIT */
-    l3k_buffer_desc qkv, h, gate_up, rstd1, rstd2, attn_out, lse; /* the activations, as above */
+    l3k_buffer_desc qkv, residual, gate_up, rstd1, rstd2, attn_out, lse; /* the activations, as above */
     size_t forward_workspace_bytes;   /* for l3k_llama_block_forward_train */
     size_t backward_workspace_bytes;  /* for l3k_llama_block_backward without flags */
     size_t backward_workspace_bytes_preserving; /* ... with L3K_BLOCK_PRESERVE_ACTIVATIONS */

@@ -225,7 +225,7 @@ int main(void) {
     /* ---- training forward: the same output bitwise, the activations kept ---- */
     l3k_llama_block_layout lay = L3K_LLAMA_BLOCK_LAYOUT_INIT;
     CHECK(l3k_llama_block_training_layout(X, &w, &cfg, &lay) == L3K_SUCCESS, "%s", l3k_last_error());
-    CHECK(lay.qkv.rows == T && lay.qkv.cols == QKV && lay.gate_up.cols == 2 * HID && lay.h.cols == DIM &&
+    CHECK(lay.qkv.rows == T && lay.qkv.cols == QKV && lay.gate_up.cols == 2 * HID && lay.residual.cols == DIM &&
               lay.rstd1.rows * lay.rstd1.cols == T && lay.lse.rows * lay.lse.cols == B * H * S &&
               lay.rstd1.dtype.code == kDLFloat && lay.rstd1.dtype.bits == 32,
           "layout shapes");
@@ -233,7 +233,7 @@ int main(void) {
     host_tensor tq, th, tgu, tr1, tr2, tao, tlse, tfw, tbw, tdx, tout2;
     l3k_llama_block_activations act = L3K_LLAMA_BLOCK_ACTIVATIONS_INIT;
     act.qkv = f32_buffer(&tq, (size_t)(lay.qkv.rows * lay.qkv.cols), NAN);
-    act.h = f32_buffer(&th, (size_t)(lay.h.rows * lay.h.cols), NAN);
+    act.residual = f32_buffer(&th, (size_t)(lay.residual.rows * lay.residual.cols), NAN);
     act.gate_up = f32_buffer(&tgu, (size_t)(lay.gate_up.rows * lay.gate_up.cols), NAN);
     act.rstd1 = f32_buffer(&tr1, T, NAN);
     act.rstd2 = f32_buffer(&tr2, T, NAN);
@@ -243,7 +243,7 @@ int main(void) {
           l3k_last_error());
     CHECK(memcmp(out_inf, out_train, sizeof out_inf) == 0, "training forward differs from inference");
     err = 0;
-    for (int i = 0; i < T * DIM; ++i) err = fmax(err, fabs(data_of(act.h)[i] - ref_h[i]));
+    for (int i = 0; i < T * DIM; ++i) err = fmax(err, fabs(data_of(act.residual)[i] - ref_h[i]));
     CHECK(err <= 1e-4 * max_abs(ref_h, T * DIM), "saved h max error %g", err);
 
     /* ---- backward against the float64 block's central differences ---- */
@@ -345,7 +345,7 @@ int main(void) {
     EXPECT_FAILS(l3k_llama_block_backward(DOUT, X, COS, SIN, &w, &cfg, &act, 0, DX, &g_alias, BWS, NULL),
                  L3K_ERROR_LAYOUT, "grads->down_weight");
     host_tensor tmis;
-    float *misaligned = (float *)act.h->data + 1;
+    float *misaligned = (float *)act.residual->data + 1;
     l3k_llama_block_activations mis = act;
     const int64_t hn[1] = {T * DIM - 1};
     mis.rstd1 = host_f32(&tmis, misaligned, 1, hn);
@@ -382,7 +382,7 @@ int main(void) {
     const int64_t zero[1] = {0};
     l3k_llama_block_activations act0 = L3K_LLAMA_BLOCK_ACTIVATIONS_INIT;
     act0.qkv = host_f32(&e[0], NULL, 1, zero);
-    act0.h = host_f32(&e[1], NULL, 1, zero);
+    act0.residual = host_f32(&e[1], NULL, 1, zero);
     act0.gate_up = host_f32(&e[2], NULL, 1, zero);
     act0.rstd1 = host_f32(&e[3], NULL, 1, zero);
     act0.rstd2 = host_f32(&e[4], NULL, 1, zero);
