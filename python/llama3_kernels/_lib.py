@@ -65,6 +65,9 @@ _SIGNATURES: dict[str, list] = {
     "l3k_attention_backward": [_P, _P, _P, _P, _P, _P, _F, _INT, _INT, _P, _P, _P, _P, _P],
     "l3k_llama_block_forward_workspace_size": [_P, _P, _P, ctypes.POINTER(_SZ)],
     "l3k_llama_block_forward": [_P, _P, _P, _P, _P, _P, _P, _P],
+    "l3k_llama_block_training_layout": [_P, _P, _P, _P],
+    "l3k_llama_block_forward_train": [_P, _P, _P, _P, _P, _P, _P, _P, _P],
+    "l3k_llama_block_backward": [_P, _P, _P, _P, _P, _P, _P, ctypes.c_uint, _P, _P, _P, _P],
     "l3k_linear_workspace_size": [_P, ctypes.POINTER(_SZ)],
     "l3k_linear_forward": [_P, _P, _P, _P, _P, _P],
     "l3k_linear_backward_input": [_P, _P, _P, _INT, _P, _P],
@@ -80,6 +83,63 @@ _RESTYPES = {
     "l3k_status_string": ctypes.c_char_p,
     "l3k_last_error": ctypes.c_char_p,
 }
+
+
+# ---- the public structs of capi/l3k.h (a test checks them against the header) ------------
+
+
+def _sized(cls):
+    """A struct whose first field, struct_size, holds its own size (the header's *_INIT macros)."""
+    def init(self, *args, **kwargs):
+        ctypes.Structure.__init__(self, ctypes.sizeof(cls), *args, **kwargs)
+    cls.__init__ = init
+    return cls
+
+
+@_sized
+class BlockWeights(ctypes.Structure):  # l3k_llama_block_weights: DLTensor pointers
+    _fields_ = [("struct_size", _SZ)] + [(n, _P) for n in (
+        "qkv_weight", "o_weight", "gate_up_weight", "down_weight", "norm1_weight", "norm2_weight")]
+
+
+@_sized
+class BlockConfig(ctypes.Structure):  # l3k_llama_block_config
+    _fields_ = [("struct_size", _SZ), ("n_heads", _I64), ("n_kv_heads", _I64), ("causal", _INT),
+                ("eps", _F), ("deterministic", _INT)]
+
+
+@_sized
+class BlockActivations(ctypes.Structure):  # l3k_llama_block_activations: DLTensor pointers
+    _fields_ = [("struct_size", _SZ)] + [(n, _P) for n in (
+        "qkv", "residual", "gate_up", "rstd1", "rstd2", "attn_out", "lse")]
+
+
+class BufferDesc(ctypes.Structure):  # l3k_buffer_desc
+    _fields_ = [("rows", _I64), ("cols", _I64), ("dtype_code", ctypes.c_uint8), ("dtype_bits", ctypes.c_uint8),
+                ("dtype_lanes", ctypes.c_uint16)]
+
+
+@_sized
+class BlockLayout(ctypes.Structure):  # l3k_llama_block_layout
+    _fields_ = ([("struct_size", _SZ)]
+                + [(n, BufferDesc) for n in ("qkv", "residual", "gate_up", "rstd1", "rstd2", "attn_out", "lse")]
+                + [("forward_workspace_bytes", _SZ), ("backward_workspace_bytes", _SZ),
+                   ("backward_workspace_bytes_preserving", _SZ)])
+
+
+@_sized
+class BlockGrads(ctypes.Structure):  # l3k_llama_block_grads: DLTensor pointers
+    _fields_ = [("struct_size", _SZ)] + [(n, _P) for n in (
+        "qkv_weight", "o_weight", "gate_up_weight", "down_weight", "norm1_weight", "norm2_weight")]
+
+
+# Header name -> mirror, for the header test.
+STRUCTS: dict = {
+    "l3k_llama_block_weights": BlockWeights, "l3k_llama_block_config": BlockConfig,
+    "l3k_llama_block_activations": BlockActivations, "l3k_buffer_desc": BufferDesc,
+    "l3k_llama_block_layout": BlockLayout, "l3k_llama_block_grads": BlockGrads,
+}
+PRESERVE_ACTIVATIONS = 1  # L3K_BLOCK_PRESERVE_ACTIVATIONS
 
 
 def _candidates() -> list[Path]:
