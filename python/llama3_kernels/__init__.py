@@ -19,7 +19,7 @@ from .ops.swiglu import (swiglu, swiglu_backward_into, swiglu_forward_into, swig
 from .ops.attention import (attention_backward_into, attention_backward_workspace_size,
                             attention_forward_into, flash_attn, triton_flash_attn)
 from .modules import RMSNorm
-from .block import TritonLlama3Block
+from .block import Llama3Block, TritonLlama3Block
 from .reference import TorchLlama3Block
 from .modules import RotaryEmbedding, SwiGLUMLP
 from . import library  # registers torch.ops.llama3_kernels.* (torch.compile, torch.library)

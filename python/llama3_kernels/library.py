@@ -453,29 +453,6 @@ torch.library.register_autograd(f"{NAMESPACE}::linear", _linear_bwd, setup_conte
 
 
 # ======================================================================================
-# The whole block's inference forward: one op, one C call (l3k_llama_block_forward).
-# No autograd: TritonLlama3Block routes here under torch.compile only when no gradient
-# is wanted; training goes through llama_block below, op by op.
-# ======================================================================================
-
-def _block_inference_kernel(x, cos, sin, qkv_weight, o_weight, gate_up_weight, down_weight,
-                            norm1_weight, norm2_weight, n_heads, n_kv_heads, causal, eps):
-    from .block import _InferenceCall
-    params = (qkv_weight, o_weight, gate_up_weight, down_weight, norm1_weight, norm2_weight)
-    return _InferenceCall(params, n_heads, n_kv_heads, causal, eps).run(x.contiguous(), cos, sin)
-
-
-def _block_inference_fake(x, cos, sin, *rest):
-    return _empty(x.shape, x)
-
-
-_define("llama_block_inference(Tensor x, Tensor cos, Tensor sin, Tensor qkv_weight, Tensor o_weight, "
-        "Tensor gate_up_weight, Tensor down_weight, Tensor norm1_weight, Tensor norm2_weight, "
-        "int n_heads, int n_kv_heads, bool causal, float eps) -> Tensor",
-        _block_inference_kernel, _block_inference_fake)
-
-
-# ======================================================================================
 # Python wrappers: the public ops' signatures and results on top of the registered ops.
 # The functions in ops/ call these when torch.compiler.is_compiling() is true.
 # ======================================================================================
@@ -528,31 +505,3 @@ def flash_attn(q, k, v, causal: bool = False, scale: float | None = None,
 
 def linear(x, weight, residual=None) -> torch.Tensor:
     return ops.linear(x, weight, residual)
-
-
-def llama_block_inference(block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """TritonLlama3Block's forward without autograd, as one registered op (the eager inference
-    path's single C call): at host-bound shapes one dispatch instead of one per kernel."""
-    return ops.llama_block_inference(x, cos, sin, block.qkv_weight, block.o_weight, block.gate_up_weight,
-                                     block.down_weight, block.norm1_weight, block.norm2_weight,
-                                     int(block.n_heads), int(block.n_kv_heads), bool(block.causal),
-                                     float(block.eps))
-
-
-def llama_block(block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """TritonLlama3Block's forward as registered ops, for torch.compile: the block's eager path
-    runs one autograd Function over raw C calls, which Dynamo cannot trace.  Same math and
-    fusions (QKV and gate/up as one GEMM each, residuals in the GEMM epilogues, attention
-    output read by the o-projection without a copy); RoPE is out of place here (the compiled
-    graph plans the memory).  `block` needs the attributes of TritonLlama3Block."""
-    b, s, dim = x.shape
-    h, hkv, hd = block.n_heads, block.n_kv_heads, block.head_dim
-    qkv = ops.linear(rms_norm(x, block.norm1_weight, block.eps), block.qkv_weight, None)
-    qkv = qkv.view(b, s, h + 2 * hkv, hd)
-    q, k, v = (qkv[:, :, :h].transpose(1, 2), qkv[:, :, h:h + hkv].transpose(1, 2),
-               qkv[:, :, h + hkv:].transpose(1, 2))
-    q, k = rope(q, k, cos, sin)
-    o, _ = ops.flash_attn(q, k, v, bool(block.causal), 0.0, bool(getattr(block, "deterministic", False)))
-    hres = ops.linear(o.view(b, s, h * hd), block.o_weight, x)
-    gu = ops.linear(rms_norm(hres, block.norm2_weight, block.eps), block.gate_up_weight, None)
-    return ops.linear(ops.swiglu_fused(gu), block.down_weight, hres)
