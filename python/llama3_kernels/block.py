@@ -1,22 +1,26 @@
-"""TritonLlama3Block: the LLaMA-3 transformer block on the library's kernels.
+"""Llama3Block: the LLaMA-3 transformer block, composed once in C.
 
-    h   = x + o_proj(attention(rope(qkv_proj(rmsnorm(x)))))       residual in the GEMM epilogue
-    out = h + down_proj(silu(g) * u),  [g | u] = gate_up_proj(rmsnorm(h))
+    residual = x + o_proj(attention(rope(qkv_proj(rmsnorm(x)))))
+    out      = residual + down_proj(silu(gate) * up),  [gate | up] = gate_up_proj(rmsnorm(residual))
 
-q/k/v are one GEMM and gate/up one GEMM; RoPE rotates q and k in place inside
-the QKV output; attention reads those strided views and writes its output in
-the (batch, seq, heads, head_dim) layout the output projection reads; both
-residual adds ride on the GEMMs (beta = 1, out of place).  Training runs one
-block-level autograd Function whose backward calls the library's backward
-kernels and GEMMs; it saves x, qkv, h, the second norm's output and the gate/up
-output, and recomputes the first norm and the SiLU product.  The second norm's
-output is live at the backward's memory peak either way (the gate/up weight
-gradient reads it there), so keeping it costs no peak memory and saves an RMSNorm
-pass; keeping the first norm's would raise that peak.  The attention output is
-recomputed too (one forward attention kernel), which takes the backward's memory
-peak down by batch * seq * dim elements; recompute_attention=False saves it and
-its LSE instead.
+The composition lives in the C library (capi/block.c): an inference forward, a
+training forward that keeps the activations the backward needs in buffers this
+module allocates, and a backward that computes every gradient; each is one C call.
+This module allocates, calls, and wires autograd.  The same two bodies serve the
+eager route (an autograd Function that calls them directly) and ``torch.compile``
+(the registered ops ``llama_block_train`` / ``llama_block_backward``, with fake
+kernels; the inference forward is ``llama_block_inference``).
+
+What the forward keeps: the QKV projection (q and k rotated), the residual stream
+between the sublayers, the gate/up projection and each norm's 1/rms.  The norms'
+outputs are recomputed in the backward, and so is the attention output unless
+``recompute_attention=False``.  The backward writes the gate/up gradient over the
+gate/up activation, so one forward's activations serve one backward; under
+``backward(retain_graph=True)`` (and always under ``torch.compile``, whose graphs
+are functional) the backward preserves them instead, at the cost of a workspace
+that large.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -27,18 +31,15 @@ import torch
 from torch import nn
 
 from ._dlpack import Borrowed, current_stream
-from ._lib import LIB, check
+from ._lib import (LIB, PRESERVE_ACTIVATIONS, BlockActivations, BlockConfig, BlockGrads, BlockLayout,
+                   BlockWeights, check)
 
-from .ops.attention import attention_backward_into, attention_backward_workspace_size, attention_forward_into
-from .ops.linear import (gemm_workspace, linear_backward_input_into, linear_backward_weight_into,
-                         linear_forward_into)
-from .ops.rmsnorm import rmsnorm_backward_into, rmsnorm_backward_workspace_size, rmsnorm_forward_into
-from .ops.rope import rope_backward_into, rope_forward_into
-from .ops.swiglu import swiglu_fused_backward_into, swiglu_fused_forward_into
+# The fused parameters, in the order of l3k_llama_block_weights and of the backward's gradients.
+PARAM_NAMES = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight", "norm1_weight", "norm2_weight")
 
 # Parameter names of the tutorial's block and of Hugging Face's LlamaDecoderLayer,
 # mapped onto this block's fused parameters: (fused name, part index).
-_QKV, _GU = ("q", "k", "v"), ("gate", "up")
+_QKV_PARTS, _GATE_UP_PARTS = ("q", "k", "v"), ("gate", "up")
 _ALIASES = {
     "attn_q.weight": ("qkv_weight", 0), "attn_k.weight": ("qkv_weight", 1), "attn_v.weight": ("qkv_weight", 2),
     "attn_o.weight": ("o_weight", None),
@@ -52,24 +53,213 @@ _ALIASES = {
 }
 
 
-class _Shapes:
-    """Sizes of one call, and the q/k/v views of a (tokens, qkv width) buffer."""
+# ---- the C calls ----------------------------------------------------------------------------
 
-    def __init__(self, block: "TritonLlama3Block", x: torch.Tensor):
-        self.b, self.s, self.dim = x.shape
-        self.t = self.b * self.s
-        self.h, self.hkv, self.hd = block.n_heads, block.n_kv_heads, block.head_dim
+class BlockCall:
+    """The weights and configuration of one block as the C ABI takes them, with the sizes
+    asked of the library per input shape.  A module keeps one between calls (so a call at
+    a host-bound shape costs little more than the C call); the registered ops make one
+    per call.  It holds references to the weights it borrowed."""
 
-    def qkv_views(self, qkv: torch.Tensor):
-        v4 = qkv.view(self.b, self.s, self.h + 2 * self.hkv, self.hd)
-        q = v4[:, :, : self.h].transpose(1, 2)
-        k = v4[:, :, self.h: self.h + self.hkv].transpose(1, 2)
-        v = v4[:, :, self.h + self.hkv:].transpose(1, 2)
-        return q, k, v
+    __slots__ = ("key", "params", "borrowed", "weights", "cfg", "layouts", "inference_bytes")
 
-    def heads(self, t: torch.Tensor) -> torch.Tensor:
-        """(tokens, heads * head_dim) as (batch, heads, seq, head_dim), no copy."""
-        return t.view(self.b, self.s, -1, self.hd).transpose(1, 2)
+    def __init__(self, params, n_heads: int, n_kv_heads: int, causal: bool, eps: float,
+                 deterministic: bool = False, key=None):
+        self.key = key
+        self.params = params
+        self.borrowed = Borrowed(*params)
+        self.weights = BlockWeights(*self.borrowed.ptrs)
+        self.cfg = BlockConfig(n_heads, n_kv_heads, int(causal), eps, int(deterministic))
+        self.layouts: dict = {}
+        self.inference_bytes: dict = {}
+
+    def layout(self, x: torch.Tensor, x_ptr) -> BlockLayout:
+        k = (x.shape, x.dtype)
+        lay = self.layouts.get(k)
+        if lay is None:
+            lay = self.layouts[k] = BlockLayout()
+            check(LIB.l3k_llama_block_training_layout(x_ptr, ctypes.byref(self.weights), ctypes.byref(self.cfg),
+                                                      ctypes.byref(lay)))
+        return lay
+
+    def inference(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The block's output for contiguous x (batch, seq, dim); nothing kept."""
+        b = Borrowed(x, cos, sin)
+        k = (x.shape, x.dtype)
+        n = self.inference_bytes.get(k)
+        if n is None:
+            size = ctypes.c_size_t(0)
+            check(LIB.l3k_llama_block_forward_workspace_size(b.ptrs[0], ctypes.byref(self.weights),
+                                                             ctypes.byref(self.cfg), ctypes.byref(size)))
+            n = self.inference_bytes[k] = size.value
+        out = torch.empty_like(x)
+        ws = torch.empty(n, dtype=torch.uint8, device=x.device)
+        o = Borrowed(out, ws)
+        check(LIB.l3k_llama_block_forward(b.ptrs[0], b.ptrs[1], b.ptrs[2], ctypes.byref(self.weights),
+                                          ctypes.byref(self.cfg), o.ptrs[0], o.ptrs[1], current_stream(x)))
+        return out
+
+    def train_forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keep_attention: bool):
+        """(out, *activations) of a training forward; the activations in BlockActivations' order,
+        size-0 tensors for an attention output and LSE that are not kept."""
+        b = Borrowed(x, cos, sin)
+        lay = self.layout(x, b.ptrs[0])
+        dev, dt = x.device, x.dtype
+        out = torch.empty_like(x)
+        acts = [torch.empty(lay.qkv.rows, lay.qkv.cols, dtype=dt, device=dev),
+                torch.empty(lay.residual.rows, lay.residual.cols, dtype=dt, device=dev),
+                torch.empty(lay.gate_up.rows, lay.gate_up.cols, dtype=dt, device=dev),
+                torch.empty(lay.rstd1.rows, dtype=torch.float32, device=dev),
+                torch.empty(lay.rstd2.rows, dtype=torch.float32, device=dev)]
+        if keep_attention:
+            acts += [torch.empty(lay.attn_out.rows, lay.attn_out.cols, dtype=dt, device=dev),
+                     torch.empty(lay.lse.rows, dtype=torch.float32, device=dev)]
+        ws = torch.empty(lay.forward_workspace_bytes, dtype=torch.uint8, device=dev)
+        o = Borrowed(out, ws, *acts)
+        saved = BlockActivations(*o.ptrs[2:])
+        check(LIB.l3k_llama_block_forward_train(b.ptrs[0], b.ptrs[1], b.ptrs[2], ctypes.byref(self.weights),
+                                                ctypes.byref(self.cfg), o.ptrs[0], ctypes.byref(saved), o.ptrs[1],
+                                                current_stream(x)))
+        if not keep_attention:
+            empty = torch.empty(0, dtype=dt, device=dev)
+            acts += [empty, torch.empty(0, dtype=torch.float32, device=dev)]
+        return (out, *acts)
+
+    def backward(self, dout: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, acts,
+                 preserve: bool):
+        """(dx, *weight gradients) from the activations train_forward returned.  Without
+        `preserve` the gate/up activation is overwritten."""
+        if not dout.is_contiguous():
+            dout = dout.contiguous()
+        kept = acts[5].numel() > 0
+        b = Borrowed(dout, x, cos, sin, *(acts if kept else acts[:5]))
+        lay = self.layout(x, b.ptrs[1])
+        saved = BlockActivations(*b.ptrs[4:])
+        dx = torch.empty_like(x)
+        grads = [torch.empty_like(p) for p in self.params]
+        ws = torch.empty(lay.backward_workspace_bytes_preserving if preserve else lay.backward_workspace_bytes,
+                         dtype=torch.uint8, device=x.device)
+        o = Borrowed(dx, ws, *grads)
+        g = BlockGrads(*o.ptrs[2:])
+        check(LIB.l3k_llama_block_backward(b.ptrs[0], b.ptrs[1], b.ptrs[2], b.ptrs[3], ctypes.byref(self.weights),
+                                           ctypes.byref(self.cfg), ctypes.byref(saved),
+                                           PRESERVE_ACTIVATIONS if preserve else 0, o.ptrs[0], ctypes.byref(g),
+                                           o.ptrs[1], current_stream(x)))
+        return (dx, *grads)
+
+
+# ---- registered ops (torch.compile) --------------------------------------------------------
+
+_LIB = torch.library.Library("llama3_kernels", "FRAGMENT")
+ops = torch.ops.llama3_kernels
+_SPEC = "int n_heads, int n_kv_heads, bool causal, float eps, bool deterministic"
+_PARAMS = ("Tensor qkv_weight, Tensor o_weight, Tensor gate_up_weight, Tensor down_weight, "
+           "Tensor norm1_weight, Tensor norm2_weight")
+_ACTS = "Tensor qkv, Tensor residual, Tensor gate_up, Tensor rstd1, Tensor rstd2, Tensor attn_out, Tensor lse"
+
+
+def _define(schema: str, kernel, fake) -> None:
+    name = schema.split("(", 1)[0]
+    _LIB.define(schema)
+    _LIB.impl(name, kernel, "CPU")
+    _LIB.impl(name, kernel, "CUDA")
+    torch.library.register_fake(f"llama3_kernels::{name}", fake, lib=_LIB)
+
+
+def _call_of(params, spec) -> BlockCall:
+    return BlockCall(params, *spec)
+
+
+def _inference_kernel(x, cos, sin, *args):
+    params, spec = args[:6], args[6:]
+    return _call_of(params, spec).inference(x.contiguous(), cos, sin)
+
+
+def _train_kernel(x, cos, sin, *args):
+    params, spec, keep_attention = args[:6], args[6:11], args[11]
+    return _call_of(params, spec).train_forward(x.contiguous(), cos, sin, keep_attention)
+
+
+def _backward_kernel(dout, x, cos, sin, *args):
+    acts, params, spec, preserve = args[:7], args[7:13], args[13:18], args[18]
+    return _call_of(params, spec).backward(dout, x.contiguous(), cos, sin, acts, preserve)
+
+
+def _train_fake(x, cos, sin, qkv_weight, o_weight, gate_up_weight, down_weight, norm1_weight, norm2_weight,
+                n_heads, n_kv_heads, causal, eps, deterministic, keep_attention):
+    b, s, dim = x.shape
+    t = b * s
+    new = x.new_empty
+    kept = (new(t, dim), new(b * n_heads * s, dtype=torch.float32)) if keep_attention else (
+        new(0), new(0, dtype=torch.float32))
+    return (torch.empty_like(x), new(t, qkv_weight.shape[0]), new(t, dim), new(t, gate_up_weight.shape[0]),
+            new(t, dtype=torch.float32), new(t, dtype=torch.float32), *kept)
+
+
+def _backward_fake(dout, x, cos, sin, *args):
+    params = args[7:13]
+    return (torch.empty_like(x), *[torch.empty_like(p) for p in params])
+
+
+_define(f"llama_block_inference(Tensor x, Tensor cos, Tensor sin, {_PARAMS}, {_SPEC}) -> Tensor",
+        _inference_kernel, lambda x, *rest: torch.empty_like(x))
+_define(f"llama_block_train(Tensor x, Tensor cos, Tensor sin, {_PARAMS}, {_SPEC}, bool keep_attention) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", _train_kernel, _train_fake)
+_define(f"llama_block_backward(Tensor dout, Tensor x, Tensor cos, Tensor sin, {_ACTS}, {_PARAMS}, {_SPEC}, "
+        "bool preserve) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+        _backward_kernel, _backward_fake)
+
+
+def _train_setup(ctx, inputs, output):
+    x, cos, sin = inputs[:3]
+    ctx.save_for_backward(x, cos, sin, *output[1:], *inputs[3:9])
+    ctx.spec = tuple(inputs[9:14])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _train_backward(ctx, dout, *_):
+    x, cos, sin, *rest = ctx.saved_tensors
+    acts, params = rest[:7], rest[7:]
+    # Functional graphs: the activations are preserved (the op must not mutate its inputs).
+    dx, *grads = ops.llama_block_backward(dout, x, cos, sin, *acts, *params, *ctx.spec, True)
+    return (dx, None, None, *grads, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("llama3_kernels::llama_block_train", _train_backward, setup_context=_train_setup,
+                                lib=_LIB)
+
+
+# ---- eager autograd ----------------------------------------------------------------------------
+
+class LlamaBlockFunction(torch.autograd.Function):
+    """The whole block as one autograd node over the two C calls.  Its activations are kept
+    on ctx, and the backward consumes them unless the graph is retained."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, call: BlockCall, keep_attention: bool, *params):
+        out, *acts = call.train_forward(x, cos, sin, keep_attention)
+        ctx.call, ctx.inputs, ctx.activations = call, (x, cos, sin), acts
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        if ctx.activations is None:
+            raise RuntimeError(
+                "Llama3Block: backward through the block a second time: the first backward consumed its "
+                "activations (it writes the gate/up gradient over them). Pass retain_graph=True to the "
+                "first backward to keep them.")
+        acts = ctx.activations
+        preserve = torch._C._autograd._get_current_graph_task_keep_graph()
+        if not preserve:
+            ctx.activations = None
+        dx, *grads = ctx.call.backward(dout, *ctx.inputs, acts, preserve)
+        return (dx, None, None, None, None, *grads)
+
+
+# ---- the module ----------------------------------------------------------------------------
+
+# Kept outside the modules so that copying or pickling a block never meets a DLPack capsule.
+_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype):
@@ -79,203 +269,18 @@ def _tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype):
     return cos.contiguous(), sin.contiguous()
 
 
-def _forward(m: "TritonLlama3Block", x: torch.Tensor, cos, sin):
-    """Training forward: returns the output and the activations the backward needs."""
-    z = _Shapes(m, x)
-    x2 = x.reshape(z.t, z.dim)
-    ws = gemm_workspace(x.device)
-    new = lambda *shape, dtype=x.dtype: torch.empty(*shape, dtype=dtype, device=x.device)
+class Llama3Block(nn.Module):
+    """The LLaMA-3 transformer block on fused CUDA C kernels.
 
-    h1, rstd1 = new(z.t, z.dim), new(z.t, dtype=torch.float32)
-    rmsnorm_forward_into(x2, m.norm1_weight, m.eps, h1, rstd1)
-    qkv = new(z.t, m.qkv_weight.shape[0])
-    linear_forward_into(h1, m.qkv_weight, qkv, None, ws)
-    del h1
-    q, k, v = z.qkv_views(qkv)
-    rope_forward_into(q, k, cos, sin, q, k)
-    o, lse = new(z.t, z.h * z.hd), new(z.b, z.h, z.s, dtype=torch.float32)
-    attention_forward_into(q, k, v, z.heads(o), lse, m.causal)
-    h = new(z.t, z.dim)
-    linear_forward_into(o, m.o_weight, h, x2, ws)
-    attn = {} if m.recompute_attention else dict(o=o, lse=lse)
-    del o, lse
-    h2, rstd2 = new(z.t, z.dim), new(z.t, dtype=torch.float32)
-    rmsnorm_forward_into(h, m.norm2_weight, m.eps, h2, rstd2)
-    gu = new(z.t, m.gate_up_weight.shape[0])
-    linear_forward_into(h2, m.gate_up_weight, gu, None, ws)
-    a = new(z.t, m.gate_up_weight.shape[0] // 2)
-    swiglu_fused_forward_into(gu, a)
-    out = new(z.t, z.dim)
-    linear_forward_into(a, m.down_weight, out, h, ws)
-    saved = dict(x=x2, qkv=qkv, h=h, h2=h2, gu=gu, rstd1=rstd1, rstd2=rstd2, **attn)
-    return out.view(z.b, z.s, z.dim), saved
-
-
-def _backward(m: "TritonLlama3Block", dout: torch.Tensor, saved: dict, cos, sin, x_shape):
-    """`saved` is emptied as the backward goes, so each activation is freed once used;
-    gu is overwritten with its gradient: the backward can run only once."""
-    x2, qkv, rstd1, rstd2 = (saved[k] for k in ("x", "qkv", "rstd1", "rstd2"))
-    o, lse = saved.get("o"), saved.get("lse")
-    h, h2, gu = saved.pop("h"), saved.pop("h2"), saved.pop("gu")
-    z = _Shapes(m, torch.empty(x_shape, device="meta"))
-    dev, dt = x2.device, x2.dtype
-    ws = gemm_workspace(dev)
-    new = lambda *shape, dtype=dt: torch.empty(*shape, dtype=dtype, device=dev)
-    dout = dout.reshape(z.t, z.dim)
-    if not dout.is_contiguous():
-        dout = dout.contiguous()
-
-    # MLP: out = h + a Wd^T, a = silu(g) * u.  dgu is written over gu and a over da.
-    da = new(z.t, m.down_weight.shape[1])
-    linear_backward_input_into(dout, m.down_weight, da, workspace=ws)
-    swiglu_fused_backward_into(da, gu, gu, a=da)
-    d_down = torch.empty_like(m.down_weight)
-    linear_backward_weight_into(dout, da, d_down, workspace=ws)
-    del da
-    dgu = gu
-    # The backward's memory peak is here (d_down, d_gate_up, dgu and h2 or dh live at once): these two
-    # GEMMs run without the cuBLASLt workspace (cuBLASLt then picks a kernel as fast on H100: 1.237
-    # vs 1.251 ms for the weight gradient), and the RMSNorm scratch is made after them.
-    del ws
-    d_gate_up = torch.empty_like(m.gate_up_weight)
-    linear_backward_weight_into(dgu, h2, d_gate_up)
-    del h2
-    dh = new(z.t, z.dim)
-    linear_backward_input_into(dgu, m.gate_up_weight, dh)
-    del dgu, gu
-    ws = gemm_workspace(dev)
-    d_norm2 = torch.empty_like(m.norm2_weight)
-    norm_ws = torch.empty(rmsnorm_backward_workspace_size(x2), dtype=torch.uint8, device=dev)
-    rmsnorm_backward_into(dh, h, m.norm2_weight, rstd2, m.eps, dh, d_norm2, norm_ws, dh=dout)
-    del h
-
-    # Attention: h = x + o Wo^T.
-    q, k, v = z.qkv_views(qkv)
-    if o is None:  # recomputed: past the MLP's memory peak, where keeping o would have counted
-        o, lse = new(z.t, z.h * z.hd), new(z.b, z.h, z.s, dtype=torch.float32)
-        attention_forward_into(q, k, v, z.heads(o), lse, m.causal)
-    do = new(z.t, z.h * z.hd)
-    linear_backward_input_into(dh, m.o_weight, do, workspace=ws)
-    d_o = torch.empty_like(m.o_weight)
-    linear_backward_weight_into(dh, o, d_o, workspace=ws)
-    saved.clear()  # from here on, only this frame holds qkv, o and lse
-    dqkv = new(z.t, m.qkv_weight.shape[0])
-    dq, dk, dv = z.qkv_views(dqkv)
-    attn_ws = torch.empty(attention_backward_workspace_size(q, k, m.deterministic), dtype=torch.uint8,
-                          device=dev)
-    attention_backward_into(z.heads(do), q, k, v, z.heads(o), lse, dq, dk, dv, m.causal, 0.0,
-                            m.deterministic, attn_ws)
-    del do, attn_ws, q, k, v, qkv, o, lse
-    rope_backward_into(dq, dk, cos, sin, dq, dk)
-    h1 = new(z.t, z.dim)
-    rmsnorm_forward_into(x2, m.norm1_weight, m.eps, h1)
-    dh1 = new(z.t, z.dim)
-    linear_backward_input_into(dqkv, m.qkv_weight, dh1, workspace=ws)
-    d_qkv = torch.empty_like(m.qkv_weight)
-    linear_backward_weight_into(dqkv, h1, d_qkv, workspace=ws)
-    del dqkv, h1
-    d_norm1 = torch.empty_like(m.norm1_weight)
-    rmsnorm_backward_into(dh1, x2, m.norm1_weight, rstd1, m.eps, dh1, d_norm1, norm_ws, dh=dh)
-    return dh1.view(x_shape), (d_qkv, d_o, d_gate_up, d_down, d_norm1, d_norm2)
-
-
-# The fused parameters, in the order of l3k_llama_block_weights and of the backward's gradients.
-_PARAM_NAMES = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight", "norm1_weight", "norm2_weight")
-
-
-class _Weights(ctypes.Structure):  # l3k_llama_block_weights: six DLTensor pointers
-    _fields_ = [(n, ctypes.c_void_p) for n in ("qkv", "o", "gate_up", "down", "norm1", "norm2")]
-
-
-class _Config(ctypes.Structure):  # l3k_llama_block_config
-    _fields_ = [("n_heads", ctypes.c_int64), ("n_kv_heads", ctypes.c_int64), ("causal", ctypes.c_int),
-                ("eps", ctypes.c_float)]
-
-
-class _InferenceCall:
-    """What a block's inference forward keeps between calls, so that a call at a host-bound shape
-    costs little more than the C call itself: the weights' DLTensors, the config struct, and the
-    workspace size per input shape.  Valid while the parameters keep their storage (checked each
-    call by data pointer and shape); it holds references to the weights it borrowed."""
-
-    __slots__ = ("key", "borrowed", "weights", "cfg", "ws_bytes")
-
-    def __init__(self, params, n_heads: int, n_kv_heads: int, causal: bool, eps: float, key=None):
-        self.key = key
-        self.borrowed = Borrowed(*params)
-        self.weights = _Weights(*self.borrowed.ptrs)
-        self.cfg = _Config(n_heads, n_kv_heads, int(causal), eps)
-        self.ws_bytes: dict = {}
-
-    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """The block's output for contiguous x (batch, seq, dim), in one C call."""
-        b = Borrowed(x, cos, sin)
-        out = torch.empty_like(x)
-        ws = torch.empty(self.workspace_bytes(x, b.ptrs[0]), dtype=torch.uint8, device=x.device)
-        o = Borrowed(out, ws)
-        check(LIB.l3k_llama_block_forward(b.ptrs[0], b.ptrs[1], b.ptrs[2], ctypes.byref(self.weights),
-                                          ctypes.byref(self.cfg), o.ptrs[0], o.ptrs[1], current_stream(x)))
-        return out
-
-    def workspace_bytes(self, x, x_ptr) -> int:
-        k = (x.shape, x.dtype)
-        n = self.ws_bytes.get(k)
-        if n is None:
-            size = ctypes.c_size_t(0)
-            check(LIB.l3k_llama_block_forward_workspace_size(x_ptr, ctypes.byref(self.weights),
-                                                             ctypes.byref(self.cfg), ctypes.byref(size)))
-            n = self.ws_bytes[k] = size.value
-        return n
-
-
-# Kept outside the modules so that copying or pickling a block never meets a DLPack capsule.
-_INFERENCE_CALLS: "weakref.WeakKeyDictionary[TritonLlama3Block, _InferenceCall]" = weakref.WeakKeyDictionary()
-
-
-def _forward_one_call(m: "TritonLlama3Block", x: torch.Tensor, cos, sin, params) -> torch.Tensor:
-    """Inference: the whole block in one C call (l3k_llama_block_forward), its
-    intermediates in one workspace tensor, so a forward costs a handful of host calls."""
-    key = (tuple([(p.data_ptr(), p.shape) for p in params]), m.n_heads, m.n_kv_heads, m.causal, m.eps)
-    call = _INFERENCE_CALLS.get(m)
-    if call is None or call.key != key:
-        call = _INFERENCE_CALLS[m] = _InferenceCall(params, m.n_heads, m.n_kv_heads, m.causal, m.eps, key)
-    return call.run(x, cos, sin)
-
-
-class LlamaBlockFunction(torch.autograd.Function):
-    """The whole block as one autograd node.  Its activations are kept on ctx (not through
-    save_for_backward) so that the backward can free each as soon as it is used."""
-
-    @staticmethod
-    def forward(ctx, x, cos, sin, block, *params):
-        out, saved = _forward(block, x, cos, sin)
-        ctx.block, ctx.x_shape, ctx.activations = block, x.shape, saved
-        ctx.save_for_backward(cos, sin)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        if ctx.activations is None:
-            raise RuntimeError("TritonLlama3Block: backward through the block a second time "
-                               "(retain_graph=True) is not supported: its activations are consumed")
-        saved, ctx.activations = ctx.activations, None
-        cos, sin = ctx.saved_tensors
-        dx, dparams = _backward(ctx.block, dout, saved, cos, sin, ctx.x_shape)
-        return (dx, None, None, None, *dparams)
-
-
-class TritonLlama3Block(nn.Module):
-    """The LLaMA-3 transformer block on fused CUDA C kernels (the tutorial's exercise, solved).
-
-    ``TritonLlama3Block(dim, hidden_dim, n_heads)`` and ``forward(x, cos, sin)`` work as in the
-    tutorial, with cos/sin of shape (seq, head_dim/2) for the rotate-half RoPE.  ``n_kv_heads``
-    gives GQA; attention is causal by default as in a LLaMA decoder (``causal=False`` is the
-    tutorial's stand-in).  ``recompute_attention`` (default) has the backward rerun the attention
-    forward instead of keeping its output: batch * seq * dim fewer elements at the memory peak
-    for one attention forward kernel (0.14 ms at the LLaMA-3-8B layer, B2 S2048, on an H100).
-    ``deterministic`` makes the attention backward's dq reduction run-to-run identical.
-    Weights load from the tutorial's parameter names (attn_q, ..., norm2_weight) and from a
-    Hugging Face ``LlamaDecoderLayer`` state dict.
+    ``Llama3Block(dim, hidden_dim, n_heads)`` and ``forward(x, cos, sin)`` as in the tutorial
+    (``TritonLlama3Block`` is the same class), with cos/sin of shape (seq, head_dim/2) for the
+    rotate-half RoPE.  ``n_kv_heads`` gives GQA; attention is causal by default as in a LLaMA
+    decoder (``causal=False`` is the tutorial's stand-in).  ``recompute_attention`` (default)
+    has the backward rerun the attention forward instead of keeping its output: batch * seq *
+    dim fewer elements kept, for one attention forward kernel.  ``deterministic`` makes the
+    attention backward's dq reduction run-to-run identical.  Weights load from the tutorial's
+    parameter names (attn_q, ..., norm2_weight) and from a Hugging Face ``LlamaDecoderLayer``
+    state dict.
     """
 
     def __init__(self, dim: int, hidden_dim: int, n_heads: int, n_kv_heads: int | None = None,
@@ -283,11 +288,11 @@ class TritonLlama3Block(nn.Module):
                  recompute_attention: bool = True, device=None, dtype=None):
         super().__init__()
         if dim % n_heads:
-            raise ValueError(f"TritonLlama3Block: dim {dim} is not a multiple of n_heads {n_heads}")
+            raise ValueError(f"Llama3Block: dim {dim} is not a multiple of n_heads {n_heads}")
         self.dim, self.hidden_dim = dim, hidden_dim
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads or n_heads
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"TritonLlama3Block: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
+            raise ValueError(f"Llama3Block: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
         self.head_dim = dim // n_heads
         self.causal, self.eps, self.deterministic = causal, eps, deterministic
         self.recompute_attention = recompute_attention
@@ -310,6 +315,10 @@ class TritonLlama3Block(nn.Module):
         nn.init.ones_(self.norm1_weight)
         nn.init.ones_(self.norm2_weight)
 
+    def _spec(self):
+        return (int(self.n_heads), int(self.n_kv_heads), bool(self.causal), float(self.eps),
+                bool(self.deterministic))
+
     def _split_sizes(self, name: str):
         kv = self.n_kv_heads * self.head_dim
         return (self.dim, kv, kv) if name == "qkv_weight" else (self.hidden_dim, self.hidden_dim)
@@ -330,8 +339,9 @@ class TritonLlama3Block(nn.Module):
         for name, got in parts.items():
             n = len(self._split_sizes(name))
             if sorted(got) != list(range(n)):
-                missing = [(_QKV if name == "qkv_weight" else _GU)[i] for i in range(n) if i not in got]
-                raise KeyError(f"TritonLlama3Block: {name} needs all of its parts, missing {missing}")
+                labels = _QKV_PARTS if name == "qkv_weight" else _GATE_UP_PARTS
+                missing = [labels[i] for i in range(n) if i not in got]
+                raise KeyError(f"Llama3Block: {name} needs all of its parts, missing {missing}")
             state_dict[prefix + name] = torch.cat([got[i] for i in range(n)], dim=0)
 
     def split_weights(self) -> dict[str, torch.Tensor]:
@@ -342,25 +352,40 @@ class TritonLlama3Block(nn.Module):
                 "mlp_gate.weight": g, "mlp_up.weight": u, "mlp_down.weight": self.down_weight,
                 "norm1_weight": self.norm1_weight, "norm2_weight": self.norm2_weight}
 
+    def _call(self, params) -> BlockCall:
+        """This block's C-call state, rebuilt when a parameter's storage or the config changed."""
+        spec = self._spec()
+        key = (tuple([(p.data_ptr(), p.shape, p.dtype) for p in params]), spec)
+        call = _CALLS.get(self)
+        if call is None or call.key != key:
+            call = _CALLS[self] = BlockCall(params, *spec, key=key)
+        return call
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"TritonLlama3Block: x has shape {tuple(x.shape)}, expected (batch, seq, {self.dim})")
+            raise ValueError(f"Llama3Block: x has shape {tuple(x.shape)}, expected (batch, seq, {self.dim})")
         cos, sin = _tables(cos, sin, x.dtype)
         ps = self._parameters  # not six trips through nn.Module.__getattr__ (~1 us each)
-        params = tuple([ps[n] for n in _PARAM_NAMES])
+        params = tuple([ps[n] for n in PARAM_NAMES])
         grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-        if torch.compiler.is_compiling():  # torch.compile: the block as registered opaque ops
-            from .library import llama_block, llama_block_inference
-            return (llama_block if grad else llama_block_inference)(self, x, cos, sin)
+        keep_attention = not self.recompute_attention
+        if torch.compiler.is_compiling():  # the same C calls as registered ops
+            if grad:
+                return ops.llama_block_train(x, cos, sin, *params, *self._spec(), keep_attention)[0]
+            return ops.llama_block_inference(x, cos, sin, *params, *self._spec())
         x = x if x.is_contiguous() else x.contiguous()
+        call = self._call(params)
         if grad:
-            return LlamaBlockFunction.apply(x, cos, sin, self, *params)
-        return _forward_one_call(self, x, cos, sin, params)
+            return LlamaBlockFunction.apply(x, cos, sin, call, keep_attention, *params)
+        return call.inference(x, cos, sin)
 
     def _apply(self, fn, *args, **kwargs):
-        _INFERENCE_CALLS.pop(self, None)  # .to(), .half(), ...: let go of the old weights now
+        _CALLS.pop(self, None)  # .to(), .half(), ...: let go of the old weights now
         return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, hidden_dim={self.hidden_dim}, n_heads={self.n_heads}, "
                 f"n_kv_heads={self.n_kv_heads}, causal={self.causal}, eps={self.eps}")
+
+
+TritonLlama3Block = Llama3Block  # the tutorial's name
