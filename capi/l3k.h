@@ -348,7 +348,8 @@ L3K_API l3k_status l3k_attention_backward(const DLTensor *dout, const DLTensor *
  *            (batch, seq', head_dim/2), seq' >= seq).
  *  out, dout, dx: shape and dtype of x, contiguous, each a separate buffer.
  *  workspace: at least the bytes the size query gives, on x's device, 1-D,
- *            contiguous, 256-byte aligned (cudaMalloc and torch allocations are).
+ *            contiguous, 256-byte aligned on CUDA, 16 on the CPU (cudaMalloc, torch and
+ *            NumPy allocations are).
  *
  * Versioned structs: each begins with `struct_size`, which its L3K_..._INIT
  * macro sets to the size of the struct the caller was compiled against.  The
@@ -392,7 +393,7 @@ L3K_API l3k_status l3k_llama_block_forward(const DLTensor *x, const DLTensor *co
 
 /* The activations a training forward keeps for the backward, in caller-owned
  * buffers.  Each buffer is contiguous (any shape with the element count the
- * layout query gives), 256-byte aligned, on x's device, and shares no byte
+ * layout query gives), aligned as the workspace, on x's device, and shares no byte
  * with any other tensor of the call.  tokens = batch * seq. */
 typedef struct {
     size_t struct_size; /* sizeof(l3k_llama_block_activations): use L3K_LLAMA_BLOCK_ACTIVATIONS_INIT */
@@ -439,7 +440,7 @@ L3K_API l3k_status l3k_llama_block_forward_train(const DLTensor *x, const DLTens
                                                  DLTensor *workspace, void *stream);
 
 /* The weight gradients: each contiguous, the shape and dtype of its weight,
- * 256-byte aligned; overwritten (not accumulated).  All six are required: the
+ * aligned as the workspace; overwritten (not accumulated).  All six are required: the
  * backward also uses the buffers as scratch before their values are written. */
 typedef struct {
     size_t struct_size; /* sizeof(l3k_llama_block_grads): use L3K_LLAMA_BLOCK_GRADS_INIT */

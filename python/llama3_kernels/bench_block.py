@@ -1,4 +1,4 @@
-"""The block benchmark (the main job): TritonLlama3Block against the same block in PyTorch
+"""The block benchmark (the main job): Llama3Block against the same block in PyTorch
 eager and under torch.compile, forward and forward+backward, extra peak memory, and the
 time each spends outside its GEMMs (the GEMMs timed alone in the same run).
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .block import TritonLlama3Block
+from .block import Llama3Block
 from .ops.rope import llama3_rope_cos_sin
 from .reference import TorchLlama3Block
 
@@ -85,7 +85,7 @@ def run_block_suite(timer, device, compile_ok: bool, log=print, only=None) -> li
         torch.manual_seed(0)
         ref = TorchLlama3Block(cfg.dim, cfg.hidden, cfg.heads, cfg.kv_heads, causal=cfg.causal,
                                device=device, dtype=cfg.dtype)
-        ours = TritonLlama3Block(cfg.dim, cfg.hidden, cfg.heads, cfg.kv_heads, causal=cfg.causal,
+        ours = Llama3Block(cfg.dim, cfg.hidden, cfg.heads, cfg.kv_heads, causal=cfg.causal,
                                  device=device, dtype=cfg.dtype)
         ours.load_state_dict(ref.state_dict())
         cos, sin = llama3_rope_cos_sin(cfg.seq, cfg.dim // cfg.heads, device=device)
