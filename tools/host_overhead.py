@@ -39,18 +39,17 @@ def main():
     ours.load_state_dict(ref.state_dict())
     cos, sin = llama3_rope_cos_sin(128, 64, device=dev)
     x = torch.randn(2, 128, 512, device=dev, dtype=dt)
-    params = tuple(getattr(ours, n) for n in B._PARAM_NAMES)
 
     def uncached():
-        B._INFERENCE_CALLS.pop(ours, None)
+        B._CALLS.pop(ours, None)
         ours(x, cos, sin)
 
     with torch.no_grad():
         ours(x, cos, sin)
-        call = B._INFERENCE_CALLS[ours]
+        call = B._CALLS[ours]  # the module's cached C-call state (weights' DLTensors, config, sizes)
         b = Borrowed(x, cos, sin)
         out = torch.empty_like(x)
-        ws = torch.empty(call.workspace_bytes(x, b.ptrs[0]), dtype=torch.uint8, device=dev)
+        ws = torch.empty(call.inference_bytes[(x.shape, x.dtype)], dtype=torch.uint8, device=dev)
         o = Borrowed(out, ws)
         stream = torch.cuda.current_stream().cuda_stream
         args = (b.ptrs[0], b.ptrs[1], b.ptrs[2], ctypes.byref(call.weights), ctypes.byref(call.cfg),
