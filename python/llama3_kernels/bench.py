@@ -81,7 +81,7 @@ class Timer:
 
     def rounds(self, fns: dict[str, Callable[[], object]]) -> dict[str, float]:
         """Clock-equalized: every round times each callable once, in an order rotated by one from
-        the last round's, so all see the same clocks.  The lent H100 runs power-capped (~700 W):
+        the last round's, so all see the same clocks.  The H100 it was measured on runs power-capped (~700 W):
         its SM clock fell from ~1870 to ~1500 MHz over a run, so callables timed one after the
         other each got the clock of their turn."""
         labels = list(fns)
@@ -102,7 +102,7 @@ class Timer:
         first `skip` repetitions of each block, while the clock settles after the switch, are
         dropped.  Power-capped, a card clocks code with more memory-bound time (less power per
         second) higher: on the H100 a PyTorch eager step ran ~4% faster at the end of its block
-        than just after our block's, ours ~4% slower (tests/gpu/diag_timing_protocol.py)."""
+        than just after our block's, ours ~4% slower (tools/diag_timing_protocol.py)."""
         per_block = max(skip + 5, self.reps // blocks)
         times: dict[str, list[float]] = {label: [] for label in fns}
         for _ in range(blocks):
