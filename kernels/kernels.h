@@ -58,34 +58,11 @@ typedef struct {
     l3k_dt dtype;
 } l3k_rmsnorm_bwd_args;
 
-/* Launch geometry shared by both backends, so the workspace size is a pure
- * function of the shape.  A row is cut into slots of 8 elements; `group`
- * threads (a power of two) share a row, each holding a few slots in
- * registers.  Backward: groups of 32..L3K_RMSNORM_BWD_BLOCK threads, sized for
- * L3K_RMSNORM_BWD_SLOTS slots a thread; a block of L3K_RMSNORM_BWD_BLOCK
- * threads holds one or several groups and owns one partial dweight row. */
-static inline int64_t l3k_pow2_ceil(int64_t v) { int64_t p = 1; while (p < v) p <<= 1; return p; }
-static inline int64_t l3k_clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : v > hi ? hi : v; }
-static inline int64_t l3k_rmsnorm_group(int64_t n, int64_t slots_per_thread) {
-    int64_t nslots = (n + 7) / 8;
-    return l3k_clamp64(l3k_pow2_ceil((nslots + slots_per_thread - 1) / slots_per_thread), 32, 1024);
-}
-enum { L3K_RMSNORM_BWD_SLOTS = 1, L3K_RMSNORM_BWD_BLOCK = 512, L3K_RMSNORM_BWD_MAX_PARTIALS = 256 };
-static inline int64_t l3k_rmsnorm_bwd_group(int64_t n) {
-    int64_t g = l3k_rmsnorm_group(n, L3K_RMSNORM_BWD_SLOTS);
-    return g < L3K_RMSNORM_BWD_BLOCK ? g : L3K_RMSNORM_BWD_BLOCK;
-}
-static inline int64_t l3k_rmsnorm_bwd_rows_per_block(int64_t n) {
-    return L3K_RMSNORM_BWD_BLOCK / l3k_rmsnorm_bwd_group(n);
-}
-/* Number of float32 partial dweight rows (each n long) the backward keeps in
- * its workspace: one per backward block, at most L3K_RMSNORM_BWD_MAX_PARTIALS
- * (so that every block is resident at once on a large GPU). */
-static inline int64_t l3k_rmsnorm_bwd_partials(int64_t rows, int64_t n) {
-    int64_t r = l3k_rmsnorm_bwd_rows_per_block(n);
-    int64_t blocks = (rows + r - 1) / r;
-    return blocks < L3K_RMSNORM_BWD_MAX_PARTIALS ? blocks : L3K_RMSNORM_BWD_MAX_PARTIALS;
-}
+/* Number of float32 partial dweight rows (n floats each) the backward keeps in
+ * `partials`: the workspace size, a pure function of the shape that holds for
+ * both backends, so capi/ answers the size query without a device.  The CUDA
+ * launch geometry behind it lives in kernels/cuda/geometry.h. */
+int64_t l3k_rmsnorm_bwd_partials(int64_t rows, int64_t n);
 
 int l3k_cpu_rmsnorm_fwd(const l3k_rmsnorm_fwd_args *a);
 int l3k_cpu_rmsnorm_bwd(const l3k_rmsnorm_bwd_args *a);

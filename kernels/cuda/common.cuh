@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "geometry.h"
 #include "kernels.h"
 
 template <typename T> struct l3k_type;
