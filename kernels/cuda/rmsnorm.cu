@@ -55,7 +55,7 @@ dev_info device_info() {
 /* ---- slot access with 32-bit in-row offsets --------------------------------
  * Eight elements from column `col`; elements at or past `lim` read as zero and
  * are not written (lim = 0 turns a whole row off).  VEC: as l3k_load8. */
-template <typename T, bool VEC, bool CS = false>
+template <typename T, bool VEC>
 __device__ __forceinline__ l3k_slot<T> ld_slot(const T *__restrict__ row, int col, int lim) {
     constexpr int PER16 = 16 / sizeof(T);
     l3k_slot<T> s;
@@ -64,7 +64,7 @@ __device__ __forceinline__ l3k_slot<T> ld_slot(const T *__restrict__ row, int co
         for (int piece = 0; piece < 8 / PER16; ++piece) {
             const int c = col + piece * PER16;
             const uint4 *p = reinterpret_cast<const uint4 *>(row + c);
-            s.raw[piece] = c < lim ? (CS ? __ldcs(p) : *p) : make_uint4(0, 0, 0, 0);
+            s.raw[piece] = c < lim ? *p : make_uint4(0, 0, 0, 0);
         }
     } else {
 #pragma unroll
@@ -102,18 +102,14 @@ __device__ __forceinline__ l3k_slot<T> ld_weight(const T *__restrict__ w, int co
     return s;
 }
 
-template <typename T, bool VEC, bool CS = false>
+template <typename T, bool VEC>
 __device__ __forceinline__ void st_slot(T *__restrict__ row, int col, int lim, const l3k_slot<T> &s) {
     constexpr int PER16 = 16 / sizeof(T);
     if (VEC) {
 #pragma unroll
         for (int piece = 0; piece < 8 / PER16; ++piece) {
             const int c = col + piece * PER16;
-            if (c < lim) {
-                uint4 *p = reinterpret_cast<uint4 *>(row + c);
-                if (CS) __stcs(p, s.raw[piece]);
-                else *p = s.raw[piece];
-            }
+            if (c < lim) *reinterpret_cast<uint4 *>(row + c) = s.raw[piece];
         }
     } else {
 #pragma unroll
@@ -176,11 +172,13 @@ __device__ __forceinline__ void group_sum(float (&v)[K], const grp_t &g, float *
 
 /* ---- forward ----------------------------------------------------------------
  * A group per row; a thread keeps its S slots in the storage type between the
- * sum of squares and the output pass (and its weight slots too when they are
- * few: WREG).  PF: the next row's loads are issued before this row is reduced.
- * CS: streaming (evict-first) loads and stores. */
-template <typename T, int S, bool VEC, bool RES, bool PF, bool WREG, bool CS = false, int MAXT = 1024, int MINB = 1>
-__global__ void __launch_bounds__(MAXT, MINB) fwd_cached(l3k_rmsnorm_fwd_args a, int lg) {
+ * sum of squares and the output pass; the weight is read again per row (held
+ * in registers it would cost 8 floats a slot).  PF: the next row's loads are
+ * issued before this row is reduced.  Groups are at most 1024 threads; the
+ * explicit minimum of one block is kept: without it ptxas allocates registers
+ * differently (spills in the float32 S = 4 variants move). */
+template <typename T, int S, bool VEC, bool RES, bool PF>
+__global__ void __launch_bounds__(1024, 1) fwd_cached(l3k_rmsnorm_fwd_args a, int lg) {
     __shared__ float red[2 * 32];
     constexpr int SR = RES ? S : 1;
     const grp_t g = make_grp(lg);
@@ -191,11 +189,6 @@ __global__ void __launch_bounds__(MAXT, MINB) fwd_cached(l3k_rmsnorm_fwd_args a,
     const int64_t first = block_first + g.group;
     const int64_t iters = block_first < a.rows ? (a.rows - block_first + step - 1) / step : 0;
 
-    l3k_slot<T> wv[WREG ? S : 1];
-    if (WREG)
-#pragma unroll
-        for (int s = 0; s < S; ++s) wv[s] = ld_weight<T, VEC>((const T *)a.weight, (s * G + lane) * 8, n);
-
     auto fetch = [&](int64_t row, l3k_slot<T>(&xd)[S], l3k_slot<T>(&rd)[SR]) {
         const bool act = row < a.rows;
         const int lim = act ? n : 0;
@@ -204,8 +197,8 @@ __global__ void __launch_bounds__(MAXT, MINB) fwd_cached(l3k_rmsnorm_fwd_args a,
 #pragma unroll
         for (int s = 0; s < S; ++s) {
             const int col = (s * G + lane) * 8;
-            xd[s] = ld_slot<T, VEC, CS>(x, col, lim);
-            if (RES) rd[s % SR] = ld_slot<T, VEC, CS>((const T *)a.residual + r * a.residual_stride, col, lim);
+            xd[s] = ld_slot<T, VEC>(x, col, lim);
+            if (RES) rd[s % SR] = ld_slot<T, VEC>((const T *)a.residual + r * a.residual_stride, col, lim);
         }
     };
 
@@ -244,10 +237,10 @@ __global__ void __launch_bounds__(MAXT, MINB) fwd_cached(l3k_rmsnorm_fwd_args a,
 #pragma unroll
         for (int s = 0; s < S; ++s) {
             const int col = (s * G + lane) * 8;
-            const l3k_slot<T> w = WREG ? wv[s % (WREG ? S : 1)] : ld_weight<T, VEC, true>((const T *)a.weight, col, n);
+            const l3k_slot<T> w = ld_weight<T, VEC, true>((const T *)a.weight, col, n);
 #pragma unroll
             for (int i = 0; i < 8; ++i) v[s].at(i) = l3k_from_float<T>(v[s].get(i) * rstd * w.get(i));
-            st_slot<T, VEC, CS>(y, col, n, v[s]);
+            st_slot<T, VEC>(y, col, n, v[s]);
         }
         if (lane == 0 && a.rstd) a.rstd[r] = rstd;
     }
@@ -294,9 +287,11 @@ __global__ void __launch_bounds__(LOOP_BLOCK) fwd_loop(l3k_rmsnorm_fwd_args a) {
 }
 
 /* ---- backward ----------------------------------------------------------------
- * dx for the rows of a group; x, dy (and the weight) held in their storage
- * type, the dweight sums for the thread's columns in float32 registers.  PF:
- * the next row's x, dy and rstd are loaded before this row is reduced. */
+ * dx for the rows of a group; x, dy held in their storage type, the dweight
+ * sums for the thread's columns in float32 registers.  PF: the next row's x,
+ * dy and rstd are loaded before this row is reduced, and the weight slots are
+ * held in registers for the whole kernel.  One slot a thread: two blocks a
+ * multiprocessor. */
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -308,8 +303,8 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
-template <typename T, int S, bool VEC, bool PF, bool WREG, int MAXT = L3K_RMSNORM_BWD_BLOCK, int MINB = 1>
-__global__ void __launch_bounds__(MAXT, MINB) bwd_cached(l3k_rmsnorm_bwd_args a, int lg) {
+template <typename T, int S, bool VEC, bool PF>
+__global__ void __launch_bounds__(L3K_RMSNORM_BWD_BLOCK, S == 1 ? 2 : 1) bwd_cached(l3k_rmsnorm_bwd_args a, int lg) {
     __shared__ float red[2 * 64];
     extern __shared__ float fold[]; /* n floats when the block has several groups */
     pdl_launch_dependents();        /* the dweight reduction may be launched; it waits for this grid */
@@ -325,7 +320,7 @@ __global__ void __launch_bounds__(MAXT, MINB) bwd_cached(l3k_rmsnorm_bwd_args a,
     float acc[S][8];
 #pragma unroll
     for (int s = 0; s < S; ++s) {
-        if (WREG) wv[s] = ld_weight<T, VEC>((const T *)a.weight, (s * G + lane) * 8, n);
+        if (PF) wv[s] = ld_weight<T, VEC>((const T *)a.weight, (s * G + lane) * 8, n);
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc[s][i] = 0.0f;
     }
@@ -368,7 +363,7 @@ __global__ void __launch_bounds__(MAXT, MINB) bwd_cached(l3k_rmsnorm_bwd_args a,
 #pragma unroll
             for (int s = 0; s < S; ++s) dhv[s] = ld_slot<T, VEC>(dh, (s * G + lane) * 8, active ? n : 0);
         }
-        if (!WREG)
+        if (!PF)
 #pragma unroll
             for (int s = 0; s < S; ++s) wv[s] = ld_weight<T, VEC, true>((const T *)a.weight, (s * G + lane) * 8, n);
         float sums[2] = {0.0f, 0.0f}; /* sum x^2, sum dy*w*x */
@@ -547,7 +542,7 @@ int64_t fwd_resident(int block) {
     if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) dev = 0;
     if (cached[dev][0] != block) {
         int nb = 0;
-        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, fwd_cached<T, S, VEC, RES, PF, false>, block, 0) !=
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, fwd_cached<T, S, VEC, RES, PF>, block, 0) !=
                 cudaSuccess || nb < 1)
             nb = 1;
         cached[dev][1] = nb;
@@ -561,7 +556,7 @@ int64_t fwd_resident(int block) {
 template <typename T, int S, bool VEC>
 int fwd_launch_s(const l3k_rmsnorm_fwd_args &a, cudaStream_t st, const fwd_cfg &c) {
     constexpr bool PF = S * sizeof(T) <= 4;
-    auto k = a.residual ? fwd_cached<T, S, VEC, true, PF, false> : fwd_cached<T, S, VEC, false, PF, false>;
+    auto k = a.residual ? fwd_cached<T, S, VEC, true, PF> : fwd_cached<T, S, VEC, false, PF>;
     const int64_t res = a.residual ? fwd_resident<T, S, VEC, true, PF>(c.block) : fwd_resident<T, S, VEC, false, PF>(c.block);
     k<<<(unsigned)(c.grid < res ? c.grid : res), c.block, 0, st>>>(a, log2i(c.G));
     return (int)cudaGetLastError();
@@ -619,7 +614,7 @@ template <typename T, int S, bool VEC>
 int bwd_launch_s(const l3k_rmsnorm_bwd_args &a, cudaStream_t st, const bwd_cfg &c) {
     constexpr bool PF = S * sizeof(T) <= 2;
     const size_t fold = c.block > c.G && a.dweight ? (size_t)a.n * sizeof(float) : 0;
-    bwd_cached<T, S, VEC, PF, PF, L3K_RMSNORM_BWD_BLOCK, S == 1 ? 2 : 1><<<(unsigned)c.parts, (unsigned)c.block, fold, st>>>(a, log2i(c.G));
+    bwd_cached<T, S, VEC, PF><<<(unsigned)c.parts, (unsigned)c.block, fold, st>>>(a, log2i(c.G));
     return (int)cudaGetLastError();
 }
 
