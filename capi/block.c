@@ -284,17 +284,56 @@ static l3k_status check_aligned(l3k_call *c, const DLTensor *t, const char *name
     return L3K_SUCCESS;
 }
 
+/* Named tensors of a call; NULL entries (absent optional tensors) are skipped. */
+typedef struct {
+    const DLTensor *t[20];
+    const char *name[20];
+    int n;
+} tensor_list;
+
+static void add(tensor_list *l, const DLTensor *t, const char *name) {
+    l->t[l->n] = t;
+    l->name[l->n++] = name;
+}
+
+/* What every block call reads: x, the RoPE tables and the weights. */
+static tensor_list block_inputs(const DLTensor *x, const DLTensor *cos, const DLTensor *sin,
+                                const l3k_llama_block_weights *w) {
+    tensor_list l = {.n = 0};
+    add(&l, x, "x");
+    add(&l, cos, "cos");
+    add(&l, sin, "sin");
+    add(&l, w->qkv_weight, "qkv_weight");
+    add(&l, w->o_weight, "o_weight");
+    add(&l, w->gate_up_weight, "gate_up_weight");
+    add(&l, w->down_weight, "down_weight");
+    add(&l, w->norm1_weight, "norm1_weight");
+    add(&l, w->norm2_weight, "norm2_weight");
+    return l;
+}
+
 /* No written tensor may share a byte with any other tensor of the call. */
-static l3k_status check_disjoint(l3k_call *c, const DLTensor *const *outs, const char *const *out_names, int n_out,
-                                 const DLTensor *const *ins, const char *const *in_names, int n_in) {
-    for (int i = 0; i < n_out; ++i) {
-        if (!outs[i]) continue;
-        for (int j = i + 1; j < n_out; ++j)
-            if (outs[j]) L3K_TRY(l3k_check_no_overlap(c, outs[i], out_names[i], outs[j], out_names[j], 0));
-        for (int j = 0; j < n_in; ++j)
-            if (ins[j]) L3K_TRY(l3k_check_no_overlap(c, outs[i], out_names[i], ins[j], in_names[j], 0));
+static l3k_status check_disjoint(l3k_call *c, const tensor_list *outs, const tensor_list *ins) {
+    for (int i = 0; i < outs->n; ++i) {
+        if (!outs->t[i]) continue;
+        for (int j = i + 1; j < outs->n; ++j)
+            if (outs->t[j])
+                L3K_TRY(l3k_check_no_overlap(c, outs->t[i], outs->name[i], outs->t[j], outs->name[j], 0));
+        for (int j = 0; j < ins->n; ++j)
+            if (ins->t[j]) L3K_TRY(l3k_check_no_overlap(c, outs->t[i], outs->name[i], ins->t[j], ins->name[j], 0));
     }
     return L3K_SUCCESS;
+}
+
+/* The activations, as tensors written (forward) or read (backward). */
+static void add_activations(tensor_list *l, const l3k_llama_block_activations *s, int with_gate_up) {
+    add(l, s->qkv, "saved->qkv");
+    add(l, s->residual, "saved->residual");
+    if (with_gate_up) add(l, s->gate_up, "saved->gate_up");
+    add(l, s->rstd1, "saved->rstd1");
+    add(l, s->rstd2, "saved->rstd2");
+    add(l, s->attn_out, "saved->attn_out");
+    add(l, s->lse, "saved->lse");
 }
 
 static l3k_status check_workspace_aligned(l3k_call *c, DLTensor *workspace, size_t bytes) {
@@ -325,13 +364,10 @@ l3k_status l3k_llama_block_forward(const DLTensor *x, const DLTensor *cos, const
     L3K_TRY(l3k_check_same_shape(&c, out, "out", x, "x"));
     plan_forward(&d, 1, 0, &p);
     L3K_TRY(check_workspace_aligned(&c, workspace, p.total));
-    const DLTensor *outs[2] = {out, workspace};
-    const char *out_names[2] = {"out", "workspace"};
-    const DLTensor *ins[9] = {x, cos, sin, w->qkv_weight, w->o_weight, w->gate_up_weight, w->down_weight,
-                              w->norm1_weight, w->norm2_weight};
-    const char *in_names[9] = {"x", "cos", "sin", "qkv_weight", "o_weight", "gate_up_weight", "down_weight",
-                               "norm1_weight", "norm2_weight"};
-    L3K_TRY(check_disjoint(&c, outs, out_names, 2, ins, in_names, 9));
+    tensor_list outs = {.n = 0}, ins = block_inputs(x, cos, sin, w);
+    add(&outs, out, "out");
+    add(&outs, workspace, "workspace");
+    L3K_TRY(check_disjoint(&c, &outs, &ins));
     if (d.t == 0 || d.dim == 0) return L3K_SUCCESS;
     char *ws = (char *)l3k_data(workspace);
     const fwd_buffers buf = {ws + p.qkv.off, ws + p.h.off, ws + p.gu.off, ws + p.o.off,
@@ -456,15 +492,11 @@ l3k_status l3k_llama_block_forward_train(const DLTensor *x, const DLTensor *cos,
     const int keep_attn = saved->attn_out != NULL;
     plan_forward(&d, 0, keep_attn, &p);
     L3K_TRY(check_workspace_aligned(&c, workspace, p.total));
-    const DLTensor *outs[9] = {out,          workspace,   saved->qkv,      saved->residual,  saved->gate_up,
-                               saved->rstd1, saved->rstd2, saved->attn_out, saved->lse};
-    const char *out_names[9] = {"out",          "workspace",    "saved->qkv",      "saved->residual",  "saved->gate_up",
-                                "saved->rstd1", "saved->rstd2", "saved->attn_out", "saved->lse"};
-    const DLTensor *ins[9] = {x, cos, sin, w->qkv_weight, w->o_weight, w->gate_up_weight, w->down_weight,
-                              w->norm1_weight, w->norm2_weight};
-    const char *in_names[9] = {"x", "cos", "sin", "qkv_weight", "o_weight", "gate_up_weight", "down_weight",
-                               "norm1_weight", "norm2_weight"};
-    L3K_TRY(check_disjoint(&c, outs, out_names, 9, ins, in_names, 9));
+    tensor_list outs = {.n = 0}, ins = block_inputs(x, cos, sin, w);
+    add(&outs, out, "out");
+    add(&outs, workspace, "workspace");
+    add_activations(&outs, saved, 1);
+    L3K_TRY(check_disjoint(&c, &outs, &ins));
     if (d.t == 0 || d.dim == 0) return L3K_SUCCESS;
     char *ws = (char *)l3k_data(workspace);
     const fwd_buffers buf = {
@@ -519,29 +551,20 @@ l3k_status l3k_llama_block_backward(const DLTensor *dout, const DLTensor *x, con
     L3K_TRY(attention_ws_size(&c, x, cfg, &d));
     plan_backward(&d, preserve, &p);
     L3K_TRY(check_workspace_aligned(&c, workspace, p.total));
-    /* gate_up is written unless preserved; the others are read only. */
-    const DLTensor *outs[9] = {dx,         workspace,        g->qkv_weight,    g->o_weight,
-                               g->gate_up_weight, g->down_weight, g->norm1_weight, g->norm2_weight,
-                               preserve ? NULL : saved->gate_up};
-    const char *out_names[9] = {"dx",
-                                "workspace",
-                                "grads->qkv_weight",
-                                "grads->o_weight",
-                                "grads->gate_up_weight",
-                                "grads->down_weight",
-                                "grads->norm1_weight",
-                                "grads->norm2_weight",
-                                "saved->gate_up"};
-    const DLTensor *ins[17] = {dout,          x,            cos,           sin,          w->qkv_weight,
-                               w->o_weight,   w->gate_up_weight, w->down_weight, w->norm1_weight, w->norm2_weight,
-                               saved->qkv,    saved->residual,     saved->rstd1,  saved->rstd2, saved->attn_out,
-                               saved->lse,    preserve ? saved->gate_up : NULL};
-    const char *in_names[17] = {"dout",         "x",           "cos",          "sin",
-                                "qkv_weight",   "o_weight",    "gate_up_weight", "down_weight",
-                                "norm1_weight", "norm2_weight", "saved->qkv",   "saved->residual",
-                                "saved->rstd1", "saved->rstd2", "saved->attn_out", "saved->lse",
-                                "saved->gate_up"};
-    L3K_TRY(check_disjoint(&c, outs, out_names, 9, ins, in_names, 17));
+    /* gate_up is written unless preserved; the other activations are read only. */
+    tensor_list outs = {.n = 0}, ins = block_inputs(x, cos, sin, w);
+    add(&outs, dx, "dx");
+    add(&outs, workspace, "workspace");
+    add(&outs, g->qkv_weight, "grads->qkv_weight");
+    add(&outs, g->o_weight, "grads->o_weight");
+    add(&outs, g->gate_up_weight, "grads->gate_up_weight");
+    add(&outs, g->down_weight, "grads->down_weight");
+    add(&outs, g->norm1_weight, "grads->norm1_weight");
+    add(&outs, g->norm2_weight, "grads->norm2_weight");
+    if (!preserve) add(&outs, saved->gate_up, "saved->gate_up");
+    add(&ins, dout, "dout");
+    add_activations(&ins, saved, preserve);
+    L3K_TRY(check_disjoint(&c, &outs, &ins));
     /* With no token the steps still run: the weight gradients' GEMMs over zero rows write zeros. */
     if (d.dim == 0) return L3K_SUCCESS;
 
