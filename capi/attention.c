@@ -35,6 +35,34 @@ static l3k_status check_bhsd(l3k_call *c, const DLTensor *t, const char *name, l
     return L3K_SUCCESS;
 }
 
+/* batch * n_heads * seq_q: the rows of lse (0 when any size is 0). */
+static l3k_status lse_rows(l3k_call *c, int64_t B, int64_t H, int64_t Sq, int64_t *rows) {
+    *rows = 0;
+    if (B == 0 || H == 0 || Sq == 0) return L3K_SUCCESS;
+    int64_t bh;
+    L3K_TRY(l3k_size_mul(c, "lse size batch * n_heads", B, H, &bh));
+    return l3k_size_mul(c, "lse size batch * n_heads * seq_q", bh, Sq, rows);
+}
+
+/* The backward's workspace bytes, once every product in l3k_attn_bwd_workspace_bytes
+ * is known to fit (q may repeat elements through stride 0, so its element
+ * count bounds nothing in bytes).  The CPU needs none. */
+static l3k_status workspace_bytes(l3k_call *c, int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Sk,
+                                  int64_t D, int deterministic, size_t *bytes) {
+    if (!l3k_on_cuda(c)) {
+        *bytes = 0;
+        return L3K_SUCCESS;
+    }
+    int64_t rows, elems, need;
+    L3K_TRY(lse_rows(c, B, H, Sq, &rows));
+    L3K_TRY(l3k_size_mul(c, "workspace size batch * n_heads * seq_q * head_dim", rows, D, &elems));
+    L3K_TRY(l3k_size_add(c, "workspace size (batch * n_heads * seq_q) * (head_dim + 1)", elems, rows, &elems));
+    L3K_TRY(l3k_size_mul(c, "workspace bytes (batch * n_heads * seq_q) * (head_dim + 1) * 4", elems, 4, &need));
+    L3K_TRY(l3k_size_add(c, "workspace bytes with alignment", need, 512, &need));
+    *bytes = l3k_attn_bwd_workspace_bytes(B, H, Hkv, Sq, Sk, D, deterministic, l3k_on_cuda(c));
+    return L3K_SUCCESS;
+}
+
 /* q, k, v, o (and lse) of either pass, filled into the forward's argument block. */
 static l3k_status check_qkv(l3k_call *c, const DLTensor *q, const DLTensor *k, const DLTensor *v,
                             const DLTensor *o, const DLTensor *lse, float scale, int causal,
@@ -65,14 +93,15 @@ static l3k_status check_qkv(l3k_call *c, const DLTensor *q, const DLTensor *k, c
                         (long long)D);
     L3K_TRY(check_bhsd(c, o, "o", dt, "q", a->o_stride));
     L3K_TRY(l3k_check_same_shape(c, o, "o", q, "q"));
-    char buf[32];
-    L3K_TRY(l3k_check_tensor(c, lse, "lse"));
-    if (lse->dtype.code != kDLFloat || lse->dtype.bits != 32 || lse->dtype.lanes != 1)
-        return l3k_fail(c, L3K_ERROR_DTYPE, "lse dtype %s, expected float32", l3k_dtype_name(lse->dtype, buf));
-    L3K_TRY(l3k_check_contiguous_numel(c, lse, "lse", B * H * Sq));
+    int64_t rows;
+    L3K_TRY(lse_rows(c, B, H, Sq, &rows));
+    L3K_TRY(l3k_check_f32_vector(c, lse, "lse", rows));
     const DLTensor *ins[3] = {q, k, v};
     static const char *in_names[3] = {"q", "k", "v"};
     for (int i = 0; i < 3; ++i) L3K_TRY(l3k_check_no_overlap(c, o, "o", ins[i], in_names[i], 0));
+    /* lse is the forward's output too and the backward's input: apart from the rest either way. */
+    for (int i = 0; i < 3; ++i) L3K_TRY(l3k_check_no_overlap(c, lse, "lse", ins[i], in_names[i], 0));
+    L3K_TRY(l3k_check_no_overlap(c, lse, "lse", o, "o", 0));
     if (!isfinite(scale) || scale < 0.0f)
         return l3k_fail(c, L3K_ERROR_VALUE, "scale is %g, expected > 0 (or 0 for 1/sqrt(head_dim))",
                         (double)scale);
@@ -108,9 +137,8 @@ l3k_status l3k_attention_backward_workspace_size(const DLTensor *q, const DLTens
     if (q->ndim != 4 || k->ndim != 4)
         return l3k_fail(&c, L3K_ERROR_SHAPE, "q and k have ndim %d and %d, expected 4", (int)q->ndim,
                         (int)k->ndim);
-    *bytes = l3k_attn_bwd_workspace_bytes(q->shape[0], q->shape[1], k->shape[1], q->shape[2], k->shape[2],
-                                          q->shape[3], deterministic != 0, l3k_on_cuda(&c));
-    return L3K_SUCCESS;
+    return workspace_bytes(&c, q->shape[0], q->shape[1], k->shape[1], q->shape[2], k->shape[2], q->shape[3],
+                           deterministic != 0, bytes);
 }
 
 l3k_status l3k_attention_backward(const DLTensor *dout, const DLTensor *q, const DLTensor *k,
@@ -131,15 +159,23 @@ l3k_status l3k_attention_backward(const DLTensor *dout, const DLTensor *q, const
     /* The gradients may share one buffer (views of a fused dQKV) but no input's memory. */
     const DLTensor *outs[3] = {dq, dk, dv}, *ins[5] = {dout, q, k, v, o};
     static const char *out_names[3] = {"dq", "dk", "dv"}, *in_names[5] = {"dout", "q", "k", "v", "o"};
-    for (int i = 0; i < 3; ++i)
+    for (int i = 0; i < 3; ++i) {
         for (int j = 0; j < 5; ++j) L3K_TRY(l3k_check_no_overlap(&c, outs[i], out_names[i], ins[j], in_names[j], 0));
-    const size_t need = l3k_attn_bwd_workspace_bytes(a.f.batch, a.f.n_heads, a.f.n_kv_heads, a.f.seq_q,
-                                                     a.f.seq_k, a.f.head_dim, deterministic != 0,
-                                                     l3k_on_cuda(&c));
+        L3K_TRY(l3k_check_no_overlap(&c, outs[i], out_names[i], lse, "lse", 0));
+    }
+    size_t need;
+    L3K_TRY(workspace_bytes(&c, a.f.batch, a.f.n_heads, a.f.n_kv_heads, a.f.seq_q, a.f.seq_k, a.f.head_dim,
+                            deterministic != 0, &need));
     L3K_TRY(l3k_check_workspace(&c, workspace, need));
     if (need && (uintptr_t)l3k_data(workspace) % 256 != 0)
         return l3k_fail(&c, L3K_ERROR_ALIGNMENT, "workspace data pointer %p is not 256-byte aligned",
                         l3k_data(workspace));
+    if (need) {
+        const DLTensor *all[9] = {dout, q, k, v, o, lse, dq, dk, dv};
+        static const char *all_names[9] = {"dout", "q", "k", "v", "o", "lse", "dq", "dk", "dv"};
+        for (int i = 0; i < 9; ++i)
+            L3K_TRY(l3k_check_no_overlap(&c, workspace, "workspace", all[i], all_names[i], 0));
+    }
     a.dout = l3k_data(dout);
     a.dq = l3k_data(dq); a.dk = l3k_data(dk); a.dv = l3k_data(dv);
     a.workspace = need ? l3k_data(workspace) : 0;

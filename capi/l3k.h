@@ -29,7 +29,9 @@
  *    leaves every tensor untouched.
  *  - A tensor with zero elements is valid; the call then does nothing.
  *  - Sizes and offsets are 64-bit: tensors past 2^31 elements are indexed
- *    correctly.
+ *    correctly.  A tensor whose element count or strided byte range passes
+ *    2^63 - 1, or whose data + byte_offset + that range leaves [0, 2^63), is
+ *    refused, as is any size a call derives past 2^63 - 1.
  *
  * The DLPack types (DLTensor, DLDevice, DLDataType) are declared below,
  * binary-compatible with DLPack 0.6 to 1.x.  To use the official dlpack.h
@@ -113,7 +115,8 @@ L3K_API int l3k_has_cuda(void);
  *         or a slice of rows of one).
  * weight: (n,), contiguous, dtype of x.
  * y:      shape of x, dtype of x, same layout rules (its own row stride).
- *         May alias x exactly (in place).
+ *         May alias x exactly (in place); any other overlap with x, weight
+ *         or rstd is refused.
  * rstd:   optional (NULL): float32, contiguous, x.shape[:-1] (or (rows,) ),
  *         receives 1 / sqrt(mean(x^2) + eps) per row for the backward.
  * eps:    finite, >= 0.
@@ -124,8 +127,9 @@ L3K_API l3k_status l3k_rmsnorm_forward(const DLTensor *x, const DLTensor *weight
 
 /* Fused residual add + RMSNorm: h = x + residual; y = rmsnorm(h) * weight.
  * x, residual, h and y share shape, dtype and the layout rules of x above;
- * h is written (it carries the residual stream on), rstd as above.  h may
- * alias x or residual exactly. */
+ * h is written (it carries the residual stream on), rstd as above.  h and y
+ * may each alias x or residual exactly; h and y must not overlap each other,
+ * and other overlaps are refused. */
 L3K_API l3k_status l3k_add_rmsnorm_forward(const DLTensor *x, const DLTensor *residual,
                                            const DLTensor *weight, float eps, DLTensor *h,
                                            DLTensor *y, DLTensor *rstd, void *stream);
@@ -142,7 +146,8 @@ L3K_API l3k_status l3k_rmsnorm_backward_workspace_size(const DLTensor *x, size_t
  * weight:  as in the forward.
  * rstd:    optional: the forward's rstd; NULL recomputes it from x.
  * dx:      output, shape/dtype of x; for the fused op it is the gradient of
- *          both x and residual.  May alias dy or dh exactly.
+ *          both x and residual.  May alias dy, dh or x exactly; other
+ *          overlaps are refused.
  * dweight: optional output (n,), dtype of weight; overwritten (not
  *          accumulated) with sum over rows of dy * x * rstd, accumulated in
  *          float32 in a fixed order (deterministic).
@@ -179,7 +184,8 @@ L3K_API l3k_status l3k_rmsnorm_backward(const DLTensor *dy, const DLTensor *dh, 
  *         pointer, shape and strides).  An output that shares memory with its
  *         input in any other way is rejected (a byte-range test).  k_out is
  *         required iff k is given.  Outputs must not share elements with each
- *         other or with the other input (not checked beyond a shared start).
+ *         other or with the other input (not checked beyond a shared start),
+ *         nor overlap cos or sin (checked).
  * 16-byte vector loads are used where the rows allow them; any layout works. */
 #define L3K_ROPE_HALF 0
 #define L3K_ROPE_INTERLEAVED 1
@@ -238,8 +244,11 @@ L3K_API l3k_status l3k_swiglu_fused_backward(const DLTensor *da, const DLTensor 
  *           a larger fused weight works).  dtype of x.
  * Arithmetic: float32 accumulation; the result is rounded once to its dtype.
  * workspace: optional scratch for cuBLASLt (l3k_linear_workspace_size bytes
- *           give it every algorithm; NULL restricts it to those needing none).
- *           One workspace must not serve two streams at the same time.
+ *           give it every algorithm; NULL, or a tensor of 0 bytes, restricts it
+ *           to those needing none).  It must not overlap the call's tensors;
+ *           one workspace must not serve two streams at the same time.
+ * K = 0 (an empty sum) writes zeros (plus the residual, or leaves an
+ *           accumulated output as it is).
  * The first CUDA call on a device creates that device's cuBLASLt handle:
  * make one call before capturing a CUDA graph.
  * Algorithm: the first CUDA call of a configuration (device, shapes, strides,
@@ -298,12 +307,16 @@ L3K_API l3k_status l3k_linear_backward_weight(const DLTensor *dy, const DLTensor
  * scale: > 0, or 0 for 1/sqrt(head_dim).
  * causal: aligned bottom-right, as FlashAttention 2.1+: key j is visible to
  *    query i iff j <= i + seq_k - seq_q.  A query that sees no key (possible
- *    when seq_q > seq_k) gets o = 0 and lse = +inf. */
+ *    when seq_q > seq_k) gets o = 0 and lse = +inf.  On the CPU a NaN that
+ *    reaches a row's scores (from q or k) makes that row's o and lse NaN, one
+ *    in v makes o NaN where it is weighted, and the backward's gradients carry
+ *    NaN likewise, as in PyTorch; a NaN row is not taken for a masked one. */
 
 /* o: shape of q, any strides as above (a (batch, seq, heads, head_dim)
  * buffer viewed as (batch, heads, seq, head_dim) lets the output projection
- * read it directly); its memory must not overlap q, k or v.  lse: float32, contiguous, batch * n_heads * seq_q
- * elements: the natural-log sum of exp of each row's scores, for the backward. */
+ * read it directly); its memory must not overlap q, k or v.  lse: float32, contiguous, 4-byte aligned,
+ * batch * n_heads * seq_q elements, apart from q, k, v and o: the natural-log sum of exp of each
+ * row's scores, for the backward. */
 L3K_API l3k_status l3k_attention_forward(const DLTensor *q, const DLTensor *k, const DLTensor *v,
                                          float scale, int causal, DLTensor *o, DLTensor *lse,
                                          void *stream);
@@ -318,7 +331,7 @@ L3K_API l3k_status l3k_attention_backward_workspace_size(const DLTensor *q, cons
  * with float32 atomics (the last bits may differ between runs);
  * deterministic != 0 computes dq without atomics, bitwise reproducible, about
  * 10-15% slower.  dq: shape of q; dk, dv: shape of k; any strides as above;
- * they may be views of one buffer but must not overlap dout, q, k, v or o.
+ * they may be views of one buffer but must not overlap dout, q, k, v, o or lse.
  * workspace: at least l3k_attention_backward_workspace_size bytes, 256-byte
  * aligned. */
 L3K_API l3k_status l3k_attention_backward(const DLTensor *dout, const DLTensor *q, const DLTensor *k,

@@ -38,13 +38,26 @@ static l3k_status check_leading(l3k_call *c, const DLTensor *t, const char *name
     return L3K_SUCCESS;
 }
 
+/* The optional cuBLASLt workspace.  One of 0 bytes is none: what a caller gets
+ * by allocating l3k_linear_workspace_size bytes on the CPU. */
 static l3k_status workspace_of(l3k_call *c, const DLTensor *ws, void **data, size_t *bytes) {
     *data = 0;
     *bytes = 0;
     if (!ws) return L3K_SUCCESS;
+    L3K_TRY(l3k_check_tensor(c, ws, "workspace"));
+    if (l3k_tensor_bytes(ws) == 0) return L3K_SUCCESS;
     L3K_TRY(l3k_check_workspace(c, ws, 1));
     *data = l3k_data(ws);
-    *bytes = (size_t)l3k_numel(ws) * ((size_t)ws->dtype.bits * ws->dtype.lanes / 8);
+    *bytes = l3k_tensor_bytes(ws);
+    return L3K_SUCCESS;
+}
+
+/* cuBLASLt writes the workspace while it reads the operands. */
+static l3k_status workspace_apart(l3k_call *c, const DLTensor *ws, size_t bytes, const DLTensor *const *ts,
+                                  const char *const *names, int count) {
+    if (!bytes) return L3K_SUCCESS;
+    for (int i = 0; i < count; ++i)
+        if (ts[i]) L3K_TRY(l3k_check_no_overlap(c, ws, "workspace", ts[i], names[i], 0));
     return L3K_SUCCESS;
 }
 
@@ -91,6 +104,9 @@ l3k_status l3k_linear_forward(const DLTensor *x, const DLTensor *weight, const D
     void *ws;
     size_t ws_bytes;
     L3K_TRY(workspace_of(&c, workspace, &ws, &ws_bytes));
+    const DLTensor *ts[4] = {x, weight, residual, y};
+    static const char *const names[4] = {"x", "weight", "residual", "y"};
+    L3K_TRY(workspace_apart(&c, workspace, ws_bytes, ts, names, 4));
     l3k_gemm_args g = {
         .trans_a = 1, .trans_b = 0, .m = wr.rows, .n = xr.rows, .k = xr.n,
         .a = wr.data, .lda = wr.row_stride, .b = xr.data, .ldb = xr.row_stride,
@@ -120,6 +136,9 @@ l3k_status l3k_linear_backward_input(const DLTensor *dy, const DLTensor *weight,
     void *ws;
     size_t ws_bytes;
     L3K_TRY(workspace_of(&c, workspace, &ws, &ws_bytes));
+    const DLTensor *ts[3] = {dy, weight, dx};
+    static const char *const names[3] = {"dy", "weight", "dx"};
+    L3K_TRY(workspace_apart(&c, workspace, ws_bytes, ts, names, 3));
     l3k_gemm_args g = {
         .trans_a = 0, .trans_b = 0, .m = wr.n, .n = dyr.rows, .k = dyr.n,
         .a = wr.data, .lda = wr.row_stride, .b = dyr.data, .ldb = dyr.row_stride,
@@ -158,6 +177,9 @@ l3k_status l3k_linear_backward_weight(const DLTensor *dy, const DLTensor *x, DLT
     void *ws;
     size_t ws_bytes;
     L3K_TRY(workspace_of(&c, workspace, &ws, &ws_bytes));
+    const DLTensor *ts[3] = {dy, x, dweight};
+    static const char *const names[3] = {"dy", "x", "dweight"};
+    L3K_TRY(workspace_apart(&c, workspace, ws_bytes, ts, names, 3));
     l3k_gemm_args g = {
         .trans_a = 0, .trans_b = 1, .m = xr.n, .n = dyr.n, .k = xr.rows,
         .a = xr.data, .lda = xr.row_stride, .b = dyr.data, .ldb = dyr.row_stride,

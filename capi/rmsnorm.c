@@ -21,16 +21,7 @@ static l3k_status check_weight(l3k_call *c, const DLTensor *w, const char *name,
 }
 
 static l3k_status check_rstd(l3k_call *c, const DLTensor *rstd, int64_t rows) {
-    char a[32];
-    L3K_TRY(l3k_check_tensor(c, rstd, "rstd"));
-    if (rstd->dtype.code != kDLFloat || rstd->dtype.bits != 32 || rstd->dtype.lanes != 1)
-        return l3k_fail(c, L3K_ERROR_DTYPE, "rstd dtype %s, expected float32",
-                        l3k_dtype_name(rstd->dtype, a));
-    L3K_TRY(l3k_check_contiguous_numel(c, rstd, "rstd", rows));
-    if ((uintptr_t)l3k_data(rstd) % 4 != 0)
-        return l3k_fail(c, L3K_ERROR_ALIGNMENT, "rstd data pointer %p is not 4-byte aligned",
-                        l3k_data(rstd));
-    return L3K_SUCCESS;
+    return l3k_check_f32_vector(c, rstd, "rstd", rows);
 }
 
 static l3k_status forward(l3k_call *c, const DLTensor *x, const DLTensor *residual,
@@ -49,6 +40,25 @@ static l3k_status forward(l3k_call *c, const DLTensor *x, const DLTensor *residu
     L3K_TRY(check_like_x(c, y, "y", x, dt, &yr));
     if (rstd) L3K_TRY(check_rstd(c, rstd, xr.rows));
     L3K_TRY(l3k_check_eps(c, eps));
+    /* In place is the same view; a partial overlap would feed rows already
+     * written back into later ones.  weight and rstd are apart from the rows. */
+    const size_t es = l3k_dt_size(dt);
+    L3K_TRY(l3k_check_rows_no_overlap(c, &yr, "y", &xr, "x", es, 1));
+    if (residual) {
+        L3K_TRY(l3k_check_rows_no_overlap(c, &yr, "y", &rr, "residual", es, 1));
+        L3K_TRY(l3k_check_rows_no_overlap(c, &hr, "h", &xr, "x", es, 1));
+        L3K_TRY(l3k_check_rows_no_overlap(c, &hr, "h", &rr, "residual", es, 1));
+        L3K_TRY(l3k_check_rows_no_overlap(c, &yr, "y", &hr, "h", es, 0));
+        L3K_TRY(l3k_check_no_overlap(c, h, "h", weight, "weight", 0));
+        if (rstd) L3K_TRY(l3k_check_no_overlap(c, rstd, "rstd", h, "h", 0));
+    }
+    L3K_TRY(l3k_check_no_overlap(c, y, "y", weight, "weight", 0));
+    if (rstd) {
+        L3K_TRY(l3k_check_no_overlap(c, rstd, "rstd", x, "x", 0));
+        L3K_TRY(l3k_check_no_overlap(c, rstd, "rstd", y, "y", 0));
+        L3K_TRY(l3k_check_no_overlap(c, rstd, "rstd", weight, "weight", 0));
+        if (residual) L3K_TRY(l3k_check_no_overlap(c, rstd, "rstd", residual, "residual", 0));
+    }
     if (xr.rows == 0 || xr.n == 0) return L3K_SUCCESS;
 
     l3k_rmsnorm_fwd_args a = {
@@ -79,18 +89,24 @@ l3k_status l3k_add_rmsnorm_forward(const DLTensor *x, const DLTensor *residual,
     return forward(&c, x, residual, weight, eps, h, y, rstd, stream);
 }
 
-static size_t workspace_bytes(int64_t rows, int64_t n) {
-    return (size_t)l3k_rmsnorm_bwd_partials(rows, n) * (size_t)n * sizeof(float);
+static l3k_status workspace_bytes(l3k_call *c, int64_t rows, int64_t n, size_t *bytes) {
+    int64_t floats, b;
+    L3K_TRY(l3k_size_mul(c, "workspace floats (partial rows * n)", l3k_rmsnorm_bwd_partials(rows, n), n,
+                         &floats));
+    L3K_TRY(l3k_size_mul(c, "workspace bytes (floats * 4)", floats, (int64_t)sizeof(float), &b));
+    *bytes = (size_t)b;
+    return L3K_SUCCESS;
 }
 
 l3k_status l3k_rmsnorm_backward_workspace_size(const DLTensor *x, size_t *bytes) {
     l3k_call c = {.op = "rmsnorm_backward_workspace_size"};
     l3k_rows xr;
     if (!bytes) return l3k_fail(&c, L3K_ERROR_NULL_POINTER, "bytes is NULL");
+    l3k_dt dt;
     L3K_TRY(l3k_check_tensor(&c, x, "x"));
+    L3K_TRY(l3k_check_float(&c, x, "x", &dt));
     L3K_TRY(l3k_check_rows(&c, x, "x", &xr));
-    *bytes = workspace_bytes(xr.rows, xr.n);
-    return L3K_SUCCESS;
+    return workspace_bytes(&c, xr.rows, xr.n, bytes);
 }
 
 l3k_status l3k_rmsnorm_backward(const DLTensor *dy, const DLTensor *dh, const DLTensor *x,
@@ -110,8 +126,26 @@ l3k_status l3k_rmsnorm_backward(const DLTensor *dy, const DLTensor *dh, const DL
     L3K_TRY(check_like_x(&c, dx, "dx", x, dt, &dxr));
     if (dweight) L3K_TRY(check_weight(&c, dweight, "dweight", xr.n, dt));
     L3K_TRY(l3k_check_eps(&c, eps));
-    size_t need = dweight ? workspace_bytes(xr.rows, xr.n) : 0;
+    size_t need = 0;
+    if (dweight) L3K_TRY(workspace_bytes(&c, xr.rows, xr.n, &need));
     L3K_TRY(l3k_check_workspace(&c, workspace, need));
+    /* dx: in place over dy, dh (or x) is the same view; any other overlap is
+     * refused.  dweight and the partial sums are written while the rows are
+     * read: apart from everything. */
+    const size_t es = l3k_dt_size(dt);
+    L3K_TRY(l3k_check_rows_no_overlap(&c, &dxr, "dx", &dyr, "dy", es, 1));
+    if (dh) L3K_TRY(l3k_check_rows_no_overlap(&c, &dxr, "dx", &dhr, "dh", es, 1));
+    L3K_TRY(l3k_check_rows_no_overlap(&c, &dxr, "dx", &xr, "x", es, 1));
+    L3K_TRY(l3k_check_no_overlap(&c, dx, "dx", weight, "weight", 0));
+    if (rstd) L3K_TRY(l3k_check_no_overlap(&c, dx, "dx", rstd, "rstd", 0));
+    const DLTensor *all[6] = {dy, dh, x, weight, rstd, dx};
+    static const char *all_names[6] = {"dy", "dh", "x", "weight", "rstd", "dx"};
+    for (int i = 0; i < 6; ++i) {
+        if (!all[i]) continue;
+        if (dweight) L3K_TRY(l3k_check_no_overlap(&c, dweight, "dweight", all[i], all_names[i], 0));
+        if (need) L3K_TRY(l3k_check_no_overlap(&c, workspace, "workspace", all[i], all_names[i], 0));
+    }
+    if (dweight && need) L3K_TRY(l3k_check_no_overlap(&c, workspace, "workspace", dweight, "dweight", 0));
     if (xr.n == 0) return L3K_SUCCESS;
 
     l3k_rmsnorm_bwd_args a = {

@@ -1,13 +1,6 @@
 /* RoPE on q and k: validation and dispatch. */
 #include "validate.h"
 
-static int64_t stride_at(const DLTensor *t, int i) {
-    if (t->strides) return t->strides[i];
-    int64_t s = 1;
-    for (int j = i + 1; j < t->ndim; ++j) s *= t->shape[j];
-    return s;
-}
-
 static const char *dt_str(l3k_dt dt) {
     return dt == L3K_DT_F32 ? "float32" : dt == L3K_DT_F16 ? "float16" : "bfloat16";
 }
@@ -20,10 +13,10 @@ static l3k_status check_4d(l3k_call *c, const DLTensor *t, const char *name, l3k
     if (t->ndim != 4)
         return l3k_fail(c, L3K_ERROR_SHAPE, "%s has ndim %d, expected 4 (batch, heads, seq, head_dim)",
                         name, (int)t->ndim);
-    if (t->shape[3] > 1 && stride_at(t, 3) != 1)
+    if (t->shape[3] > 1 && l3k_stride(t, 3) != 1)
         return l3k_fail(c, L3K_ERROR_LAYOUT, "%s stride[3] is %lld, expected 1 (last dim contiguous)",
-                        name, (long long)stride_at(t, 3));
-    for (int i = 0; i < 3; ++i) strides[i] = stride_at(t, i);
+                        name, (long long)l3k_stride(t, 3));
+    for (int i = 0; i < 3; ++i) strides[i] = l3k_stride(t, i);
     return L3K_SUCCESS;
 }
 
@@ -116,10 +109,18 @@ static l3k_status rope(l3k_call *c, const DLTensor *q, const DLTensor *k, const 
     L3K_TRY(l3k_check_same_shape(c, sin, "sin", cos, "cos"));
     if (offset < 0)
         return l3k_fail(c, L3K_ERROR_VALUE, "offset is %lld, expected >= 0", (long long)offset);
-    if (seq > 0 && crows < seq + offset)
+    /* rows >= seq + offset, written so that no sum can wrap (offset may be near INT64_MAX). */
+    if (seq > 0 && (crows < seq || offset > crows - seq)) {
+        int64_t need;
+        if (l3k_add_ok(seq, offset, &need))
+            return l3k_fail(c, L3K_ERROR_SHAPE,
+                            "cos has %lld rows, expected at least seq + offset = %lld + %lld = %lld",
+                            (long long)crows, (long long)seq, (long long)offset, (long long)need);
         return l3k_fail(c, L3K_ERROR_SHAPE,
-                        "cos has %lld rows, expected at least seq + offset = %lld + %lld = %lld",
-                        (long long)crows, (long long)seq, (long long)offset, (long long)(seq + offset));
+                        "cos has %lld rows, expected at least seq + offset = %lld + %lld, which passes "
+                        "2^63 - 1",
+                        (long long)crows, (long long)seq, (long long)offset);
+    }
     if (mode != L3K_ROPE_HALF && mode != L3K_ROPE_INTERLEAVED)
         return l3k_fail(c, L3K_ERROR_VALUE,
                         "mode is %d, expected L3K_ROPE_HALF (0) or L3K_ROPE_INTERLEAVED (1)", mode);
@@ -130,6 +131,14 @@ static l3k_status rope(l3k_call *c, const DLTensor *q, const DLTensor *k, const 
         if (l3k_numel(k_out) > 0 && l3k_numel(q_out) > 0 && l3k_data(k_out) == l3k_data(q_out))
             return l3k_fail(c, L3K_ERROR_LAYOUT, "%s starts at the same address as %s, expected separate outputs",
                             kon, qon);
+    }
+    /* The tables are read by every row: an output over them would change later rows' angles. */
+    const DLTensor *outs[2] = {q_out, k ? k_out : 0};
+    const char *out_names[2] = {qon, kon};
+    for (int i = 0; i < 2; ++i) {
+        if (!outs[i]) continue;
+        L3K_TRY(l3k_check_no_overlap(c, outs[i], out_names[i], cos, "cos", 0));
+        L3K_TRY(l3k_check_no_overlap(c, outs[i], out_names[i], sin, "sin", 0));
     }
     const int64_t hk = k ? k->shape[1] : 0;
     if (batch == 0 || seq == 0 || d == 0 || (hq == 0 && hk == 0)) return L3K_SUCCESS;

@@ -62,7 +62,7 @@ static l3k_status check_fused(l3k_call *c, const DLTensor *gu, const char *name,
     *g = *whole;
     g->n = whole->n / 2;
     *u = *g;
-    u->data = (char *)whole->data + (size_t)g->n * l3k_dt_size(*dt);
+    u->data = l3k_ptr_add(whole->data, g->n * (int64_t)l3k_dt_size(*dt)); /* data may be NULL when empty */
     return L3K_SUCCESS;
 }
 

@@ -39,19 +39,124 @@ static const char *dt_name(l3k_dt dt) {
     return dt == L3K_DT_F32 ? "float32" : dt == L3K_DT_F16 ? "float16" : "bfloat16";
 }
 
-int64_t l3k_numel(const DLTensor *t) {
+/* ---- Checked size arithmetic ----------------------------------------------- */
+
+int l3k_mul_ok(int64_t a, int64_t b, int64_t *out) { return !__builtin_mul_overflow(a, b, out); }
+
+int l3k_add_ok(int64_t a, int64_t b, int64_t *out) { return !__builtin_add_overflow(a, b, out); }
+
+l3k_status l3k_size_mul(l3k_call *c, const char *what, int64_t a, int64_t b, int64_t *out) {
+    if (a < 0 || b < 0 || !l3k_mul_ok(a, b, out))
+        return l3k_fail(c, L3K_ERROR_SHAPE, "%s = %lld * %lld, expected at most 2^63 - 1", what,
+                        (long long)a, (long long)b);
+    return L3K_SUCCESS;
+}
+
+l3k_status l3k_size_add(l3k_call *c, const char *what, int64_t a, int64_t b, int64_t *out) {
+    if (a < 0 || b < 0 || !l3k_add_ok(a, b, out))
+        return l3k_fail(c, L3K_ERROR_SHAPE, "%s = %lld + %lld, expected at most 2^63 - 1", what,
+                        (long long)a, (long long)b);
+    return L3K_SUCCESS;
+}
+
+/* Element count of shape[lo:hi]: 0 when a size is 0 (whatever the others are),
+ * -1 when the product passes INT64_MAX. */
+static int64_t count_of(const DLTensor *t, int lo, int hi) {
+    for (int i = lo; i < hi; ++i)
+        if (t->shape[i] == 0) return 0;
     int64_t n = 1;
-    for (int i = 0; i < t->ndim; ++i) n *= t->shape[i];
+    for (int i = lo; i < hi; ++i)
+        if (!l3k_mul_ok(n, t->shape[i], &n)) return -1;
     return n;
 }
 
-void *l3k_data(const DLTensor *t) { return (char *)t->data + t->byte_offset; }
+int64_t l3k_numel(const DLTensor *t) {
+    const int64_t n = count_of(t, 0, t->ndim);
+    return n < 0 ? INT64_MAX : n;
+}
+
+/* A NULL data pointer stays NULL (a zero-size tensor may have one): NULL +
+ * byte_offset would be undefined.  Integer arithmetic, so that a descriptor
+ * whose offset wraps is refused (l3k_check_tensor) rather than undefined. */
+void *l3k_data(const DLTensor *t) {
+    if (!t->data) return NULL;
+    return (void *)((uintptr_t)t->data + (uintptr_t)t->byte_offset);
+}
+
+void *l3k_ptr_add(void *p, int64_t bytes) {
+    return p ? (void *)((uintptr_t)p + (uintptr_t)bytes) : NULL;
+}
 
 int64_t l3k_stride(const DLTensor *t, int i) {
     if (t->strides) return t->strides[i];
-    int64_t s = 1;
-    for (int j = i + 1; j < t->ndim; ++j) s *= t->shape[j];
-    return s;
+    /* Compact strides never overflow for a tensor with elements; for an empty
+     * one they are never used. */
+    const int64_t s = count_of(t, i + 1, t->ndim);
+    return s < 0 ? 0 : s;
+}
+
+static size_t elem_bytes(const DLTensor *t) {
+    return ((size_t)t->dtype.bits * t->dtype.lanes + 7) / 8;
+}
+
+/* Lowest and highest element offsets a tensor with elements reaches; 0 when an
+ * offset passes int64. */
+static int offset_span(const DLTensor *t, int64_t *lo, int64_t *hi) {
+    *lo = *hi = 0;
+    for (int i = 0; i < t->ndim; ++i) {
+        if (t->shape[i] <= 1) continue;
+        int64_t span;
+        if (!l3k_mul_ok(t->shape[i] - 1, l3k_stride(t, i), &span)) return 0;
+        if (!l3k_add_ok(span < 0 ? *lo : *hi, span, span < 0 ? lo : hi)) return 0;
+    }
+    return 1;
+}
+
+static void shape_str(const DLTensor *t, char *buf, size_t cap);
+
+static void strides_str(const DLTensor *t, char *buf, size_t cap) {
+    size_t n = (size_t)snprintf(buf, cap, "(");
+    for (int i = 0; i < t->ndim && n < cap; ++i)
+        n += (size_t)snprintf(buf + n, cap - n, i ? ", %lld" : "%lld", (long long)l3k_stride(t, i));
+    if (n < cap) snprintf(buf + n, cap - n, t->ndim == 1 ? ",)" : ")");
+}
+
+/* Every size, element offset, byte offset and address the kernels derive from
+ * `t` fits in int64 and stays inside [0, 2^63): kernels index with plain int64
+ * arithmetic and the overlap tests compare addresses. */
+static l3k_status check_extent(l3k_call *c, const DLTensor *t, const char *name) {
+    char a[256], b[256];
+    const int64_t numel = count_of(t, 0, t->ndim);
+    if (numel < 0) {
+        shape_str(t, a, sizeof a);
+        return l3k_fail(c, L3K_ERROR_SHAPE, "%s shape %s has more than 2^63 - 1 elements", name, a);
+    }
+    const uint64_t base = (uint64_t)(uintptr_t)t->data, limit = (uint64_t)INT64_MAX;
+    if (t->data && (t->byte_offset > limit || base > limit - t->byte_offset))
+        return l3k_fail(c, L3K_ERROR_LAYOUT,
+                        "%s data %p + byte_offset %llu, expected an address below 2^63", name, t->data,
+                        (unsigned long long)t->byte_offset);
+    if (numel == 0) return L3K_SUCCESS;
+    int64_t lo, hi, lo_b, hi_b;
+    const int64_t es = (int64_t)elem_bytes(t);
+    if (!offset_span(t, &lo, &hi) || !l3k_mul_ok(lo, es, &lo_b) || !l3k_add_ok(hi, 1, &hi) ||
+        !l3k_mul_ok(hi, es, &hi_b)) {
+        shape_str(t, a, sizeof a);
+        strides_str(t, b, sizeof b);
+        return l3k_fail(c, L3K_ERROR_LAYOUT,
+                        "%s strides %s over shape %s reach past 2^63 - 1 bytes, expected a smaller extent",
+                        name, b, a);
+    }
+    const uint64_t start = base + t->byte_offset; /* <= limit, checked above */
+    if ((lo_b < 0 && (uint64_t)(-(lo_b + 1)) >= start) || (uint64_t)hi_b > limit - start) {
+        shape_str(t, a, sizeof a);
+        strides_str(t, b, sizeof b);
+        return l3k_fail(c, L3K_ERROR_LAYOUT,
+                        "%s at %p with strides %s over shape %s spans bytes [%lld, %lld) around it, "
+                        "expected them inside the address space [0, 2^63)",
+                        name, l3k_data(t), b, a, (long long)lo_b, (long long)hi_b);
+    }
+    return L3K_SUCCESS;
 }
 
 l3k_status l3k_check_tensor(l3k_call *c, const DLTensor *t, const char *name) {
@@ -64,8 +169,12 @@ l3k_status l3k_check_tensor(l3k_call *c, const DLTensor *t, const char *name) {
         if (t->shape[i] < 0)
             return l3k_fail(c, L3K_ERROR_SHAPE, "%s.shape[%d] is %lld, expected >= 0", name, i,
                             (long long)t->shape[i]);
+    if (count_of(t, 0, t->ndim) < 0) return check_extent(c, t, name);
     if (!t->data && l3k_numel(t) > 0)
         return l3k_fail(c, L3K_ERROR_NULL_POINTER, "%s.data is NULL", name);
+    if (t->dtype.bits == 0 || t->dtype.lanes == 0)
+        return l3k_fail(c, L3K_ERROR_DTYPE, "%s dtype has %u bits and %u lanes, expected at least 1 of each",
+                        name, (unsigned)t->dtype.bits, (unsigned)t->dtype.lanes);
     int type = (int)t->device.device_type;
     if (type != kDLCPU && type != kDLCUDA)
         return l3k_fail(c, L3K_ERROR_DEVICE, "%s is on %s, expected cpu or cuda", name,
@@ -84,7 +193,7 @@ l3k_status l3k_check_tensor(l3k_call *c, const DLTensor *t, const char *name) {
         return l3k_fail(c, L3K_ERROR_DEVICE, "%s is on %s, expected %s like the other tensors",
                         name, device_name(t->device, a), device_name(c->device, b));
     }
-    return L3K_SUCCESS;
+    return check_extent(c, t, name);
 }
 
 l3k_status l3k_check_float(l3k_call *c, const DLTensor *t, const char *name, l3k_dt *dt) {
@@ -138,10 +247,9 @@ l3k_status l3k_check_rows(l3k_call *c, const DLTensor *t, const char *name, l3k_
     int last = t->ndim - 1;
     out->data = l3k_data(t);
     out->n = t->shape[last];
-    out->rows = out->n ? l3k_numel(t) / out->n : 0;
-    for (int i = 0; i < last; ++i)
-        if (t->shape[i] == 0) out->rows = 0;
-    if (out->rows == 0) { /* nothing is read or written: any strides will do */
+    /* The leading dims' count even when rows are empty: x of shape (4, 0) has 4 rows. */
+    out->rows = count_of(t, 0, last); /* >= 0: t passed l3k_check_tensor */
+    if (out->rows == 0 || out->n == 0) { /* nothing is read or written: any strides will do */
         out->row_stride = out->n;
         out->vec16 = 0;
         return L3K_SUCCESS;
@@ -151,20 +259,26 @@ l3k_status l3k_check_rows(l3k_call *c, const DLTensor *t, const char *name, l3k_
                         name, last, (long long)l3k_stride(t, last));
     /* Leading dims must form one arithmetic sequence of rows; size-1 dims do not count. */
     int64_t row_stride = 0, expect = 0;
-    int have = 0;
+    int have = 0, expect_ok = 1;
     for (int i = last - 1; i >= 0; --i) {
         if (t->shape[i] == 1) continue;
         if (!have) {
             row_stride = l3k_stride(t, i);
-            expect = row_stride * t->shape[i];
+            expect_ok = l3k_mul_ok(row_stride, t->shape[i], &expect);
             have = 1;
+        } else if (!expect_ok) {
+            return l3k_fail(c, L3K_ERROR_LAYOUT,
+                            "%s stride[%d] is %lld, expected the stride of the dims after it times "
+                            "their size, which passes 2^63 - 1: the leading dims must flatten to "
+                            "rows of one stride",
+                            name, i, (long long)l3k_stride(t, i));
         } else if (l3k_stride(t, i) != expect) {
             return l3k_fail(c, L3K_ERROR_LAYOUT,
                             "%s stride[%d] is %lld, expected %lld: the leading dims must "
                             "flatten to rows of one stride",
                             name, i, (long long)l3k_stride(t, i), (long long)expect);
         } else {
-            expect *= t->shape[i];
+            expect_ok = l3k_mul_ok(expect, t->shape[i], &expect);
         }
     }
     if (!have) row_stride = out->n;
@@ -172,15 +286,17 @@ l3k_status l3k_check_rows(l3k_call *c, const DLTensor *t, const char *name, l3k_
         return l3k_fail(c, L3K_ERROR_LAYOUT, "%s row stride %lld is below the row length %lld",
                         name, (long long)row_stride, (long long)out->n);
     out->row_stride = row_stride;
-    size_t es = (size_t)(t->dtype.bits / 8);
+    /* In range: the row stride and the row length are within t's extent in bytes. */
+    const size_t es = elem_bytes(t);
     out->vec16 = ((uintptr_t)out->data % 16 == 0) && ((size_t)out->n * es) % 16 == 0 &&
                  ((size_t)row_stride * es) % 16 == 0;
     return L3K_SUCCESS;
 }
 
+/* Compact row-major; an empty tensor is, whatever its strides. */
 static int is_contiguous(const DLTensor *t) {
-    if (!t->strides) return 1;
-    int64_t expect = 1;
+    if (!t->strides || l3k_numel(t) == 0) return 1;
+    int64_t expect = 1; /* at most numel: no overflow */
     for (int i = t->ndim - 1; i >= 0; --i) {
         if (t->shape[i] != 1 && t->strides[i] != expect) return 0;
         expect *= t->shape[i];
@@ -199,15 +315,38 @@ l3k_status l3k_check_contiguous_numel(l3k_call *c, const DLTensor *t, const char
     return L3K_SUCCESS;
 }
 
+l3k_status l3k_check_f32_vector(l3k_call *c, const DLTensor *t, const char *name, int64_t numel) {
+    char a[32];
+    L3K_TRY(l3k_check_tensor(c, t, name));
+    if (t->dtype.code != kDLFloat || t->dtype.bits != 32 || t->dtype.lanes != 1)
+        return l3k_fail(c, L3K_ERROR_DTYPE, "%s dtype %s, expected float32", name,
+                        l3k_dtype_name(t->dtype, a));
+    L3K_TRY(l3k_check_contiguous_numel(c, t, name, numel));
+    if ((uintptr_t)l3k_data(t) % 4 != 0)
+        return l3k_fail(c, L3K_ERROR_ALIGNMENT, "%s data pointer %p is not 4-byte aligned", name,
+                        l3k_data(t));
+    return L3K_SUCCESS;
+}
+
+size_t l3k_tensor_bytes(const DLTensor *t) {
+    /* numel * element size is within the extent that l3k_check_tensor bounds;
+     * saturate for a tensor that skipped it. */
+    int64_t bytes;
+    if (!l3k_mul_ok(l3k_numel(t), (int64_t)((size_t)t->dtype.bits * t->dtype.lanes / 8), &bytes))
+        return (size_t)INT64_MAX;
+    return (size_t)bytes;
+}
+
 l3k_status l3k_check_workspace(l3k_call *c, const DLTensor *t, size_t bytes) {
-    if (bytes == 0) return L3K_SUCCESS;
+    /* A workspace given where none is needed is still a tensor of this call. */
+    if (bytes == 0) return t ? l3k_check_tensor(c, t, "workspace") : L3K_SUCCESS;
     if (!t)
         return l3k_fail(c, L3K_ERROR_WORKSPACE, "workspace is NULL, expected %zu bytes", bytes);
     l3k_status st = l3k_check_tensor(c, t, "workspace");
     if (st) return st;
     if (!is_contiguous(t))
         return l3k_fail(c, L3K_ERROR_LAYOUT, "workspace is not contiguous");
-    size_t have = (size_t)l3k_numel(t) * ((size_t)t->dtype.bits * t->dtype.lanes / 8);
+    size_t have = l3k_tensor_bytes(t);
     if (have < bytes)
         return l3k_fail(c, L3K_ERROR_WORKSPACE, "workspace has %zu bytes, expected at least %zu",
                         have, bytes);
@@ -252,15 +391,16 @@ l3k_status l3k_cuda_launch(l3k_call *c, l3k_cuda_launch_fn fn, const void *args,
 
 void l3k_byte_range(const DLTensor *t, uintptr_t *lo, uintptr_t *hi) {
     const uintptr_t base = (uintptr_t)l3k_data(t);
-    const int64_t es = (int64_t)((t->dtype.bits * t->dtype.lanes + 7) / 8);
+    int64_t min_off, max_off, es = (int64_t)elem_bytes(t);
     if (l3k_numel(t) == 0) { *lo = *hi = base; return; }
-    int64_t min_off = 0, max_off = 0; /* in elements */
-    for (int i = 0; i < t->ndim; ++i) {
-        const int64_t span = (t->shape[i] - 1) * l3k_stride(t, i);
-        if (span < 0) min_off += span; else max_off += span;
+    if (!offset_span(t, &min_off, &max_off) || !l3k_mul_ok(min_off, es, &min_off) ||
+        !l3k_add_ok(max_off, 1, &max_off) || !l3k_mul_ok(max_off, es, &max_off)) {
+        *lo = 0; /* only for a tensor l3k_check_tensor refuses: overlaps everything */
+        *hi = UINTPTR_MAX;
+        return;
     }
-    *lo = base + (uintptr_t)(min_off * es);
-    *hi = base + (uintptr_t)((max_off + 1) * es);
+    *lo = base + (uintptr_t)min_off; /* modular: min_off <= 0 */
+    *hi = base + (uintptr_t)max_off;
 }
 
 int l3k_same_view(const DLTensor *a, const DLTensor *b) {

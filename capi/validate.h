@@ -32,12 +32,31 @@ l3k_status l3k_fail(const l3k_call *c, l3k_status status, const char *fmt, ...)
 /* Human-readable name of a DLPack dtype ("bfloat16", "int32", "float64x4"). */
 const char *l3k_dtype_name(DLDataType dt, char buf[32]);
 
+/* Overflow-checked int64 arithmetic: 1 when the exact result fits (stored in *out). */
+int l3k_mul_ok(int64_t a, int64_t b, int64_t *out);
+int l3k_add_ok(int64_t a, int64_t b, int64_t *out);
+
+/* *out = a * b (or a + b) for sizes a, b >= 0, or an L3K_ERROR_SHAPE failure
+ * "<op>: <what> = a * b, expected at most 2^63 - 1".  Every size a call derives
+ * from several tensors (B * H * Sq, workspace bytes) goes through these. */
+l3k_status l3k_size_mul(l3k_call *c, const char *what, int64_t a, int64_t b, int64_t *out);
+l3k_status l3k_size_add(l3k_call *c, const char *what, int64_t a, int64_t b, int64_t *out);
+
+/* Element count; 0 when any size is 0; INT64_MAX when the product overflows
+ * (only for a tensor l3k_check_tensor refuses). */
 int64_t l3k_numel(const DLTensor *t);
 int64_t l3k_stride(const DLTensor *t, int i); /* in elements; compact row-major when strides is NULL */
-void *l3k_data(const DLTensor *t); /* data + byte_offset */
+void *l3k_data(const DLTensor *t); /* data + byte_offset; NULL when data is NULL */
+void *l3k_ptr_add(void *p, int64_t bytes); /* p + bytes; NULL stays NULL */
+
+/* numel * element size (saturating at INT64_MAX). */
+size_t l3k_tensor_bytes(const DLTensor *t);
 
 /* Non-NULL tensor with a shape, data non-NULL unless empty, on a supported
- * device that matches the call's other tensors (the first checked sets it). */
+ * device that matches the call's other tensors (the first checked sets it).
+ * Its element count, the element offsets its strides reach and their byte
+ * range fit in int64, and data + byte_offset plus that range stays in
+ * [0, 2^63): no size or address a kernel derives from it can overflow. */
 l3k_status l3k_check_tensor(l3k_call *c, const DLTensor *t, const char *name);
 
 /* float32 / float16 / bfloat16, element-aligned data pointer. */
@@ -51,14 +70,21 @@ l3k_status l3k_check_dtype(l3k_call *c, const DLTensor *t, const char *name, l3k
 l3k_status l3k_check_same_shape(l3k_call *c, const DLTensor *t, const char *name,
                                 const DLTensor *ref, const char *ref_name);
 
-/* Last dim contiguous and leading dims flatten to one row stride. */
+/* Last dim contiguous and leading dims flatten to one row stride.  rows is the
+ * product of the leading dims, also when the last dim is 0 (then any strides
+ * do, as when rows is 0). */
 l3k_status l3k_check_rows(l3k_call *c, const DLTensor *t, const char *name, l3k_rows *out);
 
 /* Contiguous (compact row-major), exactly `numel` elements. */
 l3k_status l3k_check_contiguous_numel(l3k_call *c, const DLTensor *t, const char *name,
                                       int64_t numel);
 
-/* Workspace: present when bytes > 0, 1-D contiguous, at least `bytes` long. */
+/* float32, contiguous, `numel` elements, 4-byte aligned (rstd, lse). */
+l3k_status l3k_check_f32_vector(l3k_call *c, const DLTensor *t, const char *name, int64_t numel);
+
+/* Workspace: present when bytes > 0, contiguous, at least `bytes` long, 16-byte
+ * aligned.  A workspace given when bytes is 0 must still be a valid tensor of
+ * the call's device. */
 l3k_status l3k_check_workspace(l3k_call *c, const DLTensor *t, size_t bytes);
 
 /* eps finite and >= 0. */

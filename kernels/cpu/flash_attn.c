@@ -38,6 +38,31 @@ size_t l3k_attn_bwd_workspace_bytes(int64_t batch, int64_t n_heads, int64_t n_kv
   return total;
 }
 
+/* *bytes = rows * n floats; 0 when that passes SIZE_MAX (the caller reports it as an
+ * allocation failure rather than allocating a wrapped size). */
+static int fa_floats(int64_t n, int64_t rows, size_t *bytes) {
+  size_t count;
+  return !__builtin_mul_overflow((size_t)n, (size_t)rows, &count) &&
+         !__builtin_mul_overflow(count, sizeof(float), bytes);
+}
+
+/* Called by every thread of a parallel region after its scratch allocations: 1
+ * in every thread when any thread lacks its scratch (nothing is written then),
+ * else 0.  Every thread must meet the same worksharing loops, so the decision
+ * is taken together, after a barrier, not thread by thread: a thread that
+ * skipped the loop would leave the others waiting in its barrier forever. */
+static int scratch_failed(int ok, int *fail) {
+  if (!ok) {
+#pragma omp atomic write
+    *fail = 1;
+  }
+#pragma omp barrier
+  int any;
+#pragma omp atomic read
+  any = *fail;
+  return any;
+}
+
 /* last visible key (exclusive bound) for query row i */
 static inline int64_t fa_kend(int64_t i, int64_t sq, int64_t sk, int causal) {
   if (!causal) return sk;
@@ -54,17 +79,17 @@ int l3k_cpu_attn_fwd(const l3k_attn_fwd_args *a) {
   const l3k_dt dt = a->dtype;
   int fail = 0;
 
+  size_t row_bytes, tile_bytes;
+  if (!fa_floats(D, 1, &row_bytes) || !fa_floats(D, FA_CPU_BN, &tile_bytes)) return 1;
+
 #pragma omp parallel
   {
-    float *qrow = (float *)malloc(sizeof(float) * (size_t)D);
-    float *acc = (float *)malloc(sizeof(float) * (size_t)D);
-    float *kt = (float *)malloc(sizeof(float) * (size_t)(FA_CPU_BN * D));
-    float *vt = (float *)malloc(sizeof(float) * (size_t)(FA_CPU_BN * D));
+    float *qrow = (float *)malloc(row_bytes);
+    float *acc = (float *)malloc(row_bytes);
+    float *kt = (float *)malloc(tile_bytes);
+    float *vt = (float *)malloc(tile_bytes);
     float s[FA_CPU_BN];
-    if (!qrow || !acc || !kt || !vt) {
-#pragma omp atomic write
-      fail = 1;
-    } else {
+    if (!scratch_failed(qrow && acc && kt && vt, &fail)) {
 #pragma omp for schedule(dynamic, 1) collapse(2)
       for (int64_t bh = 0; bh < B * H; bh++) {
         for (int64_t i = 0; i < SQ; i++) {
@@ -96,7 +121,9 @@ int l3k_cpu_attn_fwd(const l3k_attn_fwd_args *a) {
             m = mnew;
           }
           const int64_t ooff = fa_off(a->o_stride, b, h, i);
-          if (l > 0.0) {
+          /* Masked means no visible key, not l == 0: a NaN score makes l NaN, and the row
+           * must come out NaN (o and lse), as PyTorch's softmax gives, not look masked. */
+          if (kend > 0) {
             const float inv = (float)(1.0 / l);
             for (int64_t d = 0; d < D; d++) l3k_store(a->o, ooff + d, acc[d] * inv, dt);
             a->lse[bh * SQ + i] = (float)(m + log(l));
@@ -123,20 +150,21 @@ int l3k_cpu_attn_bwd(const l3k_attn_bwd_args *ab) {
   const float scale = a->scale;
   int fail = 0;
 
+  /* k may repeat one row through stride 0: its element count bounds nothing in bytes. */
+  size_t row_bytes, kv_bytes;
+  if (!fa_floats(D, 1, &row_bytes) || !fa_floats(D, SK > 0 ? SK : 1, &kv_bytes)) return 1;
+
 #pragma omp parallel
   {
     /* per task: float dk, dv accumulators for one kv head; dq for one query head */
-    float *dk = (float *)malloc(sizeof(float) * (size_t)((SK > 0 ? SK : 1) * D));
-    float *dv = (float *)malloc(sizeof(float) * (size_t)((SK > 0 ? SK : 1) * D));
-    float *kk = (float *)malloc(sizeof(float) * (size_t)((SK > 0 ? SK : 1) * D));
-    float *vv = (float *)malloc(sizeof(float) * (size_t)((SK > 0 ? SK : 1) * D));
-    float *qrow = (float *)malloc(sizeof(float) * (size_t)D);
-    float *dorow = (float *)malloc(sizeof(float) * (size_t)D);
-    float *dqrow = (float *)malloc(sizeof(float) * (size_t)D);
-    if (!dk || !dv || !kk || !vv || !qrow || !dorow || !dqrow) {
-#pragma omp atomic write
-      fail = 1;
-    } else {
+    float *dk = (float *)malloc(kv_bytes);
+    float *dv = (float *)malloc(kv_bytes);
+    float *kk = (float *)malloc(kv_bytes);
+    float *vv = (float *)malloc(kv_bytes);
+    float *qrow = (float *)malloc(row_bytes);
+    float *dorow = (float *)malloc(row_bytes);
+    float *dqrow = (float *)malloc(row_bytes);
+    if (!scratch_failed(dk && dv && kk && vv && qrow && dorow && dqrow, &fail)) {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t bhk = 0; bhk < B * HKV; bhk++) {
         const int64_t b = bhk / HKV, hk = bhk % HKV;
@@ -165,7 +193,9 @@ int l3k_cpu_attn_bwd(const l3k_attn_bwd_args *ab) {
                   s += qrow[d] * kk[j * D + d];
                   dp += dorow[d] * vv[j * D + d];
                 }
-                const float p = (float)exp((double)(s * scale) - (double)lse); /* lse=+inf: 0 */
+                /* Only visible keys get here, so the masked rows' lse = +inf is never read;
+                 * a NaN in s, lse, dO or O flows into p or ds and on into dq, dk and dv. */
+                const float p = (float)exp((double)(s * scale) - (double)lse);
                 const float ds = p * (dp - Di);
                 for (int64_t d = 0; d < D; d++) {
                   dv[j * D + d] += p * dorow[d];

@@ -57,6 +57,13 @@ static void set_tensor(host_tensor *h, void *data, l3k_dt dt, int ndim, const in
     h->t.strides = strides ? h->strides : NULL;
 }
 
+/* The stride of dim i of compact row-major t, in elements. */
+static int64_t compact_stride(const DLTensor *t, int i) {
+    int64_t s = 1;
+    for (int j = i + 1; j < t->ndim; ++j) s *= t->shape[j];
+    return s;
+}
+
 static DLTensor *host_f32(host_tensor *h, float *data, int ndim, const int64_t *shape) {
     set_tensor(h, data, L3K_DT_F32, ndim, shape, NULL);
     return &h->t;

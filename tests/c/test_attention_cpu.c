@@ -166,6 +166,110 @@ static int run_case(const tcase *c) {
   return ok ? 0 : 1;
 }
 
+/* NaN in, NaN out, as PyTorch's softmax attention gives: a NaN score row is not a
+ * fully masked row (o = 0, lse = +inf).  Checks q, k, v and dout NaNs through the
+ * forward and the backward; rows and keys the NaN does not reach stay finite, and
+ * rows that see no key stay o = 0, lse = +inf, dq = 0. */
+enum { NB = 1, NH = 2, NHKV = 1, NSQ = 5, NSK = 4, ND = 8 };
+typedef struct {
+  float q[NB * NH * NSQ * ND], k[NB * NHKV * NSK * ND], v[NB * NHKV * NSK * ND];
+  float o[NB * NH * NSQ * ND], dout[NB * NH * NSQ * ND], lse[NB * NH * NSQ];
+  float dq[NB * NH * NSQ * ND], dk[NB * NHKV * NSK * ND], dv[NB * NHKV * NSK * ND];
+} nan_bufs;
+
+static int nan_run(nan_bufs *t, int causal) {
+  l3k_attn_bwd_args ab; memset(&ab, 0, sizeof ab);
+  l3k_attn_fwd_args *a = &ab.f;
+  const int64_t qst[3] = {NH * NSQ * ND, NSQ * ND, ND}, kst[3] = {NHKV * NSK * ND, NSK * ND, ND};
+  a->q = t->q; a->k = t->k; a->v = t->v; a->o = t->o; a->lse = t->lse;
+  a->batch = NB; a->n_heads = NH; a->n_kv_heads = NHKV; a->seq_q = NSQ; a->seq_k = NSK; a->head_dim = ND;
+  memcpy(a->q_stride, qst, sizeof qst); memcpy(a->o_stride, qst, sizeof qst);
+  memcpy(a->k_stride, kst, sizeof kst); memcpy(a->v_stride, kst, sizeof kst);
+  a->scale = 0.35f; a->causal = causal; a->dtype = L3K_DT_F32;
+  ab.dout = t->dout; memcpy(ab.do_stride, qst, sizeof qst);
+  ab.dq = t->dq; ab.dk = t->dk; ab.dv = t->dv;
+  memcpy(ab.dq_stride, qst, sizeof qst); memcpy(ab.dk_stride, kst, sizeof kst); memcpy(ab.dv_stride, kst, sizeof kst);
+  return l3k_cpu_attn_fwd(a) | l3k_cpu_attn_bwd(&ab);
+}
+
+static void nan_fill(nan_bufs *t) {
+  for (size_t i = 0; i < sizeof t->q / 4; i++) { t->q[i] = (float)urand(); t->dout[i] = (float)urand(); }
+  for (size_t i = 0; i < sizeof t->k / 4; i++) { t->k[i] = (float)urand(); t->v[i] = (float)urand(); }
+}
+
+/* What a row of ND values holds: all finite, all NaN, or NaN at one element only. */
+enum { ROW_FINITE = -2, ROW_NAN = -1 }; /* >= 0: NaN at that element only */
+
+static int row_is(const float *p, int want) {
+  for (int d = 0; d < ND; d++) {
+    const int nan_here = want == ROW_NAN || want == d;
+    if (nan_here ? !isnan(p[d]) : !isfinite(p[d])) return 0;
+  }
+  return 1;
+}
+
+static int test_nan(void) {
+  int bad = 0;
+#define NAN_CHECK(cond, ...) do { if (!(cond)) { bad++; printf("FAIL nan: " __VA_ARGS__); printf("\n"); } } while (0)
+  nan_bufs t;
+  /* Causal with Sq = 5 > Sk = 4: query row r sees keys 0 .. r - 1, so row 0 sees none.
+   * The NaN goes into q or dout at (head 1, row 3, element 5), or into k or v at
+   * (key 2, element 1).  Both query heads share the one kv head. */
+  static const char *names[4] = {"q", "k", "v", "dout"};
+  for (int where = 0; where < 4; where++) {
+    nan_fill(&t);
+    const int ph = 1, pr = 3, pk = 2;
+    if (where == 0) t.q[(ph * NSQ + pr) * ND + 5] = NAN;
+    if (where == 1) t.k[pk * ND + 1] = NAN;
+    if (where == 2) t.v[pk * ND + 1] = NAN;
+    if (where == 3) t.dout[(ph * NSQ + pr) * ND + 5] = NAN;
+    const char *what = names[where];
+    NAN_CHECK(nan_run(&t, 1) == 0, "%s: scratch", what);
+    for (int h = 0; h < NH; h++)
+      for (int r = 0; r < NSQ; r++) {
+        const float *o = t.o + (h * NSQ + r) * ND, *dq = t.dq + (h * NSQ + r) * ND;
+        const float lse = t.lse[h * NSQ + r];
+        if (r == 0) { /* sees no key: nothing reaches it */
+          int zero = 1;
+          for (int d = 0; d < ND; d++) zero &= o[d] == 0.f && dq[d] == 0.f;
+          NAN_CHECK(zero && isinf(lse) && lse > 0, "%s: masked row %d.%d: lse %g", what, h, r, (double)lse);
+          continue;
+        }
+        const int poisoned_row = h == ph && r == pr, sees_key = r > pk;
+        int want_o = ROW_FINITE, want_dq = ROW_FINITE, lse_nan = 0;
+        if (where == 0 && poisoned_row) want_o = want_dq = ROW_NAN, lse_nan = 1;
+        if (where == 1 && sees_key) want_o = want_dq = ROW_NAN, lse_nan = 1;
+        if (where == 2 && sees_key) want_o = 1, want_dq = ROW_NAN; /* D_i = <dO_i, O_i> is NaN */
+        if (where == 3 && poisoned_row) want_dq = ROW_NAN;
+        NAN_CHECK(row_is(o, want_o), "%s: o row %d.%d, expected %d", what, h, r, want_o);
+        NAN_CHECK(row_is(dq, want_dq), "%s: dq row %d.%d, expected %d", what, h, r, want_dq);
+        NAN_CHECK(lse_nan ? isnan(lse) : isfinite(lse), "%s: lse row %d.%d = %g", what, h, r, (double)lse);
+      }
+    for (int j = 0; j < NSK; j++) {
+      /* Key j is seen by rows j + 1 ..; the poisoned row 3 sees keys 0 .. 2; every
+       * row from 3 on sees key 2 and, through row 4, every key. */
+      const int seen_by_row = j < pr;
+      int want_dk = ROW_FINITE, want_dv = ROW_FINITE;
+      if (where == 0 && seen_by_row) want_dk = want_dv = ROW_NAN;
+      if (where == 1) want_dk = want_dv = ROW_NAN;
+      if (where == 2) want_dk = ROW_NAN; /* dv = P^T dO does not read v */
+      if (where == 3 && seen_by_row) want_dk = ROW_NAN, want_dv = 5;
+      NAN_CHECK(row_is(t.dk + j * ND, want_dk), "%s: dk key %d, expected %d", what, j, want_dk);
+      NAN_CHECK(row_is(t.dv + j * ND, want_dv), "%s: dv key %d, expected %d", what, j, want_dv);
+    }
+  }
+  /* Every score -inf (keys of -inf against positive q): softmax is NaN, not a masked row. */
+  nan_fill(&t);
+  for (size_t e = 0; e < sizeof t.q / 4; e++) t.q[e] = 1.f;
+  for (size_t e = 0; e < sizeof t.k / 4; e++) t.k[e] = -INFINITY;
+  NAN_CHECK(nan_run(&t, 0) == 0, "-inf: scratch");
+  for (int r = 0; r < NB * NH * NSQ; r++)
+    NAN_CHECK(row_is(t.o + r * ND, ROW_NAN) && isnan(t.lse[r]), "-inf scores: row %d not NaN", r);
+#undef NAN_CHECK
+  printf("%s NaN propagation (%d failure(s))\n", bad ? "FAIL" : "PASS", bad);
+  return bad ? 1 : 0;
+}
+
 int main(void) {
   const tcase cases[] = {
     {1, 1, 1, 1, 1, 64, 0, L3K_DT_F32, 1.0},
@@ -184,6 +288,7 @@ int main(void) {
   };
   int fails = 0;
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) fails += run_case(&cases[i]);
+  fails += test_nan();
   printf("%d failure(s)\n", fails);
   return fails ? 1 : 0;
 }

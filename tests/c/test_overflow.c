@@ -1,0 +1,337 @@
+/* Descriptors whose sizes, strides or offsets overflow 64-bit arithmetic: every
+ * public op refuses them with a message naming the op, and touches no byte.
+ * Without the checks these calls either pass validation on a wrapped size and
+ * then read or write far outside the buffers, or hand a wrapped workspace size
+ * to the caller. */
+#include <stdint.h>
+
+#include "check.h"
+
+enum { MAX_ARGS = 10 };
+
+/* One op's valid small arguments, each in its own exact-size buffer. */
+typedef struct {
+    const char *op;
+    int n;
+    const char *names[MAX_ARGS];
+    host_tensor t[MAX_ARGS];
+    void *buf[MAX_ARGS];
+    size_t bytes[MAX_ARGS];
+} op_args;
+
+typedef l3k_status (*op_fn)(DLTensor **a);
+
+static void add_arg(op_args *o, const char *name, l3k_dt dt, int ndim, int64_t d0, int64_t d1, int64_t d2,
+                    int64_t d3) {
+    const int64_t shape[4] = {d0, d1, d2, d3};
+    size_t count = 1;
+    for (int i = 0; i < ndim; ++i) count *= (size_t)shape[i];
+    const int i = o->n++;
+    o->names[i] = name;
+    o->bytes[i] = count * l3k_dt_size(dt);
+    o->buf[i] = malloc(o->bytes[i]);
+    for (size_t e = 0; e < count; ++e) {
+        if (dt == L3K_DT_F32) ((float *)o->buf[i])[e] = 0.25f;
+        else ((uint16_t *)o->buf[i])[e] = 0x3e80; /* 0.25 in bfloat16 */
+    }
+    set_tensor(&o->t[i], o->buf[i], dt, ndim, shape, NULL);
+}
+
+static size_t g_ws_bytes;
+
+static l3k_status rms_fwd(DLTensor **a) { return l3k_rmsnorm_forward(a[0], a[1], 1e-5f, a[2], a[3], NULL); }
+static l3k_status add_rms_fwd(DLTensor **a) {
+    return l3k_add_rmsnorm_forward(a[0], a[1], a[2], 1e-5f, a[3], a[4], a[5], NULL);
+}
+static l3k_status rms_bwd(DLTensor **a) {
+    return l3k_rmsnorm_backward(a[0], a[1], a[2], a[3], a[4], 1e-5f, a[5], a[6], a[7], NULL);
+}
+static l3k_status rms_ws(DLTensor **a) { return l3k_rmsnorm_backward_workspace_size(a[0], &g_ws_bytes); }
+static l3k_status rope_fwd(DLTensor **a) { return l3k_rope_forward(a[0], a[1], a[2], a[3], 1, 0, a[4], a[5], NULL); }
+static l3k_status rope_bwd(DLTensor **a) { return l3k_rope_backward(a[0], a[1], a[2], a[3], 1, 1, a[4], a[5], NULL); }
+static l3k_status swiglu_fwd(DLTensor **a) { return l3k_swiglu_forward(a[0], a[1], a[2], NULL); }
+static l3k_status swiglu_ffwd(DLTensor **a) { return l3k_swiglu_fused_forward(a[0], a[1], NULL); }
+static l3k_status swiglu_bwd(DLTensor **a) { return l3k_swiglu_backward(a[0], a[1], a[2], a[3], a[4], a[5], NULL); }
+static l3k_status swiglu_fbwd(DLTensor **a) { return l3k_swiglu_fused_backward(a[0], a[1], a[2], a[3], NULL); }
+static l3k_status lin_fwd(DLTensor **a) { return l3k_linear_forward(a[0], a[1], a[2], a[3], a[4], NULL); }
+static l3k_status lin_bwd_in(DLTensor **a) { return l3k_linear_backward_input(a[0], a[1], a[2], 1, a[3], NULL); }
+static l3k_status lin_bwd_w(DLTensor **a) { return l3k_linear_backward_weight(a[0], a[1], a[2], 1, a[3], NULL); }
+static l3k_status lin_ws(DLTensor **a) { return l3k_linear_workspace_size(a[0], &g_ws_bytes); }
+static l3k_status attn_fwd(DLTensor **a) { return l3k_attention_forward(a[0], a[1], a[2], 0.0f, 1, a[3], a[4], NULL); }
+static l3k_status attn_bwd(DLTensor **a) {
+    return l3k_attention_backward(a[0], a[1], a[2], a[3], a[4], a[5], 0.0f, 1, 0, a[6], a[7], a[8], a[9], NULL);
+}
+static l3k_status attn_ws(DLTensor **a) { return l3k_attention_backward_workspace_size(a[0], a[1], 0, &g_ws_bytes); }
+
+#define F32 L3K_DT_F32
+#define BF16 L3K_DT_BF16
+
+static int build(int which, op_args *o, op_fn *fn) {
+    memset(o, 0, sizeof *o);
+    switch (which) {
+    case 0:
+        o->op = "rmsnorm_forward"; *fn = rms_fwd;
+        add_arg(o, "x", BF16, 2, 3, 8, 0, 0); add_arg(o, "weight", BF16, 1, 8, 0, 0, 0);
+        add_arg(o, "y", BF16, 2, 3, 8, 0, 0); add_arg(o, "rstd", F32, 1, 3, 0, 0, 0);
+        return 1;
+    case 1:
+        o->op = "add_rmsnorm_forward"; *fn = add_rms_fwd;
+        add_arg(o, "x", F32, 2, 3, 8, 0, 0); add_arg(o, "residual", F32, 2, 3, 8, 0, 0);
+        add_arg(o, "weight", F32, 1, 8, 0, 0, 0); add_arg(o, "h", F32, 2, 3, 8, 0, 0);
+        add_arg(o, "y", F32, 2, 3, 8, 0, 0); add_arg(o, "rstd", F32, 1, 3, 0, 0, 0);
+        return 1;
+    case 2:
+        o->op = "rmsnorm_backward"; *fn = rms_bwd;
+        add_arg(o, "dy", F32, 2, 3, 8, 0, 0); add_arg(o, "dh", F32, 2, 3, 8, 0, 0);
+        add_arg(o, "x", F32, 2, 3, 8, 0, 0); add_arg(o, "weight", F32, 1, 8, 0, 0, 0);
+        add_arg(o, "rstd", F32, 1, 3, 0, 0, 0); add_arg(o, "dx", F32, 2, 3, 8, 0, 0);
+        add_arg(o, "dweight", F32, 1, 8, 0, 0, 0); add_arg(o, "workspace", F32, 1, 4096, 0, 0, 0);
+        return 1;
+    case 3:
+        o->op = "rmsnorm_backward_workspace_size"; *fn = rms_ws;
+        add_arg(o, "x", F32, 2, 3, 8, 0, 0);
+        return 1;
+    case 4:
+    case 5:
+        o->op = which == 4 ? "rope_forward" : "rope_backward"; *fn = which == 4 ? rope_fwd : rope_bwd;
+        add_arg(o, which == 4 ? "q" : "dq", BF16, 4, 1, 2, 3, 8); add_arg(o, which == 4 ? "k" : "dk", BF16, 4, 1, 1, 3, 8);
+        add_arg(o, "cos", F32, 2, 4, 4, 0, 0); add_arg(o, "sin", F32, 2, 4, 4, 0, 0);
+        add_arg(o, which == 4 ? "q_out" : "dq_out", BF16, 4, 1, 2, 3, 8);
+        add_arg(o, which == 4 ? "k_out" : "dk_out", BF16, 4, 1, 1, 3, 8);
+        return 1;
+    case 6:
+        o->op = "swiglu_forward"; *fn = swiglu_fwd;
+        add_arg(o, "g", F32, 2, 3, 8, 0, 0); add_arg(o, "u", F32, 2, 3, 8, 0, 0); add_arg(o, "a", F32, 2, 3, 8, 0, 0);
+        return 1;
+    case 7:
+        o->op = "swiglu_fused_forward"; *fn = swiglu_ffwd;
+        add_arg(o, "gu", BF16, 2, 3, 16, 0, 0); add_arg(o, "a", BF16, 2, 3, 8, 0, 0);
+        return 1;
+    case 8:
+        o->op = "swiglu_backward"; *fn = swiglu_bwd;
+        add_arg(o, "da", F32, 2, 3, 8, 0, 0); add_arg(o, "g", F32, 2, 3, 8, 0, 0); add_arg(o, "u", F32, 2, 3, 8, 0, 0);
+        add_arg(o, "dg", F32, 2, 3, 8, 0, 0); add_arg(o, "du", F32, 2, 3, 8, 0, 0); add_arg(o, "a", F32, 2, 3, 8, 0, 0);
+        return 1;
+    case 9:
+        o->op = "swiglu_fused_backward"; *fn = swiglu_fbwd;
+        add_arg(o, "da", F32, 2, 3, 8, 0, 0); add_arg(o, "gu", F32, 2, 3, 16, 0, 0);
+        add_arg(o, "dgu", F32, 2, 3, 16, 0, 0); add_arg(o, "a", F32, 2, 3, 8, 0, 0);
+        return 1;
+    case 10:
+        o->op = "linear_forward"; *fn = lin_fwd;
+        add_arg(o, "x", F32, 2, 3, 8, 0, 0); add_arg(o, "weight", F32, 2, 4, 8, 0, 0);
+        add_arg(o, "residual", F32, 2, 3, 4, 0, 0); add_arg(o, "y", F32, 2, 3, 4, 0, 0);
+        add_arg(o, "workspace", F32, 1, 64, 0, 0, 0);
+        return 1;
+    case 11:
+        o->op = "linear_backward_input"; *fn = lin_bwd_in;
+        add_arg(o, "dy", F32, 2, 3, 4, 0, 0); add_arg(o, "weight", F32, 2, 4, 8, 0, 0);
+        add_arg(o, "dx", F32, 2, 3, 8, 0, 0); add_arg(o, "workspace", F32, 1, 64, 0, 0, 0);
+        return 1;
+    case 12:
+        o->op = "linear_backward_weight"; *fn = lin_bwd_w;
+        add_arg(o, "dy", BF16, 2, 3, 4, 0, 0); add_arg(o, "x", BF16, 2, 3, 8, 0, 0);
+        add_arg(o, "dweight", F32, 2, 4, 8, 0, 0); add_arg(o, "workspace", F32, 1, 64, 0, 0, 0);
+        return 1;
+    case 13:
+        o->op = "linear_workspace_size"; *fn = lin_ws;
+        add_arg(o, "x", F32, 2, 3, 8, 0, 0);
+        return 1;
+    case 14:
+        o->op = "attention_forward"; *fn = attn_fwd;
+        add_arg(o, "q", BF16, 4, 1, 2, 3, 8); add_arg(o, "k", BF16, 4, 1, 1, 3, 8);
+        add_arg(o, "v", BF16, 4, 1, 1, 3, 8); add_arg(o, "o", BF16, 4, 1, 2, 3, 8);
+        add_arg(o, "lse", F32, 1, 6, 0, 0, 0);
+        return 1;
+    case 15:
+        o->op = "attention_backward"; *fn = attn_bwd;
+        add_arg(o, "dout", F32, 4, 1, 2, 3, 8); add_arg(o, "q", F32, 4, 1, 2, 3, 8);
+        add_arg(o, "k", F32, 4, 1, 1, 3, 8); add_arg(o, "v", F32, 4, 1, 1, 3, 8);
+        add_arg(o, "o", F32, 4, 1, 2, 3, 8); add_arg(o, "lse", F32, 1, 6, 0, 0, 0);
+        add_arg(o, "dq", F32, 4, 1, 2, 3, 8); add_arg(o, "dk", F32, 4, 1, 1, 3, 8);
+        add_arg(o, "dv", F32, 4, 1, 1, 3, 8); add_arg(o, "workspace", F32, 1, 64, 0, 0, 0);
+        return 1;
+    case 16:
+        o->op = "attention_backward_workspace_size"; *fn = attn_ws;
+        add_arg(o, "q", F32, 4, 1, 2, 3, 8); add_arg(o, "k", F32, 4, 1, 1, 3, 8);
+        return 1;
+    }
+    return 0;
+}
+
+static void free_args(op_args *o) {
+    for (int i = 0; i < o->n; ++i) free(o->buf[i]);
+}
+
+/* The first dim of t with at least two elements (every test tensor has one). */
+static int long_dim(const DLTensor *t) {
+    for (int i = 0; i < t->ndim; ++i)
+        if (t->shape[i] >= 2) return i;
+    return 0;
+}
+
+enum { N_HOSTILE = 7 };
+
+/* Make t hostile in way `kind`, keeping its (small, real) data pointer. */
+static const char *make_hostile(host_tensor *h, int kind) {
+    DLTensor *t = &h->t;
+    const int d = long_dim(t);
+    for (int i = 0; i < t->ndim; ++i) h->strides[i] = compact_stride(t, i);
+    switch (kind) {
+    case 0: /* element count past 2^63: wraps to a small or zero count */
+        h->shape[d] = (int64_t)1 << 62;
+        if (t->ndim == 1) h->shape[d] = INT64_MAX;
+        else h->shape[d == 0 ? 1 : 0] *= 4;
+        return "element count past 2^63";
+    case 1: /* a stride whose span passes 2^63 bytes */
+        t->strides = h->strides;
+        h->strides[d] = (int64_t)1 << 62;
+        return "stride 2^62";
+    case 2: /* a span that overflows int64 elements outright */
+        t->strides = h->strides;
+        h->strides[d] = INT64_MAX / 2 + 1;
+        h->shape[d] = 3;
+        return "stride span overflows";
+    case 3: /* reaches below address 0 */
+        t->strides = h->strides;
+        h->strides[d] = -((int64_t)1 << 61);
+        return "negative stride below address 0";
+    case 4:
+        t->byte_offset = (uint64_t)1 << 63;
+        return "byte_offset 2^63";
+    case 5: /* data + byte_offset wraps around to a small address */
+        t->byte_offset = UINT64_MAX - 15;
+        return "byte_offset wraps";
+    case 6: /* the end of the span passes 2^63 */
+        t->byte_offset = (uint64_t)INT64_MAX - (uint64_t)(uintptr_t)t->data - 4;
+        return "span ends past 2^63";
+    }
+    return "";
+}
+
+/* Every argument of every op, made hostile in every way: refused, named, untouched. */
+static void test_hostile_descriptors(void) {
+    op_args o;
+    op_fn fn;
+    for (int which = 0; build(which, &o, &fn); ++which) {
+        DLTensor *args[MAX_ARGS];
+        for (int i = 0; i < o.n; ++i) args[i] = &o.t[i].t;
+        l3k_status st = fn(args);
+        CHECK(st == L3K_SUCCESS, "%s: the valid call fails: %s", o.op, l3k_last_error());
+        /* Snapshot after the valid call: the hostile calls must leave exactly this. */
+        void *snap[MAX_ARGS];
+        for (int i = 0; i < o.n; ++i) {
+            snap[i] = malloc(o.bytes[i]);
+            memcpy(snap[i], o.buf[i], o.bytes[i]);
+        }
+        for (int arg = 0; arg < o.n; ++arg) {
+            for (int kind = 0; kind < N_HOSTILE; ++kind) {
+                host_tensor bad = o.t[arg];
+                bad.t.shape = bad.shape;
+                const char *what = make_hostile(&bad, kind);
+                args[arg] = &bad.t;
+                st = fn(args);
+                args[arg] = &o.t[arg].t;
+                const size_t len = strlen(o.op);
+                CHECK(st != L3K_SUCCESS, "%s: %s with %s was accepted", o.op, o.names[arg], what);
+                CHECK(strncmp(l3k_last_error(), o.op, len) == 0 && l3k_last_error()[len] == ':',
+                      "%s: %s with %s: message '%s' does not name the op", o.op, o.names[arg], what,
+                      l3k_last_error());
+                CHECK(strstr(l3k_last_error(), o.names[arg]) != NULL, "%s: %s with %s: message '%s' does not name it",
+                      o.op, o.names[arg], what, l3k_last_error());
+                for (int i = 0; i < o.n; ++i)
+                    CHECK(memcmp(snap[i], o.buf[i], o.bytes[i]) == 0, "%s: %s with %s changed %s", o.op,
+                          o.names[arg], what, o.names[i]);
+            }
+        }
+        for (int i = 0; i < o.n; ++i) free(snap[i]);
+        free_args(&o);
+    }
+}
+
+/* RoPE: seq + offset wrapped for offset near INT64_MAX and passed the table
+ * length check; the kernel then read cos/sin at row offset. */
+static void test_rope_offset_overflow(void) {
+    float q[16], qo[16], cs[8], sn[8];
+    for (int i = 0; i < 16; ++i) { q[i] = 1.0f; qo[i] = 42.0f; }
+    for (int i = 0; i < 8; ++i) cs[i] = sn[i] = 0.5f;
+    int64_t qs[4] = {1, 1, 2, 8}, ts[2] = {2, 4};
+    host_tensor tq, tqo, tc, ts_;
+    set_tensor(&tq, q, L3K_DT_F32, 4, qs, NULL);
+    set_tensor(&tqo, qo, L3K_DT_F32, 4, qs, NULL);
+    set_tensor(&tc, cs, L3K_DT_F32, 2, ts, NULL);
+    set_tensor(&ts_, sn, L3K_DT_F32, 2, ts, NULL);
+    const int64_t offsets[] = {INT64_MAX, INT64_MAX - 1, INT64_MAX - 2, (int64_t)1 << 62, 1};
+    for (size_t i = 0; i < sizeof offsets / sizeof offsets[0]; ++i) {
+        EXPECT_FAILS(l3k_rope_forward(&tq.t, NULL, &tc.t, &ts_.t, offsets[i], 0, &tqo.t, NULL, NULL), L3K_ERROR_SHAPE,
+                     "rope_forward: cos has 2 rows, expected at least seq + offset = 2 + ");
+        EXPECT_FAILS(l3k_rope_backward(&tq.t, NULL, &tc.t, &ts_.t, offsets[i], 0, &tqo.t, NULL, NULL), L3K_ERROR_SHAPE,
+                     "rope_backward: cos has 2 rows");
+    }
+    for (int i = 0; i < 16; ++i) CHECK(qo[i] == 42.0f, "q_out[%d] was written", i);
+    CHECK(l3k_rope_forward(&tq.t, NULL, &tc.t, &ts_.t, 0, 0, &tqo.t, NULL, NULL) == L3K_SUCCESS, "offset 0: %s",
+          l3k_last_error());
+}
+
+/* rmsnorm_backward_workspace_size on x (1, 2^62 + 1) float32: the size was
+ * (2^62 + 1) * 4 bytes, 4 after wrapping, and a 4-byte workspace then passed
+ * the backward's check. */
+static void test_workspace_size_wrap(void) {
+    float x[8] = {0}, w[8] = {0}, ws[1] = {0};
+    int64_t xs[2] = {1, ((int64_t)1 << 62) + 1}, ws1[1] = {1};
+    host_tensor tx, tw, tws;
+    set_tensor(&tx, x, L3K_DT_F32, 2, xs, NULL);
+    set_tensor(&tw, w, L3K_DT_F32, 1, xs + 1, NULL);
+    set_tensor(&tws, ws, L3K_DT_F32, 1, ws1, NULL);
+    size_t bytes = 12345;
+    EXPECT_FAILS(l3k_rmsnorm_backward_workspace_size(&tx.t, &bytes), L3K_ERROR_LAYOUT,
+                 "rmsnorm_backward_workspace_size: x strides (4611686018427387905, 1) over shape (1, "
+                 "4611686018427387905) reach past 2^63 - 1 bytes");
+    CHECK(bytes == 12345, "bytes was written on failure: %zu", bytes);
+    EXPECT_FAILS(l3k_rmsnorm_backward(&tx.t, NULL, &tx.t, &tw.t, NULL, 1e-5f, &tx.t, &tw.t, &tws.t, NULL),
+                 L3K_ERROR_LAYOUT, "rmsnorm_backward: x strides");
+}
+
+/* attention_backward: batch * n_heads * seq_q wrapped to 0, so an empty lse
+ * passed its size check and the kernel read past it.  q and the others repeat
+ * one row through stride 0, so their extent is small. */
+static void test_lse_size_wrap(void) {
+    float row[8] = {0}, out[8], lse[1] = {0};
+    for (int i = 0; i < 8; ++i) out[i] = 42.0f;
+    int64_t big[4] = {(int64_t)1 << 32, (int64_t)1 << 32, 1, 8}, zero[4] = {0, 0, 0, 1}, l0[1] = {0};
+    host_tensor tq, to, tl, tout;
+    set_tensor(&tq, row, L3K_DT_F32, 4, big, zero);
+    set_tensor(&to, out, L3K_DT_F32, 4, big, zero);
+    set_tensor(&tout, out, L3K_DT_F32, 4, big, zero);
+    set_tensor(&tl, lse, L3K_DT_F32, 1, l0, NULL);
+    EXPECT_FAILS(l3k_attention_backward(&tq.t, &tq.t, &tq.t, &tq.t, &tq.t, &tl.t, 0.0f, 0, 0, &tout.t, &tout.t,
+                                        &tout.t, NULL, NULL),
+                 L3K_ERROR_SHAPE, "attention_backward: q shape (4294967296, 4294967296, 1, 8) has more than 2^63 - 1 elements");
+    EXPECT_FAILS(l3k_attention_forward(&tq.t, &tq.t, &tq.t, 0.0f, 0, &to.t, &tl.t, NULL), L3K_ERROR_SHAPE,
+                 "attention_forward: q shape (4294967296, 4294967296, 1, 8) has more than 2^63 - 1 elements");
+    size_t bytes = 0;
+    EXPECT_FAILS(l3k_attention_backward_workspace_size(&tq.t, &tq.t, 0, &bytes), L3K_ERROR_SHAPE,
+                 "attention_backward_workspace_size: q shape");
+    for (int i = 0; i < 8; ++i) CHECK(out[i] == 42.0f, "out[%d] was written", i);
+
+    /* Within int64 but huge: 2^28 rows of one repeated key; the workspace size
+     * on CUDA would be 2^28 * 2^28 * 8 * 4 bytes: refused as a size, not wrapped. */
+    int64_t wide[4] = {(int64_t)1 << 28, (int64_t)1 << 28, 8, 8};
+    set_tensor(&tq, row, L3K_DT_F32, 4, wide, zero);
+    CHECK(l3k_attention_backward_workspace_size(&tq.t, &tq.t, 0, &bytes) == L3K_SUCCESS && bytes == 0,
+          "a large repeated q on the CPU needs no workspace: %s", l3k_last_error());
+}
+
+int main(int argc, char **argv) {
+    /* One test by name (argv[1]) or all of them. */
+    static const struct { const char *name; void (*fn)(void); } tests[] = {
+        {"hostile_descriptors", test_hostile_descriptors},
+        {"rope_offset_overflow", test_rope_offset_overflow},
+        {"workspace_size_wrap", test_workspace_size_wrap},
+        {"lse_size_wrap", test_lse_size_wrap},
+    };
+    for (size_t i = 0; i < sizeof tests / sizeof tests[0]; ++i)
+        if (argc < 2 || strcmp(argv[1], tests[i].name) == 0) tests[i].fn();
+    printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "ok", g_failures);
+    return g_failures ? 1 : 0;
+}
