@@ -26,9 +26,27 @@
 #define ALIGN 256
 #define ALIGN_UP(v) (((v) + (size_t)(ALIGN - 1)) & ~(size_t)(ALIGN - 1))
 
+/* A DLTensor over caller memory; shape and strides live in the struct that owns it. */
+typedef struct {
+    DLTensor t;
+    int64_t shape[4], strides[4];
+} view;
+
+/* A projection whose output columns come in parts, [q | k | v] or [gate | up]: its weight
+ * (or gradient) is one (rows, dim) tensor, or one tensor per part.  Parts that are
+ * consecutive rows of one buffer are seen as that buffer, one GEMM; other parts take a GEMM
+ * each, into or from their columns.  Not to be copied: w[] may point into `joined`. */
+typedef struct {
+    int n;                    /* GEMMs */
+    const DLTensor *w[3];     /* the tensor of each GEMM */
+    int64_t col[3], width[3]; /* its output columns */
+    view joined;
+} proj;
+
 /* Sizes of one call. */
 typedef struct {
     int64_t b, s, t, dim, hd, h, hkv, qkv, hidden;
+    proj wqkv, wgu;  /* the weights of the two projections with parts */
     l3k_dt dt;
     size_t es;
     size_t gemm_ws;  /* cuBLASLt workspace bytes */
@@ -58,86 +76,7 @@ static l3k_status check_struct_size(l3k_call *c, const void *s, size_t have, siz
     return L3K_SUCCESS;
 }
 
-static l3k_status make_dims(l3k_call *c, const DLTensor *x, const l3k_llama_block_weights *w,
-                            const l3k_llama_block_config *cfg, dims *d) {
-    L3K_TRY(check_struct_size(c, w, w ? w->struct_size : 0, sizeof(l3k_llama_block_weights), "weights",
-                              "L3K_LLAMA_BLOCK_WEIGHTS_INIT"));
-    L3K_TRY(check_struct_size(c, cfg, cfg ? cfg->struct_size : 0, sizeof(l3k_llama_block_config), "cfg",
-                              "L3K_LLAMA_BLOCK_CONFIG_INIT"));
-    L3K_TRY(l3k_check_tensor(c, x, "x"));
-    L3K_TRY(l3k_check_float(c, x, "x", &d->dt));
-    if (x->ndim != 3)
-        return l3k_fail(c, L3K_ERROR_SHAPE, "x has ndim %d, expected 3 (batch, seq, dim)", (int)x->ndim);
-    L3K_TRY(l3k_check_contiguous_numel(c, x, "x", l3k_numel(x)));
-    const DLTensor *ws[6] = {w->qkv_weight,   w->o_weight,     w->gate_up_weight,
-                             w->down_weight,  w->norm1_weight, w->norm2_weight};
-    static const char *names[6] = {"qkv_weight", "o_weight", "gate_up_weight", "down_weight", "norm1_weight",
-                                   "norm2_weight"};
-    for (int i = 0; i < 6; ++i) {
-        L3K_TRY(l3k_check_tensor(c, ws[i], names[i]));
-        L3K_TRY(l3k_check_dtype(c, ws[i], names[i], d->dt, "x"));
-        if (ws[i]->ndim != (i < 4 ? 2 : 1))
-            return l3k_fail(c, L3K_ERROR_SHAPE, "%s has ndim %d, expected %d", names[i], (int)ws[i]->ndim,
-                            i < 4 ? 2 : 1);
-    }
-    d->b = x->shape[0];
-    d->s = x->shape[1];
-    d->dim = x->shape[2];
-    d->t = d->b * d->s;
-    if (cfg->n_heads < 1 || d->dim % cfg->n_heads != 0)
-        return l3k_fail(c, L3K_ERROR_VALUE, "n_heads is %lld, expected a divisor of dim %lld",
-                        (long long)cfg->n_heads, (long long)d->dim);
-    if (cfg->n_kv_heads < 1 || cfg->n_heads % cfg->n_kv_heads != 0)
-        return l3k_fail(c, L3K_ERROR_VALUE, "n_kv_heads is %lld, expected a divisor of n_heads %lld",
-                        (long long)cfg->n_kv_heads, (long long)cfg->n_heads);
-    L3K_TRY(l3k_check_eps(c, cfg->eps));
-    d->h = cfg->n_heads;
-    d->hkv = cfg->n_kv_heads;
-    d->hd = d->dim / d->h;
-    d->qkv = d->dim + 2 * d->hkv * d->hd;
-    if (w->qkv_weight->shape[0] != d->qkv || w->qkv_weight->shape[1] != d->dim)
-        return l3k_fail(c, L3K_ERROR_SHAPE,
-                        "qkv_weight has shape (%lld, %lld), expected (dim + 2 * n_kv_heads * head_dim, dim) = "
-                        "(%lld, %lld)",
-                        (long long)w->qkv_weight->shape[0], (long long)w->qkv_weight->shape[1],
-                        (long long)d->qkv, (long long)d->dim);
-    if (w->gate_up_weight->shape[0] % 2 != 0 || w->gate_up_weight->shape[1] != d->dim)
-        return l3k_fail(c, L3K_ERROR_SHAPE,
-                        "gate_up_weight has shape (%lld, %lld), expected (2 * hidden, %lld): gate rows, then up rows",
-                        (long long)w->gate_up_weight->shape[0], (long long)w->gate_up_weight->shape[1],
-                        (long long)d->dim);
-    d->hidden = w->gate_up_weight->shape[0] / 2;
-    const int64_t want[4][2] = {{d->qkv, d->dim}, {d->dim, d->dim}, {2 * d->hidden, d->dim}, {d->dim, d->hidden}};
-    for (int i = 1; i < 6; ++i) {
-        const int64_t r = i < 4 ? want[i][0] : d->dim, cols = i < 4 ? want[i][1] : 1;
-        const int bad = i < 4 ? (ws[i]->shape[0] != r || ws[i]->shape[1] != cols) : ws[i]->shape[0] != d->dim;
-        if (bad && i < 4)
-            return l3k_fail(c, L3K_ERROR_SHAPE, "%s has shape (%lld, %lld), expected (%lld, %lld)", names[i],
-                            (long long)ws[i]->shape[0], (long long)ws[i]->shape[1], (long long)r, (long long)cols);
-        if (bad)
-            return l3k_fail(c, L3K_ERROR_SHAPE, "%s has shape (%lld,), expected (%lld,)", names[i],
-                            (long long)ws[i]->shape[0], (long long)d->dim);
-    }
-    d->es = l3k_dt_size(d->dt);
-    L3K_TRY(l3k_linear_workspace_size(x, &d->gemm_ws));
-    /* The RMSNorm backward's scratch for (tokens, dim) rows, asked of the op itself. */
-    const int64_t rows_shape[2] = {d->t, d->dim};
-    DLTensor rows = *x;
-    rows.ndim = 2;
-    rows.shape = (int64_t *)rows_shape;
-    rows.strides = NULL;
-    L3K_TRY(l3k_rmsnorm_backward_workspace_size(&rows, &d->norm_ws));
-    d->attn_ws = 0;
-    return L3K_SUCCESS;
-}
-
 /* ---- views ---------------------------------------------------------------- */
-
-/* A DLTensor over caller memory; shape and strides live in the struct that owns it. */
-typedef struct {
-    DLTensor t;
-    int64_t shape[4], strides[4];
-} view;
 
 static DLTensor *make_view(view *v, DLDevice dev, void *base, size_t offset, DLDataType dt, int ndim,
                            const int64_t *shape, const int64_t *strides) {
@@ -183,12 +122,193 @@ static DLTensor *bytes_view(view *v, const DLTensor *like, void *base, region r)
     return make_view(v, like->device, base, r.off, (DLDataType){kDLUInt, 8, 1}, 1, shape, strides);
 }
 
+static int is_compact(const DLTensor *t) {
+    if (!t->strides) return 1;
+    int64_t want = 1;
+    for (int i = t->ndim - 1; i >= 0; --i) {
+        if (t->shape[i] != 1 && t->strides[i] != want) return 0;
+        want *= t->shape[i];
+    }
+    return 1;
+}
+
+/* Set up `p` from `fused` (rows = the sum of widths) or from all of `parts`, each checked to
+ * be a (width, cols) matrix of dtype dt; `contiguous`: each tensor must be compact (the
+ * gradients', which are written whole). */
+static l3k_status make_proj(l3k_call *c, proj *p, const DLTensor *fused, const char *fused_name,
+                            const DLTensor *const *parts, const char *const *part_names, int n_parts,
+                            const int64_t *widths, int64_t cols, l3k_dt dt, int contiguous) {
+    int given = 0;
+    int64_t total = 0;
+    for (int i = 0; i < n_parts; ++i) {
+        given += parts[i] != NULL;
+        total += widths[i];
+    }
+    memset(p, 0, sizeof *p);
+    if (fused && given)
+        return l3k_fail(c, L3K_ERROR_VALUE, "%s and %s are both given, expected one form of the weight",
+                        fused_name, part_names[0]);
+    const DLTensor *const *ts = fused ? &fused : parts;
+    const char *const *names = fused ? &fused_name : part_names;
+    const int n = fused ? 1 : n_parts;
+    if (!fused && given != n_parts) {
+        for (int i = 0; i < n_parts; ++i)
+            if (!parts[i])
+                return l3k_fail(c, L3K_ERROR_NULL_POINTER, "%s is NULL and so is %s, expected one of the two forms",
+                                fused_name, part_names[i]);
+    }
+    int64_t col = 0;
+    for (int i = 0; i < n; ++i) {
+        const int64_t rows = fused ? total : widths[i];
+        L3K_TRY(l3k_check_tensor(c, ts[i], names[i]));
+        L3K_TRY(l3k_check_dtype(c, ts[i], names[i], dt, "x"));
+        if (ts[i]->ndim != 2 || ts[i]->shape[0] != rows || ts[i]->shape[1] != cols)
+            return l3k_fail(c, L3K_ERROR_SHAPE, "%s has ndim %d and shape[0] %lld, expected shape (%lld, %lld)",
+                            names[i], (int)ts[i]->ndim, (long long)(ts[i]->ndim ? ts[i]->shape[0] : 0),
+                            (long long)rows, (long long)cols);
+        if (contiguous) L3K_TRY(l3k_check_contiguous_numel(c, ts[i], names[i], rows * cols));
+        p->w[i] = ts[i];
+        p->col[i] = col;
+        p->width[i] = rows;
+        col += rows;
+    }
+    p->n = n;
+    /* Parts that follow each other in one buffer: one GEMM over the whole. */
+    int adjacent = n > 1;
+    const size_t es = l3k_dt_size(dt);
+    for (int i = 0; adjacent && i < n; ++i) {
+        adjacent = is_compact(ts[i]) && ts[i]->device.device_type == ts[0]->device.device_type &&
+                   ts[i]->device.device_id == ts[0]->device.device_id &&
+                   (char *)l3k_data(ts[i]) == (char *)l3k_data(ts[0]) + (size_t)(p->col[i] * cols) * es;
+    }
+    if (adjacent) {
+        const int64_t shape[2] = {total, cols}, strides[2] = {cols, 1};
+        p->w[0] = make_view(&p->joined, ts[0]->device, l3k_data(ts[0]), 0, ts[0]->dtype, 2, shape, strides);
+        p->n = 1;
+        p->width[0] = total;
+    }
+    return L3K_SUCCESS;
+}
+
+static l3k_status make_dims(l3k_call *c, const DLTensor *x, const l3k_llama_block_weights *w,
+                            const l3k_llama_block_config *cfg, dims *d) {
+    L3K_TRY(check_struct_size(c, w, w ? w->struct_size : 0, sizeof(l3k_llama_block_weights), "weights",
+                              "L3K_LLAMA_BLOCK_WEIGHTS_INIT"));
+    L3K_TRY(check_struct_size(c, cfg, cfg ? cfg->struct_size : 0, sizeof(l3k_llama_block_config), "cfg",
+                              "L3K_LLAMA_BLOCK_CONFIG_INIT"));
+    L3K_TRY(l3k_check_tensor(c, x, "x"));
+    L3K_TRY(l3k_check_float(c, x, "x", &d->dt));
+    if (x->ndim != 3)
+        return l3k_fail(c, L3K_ERROR_SHAPE, "x has ndim %d, expected 3 (batch, seq, dim)", (int)x->ndim);
+    L3K_TRY(l3k_check_contiguous_numel(c, x, "x", l3k_numel(x)));
+    d->b = x->shape[0];
+    d->s = x->shape[1];
+    d->dim = x->shape[2];
+    d->t = d->b * d->s;
+    if (cfg->n_heads < 1 || d->dim % cfg->n_heads != 0)
+        return l3k_fail(c, L3K_ERROR_VALUE, "n_heads is %lld, expected a divisor of dim %lld",
+                        (long long)cfg->n_heads, (long long)d->dim);
+    if (cfg->n_kv_heads < 1 || cfg->n_heads % cfg->n_kv_heads != 0)
+        return l3k_fail(c, L3K_ERROR_VALUE, "n_kv_heads is %lld, expected a divisor of n_heads %lld",
+                        (long long)cfg->n_kv_heads, (long long)cfg->n_heads);
+    L3K_TRY(l3k_check_eps(c, cfg->eps));
+    d->h = cfg->n_heads;
+    d->hkv = cfg->n_kv_heads;
+    d->hd = d->dim / d->h;
+    d->qkv = d->dim + 2 * d->hkv * d->hd;
+    const DLTensor *qkv_parts[3] = {w->q_weight, w->k_weight, w->v_weight};
+    static const char *qkv_names[3] = {"q_weight", "k_weight", "v_weight"};
+    const int64_t qkv_widths[3] = {d->dim, d->hkv * d->hd, d->hkv * d->hd};
+    L3K_TRY(make_proj(c, &d->wqkv, w->qkv_weight, "qkv_weight", qkv_parts, qkv_names, 3, qkv_widths, d->dim, d->dt,
+                      0));
+    /* hidden comes from the gate/up weight itself. */
+    const DLTensor *gu_parts[2] = {w->gate_weight, w->up_weight};
+    static const char *gu_names[2] = {"gate_weight", "up_weight"};
+    const DLTensor *first = w->gate_up_weight ? w->gate_up_weight : w->gate_weight;
+    if (first && first->ndim == 2 && first->shape) {
+        if (w->gate_up_weight && first->shape[0] % 2 != 0)
+            return l3k_fail(c, L3K_ERROR_SHAPE,
+                            "gate_up_weight has %lld rows, expected an even count (gate rows, then up rows)",
+                            (long long)first->shape[0]);
+        d->hidden = w->gate_up_weight ? first->shape[0] / 2 : first->shape[0];
+    }
+    const int64_t gu_widths[2] = {d->hidden, d->hidden};
+    L3K_TRY(make_proj(c, &d->wgu, w->gate_up_weight, "gate_up_weight", gu_parts, gu_names, 2, gu_widths, d->dim,
+                      d->dt, 0));
+    const DLTensor *ws[4] = {w->o_weight, w->down_weight, w->norm1_weight, w->norm2_weight};
+    static const char *names[4] = {"o_weight", "down_weight", "norm1_weight", "norm2_weight"};
+    const int64_t want[4][2] = {{d->dim, d->dim}, {d->dim, d->hidden}, {d->dim, 0}, {d->dim, 0}};
+    for (int i = 0; i < 4; ++i) {
+        L3K_TRY(l3k_check_tensor(c, ws[i], names[i]));
+        L3K_TRY(l3k_check_dtype(c, ws[i], names[i], d->dt, "x"));
+        const int nd = i < 2 ? 2 : 1;
+        if (ws[i]->ndim != nd || ws[i]->shape[0] != want[i][0] || (nd == 2 && ws[i]->shape[1] != want[i][1])) {
+            if (nd == 2)
+                return l3k_fail(c, L3K_ERROR_SHAPE, "%s has ndim %d, expected shape (%lld, %lld)", names[i],
+                                (int)ws[i]->ndim, (long long)want[i][0], (long long)want[i][1]);
+            return l3k_fail(c, L3K_ERROR_SHAPE, "%s has ndim %d, expected shape (%lld,)", names[i], (int)ws[i]->ndim,
+                            (long long)want[i][0]);
+        }
+    }
+    d->es = l3k_dt_size(d->dt);
+    L3K_TRY(l3k_linear_workspace_size(x, &d->gemm_ws));
+    /* The RMSNorm backward's scratch for (tokens, dim) rows, asked of the op itself. */
+    const int64_t rows_shape[2] = {d->t, d->dim};
+    DLTensor rows = *x;
+    rows.ndim = 2;
+    rows.shape = (int64_t *)rows_shape;
+    rows.strides = NULL;
+    L3K_TRY(l3k_rmsnorm_backward_workspace_size(&rows, &d->norm_ws));
+    d->attn_ws = 0;
+    return L3K_SUCCESS;
+}
+
 /* Run one step; on failure keep its message under this op's name. */
 static l3k_status step(l3k_call *c, l3k_status st) {
     if (st == L3K_SUCCESS) return st;
     char inner[1024];
     snprintf(inner, sizeof inner, "%s", l3k_last_error());
     return l3k_fail(c, st, "%s", inner);
+}
+
+/* (rows, cols) at column `col` of a (rows, width) row-major buffer. */
+static DLTensor *cols_view(view *v, const DLTensor *like, void *base, int64_t rows, int64_t width, int64_t col,
+                           int64_t cols, size_t es) {
+    const int64_t shape[2] = {rows, cols}, strides[2] = {width, 1};
+    return make_view(v, like->device, base, (size_t)col * es, like->dtype, 2, shape, strides);
+}
+
+/* out (tokens, width) = in W^T, a GEMM per part of the projection. */
+static l3k_status proj_forward(l3k_call *c, const dims *d, const proj *w, const DLTensor *in, void *out,
+                               int64_t width, DLTensor *gemm, void *stream) {
+    for (int i = 0; i < w->n; ++i) {
+        view vy;
+        DLTensor *y = cols_view(&vy, in, out, d->t, width, w->col[i], w->width[i], d->es);
+        L3K_TRY(step(c, l3k_linear_forward(in, w->w[i], NULL, y, gemm, stream)));
+    }
+    return L3K_SUCCESS;
+}
+
+/* The gradient of each part's weight: dW = dout[:, part]^T in. */
+static l3k_status proj_backward_weight(l3k_call *c, const dims *d, const proj *g, const void *dout, int64_t width,
+                                       const DLTensor *in, DLTensor *gemm, void *stream) {
+    for (int i = 0; i < g->n; ++i) {
+        view vdy;
+        DLTensor *dy = cols_view(&vdy, in, (void *)dout, d->t, width, g->col[i], g->width[i], d->es);
+        L3K_TRY(step(c, l3k_linear_backward_weight(dy, in, (DLTensor *)g->w[i], 0, gemm, stream)));
+    }
+    return L3K_SUCCESS;
+}
+
+/* din = dout W, summed over the parts. */
+static l3k_status proj_backward_input(l3k_call *c, const dims *d, const proj *w, const void *dout, int64_t width,
+                                      DLTensor *din, DLTensor *gemm, void *stream) {
+    for (int i = 0; i < w->n; ++i) {
+        view vdy;
+        DLTensor *dy = cols_view(&vdy, din, (void *)dout, d->t, width, w->col[i], w->width[i], d->es);
+        L3K_TRY(step(c, l3k_linear_backward_input(dy, w->w[i], din, i > 0, gemm, stream)));
+    }
+    return L3K_SUCCESS;
 }
 
 /* ---- the forward ------------------------------------------------------------ */
@@ -234,11 +354,10 @@ static l3k_status run_forward(l3k_call *c, const dims *d, const DLTensor *x, con
                               const DLTensor *sin, const l3k_llama_block_weights *w,
                               const l3k_llama_block_config *cfg, DLTensor *out, const fwd_buffers *buf,
                               const fwd_plan *p, char *ws, void *stream) {
-    view vx, vn, vqkv, vq, vk, vv, vo, vo4, vlse, vh, vgu, va, vout, vgemm, vr1, vr2;
+    view vx, vn, vq, vk, vv, vo, vo4, vlse, vh, vgu, va, vout, vgemm, vr1, vr2;
     DLTensor *x2 = rows_view(&vx, x, l3k_data(x), 0, d->t, d->dim);
     DLTensor *out2 = rows_view(&vout, x, l3k_data(out), 0, d->t, d->dim);
     DLTensor *norm = rows_view(&vn, x, ws, p->norm_out.off, d->t, d->dim);
-    DLTensor *qkv = rows_view(&vqkv, x, buf->qkv, 0, d->t, d->qkv);
     DLTensor *q = heads_view(&vq, x, buf->qkv, 0, d, d->qkv, 0, d->h);
     DLTensor *k = heads_view(&vk, x, buf->qkv, 0, d, d->qkv, d->h, d->hkv);
     DLTensor *v = heads_view(&vv, x, buf->qkv, 0, d, d->qkv, d->h + d->hkv, d->hkv);
@@ -254,12 +373,12 @@ static l3k_status run_forward(l3k_call *c, const dims *d, const DLTensor *x, con
     DLTensor *gemm = p->gemm.bytes ? bytes_view(&vgemm, x, ws, p->gemm) : NULL;
 
     L3K_TRY(step(c, l3k_rmsnorm_forward(x2, w->norm1_weight, cfg->eps, norm, r1, stream)));
-    L3K_TRY(step(c, l3k_linear_forward(norm, w->qkv_weight, NULL, qkv, gemm, stream)));
+    L3K_TRY(proj_forward(c, d, &d->wqkv, norm, buf->qkv, d->qkv, gemm, stream));
     L3K_TRY(step(c, l3k_rope_forward(q, k, cos, sin, 0, L3K_ROPE_HALF, q, k, stream)));
     L3K_TRY(step(c, l3k_attention_forward(q, k, v, 0.0f, cfg->causal, o4, lse, stream)));
     L3K_TRY(step(c, l3k_linear_forward(o, w->o_weight, x2, h, gemm, stream)));
     L3K_TRY(step(c, l3k_rmsnorm_forward(h, w->norm2_weight, cfg->eps, norm, r2, stream)));
-    L3K_TRY(step(c, l3k_linear_forward(norm, w->gate_up_weight, NULL, gu, gemm, stream)));
+    L3K_TRY(proj_forward(c, d, &d->wgu, norm, buf->gu, 2 * d->hidden, gemm, stream));
     L3K_TRY(step(c, l3k_swiglu_fused_forward(gu, a, stream)));
     return step(c, l3k_linear_forward(a, w->down_weight, h, out2, gemm, stream));
 }
@@ -285,13 +404,18 @@ static l3k_status check_aligned(l3k_call *c, const DLTensor *t, const char *name
 }
 
 /* Named tensors of a call; NULL entries (absent optional tensors) are skipped. */
+enum { MAX_LISTED = 32 };
 typedef struct {
-    const DLTensor *t[20];
-    const char *name[20];
-    int n;
+    const DLTensor *t[MAX_LISTED];
+    const char *name[MAX_LISTED];
+    int n, overflow;
 } tensor_list;
 
 static void add(tensor_list *l, const DLTensor *t, const char *name) {
+    if (l->n == MAX_LISTED) { /* the block lists at most 22: a bug if reached */
+        l->overflow = 1;
+        return;
+    }
     l->t[l->n] = t;
     l->name[l->n++] = name;
 }
@@ -309,11 +433,17 @@ static tensor_list block_inputs(const DLTensor *x, const DLTensor *cos, const DL
     add(&l, w->down_weight, "down_weight");
     add(&l, w->norm1_weight, "norm1_weight");
     add(&l, w->norm2_weight, "norm2_weight");
+    add(&l, w->q_weight, "q_weight");
+    add(&l, w->k_weight, "k_weight");
+    add(&l, w->v_weight, "v_weight");
+    add(&l, w->gate_weight, "gate_weight");
+    add(&l, w->up_weight, "up_weight");
     return l;
 }
 
 /* No written tensor may share a byte with any other tensor of the call. */
 static l3k_status check_disjoint(l3k_call *c, const tensor_list *outs, const tensor_list *ins) {
+    if (outs->overflow || ins->overflow) return l3k_fail(c, L3K_ERROR_INTERNAL, "too many tensors to check");
     for (int i = 0; i < outs->n; ++i) {
         if (!outs->t[i]) continue;
         for (int j = i + 1; j < outs->n; ++j)
@@ -401,7 +531,9 @@ typedef struct {
     size_t total;
 } bwd_plan;
 
-static void plan_backward(const dims *d, int preserve, bwd_plan *p) {
+/* split_gate_up: the gate and up gradients are two separate buffers, so da can wait only in
+ * the gate part's. */
+static void plan_backward(const dims *d, int preserve, int split_gate_up, bwd_plan *p) {
     size_t at = 0;
     const size_t dgu_bytes = (size_t)d->t * 2 * (size_t)d->hidden * d->es;
     const size_t da_bytes = (size_t)d->t * (size_t)d->hidden * d->es;
@@ -410,7 +542,7 @@ static void plan_backward(const dims *d, int preserve, bwd_plan *p) {
     p->gemm = take(&at, d->gemm_ws);
     p->norm_ws = take(&at, d->norm_ws);
     if (preserve) p->dgu = take(&at, dgu_bytes);
-    p->da_in_dgrad = da_bytes <= (size_t)2 * (size_t)d->hidden * (size_t)d->dim * d->es;
+    p->da_in_dgrad = da_bytes <= (size_t)(split_gate_up ? 1 : 2) * (size_t)d->hidden * (size_t)d->dim * d->es;
     p->attn_in_dgu = p->ap.total <= dgu_bytes;
     /* da is dead before the attention part starts: the two share one region. */
     size_t shared = 0;
@@ -441,8 +573,11 @@ l3k_status l3k_llama_block_training_layout(const DLTensor *x, const l3k_llama_bl
     L3K_TRY(make_dims(&c, x, w, cfg, &d));
     L3K_TRY(attention_ws_size(&c, x, cfg, &d));
     plan_forward(&d, 0, 0, &fp);
-    plan_backward(&d, 0, &consume);
-    plan_backward(&d, 1, &preserve);
+    bwd_plan consume_split, preserve_split;
+    plan_backward(&d, 0, 0, &consume);
+    plan_backward(&d, 1, 0, &preserve);
+    plan_backward(&d, 0, 1, &consume_split);
+    plan_backward(&d, 1, 1, &preserve_split);
     const DLDataType f32 = {kDLFloat, 32, 1};
     layout->qkv = (l3k_buffer_desc){d.t, d.qkv, x->dtype};
     layout->residual = (l3k_buffer_desc){d.t, d.dim, x->dtype};
@@ -453,6 +588,8 @@ l3k_status l3k_llama_block_training_layout(const DLTensor *x, const l3k_llama_bl
     layout->forward_workspace_bytes = fp.total;
     layout->backward_workspace_bytes = consume.total;
     layout->backward_workspace_bytes_preserving = preserve.total;
+    const size_t extra_c = consume_split.total - consume.total, extra_p = preserve_split.total - preserve.total;
+    layout->backward_workspace_extra_split_gate_up = extra_c > extra_p ? extra_c : extra_p;
     return L3K_SUCCESS;
 }
 
@@ -511,21 +648,33 @@ l3k_status l3k_llama_block_forward_train(const DLTensor *x, const DLTensor *cos,
     return run_forward(&c, &d, x, cos, sin, w, cfg, out, &buf, &p, ws, stream);
 }
 
+/* The gradients, and their two projections with parts as GEMM targets. */
 static l3k_status check_grads(l3k_call *c, const dims *d, const l3k_llama_block_weights *w,
-                              const l3k_llama_block_grads *g) {
+                              const l3k_llama_block_grads *g, proj *gqkv, proj *ggu) {
     L3K_TRY(check_struct_size(c, g, g ? g->struct_size : 0, sizeof(l3k_llama_block_grads), "grads",
                               "L3K_LLAMA_BLOCK_GRADS_INIT"));
-    const DLTensor *ws[6] = {w->qkv_weight,  w->o_weight,     w->gate_up_weight,
-                             w->down_weight, w->norm1_weight, w->norm2_weight};
-    const DLTensor *gs[6] = {g->qkv_weight,  g->o_weight,     g->gate_up_weight,
-                             g->down_weight, g->norm1_weight, g->norm2_weight};
-    static const char *names[6] = {"grads->qkv_weight",  "grads->o_weight",     "grads->gate_up_weight",
-                                   "grads->down_weight", "grads->norm1_weight", "grads->norm2_weight"};
-    for (int i = 0; i < 6; ++i) {
+    const DLTensor *ws[4] = {w->o_weight, w->down_weight, w->norm1_weight, w->norm2_weight};
+    const DLTensor *gs[4] = {g->o_weight, g->down_weight, g->norm1_weight, g->norm2_weight};
+    static const char *names[4] = {"grads->o_weight", "grads->down_weight", "grads->norm1_weight",
+                                   "grads->norm2_weight"};
+    for (int i = 0; i < 4; ++i) {
         L3K_TRY(check_buffer(c, gs[i], names[i], l3k_numel(ws[i]), d->dt, "its weight"));
         L3K_TRY(l3k_check_same_shape(c, gs[i], names[i], ws[i], "its weight"));
-        L3K_TRY(check_aligned(c, gs[i], names[i]));
     }
+    const DLTensor *qkv_parts[3] = {g->q_weight, g->k_weight, g->v_weight};
+    static const char *qkv_names[3] = {"grads->q_weight", "grads->k_weight", "grads->v_weight"};
+    const int64_t qkv_widths[3] = {d->dim, d->hkv * d->hd, d->hkv * d->hd};
+    L3K_TRY(make_proj(c, gqkv, g->qkv_weight, "grads->qkv_weight", qkv_parts, qkv_names, 3, qkv_widths, d->dim,
+                      d->dt, 1));
+    const DLTensor *gu_parts[2] = {g->gate_weight, g->up_weight};
+    static const char *gu_names[2] = {"grads->gate_weight", "grads->up_weight"};
+    const int64_t gu_widths[2] = {d->hidden, d->hidden};
+    L3K_TRY(make_proj(c, ggu, g->gate_up_weight, "grads->gate_up_weight", gu_parts, gu_names, 2, gu_widths, d->dim,
+                      d->dt, 1));
+    const DLTensor *all[11] = {g->qkv_weight,  g->o_weight, g->gate_up_weight, g->down_weight,
+                               g->norm1_weight, g->norm2_weight, g->q_weight, g->k_weight,
+                               g->v_weight,     g->gate_weight, g->up_weight};
+    for (int i = 0; i < 11; ++i) L3K_TRY(check_aligned(c, all[i], "a gradient"));
     return L3K_SUCCESS;
 }
 
@@ -547,9 +696,10 @@ l3k_status l3k_llama_block_backward(const DLTensor *dout, const DLTensor *x, con
     L3K_TRY(check_buffer(&c, dx, "dx", l3k_numel(x), d.dt, "x"));
     L3K_TRY(l3k_check_same_shape(&c, dx, "dx", x, "x"));
     L3K_TRY(check_activations(&c, &d, saved));
-    L3K_TRY(check_grads(&c, &d, w, g));
+    proj gqkv, ggu;
+    L3K_TRY(check_grads(&c, &d, w, g, &gqkv, &ggu));
     L3K_TRY(attention_ws_size(&c, x, cfg, &d));
-    plan_backward(&d, preserve, &p);
+    plan_backward(&d, preserve, ggu.n > 1, &p);
     L3K_TRY(check_workspace_aligned(&c, workspace, p.total));
     /* gate_up is written unless preserved; the other activations are read only. */
     tensor_list outs = {.n = 0}, ins = block_inputs(x, cos, sin, w);
@@ -561,6 +711,11 @@ l3k_status l3k_llama_block_backward(const DLTensor *dout, const DLTensor *x, con
     add(&outs, g->down_weight, "grads->down_weight");
     add(&outs, g->norm1_weight, "grads->norm1_weight");
     add(&outs, g->norm2_weight, "grads->norm2_weight");
+    add(&outs, g->q_weight, "grads->q_weight");
+    add(&outs, g->k_weight, "grads->k_weight");
+    add(&outs, g->v_weight, "grads->v_weight");
+    add(&outs, g->gate_weight, "grads->gate_weight");
+    add(&outs, g->up_weight, "grads->up_weight");
     if (!preserve) add(&outs, saved->gate_up, "saved->gate_up");
     add(&ins, dout, "dout");
     add_activations(&ins, saved, preserve);
@@ -569,11 +724,12 @@ l3k_status l3k_llama_block_backward(const DLTensor *dout, const DLTensor *x, con
     if (d.dim == 0) return L3K_SUCCESS;
 
     char *ws = (char *)l3k_data(workspace);
-    view vx, vdout, vdx, vda, vdgu, vgu, vh, vr1, vr2, vq, vk, vv, vo, vo4, vlse, vdo, vdo4, vdqkv, vdq, vdk,
+    view vx, vdout, vdx, vda, vdgu, vgu, vh, vr1, vr2, vq, vk, vv, vo, vo4, vlse, vdo, vdo4, vdq, vdk,
         vdv, vxpre, vnorm, vgemm, vnws, vaws;
     char *dgu_base = preserve ? ws + p.dgu.off : (char *)l3k_data(saved->gate_up);
     char *attn_base = p.attn_in_dgu ? dgu_base : ws + p.attn.off;
-    char *da_base = p.da_in_dgrad ? (char *)l3k_data(g->gate_up_weight) : ws + p.da.off;
+    /* da waits in the gate/up gradient's memory (the gate part's, when the parts are apart). */
+    char *da_base = p.da_in_dgrad ? (char *)l3k_data(ggu.w[0]) : ws + p.da.off;
     const attn_plan *ap = &p.ap;
 
     DLTensor *x2 = rows_view(&vx, x, l3k_data(x), 0, d.t, d.dim);
@@ -596,7 +752,6 @@ l3k_status l3k_llama_block_backward(const DLTensor *dout, const DLTensor *x, con
     DLTensor *lse = f32_view(&vlse, x, keep_attn ? l3k_data(saved->lse) : attn_base + ap->lse.off, 0, nlse);
     DLTensor *dO = rows_view(&vdo, x, attn_base, ap->dout.off, d.t, d.dim);
     DLTensor *dO4 = heads_view(&vdo4, x, attn_base, ap->dout.off, &d, d.dim, 0, d.h);
-    DLTensor *dqkv = rows_view(&vdqkv, x, attn_base, ap->dqkv.off, d.t, d.qkv);
     DLTensor *dq = heads_view(&vdq, x, attn_base, ap->dqkv.off, &d, d.qkv, 0, d.h);
     DLTensor *dk = heads_view(&vdk, x, attn_base, ap->dqkv.off, &d, d.qkv, d.h, d.hkv);
     DLTensor *dv = heads_view(&vdv, x, attn_base, ap->dqkv.off, &d, d.qkv, d.h + d.hkv, d.hkv);
@@ -614,8 +769,8 @@ l3k_status l3k_llama_block_backward(const DLTensor *dout, const DLTensor *x, con
     L3K_TRY(step(&c, l3k_linear_backward_weight(dout2, da, g->down_weight, 0, gemm, stream)));
     /* [g | u] = rmsnorm(h) Wgu^T: the norm's output is recomputed into dx, read, then dx takes dh. */
     L3K_TRY(step(&c, l3k_rmsnorm_forward(h, w->norm2_weight, cfg->eps, dx2, NULL, stream)));
-    L3K_TRY(step(&c, l3k_linear_backward_weight(dgu, dx2, g->gate_up_weight, 0, gemm, stream)));
-    L3K_TRY(step(&c, l3k_linear_backward_input(dgu, w->gate_up_weight, dx2, 0, gemm, stream)));
+    L3K_TRY(proj_backward_weight(&c, &d, &ggu, dgu_base, 2 * d.hidden, dx2, gemm, stream));
+    L3K_TRY(proj_backward_input(&c, &d, &d.wgu, dgu_base, 2 * d.hidden, dx2, gemm, stream));
     /* dx <- d(out)/dh: through the second norm, plus dout along the residual. */
     L3K_TRY(step(&c, l3k_rmsnorm_backward(dx2, dout2, h, w->norm2_weight, r2, cfg->eps, dx2, g->norm2_weight,
                                           norm_ws, stream)));
@@ -629,8 +784,8 @@ l3k_status l3k_llama_block_backward(const DLTensor *dout, const DLTensor *x, con
     L3K_TRY(step(&c, l3k_rope_backward(dq, dk, cos, sin, 0, L3K_ROPE_HALF, dq, dk, stream)));
     /* qkv = rmsnorm(x) Wqkv^T: the norm's output is recomputed. */
     L3K_TRY(step(&c, l3k_rmsnorm_forward(x2, w->norm1_weight, cfg->eps, norm1, NULL, stream)));
-    L3K_TRY(step(&c, l3k_linear_backward_weight(dqkv, norm1, g->qkv_weight, 0, gemm, stream)));
-    L3K_TRY(step(&c, l3k_linear_backward_input(dqkv, w->qkv_weight, xpre, 0, gemm, stream)));
+    L3K_TRY(proj_backward_weight(&c, &d, &gqkv, attn_base + ap->dqkv.off, d.qkv, norm1, gemm, stream));
+    L3K_TRY(proj_backward_input(&c, &d, &d.wqkv, attn_base + ap->dqkv.off, d.qkv, xpre, gemm, stream));
     /* dx = through the first norm, plus dh along the residual (dx holds dh: in place). */
     return step(&c, l3k_rmsnorm_backward(xpre, dx2, x2, w->norm1_weight, r1, cfg->eps, dx2, g->norm1_weight,
                                          norm_ws, stream));

@@ -371,14 +371,22 @@ L3K_API l3k_status l3k_attention_backward(const DLTensor *dout, const DLTensor *
  * version's is refused (L3K_ERROR_VALUE). */
 typedef struct {
     size_t struct_size;             /* sizeof(l3k_llama_block_weights): use L3K_LLAMA_BLOCK_WEIGHTS_INIT */
-    const DLTensor *qkv_weight;     /* (dim + 2 * n_kv_heads * head_dim, dim): q, then k, then v rows */
+    const DLTensor *qkv_weight;     /* (dim + 2 * n_kv_heads * head_dim, dim): q, then k, then v rows;
+                                       or NULL and q_weight, k_weight, v_weight below */
     const DLTensor *o_weight;       /* (dim, dim) */
-    const DLTensor *gate_up_weight; /* (2 * hidden, dim): gate rows, then up rows */
+    const DLTensor *gate_up_weight; /* (2 * hidden, dim): gate rows, then up rows; or NULL and
+                                       gate_weight, up_weight below */
     const DLTensor *down_weight;    /* (dim, hidden) */
     const DLTensor *norm1_weight;   /* (dim,) */
     const DLTensor *norm2_weight;   /* (dim,) */
+    /* The same projections as separate matrices (e.g. a Hugging Face model's own
+     * parameters): q (dim, dim), k and v (n_kv_heads * head_dim, dim), gate and up
+     * (hidden, dim).  Parts that lie one after the other in one buffer run as one GEMM,
+     * as the fused form does; others run a GEMM each. */
+    const DLTensor *q_weight, *k_weight, *v_weight, *gate_weight, *up_weight;
 } l3k_llama_block_weights;
-#define L3K_LLAMA_BLOCK_WEIGHTS_INIT {sizeof(l3k_llama_block_weights), NULL, NULL, NULL, NULL, NULL, NULL}
+#define L3K_LLAMA_BLOCK_WEIGHTS_INIT \
+    {sizeof(l3k_llama_block_weights), NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL}
 
 typedef struct {
     size_t struct_size; /* sizeof(l3k_llama_block_config): use L3K_LLAMA_BLOCK_CONFIG_INIT */
@@ -435,6 +443,8 @@ typedef struct {
     size_t forward_workspace_bytes;   /* for l3k_llama_block_forward_train */
     size_t backward_workspace_bytes;  /* for l3k_llama_block_backward without flags */
     size_t backward_workspace_bytes_preserving; /* ... with L3K_BLOCK_PRESERVE_ACTIVATIONS */
+    size_t backward_workspace_extra_split_gate_up; /* to add to either when the gate and up gradients
+                                                      are two separate buffers (not one after the other) */
 } l3k_llama_block_layout;
 #define L3K_LLAMA_BLOCK_LAYOUT_INIT {sizeof(l3k_llama_block_layout)}
 
@@ -453,13 +463,17 @@ L3K_API l3k_status l3k_llama_block_forward_train(const DLTensor *x, const DLTens
                                                  DLTensor *workspace, void *stream);
 
 /* The weight gradients: each contiguous, the shape and dtype of its weight,
- * aligned as the workspace; overwritten (not accumulated).  All six are required: the
- * backward also uses the buffers as scratch before their values are written. */
+ * aligned as the workspace; overwritten (not accumulated).  Every gradient is
+ * required, fused or in parts like the weights (the form of each projection's
+ * gradient need not match its weight's): the backward also uses the buffers as
+ * scratch before their values are written. */
 typedef struct {
     size_t struct_size; /* sizeof(l3k_llama_block_grads): use L3K_LLAMA_BLOCK_GRADS_INIT */
     DLTensor *qkv_weight, *o_weight, *gate_up_weight, *down_weight, *norm1_weight, *norm2_weight;
+    DLTensor *q_weight, *k_weight, *v_weight, *gate_weight, *up_weight;
 } l3k_llama_block_grads;
-#define L3K_LLAMA_BLOCK_GRADS_INIT {sizeof(l3k_llama_block_grads), NULL, NULL, NULL, NULL, NULL, NULL}
+#define L3K_LLAMA_BLOCK_GRADS_INIT \
+    {sizeof(l3k_llama_block_grads), NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL}
 
 /* Backward flag: leave every activation as the forward wrote it (a second
  * backward over them works), at the cost of the larger workspace

@@ -99,7 +99,8 @@ def _sized(cls):
 @_sized
 class BlockWeights(ctypes.Structure):  # l3k_llama_block_weights: DLTensor pointers
     _fields_ = [("struct_size", _SZ)] + [(n, _P) for n in (
-        "qkv_weight", "o_weight", "gate_up_weight", "down_weight", "norm1_weight", "norm2_weight")]
+        "qkv_weight", "o_weight", "gate_up_weight", "down_weight", "norm1_weight", "norm2_weight",
+        "q_weight", "k_weight", "v_weight", "gate_weight", "up_weight")]
 
 
 @_sized
@@ -124,13 +125,14 @@ class BlockLayout(ctypes.Structure):  # l3k_llama_block_layout
     _fields_ = ([("struct_size", _SZ)]
                 + [(n, BufferDesc) for n in ("qkv", "residual", "gate_up", "rstd1", "rstd2", "attn_out", "lse")]
                 + [("forward_workspace_bytes", _SZ), ("backward_workspace_bytes", _SZ),
-                   ("backward_workspace_bytes_preserving", _SZ)])
+                   ("backward_workspace_bytes_preserving", _SZ), ("backward_workspace_extra_split_gate_up", _SZ)])
 
 
 @_sized
 class BlockGrads(ctypes.Structure):  # l3k_llama_block_grads: DLTensor pointers
     _fields_ = [("struct_size", _SZ)] + [(n, _P) for n in (
-        "qkv_weight", "o_weight", "gate_up_weight", "down_weight", "norm1_weight", "norm2_weight")]
+        "qkv_weight", "o_weight", "gate_up_weight", "down_weight", "norm1_weight", "norm2_weight",
+        "q_weight", "k_weight", "v_weight", "gate_weight", "up_weight")]
 
 
 # Header name -> mirror, for the header test.

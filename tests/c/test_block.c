@@ -316,6 +316,105 @@ int main(void) {
         CHECK(memcmp(first[i], gbuf[i], (size_t)n * 4) == 0, "kept attention output: %s differs", part_names[i]);
     }
 
+    /* ---- q/k/v and gate/up as separate matrices ---- */
+    {
+        /* Apart (copies in their own buffers): the same function, a GEMM per part. */
+        const int64_t widths[5] = {DIM, HKV * HD, HKV * HD, HID, HID};
+        const int64_t offsets[5] = {0, DIM, DIM + HKV * HD, 0, HID};
+        float *wpart[5], *gpart[5];
+        host_tensor wt[5], gt2[5];
+        for (int i = 0; i < 5; ++i) {
+            const float *src = i < 3 ? pf.wqkv : pf.wgu;
+            const int64_t shape[2] = {widths[i], DIM};
+            wpart[i] = alloc_aligned((size_t)(widths[i] * DIM) * 4);
+            gpart[i] = alloc_aligned((size_t)(widths[i] * DIM) * 4);
+            memcpy(wpart[i], src + offsets[i] * DIM, (size_t)(widths[i] * DIM) * 4);
+            host_f32(&wt[i], wpart[i], 2, shape);
+            host_f32(&gt2[i], gpart[i], 2, shape);
+        }
+        l3k_llama_block_weights ws_split = w;
+        ws_split.qkv_weight = ws_split.gate_up_weight = NULL;
+        ws_split.q_weight = &wt[0].t;
+        ws_split.k_weight = &wt[1].t;
+        ws_split.v_weight = &wt[2].t;
+        ws_split.gate_weight = &wt[3].t;
+        ws_split.up_weight = &wt[4].t;
+        l3k_llama_block_grads gs_split = g;
+        gs_split.qkv_weight = gs_split.gate_up_weight = NULL;
+        gs_split.q_weight = &gt2[0].t;
+        gs_split.k_weight = &gt2[1].t;
+        gs_split.v_weight = &gt2[2].t;
+        gs_split.gate_weight = &gt2[3].t;
+        gs_split.up_weight = &gt2[4].t;
+        l3k_llama_block_layout lay_split = L3K_LLAMA_BLOCK_LAYOUT_INIT;
+        CHECK(l3k_llama_block_training_layout(X, &ws_split, &cfg, &lay_split) == L3K_SUCCESS, "%s", l3k_last_error());
+        host_tensor tbs;
+        DLTensor *BWS2 = f32_buffer(&tbs, (lay_split.backward_workspace_bytes_preserving +
+                                           lay_split.backward_workspace_extra_split_gate_up) / 4 + 1, NAN);
+        CHECK(l3k_llama_block_forward_train(X, COS, SIN, &ws_split, &cfg, OUT2, &act, FWS, NULL) == L3K_SUCCESS, "%s",
+              l3k_last_error());
+        err = 0;
+        for (int i = 0; i < T * DIM; ++i) err = fmax(err, fabs(out_train[i] - ref_out[i]));
+        CHECK(err <= 1e-4 * mag, "split weights: output max error %g", err);
+        CHECK(l3k_llama_block_backward(DOUT, X, COS, SIN, &ws_split, &cfg, &act, 0, DX, &gs_split, BWS2, NULL) ==
+                  L3K_SUCCESS, "%s", l3k_last_error());
+        for (int i = 0; i < 5; ++i) {
+            int n;
+            const double *r = part(&ref_grad, i < 3 ? 1 : 3, &n) + offsets[i] * DIM;
+            double e = 0, m = max_abs(r, (int)(widths[i] * DIM));
+            for (int j = 0; j < widths[i] * DIM; ++j) e = fmax(e, fabs(gpart[i][j] - r[j]));
+            CHECK(e <= 2e-4 * m, "split weights: part %d gradient max error %g (max |ref| %g)", i, e, m);
+        }
+        double e = 0;
+        for (int j = 0; j < T * DIM; ++j) e = fmax(e, fabs(dx_f[j] - ref_grad.x[j]));
+        CHECK(e <= 2e-4 * max_abs(ref_grad.x, T * DIM), "split weights: dx max error %g", e);
+        /* Adjacent (views of the fused buffers): one GEMM as in the fused form, bitwise the same. */
+        const int64_t sh[5][2] = {{DIM, DIM}, {HKV * HD, DIM}, {HKV * HD, DIM}, {HID, DIM}, {HID, DIM}};
+        host_tensor wa[5], ga[5];
+        for (int i = 0; i < 5; ++i) {
+            host_f32(&wa[i], (i < 3 ? pf.wqkv : pf.wgu) + offsets[i] * DIM, 2, sh[i]);
+            host_f32(&ga[i], (i < 3 ? gbuf[1] : gbuf[3]) + offsets[i] * DIM, 2, sh[i]);
+        }
+        l3k_llama_block_weights wadj = ws_split;
+        wadj.q_weight = &wa[0].t;
+        wadj.k_weight = &wa[1].t;
+        wadj.v_weight = &wa[2].t;
+        wadj.gate_weight = &wa[3].t;
+        wadj.up_weight = &wa[4].t;
+        l3k_llama_block_grads gadj = gs_split;
+        gadj.q_weight = &ga[0].t;
+        gadj.k_weight = &ga[1].t;
+        gadj.v_weight = &ga[2].t;
+        gadj.gate_weight = &ga[3].t;
+        gadj.up_weight = &ga[4].t;
+        CHECK(l3k_llama_block_forward_train(X, COS, SIN, &wadj, &cfg, OUT2, &act, FWS, NULL) == L3K_SUCCESS, "%s",
+              l3k_last_error());
+        CHECK(memcmp(out_inf, out_train, sizeof out_inf) == 0, "adjacent parts: output differs from the fused form");
+        CHECK(l3k_llama_block_backward(DOUT, X, COS, SIN, &wadj, &cfg, &act, 0, DX, &gadj, BWS, NULL) == L3K_SUCCESS,
+              "%s", l3k_last_error());
+        for (int i = 0; i < N_PARTS; ++i) {
+            int n;
+            part(&p, i, &n);
+            CHECK(memcmp(first[i], gbuf[i], (size_t)n * 4) == 0, "adjacent parts: %s differs", part_names[i]);
+        }
+        l3k_llama_block_weights both = w;
+        both.q_weight = &wt[0].t;
+        EXPECT_FAILS(l3k_llama_block_forward(X, COS, SIN, &both, &cfg, OUT, FWS, NULL), L3K_ERROR_VALUE,
+                     "qkv_weight and q_weight are both given");
+        l3k_llama_block_weights missing = ws_split;
+        missing.v_weight = NULL;
+        EXPECT_FAILS(l3k_llama_block_forward(X, COS, SIN, &missing, &cfg, OUT, FWS, NULL), L3K_ERROR_NULL_POINTER,
+                     "qkv_weight is NULL and so is v_weight");
+        for (int i = 0; i < 5; ++i) {
+            free(wpart[i]);
+            free(gpart[i]);
+        }
+        free(BWS2->data);
+        /* the kept attention output and LSE are still in act: the bad-input checks below use them */
+        CHECK(l3k_llama_block_forward_train(X, COS, SIN, &w, &cfg, OUT2, &act, FWS, NULL) == L3K_SUCCESS, "%s",
+              l3k_last_error());
+    }
+
     /* ---- bad inputs: a clear error, nothing written ---- */
     memcpy(gu_copy, act.gate_up->data, gu_bytes);
     for (int j = 0; j < T * DIM; ++j) dx_f[j] = 12345.0f;
@@ -370,7 +469,7 @@ int main(void) {
     l3k_llama_block_weights wb = w;
     wb.qkv_weight = host_f32(&tb, pf.wqkv, 2, bad);
     EXPECT_FAILS(l3k_llama_block_forward(X, COS, SIN, &wb, &cfg, OUT, FWS, NULL), L3K_ERROR_SHAPE,
-                 "llama_block_forward: qkv_weight has shape (56, 32), expected");
+                 "llama_block_forward: qkv_weight has ndim 2 and shape[0] 56, expected shape (64, 32)");
 
     /* ---- no tokens: nothing to do forward; every gradient is zero ---- */
     host_tensor tx0, tdo0, tdx0;
