@@ -34,8 +34,11 @@ from ._dlpack import Borrowed, current_stream
 from ._lib import (LIB, PRESERVE_ACTIVATIONS, BlockActivations, BlockConfig, BlockGrads, BlockLayout,
                    BlockWeights, check)
 
-# The fused parameters, in the order of l3k_llama_block_weights and of the backward's gradients.
+# The block's weights in either form the C ABI takes, as l3k_llama_block_weights names them:
+# fused (this module's parameters) or split (e.g. a Hugging Face layer's own parameters).
 PARAM_NAMES = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight", "norm1_weight", "norm2_weight")
+SPLIT_PARAM_NAMES = ("q_weight", "k_weight", "v_weight", "o_weight", "gate_weight", "up_weight", "down_weight",
+                     "norm1_weight", "norm2_weight")
 
 # Parameter names of the tutorial's block and of Hugging Face's LlamaDecoderLayer,
 # mapped onto this block's fused parameters: (fused name, part index).
@@ -66,9 +69,10 @@ class BlockCall:
     def __init__(self, params, n_heads: int, n_kv_heads: int, causal: bool, eps: float,
                  deterministic: bool = False, key=None):
         self.key = key
-        self.params = params
+        self.params = tuple(params)
         self.borrowed = Borrowed(*params)
-        self.weights = BlockWeights(*self.borrowed.ptrs)
+        names = SPLIT_PARAM_NAMES if len(params) == len(SPLIT_PARAM_NAMES) else PARAM_NAMES
+        self.weights = BlockWeights(**dict(zip(names, self.borrowed.ptrs)))
         self.cfg = BlockConfig(n_heads, n_kv_heads, int(causal), eps, int(deterministic))
         self.layouts: dict = {}
         self.inference_bytes: dict = {}
@@ -136,11 +140,12 @@ class BlockCall:
         lay = self.layout(x, b.ptrs[1])
         saved = BlockActivations(*b.ptrs[4:])
         dx = torch.empty_like(x)
-        grads = [torch.empty_like(p) for p in self.params]
+        grads = _gradient_buffers(self.params)
         ws = torch.empty(lay.backward_workspace_bytes_preserving if preserve else lay.backward_workspace_bytes,
                          dtype=torch.uint8, device=x.device)
         o = Borrowed(dx, ws, *grads)
-        g = BlockGrads(*o.ptrs[2:])
+        names = SPLIT_PARAM_NAMES if len(grads) == len(SPLIT_PARAM_NAMES) else PARAM_NAMES
+        g = BlockGrads(**dict(zip(names, o.ptrs[2:])))
         check(LIB.l3k_llama_block_backward(b.ptrs[0], b.ptrs[1], b.ptrs[2], b.ptrs[3], ctypes.byref(self.weights),
                                            ctypes.byref(self.cfg), ctypes.byref(saved),
                                            PRESERVE_ACTIVATIONS if preserve else 0, o.ptrs[0], ctypes.byref(g),
@@ -148,14 +153,30 @@ class BlockCall:
         return (dx, *grads)
 
 
+def _gradient_buffers(params) -> list:
+    """A gradient for each weight.  Split q/k/v and gate/up get views of one buffer each, in
+    the fused order, so the C backward sees them adjacent: one GEMM per projection, and the
+    gate/up gradient's memory can hold its scratch before it is written."""
+    if len(params) != len(SPLIT_PARAM_NAMES):
+        return [torch.empty_like(p) for p in params]
+    q, k, v, o, gate, up, down, n1, n2 = params
+
+    def joined(*parts):
+        whole = torch.empty(sum(p.shape[0] for p in parts), parts[0].shape[1], dtype=parts[0].dtype,
+                            device=parts[0].device)
+        return list(whole.split([p.shape[0] for p in parts]))
+    dq, dk, dv = joined(q, k, v)
+    dgate, dup = joined(gate, up)
+    return [dq, dk, dv, torch.empty_like(o), dgate, dup, torch.empty_like(down), torch.empty_like(n1),
+            torch.empty_like(n2)]
+
+
 # ---- registered ops (torch.compile) --------------------------------------------------------
 
 _LIB = torch.library.Library("llama3_kernels", "FRAGMENT")
 ops = torch.ops.llama3_kernels
-_SPEC = "int n_heads, int n_kv_heads, bool causal, float eps, bool deterministic"
-_PARAMS = ("Tensor qkv_weight, Tensor o_weight, Tensor gate_up_weight, Tensor down_weight, "
-           "Tensor norm1_weight, Tensor norm2_weight")
-_ACTS = "Tensor qkv, Tensor residual, Tensor gate_up, Tensor rstd1, Tensor rstd2, Tensor attn_out, Tensor lse"
+# weights: the fused 6 or the split 9, in PARAM_NAMES / SPLIT_PARAM_NAMES order.
+_SPEC = "Tensor[] weights, int n_heads, int n_kv_heads, bool causal, float eps, bool deterministic"
 
 
 def _define(schema: str, kernel, fake) -> None:
@@ -166,63 +187,57 @@ def _define(schema: str, kernel, fake) -> None:
     torch.library.register_fake(f"llama3_kernels::{name}", fake, lib=_LIB)
 
 
-def _call_of(params, spec) -> BlockCall:
-    return BlockCall(params, *spec)
+def _inference_kernel(x, cos, sin, weights, *spec):
+    return BlockCall(weights, *spec).inference(x.contiguous(), cos, sin)
 
 
-def _inference_kernel(x, cos, sin, *args):
-    params, spec = args[:6], args[6:]
-    return _call_of(params, spec).inference(x.contiguous(), cos, sin)
+def _train_kernel(x, cos, sin, weights, n_heads, n_kv_heads, causal, eps, deterministic, keep_attention):
+    call = BlockCall(weights, n_heads, n_kv_heads, causal, eps, deterministic)
+    return list(call.train_forward(x.contiguous(), cos, sin, keep_attention))
 
 
-def _train_kernel(x, cos, sin, *args):
-    params, spec, keep_attention = args[:6], args[6:11], args[11]
-    return _call_of(params, spec).train_forward(x.contiguous(), cos, sin, keep_attention)
+def _backward_kernel(dout, x, cos, sin, acts, weights, n_heads, n_kv_heads, causal, eps, deterministic, preserve):
+    call = BlockCall(weights, n_heads, n_kv_heads, causal, eps, deterministic)
+    return list(call.backward(dout, x.contiguous(), cos, sin, acts, preserve))
 
 
-def _backward_kernel(dout, x, cos, sin, *args):
-    acts, params, spec, preserve = args[:7], args[7:13], args[13:18], args[18]
-    return _call_of(params, spec).backward(dout, x.contiguous(), cos, sin, acts, preserve)
-
-
-def _train_fake(x, cos, sin, qkv_weight, o_weight, gate_up_weight, down_weight, norm1_weight, norm2_weight,
-                n_heads, n_kv_heads, causal, eps, deterministic, keep_attention):
+def _train_fake(x, cos, sin, weights, n_heads, n_kv_heads, causal, eps, deterministic, keep_attention):
     b, s, dim = x.shape
     t = b * s
     new = x.new_empty
-    kept = (new(t, dim), new(b * n_heads * s, dtype=torch.float32)) if keep_attention else (
-        new(0), new(0, dtype=torch.float32))
-    return (torch.empty_like(x), new(t, qkv_weight.shape[0]), new(t, dim), new(t, gate_up_weight.shape[0]),
-            new(t, dtype=torch.float32), new(t, dtype=torch.float32), *kept)
+    qkv_rows = sum(w.shape[0] for w in weights[:3]) if len(weights) == 9 else weights[0].shape[0]
+    gate_up_rows = sum(w.shape[0] for w in weights[4:6]) if len(weights) == 9 else weights[2].shape[0]
+    kept = [new(t, dim), new(b * n_heads * s, dtype=torch.float32)] if keep_attention else [
+        new(0), new(0, dtype=torch.float32)]
+    return [torch.empty_like(x), new(t, qkv_rows), new(t, dim), new(t, gate_up_rows),
+            new(t, dtype=torch.float32), new(t, dtype=torch.float32), *kept]
 
 
-def _backward_fake(dout, x, cos, sin, *args):
-    params = args[7:13]
-    return (torch.empty_like(x), *[torch.empty_like(p) for p in params])
+def _backward_fake(dout, x, cos, sin, acts, weights, *spec):
+    return [torch.empty_like(x), *[torch.empty_like(w) for w in weights]]
 
 
-_define(f"llama_block_inference(Tensor x, Tensor cos, Tensor sin, {_PARAMS}, {_SPEC}) -> Tensor",
+_define(f"llama_block_inference(Tensor x, Tensor cos, Tensor sin, {_SPEC}) -> Tensor",
         _inference_kernel, lambda x, *rest: torch.empty_like(x))
-_define(f"llama_block_train(Tensor x, Tensor cos, Tensor sin, {_PARAMS}, {_SPEC}, bool keep_attention) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", _train_kernel, _train_fake)
-_define(f"llama_block_backward(Tensor dout, Tensor x, Tensor cos, Tensor sin, {_ACTS}, {_PARAMS}, {_SPEC}, "
-        "bool preserve) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-        _backward_kernel, _backward_fake)
+_define(f"llama_block_train(Tensor x, Tensor cos, Tensor sin, {_SPEC}, bool keep_attention) -> Tensor[]",
+        _train_kernel, _train_fake)
+_define(f"llama_block_backward(Tensor dout, Tensor x, Tensor cos, Tensor sin, Tensor[] acts, {_SPEC}, "
+        "bool preserve) -> Tensor[]", _backward_kernel, _backward_fake)
 
 
 def _train_setup(ctx, inputs, output):
-    x, cos, sin = inputs[:3]
-    ctx.save_for_backward(x, cos, sin, *output[1:], *inputs[3:9])
-    ctx.spec = tuple(inputs[9:14])
+    x, cos, sin, weights = inputs[:4]
+    ctx.save_for_backward(x, cos, sin, *output[1:], *weights)
+    ctx.spec = tuple(inputs[4:9])
     ctx.mark_non_differentiable(*output[1:])
 
 
-def _train_backward(ctx, dout, *_):
+def _train_backward(ctx, douts):
     x, cos, sin, *rest = ctx.saved_tensors
-    acts, params = rest[:7], rest[7:]
+    acts, weights = rest[:7], rest[7:]
     # Functional graphs: the activations are preserved (the op must not mutate its inputs).
-    dx, *grads = ops.llama_block_backward(dout, x, cos, sin, *acts, *params, *ctx.spec, True)
-    return (dx, None, None, *grads, None, None, None, None, None, None)
+    dx, *grads = ops.llama_block_backward(douts[0], x, cos, sin, acts, weights, *ctx.spec, True)
+    return dx, None, None, grads, None, None, None, None, None, None
 
 
 torch.library.register_autograd("llama3_kernels::llama_block_train", _train_backward, setup_context=_train_setup,
@@ -236,7 +251,7 @@ class LlamaBlockFunction(torch.autograd.Function):
     on ctx, and the backward consumes them unless the graph is retained."""
 
     @staticmethod
-    def forward(ctx, x, cos, sin, call: BlockCall, keep_attention: bool, *params):
+    def forward(ctx, x, cos, sin, call: BlockCall, keep_attention: bool, *weights):
         out, *acts = call.train_forward(x, cos, sin, keep_attention)
         ctx.call, ctx.inputs, ctx.activations = call, (x, cos, sin), acts
         return out
@@ -256,9 +271,8 @@ class LlamaBlockFunction(torch.autograd.Function):
         return (dx, None, None, None, None, *grads)
 
 
-# ---- the module ----------------------------------------------------------------------------
-
-# Kept outside the modules so that copying or pickling a block never meets a DLPack capsule.
+# Per-owner C-call state, kept outside the owners so that copying or pickling one never meets a
+# DLPack capsule.
 _CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -267,6 +281,39 @@ def _tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype):
     if cos.dtype not in (torch.float32, dtype):
         cos, sin = cos.float(), sin.float()
     return cos.contiguous(), sin.contiguous()
+
+
+def llama_block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weights, n_heads: int, n_kv_heads: int,
+                eps: float = 1e-5, causal: bool = True, deterministic: bool = False,
+                recompute_attention: bool = True, owner=None) -> torch.Tensor:
+    """The block as a function of its weights: PARAM_NAMES' six (fused q/k/v and gate/up) or
+    SPLIT_PARAM_NAMES' nine, in that order.  Differentiable in x and every weight; under
+    torch.compile the registered ops.  `owner` (any weak-referenceable object, e.g. the module
+    holding the weights) keeps the C-call state between calls, rebuilt when a weight's storage
+    changes.  cos/sin: rotate-half tables (seq', head_dim/2) or (batch, seq', head_dim/2)."""
+    cos, sin = _tables(cos, sin, x.dtype)
+    weights = tuple(weights)
+    spec = (int(n_heads), int(n_kv_heads), bool(causal), float(eps), bool(deterministic))
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
+    if torch.compiler.is_compiling():  # the same C calls as registered ops
+        if grad:
+            return ops.llama_block_train(x, cos, sin, weights, *spec, not recompute_attention)[0]
+        return ops.llama_block_inference(x, cos, sin, weights, *spec)
+    x = x if x.is_contiguous() else x.contiguous()
+    call = None
+    if owner is not None:
+        key = (tuple([(w.data_ptr(), w.shape, w.dtype) for w in weights]), spec)
+        call = _CALLS.get(owner)
+        if call is None or call.key != key:
+            call = _CALLS[owner] = BlockCall(weights, *spec, key=key)
+    else:
+        call = BlockCall(weights, *spec)
+    if grad:
+        return LlamaBlockFunction.apply(x, cos, sin, call, not recompute_attention, *weights)
+    return call.inference(x, cos, sin)
+
+
+# ---- the module ----------------------------------------------------------------------------
 
 
 class Llama3Block(nn.Module):
@@ -352,32 +399,12 @@ class Llama3Block(nn.Module):
                 "mlp_gate.weight": g, "mlp_up.weight": u, "mlp_down.weight": self.down_weight,
                 "norm1_weight": self.norm1_weight, "norm2_weight": self.norm2_weight}
 
-    def _call(self, params) -> BlockCall:
-        """This block's C-call state, rebuilt when a parameter's storage or the config changed."""
-        spec = self._spec()
-        key = (tuple([(p.data_ptr(), p.shape, p.dtype) for p in params]), spec)
-        call = _CALLS.get(self)
-        if call is None or call.key != key:
-            call = _CALLS[self] = BlockCall(params, *spec, key=key)
-        return call
-
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"Llama3Block: x has shape {tuple(x.shape)}, expected (batch, seq, {self.dim})")
-        cos, sin = _tables(cos, sin, x.dtype)
         ps = self._parameters  # not six trips through nn.Module.__getattr__ (~1 us each)
-        params = tuple([ps[n] for n in PARAM_NAMES])
-        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-        keep_attention = not self.recompute_attention
-        if torch.compiler.is_compiling():  # the same C calls as registered ops
-            if grad:
-                return ops.llama_block_train(x, cos, sin, *params, *self._spec(), keep_attention)[0]
-            return ops.llama_block_inference(x, cos, sin, *params, *self._spec())
-        x = x if x.is_contiguous() else x.contiguous()
-        call = self._call(params)
-        if grad:
-            return LlamaBlockFunction.apply(x, cos, sin, call, keep_attention, *params)
-        return call.inference(x, cos, sin)
+        return llama_block(x, cos, sin, [ps[n] for n in PARAM_NAMES], self.n_heads, self.n_kv_heads, self.eps,
+                           self.causal, self.deterministic, self.recompute_attention, owner=self)
 
     def _apply(self, fn, *args, **kwargs):
         _CALLS.pop(self, None)  # .to(), .half(), ...: let go of the old weights now

@@ -104,7 +104,7 @@ def test_inference_follows_weight_changes(device):
         with torch.no_grad():
             params = [getattr(blk, n) for n in l3k.block.PARAM_NAMES]
             y = blk(x, cos, sin)
-            y_fresh = torch.ops.llama3_kernels.llama_block_train(x, cos, sin, *params, *blk._spec(), False)[0]
+            y_fresh = torch.ops.llama3_kernels.llama_block_train(x, cos, sin, params, *blk._spec(), False)[0]
         assert torch.equal(y, y_fresh), tag
         return y
 
@@ -272,13 +272,51 @@ def test_block_ops_pass_opcheck(device):
     params = [p.detach().requires_grad_() for p in blk.parameters()]
     ops = torch.ops.llama3_kernels
     for keep in (False, True):
-        torch.library.opcheck(ops.llama_block_train, (x, cos, sin, *params, *blk._spec(), keep))
-    acts = ops.llama_block_train(x.detach(), cos, sin, *[p.detach() for p in params], *blk._spec(), True)[1:]
+        torch.library.opcheck(ops.llama_block_train, (x, cos, sin, params, *blk._spec(), keep))
+    detached = [p.detach() for p in params]
+    acts = ops.llama_block_train(x.detach(), cos, sin, detached, *blk._spec(), True)[1:]
     dout = torch.randn_like(x)
-    torch.library.opcheck(ops.llama_block_backward, (dout, x.detach(), cos, sin, *acts,
-                                                     *[p.detach() for p in params], *blk._spec(), True))
+    torch.library.opcheck(ops.llama_block_backward, (dout, x.detach(), cos, sin, acts, detached, *blk._spec(), True))
     with torch.no_grad():
-        torch.library.opcheck(ops.llama_block_inference, (x.detach(), cos, sin, *params, *blk._spec()))
+        torch.library.opcheck(ops.llama_block_inference, (x.detach(), cos, sin, params, *blk._spec()))
+    split = [t.detach().clone().requires_grad_() for t in _split_params(blk)]
+    torch.library.opcheck(ops.llama_block_train, (x, cos, sin, split, *blk._spec(), False))
+
+
+def _split_params(blk):
+    """The block's weights as nine separate matrices (each its own storage), SPLIT_PARAM_NAMES order."""
+    q, k, v = blk.qkv_weight.detach().split(blk._split_sizes("qkv_weight"))
+    g, u = blk.gate_up_weight.detach().split(blk._split_sizes("gate_up_weight"))
+    return [t.detach().clone() for t in (q, k, v, blk.o_weight, g, u, blk.down_weight, blk.norm1_weight,
+                                        blk.norm2_weight)]
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_split_weights_match_the_fused_block(compiled, device):
+    """llama_block on nine separate weights (a Hugging Face layer's form) computes what the fused
+    block does: output and every gradient within the block's tolerances of the float32 reference."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    ref, blk = make_pair(64, 160, 4, 2, True, device, dtype)
+    cos, sin = l3k.llama3_rope_cos_sin(11, 16, device=device)
+    x = torch.randn(2, 11, 64, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn_like(x)
+    want = _reference32(ref, True, x, cos, sin, g)
+    split = [t.requires_grad_() for t in _split_params(blk)]
+
+    def run(x):
+        return l3k.block.llama_block(x, cos, sin, split, 4, 2)
+    fn = torch.compile(run, fullgraph=True, backend="aot_eager") if compiled else run
+    torch._dynamo.reset()
+    y = fn(x)
+    y.backward(g)
+    names = ["attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_o.weight", "mlp_gate.weight",
+             "mlp_up.weight", "mlp_down.weight", "norm1_weight", "norm2_weight"]
+    y_ref, dx_ref, grads_ref = want
+    assert_close(y, y_ref, dtype, OUT_SCALE, "split output")
+    assert_close(x.grad, dx_ref, dtype, OUT_SCALE, "split dx")
+    for name, t in zip(names, split):
+        assert t.grad.shape == t.shape
+        assert_close(t.grad, grads_ref[name], dtype, WEIGHT_GRAD_SCALE, f"split d{name}")
 
 
 def test_weight_names_round_trip():
