@@ -1,4 +1,4 @@
-"""torch.library registrations (python/llama3_kernels/library.py): every op is an opaque
+"""torch.library registrations (made with each op, python/llama3_kernels/ops/): every op is an opaque
 torch.ops.llama3_kernels.* operator that passes torch.library.opcheck, whose fake kernel
 matches the real outputs (shape, dtype, strides), that torch.compile(fullgraph=True) traces
 with no graph break forward and backward (the backward through the registered backward
@@ -18,7 +18,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map
 
 import llama3_kernels as l3k
-from llama3_kernels import library
 from llama3_kernels.modules import RMSNorm, RotaryEmbedding, SwiGLUMLP
 
 from conftest import DEVICES, TOL, assert_close
@@ -81,6 +80,10 @@ def op_cases(device, grad=True):
     with torch.no_grad():
         o, lse = ops.flash_attn(q, k, v, True, 0.0, False)
     do = _t(*o.shape, **kw)
+    wg, wu, wd = (_t(40, n, grad=grad, **kw, scale=n ** -0.5), _t(40, n, grad=grad, **kw, scale=n ** -0.5),
+                  _t(n, 40, grad=grad, **kw, scale=40 ** -0.5))
+    with torch.no_grad():
+        _, gu_mlp = ops.swiglu_mlp(x, wg, wu, wd)
     det = device == "cpu"
     d = lambda t: t.detach()
     return [
@@ -94,28 +97,24 @@ def op_cases(device, grad=True):
         ("rope_q_only_interleaved", ops.rope.default, (q, None, cos, sin, 0, True)),
         ("rope_backward", ops.rope_backward.default, (d(q), d(k), cos, sin, 1, False)),
         ("rope_", ops.rope_.default, (d(q).clone(), d(k).clone(), cos, sin, 2, False)),
+        ("rope_backward_", ops.rope_backward_.default, (d(q).clone(), d(k).clone(), cos, sin, 2, True)),
         ("swiglu", ops.swiglu.default, (g, u)),
         ("swiglu_backward", ops.swiglu_backward.default, (_t(3, s, 40, **kw), d(g), d(u))),
         ("swiglu_fused", ops.swiglu_fused.default, (gu,)),
         ("swiglu_fused_backward", ops.swiglu_fused_backward.default, (_t(3, s, 40, **kw), d(gu))),
+        ("swiglu_mlp", ops.swiglu_mlp.default, (x, wg, wu, wd)),
+        ("swiglu_mlp_backward", ops.swiglu_mlp_backward.default, (dy, d(x), d(wg), d(wu), d(wd), gu_mlp)),
+        ("swiglu_mlp_backward_dx_only", ops.swiglu_mlp_backward.default,
+         (dy, d(x), d(wg), d(wu), d(wd), gu_mlp, True, False, False)),
         ("flash_attn", ops.flash_attn.default, (q, k, v, True, 0.0, False)),
         ("flash_attn_noncausal_scaled", ops.flash_attn.default, (q, k, v, False, 0.1, False)),
         ("flash_attn_backward", ops.flash_attn_backward.default,
-         (do.transpose(1, 2), d(q), d(k), d(v), o.transpose(1, 2), lse, True, 0.0, det)),
+         (do, d(q), d(k), d(v), o, lse, True, 0.0, det)),
         ("linear", ops.linear.default, (x, W, None)),
         ("linear_residual", ops.linear.default, (x, W, _t(3, s, 32, grad=grad, **kw))),
         ("linear_backward_input", ops.linear_backward_input.default, (_t(3, s, 32, **kw), d(W))),
         ("linear_backward_weight", ops.linear_backward_weight.default, (_t(3, s, 32, **kw), d(x))),
-        ("llama_block_inference", ops.llama_block_inference.default, _block_inference_args(device, dt)),
     ]
-
-
-def _block_inference_args(device, dtype):
-    """A GQA block (dim 128 = 2 x 64, hidden 96) on 2 x 5 tokens: its op takes no gradient."""
-    blk = l3k.TritonLlama3Block(128, 96, 2, 1).to(device, dtype)
-    cos, sin = l3k.llama3_rope_cos_sin(5, 64, device=device)
-    x = _t(2, 5, 128, device=device, dtype=dtype)
-    return (x, cos, sin, *(getattr(blk, n).detach() for n in l3k.block._PARAM_NAMES), 2, 1, True, 1e-5)
 
 
 CASE_IDS = [c[0] for c in op_cases("cpu", grad=False)]
@@ -155,7 +154,7 @@ def test_fake_matches_real(device):
     """Fake outputs have the real outputs' shapes, dtypes and strides (also for strided inputs)."""
     for case, op, args in op_cases(device, grad=False):
         for a in [args] + _strided_variants(case, args):
-            if case == "rope_":
+            if case in ("rope_", "rope_backward_"):
                 continue  # returns nothing
             real = op(*a)
             mode = FakeTensorMode()
@@ -173,12 +172,38 @@ def test_fake_matches_real(device):
                 assert r.device == f.device, what
 
 
-def test_eager_path_unchanged():
-    """Outside torch.compile the public ops keep the direct ctypes path (their own Functions)."""
+def test_eager_route_and_registered_op_share_one_body():
+    """Eager calls run the body in the op's eager autograd.Function (no dispatcher); the
+    registered op runs the same body under its registered autograd, with the same backward:
+    equal values and gradients, bit for bit."""
+    from llama3_kernels.ops import rmsnorm
+
     x = torch.randn(4, 16, requires_grad=True)
     w = torch.randn(16, requires_grad=True)
-    assert type(l3k.rms_norm(x, w).grad_fn).__name__ == "RMSNormFunctionBackward"
-    assert "GeneratedBackwardFor_llama3_kernels" in type(library.rms_norm(x, w).grad_fn).__name__
+    y_eager = l3k.rms_norm(x, w)
+    y_op = ops.rms_norm(x, w, 1e-5)[0]
+    assert type(y_eager.grad_fn).__name__ == "RMSNormFunctionBackward"
+    assert "GeneratedBackwardFor_llama3_kernels" in type(y_op.grad_fn).__name__
+    assert rmsnorm.RMSNormFunction.backward is rmsnorm._rms_norm_grads
+    dy = torch.randn(4, 16)
+    g_eager = torch.autograd.grad(y_eager, (x, w), dy)
+    g_op = torch.autograd.grad(y_op, (x, w), dy)
+    assert torch.equal(y_eager, y_op)
+    for a, b in zip(g_eager, g_op):
+        assert torch.equal(a, b)
+
+
+def test_traced_inputs_take_the_registered_op():
+    """Under a dispatch mode (here make_fx) or with fake tensors, the public ops call the
+    registered ops, so tracers record them instead of running the C call."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, w = torch.randn(4, 16), torch.randn(16)
+    gm = make_fx(lambda x, w: l3k.rms_norm(x, w))(x, w)
+    assert "llama3_kernels.rms_norm.default" in Recorder.targets([gm])
+    with FakeTensorMode() as mode:
+        y = l3k.rms_norm(mode.from_tensor(x), mode.from_tensor(w))
+    assert y.shape == x.shape
 
 
 def test_rope_inplace_op_autograd():
@@ -188,8 +213,11 @@ def test_rope_inplace_op_autograd():
     cos, sin = _tables(s, "cpu")
     x = torch.randn(B, s, H + 2 * HKV, D, requires_grad=True)
     dout = torch.randn(B, s, H + 2 * HKV, D)
+    def through_op(q, k, cos, sin):
+        ops.rope_(q, k, cos, sin)
+
     grads = []
-    for fn in (l3k.rope_, library.rope_):
+    for fn in (l3k.rope_, through_op):
         base = x * 1.0
         q, k = base[:, :, :H].transpose(1, 2), base[:, :, H:H + HKV].transpose(1, 2)
         fn(q, k, cos, sin)
@@ -281,14 +309,14 @@ def _fn_cases(device):
          "add_rms_norm_backward"),
         ("rope", lambda q, k: l3k.rope(q, k, cos, sin, offset=1), (q, k), "rope", "rope_backward"),
         ("rope_", lambda q, k: l3k.rope_(q * 1.0, k * 1.0, cos, sin, interleaved=True), (q, k),
-         "rope", "rope_backward"),
+         "rope_", "rope_backward_"),
         ("rope_no_grad", lambda q, k: l3k.rope_(q.clone(), k.clone(), cos, sin),
          (q.detach(), k.detach()), "rope_", None),
-        ("rope_inplace_qkv_views", rope_inplace_on_qkv, (x, Wqkv), "rope", "rope_backward"),
+        ("rope_inplace_qkv_views", rope_inplace_on_qkv, (x, Wqkv), "rope_", "rope_backward_"),
         ("swiglu", lambda g, u: l3k.swiglu(g, u), (x, r), "swiglu", "swiglu_backward"),
         ("swiglu_fused", lambda gu: l3k.swiglu_fused(gu), (x,), "swiglu_fused", "swiglu_fused_backward"),
         ("swiglu_mlp", lambda x, a, b, c: l3k.triton_swiglu(x, a, b, c.t()),
-         (x, W, W * 0.5, W * 2), "swiglu", "swiglu_backward"),
+         (x, W, W * 0.5, W * 2), "swiglu_mlp", "swiglu_mlp_backward"),
         ("flash_attn", lambda q, k, v: l3k.triton_flash_attn(q, k, v, causal=True), (q, k, v),
          "flash_attn", "flash_attn_backward"),
         ("linear_residual", lambda x, w, r: l3k.linear(x, w, r), (x, W, _t(2, s, 24, grad=True, **kw)),
@@ -443,7 +471,7 @@ def test_cuda_graph_ops(case):
     if case == "flash_attn_backward":  # o and lse must come from the forward of the same q, k, v
         fresh = args
     static = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-    if case == "rope_":
+    if case in ("rope_", "rope_backward_"):
         def fn(q, k, *rest):
             op(q, k, *rest)
             return q, k
@@ -520,27 +548,3 @@ def test_block_reduce_overhead_uses_cudagraphs_cuda():
             out = compiled(x, cos, sin).clone()
             assert_close(out, m(x, cos, sin), torch.bfloat16, scale=4, what="reduce-overhead block")
     assert counters["inductor"].get("cudagraph_skips", 0) == 0, dict(counters["inductor"])
-
-
-def test_llama_block_compiled_equals_eager_block():
-    """library.llama_block (TritonLlama3Block's forward as registered ops) compiles with no
-    graph break and matches the eager block, forward and every gradient."""
-    from llama3_kernels.block import TritonLlama3Block
-
-    dim, hid, s = H * D, 96, 9
-    m = TritonLlama3Block(dim, hid, H, HKV)
-    cos, sin = l3k.llama3_rope_cos_sin(s, D)
-    x = torch.randn(2, s, dim)
-    rec = Recorder()
-    compiled = torch.compile(lambda x: library.llama_block(m, x, cos, sin), backend=rec, fullgraph=True)
-    results = []
-    for fn in (lambda x: m(x, cos, sin), compiled):
-        m.zero_grad(set_to_none=True)
-        xr = x.clone().requires_grad_()
-        out = fn(xr)
-        out.square().sum().backward()
-        results.append([out.detach(), xr.grad] + [p.grad for p in m.parameters()])
-    for i, (a, b) in enumerate(zip(results[1], results[0])):
-        assert_close(a, b, torch.float32, scale=20, what=f"block tensor {i}")
-    assert rec.frames == 1
-    assert "llama3_kernels.flash_attn_backward.default" in Recorder.targets(rec.bw)

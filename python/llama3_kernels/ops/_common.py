@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import torch
 
+_any_requires_grad = torch._C._any_requires_grad  # skips None and non-tensors
+
 
 def needs_grad(*ts) -> bool:
     """True when autograd must record a Function for these inputs."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+    return torch.is_grad_enabled() and _any_requires_grad(*ts)
 
 
 def rows_layout_ok(t: torch.Tensor) -> bool:
@@ -30,4 +32,4 @@ def rows_layout_ok(t: torch.Tensor) -> bool:
 
 def rows_view(t: torch.Tensor) -> torch.Tensor:
     """t itself when the C ABI reads its layout as rows, else a contiguous copy."""
-    return t if rows_layout_ok(t) else t.contiguous()
+    return t if t.is_contiguous() or rows_layout_ok(t) else t.contiguous()

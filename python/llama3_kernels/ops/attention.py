@@ -8,6 +8,7 @@ import torch
 from .._dlpack import Borrowed, current_stream
 from .._lib import LIB, check
 from ._common import needs_grad
+from ._registry import define, differentiable, ops, traced
 
 
 # ---- raw calls ---------------------------------------------------------------------------
@@ -37,7 +38,8 @@ def attention_backward_into(dout, q, k, v, o, lse, dq, dk, dv, causal: bool = Fa
                                      current_stream(q) if stream is None else stream))
 
 
-# ---- torch-facing ------------------------------------------------------------------------
+# ---- bodies: the registered ops' kernels, called directly by the eager route ----------------
+
 
 def _bshd_like(t: torch.Tensor) -> torch.Tensor:
     """An empty (batch, heads, seq, head_dim) tensor stored as (batch, seq, heads, head_dim):
@@ -58,27 +60,61 @@ def _lse_buffer(q: torch.Tensor) -> torch.Tensor:
     return torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
 
 
-class FlashAttnFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal, scale, deterministic):
-        q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
-        o = _bshd_like(q)
-        lse = _lse_buffer(q)
-        attention_forward_into(q, k, v, o, lse, causal, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
-        return o
+def _flash_attn(q, k, v, causal=False, scale=0.0, deterministic=False):
+    """(o, lse): o (B, H, Sq, D) stored as (B, Sq, H, D), lse (B, H, Sq) float32."""
+    q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
+    o = _bshd_like(q)
+    lse = _lse_buffer(q)
+    attention_forward_into(q, k, v, o, lse, causal, scale)
+    return o, lse
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, o, lse = ctx.saved_tensors
-        dout = _kernel_ready(dout)
-        dq, dk, dv = _bshd_like(q), _bshd_like(k), _bshd_like(v)
-        ws = torch.empty(attention_backward_workspace_size(q, k, ctx.deterministic), dtype=torch.uint8,
-                         device=q.device)
-        attention_backward_into(dout, q, k, v, o, lse, dq, dk, dv, ctx.causal, ctx.scale,
-                                ctx.deterministic, ws)
-        return dq, dk, dv, None, None, None
+
+def _flash_attn_backward(dout, q, k, v, o, lse, causal=False, scale=0.0, deterministic=False):
+    """(dq, dk, dv), each stored as (B, S, H, D) like o."""
+    q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
+    dout, o = _kernel_ready(dout), _kernel_ready(o)
+    dq, dk, dv = _bshd_like(q), _bshd_like(k), _bshd_like(v)
+    ws = torch.empty(attention_backward_workspace_size(q, k, deterministic), dtype=torch.uint8, device=q.device)
+    attention_backward_into(dout, q, k, v, o, lse, dq, dk, dv, causal, scale, deterministic, ws)
+    return dq, dk, dv
+
+
+# ---- registrations -----------------------------------------------------------------------------
+
+
+def _flash_attn_fake(q, k, v, causal=False, scale=0.0, deterministic=False):
+    return _bshd_like(q), _lse_buffer(q)
+
+
+define("flash_attn(Tensor q, Tensor k, Tensor v, bool causal=False, float scale=0.0, bool deterministic=False) "
+       "-> (Tensor o, Tensor lse)", _flash_attn, _flash_attn_fake)
+define("flash_attn_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal=False, "
+       "float scale=0.0, bool deterministic=False) -> (Tensor dq, Tensor dk, Tensor dv)", _flash_attn_backward,
+       lambda dout, q, k, v, o, lse, causal=False, scale=0.0, deterministic=False: (
+           _bshd_like(q), _bshd_like(k), _bshd_like(v)))
+
+
+def _flash_attn_setup(ctx, inputs, output):
+    q, k, v, causal, scale, deterministic = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zeros made up for lse, which gets no gradient
+
+
+def _flash_attn_grads(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    bwd = ops.flash_attn_backward if traced(do) else _flash_attn_backward
+    dq, dk, dv = bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.deterministic)
+    return dq, dk, dv, None, None, None
+
+
+FlashAttnFunction = differentiable("flash_attn", _flash_attn, _flash_attn_setup, _flash_attn_grads,
+                                   "FlashAttnFunction")
+
+
+# ---- public ops ------------------------------------------------------------------------------
 
 
 def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
@@ -89,16 +125,12 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
     The result has shape (B, H, Sq, D) and is stored as (B, Sq, H, D), so
     ``o.transpose(1, 2).reshape(B, Sq, H * D)`` is free.  Differentiable in q, k, v.
     """
-    if torch.compiler.is_compiling():  # torch.compile: the opaque torch.ops.llama3_kernels op
-        from .. import library  # (imported here: library.py imports this module)
-        return library.flash_attn(q, k, v, causal, scale, deterministic)
     s = 0.0 if scale is None else float(scale)
+    if traced(q):
+        return ops.flash_attn(q, k, v, bool(causal), s, bool(deterministic))[0]
     if needs_grad(q, k, v):
-        return FlashAttnFunction.apply(q, k, v, causal, s, deterministic)
-    q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
-    o = _bshd_like(q)
-    attention_forward_into(q, k, v, o, _lse_buffer(q), causal, s)
-    return o
+        return FlashAttnFunction.apply(q, k, v, causal, s, deterministic)[0]
+    return _flash_attn(q, k, v, causal, s)[0]
 
 
 def triton_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:

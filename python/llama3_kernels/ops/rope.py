@@ -8,6 +8,7 @@ import torch
 from .._dlpack import Borrowed, current_stream
 from .._lib import LIB, check
 from ._common import needs_grad
+from ._registry import TORCH_LIB, define, differentiable, none_slot, ops, traced
 
 HALF, INTERLEAVED = 0, 1  # L3K_ROPE_HALF, L3K_ROPE_INTERLEAVED
 
@@ -82,7 +83,8 @@ def llama3_rope_cos_sin(seq_len: int, head_dim: int, theta: float = 500000.0, sc
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
-# ---- torch-facing ops ------------------------------------------------------------------
+# ---- bodies: the registered ops' kernels, called directly by the eager route ----------------
+
 
 def _last_contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
@@ -106,133 +108,177 @@ def _prep(q, k, cos, sin, interleaved):
     return _table(cos, q, d, interleaved), _table(sin, q, d, interleaved)
 
 
-def _grad_in(g: torch.Tensor | None) -> torch.Tensor | None:
-    return None if g is None else _last_contig(g)
+def _rotate(into, q, k, cos, sin, offset, interleaved):
+    """Rotation (forward or inverse, per `into`) into new contiguous tensors."""
+    q = _last_contig(q)
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if k is None:
+        into(q, None, cos, sin, q_out, None, offset, interleaved)
+        return q_out, none_slot(q)
+    k = _last_contig(k)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    into(q, k, cos, sin, q_out, k_out, offset, interleaved)
+    return q_out, k_out
 
 
-def _rotate_back(ctx, dq, dk):
-    """Inverse rotation of the incoming gradients, into new tensors."""
+def _rope(q, k, cos, sin, offset=0, interleaved=False):
+    """(q_rot, k_rot) in new tensors; k_rot is a size-0 placeholder when k is None."""
+    return _rotate(rope_forward_into, q, k, cos, sin, offset, interleaved)
+
+
+def _rope_backward(dq, dk, cos, sin, offset=0, interleaved=False):
+    return _rotate(rope_backward_into, dq, dk, cos, sin, offset, interleaved)
+
+
+def _rope_inplace(q, k, cos, sin, offset=0, interleaved=False):
+    rope_forward_into(q, k, cos, sin, q, k, offset, interleaved)
+
+
+def _rope_backward_inplace(dq, dk, cos, sin, offset=0, interleaved=False):
+    rope_backward_into(dq, dk, cos, sin, dq, dk, offset, interleaved)
+
+
+# ---- registrations -----------------------------------------------------------------------------
+
+
+def _rope_fake(q, k, cos, sin, offset=0, interleaved=False):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), (
+        torch.empty(k.shape, dtype=k.dtype, device=k.device) if k is not None else none_slot(q))
+
+
+def _no_output(*args):
+    return None
+
+
+_ARGS = "Tensor cos, Tensor sin, int offset=0, bool interleaved=False"
+define(f"rope(Tensor q, Tensor? k, {_ARGS}) -> (Tensor q_out, Tensor k_out)", _rope, _rope_fake)
+define(f"rope_backward(Tensor dq, Tensor? dk, {_ARGS}) -> (Tensor dq_in, Tensor dk_in)", _rope_backward,
+       _rope_fake)
+define(f"rope_(Tensor(a!) q, Tensor(b!)? k, {_ARGS}) -> ()", _rope_inplace, _no_output)
+define(f"rope_backward_(Tensor(a!) dq, Tensor(b!)? dk, {_ARGS}) -> ()", _rope_backward_inplace, _no_output)
+
+
+def _rope_setup(ctx, inputs, output):
+    _, k, cos, sin, offset, interleaved = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.offset, ctx.interleaved = offset, interleaved
+    if k is None:
+        ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: nothing to rotate
+
+
+def _rope_grads(ctx, dq, dk):
     cos, sin = ctx.saved_tensors
-    dq = _grad_in(dq)
-    dk = _grad_in(dk) if ctx.has_k else None
     if dq is None and dk is None:
-        return None, None
-    first, second = (dq, dk) if dq is not None else (dk, None)
-    out1 = torch.empty(first.shape, dtype=first.dtype, device=first.device)
-    out2 = torch.empty(second.shape, dtype=second.dtype, device=second.device) if second is not None else None
-    rope_backward_into(first, second, cos, sin, out1, out2, ctx.offset, ctx.interleaved)
-    return (out1, out2) if dq is not None else (None, out1)
+        return None, None, None, None, None, None
+    first = dq if dq is not None else dk
+    bwd = ops.rope_backward if traced(first) else _rope_backward
+    a, b = bwd(first, dk if dq is not None else None, cos, sin, ctx.offset, ctx.interleaved)
+    dq_in, dk_in = (a, b if dk is not None else None) if dq is not None else (None, a)
+    return dq_in, dk_in, None, None, None, None
 
 
-class RoPEFunction(torch.autograd.Function):
-    """Out of place: (q_rot, k_rot) in new (batch, heads, seq, head_dim) tensors."""
-
-    @staticmethod
-    def forward(ctx, q, k, cos, sin, offset, interleaved):
-        q = _last_contig(q)
-        k = _last_contig(k) if k is not None else None
-        q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device) if k is not None else None
-        rope_forward_into(q, k, cos, sin, q_out, k_out, offset, interleaved)
-        ctx.save_for_backward(cos, sin)
-        ctx.offset, ctx.interleaved, ctx.has_k = offset, interleaved, k is not None
-        return q_out, k_out
-
-    @staticmethod
-    def backward(ctx, dq, dk):
-        dq_in, dk_in = _rotate_back(ctx, dq, dk)
-        return dq_in, dk_in, None, None, None, None
+RoPEFunction = differentiable("rope", _rope, _rope_setup, _rope_grads, "RoPEFunction")
 
 
-class RoPEInplaceFunction(torch.autograd.Function):
-    """In place: q and k are rotated where they are (strided views included)."""
-
-    @staticmethod
-    def forward(ctx, q, k, cos, sin, offset, interleaved):
-        rope_forward_into(q, k, cos, sin, q, k, offset, interleaved)
-        ctx.save_for_backward(cos, sin)
-        ctx.offset, ctx.interleaved, ctx.has_k = offset, interleaved, k is not None
-        if k is not None:
-            ctx.mark_dirty(q, k)
-        else:
-            ctx.mark_dirty(q)
-        return q, k
-
-    @staticmethod
-    def backward(ctx, dq, dk):
-        dq_in, dk_in = _rotate_back(ctx, dq, dk)
-        return dq_in, dk_in, None, None, None, None
+# ---- in place, with autograd -------------------------------------------------------------------
+#
+# register_autograd takes functional ops only, so rope_ has one autograd.Function, used by the
+# eager route and by rope_'s Autograd kernel (the traced route) alike.  It rotates q and k where
+# they are and marks dirty the tensors that own them, its `targets`: q and k themselves when
+# neither is a view, or the contiguous tensor both are views of (q and k cut from one fused QKV
+# projection: autograd refuses a Function that dirties two views and returns both).  Views of
+# different tensors take one call each.  Either way one launch rotates everything a call holds,
+# and the backward rotates the gradients back in place on copies of them.
 
 
-class RoPEInplaceOneFunction(torch.autograd.Function):
-    """In place on one tensor, one output: autograd accepts it for a view as well."""
-
-    @staticmethod
-    def forward(ctx, x, cos, sin, offset, interleaved):
-        rope_forward_into(x, None, cos, sin, x, None, offset, interleaved)
-        ctx.save_for_backward(cos, sin)
-        ctx.offset, ctx.interleaved, ctx.has_k = offset, interleaved, False
-        ctx.mark_dirty(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, dx):
-        dx_in, _ = _rotate_back(ctx, dx, None)
-        return dx_in, None, None, None, None
-
-
-class RoPEBaseInplaceFunction(torch.autograd.Function):
-    """In place on q and k that are views of one contiguous tensor (e.g. a fused QKV
-    projection): the base is the Function's one dirty input, so autograd accepts the
-    in-place update of both views, still with one launch each way.  `q_geom` / `k_geom`
-    are (size, stride, storage offset relative to the base)."""
-
-    @staticmethod
-    def forward(ctx, base, q_geom, k_geom, cos, sin, offset, interleaved):
-        q, k = _views(base, q_geom), _views(base, k_geom)
-        rope_forward_into(q, k, cos, sin, q, k, offset, interleaved)
-        ctx.mark_dirty(base)
-        ctx.save_for_backward(cos, sin)
-        ctx.q_geom, ctx.k_geom, ctx.offset, ctx.interleaved = q_geom, k_geom, offset, interleaved
-        return base
-
-    @staticmethod
-    def backward(ctx, dbase):
-        cos, sin = ctx.saved_tensors
-        out = dbase.clone(memory_format=torch.contiguous_format)  # the other parts (v) pass through
-        dq, dk = _views(out, ctx.q_geom), _views(out, ctx.k_geom)
-        rope_backward_into(dq, dk, cos, sin, dq, dk, ctx.offset, ctx.interleaved)
-        return out, None, None, None, None, None, None
-
-
-def _geom(t: torch.Tensor | None, base: torch.Tensor):
-    if t is None:
-        return None
+def _geom(t: torch.Tensor, base: torch.Tensor):
     return tuple(t.shape), tuple(t.stride()), t.storage_offset() - base.storage_offset()
 
 
-def _views(base: torch.Tensor, geom):
-    if geom is None:
-        return None
-    size, stride, rel = geom
-    return base.as_strided(size, stride, base.storage_offset() + rel)
+def _locate(targets, where):
+    """q and k from the targets: `where` holds, for q and k, (target index, geometry relative
+    to that target or None for the target itself), or None for an absent k."""
+    out = []
+    for w in where:
+        if w is None:
+            out.append(None)
+            continue
+        t = targets[w[0]]
+        if w[1] is None:
+            out.append(t)
+        else:
+            size, stride, rel = w[1]
+            out.append(t.as_strided(size, stride, t.storage_offset() + rel))
+    return out
 
 
-def _rope_inplace_autograd(q, k, cos, sin, offset, interleaved):
-    """Autograd refuses a Function that dirties two views and returns both: views of one
-    contiguous base go through the base (one launch); views of different bases take one
-    Function each (two launches); plain tensors one Function."""
-    qb = q._base if q._is_view() else None
-    kb = k._base if k is not None and k._is_view() else None
-    if qb is None and kb is None:
-        return RoPEInplaceFunction.apply(q, k, cos, sin, offset, interleaved)
-    if qb is not None and (k is None or kb is qb) and qb.is_contiguous():
-        RoPEBaseInplaceFunction.apply(qb, _geom(q, qb), _geom(k, qb), cos, sin, offset, interleaved)
-        return q, k
-    RoPEInplaceOneFunction.apply(q, cos, sin, offset, interleaved)
+class RoPEInplaceFunction(torch.autograd.Function):
+    """rope_ under autograd: forward(cos, sin, offset, interleaved, where, *targets)."""
+
+    @staticmethod
+    def forward(ctx, cos, sin, offset, interleaved, where, *targets):
+        q, k = _locate(targets, where)
+        (ops.rope_ if traced(q) else _rope_inplace)(q, k, cos, sin, offset, interleaved)
+        ctx.mark_dirty(*targets)
+        ctx.save_for_backward(cos, sin)
+        ctx.offset, ctx.interleaved, ctx.where = offset, interleaved, where
+        return targets if len(targets) > 1 else targets[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        cos, sin = ctx.saved_tensors
+        grads = [g.clone(memory_format=torch.contiguous_format) for g in grads]  # the rest (v) passes through
+        dq, dk = _locate(grads, ctx.where)
+        (ops.rope_backward_ if traced(dq) else _rope_backward_inplace)(dq, dk, cos, sin, ctx.offset,
+                                                                        ctx.interleaved)
+        return (None, None, None, None, None, *grads)
+
+
+_ITSELF = (0, None)
+
+
+def _rope_inplace_grad(q, k, cos, sin, offset, interleaved):
+    apply = RoPEInplaceFunction.apply
+    if k is None:
+        apply(cos, sin, offset, interleaved, (_ITSELF, None), q)
+        return
+    q_view, k_view = q._is_view(), k._is_view()
+    if not q_view and not k_view:
+        apply(cos, sin, offset, interleaved, (_ITSELF, (1, None)), q, k)
+        return
+    base = q._base if q_view else None
+    if base is not None and k_view and k._base is base and base.is_contiguous():
+        apply(cos, sin, offset, interleaved, ((0, _geom(q, base)), (0, _geom(k, base))), base)
+        return
+    apply(cos, sin, offset, interleaved, (_ITSELF, None), q)
+    apply(cos, sin, offset, interleaved, (_ITSELF, None), k)
+
+
+def _rope_inplace_autograd(keyset, q, k, cos, sin, offset=0, interleaved=False):
+    """rope_'s Autograd kernel (the traced route, and direct calls of the op)."""
+    if needs_grad(q, k):
+        _rope_inplace_grad(q, k, cos, sin, offset, interleaved)
+        return
+    with torch._C._AutoDispatchBelowAutograd():
+        ops.rope_.default.redispatch(keyset & torch._C._after_autograd_keyset, q, k, cos, sin, offset, interleaved)
+
+
+def _rope_inplace_version_bump(keyset, q, k, cos, sin, offset=0, interleaved=False):
+    """ADInplaceOrView: bump the version counters of the mutated q and k (as custom_op does),
+    so autograd notices if a tensor it saved was overwritten."""
+    torch.autograd.graph.increment_version(q)
     if k is not None:
-        RoPEInplaceOneFunction.apply(k, cos, sin, offset, interleaved)
-    return q, k
+        torch.autograd.graph.increment_version(k)
+    ops.rope_.default.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, q, k, cos, sin, offset,
+                                 interleaved)
+
+
+TORCH_LIB.impl("rope_", _rope_inplace_autograd, "Autograd", with_keyset=True)
+TORCH_LIB.impl("rope_", _rope_inplace_version_bump, "ADInplaceOrView", with_keyset=True)
+
+
+# ---- public ops ------------------------------------------------------------------------------
 
 
 def rope(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
@@ -244,31 +290,29 @@ def rope(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.
     (full-width (.., head_dim) tables are accepted too); float32 or q's dtype, else converted.
     interleaved=False rotates pairs (i, i + head_dim/2) (Hugging Face), True pairs (2i, 2i+1)
     (Meta).  q and k may be strided views (e.g. of one fused QKV projection)."""
-    if torch.compiler.is_compiling():  # torch.compile: the opaque torch.ops.llama3_kernels op
-        from .. import library  # (imported here: library.py imports this module)
-        return library.rope(q, k, cos, sin, offset, interleaved)
     cos, sin = _prep(q, k, cos, sin, interleaved)
-    if needs_grad(q, k):
-        return RoPEFunction.apply(q, k, cos, sin, int(offset), bool(interleaved))
-    q = _last_contig(q)
-    k = _last_contig(k) if k is not None else None
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device) if k is not None else None
-    rope_forward_into(q, k, cos, sin, q_out, k_out, offset, interleaved)
-    return q_out, k_out
+    offset, interleaved = int(offset), bool(interleaved)
+    if traced(q):
+        q_out, k_out = ops.rope(q, k, cos, sin, offset, interleaved)
+    elif needs_grad(q, k):
+        q_out, k_out = RoPEFunction.apply(q, k, cos, sin, offset, interleaved)
+    else:
+        q_out, k_out = _rope(q, k, cos, sin, offset, interleaved)
+    return q_out, (k_out if k is not None else None)
 
 
 def rope_(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
           offset: int = 0, interleaved: bool = False):
     """In-place rotary embedding of q and k (see `rope`); returns (q, k).  Differentiable
     (autograd sees the in-place update).  q and k need a contiguous last dim."""
-    if torch.compiler.is_compiling():  # torch.compile: the opaque torch.ops.llama3_kernels op
-        from .. import library  # (imported here: library.py imports this module)
-        return library.rope_(q, k, cos, sin, offset, interleaved)
     cos, sin = _prep(q, k, cos, sin, interleaved)
-    if needs_grad(q, k):
-        return _rope_inplace_autograd(q, k, cos, sin, int(offset), bool(interleaved))
-    rope_forward_into(q, k, cos, sin, q, k, offset, interleaved)
+    offset, interleaved = int(offset), bool(interleaved)
+    if traced(q):
+        ops.rope_(q, k, cos, sin, offset, interleaved)
+    elif needs_grad(q, k):
+        _rope_inplace_grad(q, k, cos, sin, offset, interleaved)
+    else:
+        _rope_inplace(q, k, cos, sin, offset, interleaved)
     return q, k
 
 

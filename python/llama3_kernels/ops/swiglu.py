@@ -2,11 +2,14 @@
 whole LLaMA MLP around it."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._dlpack import Borrowed, current_stream
 from .._lib import LIB, check
 from ._common import needs_grad, rows_view
+from ._registry import define, differentiable, none_slot, ops, traced
 
 
 # ---- raw calls: caller-owned buffers, any DLPack producer ------------------------------
@@ -35,81 +38,44 @@ def swiglu_fused_backward_into(da, gu, dgu, a=None, stream: int | None = None) -
     check(LIB.l3k_swiglu_fused_backward(*b.ptrs, current_stream(gu) if stream is None else stream))
 
 
-# ---- torch-facing ops ------------------------------------------------------------------
+# ---- bodies: the registered ops' kernels, called directly by the eager route ----------------
+
 
 def _empty(shape, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
-class SwiGLUFunction(torch.autograd.Function):
-    """a = silu(g) * u; saves g and u, recomputes silu in the backward."""
-
-    @staticmethod
-    def forward(ctx, g, u):
-        g, u = rows_view(g), rows_view(u)
-        a = _empty(g.shape, g)
-        swiglu_forward_into(g, u, a)
-        ctx.save_for_backward(g, u)
-        return a
-
-    @staticmethod
-    def backward(ctx, da):
-        g, u = ctx.saved_tensors
-        da = rows_view(da)
-        dg, du = _empty(g.shape, g), _empty(u.shape, u)
-        swiglu_backward_into(da, g, u, dg, du)
-        return dg, du
+def _half(gu: torch.Tensor):
+    return (*gu.shape[:-1], gu.shape[-1] // 2)
 
 
-class SwiGLUFusedFunction(torch.autograd.Function):
-    """a = silu(gu[..., :h]) * gu[..., h:]; saves gu."""
-
-    @staticmethod
-    def forward(ctx, gu):
-        gu = rows_view(gu)
-        a = _empty((*gu.shape[:-1], gu.shape[-1] // 2), gu)
-        swiglu_fused_forward_into(gu, a)
-        ctx.save_for_backward(gu)
-        return a
-
-    @staticmethod
-    def backward(ctx, da):
-        (gu,) = ctx.saved_tensors
-        da = rows_view(da)
-        dgu = _empty(gu.shape, gu)
-        swiglu_fused_backward_into(da, gu, dgu)
-        return dgu
-
-
-def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """silu(g) * u in one kernel (float32 inside).  Differentiable in g and u."""
-    if torch.compiler.is_compiling():  # torch.compile: the opaque torch.ops.llama3_kernels op
-        from .. import library  # (imported here: library.py imports this module)
-        return library.swiglu(g, u)
-    if needs_grad(g, u):
-        return SwiGLUFunction.apply(g, u)
+def _swiglu(g, u):
     g, u = rows_view(g), rows_view(u)
     a = _empty(g.shape, g)
     swiglu_forward_into(g, u, a)
     return a
 
 
-def swiglu_fused(gu: torch.Tensor) -> torch.Tensor:
-    """silu(gu[..., :h]) * gu[..., h:] for a fused gate_up tensor (..., 2h).  Differentiable."""
-    if torch.compiler.is_compiling():  # torch.compile: the opaque torch.ops.llama3_kernels op
-        from .. import library  # (imported here: library.py imports this module)
-        return library.swiglu_fused(gu)
-    if gu.shape[-1] % 2:
-        raise ValueError(f"swiglu_fused: gu.shape[-1] is {gu.shape[-1]}, expected an even size (2 * hidden)")
-    if needs_grad(gu):
-        return SwiGLUFusedFunction.apply(gu)
+def _swiglu_backward(da, g, u):
+    g, u, da = rows_view(g), rows_view(u), rows_view(da)
+    dg, du = _empty(g.shape, g), _empty(u.shape, u)
+    swiglu_backward_into(da, g, u, dg, du)
+    return dg, du
+
+
+def _swiglu_fused(gu):
     gu = rows_view(gu)
-    a = _empty((*gu.shape[:-1], gu.shape[-1] // 2), gu)
+    a = _empty(_half(gu), gu)
     swiglu_fused_forward_into(gu, a)
     return a
 
 
-# ---- the MLP ----------------------------------------------------------------------------
+def _swiglu_fused_backward(da, gu):
+    gu, da = rows_view(gu), rows_view(da)
+    dgu = _empty(gu.shape, gu)
+    swiglu_fused_backward_into(da, gu, dgu)
+    return dgu
+
 
 def gate_up_weight(gate_weight: torch.Tensor, up_weight: torch.Tensor) -> torch.Tensor:
     """[gate; up] as one (2h, dim) matrix: a zero-copy view when up directly follows gate in
@@ -124,57 +90,137 @@ def gate_up_weight(gate_weight: torch.Tensor, up_weight: torch.Tensor) -> torch.
     return torch.cat([gate_weight, up_weight], 0)
 
 
-class SwiGLUMLPFunction(torch.autograd.Function):
-    """down(silu(x @ gate.T) * (x @ up.T)) with gate/up as ONE GEMM and the activation fused.
+def _swiglu_mlp(x, gate_weight, up_weight, down_weight):
+    """(out, gu): down(silu(x @ gate.T) * (x @ up.T)) with gate/up as ONE GEMM (torch matmul
+    for now) and the activation fused; gu, the gate/up projection (rows, 2h), is what the
+    backward needs besides x and the weights.  The one GEMM takes the two weights as they lie
+    when up directly follows gate in memory (a test only real tensors can make, which is why
+    the whole MLP is one op rather than a graph of GEMMs)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    gu = x2 @ gate_up_weight(gate_weight, up_weight).t()
+    a = _empty(_half(gu), gu)
+    swiglu_fused_forward_into(gu, a)
+    out = a @ down_weight.t()
+    return out.reshape(*x.shape[:-1], down_weight.shape[0]), gu
 
-    Saves x and the gate_up projection only: the activation needed for the down
-    projection's weight gradient is recomputed by the backward kernel (written over da)."""
 
-    @staticmethod
-    def forward(ctx, x, gate_w, up_w, down_w):
-        w_gu = gate_up_weight(gate_w, up_w)
-        x2 = x.reshape(-1, x.shape[-1])
-        gu = x2 @ w_gu.t()
-        a = _empty((gu.shape[0], gu.shape[1] // 2), gu)
-        swiglu_fused_forward_into(gu, a)
-        out = a @ down_w.t()
-        ctx.save_for_backward(x2, gate_w, up_w, down_w, gu)
-        ctx.x_shape = x.shape
-        return out.reshape(*x.shape[:-1], down_w.shape[0])
+def _swiglu_mlp_backward(dout, x, gate_weight, up_weight, down_weight, gu, need_dx=True, need_dgate_up=True,
+                         need_ddown=True):
+    """(dx, d[gate; up] as one (2h, dim) tensor, ddown); size-0 placeholders for those not wanted.
+    The activation for ddown is recomputed by the backward kernel (written over da)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    dout2 = dout.reshape(-1, dout.shape[-1])
+    da = dout2 @ down_weight  # (rows, h)
+    dgu = torch.empty_like(gu)
+    swiglu_fused_backward_into(da, gu, dgu, a=da)  # da now holds the activation
+    ddown = dout2.t() @ da if need_ddown else none_slot(down_weight)
+    dgate_up = dgu.t() @ x2 if need_dgate_up else none_slot(gate_weight)
+    if need_dx:
+        dx = (dgu @ gate_up_weight(gate_weight, up_weight)).reshape(x.shape)
+    else:
+        dx = none_slot(x)
+    return dx, dgate_up, ddown
 
-    @staticmethod
-    def backward(ctx, dout):
-        x2, gate_w, up_w, down_w, gu = ctx.saved_tensors
-        dout2 = dout.reshape(-1, dout.shape[-1])
-        da = dout2 @ down_w                       # (rows, h)
-        dgu = torch.empty_like(gu)
-        swiglu_fused_backward_into(da, gu, dgu, a=da)  # da now holds the activation
-        a = da
-        h = gate_w.shape[0]
-        dx = dgate = dup = ddown = None
-        if ctx.needs_input_grad[3]:
-            ddown = dout2.t() @ a
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            dw_gu = dgu.t() @ x2
-            dgate, dup = dw_gu[:h], dw_gu[h:]
-        if ctx.needs_input_grad[0]:
-            dx = (dgu @ gate_up_weight(gate_w, up_w)).reshape(ctx.x_shape)
-        return dx, dgate, dup, ddown
+
+# ---- registrations -----------------------------------------------------------------------------
+
+
+def _swiglu_mlp_fake(x, gate_weight, up_weight, down_weight):
+    rows = math.prod(x.shape[:-1])
+    return (_empty((*x.shape[:-1], down_weight.shape[0]), x),
+            _empty((rows, 2 * gate_weight.shape[0]), x))
+
+
+def _swiglu_mlp_backward_fake(dout, x, gate_weight, up_weight, down_weight, gu, need_dx=True,
+                              need_dgate_up=True, need_ddown=True):
+    h, dim = gate_weight.shape
+    return (_empty(x.shape, x) if need_dx else none_slot(x),
+            _empty((2 * h, dim), gate_weight) if need_dgate_up else none_slot(gate_weight),
+            _empty(down_weight.shape, down_weight) if need_ddown else none_slot(down_weight))
+
+
+define("swiglu(Tensor g, Tensor u) -> Tensor", _swiglu, lambda g, u: _empty(g.shape, g))
+define("swiglu_backward(Tensor da, Tensor g, Tensor u) -> (Tensor dg, Tensor du)", _swiglu_backward,
+       lambda da, g, u: (_empty(g.shape, g), _empty(u.shape, u)))
+define("swiglu_fused(Tensor gu) -> Tensor", _swiglu_fused, lambda gu: _empty(_half(gu), gu))
+define("swiglu_fused_backward(Tensor da, Tensor gu) -> Tensor", _swiglu_fused_backward,
+       lambda da, gu: _empty(gu.shape, gu))
+define("swiglu_mlp(Tensor x, Tensor gate_weight, Tensor up_weight, Tensor down_weight) -> (Tensor out, Tensor gu)",
+       _swiglu_mlp, _swiglu_mlp_fake)
+define("swiglu_mlp_backward(Tensor dout, Tensor x, Tensor gate_weight, Tensor up_weight, Tensor down_weight, "
+       "Tensor gu, bool need_dx=True, bool need_dgate_up=True, bool need_ddown=True) "
+       "-> (Tensor dx, Tensor dgate_up, Tensor ddown)", _swiglu_mlp_backward, _swiglu_mlp_backward_fake)
+
+
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _swiglu_grads(ctx, da):
+    g, u = ctx.saved_tensors
+    return (ops.swiglu_backward if traced(da) else _swiglu_backward)(da, g, u)
+
+
+def _swiglu_fused_grads(ctx, da):
+    (gu,) = ctx.saved_tensors
+    return (ops.swiglu_fused_backward if traced(da) else _swiglu_fused_backward)(da, gu)
+
+
+def _swiglu_mlp_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zeros made up for gu, which gets no gradient
+
+
+def _swiglu_mlp_grads(ctx, dout, _dgu):
+    x, gate_w, up_w, down_w, gu = ctx.saved_tensors
+    need_dx, need_dgate, need_dup, need_ddown = ctx.needs_input_grad
+    bwd = ops.swiglu_mlp_backward if traced(dout) else _swiglu_mlp_backward
+    dx, dgate_up, ddown = bwd(dout, x, gate_w, up_w, down_w, gu, need_dx, need_dgate or need_dup, need_ddown)
+    h = gate_w.shape[0]
+    return ((dx if need_dx else None), (dgate_up[:h] if need_dgate else None),
+            (dgate_up[h:] if need_dup else None), (ddown if need_ddown else None))
+
+
+SwiGLUFunction = differentiable("swiglu", _swiglu, _save_inputs, _swiglu_grads, "SwiGLUFunction")
+SwiGLUFusedFunction = differentiable("swiglu_fused", _swiglu_fused, _save_inputs, _swiglu_fused_grads,
+                                     "SwiGLUFusedFunction")
+SwiGLUMLPFunction = differentiable("swiglu_mlp", _swiglu_mlp, _swiglu_mlp_setup, _swiglu_mlp_grads,
+                                   "SwiGLUMLPFunction")
+
+
+# ---- public ops ------------------------------------------------------------------------------
+
+
+def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """silu(g) * u in one kernel (float32 inside).  Differentiable in g and u."""
+    if traced(g):
+        return ops.swiglu(g, u)
+    if needs_grad(g, u):
+        return SwiGLUFunction.apply(g, u)
+    return _swiglu(g, u)
+
+
+def swiglu_fused(gu: torch.Tensor) -> torch.Tensor:
+    """silu(gu[..., :h]) * gu[..., h:] for a fused gate_up tensor (..., 2h).  Differentiable."""
+    if gu.shape[-1] % 2:
+        raise ValueError(f"swiglu_fused: gu.shape[-1] is {gu.shape[-1]}, expected an even size (2 * hidden)")
+    if traced(gu):
+        return ops.swiglu_fused(gu)
+    if needs_grad(gu):
+        return SwiGLUFusedFunction.apply(gu)
+    return _swiglu_fused(gu)
 
 
 def swiglu_mlp(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor,
                down_weight: torch.Tensor) -> torch.Tensor:
     """The LLaMA MLP: (silu(x @ gate.T) * (x @ up.T)) @ down.T.  gate/up run as one GEMM
     (torch matmul for now), the activation is the fused kernel.  Differentiable."""
-    if torch.compiler.is_compiling():  # torch.compile: the opaque torch.ops.llama3_kernels op
-        from .. import library  # (imported here: library.py imports this module)
-        return library.swiglu_mlp(x, gate_weight, up_weight, down_weight)
+    if traced(x):
+        return ops.swiglu_mlp(x, gate_weight, up_weight, down_weight)[0]
     if needs_grad(x, gate_weight, up_weight, down_weight):
-        return SwiGLUMLPFunction.apply(x, gate_weight, up_weight, down_weight)
-    gu = x.reshape(-1, x.shape[-1]) @ gate_up_weight(gate_weight, up_weight).t()
-    a = _empty((gu.shape[0], gu.shape[1] // 2), gu)
-    swiglu_fused_forward_into(gu, a)
-    return (a @ down_weight.t()).reshape(*x.shape[:-1], down_weight.shape[0])
+        return SwiGLUMLPFunction.apply(x, gate_weight, up_weight, down_weight)[0]
+    return _swiglu_mlp(x, gate_weight, up_weight, down_weight)[0]
 
 
 def triton_swiglu(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor,
