@@ -1,6 +1,6 @@
 /* kernels/attention.h -- internal interface of the flash-attention kernels.
  *
- * Plain C (no CUDA types); included by kernels/cpu/flash_attn.c, kernels/cuda/flash_attn.cu
+ * Plain C (no CUDA types); included by kernels/cpu/flash_attn.c, the kernels/cuda/flash_*.cu files
  * and the C ABI layer. Policy (validation of shapes, dtypes, strides, alignment) lives in capi/;
  * these entry points trust their arguments.
  *
@@ -84,11 +84,24 @@ int l3k_cpu_attn_bwd(const l3k_attn_bwd_args *a);
  * never synchronizes, safe under graph capture. Return a cudaError_t value (0 = cudaSuccess);
  * cudaErrorInvalidValue (1) for an unsupported dtype/head_dim or a too-small workspace. */
 int l3k_cuda_attn_fwd(const l3k_attn_fwd_args *a, void *stream);
-/* The Hopper (sm_90a, wgmma) forward behind l3k_cuda_attn_fwd: 64 < head_dim <= 128 on a
- * compute capability 9.0 GPU with a build that carries sm_90a code. Returns cudaErrorNotSupported
- * (801) without launching anything otherwise. */
-int l3k_cuda_attn_fwd_sm90(const l3k_attn_fwd_args *a, void *stream);
 int l3k_cuda_attn_bwd(const l3k_attn_bwd_args *a, void *stream);
+
+/* The kernels behind l3k_cuda_attn_fwd and l3k_cuda_attn_bwd, by direction and architecture
+ * (kernels/cuda/flash_{fwd,bwd}_sm{80,90}.cu; kernels/cuda/flash_attn.cu picks and orders them).
+ * Each trusts l3k_cuda_attn_fwd/_bwd's checks (dtype float16 or bfloat16, head_dim, sizes > 0)
+ * and returns a cudaError_t value. */
+/* The mma.sync forward (any sm_80+ GPU). variant 1: 8 warps a CTA; otherwise the default tiles. */
+int l3k_cuda_attn_fwd_sm80(const l3k_attn_fwd_args *a, void *stream, int variant);
+/* The Hopper (sm_90a, wgmma) forward: 64 < head_dim <= 128 on a compute capability 9.0 GPU with a
+ * build that carries sm_90a code. Returns cudaErrorNotSupported (801) without launching anything
+ * otherwise. */
+int l3k_cuda_attn_fwd_sm90(const l3k_attn_fwd_args *a, void *stream);
+/* Backward preprocess: dsum = rowsum(dout * o) (B*H*Sq float32) and, when dqacc is not NULL, a
+ * zeroed dq accumulator (B*H*Sq*head_dim float32). */
+int l3k_cuda_attn_bwd_pre(const l3k_attn_bwd_args *a, float *dsum, float *dqacc, void *stream);
+/* The mma.sync backward main kernel: dk, dv written; unless deterministic, dS K added to dqacc
+ * (row-major). */
+int l3k_cuda_attn_bwd_main_sm80(const l3k_attn_bwd_args *a, const float *dsum, float *dqacc, void *stream);
 /* The Hopper (sm_90a, wgmma) backward main kernel behind l3k_cuda_attn_bwd (non-deterministic
  * mode): dk, dv written, dS K added to dqacc. dsum and dqacc are the workspace's D and zeroed dq
  * accumulator, set up by the caller's preprocess kernel; the caller then converts dqacc to dq.
@@ -97,9 +110,13 @@ int l3k_cuda_attn_bwd(const l3k_attn_bwd_args *a, void *stream);
  * other GPUs).
  * dqacc layout it leaves: row-major (B, H, Sq, head_dim) float32, except that every full 64-row
  * block (rows 64m..64m+63 < Sq) of a head_dim 64 or 128 problem keeps its span of the row-major
- * buffer but is stored in wgmma accumulator order (flash_attn_bwd_sm90.cu); the dq convert kernel
+ * buffer but is stored in wgmma accumulator order (flash_bwd_sm90.cu); the dq convert kernel
  * must be told (tiled = 1). */
 int l3k_cuda_attn_bwd_main_sm90(const l3k_attn_bwd_args *a, const float *dsum, float *dqacc, void *stream);
+/* Deterministic mode's dq: a query-major kernel recomputes P and dS, dq written with no atomics. */
+int l3k_cuda_attn_bwd_dq_sm80(const l3k_attn_bwd_args *a, const float *dsum, void *stream);
+/* dq = dqacc * scale in the input dtype; tiled: dqacc as l3k_cuda_attn_bwd_main_sm90 leaves it. */
+int l3k_cuda_attn_bwd_dq_convert(const l3k_attn_bwd_args *a, const float *dqacc, int tiled, void *stream);
 /* Testing hook: variant 0 = l3k_cuda_attn_bwd; 1 = the mma.sync main kernel even where the wgmma
  * one is available. */
 int l3k_cuda_attn_bwd_variant(const l3k_attn_bwd_args *a, void *stream, int variant);

@@ -1,5 +1,8 @@
-/* Shared device helpers for the CUDA kernels: dtype traits, 8-element slot
- * loads/stores in float32 registers, warp/group reductions. */
+/* The common header of the CUDA kernels: dtype traits, 8-element slot loads
+ * and stores, warp and group reductions, dtype dispatch; the PTX wrappers the
+ * attention kernels share (cp.async, ex2, packing); the attention mask and the
+ * blocks a tile visits.  Instruction wrappers of one architecture are in
+ * mma.cuh (mma.sync, sm_80 on) and wgmma.cuh (wgmma and TMA, sm_90a). */
 #ifndef L3K_CUDA_COMMON_CUH_
 #define L3K_CUDA_COMMON_CUH_
 
@@ -107,5 +110,101 @@ __device__ __forceinline__ V l3k_subwarp_sum(V v, int width) {
     case L3K_DT_F16: { typedef __half T; __VA_ARGS__; break; }         \
     case L3K_DT_BF16: { typedef __nv_bfloat16 T; __VA_ARGS__; break; } \
     }
+
+/* ---- PTX wrappers of the attention kernels -------------------------------- */
+
+constexpr float L3K_LOG2E = 1.4426950408889634f;
+
+__device__ __forceinline__ uint32_t l3k_smem_u32(const void *p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+/* 16-byte global->shared copy; pred == false writes 16 zero bytes (src is not read). */
+__device__ __forceinline__ void l3k_cp_async16(uint32_t dst, const void *src, bool pred) {
+    const int sz = pred ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(sz));
+}
+__device__ __forceinline__ void l3k_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void l3k_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ float l3k_ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+/* Two floats rounded to the 16-bit type T, packed low-high in one register. */
+template <typename T>
+__device__ __forceinline__ uint32_t l3k_pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t l3k_pack2<__nv_bfloat16>(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t l3k_pack2<__half>(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+
+__device__ __forceinline__ int64_t l3k_ceil_div_pos(int64_t a, int64_t b) { return a <= 0 ? 0 : (a + b - 1) / b; }
+
+/* ---- attention: the mask and the blocks a tile visits ---------------------------
+ * attention.h's mask: query row q (of sq) sees key j (of sk) iff j < sk and,
+ * when causal, j <= q + sk - sq (the diagonal aligned bottom-right).  Its faces
+ * below: the pair test; the keys a query row sees, for a loop over keys
+ * (masked: j >= l3k_attn_key_end(q)); the query rows that see a key, for a
+ * loop over queries (masked: j >= sk || q < l3k_attn_query_begin(j)); and the
+ * blocks of keys or queries that a tile of the other meets. */
+
+/* Whether query row q does NOT see key j.  The two tests are macros where the
+ * helpers around them are inline functions: NVVM turns an inlined callee's `||`
+ * into selects before it inlines it, which cost the mma.sync kernels up to 14
+ * registers and new spills; a macro leaves each kernel's code as it was. */
+#define L3K_ATTN_MASKED(q, j, sq, sk, causal) ((j) >= (sk) || ((causal) && (j) > (q) + (sk) - (sq)))
+
+/* Whether the tile of query rows q0.. and keys [j0, j0 + keys) may hold a
+ * masked pair: its last key is masked for row q0, the row that sees fewest. */
+#define L3K_ATTN_TILE_MASKED(q0, j0, keys, sq, sk, causal) \
+    ((j0) + (keys) > (sk) || ((causal) && (j0) + (keys) - 1 > (q0) + (sk) - (sq)))
+
+/* Query row q sees the keys [0, end). */
+__device__ __forceinline__ int64_t l3k_attn_key_end(int64_t q, int64_t sq, int64_t sk, int causal) {
+    int64_t end = sk;
+    if (causal) {
+        const int64_t c = q + 1 + sk - sq;
+        end = c < end ? c : end;
+    }
+    return end;
+}
+
+/* Key j < sk is seen by the query rows [begin, sq) (begin -1: every row). */
+__device__ __forceinline__ int64_t l3k_attn_query_begin(int64_t j, int64_t sq, int64_t sk, int causal) {
+    return causal ? j - (sk - sq) : -1;
+}
+
+/* The blocks of `keys` keys that hold a key some row of [q0, q0 + rows) sees:
+ * blocks [0, end). */
+__device__ __forceinline__ int64_t l3k_attn_kv_block_end(int64_t q0, int rows, int keys, int64_t sq, int64_t sk,
+                                                        int causal) {
+    int64_t end = l3k_ceil_div_pos(sk, keys);
+    if (causal) {
+        const int64_t lim = l3k_ceil_div_pos(q0 + rows + sk - sq, keys);
+        end = lim < end ? lim : end;
+    }
+    return end;
+}
+
+/* The first block of `rows` query rows with a row that sees key j (the blocks
+ * after it see j too). */
+__device__ __forceinline__ int64_t l3k_attn_q_block_begin(int64_t j, int rows, int64_t sq, int64_t sk,
+                                                         int causal) {
+    if (!causal) return 0;
+    const int64_t first = j - (sk - sq); /* the first query row that sees key j */
+    return first > 0 ? first / rows : 0;
+}
 
 #endif /* L3K_CUDA_COMMON_CUH_ */

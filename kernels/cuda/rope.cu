@@ -50,14 +50,6 @@ __device__ __forceinline__ float2 unpack2(uint32_t w, __half *) {
     __half2 h = *reinterpret_cast<__half2 *>(&w);
     return __half22float2(h);
 }
-__device__ __forceinline__ uint32_t pack2(float lo, float hi, __nv_bfloat16 *) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t *>(&v);
-}
-__device__ __forceinline__ uint32_t pack2(float lo, float hi, __half *) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t *>(&v);
-}
 
 /* Element i (0..E) of a 16-byte piece of T, as float. */
 template <typename T>
@@ -78,8 +70,8 @@ __device__ __forceinline__ uint4 pack(const float *f) {
         return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]),
                           __float_as_uint(f[3]));
     } else {
-        return make_uint4(pack2(f[0], f[1], (T *)nullptr), pack2(f[2], f[3], (T *)nullptr),
-                          pack2(f[4], f[5], (T *)nullptr), pack2(f[6], f[7], (T *)nullptr));
+        return make_uint4(l3k_pack2<T>(f[0], f[1]), l3k_pack2<T>(f[2], f[3]), l3k_pack2<T>(f[4], f[5]),
+                          l3k_pack2<T>(f[6], f[7]));
     }
 }
 
