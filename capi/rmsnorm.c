@@ -91,6 +91,12 @@ l3k_status l3k_add_rmsnorm_forward(const DLTensor *x, const DLTensor *residual,
 
 static l3k_status workspace_bytes(l3k_call *c, int64_t rows, int64_t n, size_t *bytes) {
     int64_t floats, b;
+    /* No partial rows without elements; an empty x may have any n, past what the
+     * launch geometry's arithmetic takes. */
+    if (rows == 0 || n == 0) {
+        *bytes = 0;
+        return L3K_SUCCESS;
+    }
     L3K_TRY(l3k_size_mul(c, "workspace floats (partial rows * n)", l3k_rmsnorm_bwd_partials(rows, n), n,
                          &floats));
     L3K_TRY(l3k_size_mul(c, "workspace bytes (floats * 4)", floats, (int64_t)sizeof(float), &b));

@@ -62,7 +62,9 @@ static l3k_status check_fused(l3k_call *c, const DLTensor *gu, const char *name,
     *g = *whole;
     g->n = whole->n / 2;
     *u = *g;
-    u->data = l3k_ptr_add(whole->data, g->n * (int64_t)l3k_dt_size(*dt)); /* data may be NULL when empty */
+    /* An empty gu addresses nothing, and its data may be NULL or its row length
+     * past what a byte offset holds: u starts where gu does then. */
+    if (whole->rows > 0 && g->n > 0) u->data = l3k_ptr_add(whole->data, g->n * (int64_t)l3k_dt_size(*dt));
     return L3K_SUCCESS;
 }
 

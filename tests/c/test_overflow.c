@@ -322,6 +322,37 @@ static void test_lse_size_wrap(void) {
           "a large repeated q on the CPU needs no workspace: %s", l3k_last_error());
 }
 
+/* A tensor with a zero dim is empty whatever its other sizes: valid, a no-op,
+ * and no size derived from those other sizes may overflow on the way (the
+ * RMSNorm workspace geometry, the u half of a fused gu, B * H * Sq). */
+static void test_empty_huge_dims(void) {
+    const int64_t big = INT64_MAX - 1;
+    float w[4] = {0};
+    int64_t xs[2] = {0, big}, gs[2] = {0, (INT64_MAX / 4) * 2}, as[2] = {0, INT64_MAX / 4};
+    host_tensor tx, tgu, ta, tq, tk, tl;
+    set_tensor(&tx, w, L3K_DT_BF16, 2, xs, NULL);
+    size_t bytes = 7;
+    CHECK(l3k_rmsnorm_backward_workspace_size(&tx.t, &bytes) == L3K_SUCCESS && bytes == 0,
+          "rmsnorm workspace of an empty x with n = 2^63 - 2: %s, %zu bytes", l3k_last_error(), bytes);
+    set_tensor(&tgu, NULL, L3K_DT_F32, 2, gs, NULL);
+    set_tensor(&ta, NULL, L3K_DT_F32, 2, as, NULL);
+    CHECK(l3k_swiglu_fused_forward(&tgu.t, &ta.t, NULL) == L3K_SUCCESS, "empty gu with a huge hidden: %s",
+          l3k_last_error());
+    CHECK(l3k_swiglu_fused_backward(&ta.t, &tgu.t, &tgu.t, &ta.t, NULL) == L3K_SUCCESS,
+          "empty gu with a huge hidden, backward: %s", l3k_last_error());
+    int64_t qs[4] = {(int64_t)1 << 40, (int64_t)1 << 40, 0, 8}, ks[4] = {(int64_t)1 << 40, 1, 4, 8}, l0[1] = {0};
+    int64_t z[4] = {0, 0, 8, 1};
+    set_tensor(&tq, NULL, L3K_DT_F32, 4, qs, NULL);
+    set_tensor(&tk, w, L3K_DT_F32, 4, ks, z); /* one row of 8, repeated */
+    float kv[32] = {0};
+    tk.t.data = kv;
+    set_tensor(&tl, NULL, L3K_DT_F32, 1, l0, NULL);
+    host_tensor to = tq;
+    to.t.shape = to.shape;
+    CHECK(l3k_attention_forward(&tq.t, &tk.t, &tk.t, 0.0f, 1, &to.t, &tl.t, NULL) == L3K_SUCCESS,
+          "empty q with batch * heads = 2^80: %s", l3k_last_error());
+}
+
 int main(int argc, char **argv) {
     /* One test by name (argv[1]) or all of them. */
     static const struct { const char *name; void (*fn)(void); } tests[] = {
@@ -329,6 +360,7 @@ int main(int argc, char **argv) {
         {"rope_offset_overflow", test_rope_offset_overflow},
         {"workspace_size_wrap", test_workspace_size_wrap},
         {"lse_size_wrap", test_lse_size_wrap},
+        {"empty_huge_dims", test_empty_huge_dims},
     };
     for (size_t i = 0; i < sizeof tests / sizeof tests[0]; ++i)
         if (argc < 2 || strcmp(argv[1], tests[i].name) == 0) tests[i].fn();

@@ -1,0 +1,781 @@
+/* fuzz/fuzz_abi.c: a libFuzzer target over the public C ABI (capi/l3k.h) on the
+ * CPU path.
+ *
+ * One command builds it (clang's libFuzzer with ASan and UBSan, the library
+ * built by CMake with the same sanitizers) and runs it:
+ *
+ *     bash fuzz/run.sh                     # 60 s, seeds from fuzz/corpus
+ *     bash fuzz/run.sh -max_total_time=600 # any libFuzzer flag is passed on
+ *     bash fuzz/run.sh build/fuzz/crash-…  # replay one input
+ *
+ * The input picks an entry point, its sizes, its scalars, and for each tensor
+ * a layout (compact, padded rows, permuted, negative or zero strides) or a
+ * defect (wrong dtype, device, ndim or shape, misaligned, NULL data or tensor,
+ * an alias of an earlier tensor's memory, a zero-size dim, or a hostile size,
+ * stride or byte_offset).  Every tensor is backed by a malloc of exactly the
+ * bytes its shape, strides and byte_offset reach, so ASan reports any access
+ * outside what it describes; an alias lies wholly inside the tensor it aliases.
+ *
+ * Checked on every call:
+ *  - the status is a valid l3k_status;
+ *  - a failing call's l3k_last_error() starts with "<op>: ";
+ *  - a failing call leaves every byte of every buffer as it was;
+ *  - a descriptor whose element count or byte range passes 2^63 - 1, or whose
+ *    address range leaves [0, 2^63), is refused (computed here in 128 bits).
+ * A descriptor that is valid but too large to back (a huge count repeated
+ * through stride 0, say) makes the call be skipped, not made.
+ * L3K_FUZZ_ONLY=rope,linear_forward (name prefixes) restricts the entries.
+ *
+ * Adding an entry point: write `static int e_<name>(call *c)` that builds its
+ * arguments with arg() (and the dims/scalar helpers) and returns
+ * CALL(c, l3k_<name>(...)), then add one row {"<name>", e_<name>} to ENTRIES.
+ * The block entry points share block_setup() (x, tables, weights, config) and
+ * bytes_arg() (a workspace of a queried size), so the training layout, the
+ * training forward and the backward each take a few lines: query the layout,
+ * make each activation with arg() from its l3k_buffer_desc, call. */
+#define _POSIX_C_SOURCE 200112L /* posix_memalign */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "l3k.h"
+
+enum { MAX_TENSORS = 24, MAX_NDIM = 6 };
+#define WORK_CAP ((int64_t)1 << 15)  /* elements a tensor may reach and still be run */
+#define BYTES_CAP ((int64_t)1 << 20) /* bytes a tensor may span and still be backed */
+#define SKIPPED (-1)
+
+typedef __int128 i128;
+
+typedef struct {
+    DLTensor t;
+    int64_t shape[MAX_NDIM], strides[MAX_NDIM];
+    unsigned char *block; /* the malloc this tensor owns (NULL: none, or it aliases another) */
+    size_t block_bytes;
+    unsigned char *snap;
+} ften;
+
+typedef struct {
+    const uint8_t *p;
+    size_t n;
+    uint64_t rng;
+    ften t[MAX_TENSORS];
+    int nt;
+    int must_fail;   /* a descriptor the library must refuse was passed */
+    const char *why; /* ... which one */
+    int skip;        /* a valid descriptor too large to back: do not call */
+} call;
+
+/* ---- input ------------------------------------------------------------------- */
+
+static unsigned u8(call *c) {
+    if (!c->n) return 0;
+    c->n--;
+    return *c->p++;
+}
+static unsigned pick(call *c, unsigned n) { return n ? u8(c) % n : 0; }
+static int64_t dim(call *c, int64_t lo, int64_t hi) { return lo + (int64_t)pick(c, (unsigned)(hi - lo + 1)); }
+
+static uint64_t rnd(call *c) { /* splitmix64: buffer contents, not steered by the input */
+    uint64_t z = (c->rng += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static const DLDataType F32 = {kDLFloat, 32, 1}, F16 = {kDLFloat, 16, 1}, BF16 = {kDLBfloat, 16, 1},
+                        U8 = {kDLUInt, 8, 1};
+
+static DLDataType fdt(call *c) {
+    switch (pick(c, 3)) {
+    case 0: return F32;
+    case 1: return BF16;
+    default: return F16;
+    }
+}
+
+static float eps(call *c) {
+    switch (pick(c, 16)) {
+    case 0: return -1.0f;
+    case 1: return NAN;
+    case 2: return INFINITY;
+    case 3: return 0.0f;
+    default: return 1e-5f;
+    }
+}
+
+static float scale(call *c) {
+    switch (pick(c, 16)) {
+    case 0: return -0.5f;
+    case 1: return NAN;
+    case 2: return 0.25f;
+    default: return 0.0f;
+    }
+}
+
+static void *stream(call *c) { return pick(c, 8) == 0 ? (void *)(uintptr_t)0x1000 : NULL; }
+
+static int64_t hostile_value(call *c) {
+    static const int64_t v[] = {INT64_MAX, INT64_MAX - 1, INT64_MAX / 2 + 1, (int64_t)1 << 62, (int64_t)1 << 61,
+                                (int64_t)1 << 32, (int64_t)1 << 31, -((int64_t)1 << 62), INT64_MIN + 1,
+                                INT64_MIN, -1};
+    return v[pick(c, sizeof v / sizeof v[0])];
+}
+
+/* ---- tensors ----------------------------------------------------------------- */
+
+static size_t elem_bytes(DLDataType d) { return ((size_t)d.bits * d.lanes + 7) / 8; }
+
+static void compact_strides(const int64_t *shape, int ndim, int64_t *st) {
+    int64_t s = 1;
+    for (int i = ndim - 1; i >= 0; --i) {
+        st[i] = s;
+        s *= shape[i] > 0 ? shape[i] : 1;
+    }
+}
+
+static int64_t stride_of(const DLTensor *t, int i) {
+    if (t->strides) return t->strides[i];
+    i128 s = 1;
+    for (int j = i + 1; j < t->ndim; ++j) s *= t->shape[j] > 0 ? t->shape[j] : 1;
+    return s > INT64_MAX ? INT64_MAX : (int64_t)s;
+}
+
+/* Element count (saturated past 2^64) and lowest / one-past-highest byte
+ * offsets from data + byte_offset, all in 128 bits. */
+static i128 count_of(const DLTensor *t) {
+    for (int i = 0; i < t->ndim; ++i)
+        if (t->shape[i] == 0) return 0;
+    i128 n = 1;
+    for (int i = 0; i < t->ndim; ++i) {
+        n *= t->shape[i] < 0 ? 1 : t->shape[i];
+        if (n > ((i128)1 << 64)) n = (i128)1 << 64;
+    }
+    return n;
+}
+
+static void byte_span(const DLTensor *t, i128 *lo, i128 *hi) {
+    i128 l = 0, h = 0;
+    for (int i = 0; i < t->ndim; ++i) {
+        if (t->shape[i] <= 1) continue;
+        const i128 span = (i128)(t->shape[i] - 1) * stride_of(t, i);
+        if (span < 0) l += span;
+        else h += span;
+    }
+    const i128 es = (i128)elem_bytes(t->dtype);
+    *lo = l * es;
+    *hi = (h + 1) * es;
+}
+
+/* Random contents in the range the dtype holds, with a rare NaN or infinity. */
+static void fill(call *c, unsigned char *p, size_t bytes, DLDataType d) {
+    const size_t es = elem_bytes(d);
+    size_t i = 0;
+    for (; es == 4 && i + 4 <= bytes; i += 4) {
+        const uint64_t r = rnd(c);
+        float v = (float)((int)(r % 4001) - 2000) / 1000.0f;
+        if (r % 97 == 0) v = (r & 1) ? NAN : INFINITY;
+        memcpy(p + i, &v, 4);
+    }
+    for (; es == 2 && i + 2 <= bytes; i += 2) {
+        const uint64_t r = rnd(c);
+        /* sign, exponent near the bias, random mantissa: +-[2^-5, 2^3) in either format */
+        uint16_t h = d.code == kDLBfloat ? (uint16_t)((r & 0x8000) | ((122 + (r >> 16) % 8) << 7) | ((r >> 24) & 0x7f))
+                                         : (uint16_t)((r & 0x8000) | ((10 + (r >> 16) % 8) << 10) | ((r >> 24) & 0x3ff));
+        if (r % 97 == 0) h = d.code == kDLBfloat ? 0x7fc0 : 0x7e00;
+        memcpy(p + i, &h, 2);
+    }
+    for (; i < bytes; ++i) p[i] = (unsigned char)rnd(c);
+}
+
+static unsigned char *new_block(size_t bytes) {
+    void *p = NULL;
+    /* 256-aligned: the block entry points ask for it; misalignment is a mutation. */
+    if (posix_memalign(&p, 256, bytes ? bytes : 1)) abort();
+    return p;
+}
+
+/* The earlier tensor whose memory an alias uses, or -1. */
+static int alias_target(call *c) {
+    int cand[MAX_TENSORS], n = 0;
+    for (int i = 0; i < c->nt - 1; ++i)
+        if (c->t[i].block && c->t[i].block_bytes) cand[n++] = i;
+    return n ? cand[pick(c, (unsigned)n)] : -1;
+}
+
+/* A float (or any) tensor of `dtype` and `shape`, laid out and possibly broken
+ * as the input says; NULL when the input asks for a NULL tensor. */
+static DLTensor *arg(call *c, DLDataType dtype, int ndim, const int64_t *shape) {
+    if (c->nt == MAX_TENSORS) return NULL;
+    ften *f = &c->t[c->nt++];
+    memset(f, 0, sizeof *f);
+    DLTensor *t = &f->t;
+    for (int i = 0; i < ndim; ++i) f->shape[i] = shape[i];
+    t->ndim = ndim;
+    t->shape = f->shape;
+    t->dtype = dtype;
+    t->device.device_type = kDLCPU;
+    const unsigned m = u8(c) % 32;
+    int hostile = 0, alias = 0, misalign = 0, null_data = 0;
+    switch (m) {
+    case 14: /* explicit compact strides */
+        compact_strides(f->shape, ndim, f->strides);
+        t->strides = f->strides;
+        break;
+    case 15: /* rows padded: a slice of a wider buffer */
+        if (ndim >= 2) {
+            int64_t pad = dim(c, 1, 8), s = 1;
+            for (int i = ndim - 1; i >= 0; --i) {
+                f->strides[i] = s;
+                s *= (f->shape[i] > 0 ? f->shape[i] : 1) + (i == ndim - 1 ? pad : 0);
+            }
+            t->strides = f->strides;
+        }
+        break;
+    case 16: /* two leading dims swapped: e.g. (b, s, h, d) memory seen as (b, h, s, d) */
+        if (ndim >= 3) {
+            int64_t sh[MAX_NDIM], st[MAX_NDIM];
+            memcpy(sh, f->shape, sizeof sh);
+            const int a = ndim - 3, b = ndim - 2;
+            sh[a] = f->shape[b];
+            sh[b] = f->shape[a];
+            compact_strides(sh, ndim, st);
+            memcpy(f->strides, st, sizeof st);
+            f->strides[a] = st[b];
+            f->strides[b] = st[a];
+            t->strides = f->strides;
+        }
+        break;
+    case 17: /* a leading dim walked backwards */
+    case 18: /* a leading dim repeated (stride 0) */
+        compact_strides(f->shape, ndim, f->strides);
+        if (ndim >= 2) {
+            const int d = (int)pick(c, (unsigned)(ndim - 1));
+            f->strides[d] = m == 17 ? -f->strides[d] : 0;
+        }
+        t->strides = f->strides;
+        break;
+    case 19: /* any small strides */
+        for (int i = 0; i < ndim; ++i) f->strides[i] = dim(c, -4, 12);
+        t->strides = f->strides;
+        break;
+    case 20:
+        t->dtype.code = (uint8_t)pick(c, 6);
+        t->dtype.bits = (uint8_t)(8 * dim(c, 0, 8));
+        t->dtype.lanes = (uint16_t)dim(c, 0, 2);
+        break;
+    case 21: {
+        static const int types[4] = {kDLCUDA, kDLCUDAHost, 7, 0};
+        t->device.device_type = (DLDeviceType)types[pick(c, 4)];
+        t->device.device_id = (int32_t)pick(c, 3);
+        break;
+    }
+    case 22:
+        if (ndim < MAX_NDIM && pick(c, 2)) f->shape[t->ndim++] = dim(c, 1, 3);
+        else if (ndim > 0) t->ndim--;
+        break;
+    case 23:
+        if (ndim > 0) f->shape[pick(c, (unsigned)ndim)] = dim(c, 0, 9);
+        break;
+    case 24: misalign = (int)dim(c, 1, 3); break;
+    case 25: null_data = 1; break;
+    case 26: c->nt--; return NULL;
+    case 27: hostile = 1; break;
+    case 28:
+    case 29: alias = 1; break;
+    case 30:
+        if (ndim > 0) f->shape[pick(c, (unsigned)ndim)] = 0;
+        break;
+    default: break;
+    }
+    const size_t es = elem_bytes(t->dtype);
+    i128 lo, hi;
+    byte_span(t, &lo, &hi);
+    const i128 numel = count_of(t);
+    const i128 extent = numel ? hi - lo : 0;
+    if (extent > BYTES_CAP || numel > WORK_CAP) { /* only from a huge legitimate layout */
+        c->skip = 1;
+        return t;
+    }
+    int target = alias ? alias_target(c) : -1;
+    if (target >= 0 && extent <= (i128)c->t[target].block_bytes) {
+        const ften *o = &c->t[target];
+        const int same = o->t.ndim == t->ndim && !memcmp(o->t.shape, t->shape, sizeof(int64_t) * (size_t)t->ndim) &&
+                         elem_bytes(o->t.dtype) == es;
+        if (same && m == 28) { /* the very same view: in place */
+            t->data = o->t.data;
+            t->byte_offset = o->t.byte_offset;
+            if (o->t.strides) {
+                memcpy(f->strides, o->t.strides, sizeof(int64_t) * (size_t)t->ndim);
+                t->strides = f->strides;
+            } else {
+                t->strides = NULL;
+            }
+        } else { /* somewhere inside it, element-aligned */
+            const int64_t room = (int64_t)(c->t[target].block_bytes - (size_t)extent);
+            const int64_t delta = es ? (int64_t)pick(c, 64) * (int64_t)es % (room + 1) / (int64_t)es * (int64_t)es : 0;
+            t->data = (void *)((uintptr_t)o->block + (uintptr_t)delta - (uintptr_t)(int64_t)lo);
+        }
+    } else if (numel == 0) {
+        t->data = pick(c, 2) ? NULL : (void *)(f->block = new_block(0));
+        if (t->data && pick(c, 4) == 0) t->byte_offset = (uint64_t)dim(c, 0, 64);
+    } else {
+        f->block_bytes = (size_t)extent + (size_t)misalign;
+        f->block = new_block(f->block_bytes);
+        fill(c, f->block, f->block_bytes, t->dtype);
+        if (pick(c, 4) == 0) t->byte_offset = (uint64_t)(es * (size_t)dim(c, 0, 8));
+        /* data + byte_offset + lo is the block's first byte (after the misalignment) */
+        t->data = (void *)((uintptr_t)f->block + (uintptr_t)misalign - (uintptr_t)(int64_t)lo - (uintptr_t)t->byte_offset);
+    }
+    if (null_data) t->data = NULL;
+    if (hostile) {
+        const unsigned k = pick(c, 3);
+        if (k == 0 && t->ndim > 0) {
+            f->shape[pick(c, (unsigned)t->ndim)] = hostile_value(c);
+        } else if (k == 1 && t->ndim > 0) {
+            if (!t->strides) {
+                compact_strides(f->shape, t->ndim, f->strides);
+                t->strides = f->strides;
+            }
+            f->strides[pick(c, (unsigned)t->ndim)] = hostile_value(c);
+        } else {
+            t->byte_offset = (uint64_t)hostile_value(c) + (uint64_t)dim(c, 0, 8);
+        }
+    }
+    /* What the library must make of the final descriptor. */
+    for (int i = 0; i < t->ndim; ++i)
+        if (t->shape[i] < 0) return t; /* refused as a negative size; nothing to predict */
+    const i128 n2 = count_of(t);
+    const i128 base = (i128)(uintptr_t)t->data + (i128)t->byte_offset;
+    const char *why = NULL;
+    i128 lo2 = 0, hi2 = 0;
+    if (n2 > INT64_MAX) why = "element count past 2^63 - 1";
+    else if (t->data && base > INT64_MAX) why = "data + byte_offset past 2^63 - 1";
+    else if (n2 > 0 && t->data && es) {
+        byte_span(t, &lo2, &hi2);
+        if (base + lo2 < 0 || base + hi2 > INT64_MAX) why = "byte range outside [0, 2^63)";
+    }
+    if (why) {
+        c->must_fail = 1;
+        c->why = why;
+    } else if (n2 > 0 && t->data && es) {
+        /* Valid: it must lie inside the memory behind it, or the call is not made. */
+        const ften *o = f->block ? f : NULL;
+        for (int i = 0; !o && i < c->nt; ++i) {
+            const ften *g = &c->t[i];
+            if (g->block && base + lo2 >= (i128)(uintptr_t)g->block &&
+                base + hi2 <= (i128)(uintptr_t)g->block + (i128)g->block_bytes)
+                o = g;
+        }
+        if (!o || n2 > WORK_CAP || base + lo2 < (i128)(uintptr_t)o->block ||
+            base + hi2 > (i128)(uintptr_t)o->block + (i128)o->block_bytes)
+            c->skip = 1;
+    }
+    return t;
+}
+
+/* A 1-D byte tensor of about `bytes` (the input may shrink or grow it). */
+static DLTensor *bytes_arg(call *c, size_t bytes) {
+    switch (pick(c, 8)) {
+    case 0: bytes = bytes > 16 ? bytes - 16 : 0; break;
+    case 1: bytes += 256; break;
+    default: break;
+    }
+    if (bytes > (size_t)BYTES_CAP) bytes = (size_t)BYTES_CAP;
+    const int64_t n = (int64_t)bytes;
+    return arg(c, U8, 1, &n);
+}
+
+static void snapshot(call *c) {
+    for (int i = 0; i < c->nt; ++i) {
+        ften *f = &c->t[i];
+        if (!f->block || !f->block_bytes) continue;
+        f->snap = malloc(f->block_bytes);
+        memcpy(f->snap, f->block, f->block_bytes);
+    }
+}
+
+/* Snapshot, then make the call, or skip it when a descriptor could not be backed. */
+#define CALL(c, expr) ((c)->skip ? SKIPPED : (snapshot(c), (int)(expr)))
+
+/* ---- entry points ------------------------------------------------------------ */
+
+/* (..., n): 1 to 3 dims, the last one n. */
+static int rows_shape(call *c, int64_t *s, int64_t n) {
+    const int nd = (int)dim(c, 1, 3);
+    for (int i = 0; i < nd - 1; ++i) s[i] = dim(c, 0, 4);
+    s[nd - 1] = n;
+    return nd;
+}
+
+/* rstd / the row statistics of a (..., n) tensor: x.shape[:-1], or (1,) for 1-D x. */
+static DLTensor *rows_vector(call *c, const int64_t *s, int nd) {
+    const int64_t one = 1;
+    return nd > 1 ? arg(c, F32, nd - 1, s) : arg(c, F32, 1, &one);
+}
+
+static int e_rmsnorm_forward(call *c) {
+    const DLDataType d = fdt(c);
+    int64_t s[MAX_NDIM];
+    const int nd = rows_shape(c, s, dim(c, 0, 40));
+    DLTensor *x = arg(c, d, nd, s), *w = arg(c, d, 1, s + nd - 1), *y = arg(c, d, nd, s);
+    DLTensor *r = pick(c, 2) ? rows_vector(c, s, nd) : NULL;
+    return CALL(c, l3k_rmsnorm_forward(x, w, eps(c), y, r, stream(c)));
+}
+
+static int e_add_rmsnorm_forward(call *c) {
+    const DLDataType d = fdt(c);
+    int64_t s[MAX_NDIM];
+    const int nd = rows_shape(c, s, dim(c, 0, 40));
+    DLTensor *x = arg(c, d, nd, s), *res = arg(c, d, nd, s), *w = arg(c, d, 1, s + nd - 1);
+    DLTensor *h = arg(c, d, nd, s), *y = arg(c, d, nd, s);
+    DLTensor *r = pick(c, 2) ? rows_vector(c, s, nd) : NULL;
+    return CALL(c, l3k_add_rmsnorm_forward(x, res, w, eps(c), h, y, r, stream(c)));
+}
+
+static int e_rmsnorm_backward_workspace_size(call *c) {
+    int64_t s[MAX_NDIM];
+    const int nd = rows_shape(c, s, dim(c, 0, 40));
+    DLTensor *x = arg(c, fdt(c), nd, s);
+    size_t bytes = 0;
+    return CALL(c, l3k_rmsnorm_backward_workspace_size(x, pick(c, 16) ? &bytes : NULL));
+}
+
+static int e_rmsnorm_backward(call *c) {
+    const DLDataType d = fdt(c);
+    int64_t s[MAX_NDIM];
+    const int nd = rows_shape(c, s, dim(c, 0, 40));
+    DLTensor *dy = arg(c, d, nd, s), *dh = pick(c, 2) ? arg(c, d, nd, s) : NULL, *x = arg(c, d, nd, s);
+    DLTensor *w = arg(c, d, 1, s + nd - 1), *r = pick(c, 2) ? rows_vector(c, s, nd) : NULL;
+    DLTensor *dx = arg(c, d, nd, s), *dw = pick(c, 4) ? arg(c, d, 1, s + nd - 1) : NULL;
+    size_t bytes = 0;
+    if (x) (void)l3k_rmsnorm_backward_workspace_size(x, &bytes);
+    DLTensor *ws = bytes || pick(c, 4) == 0 ? bytes_arg(c, bytes) : NULL;
+    return CALL(c, l3k_rmsnorm_backward(dy, dh, x, w, r, eps(c), dx, dw, ws, stream(c)));
+}
+
+static int rope(call *c, int backward) {
+    const DLDataType d = fdt(c);
+    const int64_t b = dim(c, 0, 2), hq = dim(c, 0, 4), s = dim(c, 0, 5), hd = 2 * dim(c, 0, 8);
+    const int64_t hk = hq ? hq / dim(c, 1, 2) : dim(c, 0, 1);
+    const int64_t qs[4] = {b, hq, s, hd}, ks[4] = {b, hk ? hk : 1, s, hd};
+    DLTensor *q = arg(c, d, 4, qs), *k = pick(c, 4) ? arg(c, d, 4, ks) : NULL;
+    const int64_t rows = s + dim(c, 0, 3), half = hd / 2;
+    const DLDataType td = pick(c, 2) ? F32 : d;
+    const int64_t t2[2] = {rows, half}, t3[3] = {pick(c, 2) ? b : 1, rows, half};
+    const int batched = (int)pick(c, 3) == 0;
+    DLTensor *cs = batched ? arg(c, td, 3, t3) : arg(c, td, 2, t2);
+    DLTensor *sn = batched ? arg(c, td, 3, t3) : arg(c, td, 2, t2);
+    DLTensor *qo = arg(c, d, 4, qs), *ko = k || pick(c, 8) == 0 ? arg(c, d, 4, ks) : NULL;
+    const int64_t offset = pick(c, 8) == 0 ? hostile_value(c) : (int64_t)pick(c, 4);
+    const int mode = pick(c, 16) == 0 ? 2 : (int)pick(c, 2);
+    void *st = stream(c);
+    if (backward) return CALL(c, l3k_rope_backward(q, k, cs, sn, offset, mode, qo, ko, st));
+    return CALL(c, l3k_rope_forward(q, k, cs, sn, offset, mode, qo, ko, st));
+}
+static int e_rope_forward(call *c) { return rope(c, 0); }
+static int e_rope_backward(call *c) { return rope(c, 1); }
+
+static int e_swiglu_forward(call *c) {
+    const DLDataType d = fdt(c);
+    int64_t s[MAX_NDIM];
+    const int nd = rows_shape(c, s, dim(c, 0, 24));
+    DLTensor *g = arg(c, d, nd, s), *u = arg(c, d, nd, s), *a = arg(c, d, nd, s);
+    return CALL(c, l3k_swiglu_forward(g, u, a, stream(c)));
+}
+
+static int e_swiglu_fused_forward(call *c) {
+    const DLDataType d = fdt(c);
+    int64_t s[MAX_NDIM], h[MAX_NDIM];
+    const int64_t hidden = dim(c, 0, 12);
+    const int nd = rows_shape(c, s, 2 * hidden + (pick(c, 16) == 0));
+    memcpy(h, s, sizeof h);
+    h[nd - 1] = hidden;
+    DLTensor *gu = arg(c, d, nd, s), *a = arg(c, d, nd, h);
+    return CALL(c, l3k_swiglu_fused_forward(gu, a, stream(c)));
+}
+
+static int e_swiglu_backward(call *c) {
+    const DLDataType d = fdt(c);
+    int64_t s[MAX_NDIM];
+    const int nd = rows_shape(c, s, dim(c, 0, 24));
+    DLTensor *da = arg(c, d, nd, s), *g = arg(c, d, nd, s), *u = arg(c, d, nd, s);
+    DLTensor *dg = arg(c, d, nd, s), *du = arg(c, d, nd, s), *a = pick(c, 2) ? arg(c, d, nd, s) : NULL;
+    return CALL(c, l3k_swiglu_backward(da, g, u, dg, du, a, stream(c)));
+}
+
+static int e_swiglu_fused_backward(call *c) {
+    const DLDataType d = fdt(c);
+    int64_t s[MAX_NDIM], h[MAX_NDIM];
+    const int64_t hidden = dim(c, 0, 12);
+    const int nd = rows_shape(c, s, 2 * hidden);
+    memcpy(h, s, sizeof h);
+    h[nd - 1] = hidden;
+    DLTensor *da = arg(c, d, nd, h), *gu = arg(c, d, nd, s), *dgu = arg(c, d, nd, s);
+    DLTensor *a = pick(c, 2) ? arg(c, d, nd, h) : NULL;
+    return CALL(c, l3k_swiglu_fused_backward(da, gu, dgu, a, stream(c)));
+}
+
+static int e_linear_workspace_size(call *c) {
+    int64_t s[MAX_NDIM];
+    const int nd = rows_shape(c, s, dim(c, 0, 8));
+    DLTensor *x = arg(c, fdt(c), nd, s);
+    size_t bytes = 0;
+    return CALL(c, l3k_linear_workspace_size(x, pick(c, 16) ? &bytes : NULL));
+}
+
+static DLTensor *linear_workspace(call *c) {
+    return pick(c, 2) ? bytes_arg(c, (size_t)(16 * pick(c, 4))) : NULL;
+}
+
+static int e_linear_forward(call *c) {
+    const DLDataType d = fdt(c);
+    int64_t s[MAX_NDIM], ys[MAX_NDIM];
+    const int64_t k = dim(c, 0, 16), n = dim(c, 0, 12);
+    const int nd = rows_shape(c, s, k);
+    memcpy(ys, s, sizeof ys);
+    ys[nd - 1] = n;
+    const int64_t ws[2] = {n, k};
+    DLTensor *x = arg(c, d, nd, s), *w = arg(c, d, 2, ws), *res = pick(c, 2) ? arg(c, d, nd, ys) : NULL;
+    DLTensor *y = arg(c, d, nd, ys), *wk = linear_workspace(c);
+    return CALL(c, l3k_linear_forward(x, w, res, y, wk, stream(c)));
+}
+
+static int e_linear_backward_input(call *c) {
+    const DLDataType d = fdt(c);
+    int64_t s[MAX_NDIM], xs[MAX_NDIM];
+    const int64_t k = dim(c, 0, 16), n = dim(c, 0, 12);
+    const int nd = rows_shape(c, s, n);
+    memcpy(xs, s, sizeof xs);
+    xs[nd - 1] = k;
+    const int64_t ws[2] = {n, k};
+    DLTensor *dy = arg(c, d, nd, s), *w = arg(c, d, 2, ws), *dx = arg(c, d, nd, xs), *wk = linear_workspace(c);
+    return CALL(c, l3k_linear_backward_input(dy, w, dx, (int)pick(c, 2), wk, stream(c)));
+}
+
+static int e_linear_backward_weight(call *c) {
+    const DLDataType d = fdt(c);
+    int64_t s[MAX_NDIM], xs[MAX_NDIM];
+    const int64_t k = dim(c, 0, 16), n = dim(c, 0, 12);
+    const int nd = rows_shape(c, s, n);
+    memcpy(xs, s, sizeof xs);
+    xs[nd - 1] = k;
+    const int64_t ws[2] = {n, k};
+    DLTensor *dy = arg(c, d, nd, s), *x = arg(c, d, nd, xs), *dw = arg(c, pick(c, 2) ? F32 : d, 2, ws);
+    DLTensor *wk = linear_workspace(c);
+    return CALL(c, l3k_linear_backward_weight(dy, x, dw, (int)pick(c, 2), wk, stream(c)));
+}
+
+typedef struct {
+    DLDataType d;
+    int64_t qs[4], ks[4], nl;
+} attn_dims;
+
+static void attention_dims(call *c, attn_dims *a) {
+    a->d = fdt(c);
+    const int64_t b = dim(c, 0, 2), hkv = dim(c, 1, 2), h = hkv * dim(c, 1, 2), sq = dim(c, 0, 6),
+                  sk = dim(c, 0, 6), hd = pick(c, 16) == 0 ? dim(c, 0, 20) : 8 * dim(c, 1, 2);
+    const int64_t qs[4] = {b, h, sq, hd}, ks[4] = {b, hkv, sk, hd};
+    memcpy(a->qs, qs, sizeof qs);
+    memcpy(a->ks, ks, sizeof ks);
+    a->nl = b * h * sq + (pick(c, 16) == 0);
+}
+
+static int e_attention_forward(call *c) {
+    attn_dims a;
+    attention_dims(c, &a);
+    DLTensor *q = arg(c, a.d, 4, a.qs), *k = arg(c, a.d, 4, a.ks), *v = arg(c, a.d, 4, a.ks);
+    DLTensor *o = arg(c, a.d, 4, a.qs), *lse = arg(c, F32, 1, &a.nl);
+    return CALL(c, l3k_attention_forward(q, k, v, scale(c), (int)pick(c, 2), o, lse, stream(c)));
+}
+
+static int e_attention_backward_workspace_size(call *c) {
+    attn_dims a;
+    attention_dims(c, &a);
+    DLTensor *q = arg(c, a.d, 4, a.qs), *k = arg(c, a.d, 4, a.ks);
+    size_t bytes = 0;
+    return CALL(c, l3k_attention_backward_workspace_size(q, k, (int)pick(c, 2), pick(c, 16) ? &bytes : NULL));
+}
+
+static int e_attention_backward(call *c) {
+    attn_dims a;
+    attention_dims(c, &a);
+    DLTensor *dout = arg(c, a.d, 4, a.qs), *q = arg(c, a.d, 4, a.qs), *k = arg(c, a.d, 4, a.ks);
+    DLTensor *v = arg(c, a.d, 4, a.ks), *o = arg(c, a.d, 4, a.qs), *lse = arg(c, F32, 1, &a.nl);
+    DLTensor *dq = arg(c, a.d, 4, a.qs), *dk = arg(c, a.d, 4, a.ks), *dv = arg(c, a.d, 4, a.ks);
+    const int det = (int)pick(c, 2);
+    size_t bytes = 0;
+    if (q && k) (void)l3k_attention_backward_workspace_size(q, k, det, &bytes);
+    DLTensor *ws = bytes || pick(c, 4) == 0 ? bytes_arg(c, bytes) : NULL;
+    return CALL(c, l3k_attention_backward(dout, q, k, v, o, lse, scale(c), (int)pick(c, 2), det, dq, dk, dv, ws,
+                                          stream(c)));
+}
+
+/* The block's common arguments. */
+typedef struct {
+    DLDataType d;
+    int64_t xs[3];
+    DLTensor *x, *cos, *sin;
+    l3k_llama_block_weights w;
+    l3k_llama_block_config cfg;
+} block_args;
+
+static void block_setup(call *c, block_args *a) {
+    const l3k_llama_block_weights w0 = L3K_LLAMA_BLOCK_WEIGHTS_INIT;
+    const l3k_llama_block_config cfg0 = L3K_LLAMA_BLOCK_CONFIG_INIT;
+    a->w = w0;
+    a->cfg = cfg0;
+    a->d = fdt(c);
+    const int64_t b = dim(c, 0, 2), s = dim(c, 0, 4), hkv = dim(c, 1, 2), h = hkv * dim(c, 1, 2),
+                  hd = 8 * dim(c, 1, 2), hidden = 8 * dim(c, 0, 3), dm = h * hd, qkv = dm + 2 * hkv * hd;
+    a->xs[0] = b;
+    a->xs[1] = s;
+    a->xs[2] = dm;
+    a->x = arg(c, a->d, 3, a->xs);
+    const int64_t ts[2] = {s + dim(c, 0, 2), hd / 2};
+    const DLDataType td = pick(c, 2) ? F32 : a->d;
+    a->cos = arg(c, td, 2, ts);
+    a->sin = arg(c, td, 2, ts);
+    const int64_t sq[2] = {qkv, dm}, so[2] = {dm, dm}, sg[2] = {2 * hidden, dm}, sd[2] = {dm, hidden};
+    a->w.qkv_weight = arg(c, a->d, 2, sq);
+    a->w.o_weight = arg(c, a->d, 2, so);
+    a->w.gate_up_weight = arg(c, a->d, 2, sg);
+    a->w.down_weight = arg(c, a->d, 2, sd);
+    a->w.norm1_weight = arg(c, a->d, 1, &dm);
+    a->w.norm2_weight = arg(c, a->d, 1, &dm);
+    if (pick(c, 32) == 0) a->w.struct_size = (size_t)pick(c, 64);
+    if (pick(c, 32) == 0) a->cfg.struct_size = (size_t)pick(c, 64);
+    a->cfg.n_heads = pick(c, 16) == 0 ? hostile_value(c) : h;
+    a->cfg.n_kv_heads = pick(c, 16) == 0 ? dim(c, -1, 3) : hkv;
+    a->cfg.causal = (int)pick(c, 2);
+    a->cfg.eps = eps(c);
+    a->cfg.deterministic = (int)pick(c, 2);
+}
+
+static int e_llama_block_forward_workspace_size(call *c) {
+    block_args a;
+    block_setup(c, &a);
+    size_t bytes = 0;
+    return CALL(c, l3k_llama_block_forward_workspace_size(a.x, &a.w, &a.cfg, pick(c, 16) ? &bytes : NULL));
+}
+
+static int e_llama_block_forward(call *c) {
+    block_args a;
+    block_setup(c, &a);
+    DLTensor *out = arg(c, a.d, 3, a.xs);
+    size_t bytes = 0;
+    (void)l3k_llama_block_forward_workspace_size(a.x, &a.w, &a.cfg, &bytes);
+    DLTensor *ws = bytes_arg(c, bytes);
+    return CALL(c, l3k_llama_block_forward(a.x, a.cos, a.sin, &a.w, &a.cfg, out, ws, stream(c)));
+}
+
+/* The status and version functions: no tensors, never fail. */
+static int e_status(call *c) {
+    const int code = (int)dim(c, -2, 14);
+    if (!l3k_status_string((l3k_status)code) || !l3k_last_error()) __builtin_trap();
+    if (l3k_version() != L3K_VERSION || l3k_has_cuda() != 0) __builtin_trap();
+    return SKIPPED;
+}
+
+typedef struct {
+    const char *op;
+    int (*fn)(call *c);
+} entry;
+
+static const entry ENTRIES[] = {
+    {"rmsnorm_forward", e_rmsnorm_forward},
+    {"add_rmsnorm_forward", e_add_rmsnorm_forward},
+    {"rmsnorm_backward_workspace_size", e_rmsnorm_backward_workspace_size},
+    {"rmsnorm_backward", e_rmsnorm_backward},
+    {"rope_forward", e_rope_forward},
+    {"rope_backward", e_rope_backward},
+    {"swiglu_forward", e_swiglu_forward},
+    {"swiglu_fused_forward", e_swiglu_fused_forward},
+    {"swiglu_backward", e_swiglu_backward},
+    {"swiglu_fused_backward", e_swiglu_fused_backward},
+    {"linear_workspace_size", e_linear_workspace_size},
+    {"linear_forward", e_linear_forward},
+    {"linear_backward_input", e_linear_backward_input},
+    {"linear_backward_weight", e_linear_backward_weight},
+    {"attention_forward", e_attention_forward},
+    {"attention_backward_workspace_size", e_attention_backward_workspace_size},
+    {"attention_backward", e_attention_backward},
+    {"llama_block_forward_workspace_size", e_llama_block_forward_workspace_size},
+    {"llama_block_forward", e_llama_block_forward},
+    {"status", e_status},
+};
+enum { N_ENTRIES = sizeof ENTRIES / sizeof ENTRIES[0] };
+
+/* ---- the target -------------------------------------------------------------- */
+
+static void fail(const entry *e, const call *c, int st, const char *what) {
+    fprintf(stderr, "fuzz_abi: %s: %s (status %d, last error \"%s\"%s%s)\n", e->op, what, st, l3k_last_error(),
+            c->why ? ", must fail: " : "", c->why ? c->why : "");
+    __builtin_trap();
+}
+
+/* L3K_FUZZ_ONLY=name,name,...: fuzz only the entries whose name starts with one of these. */
+static int entry_on(const entry *e) {
+    const char *only = getenv("L3K_FUZZ_ONLY");
+    if (!only || !*only) return 1;
+    for (const char *p = only; *p;) {
+        const size_t len = strcspn(p, ",");
+        if (len && strncmp(e->op, p, len) == 0) return 1;
+        p += len + (p[len] == ',');
+    }
+    return 0;
+}
+
+/* L3K_FUZZ_STATS=1: at exit, how many calls per entry succeeded, failed, were skipped. */
+static long g_stats[N_ENTRIES][3];
+
+static void print_stats(void) {
+    for (int i = 0; i < N_ENTRIES; ++i)
+        fprintf(stderr, "%-36s ok %8ld  refused %8ld  skipped %8ld\n", ENTRIES[i].op, g_stats[i][0], g_stats[i][1],
+                g_stats[i][2]);
+}
+
+int LLVMFuzzerInitialize(int *argc, char ***argv) {
+    (void)argc;
+    (void)argv;
+    if (getenv("L3K_FUZZ_STATS")) atexit(print_stats);
+    return 0;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    call *c = calloc(1, sizeof *c);
+    c->p = data;
+    c->n = size;
+    c->rng = 0x243f6a8885a308d3ull;
+    for (size_t i = 0; i < size; ++i) c->rng = (c->rng ^ data[i]) * 0x100000001b3ull;
+    const entry *e = &ENTRIES[pick(c, N_ENTRIES)];
+    if (!entry_on(e)) {
+        free(c);
+        return 0;
+    }
+    const int st = e->fn(c);
+    ++g_stats[e - ENTRIES][st == SKIPPED ? 2 : st != L3K_SUCCESS];
+    if (st != SKIPPED) {
+        if (st < L3K_SUCCESS || st > L3K_ERROR_INTERNAL) fail(e, c, st, "status out of range");
+        if (c->must_fail && st == L3K_SUCCESS) fail(e, c, st, "a descriptor past 2^63 was accepted");
+        if (st != L3K_SUCCESS) {
+            const char *msg = l3k_last_error();
+            const size_t len = strlen(e->op);
+            if (strncmp(msg, e->op, len) != 0 || msg[len] != ':' || msg[len + 1] != ' ')
+                fail(e, c, st, "the message does not start with the op's name");
+            for (int i = 0; i < c->nt; ++i)
+                if (c->t[i].snap && memcmp(c->t[i].snap, c->t[i].block, c->t[i].block_bytes) != 0) {
+                    fprintf(stderr, "fuzz_abi: the buffer of tensor %d (in the order the entry makes them) changed\n", i);
+                    fail(e, c, st, "a refused call changed a buffer");
+                }
+        }
+    }
+    for (int i = 0; i < c->nt; ++i) {
+        free(c->t[i].block);
+        free(c->t[i].snap);
+    }
+    free(c);
+    return 0;
+}
