@@ -47,23 +47,25 @@ extern "C" {
 #endif
 
 typedef struct {
-  const void *q, *k, *v;  /* q: (B, H, Sq, D); k, v: (B, Hkv, Sk, D); strides below, last dim contiguous */
-  void *o;                /* (B, H, Sq, D) with its own strides */
-  float *lse;             /* (B, H, Sq) contiguous float32, natural log; +inf for fully masked rows */
-  int64_t batch, n_heads, n_kv_heads, seq_q, seq_k, head_dim;
-  int64_t q_stride[3], k_stride[3], v_stride[3], o_stride[3]; /* element strides: batch, head, seq */
-  float scale;            /* usually 1/sqrt(head_dim) */
-  int causal;             /* bottom-right aligned */
-  l3k_dt dtype;           /* of q, k, v, o (and dout, dq, dk, dv) */
+    const void *q, *k, *v; /* q: (B, H, Sq, D); k, v: (B, Hkv, Sk, D); strides below, last dim contiguous */
+    void *o;               /* (B, H, Sq, D) with its own strides */
+    float *lse;            /* (B, H, Sq) contiguous float32, natural log; +inf for fully masked rows */
+    int64_t batch, n_heads, n_kv_heads, seq_q, seq_k, head_dim;
+    int64_t q_stride[3], k_stride[3], v_stride[3], o_stride[3]; /* element strides: batch, head, seq */
+    float scale;                                                /* usually 1/sqrt(head_dim) */
+    int causal;                                                 /* bottom-right aligned */
+    l3k_dt dtype;                                               /* of q, k, v, o (and dout, dq, dk, dv) */
 } l3k_attn_fwd_args;
 
 typedef struct {
-  l3k_attn_fwd_args f;    /* q, k, v, o, lse and sizes as in the forward (o, lse: forward outputs) */
-  const void *dout; int64_t do_stride[3];          /* (B, H, Sq, D) */
-  void *dq, *dk, *dv;                              /* dq (B, H, Sq, D); dk, dv (B, Hkv, Sk, D) */
-  int64_t dq_stride[3], dk_stride[3], dv_stride[3];
-  void *workspace; size_t workspace_bytes;         /* >= l3k_attn_bwd_workspace_bytes(...) */
-  int deterministic;                               /* 0 = default (float atomics into dq workspace) */
+    l3k_attn_fwd_args f; /* q, k, v, o, lse and sizes as in the forward (o, lse: forward outputs) */
+    const void *dout;
+    int64_t do_stride[3]; /* (B, H, Sq, D) */
+    void *dq, *dk, *dv;   /* dq (B, H, Sq, D); dk, dv (B, Hkv, Sk, D) */
+    int64_t dq_stride[3], dk_stride[3], dv_stride[3];
+    void *workspace;
+    size_t workspace_bytes; /* >= l3k_attn_bwd_workspace_bytes(...) */
+    int deterministic;      /* 0 = default (float atomics into dq workspace) */
 } l3k_attn_bwd_args;
 
 /* Scratch bytes the backward needs; a pure function of its arguments (no device queries).
@@ -72,9 +74,8 @@ typedef struct {
  *   dsum  = round_up(B*H*Sq*4, 256)                  float32 D_i = rowsum(dO_i * O_i)
  *   dqacc = deterministic ? 0 : round_up(B*H*Sq*D*4, 256)   float32 dq accumulator
  *   total = dsum + dqacc  (0 if any size is 0). */
-size_t l3k_attn_bwd_workspace_bytes(int64_t batch, int64_t n_heads, int64_t n_kv_heads,
-                                    int64_t seq_q, int64_t seq_k, int64_t head_dim,
-                                    int deterministic, int on_cuda);
+size_t l3k_attn_bwd_workspace_bytes(int64_t batch, int64_t n_heads, int64_t n_kv_heads, int64_t seq_q,
+                                    int64_t seq_k, int64_t head_dim, int deterministic, int on_cuda);
 
 /* CPU reference (OpenMP). Return 0 on success, 1 if host scratch could not be allocated. */
 int l3k_cpu_attn_fwd(const l3k_attn_fwd_args *a);

@@ -27,12 +27,16 @@ static inline size_t l3k_dt_size(l3k_dt dt) { return dt == L3K_DT_F32 ? 4 : 2; }
  * `h_out` (row stride h_stride).  weight has n elements of the same dtype.
  * rstd (optional) receives rows float32 values, 1 / sqrt(mean(h^2) + eps). */
 typedef struct {
-    const void *x;        int64_t x_stride;
-    const void *residual; int64_t residual_stride; /* optional */
-    void *h_out;          int64_t h_stride;        /* required iff residual */
+    const void *x;
+    int64_t x_stride;
+    const void *residual;
+    int64_t residual_stride; /* optional */
+    void *h_out;
+    int64_t h_stride; /* required iff residual */
     const void *weight;
-    void *y;              int64_t y_stride;
-    float *rstd;                                   /* optional */
+    void *y;
+    int64_t y_stride;
+    float *rstd; /* optional */
     int64_t rows, n;
     float eps;
     l3k_dt dtype;
@@ -45,14 +49,18 @@ typedef struct {
  * reduced in a fixed order: the result is deterministic.  rstd may be NULL: it
  * is recomputed from x. */
 typedef struct {
-    const void *dy;    int64_t dy_stride;
-    const void *dh_in; int64_t dh_in_stride;       /* optional */
-    const void *x;     int64_t x_stride;           /* the normalized input (h when fused) */
+    const void *dy;
+    int64_t dy_stride;
+    const void *dh_in;
+    int64_t dh_in_stride; /* optional */
+    const void *x;
+    int64_t x_stride; /* the normalized input (h when fused) */
     const void *weight;
-    const float *rstd;                             /* optional */
-    void *dx;          int64_t dx_stride;
-    void *dweight;                                 /* optional */
-    float *partials;                               /* workspace, see l3k_rmsnorm_bwd_partials */
+    const float *rstd; /* optional */
+    void *dx;
+    int64_t dx_stride;
+    void *dweight;   /* optional */
+    float *partials; /* workspace, see l3k_rmsnorm_bwd_partials */
     int64_t rows, n;
     float eps;
     l3k_dt dtype;
@@ -81,14 +89,19 @@ int l3k_cuda_rmsnorm_bwd(const l3k_rmsnorm_bwd_args *a, void *stream);
  * cos/sin are contiguous tables of head_dim/2 columns; batch b uses rows from
  * cos + b * table_batch_stride (0: one table shared by all batches). */
 typedef struct {
-    const void *q; int64_t q_strides[3];
-    void *q_out;   int64_t q_out_strides[3];
-    const void *k; int64_t k_strides[3];       /* optional (hk == 0) */
-    void *k_out;   int64_t k_out_strides[3];
-    const void *cos, *sin; int64_t table_batch_stride;
+    const void *q;
+    int64_t q_strides[3];
+    void *q_out;
+    int64_t q_out_strides[3];
+    const void *k;
+    int64_t k_strides[3]; /* optional (hk == 0) */
+    void *k_out;
+    int64_t k_out_strides[3];
+    const void *cos, *sin;
+    int64_t table_batch_stride;
     int64_t batch, hq, hk, seq, head_dim, offset;
     int interleaved, inverse;
-    l3k_dt dtype, table_dtype;                 /* table_dtype: float32 or dtype */
+    l3k_dt dtype, table_dtype; /* table_dtype: float32 or dtype */
 } l3k_rope_args;
 
 int l3k_cpu_rope(const l3k_rope_args *a);
@@ -104,20 +117,29 @@ int l3k_cuda_rope(const l3k_rope_args *a, void *stream);
  * very same view as an input.  The fused gate_up layout is expressed by
  * pointers: g = gu, u = gu + n, both with gu's row stride. */
 typedef struct {
-    const void *g; int64_t g_stride;
-    const void *u; int64_t u_stride;
-    void *a;       int64_t a_stride;
+    const void *g;
+    int64_t g_stride;
+    const void *u;
+    int64_t u_stride;
+    void *a;
+    int64_t a_stride;
     int64_t rows, n;
     l3k_dt dtype;
 } l3k_swiglu_fwd_args;
 
 typedef struct {
-    const void *da; int64_t da_stride;
-    const void *g;  int64_t g_stride;
-    const void *u;  int64_t u_stride;
-    void *dg;       int64_t dg_stride;
-    void *du;       int64_t du_stride;
-    void *a_out;    int64_t a_out_stride;      /* optional */
+    const void *da;
+    int64_t da_stride;
+    const void *g;
+    int64_t g_stride;
+    const void *u;
+    int64_t u_stride;
+    void *dg;
+    int64_t dg_stride;
+    void *du;
+    int64_t du_stride;
+    void *a_out;
+    int64_t a_out_stride; /* optional */
     int64_t rows, n;
     l3k_dt dtype;
 } l3k_swiglu_bwd_args;

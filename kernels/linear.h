@@ -11,15 +11,20 @@ extern "C" {
 #endif
 
 typedef struct {
-    int trans_a, trans_b;            /* 1: op(X) = X^T */
-    int64_t m, n, k;                 /* op(A) is m x k, op(B) is k x n, D is m x n */
-    const void *a; int64_t lda;      /* stored (trans_a ? k x m : m x k), column-major */
-    const void *b; int64_t ldb;      /* stored (trans_b ? n x k : k x n) */
-    const void *c; int64_t ldc;      /* optional when beta == 0; same dtype as d; may equal d (then ldc == ldd) */
-    void *d; int64_t ldd;
-    l3k_dt ab_dtype, cd_dtype;       /* cd_dtype: ab_dtype or float32 */
+    int trans_a, trans_b; /* 1: op(X) = X^T */
+    int64_t m, n, k;      /* op(A) is m x k, op(B) is k x n, D is m x n */
+    const void *a;
+    int64_t lda; /* stored (trans_a ? k x m : m x k), column-major */
+    const void *b;
+    int64_t ldb; /* stored (trans_b ? n x k : k x n) */
+    const void *c;
+    int64_t ldc; /* optional when beta == 0; same dtype as d; may equal d (then ldc == ldd) */
+    void *d;
+    int64_t ldd;
+    l3k_dt ab_dtype, cd_dtype; /* cd_dtype: ab_dtype or float32 */
     float alpha, beta;
-    void *workspace; size_t workspace_bytes;
+    void *workspace;
+    size_t workspace_bytes;
 } l3k_gemm_args;
 
 /* Workspace the CUDA GEMM may use: 32 MiB serves every algorithm cuBLASLt

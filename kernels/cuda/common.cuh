@@ -14,23 +14,36 @@
 #include "geometry.h"
 #include "kernels.h"
 
-template <typename T> struct l3k_type;
-template <> struct l3k_type<float> {
+template <typename T>
+struct l3k_type;
+template <>
+struct l3k_type<float> {
     static __device__ __forceinline__ float to_float(float v) { return v; }
     static __device__ __forceinline__ float from_float(float v) { return v; }
 };
-template <> struct l3k_type<__half> {
+template <>
+struct l3k_type<__half> {
     static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
     static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
 };
-template <> struct l3k_type<__nv_bfloat16> {
+template <>
+struct l3k_type<__nv_bfloat16> {
     static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
     static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
 };
 
-template <typename T> __device__ __forceinline__ float l3k_to_float(T v) { return l3k_type<T>::to_float(v); }
-template <typename T> __device__ __forceinline__ T l3k_from_float(float v) { return l3k_type<T>::from_float(v); }
-template <typename T> __device__ __forceinline__ float l3k_round_to(float v) { return l3k_to_float(l3k_from_float<T>(v)); }
+template <typename T>
+__device__ __forceinline__ float l3k_to_float(T v) {
+    return l3k_type<T>::to_float(v);
+}
+template <typename T>
+__device__ __forceinline__ T l3k_from_float(float v) {
+    return l3k_type<T>::from_float(v);
+}
+template <typename T>
+__device__ __forceinline__ float l3k_round_to(float v) {
+    return l3k_to_float(l3k_from_float<T>(v));
+}
 
 /* Eight consecutive elements starting at column `col` of `row`, as floats.
  * VEC: the row is 16-byte aligned and every 16-byte piece is either wholly
@@ -87,7 +100,9 @@ template <typename T>
 struct l3k_slot {
     uint4 raw[sizeof(T) / 2];
     __device__ __forceinline__ T &at(int i) { return reinterpret_cast<T *>(raw)[i]; }
-    __device__ __forceinline__ float get(int i) const { return l3k_to_float(reinterpret_cast<const T *>(raw)[i]); }
+    __device__ __forceinline__ float get(int i) const {
+        return l3k_to_float(reinterpret_cast<const T *>(raw)[i]);
+    }
 };
 
 /* Sum over the `width` lanes (a power of two <= 32) that share a sub-warp. */
@@ -97,18 +112,30 @@ __device__ __forceinline__ V l3k_subwarp_sum(V v, int width) {
     return v;
 }
 
-#define L3K_CUDA_TRY(expr)                        \
-    do {                                          \
-        cudaError_t l3k_err_ = (expr);            \
+#define L3K_CUDA_TRY(expr)                                 \
+    do {                                                   \
+        cudaError_t l3k_err_ = (expr);                     \
         if (l3k_err_ != cudaSuccess) return (int)l3k_err_; \
     } while (0)
 
 /* Dispatch a dtype to a C++ type and evaluate `body` with it as `T`. */
-#define L3K_DISPATCH_DTYPE(dt, ...)                                    \
-    switch (dt) {                                                      \
-    case L3K_DT_F32: { typedef float T; __VA_ARGS__; break; }          \
-    case L3K_DT_F16: { typedef __half T; __VA_ARGS__; break; }         \
-    case L3K_DT_BF16: { typedef __nv_bfloat16 T; __VA_ARGS__; break; } \
+#define L3K_DISPATCH_DTYPE(dt, ...)  \
+    switch (dt) {                    \
+        case L3K_DT_F32: {           \
+            typedef float T;         \
+            __VA_ARGS__;             \
+            break;                   \
+        }                            \
+        case L3K_DT_F16: {           \
+            typedef __half T;        \
+            __VA_ARGS__;             \
+            break;                   \
+        }                            \
+        case L3K_DT_BF16: {          \
+            typedef __nv_bfloat16 T; \
+            __VA_ARGS__;             \
+            break;                   \
+        }                            \
     }
 
 /* ---- PTX wrappers of the attention kernels -------------------------------- */
@@ -150,7 +177,9 @@ __device__ __forceinline__ uint32_t l3k_pack2<__half>(float lo, float hi) {
     return *reinterpret_cast<uint32_t *>(&v);
 }
 
-__device__ __forceinline__ int64_t l3k_ceil_div_pos(int64_t a, int64_t b) { return a <= 0 ? 0 : (a + b - 1) / b; }
+__device__ __forceinline__ int64_t l3k_ceil_div_pos(int64_t a, int64_t b) {
+    return a <= 0 ? 0 : (a + b - 1) / b;
+}
 
 /* ---- attention: the mask and the blocks a tile visits ---------------------------
  * attention.h's mask: query row q (of sq) sees key j (of sk) iff j < sk and,
@@ -169,7 +198,7 @@ __device__ __forceinline__ int64_t l3k_ceil_div_pos(int64_t a, int64_t b) { retu
 /* Whether the tile of query rows q0.. and keys [j0, j0 + keys) may hold a
  * masked pair: its last key is masked for row q0, the row that sees fewest. */
 #define L3K_ATTN_TILE_MASKED(q0, j0, keys, sq, sk, causal) \
-    ((j0) + (keys) > (sk) || ((causal) && (j0) + (keys) - 1 > (q0) + (sk) - (sq)))
+    ((j0) + (keys) > (sk) || ((causal) && ((j0) + (keys)) - 1 > (q0) + (sk) - (sq)))
 
 /* Query row q sees the keys [0, end). */
 __device__ __forceinline__ int64_t l3k_attn_key_end(int64_t q, int64_t sq, int64_t sk, int causal) {
@@ -188,8 +217,8 @@ __device__ __forceinline__ int64_t l3k_attn_query_begin(int64_t j, int64_t sq, i
 
 /* The blocks of `keys` keys that hold a key some row of [q0, q0 + rows) sees:
  * blocks [0, end). */
-__device__ __forceinline__ int64_t l3k_attn_kv_block_end(int64_t q0, int rows, int keys, int64_t sq, int64_t sk,
-                                                        int causal) {
+__device__ __forceinline__ int64_t l3k_attn_kv_block_end(int64_t q0, int rows, int keys, int64_t sq,
+                                                         int64_t sk, int causal) {
     int64_t end = l3k_ceil_div_pos(sk, keys);
     if (causal) {
         const int64_t lim = l3k_ceil_div_pos(q0 + rows + sk - sq, keys);
@@ -201,7 +230,7 @@ __device__ __forceinline__ int64_t l3k_attn_kv_block_end(int64_t q0, int rows, i
 /* The first block of `rows` query rows with a row that sees key j (the blocks
  * after it see j too). */
 __device__ __forceinline__ int64_t l3k_attn_q_block_begin(int64_t j, int rows, int64_t sq, int64_t sk,
-                                                         int causal) {
+                                                          int causal) {
     if (!causal) return 0;
     const int64_t first = j - (sk - sq); /* the first query row that sees key j */
     return first > 0 ? first / rows : 0;

@@ -33,12 +33,12 @@
 
 namespace {
 
-constexpr int kMaxDevices = 64;
-cublasLtHandle_t g_handles[kMaxDevices];
+constexpr int MAX_DEVICES = 64;
+cublasLtHandle_t g_handles[MAX_DEVICES];
 std::mutex g_handle_mutex;
 
 int handle_for_device(int dev, cublasLtHandle_t *out) {
-    if (dev < 0 || dev >= kMaxDevices) return (int)cudaErrorInvalidDevice;
+    if (dev < 0 || dev >= MAX_DEVICES) return (int)cudaErrorInvalidDevice;
     std::lock_guard<std::mutex> lock(g_handle_mutex);
     if (!g_handles[dev]) {
         cublasStatus_t st = cublasLtCreate(&g_handles[dev]);
@@ -80,17 +80,17 @@ struct Descriptors {
     cublasLtMatrixLayout_t c_layout() const { return c ? c : d; }
 };
 
-struct Preference {  /* only the heuristic query needs one */
+struct Preference { /* only the heuristic query needs one */
     cublasLtMatmulPreference_t p = nullptr;
     ~Preference() {
         if (p) cublasLtMatmulPreferenceDestroy(p);
     }
 };
 
-#define LT_TRY(expr)                                              \
-    do {                                                          \
-        cublasStatus_t st_ = (expr);                              \
-        if (st_ != CUBLAS_STATUS_SUCCESS) return -(int)st_;       \
+#define LT_TRY(expr)                                        \
+    do {                                                    \
+        cublasStatus_t st_ = (expr);                        \
+        if (st_ != CUBLAS_STATUS_SUCCESS) return -(int)st_; \
     } while (0)
 
 /* Everything the heuristic's answer depends on, plus the device and workspace. */
@@ -102,9 +102,9 @@ struct Plan {
 std::map<TuneKey, std::unique_ptr<const Plan>> g_plans;
 std::mutex g_plans_mutex;
 
-constexpr int kCandidates = 8;   /* cuBLASLt returned at most 8 for these GEMMs */
-constexpr int kRounds = 5;       /* timed rounds after one warm-up round; median per candidate */
-constexpr float kMinGain = 0.01f; /* leave the first pick unless another is >1% faster */
+constexpr int CANDIDATES = 8;     /* cuBLASLt returned at most 8 for these GEMMs */
+constexpr int ROUNDS = 5;         /* timed rounds after one warm-up round; median per candidate */
+constexpr float MIN_GAIN = 0.01f; /* leave the first pick unless another is >1% faster */
 
 bool autotune_enabled() {
     static const bool on = [] {
@@ -116,21 +116,21 @@ bool autotune_enabled() {
 
 /* The candidates are run in rounds, each round once each, so drift in clocks reaches them
  * alike; events sit between consecutive runs.  Returns the index of the fastest, 0 when
- * the first pick is within kMinGain of it or timing failed. */
+ * the first pick is within MIN_GAIN of it or timing failed. */
 int fastest_candidate(cublasLtHandle_t handle, const Descriptors &ds, const l3k_gemm_args *g, const void *c,
                       float alpha, float beta, const cublasLtMatmulHeuristicResult_t *cand, int count,
                       cudaStream_t stream) {
-    const int per_round = count + 1, total = per_round * (kRounds + 1);
+    const int per_round = count + 1, total = per_round * (ROUNDS + 1);
     std::vector<cudaEvent_t> ev(total, nullptr);
     bool ok = true;
     for (cudaEvent_t &e : ev) ok = ok && cudaEventCreate(&e) == cudaSuccess;
     std::vector<bool> failed(count, false);
-    for (int r = 0; ok && r <= kRounds; ++r) {
+    for (int r = 0; ok && r <= ROUNDS; ++r) {
         cudaEvent_t *round = &ev[r * per_round];
         ok = cudaEventRecord(round[0], stream) == cudaSuccess;
         for (int i = 0; ok && i < count; ++i) {
-            if (cublasLtMatmul(handle, ds.op, &alpha, g->a, ds.a, g->b, ds.b, &beta, c, ds.c_layout(), g->d, ds.d,
-                               &cand[i].algo, g->workspace, g->workspace ? g->workspace_bytes : 0,
+            if (cublasLtMatmul(handle, ds.op, &alpha, g->a, ds.a, g->b, ds.b, &beta, c, ds.c_layout(), g->d,
+                               ds.d, &cand[i].algo, g->workspace, g->workspace ? g->workspace_bytes : 0,
                                stream) != CUBLAS_STATUS_SUCCESS)
                 failed[i] = true;
             ok = cudaEventRecord(round[i + 1], stream) == cudaSuccess;
@@ -141,9 +141,10 @@ int fastest_candidate(cublasLtHandle_t handle, const Descriptors &ds, const l3k_
         std::vector<float> median(count, 0.f);
         for (int i = 0; ok && i < count; ++i) {
             std::vector<float> t;
-            for (int r = 1; ok && r <= kRounds; ++r) {
+            for (int r = 1; ok && r <= ROUNDS; ++r) {
                 float ms = 0.f;
-                ok = cudaEventElapsedTime(&ms, ev[r * per_round + i], ev[r * per_round + i + 1]) == cudaSuccess;
+                ok = cudaEventElapsedTime(&ms, ev[r * per_round + i], ev[r * per_round + i + 1]) ==
+                     cudaSuccess;
                 t.push_back(ms);
             }
             std::sort(t.begin(), t.end());
@@ -151,7 +152,7 @@ int fastest_candidate(cublasLtHandle_t handle, const Descriptors &ds, const l3k_
         }
         for (int i = 1; ok && i < count; ++i)
             if (!failed[i] && (failed[best] || median[i] < median[best])) best = i;
-        if (!ok || failed[best] || (!failed[0] && median[best] > (1.0f - kMinGain) * median[0])) best = 0;
+        if (!ok || failed[best] || (!failed[0] && median[best] > (1.0f - MIN_GAIN) * median[0])) best = 0;
     }
     for (cudaEvent_t e : ev)
         if (e) cudaEventDestroy(e);
@@ -197,9 +198,22 @@ extern "C" int l3k_cuda_gemm(const l3k_gemm_args *g, void *stream) {
     const float alpha = g->alpha, beta = has_c ? g->beta : 0.0f;
     const uint64_t ws = g->workspace ? g->workspace_bytes : 0;
     const uint32_t al[4] = {alignment_of(g->a), alignment_of(g->b), alignment_of(c), alignment_of(g->d)};
-    const TuneKey key = {dev, g->trans_a, g->trans_b, g->m, g->n, g->k, g->lda, g->ldb,
-                         has_c ? g->ldc * 2 + in_place : -1, g->ldd, g->ab_dtype * 16 + g->cd_dtype,
-                         al[0], al[1], al[2], al[3], (int64_t)ws};
+    const TuneKey key = {dev,
+                         g->trans_a,
+                         g->trans_b,
+                         g->m,
+                         g->n,
+                         g->k,
+                         g->lda,
+                         g->ldb,
+                         has_c ? g->ldc * 2 + in_place : -1,
+                         g->ldd,
+                         g->ab_dtype * 16 + g->cd_dtype,
+                         al[0],
+                         al[1],
+                         al[2],
+                         al[3],
+                         (int64_t)ws};
     const Plan *plan = nullptr;
     {
         std::lock_guard<std::mutex> lock(g_plans_mutex);
@@ -214,11 +228,16 @@ extern "C" int l3k_cuda_gemm(const l3k_gemm_args *g, void *stream) {
         if ((err = build_descriptors(g, has_c, separate_c, ds)) != 0) return err;
         Preference pref;
         LT_TRY(cublasLtMatmulPreferenceCreate(&pref.p));
-        LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
-        LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al[0], 4));
-        LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al[1], 4));
-        LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al[2], 4));
-        LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al[3], 4));
+        LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
+                                                    sizeof ws));
+        LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                                                    &al[0], 4));
+        LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                                                    &al[1], 4));
+        LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                                                    &al[2], 4));
+        LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                                                    &al[3], 4));
 
         cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
         if (cudaStreamIsCapturing((cudaStream_t)stream, &capture) != cudaSuccess) {
@@ -228,14 +247,15 @@ extern "C" int l3k_cuda_gemm(const l3k_gemm_args *g, void *stream) {
         capturing = capture != cudaStreamCaptureStatusNone;
         const bool tune = autotune_enabled() && !capturing && !in_place;
         /* A one-result query is served from cuBLASLt's heuristics cache; a longer one is not (~160 us). */
-        cublasLtMatmulHeuristicResult_t cand[kCandidates] = {};
+        cublasLtMatmulHeuristicResult_t cand[CANDIDATES] = {};
         int found = 0;
         LT_TRY(cublasLtMatmulAlgoGetHeuristic(handle, ds.op, ds.a, ds.b, ds.c_layout(), ds.d, pref.p,
-                                              tune ? kCandidates : 1, cand, &found));
+                                              tune ? CANDIDATES : 1, cand, &found));
         if (found < 1) return -(int)CUBLAS_STATUS_NOT_SUPPORTED;
         fresh->algo = cand[tune && found > 1 ? fastest_candidate(handle, ds, g, c, alpha, beta, cand, found,
                                                                  (cudaStream_t)stream)
-                                             : 0].algo;
+                                             : 0]
+                          .algo;
         plan = fresh.get();
     }
     const Descriptors &ds = plan->ds;

@@ -15,33 +15,42 @@
 
 #include "common.cuh"
 
-__device__ __forceinline__ void l3k_ldsm_x4(uint32_t &r0, uint32_t &r1, uint32_t &r2, uint32_t &r3, uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(addr));
+__device__ __forceinline__ void l3k_ldsm_x4(uint32_t &r0, uint32_t &r1, uint32_t &r2, uint32_t &r3,
+                                            uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
 }
-__device__ __forceinline__ void l3k_ldsm_x4_t(uint32_t &r0, uint32_t &r1, uint32_t &r2, uint32_t &r3, uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(addr));
+__device__ __forceinline__ void l3k_ldsm_x4_t(uint32_t &r0, uint32_t &r1, uint32_t &r2, uint32_t &r3,
+                                              uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
 }
 
-template <typename T> struct l3k_mma;
-template <> struct l3k_mma<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) { return l3k_pack2<__nv_bfloat16>(lo, hi); }
+template <typename T>
+struct l3k_mma;
+template <>
+struct l3k_mma<__nv_bfloat16> {
+    static __device__ __forceinline__ void run(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+        return l3k_pack2<__nv_bfloat16>(lo, hi);
+    }
 };
-template <> struct l3k_mma<__half> {
-  static __device__ __forceinline__ void run(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) { return l3k_pack2<__half>(lo, hi); }
+template <>
+struct l3k_mma<__half> {
+    static __device__ __forceinline__ void run(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) { return l3k_pack2<__half>(lo, hi); }
 };
 
 /* Swizzled element offset of (r, c) in a row-major tile of W 16-bit columns. The 16-byte chunk
@@ -50,12 +59,12 @@ template <> struct l3k_mma<__half> {
  * chunk ^ ((r >> 1) & 3). */
 template <int W>
 __device__ __forceinline__ int l3k_sw(int r, int c) {
-  if constexpr (W >= 64) {
-    return r * W + ((((c >> 3) ^ (r & 7))) << 3) + (c & 7);
-  } else {
-    static_assert(W == 32, "tile width");
-    return r * W + ((((c >> 3) ^ ((r >> 1) & 3))) << 3) + (c & 7);
-  }
+    if constexpr (W >= 64) {
+        return r * W + ((((c >> 3) ^ (r & 7))) << 3) + (c & 7);
+    } else {
+        static_assert(W == 32, "tile width");
+        return r * W + ((((c >> 3) ^ ((r >> 1) & 3))) << 3) + (c & 7);
+    }
 }
 
 /* Per-lane byte offset of the row pointer an ldmatrix.x4 lane supplies, for lane row r_l and lane
@@ -63,81 +72,95 @@ __device__ __forceinline__ int l3k_sw(int r, int c) {
  * row offset rr (multiple of 8) the address is base + ((off ^ (cc << 4)) + rr * 2W): the swizzle
  * XOR only touches the chunk bits, so the compiler gets one LOP3 per chunk and immediate row offsets. */
 template <int W>
-__device__ __forceinline__ uint32_t l3k_lane_off(int r_l, int c_l) { return 2u * (uint32_t)l3k_sw<W>(r_l, c_l * 8); }
+__device__ __forceinline__ uint32_t l3k_lane_off(int r_l, int c_l) {
+    return 2u * (uint32_t)l3k_sw<W>(r_l, c_l * 8);
+}
 /* A operand (rows 0..15 of the strip, two 8-column halves) */
-template <int W> __device__ __forceinline__ uint32_t l3k_off_a(int lane) { return l3k_lane_off<W>(lane & 15, lane >> 4); }
+template <int W>
+__device__ __forceinline__ uint32_t l3k_off_a(int lane) {
+    return l3k_lane_off<W>(lane & 15, lane >> 4);
+}
 /* B operand stored [n][k] (non-transposed ldmatrix): n rows 0..15, k halves */
-template <int W> __device__ __forceinline__ uint32_t l3k_off_b(int lane) { return l3k_lane_off<W>((lane & 7) + ((lane >> 4) << 3), (lane >> 3) & 1); }
+template <int W>
+__device__ __forceinline__ uint32_t l3k_off_b(int lane) {
+    return l3k_lane_off<W>((lane & 7) + ((lane >> 4) << 3), (lane >> 3) & 1);
+}
 /* B operand stored [k][n] (ldmatrix.trans): k rows 0..15, n halves */
-template <int W> __device__ __forceinline__ uint32_t l3k_off_t(int lane) { return l3k_lane_off<W>((lane & 7) + ((lane >> 3) & 1) * 8, lane >> 4); }
+template <int W>
+__device__ __forceinline__ uint32_t l3k_off_t(int lane) {
+    return l3k_lane_off<W>((lane & 7) + ((lane >> 3) & 1) * 8, lane >> 4);
+}
 __device__ __forceinline__ uint32_t l3k_xo(uint32_t off, int cc) { return off ^ ((uint32_t)cc << 4); }
 
 /* The m16k16 A fragment made of two adjacent m16n8 accumulator tiles (P or dS from the previous
  * product, rounded to T): the register-A operand of the next product. */
 template <typename T>
 __device__ __forceinline__ void l3k_acc_to_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
-  a[0] = l3k_mma<T>::pack(lo[0], lo[1]);
-  a[1] = l3k_mma<T>::pack(lo[2], lo[3]);
-  a[2] = l3k_mma<T>::pack(hi[0], hi[1]);
-  a[3] = l3k_mma<T>::pack(hi[2], hi[3]);
+    a[0] = l3k_mma<T>::pack(lo[0], lo[1]);
+    a[1] = l3k_mma<T>::pack(lo[2], lo[3]);
+    a[2] = l3k_mma<T>::pack(hi[0], hi[1]);
+    a[3] = l3k_mma<T>::pack(hi[2], hi[3]);
 }
 
 /* acc (W / 8 m16n8 tiles) += A (m16k16 fragment) x B, where B is the 16-row slab at byte offset
  * `slab` of the tile at sB (row width HD, swizzled), columns from 8-element chunk c0 on, read
  * through ldmatrix.trans (lane offsets oT). */
 template <typename T, int HD, int W>
-__device__ __forceinline__ void l3k_a_times_slab_t(float (&acc)[W / 8][4], const uint32_t (&a)[4], uint32_t sB,
-                                               uint32_t oT, int c0, uint32_t slab) {
+__device__ __forceinline__ void l3k_a_times_slab_t(float (&acc)[W / 8][4], const uint32_t (&a)[4],
+                                                   uint32_t sB, uint32_t oT, int c0, uint32_t slab) {
 #pragma unroll
-  for (int dj = 0; dj < W / 16; dj++) {
-    uint32_t b0, b1, b2, b3;
-    l3k_ldsm_x4_t(b0, b1, b2, b3, sB + (l3k_xo(oT, c0 + dj * 2) + slab));
-    l3k_mma<T>::run(acc[2 * dj], a, b0, b1);
-    l3k_mma<T>::run(acc[2 * dj + 1], a, b2, b3);
-  }
+    for (int dj = 0; dj < W / 16; dj++) {
+        uint32_t b0, b1, b2, b3;
+        l3k_ldsm_x4_t(b0, b1, b2, b3, sB + (l3k_xo(oT, c0 + dj * 2) + slab));
+        l3k_mma<T>::run(acc[2 * dj], a, b0, b1);
+        l3k_mma<T>::run(acc[2 * dj + 1], a, b2, b3);
+    }
 }
 
 /* cp.async a ROWS x W tile (row stride `rs` elements) into swizzled smem; rows >= nrows and
  * columns >= ncols are zero-filled. */
 template <int ROWS, int W, int NT, typename T>
-__device__ __forceinline__ void l3k_load_tile(T *s, const T *g, int64_t rs, int64_t nrows, int ncols, int tid) {
-  constexpr int CH = W / 8;
-  const uint32_t sbase = l3k_smem_u32(s);
+__device__ __forceinline__ void l3k_load_tile(T *s, const T *g, int64_t rs, int64_t nrows, int ncols,
+                                              int tid) {
+    constexpr int CH = W / 8;
+    const uint32_t sbase = l3k_smem_u32(s);
 #pragma unroll
-  for (int c = tid; c < ROWS * CH; c += NT) {
-    const int r = c / CH, ch = c % CH;
-    const bool p = (r < nrows) && (ch * 8 < ncols);
-    const T *src = p ? g + (int64_t)r * rs + ch * 8 : g;
-    l3k_cp_async16(sbase + 2u * (uint32_t)l3k_sw<W>(r, ch * 8), src, p);
-  }
+    for (int c = tid; c < ROWS * CH; c += NT) {
+        const int r = c / CH, ch = c % CH;
+        const bool p = (r < nrows) && (ch * 8 < ncols);
+        const T *src = p ? g + (int64_t)r * rs + ch * 8 : g;
+        l3k_cp_async16(sbase + 2u * (uint32_t)l3k_sw<W>(r, ch * 8), src, p);
+    }
 }
 
 /* store a ROWS x W swizzled smem tile to global with 16-byte stores (rows < nrows, cols < ncols) */
 template <int ROWS, int W, int NT, typename T>
-__device__ __forceinline__ void l3k_store_tile(T *g, int64_t rs, const T *s, int64_t nrows, int ncols, int tid) {
-  constexpr int CH = W / 8;
+__device__ __forceinline__ void l3k_store_tile(T *g, int64_t rs, const T *s, int64_t nrows, int ncols,
+                                               int tid) {
+    constexpr int CH = W / 8;
 #pragma unroll
-  for (int c = tid; c < ROWS * CH; c += NT) {
-    const int r = c / CH, ch = c % CH;
-    if (r < nrows && ch * 8 < ncols)
-      *reinterpret_cast<uint4 *>(g + (int64_t)r * rs + ch * 8) = *reinterpret_cast<const uint4 *>(s + l3k_sw<W>(r, ch * 8));
-  }
+    for (int c = tid; c < ROWS * CH; c += NT) {
+        const int r = c / CH, ch = c % CH;
+        if (r < nrows && ch * 8 < ncols)
+            *reinterpret_cast<uint4 *>(g + (int64_t)r * rs + ch * 8) =
+                *reinterpret_cast<const uint4 *>(s + l3k_sw<W>(r, ch * 8));
+    }
 }
 
 /* Raise the dynamic smem limit once per (kernel, device); not a stream operation, so it is also
  * legal while a stream is being captured. */
 template <typename K>
 inline cudaError_t l3k_smem_prepare(K kernel, size_t smem, bool *done) {
-  int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
-  if (e != cudaSuccess) return e;
-  if (dev < 0 || dev >= 64) dev = 63;
-  if (smem > 48 * 1024 && !done[dev]) {
-    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    int dev = 0;
+    cudaError_t e = cudaGetDevice(&dev);
     if (e != cudaSuccess) return e;
-    done[dev] = true;
-  }
-  return cudaSuccess;
+    if (dev < 0 || dev >= 64) dev = 63;
+    if (smem > 48 * 1024 && !done[dev]) {
+        e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (e != cudaSuccess) return e;
+        done[dev] = true;
+    }
+    return cudaSuccess;
 }
 
 #endif /* L3K_CUDA_MMA_CUH_ */

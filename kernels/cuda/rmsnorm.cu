@@ -37,7 +37,9 @@ constexpr int LOOP_BLOCK = 1024;
 constexpr int BWD_MAX_SLOTS = 4; /* longer rows: bwd_loop */
 
 /* Multiprocessors and compute capability of the current device, read once per device. */
-struct dev_info { int sms, major; };
+struct dev_info {
+    int sms, major;
+};
 dev_info device_info() {
     static dev_info cached[64];
     int dev = 0;
@@ -81,7 +83,8 @@ __device__ __forceinline__ uint4 ld_nc16(const void *p) {
     if (!FRESH) return __ldg(reinterpret_cast<const uint4 *>(p));
     uint4 v;
     asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
     return v;
 }
 
@@ -304,7 +307,8 @@ __device__ __forceinline__ void pdl_wait() {
 }
 
 template <typename T, int S, bool VEC, bool PF>
-__global__ void __launch_bounds__(L3K_RMSNORM_BWD_BLOCK, S == 1 ? 2 : 1) bwd_cached(l3k_rmsnorm_bwd_args a, int lg) {
+__global__ void __launch_bounds__(L3K_RMSNORM_BWD_BLOCK, S == 1 ? 2 : 1)
+    bwd_cached(l3k_rmsnorm_bwd_args a, int lg) {
     __shared__ float red[2 * 64];
     extern __shared__ float fold[]; /* n floats when the block has several groups */
     pdl_launch_dependents();        /* the dweight reduction may be launched; it waits for this grid */
@@ -350,7 +354,10 @@ __global__ void __launch_bounds__(L3K_RMSNORM_BWD_BLOCK, S == 1 ? 2 : 1) bwd_cac
         float rs;
         if constexpr (PF) {
 #pragma unroll
-            for (int s = 0; s < S; ++s) { xv[s] = xn[s]; gv[s] = gn[s]; }
+            for (int s = 0; s < S; ++s) {
+                xv[s] = xn[s];
+                gv[s] = gn[s];
+            }
             rs = rsn;
             fetch(row + step, xn, gn, rsn);
         } else {
@@ -365,7 +372,8 @@ __global__ void __launch_bounds__(L3K_RMSNORM_BWD_BLOCK, S == 1 ? 2 : 1) bwd_cac
         }
         if (!PF)
 #pragma unroll
-            for (int s = 0; s < S; ++s) wv[s] = ld_weight<T, VEC, true>((const T *)a.weight, (s * G + lane) * 8, n);
+            for (int s = 0; s < S; ++s)
+                wv[s] = ld_weight<T, VEC, true>((const T *)a.weight, (s * G + lane) * 8, n);
         float sums[2] = {0.0f, 0.0f}; /* sum x^2, sum dy*w*x */
 #pragma unroll
         for (int s = 0; s < S; ++s)
@@ -388,7 +396,8 @@ __global__ void __launch_bounds__(L3K_RMSNORM_BWD_BLOCK, S == 1 ? 2 : 1) bwd_cac
             for (int i = 0; i < 8; ++i) {
                 const float xf = xv[s].get(i), gf = gv[s].get(i);
                 acc[s][i] += gf * xf * rstd;
-                o.at(i) = l3k_from_float<T>(rstd * (gf * wv[s].get(i) - xf * c) + (a.dh_in ? dhv[s].get(i) : 0.0f));
+                o.at(i) =
+                    l3k_from_float<T>(rstd * (gf * wv[s].get(i) - xf * c) + (a.dh_in ? dhv[s].get(i) : 0.0f));
             }
             st_slot<T, VEC>(dx, col, n, o);
         }
@@ -404,9 +413,11 @@ __global__ void __launch_bounds__(L3K_RMSNORM_BWD_BLOCK, S == 1 ? 2 : 1) bwd_cac
             const int col = (s * G + lane) * 8;
             if (v4) {
                 if (col + 4 <= n)
-                    *reinterpret_cast<float4 *>(part + col) = make_float4(acc[s][0], acc[s][1], acc[s][2], acc[s][3]);
+                    *reinterpret_cast<float4 *>(part + col) =
+                        make_float4(acc[s][0], acc[s][1], acc[s][2], acc[s][3]);
                 if (col + 8 <= n)
-                    *reinterpret_cast<float4 *>(part + col + 4) = make_float4(acc[s][4], acc[s][5], acc[s][6], acc[s][7]);
+                    *reinterpret_cast<float4 *>(part + col + 4) =
+                        make_float4(acc[s][4], acc[s][5], acc[s][6], acc[s][7]);
             } else {
 #pragma unroll
                 for (int i = 0; i < 8; ++i)
@@ -486,8 +497,8 @@ __global__ void __launch_bounds__(LOOP_BLOCK) bwd_loop(l3k_rmsnorm_bwd_args a) {
 constexpr int RED_COLS = 32, RED_LANES = 16;
 constexpr int RED_PER_LANE = (L3K_RMSNORM_BWD_MAX_PARTIALS + RED_LANES - 1) / RED_LANES;
 template <typename T, bool PDL>
-__global__ void __launch_bounds__(RED_COLS *RED_LANES) dweight_reduce(const float *__restrict__ partials,
-                                                                     int64_t parts, int64_t n, T *dweight) {
+__global__ void __launch_bounds__(RED_COLS *RED_LANES)
+    dweight_reduce(const float *__restrict__ partials, int64_t parts, int64_t n, T *dweight) {
     __shared__ float tile[RED_LANES][RED_COLS + 1];
     if (PDL) pdl_wait();
     const int tx = threadIdx.x % RED_COLS, ty = threadIdx.x / RED_COLS;
@@ -515,7 +526,11 @@ bool aligned16(const void *p, int64_t stride, size_t es) {
 }
 
 /* ---- launchers ---------------------------------------------------------------- */
-int log2i(int v) { int l = 0; while ((1 << l) < v) ++l; return l; }
+int log2i(int v) {
+    int l = 0;
+    while ((1 << l) < v) ++l;
+    return l;
+}
 
 struct fwd_cfg {
     int G, S, block; /* block = R * G */
@@ -543,7 +558,8 @@ int64_t fwd_resident(int block) {
     if (cached[dev][0] != block) {
         int nb = 0;
         if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, fwd_cached<T, S, VEC, RES, PF>, block, 0) !=
-                cudaSuccess || nb < 1)
+                cudaSuccess ||
+            nb < 1)
             nb = 1;
         cached[dev][1] = nb;
         cached[dev][0] = block;
@@ -557,7 +573,8 @@ template <typename T, int S, bool VEC>
 int fwd_launch_s(const l3k_rmsnorm_fwd_args &a, cudaStream_t st, const fwd_cfg &c) {
     constexpr bool PF = S * sizeof(T) <= 4;
     auto k = a.residual ? fwd_cached<T, S, VEC, true, PF> : fwd_cached<T, S, VEC, false, PF>;
-    const int64_t res = a.residual ? fwd_resident<T, S, VEC, true, PF>(c.block) : fwd_resident<T, S, VEC, false, PF>(c.block);
+    const int64_t res = a.residual ? fwd_resident<T, S, VEC, true, PF>(c.block)
+                                   : fwd_resident<T, S, VEC, false, PF>(c.block);
     k<<<(unsigned)(c.grid < res ? c.grid : res), c.block, 0, st>>>(a, log2i(c.G));
     return (int)cudaGetLastError();
 }
@@ -603,7 +620,8 @@ int launch_reduce(const l3k_rmsnorm_bwd_args &a, int64_t parts, cudaStream_t st)
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
     cfg.numAttrs = PDL ? 1 : 0;
-    return (int)cudaLaunchKernelEx(&cfg, dweight_reduce<T, PDL>, (const float *)a.partials, parts, a.n, (T *)a.dweight);
+    return (int)cudaLaunchKernelEx(&cfg, dweight_reduce<T, PDL>, (const float *)a.partials, parts, a.n,
+                                   (T *)a.dweight);
 }
 
 /* One slot a thread: two blocks a multiprocessor (64 registers a thread at
@@ -635,22 +653,25 @@ int launch_bwd(const l3k_rmsnorm_bwd_args &a, cudaStream_t st) {
         }
         if (err) return err;
     }
-    if (a.dweight) return c.pdl && c.parts > 0 ? launch_reduce<T, true>(a, c.parts, st) : launch_reduce<T, false>(a, c.parts, st);
+    if (a.dweight)
+        return c.pdl && c.parts > 0 ? launch_reduce<T, true>(a, c.parts, st)
+                                    : launch_reduce<T, false>(a, c.parts, st);
     return 0;
 }
 
 bool fwd_vec(const l3k_rmsnorm_fwd_args *a) {
     const size_t es = l3k_dt_size(a->dtype);
-    return ((size_t)a->n * es) % 16 == 0 && aligned16(a->x, a->x_stride, es) && aligned16(a->y, a->y_stride, es) &&
-           aligned16(a->weight, 0, es) &&
-           (!a->residual || (aligned16(a->residual, a->residual_stride, es) && aligned16(a->h_out, a->h_stride, es)));
+    return ((size_t)a->n * es) % 16 == 0 && aligned16(a->x, a->x_stride, es) &&
+           aligned16(a->y, a->y_stride, es) && aligned16(a->weight, 0, es) &&
+           (!a->residual ||
+            (aligned16(a->residual, a->residual_stride, es) && aligned16(a->h_out, a->h_stride, es)));
 }
 
 bool bwd_vec(const l3k_rmsnorm_bwd_args *a) {
     const size_t es = l3k_dt_size(a->dtype);
-    return ((size_t)a->n * es) % 16 == 0 && aligned16(a->x, a->x_stride, es) && aligned16(a->dy, a->dy_stride, es) &&
-           aligned16(a->dx, a->dx_stride, es) && aligned16(a->weight, 0, es) &&
-           (!a->dh_in || aligned16(a->dh_in, a->dh_in_stride, es));
+    return ((size_t)a->n * es) % 16 == 0 && aligned16(a->x, a->x_stride, es) &&
+           aligned16(a->dy, a->dy_stride, es) && aligned16(a->dx, a->dx_stride, es) &&
+           aligned16(a->weight, 0, es) && (!a->dh_in || aligned16(a->dh_in, a->dh_in_stride, es));
 }
 
 } // namespace

@@ -213,12 +213,16 @@ __device__ __forceinline__ row_ref row_of(const l3k_rope_args &a, int64_t h, int
                                           size_t es) {
     row_ref r;
     if (h < a.hq) {
-        r.in = (const char *)a.q + (b * a.q_strides[0] + h * a.q_strides[1] + s * a.q_strides[2]) * (int64_t)es;
-        r.out = (char *)a.q_out + (b * a.q_out_strides[0] + h * a.q_out_strides[1] + s * a.q_out_strides[2]) * (int64_t)es;
+        r.in = (const char *)a.q +
+               (b * a.q_strides[0] + h * a.q_strides[1] + s * a.q_strides[2]) * (int64_t)es;
+        r.out = (char *)a.q_out +
+                (b * a.q_out_strides[0] + h * a.q_out_strides[1] + s * a.q_out_strides[2]) * (int64_t)es;
     } else {
         h -= a.hq;
-        r.in = (const char *)a.k + (b * a.k_strides[0] + h * a.k_strides[1] + s * a.k_strides[2]) * (int64_t)es;
-        r.out = (char *)a.k_out + (b * a.k_out_strides[0] + h * a.k_out_strides[1] + s * a.k_out_strides[2]) * (int64_t)es;
+        r.in = (const char *)a.k +
+               (b * a.k_strides[0] + h * a.k_strides[1] + s * a.k_strides[2]) * (int64_t)es;
+        r.out = (char *)a.k_out +
+                (b * a.k_out_strides[0] + h * a.k_out_strides[1] + s * a.k_out_strides[2]) * (int64_t)es;
     }
     return r;
 }
@@ -237,8 +241,8 @@ __device__ __forceinline__ void load_slot(const T *row, int slot, int64_t half, 
 }
 
 template <typename T, bool VEC, bool INTER>
-__device__ __forceinline__ void rotate_store(T *row, int slot, int64_t half, float v[16],
-                                             const float c[8], const float sn[8]) {
+__device__ __forceinline__ void rotate_store(T *row, int slot, int64_t half, float v[16], const float c[8],
+                                             const float sn[8]) {
     float o[16];
     if (INTER) {
 #pragma unroll
@@ -266,8 +270,7 @@ __global__ void __launch_bounds__(512) rope_generic(const l3k_rope_args a, int P
     const int64_t tokens = a.batch * a.seq, half = a.head_dim / 2, H = a.hq + a.hk;
     const int slot = threadIdx.x % P, lane = threadIdx.x / P;
     const float sign = a.inverse ? -1.0f : 1.0f;
-    for (int64_t tok = (int64_t)blockIdx.x * TB + threadIdx.y; tok < tokens;
-         tok += (int64_t)gridDim.x * TB) {
+    for (int64_t tok = (int64_t)blockIdx.x * TB + threadIdx.y; tok < tokens; tok += (int64_t)gridDim.x * TB) {
         const int64_t b = tok / a.seq, s = tok - b * a.seq;
         const int64_t trow = b * a.table_batch_stride + (s + a.offset) * half;
         float c[8], sn[8];
@@ -343,8 +346,8 @@ extern "C" int l3k_cuda_rope(const l3k_rope_args *a, void *stream) {
     /* Vector loads need every row (and each half row for rotate-half) to start
      * on 16 bytes, and 16-byte pieces that never straddle the row's end. */
     const int64_t piece_span = a->interleaved ? a->head_dim : half;
-    bool vec = ((size_t)piece_span * es) % 16 == 0 && ((size_t)half * tes) % 16 == 0 &&
-               ptr16(a->cos) && ptr16(a->sin) && rows16(a->q, a->q_strides, qsz, es) &&
+    bool vec = ((size_t)piece_span * es) % 16 == 0 && ((size_t)half * tes) % 16 == 0 && ptr16(a->cos) &&
+               ptr16(a->sin) && rows16(a->q, a->q_strides, qsz, es) &&
                rows16(a->q_out, a->q_out_strides, qsz, es);
     if (a->hk > 0)
         vec = vec && rows16(a->k, a->k_strides, ksz, es) && rows16(a->k_out, a->k_out_strides, ksz, es);

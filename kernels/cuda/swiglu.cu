@@ -84,15 +84,15 @@ extern "C" int l3k_cuda_swiglu_fwd(const l3k_swiglu_fwd_args *args, void *stream
     geometry(a, grid, block);
     cudaStream_t st = (cudaStream_t)stream;
     L3K_DISPATCH_DTYPE(a.dtype, if (vec) swiglu_fwd<T, true><<<grid, block, 0, st>>>(a);
-                                else swiglu_fwd<T, false><<<grid, block, 0, st>>>(a));
+                       else swiglu_fwd<T, false><<<grid, block, 0, st>>>(a));
     return (int)cudaGetLastError();
 }
 
 extern "C" int l3k_cuda_swiglu_bwd(const l3k_swiglu_bwd_args *args, void *stream) {
     l3k_swiglu_bwd_args a = *args;
     const size_t es = l3k_dt_size(a.dtype);
-    const int64_t strides[6] = {a.da_stride, a.g_stride, a.u_stride, a.dg_stride, a.du_stride,
-                                a.a_out ? a.a_out_stride : a.n};
+    const int64_t strides[6] = {a.da_stride, a.g_stride,  a.u_stride,
+                                a.dg_stride, a.du_stride, a.a_out ? a.a_out_stride : a.n};
     flatten(a.rows, a.n, strides, 6);
     const bool vec = ((size_t)a.n * es) % 16 == 0 && rows16(a.da, a.da_stride, a.rows, es) &&
                      rows16(a.g, a.g_stride, a.rows, es) && rows16(a.u, a.u_stride, a.rows, es) &&
@@ -102,6 +102,6 @@ extern "C" int l3k_cuda_swiglu_bwd(const l3k_swiglu_bwd_args *args, void *stream
     geometry(a, grid, block);
     cudaStream_t st = (cudaStream_t)stream;
     L3K_DISPATCH_DTYPE(a.dtype, if (vec) swiglu_bwd<T, true><<<grid, block, 0, st>>>(a);
-                                else swiglu_bwd<T, false><<<grid, block, 0, st>>>(a));
+                       else swiglu_bwd<T, false><<<grid, block, 0, st>>>(a));
     return (int)cudaGetLastError();
 }
