@@ -33,6 +33,7 @@ from torch import nn
 from ._dlpack import Borrowed, current_stream
 from ._lib import (LIB, PRESERVE_ACTIVATIONS, BlockActivations, BlockConfig, BlockGrads, BlockLayout,
                    BlockWeights, check)
+from .ops._registry import NAMESPACE, TORCH_LIB, define, ops
 
 # The block's weights in either form the C ABI takes, as l3k_llama_block_weights names them:
 # fused (this module's parameters) or split (e.g. a Hugging Face layer's own parameters).
@@ -173,18 +174,8 @@ def _gradient_buffers(params) -> list:
 
 # ---- registered ops (torch.compile) --------------------------------------------------------
 
-_LIB = torch.library.Library("llama3_kernels", "FRAGMENT")
-ops = torch.ops.llama3_kernels
 # weights: the fused 6 or the split 9, in PARAM_NAMES / SPLIT_PARAM_NAMES order.
 _SPEC = "Tensor[] weights, int n_heads, int n_kv_heads, bool causal, float eps, bool deterministic"
-
-
-def _define(schema: str, kernel, fake) -> None:
-    name = schema.split("(", 1)[0]
-    _LIB.define(schema)
-    _LIB.impl(name, kernel, "CPU")
-    _LIB.impl(name, kernel, "CUDA")
-    torch.library.register_fake(f"llama3_kernels::{name}", fake, lib=_LIB)
 
 
 def _inference_kernel(x, cos, sin, weights, *spec):
@@ -217,11 +208,11 @@ def _backward_fake(dout, x, cos, sin, acts, weights, *spec):
     return [torch.empty_like(x), *[torch.empty_like(w) for w in weights]]
 
 
-_define(f"llama_block_inference(Tensor x, Tensor cos, Tensor sin, {_SPEC}) -> Tensor",
+define(f"llama_block_inference(Tensor x, Tensor cos, Tensor sin, {_SPEC}) -> Tensor",
         _inference_kernel, lambda x, *rest: torch.empty_like(x))
-_define(f"llama_block_train(Tensor x, Tensor cos, Tensor sin, {_SPEC}, bool keep_attention) -> Tensor[]",
+define(f"llama_block_train(Tensor x, Tensor cos, Tensor sin, {_SPEC}, bool keep_attention) -> Tensor[]",
         _train_kernel, _train_fake)
-_define(f"llama_block_backward(Tensor dout, Tensor x, Tensor cos, Tensor sin, Tensor[] acts, {_SPEC}, "
+define(f"llama_block_backward(Tensor dout, Tensor x, Tensor cos, Tensor sin, Tensor[] acts, {_SPEC}, "
         "bool preserve) -> Tensor[]", _backward_kernel, _backward_fake)
 
 
@@ -240,8 +231,8 @@ def _train_backward(ctx, douts):
     return dx, None, None, grads, None, None, None, None, None, None
 
 
-torch.library.register_autograd("llama3_kernels::llama_block_train", _train_backward, setup_context=_train_setup,
-                                lib=_LIB)
+torch.library.register_autograd(f"{NAMESPACE}::llama_block_train", _train_backward, setup_context=_train_setup,
+                                lib=TORCH_LIB)
 
 
 # ---- eager autograd ----------------------------------------------------------------------------

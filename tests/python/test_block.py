@@ -350,7 +350,7 @@ def test_matches_hugging_face_llama_decoder_layer(device):
     b, s = 2, 16
     x = torch.randn(b, s, 128, device=device, dtype=dtype, requires_grad=True)
     pos = torch.arange(s, device=device)[None].expand(b, s)
-    cos_full, sin_full = LlamaRotaryEmbedding(cfg, device=device)(x.float(), pos)
+    cos_full, sin_full = LlamaRotaryEmbedding(cfg).to(device)(x.float(), pos)
     hf_x = x.detach().float().requires_grad_()
     mask = torch.full((s, s), float("-inf"), device=device).triu(1)[None, None]
     out = hf(hf_x, attention_mask=mask, position_ids=pos, position_embeddings=(cos_full, sin_full))
