@@ -1,0 +1,510 @@
+"""Hugging Face Llama models on the library's block.
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(...)
+    llama3_kernels.hf.apply_to_llama(model)     # every LlamaDecoderLayer: one C call forward, one backward
+    llama3_kernels.hf.revert_llama(model)       # back to transformers' own forward
+
+Each ``LlamaDecoderLayer`` (and each ``LlamaModel``'s final ``LlamaRMSNorm``) gets its class
+swapped for a subclass whose ``forward`` calls ``llama_block`` on the layer's own nine
+parameters.  Nothing is copied or renamed, so ``state_dict`` keys, optimizers, ``save_pretrained``,
+gradient checkpointing (transformers' own machinery wraps the subclass like any layer) and
+``torch.compile`` of the whole model keep working, and ``revert_llama`` puts the original class back.
+
+What the layer is handed is honoured: the model's rotary tables (any rope scaling, any position
+ids) and the attention mask, read as one range of valid keys per sequence (left or right padding).
+What the block cannot compute is refused with an error naming it: biases, activations other than
+SiLU, a head_dim other than hidden_size / num_attention_heads, attention dropout in training,
+``output_attentions``, a KV cache (generation with a cache), packed sequences, flex-attention masks,
+float32 on CUDA (its attention takes float16/bfloat16; run float32 models under ``torch.autocast``).
+
+Importing ``llama3_kernels`` does not import this module or transformers.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import weakref
+
+import torch
+from torch import nn
+
+from . import block as _block
+from .ops.rmsnorm import rms_norm
+
+__all__ = ["apply_to_llama", "revert_llama", "patched", "from_pretrained", "UnsupportedLlamaError"]
+
+
+class UnsupportedLlamaError(ValueError):
+    """The model, its configuration or a call asks for something the fused block does not compute."""
+
+
+def _llama():
+    from transformers.models.llama import modeling_llama
+    return modeling_llama
+
+
+# The library entry point, looked up at call time (a test may stand a reference block in for it).
+_llama_block = _block.llama_block
+# Padded batches need llama_block's key_range; without it only unpadded batches run.
+_TAKES_KEY_RANGE = "key_range" in inspect.signature(_block.llama_block).parameters
+
+# A layer's cache argument, by the names transformers has used for it.
+_CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+# Keyword arguments with which flash-attention integrations describe packed sequences.
+_PACKED_ARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_k", "max_length_q", "max_length_k")
+
+
+# ---- configuration and module checks --------------------------------------------------------
+
+def _check_config(cfg) -> None:
+    hidden, heads = cfg.hidden_size, cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    problems = []
+    if getattr(cfg, "attention_bias", False):
+        problems.append("attention_bias=True (the block's projections have no bias)")
+    if getattr(cfg, "mlp_bias", False):
+        problems.append("mlp_bias=True (the block's MLP has no bias)")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={cfg.hidden_act!r} (the block's MLP is SwiGLU: silu)")
+    if hidden % heads:
+        problems.append(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+    head_dim = getattr(cfg, "head_dim", None)
+    if head_dim is not None and head_dim * heads != hidden:
+        problems.append(f"head_dim {head_dim} != hidden_size / num_attention_heads = {hidden / heads:g}")
+    head_dim = hidden // heads
+    if head_dim % 8 or not 8 <= head_dim <= 256:
+        problems.append(f"head_dim {head_dim} (the attention takes a multiple of 8 in [8, 256])")
+    if heads % kv_heads:
+        problems.append(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    if not getattr(cfg, "is_causal", True):
+        problems.append("is_causal=False (the block's attention is causal)")
+    if problems:
+        raise UnsupportedLlamaError("llama3_kernels.hf: this Llama configuration cannot run on the fused block: "
+                                    + "; ".join(problems))
+
+
+def _is_plain_linear(mod) -> bool:
+    return type(mod).forward is nn.Linear.forward and mod.bias is None
+
+
+def _projections(layer):
+    a, m = layer.self_attn, layer.mlp
+    return (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+
+
+def _refuse_foreign_projection(layer, mod) -> None:
+    name = next(n for n, m in layer.named_modules() if m is mod)
+    why = (f"is a {type(mod).__name__} (an adapter or quantized layer?)" if type(mod).forward is not nn.Linear.forward
+           else "has a bias" if mod.bias is not None else "has forward hooks that the fused block would skip")
+    raise UnsupportedLlamaError(
+        f"llama3_kernels.hf: {name} {why}; the fused block reads the plain weight of an nn.Linear without bias. "
+        "Merge adapters into the weights, or call llama3_kernels.hf.revert_llama(model) first.")
+
+
+def _layer_weights(layer):
+    """The layer's own nine parameters in SPLIT_PARAM_NAMES order, after checking that each projection
+    is still a plain bias-free nn.Linear whose forward the block may stand in for."""
+    mods = _projections(layer)
+    for mod in mods:
+        if not _is_plain_linear(mod) or mod._forward_hooks or mod._forward_pre_hooks:
+            _refuse_foreign_projection(layer, mod)
+    return [mod.weight for mod in mods] + [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+
+
+def _check_layer(layer) -> None:
+    _check_config(layer.self_attn.config)
+    _layer_weights(layer)
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    if not all(isinstance(n, _llama().LlamaRMSNorm) for n in norms):
+        raise UnsupportedLlamaError("llama3_kernels.hf: the layer's norms are not LlamaRMSNorm")
+    if norms[0].variance_epsilon != norms[1].variance_epsilon:
+        raise UnsupportedLlamaError("llama3_kernels.hf: the layer's two RMSNorms have different eps "
+                                    f"({norms[0].variance_epsilon}, {norms[1].variance_epsilon}); the block takes one")
+
+
+# ---- the attention mask as a range of keys per sequence -----------------------------------------
+
+# The last mask turned into key ranges, with what was learnt checking it (one device sync per
+# model call instead of one per layer: every layer is handed the same mask object).
+_MASK_MEMO: list = [None]
+
+
+def _mask_version(mask):
+    try:
+        return mask._version
+    except RuntimeError:  # inference tensors keep no version counter
+        return None
+
+
+def _allowed(mask: torch.Tensor) -> torch.Tensor:
+    """True where a key may be attended: boolean masks as they are, float masks where they add 0,
+    integer (2-D padding) masks where nonzero."""
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_floating_point():
+        return mask == 0
+    return mask != 0
+
+
+def _refuse_mask(what: str):
+    raise UnsupportedLlamaError(
+        f"llama3_kernels.hf: {what}. The fused block's attention is causal over one contiguous range of keys per "
+        "sequence (left or right padding); packed sequences and custom masks are not supported.")
+
+
+def _key_range(mask, x: torch.Tensor, cfg, position_ids, kwargs):
+    """key_range (batch, 2) int32 on x's device from the mask a decoder layer receives, or None
+    when every key is valid.
+
+    transformers hands a layer no mask (nothing padded), a 2-D padding mask (flash-attention
+    implementations), or a 4-D mask (batch or 1, heads or 1, queries, keys), boolean or additive
+    (SDPA, eager).  Under a causal mask a sequence's last query sees every valid key, so its row
+    gives [start, end), and every row is checked against that range: a real query's (start <= i
+    < end) must see exactly the keys start..i; a padded query's that pattern, nothing or
+    everything (implementations differ there), which a packed sequence's queries do not.  The
+    ranges are computed without a host sync so that torch.compile traces them; the check needs one
+    and runs only eagerly (once per mask: every layer is handed the same one)."""
+    for name in _PACKED_ARGS:
+        if kwargs.get(name) is not None:
+            _refuse_mask(f"the layer was given {name} (packed sequences)")
+    batch, seq = x.shape[0], x.shape[1]
+    compiling = torch.compiler.is_compiling()
+    if mask is None:
+        if (not compiling and position_ids is not None and "flash" in str(getattr(cfg, "_attn_implementation", ""))
+                and position_ids.shape[-1] > 1 and bool((position_ids.diff(dim=-1) != 1).any())):
+            # Flash-attention integrations read position ids that restart as packed sequences.
+            _refuse_mask("position_ids restart within a sequence under a flash-attention implementation")
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise UnsupportedLlamaError(
+            f"llama3_kernels.hf: a {type(mask).__name__} attention mask (flex attention?) is not supported; load "
+            "the model with attn_implementation='sdpa' or 'eager'.")
+    if not compiling:
+        memo = _MASK_MEMO[0]
+        if (memo is not None and memo[0]() is mask and memo[1] == _mask_version(mask)
+                and memo[2] == (batch, seq, x.device)):
+            return memo[3]
+    if mask.dim() == 2:
+        rows = mask
+    elif mask.dim() == 4:
+        if mask.shape[-2] != seq:
+            _refuse_mask(f"the 4-D mask has {mask.shape[-2]} query rows for a sequence of {seq}")
+        rows = mask[:, 0, -1, :]
+    else:
+        _refuse_mask(f"the attention mask has {mask.dim()} dimensions (expected 2 or 4)")
+    if rows.shape[-1] != seq:
+        _refuse_mask(f"the mask covers {rows.shape[-1]} keys for a sequence of {seq} (a KV cache or a prefix?)")
+    allowed = _allowed(rows).to(x.device)
+    if allowed.shape[0] != batch:
+        allowed = allowed.expand(batch, seq)
+    idx = torch.arange(seq, device=x.device, dtype=torch.int32)
+    start = torch.where(allowed, idx, seq).amin(-1)
+    end = torch.where(allowed, idx + 1, 0).amax(-1)
+    start = torch.minimum(start, end)  # a sequence with no valid key: an empty range at 0
+    key_range = torch.stack([start, end], dim=-1).to(torch.int32)
+    if compiling:
+        return key_range
+    bad, padded = _check_ranges(mask, x.device, start, end, seq)
+    if bad:
+        _refuse_mask("the attention mask is not one contiguous range of keys per sequence")
+    result = key_range if padded else None
+    _MASK_MEMO[0] = (weakref.ref(mask), _mask_version(mask), (batch, seq, x.device), result)
+    return result
+
+
+def _check_ranges(mask, device, start, end, seq):
+    """(the mask differs from the ranges at a real query, some range is not [0, seq)), one sync."""
+    j = torch.arange(seq, device=device)
+    s, e = start.view(-1, 1), end.view(-1, 1)
+    in_range = (j >= s) & (j < e)                                        # (batch, keys)
+    allowed = _allowed(mask).to(device)
+    if mask.dim() == 2:
+        bad = (allowed != in_range).any()
+    else:
+        i = j.view(-1, 1)
+        want = in_range[:, None, None, :] & (j <= i)                     # (batch, 1, queries, keys)
+        real = ((i >= s[:, :, None]) & (i < e[:, :, None]))[:, None]      # (batch, 1, queries, 1)
+        row_differs = (allowed != want).any(-1, keepdim=True)
+        row_uniform = allowed.all(-1, keepdim=True) | ~allowed.any(-1, keepdim=True)
+        bad = (row_differs & (real | ~row_uniform)).any()
+    padded = ((start != 0) | (end != seq)).any()
+    bad, padded = torch.stack([bad, padded]).tolist()
+    return bad, padded
+
+
+# ---- the patched forwards ----------------------------------------------------------------------
+
+def _refuse_call(layer, cfg, kwargs) -> None:
+    if kwargs.get("output_attentions"):
+        raise UnsupportedLlamaError("llama3_kernels.hf: output_attentions=True is not supported: the fused block "
+                                    "never forms the attention weights")
+    for name in _CACHE_ARGS:
+        if kwargs.get(name) is not None:
+            raise UnsupportedLlamaError(
+                "llama3_kernels.hf: generation with a KV cache is not supported yet. Call generate(..., "
+                "use_cache=False), or revert_llama(model) for cached generation; training and forward passes "
+                "without a cache run on the block.")
+    if layer.training and getattr(cfg, "attention_dropout", 0.0) > 0:
+        raise UnsupportedLlamaError(
+            f"llama3_kernels.hf: attention_dropout={cfg.attention_dropout} in training is not supported; set "
+            "model.config.attention_dropout = 0.0 or put the model in eval mode")
+
+
+def _half_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int):
+    """transformers' rotary tables are full width, cat(f, f); the block reads the half f,
+    per sequence (batch, seq, head_dim/2) or shared (seq, head_dim/2)."""
+    half = head_dim // 2
+    cos, sin = cos[..., :half], sin[..., :half]
+    if cos.dim() == 3 and cos.shape[0] == 1:
+        cos, sin = cos[0], sin[0]
+    return cos.contiguous(), sin.contiguous()
+
+
+def _compute_dtype(x: torch.Tensor, weights):
+    """The dtype the block runs in: autocast's where it is on for x's device (the block is one
+    opaque op, so it casts x and the weights itself), else x's, which the weights must share."""
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    for w in weights:
+        if w.dtype != x.dtype:
+            raise TypeError(f"llama3_kernels.hf: a layer weight is {w.dtype} but the hidden states are {x.dtype}; "
+                            "the block takes one dtype (cast the model, or run under torch.autocast)")
+    return x.dtype
+
+
+def _decoder_layer_forward(self, hidden_states, *args, **kwargs):
+    if args:
+        names = type(self)._l3k_positional
+        if len(args) > len(names):
+            raise TypeError(f"llama3_kernels.hf: {len(args) + 1} positional arguments for a decoder layer that "
+                            f"takes at most {len(names) + 1}")
+        kwargs.update(zip(names, args))
+    cfg = self.self_attn.config
+    _refuse_call(self, cfg, kwargs)
+    pe = kwargs.get("position_embeddings")
+    if pe is None:
+        raise UnsupportedLlamaError("llama3_kernels.hf: the layer was called without position_embeddings; this "
+                                    "transformers version computes RoPE inside the attention, which is not supported")
+    x = hidden_states
+    if x.dim() != 3:
+        raise ValueError(f"llama3_kernels.hf: hidden states of shape {tuple(x.shape)}, expected (batch, seq, hidden)")
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    cos, sin = _half_tables(*pe, cfg.hidden_size // heads)
+    weights = _layer_weights(self)
+    key_range = _key_range(kwargs.get("attention_mask"), x, cfg, kwargs.get("position_ids"), kwargs)
+    dtype = _compute_dtype(x, weights)
+    if x.device.type == "cuda" and dtype == torch.float32:
+        raise TypeError("llama3_kernels.hf: the CUDA attention takes float16 or bfloat16, and this model runs in "
+                        "float32: load it with torch_dtype=torch.bfloat16, call model.to(torch.bfloat16), or train "
+                        "under torch.autocast('cuda', dtype=torch.bfloat16)")
+    owner = self
+    if dtype != x.dtype or any(w.dtype != dtype for w in weights):
+        x, weights, owner = x.to(dtype), [w.to(dtype) for w in weights], None
+    extra = {}
+    if key_range is not None:
+        if _TAKES_KEY_RANGE:
+            extra["key_range"] = key_range
+        elif not torch.compiler.is_compiling():
+            raise NotImplementedError("llama3_kernels.hf: padded batches need llama_block(key_range=...), which this "
+                                      "version of the library lacks")
+    out = _llama_block(x, cos, sin, weights, heads, kv_heads, eps=self.input_layernorm.variance_epsilon,
+                       causal=True, owner=owner, **extra)
+    out = out.to(hidden_states.dtype)
+    return (out,) if type(self)._l3k_returns_tuple else out
+
+
+def _rms_norm_forward(self, hidden_states):
+    w = self.weight
+    out = rms_norm(hidden_states, w, self.variance_epsilon)
+    # transformers' norm returns weight * normalized: the wider of the two dtypes.
+    return out.to(torch.promote_types(w.dtype, hidden_states.dtype))
+
+
+def _drop_block_state(self, fn, *args, **kwargs):
+    _block._CALLS.pop(self, None)  # .to(), .half(), ...: let go of the old weights now
+    return type(self)._l3k_base._apply(self, fn, *args, **kwargs)
+
+
+def _returns_tuple(forward) -> bool:
+    """Whether transformers' layer forward returns a tuple (up to 4.53) or the hidden states (later)."""
+    ann = inspect.signature(forward).return_annotation
+    if ann is inspect.Signature.empty:
+        from transformers import __version__
+        major, minor = (int(p) for p in __version__.split(".")[:2])
+        return (major, minor) < (4, 54)
+    return "tuple" in (ann if isinstance(ann, str) else repr(ann)).lower()
+
+
+def _positional_names(forward):
+    """The parameters a caller may pass positionally after hidden_states (older transformers
+    versions checkpoint layers with every argument positional)."""
+    params = list(inspect.signature(forward).parameters.values())[2:]  # self, hidden_states
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in params if p.kind in kinds)
+
+
+# One subclass per patched class.  A subclass (not an instance attribute) so that transformers'
+# gradient-checkpointing wrapper, which wraps each subclass's forward, wraps this forward too; it
+# keeps the class name so that name-based wrapping policies (_no_split_modules, FSDP) still match.
+_PATCHED: dict = {}
+
+
+def _patched_class(base, kind: str):
+    cls = _PATCHED.get(base)
+    if cls is None:
+        ns = {"__module__": __name__, "_l3k_base": base, "_l3k_kind": kind, "_apply": _drop_block_state}
+        if kind == "layer":
+            ns.update(forward=_decoder_layer_forward, _l3k_positional=_positional_names(base.forward),
+                      _l3k_returns_tuple=_returns_tuple(base.forward))
+        else:
+            ns["forward"] = _rms_norm_forward
+        cls = type(base.__name__, (base,), ns)
+        cls.__qualname__ = f"patched_classes.{base.__name__}"
+        _PATCHED[base] = cls
+    return cls
+
+
+class _PatchedClasses:
+    """Where pickle finds the patched classes by name (transformers' own Llama classes only)."""
+
+    def __getattr__(self, name):
+        kinds = {"LlamaDecoderLayer": "layer", "LlamaRMSNorm": "norm"}
+        if name not in kinds:
+            raise AttributeError(name)
+        return _patched_class(getattr(_llama(), name), kinds[name])
+
+
+patched_classes = _PatchedClasses()
+
+
+def _is_patched(mod) -> bool:
+    return "_l3k_base" in type(mod).__dict__
+
+
+# ---- the model-level hook: no cache unless asked, no attention weights ---------------------------
+
+def _model_pre_hook(module, args, kwargs):
+    if kwargs.get("output_attentions") or (kwargs.get("output_attentions") is None
+                                           and getattr(module.config, "output_attentions", False)):
+        raise UnsupportedLlamaError("llama3_kernels.hf: output_attentions=True is not supported: the fused block "
+                                    "never forms the attention weights")
+    # use_cache defaults to the config's (True for most checkpoints): a plain forward would build a
+    # cache the block cannot fill.  Left unset, it runs without one; asked for, the layers refuse.
+    if kwargs.get("use_cache") is None and len(args) <= _USE_CACHE_INDEX.get(type(module), 0):
+        kwargs["use_cache"] = False
+    return args, kwargs
+
+
+# Where use_cache sits among a model class's positional parameters (after self).
+_USE_CACHE_INDEX: dict = {}
+
+
+def _use_cache_index(cls) -> int:
+    names = list(inspect.signature(cls.forward).parameters)[1:]
+    return names.index("use_cache") if "use_cache" in names else len(names)
+
+
+def _hook_ids(module):
+    return [k for k, fn in module._forward_pre_hooks.items() if fn is _model_pre_hook]
+
+
+# ---- public entry points ----------------------------------------------------------------------------
+
+def _targets(model):
+    """The Llama decoder layers of `model` whose forward is transformers' own (not a subclass that
+    computes something else; wrappers such as FSDP's subclasses and checkpointing pass), and the
+    LlamaModels holding them."""
+    llama = _llama()
+    layer_fwd = inspect.unwrap(llama.LlamaDecoderLayer.forward)
+    layers, models = [], []
+    for mod in model.modules():
+        base = type(mod)._l3k_base if _is_patched(mod) else type(mod)
+        if isinstance(mod, llama.LlamaDecoderLayer) and inspect.unwrap(base.forward) is layer_fwd:
+            layers.append(mod)
+        elif isinstance(mod, llama.LlamaModel):
+            models.append(mod)
+    return layers, models
+
+
+def _patch(model, final_norm: bool = True):
+    """Patch `model`; returns the modules this call changed (for `patched` to undo)."""
+    layers, models = _targets(model)
+    if not layers:
+        raise UnsupportedLlamaError(f"llama3_kernels.hf: {type(model).__name__} has no LlamaDecoderLayer to patch")
+    todo = [m for m in layers if not _is_patched(m)]
+    for layer in todo:
+        _check_layer(layer)
+    changed = []
+    for layer in todo:
+        layer.__class__ = _patched_class(type(layer), "layer")
+        changed.append(layer)
+    llama = _llama()
+    for m in models:
+        if not _hook_ids(m):
+            _USE_CACHE_INDEX.setdefault(type(m), _use_cache_index(type(m)))
+            m.register_forward_pre_hook(_model_pre_hook, with_kwargs=True)
+            changed.append(m)
+        norm = getattr(m, "norm", None)
+        if final_norm and type(norm) is llama.LlamaRMSNorm:
+            norm.__class__ = _patched_class(type(norm), "norm")
+            changed.append(norm)
+    return changed
+
+
+def _revert(modules) -> None:
+    for mod in modules:
+        if _is_patched(mod):
+            _block._CALLS.pop(mod, None)
+            mod.__class__ = type(mod)._l3k_base
+        elif any(_is_patched_cls(c) for c in type(mod).__mro__[1:]):
+            raise RuntimeError(f"llama3_kernels.hf: cannot revert {type(mod).__name__}: it was wrapped in another "
+                               "class after it was patched")
+        for k in _hook_ids(mod):
+            del mod._forward_pre_hooks[k]
+            mod._forward_pre_hooks_with_kwargs.pop(k, None)
+
+
+def _is_patched_cls(cls) -> bool:
+    return "_l3k_base" in cls.__dict__
+
+
+def apply_to_llama(model, *, final_norm: bool = True):
+    """Run every ``LlamaDecoderLayer`` of `model` (a ``LlamaForCausalLM``, ``LlamaModel``, or any module
+    holding them) on the fused block, and each ``LlamaModel``'s final norm on the library's RMSNorm
+    (unless ``final_norm=False``).  In place, on the model's own parameters; returns `model`.
+
+    Raises ``UnsupportedLlamaError`` for a configuration the block cannot compute (biases, an
+    activation other than SiLU, head_dim != hidden_size / num_attention_heads, ...) or for projections
+    that are not plain ``nn.Linear`` (adapters, quantized layers).  Calls are refused for what the
+    block does not do: ``output_attentions``, a KV cache, attention dropout in training, masks that
+    are not one range of keys per sequence.  Forward passes run without a cache unless one is asked for.
+    """
+    _patch(model, final_norm)
+    return model
+
+
+def revert_llama(model):
+    """Undo ``apply_to_llama``: every patched module gets transformers' class (and forward) back."""
+    _revert(list(model.modules()))
+    return model
+
+
+@contextlib.contextmanager
+def patched(model, *, final_norm: bool = True):
+    """``with patched(model): ...`` runs `model` on the block inside the block only; what was
+    patched before entering stays patched."""
+    changed = _patch(model, final_norm)
+    try:
+        yield model
+    finally:
+        _revert(changed)
+
+
+def from_pretrained(pretrained_model_name_or_path, *args, model_class=None, final_norm: bool = True, **kwargs):
+    """``model_class.from_pretrained(...)`` (``AutoModelForCausalLM`` by default), patched."""
+    if model_class is None:
+        from transformers import AutoModelForCausalLM as model_class
+    model = model_class.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+    return apply_to_llama(model, final_norm=final_norm)
