@@ -232,7 +232,8 @@ __device__ __forceinline__ int64_t l3k_attn_kv_block_end(int64_t q0, int rows, i
 __device__ __forceinline__ int64_t l3k_attn_q_block_begin(int64_t j, int rows, int64_t sq, int64_t sk,
                                                           int causal) {
     if (!causal) return 0;
-    const int64_t first = j - (sk - sq); /* the first query row that sees key j */
+    /* l3k_attn_query_begin written out: calling it changed the mma.sync backward's code */
+    const int64_t first = j - (sk - sq);
     return first > 0 ? first / rows : 0;
 }
 
