@@ -5,8 +5,8 @@
 
 /* Rotate the `heads` rows of one token of one tensor. */
 static void rotate_token(const l3k_rope_args *a, const void *x, const int64_t *xs, void *out,
-                         const int64_t *os, int64_t heads, int64_t b, int64_t s,
-                         const float *c, const float *sn) {
+                         const int64_t *os, int64_t heads, int64_t b, int64_t s, const float *c,
+                         const float *sn) {
     const l3k_dt dt = a->dtype;
     const size_t es = l3k_dt_size(dt);
     const int64_t half = a->head_dim / 2;
