@@ -4,18 +4,22 @@
 
 On a GPU it times the real shapes (bf16) with CUDA events, the L2 cache flushed
 before every repetition, and reports medians next to the copy bandwidth
-measured in the same run; without a GPU it runs the CPU path on small shapes
-and says so.  It prints a table and writes JSON (card, versions, shapes,
-medians) and a PNG plot.
+measured in the same run; the plot shows each contender's median as a ratio
+to torch.compile's and to eager's.  Without a GPU it runs the CPU reference
+kernels on small shapes: those times only show that the path runs, and the
+table, JSON and plot say so and rank nothing.  It prints a table and writes
+JSON (card, versions, date, shapes, medians) and a PNG plot.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import platform
 import statistics
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,6 +247,22 @@ SUITES = {"rmsnorm": rmsnorm_cases, "rope": rope_cases, "swiglu": swiglu_cases}
 
 # ---- report ----------------------------------------------------------------------------
 
+CPU_CAVEAT = ("CPU timings of the reference kernels on small shapes (float32): "
+              "a check that the benchmark runs, not performance results")
+REFS = ("torch.compile", "eager")
+
+
+class Progress:
+    """Log lines with the seconds since the run began, flushed at once: a block config runs
+    silently for tens of seconds otherwise, and piped output would hold the lines back."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        print(f"[bench] ({time.perf_counter() - self.t0:6.1f} s) {msg}", flush=True)
+
+
 def environment(device) -> dict:
     env = {
         "torch": torch.__version__,
@@ -259,9 +279,14 @@ def environment(device) -> dict:
     return env
 
 
-def print_table(cases: list[Case], bw: float) -> None:
+def print_table(cases: list[Case], bw: float, caveat: str | None = None) -> None:
+    """With a caveat (the CPU run) only the times: the share of the copy-bandwidth floor would
+    read as a ranking."""
     labels = sorted({k for c in cases for k in c.variants}, key=lambda k: (k != "llama3_kernels", k))
-    head = f"{'op':<18} {'shape':<14} " + " ".join(f"{l:>16}" for l in labels) + f" {'floor':>9} {'of floor':>9}"
+    head = f"{'op':<20} {'shape':<14} " + " ".join(f"{l:>16}" for l in labels)
+    if not caveat:
+        head += f" {'floor':>9} {'of floor':>9}"
+    print(f"single ops: {caveat}" if caveat else "single ops: median times")
     print(head)
     print("-" * len(head))
     for c in cases:
@@ -269,42 +294,119 @@ def print_table(cases: list[Case], bw: float) -> None:
         cells = " ".join(f"{c.results[l] * 1e3:>13.1f} us" if l in c.results else f"{'-':>16}" for l in labels)
         ours = c.results.get("llama3_kernels")
         frac = f"{floor_ms / ours:>8.0%}" if ours else "-"
-        print(f"{c.op:<18} {'x'.join(map(str, c.shape)):<14} {cells} {floor_ms * 1e3:>6.1f} us {frac:>9}")
+        tail = "" if caveat else f" {floor_ms * 1e3:>6.1f} us {frac:>9}"
+        print(f"{c.op:<20} {'x'.join(map(str, c.shape)):<14} {cells}{tail}")
 
 
-def block_plot_cases(blocks) -> list[Case]:
-    """Block results in the plot's shape: one bar group per (config, pass)."""
-    out = []
-    for b in blocks:
-        for kind in ("fwd", "fwd+bwd"):
-            res = {l: v for (l, k), v in b.results.items() if k == kind and l != "GEMMs alone"}
-            if res:
-                out.append(Case(f"{b.name} {kind}", (b.batch, b.seq, b.dim), b.dtype, 0, dict.fromkeys(res), res))
-    return out
+def case_plot_rows(cases: list[Case]) -> list[tuple[str, str, dict, dict]]:
+    """(group, row label, contender -> median ms, reference -> median ms), as
+    bench_block.block_plot_rows."""
+    return [("single ops", f"{c.op} {'x'.join(map(str, c.shape))}", c.results,
+             {r: c.results[r] for r in REFS if r in c.results}) for c in cases]
 
 
-def plot(cases: list[Case], path: Path, title: str) -> bool:
+def _ratio_ticks(lo: float, hi: float) -> list[float]:
+    """Round ratios, 1 first, then outward, each far enough from the others to be read."""
+    gap = math.log(hi / lo) / 9
+    ticks = [1.0]
+    for t in sorted((t for t in (0.05, 0.1, 0.2, 0.5, 0.8, 0.9, 0.95, 1.05, 1.1, 1.25, 1.5, 2, 3, 5, 10, 20)
+                     if lo <= t <= hi), key=lambda t: abs(math.log(t))):
+        if all(abs(math.log(t / u)) >= gap for u in ticks):
+            ticks.append(t)
+    return sorted(ticks)
+
+
+def plot(rows: list[tuple[str, str, dict, dict]], path: Path, title: str, caveat: str | None = None,
+         note: str | None = None) -> bool:
+    """On the GPU one column per reference (torch.compile, then eager) and one row of panels per
+    group (block config, single ops), each with its own scale: a bar is a contender's median over
+    the reference's, drawn from 1.0, so the few-percent gaps that matter show, where absolute times
+    spanning decades, or one axis shared with the host-bound shape's 0.1x, would flatten them.
+    With a caveat (the CPU run) plain times under it, nothing ranked."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FixedLocator, NullLocator
     except ImportError:
         return False
-    labels = sorted({k for c in cases for k in c.variants}, key=lambda k: (k != "llama3_kernels", k))
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(cases), 4))
-    width = 0.8 / len(labels)
-    for i, l in enumerate(labels):
-        xs = [j + i * width for j, c in enumerate(cases) if l in c.results]
-        ys = [c.results[l] * 1e3 for c in cases if l in c.results]
-        ax.bar(xs, ys, width, label=l)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
-    ax.set_xticklabels([f"{c.op}\n{'x'.join(map(str, c.shape))}" for c in cases], fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel("median time (us, log scale), lower is better")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    panels = [None] if caveat else [r for r in REFS if any(r in refs for *_, refs in rows)]
+
+    def bars(times, refs, ref):
+        if ref is None:
+            return list(times.items())
+        if ref not in refs:
+            return []
+        # the other reference last, so a contender sits in the same slot in both columns
+        order = [l for l in times if l not in REFS] + [l for l in REFS if l in times and l != ref]
+        return [(l, times[l] / refs[ref]) for l in order]
+
+    groups: dict[str, list] = {}
+    for group, label, times, refs in rows:
+        per = [bars(times, refs, ref) for ref in panels]
+        if any(per):
+            groups.setdefault(group, []).append((label, max(map(len, per)), per))
+    if not groups:
+        return False
+    slots = [sum(n + 1 for _, n, _ in entries) - 1 for entries in groups.values()]
+    fig, axes = plt.subplots(len(groups), len(panels), squeeze=False, sharey="row", constrained_layout=True,
+                             gridspec_kw={"height_ratios": slots},
+                             figsize=(3 + 5.5 * len(panels), 1.6 + 0.17 * sum(slots) + 0.5 * len(groups)))
+    palette, colors = plt.get_cmap("tab10").colors, {}
+    for (group, entries), row_axes in zip(groups.items(), axes):
+        ys, y = [], 0
+        for _, n, _ in entries:
+            ys.append(y)
+            y += n + 1
+        for col, (ax, ref) in enumerate(zip(row_axes, panels)):
+            values = [v for *_, per in entries for _, v in per[col]]
+            if not values:
+                ax.set_axis_off()
+                continue
+            span = values if ref is None else values + [1.0]
+            pad = max(math.log(max(span) / min(span)), 0.1) * 0.15  # room for the value labels
+            lo, hi = min(span) * math.exp(-pad), max(span) * math.exp(pad)
+            base = 1.0 if ref else lo
+            for y0, (_, _, per) in zip(ys, entries):
+                for j, (l, v) in enumerate(per[col]):
+                    c = colors.setdefault(l, palette[len(colors) % len(palette)])
+                    ax.barh(y0 + j, v - base, 0.85, left=base, color=c, label=l)
+                    text = f" {v:.3g} ms " if ref is None else f" {v:.2f} "
+                    ax.text(v, y0 + j, text, va="center", ha="left" if v >= base else "right", fontsize=7)
+            ax.set_xscale("log")
+            ax.set_xlim(lo, hi)
+            if ref is not None:
+                ax.axvline(1.0, color="black", lw=1)
+                ax.xaxis.set_major_locator(FixedLocator(_ratio_ticks(lo, hi)))
+                ax.xaxis.set_major_formatter(lambda t, _: f"{t:g}")
+                ax.xaxis.set_minor_locator(NullLocator())
+            ax.grid(axis="x", alpha=0.3)
+            ax.tick_params(axis="x", labelsize=8)
+        ax0 = row_axes[0]
+        ax0.set_yticks([y0 + (n - 1) / 2 for y0, (_, n, _) in zip(ys, entries)])
+        ax0.set_yticklabels([label for label, *_ in entries], fontsize=8)
+        ax0.set_ylim(y - 1.5, -0.5)
+        ax0.set_ylabel(group, fontsize=9, fontweight="bold")
+    for ax, ref in zip(axes[-1], panels):
+        ax.set_xlabel("median time (ms, log scale), CPU reference kernels" if ref is None
+                      else f"median time / {ref} median time")
+    for ax, ref in zip(axes[0], panels):
+        if ref is not None:
+            ax.set_title(f"ratio to {ref} (< 1: faster than {ref})", fontsize=9)
+    handles = {}
+    for ax in axes.flat:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(l, h)
+    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    if caveat:
+        fig.suptitle(f"NOT PERFORMANCE RESULTS\n{textwrap.fill(caveat, 70)}\n{title}", fontsize=10,
+                     color="firebrick")
+    else:
+        fig.suptitle(title, fontsize=10)
+    if note:
+        fig.supxlabel(note, fontsize=8)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     return True
 
 
@@ -320,7 +422,10 @@ def main(argv=None) -> int:
                     help="block configs to run, comma-separated name prefixes (e.g. 'llama3-8b'); default all")
     args = ap.parse_args(argv)
 
+    log = Progress()
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     gpu = torch.cuda.is_available() and not args.cpu and _lib.has_cuda()
+    caveat = None if gpu else CPU_CAVEAT
     device = torch.device("cuda" if gpu else "cpu")
     dtype = torch.bfloat16 if gpu else torch.float32
     reps = args.reps or (100 if gpu else 10)
@@ -329,34 +434,38 @@ def main(argv=None) -> int:
     if not gpu:
         why = "no CUDA GPU visible" if not torch.cuda.is_available() else (
             "--cpu given" if args.cpu else "library built without CUDA")
-        print(f"[bench] {why}: running the CPU path on small shapes (float32); "
-              "times are CPU times, not GPU results.")
-    print(f"[bench] {env['card']}, torch {env['torch']}, llama3_kernels {env['llama3_kernels']}")
+        print(f"[bench] {why}: {CPU_CAVEAT}.", flush=True)
+    print(f"[bench] {env['card']}, torch {env['torch']}, llama3_kernels {env['llama3_kernels']}, {date}",
+          flush=True)
 
     bw = copy_bandwidth(timer, device)
-    print(f"[bench] copy bandwidth (read + write): {bw / 1e12:.3f} TB/s")
+    print(f"[bench] copy bandwidth (read + write): {bw / 1e12:.3f} TB/s", flush=True)
     suites = SUITES if args.suite == "all" else {} if args.suite == "block" else {args.suite: SUITES[args.suite]}
     cases = [c for make in suites.values() for c in make(device, dtype, not args.no_compile)]
     blocks = []
     if args.suite in ("all", "block"):
         from .bench_block import run_block_suite
         only = [n.strip() for n in args.configs.split(",")] if args.configs else None
-        blocks = run_block_suite(timer, device, not args.no_compile, only=only)
+        blocks = run_block_suite(timer, device, not args.no_compile, log=log, only=only)
     for i, c in enumerate(cases, 1):
         for label, fn in c.variants.items():
             c.results[label] = timer(fn)
-            print(f"[bench] ({i}/{len(cases)}) {c.op} {label}: {c.results[label] * 1e3:.1f} us", flush=True)
+            log(f"({i}/{len(cases)}) {c.op} {label}: {c.results[label] * 1e3:.1f} us")
 
     print()
     if blocks:
         from .bench_block import print_block_table
-        print_block_table(blocks)
-        print()
+        print_block_table(blocks, caveat)
     if cases:
-        print_table(cases, bw)
+        if blocks:
+            print()
+        print_table(cases, bw, caveat)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {
+        "timings_are": "gpu" if gpu else "cpu reference",
+        **({"caveat": CPU_CAVEAT} if caveat else {}),
+        "date_utc": date,
         "environment": env,
         "copy_bandwidth_Bps": bw,
         "timing": ("median of %d reps, CUDA events, L2 evicted by a 256 MiB read before each rep" % reps if gpu else
@@ -372,7 +481,15 @@ def main(argv=None) -> int:
         from .bench_block import block_records
         record["blocks"] = block_records(blocks)
     (out / "bench.json").write_text(json.dumps(record, indent=2))
-    drew = plot(cases + block_plot_cases(blocks), out / "bench.png", f"{env['card']} | torch {env['torch']}")
+    rows = case_plot_rows(cases)
+    if blocks:
+        from .bench_block import block_plot_rows
+        rows = block_plot_rows(blocks) + rows
+    note = None
+    if gpu and blocks:
+        note = ("block passes: fwd, fwd+bwd timed in shared rounds, order rotated each round (clock-equalized); "
+                "'steady': each contender alone for a block of repetitions, blocks alternating")
+    drew = plot(rows, out / "bench.png", f"{env['card']} | torch {env['torch']} | {date}", caveat, note)
     print(f"\n[bench] wrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if drew else
                                                      " (matplotlib missing: no plot)"))
     return 0

@@ -9,6 +9,7 @@ Without a GPU: one small float32 config on the CPU path.
 from __future__ import annotations
 
 import gc
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -74,14 +75,21 @@ def _gemms(cfg: BlockConfig, device):
     return fwd, fwd_bwd
 
 
-def run_block_suite(timer, device, compile_ok: bool, log=print, only=None) -> list[BlockConfig]:
-    """`only`: name prefixes of the configs to run (None: all of the device's configs)."""
+def _print_flushed(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run_block_suite(timer, device, compile_ok: bool, log=_print_flushed, only=None) -> list[BlockConfig]:
+    """`only`: name prefixes of the configs to run (None: all of the device's configs).
+    `log` gets a line as each config and pass starts and ends."""
     configs = GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS
     if only:
         configs = [c for c in configs if any(c.name.startswith(o) for o in only)]
         if not configs:
             raise SystemExit(f"--configs {','.join(only)}: no block config of this device matches")
     for cfg in configs:
+        log(f"{cfg.name}: building the blocks (batch {cfg.batch}, seq {cfg.seq}, dim {cfg.dim}, "
+            f"{str(cfg.dtype).replace('torch.', '')})")
         torch.manual_seed(0)
         ref = TorchLlama3Block(cfg.dim, cfg.hidden, cfg.heads, cfg.kv_heads, causal=cfg.causal,
                                device=device, dtype=cfg.dtype)
@@ -126,17 +134,25 @@ def run_block_suite(timer, device, compile_ok: bool, log=print, only=None) -> li
             for protocol, how in (("", timer.rounds), (" steady", timer.steady)):
                 if protocol and device.type != "cuda":
                     continue
-                for label, t in how(fns).items():
+                what = f"{cfg.name} {kind}{protocol}"
+                log(f"{what}: start ({len(fns)} contenders"
+                    + (", the first calls compile)" if compile_ok and not protocol else ")"))
+                t0 = time.perf_counter()
+                times = how(fns)
+                for label, t in times.items():
                     cfg.results[(label, kind + protocol)] = t
-                    log(f"[bench] {cfg.name}: {label} {kind}{protocol} {t:.3f} ms")
+                log(f"{what}: done in {time.perf_counter() - t0:.1f} s: "
+                    + ", ".join(f"{label} {t:.3f} ms" for label, t in times.items()))
         if cfg.backward and device.type == "cuda":
             for label in variants:
                 cfg.results[(label, "mem")] = _extra_peak_mib(steps[label])
+            log(f"{cfg.name}: extra peak MiB of a training step: "
+                + ", ".join(f"{label} {cfg.results[(label, 'mem')]:.0f}" for label in variants))
         if cfg.graphs and device.type == "cuda":
             try:
                 _time_graphs(cfg, timer, {"llama3_kernels": ours, "eager": ref}, x, cos, sin, compile_ok, log)
             except RuntimeError as e:  # report it and keep the rest of the run
-                log(f"[bench] {cfg.name}: CUDA-graph timing failed: {str(e).splitlines()[0]}")
+                log(f"{cfg.name}: CUDA-graph timing failed: {str(e).splitlines()[0]}")
         del ref, ours, variants
         gc.collect()
         if device.type == "cuda":
@@ -186,22 +202,26 @@ def _time_graphs(cfg, timer, blocks, x, cos, sin, compile_ok, log) -> None:
         replay = capture_forward(block, x, cos, sin)
         with torch.no_grad():
             cfg.results[(f"{label} cuda graph", "fwd")] = t = timer(replay)
-        log(f"[bench] {cfg.name}: {label} forward, hand-captured CUDA graph {t * 1e3:.1f} us")
+        log(f"{cfg.name}: {label} forward, hand-captured CUDA graph {t * 1e3:.1f} us")
         if compile_ok:
             ro = torch.compile(block, mode="reduce-overhead")
             with torch.no_grad():
                 cfg.results[(f"{label} reduce-overhead", "fwd")] = t = timer(lambda: ro(x, cos, sin))
-            log(f"[bench] {cfg.name}: {label} forward, torch.compile reduce-overhead {t * 1e3:.1f} us")
+            log(f"{cfg.name}: {label} forward, torch.compile reduce-overhead {t * 1e3:.1f} us")
 
 
 KINDS = ("fwd", "fwd steady", "fwd+bwd", "fwd+bwd steady")
 
 
-def print_block_table(configs: list[BlockConfig]) -> None:
-    """'fwd', 'fwd+bwd': clock-equalized (shared rounds); '... steady': each contender alone."""
+def print_block_table(configs: list[BlockConfig], caveat: str | None = None) -> None:
+    """'fwd', 'fwd+bwd': clock-equalized (shared rounds); '... steady': each contender alone.
+    With a caveat (the CPU run): the times only, under the caveat; the ratios would rank the
+    library on numbers that say nothing about it, and the time outside the GEMMs, GEMMs timed
+    apart on a busy CPU, comes out negative."""
     labels = ["llama3_kernels", "eager", "torch.compile"]
-    print(f"{'block':<16} {'pass':<15} " + " ".join(f"{l:>15}" for l in labels)
-          + f" {'GEMMs alone':>12} {'ours/eager':>10} {'ours/compile':>12}")
+    print(f"block: {caveat}" if caveat else "block: median times; ours/x = our time over x's (< 1: we are faster)")
+    print(f"{'block':<16} {'pass':<15} " + " ".join(f"{l:>15}" for l in labels) + f" {'GEMMs alone':>12}"
+          + ("" if caveat else f" {'ours/eager':>10} {'ours/compile':>12}"))
     for cfg in configs:
         for kind in KINDS:
             row = [cfg.results.get((l, kind)) for l in labels]
@@ -209,8 +229,8 @@ def print_block_table(configs: list[BlockConfig]) -> None:
                 continue
             cells = " ".join(f"{v:>12.3f} ms" if v is not None else f"{'-':>15}" for v in row)
             ratio = lambda v: f"{row[0] / v:>9.2f}x" if v else f"{'-':>10}"
-            print(f"{cfg.name:<16} {kind:<15} {cells} {cfg.results[('GEMMs alone', kind)]:>9.3f} ms "
-                  f"{ratio(row[1])} {ratio(row[2]):>12}")
+            print(f"{cfg.name:<16} {kind:<15} {cells} {cfg.results[('GEMMs alone', kind)]:>9.3f} ms"
+                  + ("" if caveat else f" {ratio(row[1])} {ratio(row[2]):>12}"))
     extra = sorted({l for c in configs for (l, k) in c.results if l not in labels + ["GEMMs alone"]})
     if extra:
         print()
@@ -222,6 +242,8 @@ def print_block_table(configs: list[BlockConfig]) -> None:
                     continue
                 print(f"{cfg.name:<16} {l:<40} "
                       + " ".join(f"{v:>12.3f} ms" if v is not None else f"{'-':>15}" for v in vals))
+    if caveat:
+        return
     print()
     print(f"{'block':<16} {'time outside the GEMMs (ms)':<34} {'extra peak MiB fwd+bwd':>40}")
     for cfg in configs:
@@ -233,6 +255,26 @@ def print_block_table(configs: list[BlockConfig]) -> None:
                           for k in KINDS if (("llama3_kernels", k) in cfg.results))
         print(f"{cfg.name:<16} {cells}   mem: ours {mem('llama3_kernels')} eager {mem('eager')} "
               f"compile {mem('torch.compile')}")
+
+
+GRAPHED = (" cuda graph", " reduce-overhead")
+
+
+def block_plot_rows(configs: list[BlockConfig]) -> list[tuple[str, str, dict, dict]]:
+    """(group, row label, contender -> median ms, reference -> median ms) per config and pass;
+    the CUDA-graph forwards get a row of their own, against the same pass's references."""
+    rows = []
+    for cfg in configs:
+        group = f"{cfg.name}\n{cfg.batch}x{cfg.seq}x{cfg.dim} {str(cfg.dtype).replace('torch.', '')}"
+        for kind in KINDS:
+            times = {l: v for (l, k), v in cfg.results.items() if k == kind and l != "GEMMs alone"}
+            graphed = {l: times.pop(l) for l in list(times) if l.endswith(GRAPHED)}
+            refs = {l: times[l] for l in ("torch.compile", "eager") if l in times}
+            if "llama3_kernels" in times:
+                rows.append((group, kind, times, refs))
+            if graphed:
+                rows.append((group, f"{kind}, CUDA graphs", graphed, refs))
+    return rows
 
 
 def block_records(configs: list[BlockConfig]) -> list[dict]:
