@@ -65,12 +65,14 @@ class BlockCall:
     a host-bound shape costs little more than the C call); the registered ops make one
     per call.  It holds references to the weights it borrowed."""
 
-    __slots__ = ("key", "params", "borrowed", "weights", "cfg", "layouts", "inference_bytes")
+    __slots__ = ("key", "params", "data_ptrs", "spec", "borrowed", "weights", "cfg", "layouts", "inference_bytes")
 
     def __init__(self, params, n_heads: int, n_kv_heads: int, causal: bool, eps: float,
                  deterministic: bool = False, key=None):
         self.key = key
         self.params = tuple(params)
+        self.data_ptrs = tuple([p.data_ptr() for p in params])  # what the DLTensors below point at
+        self.spec = (n_heads, n_kv_heads, causal, eps, deterministic)
         self.borrowed = Borrowed(*params)
         names = SPLIT_PARAM_NAMES if len(params) == len(SPLIT_PARAM_NAMES) else PARAM_NAMES
         self.weights = BlockWeights(**dict(zip(names, self.borrowed.ptrs)))
@@ -244,7 +246,7 @@ class LlamaBlockFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin, call: BlockCall, keep_attention: bool, *weights):
         out, *acts = call.train_forward(x, cos, sin, keep_attention)
-        ctx.call, ctx.inputs, ctx.activations = call, (x, cos, sin), acts
+        ctx.call, ctx.inputs, ctx.activations, ctx.weights = call, (x, cos, sin), acts, weights
         return out
 
     @staticmethod
@@ -258,7 +260,12 @@ class LlamaBlockFunction(torch.autograd.Function):
         preserve = torch._C._autograd._get_current_graph_task_keep_graph()
         if not preserve:
             ctx.activations = None
-        dx, *grads = ctx.call.backward(dout, *ctx.inputs, acts, preserve)
+        call = ctx.call
+        # Sharded training (FSDP) frees the weights' memory after the forward and gathers them
+        # anew for the backward: borrow them again where their storage moved.
+        if any(w.data_ptr() != ptr for w, ptr in zip(ctx.weights, call.data_ptrs)):
+            call = BlockCall(ctx.weights, *call.spec)
+        dx, *grads = call.backward(dout, *ctx.inputs, acts, preserve)
         return (dx, None, None, None, None, *grads)
 
 
