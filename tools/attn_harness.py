@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""GPU harness for kernels/cuda/flash_attn.cu: parity vs a float32 PyTorch reference, timing vs SDPA.
+"""GPU harness for the attention kernels (kernels/cuda/flash_*.cu): parity vs a float32 PyTorch reference, timing vs SDPA.
 
-Self-contained: builds kernels/cuda/flash_attn.cu + kernels/cpu/flash_attn.c into a shared library
+Self-contained: builds kernels/cuda/flash_*.cu + kernels/cpu/flash_attn.c into a shared library
 with nvcc/gcc and calls it through ctypes with a hand-written mirror of kernels/attention.h.
 
   python3 tools/attn_harness.py [--mode all|parity|bench|sanitize] [--lib PATH] [--arch 90a] [--root DIR]
@@ -52,7 +52,8 @@ class BwdArgs(ctypes.Structure):
 
 
 def build(arch, out, root=ROOT):
-    src_cu = [os.path.join(root, "kernels/cuda", f) for f in ("flash_attn.cu", "flash_attn_sm90.cu", "flash_attn_bwd_sm90.cu")]
+    src_cu = [os.path.join(root, "kernels/cuda", f) for f in (
+        "flash_attn.cu", "flash_fwd_sm80.cu", "flash_bwd_sm80.cu", "flash_fwd_sm90.cu", "flash_bwd_sm90.cu")]
     src_c = os.path.join(root, "kernels/cpu/flash_attn.c")
     inc = os.path.join(root, "kernels")
     obj_c = out + ".c.o"

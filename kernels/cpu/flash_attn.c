@@ -1,6 +1,6 @@
 /* kernels/cpu/flash_attn.c -- C reference of flash attention, forward and backward.
  *
- * The executable spec of kernels/cuda/flash_attn.cu (see kernels/attention.h for the contract).
+ * The executable spec of the kernels/cuda/flash_*.cu kernels (see kernels/attention.h for the contract).
  * Same algorithm as the GPU: key tiles of FA_CPU_BN columns, online softmax with a running row
  * max and a running sum (rescaled when the max grows), float32 accumulation, row statistics in
  * double. The backward recomputes p_ij = exp(s_ij - lse_i) from the saved LSE, D_i = <dO_i, O_i>,
