@@ -185,15 +185,19 @@ def _key_range(mask, x: torch.Tensor, cfg, position_ids, kwargs):
                 and memo[2] == (batch, seq, x.device)):
             return memo[3]
     if mask.dim() == 2:
+        if mask.shape[-1] != seq:
+            _refuse_mask(f"the mask covers {mask.shape[-1]} keys for a sequence of {seq} (a KV cache or a prefix?)")
         rows = mask
     elif mask.dim() == 4:
         if mask.shape[-2] != seq:
             _refuse_mask(f"the 4-D mask has {mask.shape[-2]} query rows for a sequence of {seq}")
-        rows = mask[:, 0, -1, :]
+        if mask.shape[-1] < seq:
+            _refuse_mask(f"the 4-D mask covers {mask.shape[-1]} keys for a sequence of {seq}")
+        # Keys past the sequence (transformers 4.4x sizes its mask seq + 1 without a cache) must be
+        # masked for every real query: the check below holds them to that.
+        rows = mask[:, 0, -1, :seq]
     else:
         _refuse_mask(f"the attention mask has {mask.dim()} dimensions (expected 2 or 4)")
-    if rows.shape[-1] != seq:
-        _refuse_mask(f"the mask covers {rows.shape[-1]} keys for a sequence of {seq} (a KV cache or a prefix?)")
     allowed = _allowed(rows).to(x.device)
     if allowed.shape[0] != batch:
         allowed = allowed.expand(batch, seq)
@@ -213,15 +217,15 @@ def _key_range(mask, x: torch.Tensor, cfg, position_ids, kwargs):
 
 
 def _check_ranges(mask, device, start, end, seq):
-    """(the mask differs from the ranges at a real query, some range is not [0, seq)), one sync."""
-    j = torch.arange(seq, device=device)
+    """(the mask differs from the ranges, some range is not [0, seq)), with one sync."""
+    j = torch.arange(mask.shape[-1], device=device)
     s, e = start.view(-1, 1), end.view(-1, 1)
     in_range = (j >= s) & (j < e)                                        # (batch, keys)
     allowed = _allowed(mask).to(device)
     if mask.dim() == 2:
         bad = (allowed != in_range).any()
     else:
-        i = j.view(-1, 1)
+        i = j[:seq].view(-1, 1)
         want = in_range[:, None, None, :] & (j <= i)                     # (batch, 1, queries, keys)
         real = ((i >= s[:, :, None]) & (i < e[:, :, None]))[:, None]      # (batch, 1, queries, 1)
         row_differs = (allowed != want).any(-1, keepdim=True)
