@@ -1,4 +1,5 @@
 """Layer 5: nn.Modules built on the library's ops."""
+
 from __future__ import annotations
 
 import torch
@@ -34,8 +35,16 @@ class RotaryEmbedding(nn.Module):
     new tensors, or q and k themselves when inplace=True.
     """
 
-    def __init__(self, head_dim: int, max_seq_len: int = 8192, theta: float = 500000.0,
-                 scaling=None, interleaved: bool = False, inplace: bool = False, device=None):
+    def __init__(
+        self,
+        head_dim: int,
+        max_seq_len: int = 8192,
+        theta: float = 500000.0,
+        scaling=None,
+        interleaved: bool = False,
+        inplace: bool = False,
+        device=None,
+    ):
         super().__init__()
         self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
         self.interleaved, self.inplace = interleaved, inplace
@@ -46,8 +55,7 @@ class RotaryEmbedding(nn.Module):
     def tables(self, rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cos.shape[0] < rows or self.cos.device != torch.device(device):
             n = max(rows, self.cos.shape[0])
-            self.cos, self.sin = llama3_rope_cos_sin(n, self.head_dim, self.theta, self.scaling,
-                                                     device=device)
+            self.cos, self.sin = llama3_rope_cos_sin(n, self.head_dim, self.theta, self.scaling, device=device)
         return self.cos, self.sin
 
     def forward(self, q: torch.Tensor, k: torch.Tensor | None = None, offset: int = 0):
@@ -56,8 +64,10 @@ class RotaryEmbedding(nn.Module):
         return op(q, k, cos, sin, offset=offset, interleaved=self.interleaved)
 
     def extra_repr(self) -> str:
-        return (f"head_dim={self.head_dim}, theta={self.theta}, scaling={bool(self.scaling)}, "
-                f"interleaved={self.interleaved}, inplace={self.inplace}")
+        return (
+            f"head_dim={self.head_dim}, theta={self.theta}, scaling={bool(self.scaling)}, "
+            f"interleaved={self.interleaved}, inplace={self.inplace}"
+        )
 
 
 class SwiGLUMLP(nn.Module):
@@ -73,8 +83,8 @@ class SwiGLUMLP(nn.Module):
 
     def reset_parameters(self) -> None:
         # nn.Linear's default: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-        nn.init.uniform_(self.gate_up_weight, -self.dim ** -0.5, self.dim ** -0.5)
-        nn.init.uniform_(self.down_weight, -self.hidden_dim ** -0.5, self.hidden_dim ** -0.5)
+        nn.init.uniform_(self.gate_up_weight, -(self.dim**-0.5), self.dim**-0.5)
+        nn.init.uniform_(self.down_weight, -(self.hidden_dim**-0.5), self.hidden_dim**-0.5)
 
     @property
     def gate_weight(self) -> torch.Tensor:
@@ -82,7 +92,7 @@ class SwiGLUMLP(nn.Module):
 
     @property
     def up_weight(self) -> torch.Tensor:
-        return self.gate_up_weight[self.hidden_dim:]
+        return self.gate_up_weight[self.hidden_dim :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return swiglu_mlp(x, self.gate_weight, self.up_weight, self.down_weight)

@@ -3,6 +3,7 @@
 Tolerances compare against a float32 (or float64) PyTorch reference computed
 from the same rounded inputs, as max |out - ref| <= atol + rtol * |ref|.
 """
+
 import pytest
 import torch
 
@@ -20,8 +21,9 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def assert_close(out, ref, dtype=None, scale=1.0, what=""):
     """Compare in float32 with the dtype's tolerance (scaled for long reductions)."""
     tol = TOL[dtype or out.dtype]
-    torch.testing.assert_close(out.float(), ref.float(), atol=tol["atol"] * scale,
-                               rtol=tol["rtol"] * scale, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        out.float(), ref.float(), atol=tol["atol"] * scale, rtol=tol["rtol"] * scale, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def poison(t):

@@ -27,12 +27,24 @@ import pytest
 HEADER = Path(__file__).resolve().parents[2] / "capi" / "l3k.h"
 
 SCALARS = {
-    "float": ctypes.c_float, "double": ctypes.c_double,
-    "char": ctypes.c_char, "int": ctypes.c_int, "unsigned": ctypes.c_uint, "unsigned int": ctypes.c_uint,
-    "long": ctypes.c_long, "unsigned long": ctypes.c_ulong, "long long": ctypes.c_longlong,
+    "float": ctypes.c_float,
+    "double": ctypes.c_double,
+    "char": ctypes.c_char,
+    "int": ctypes.c_int,
+    "unsigned": ctypes.c_uint,
+    "unsigned int": ctypes.c_uint,
+    "long": ctypes.c_long,
+    "unsigned long": ctypes.c_ulong,
+    "long long": ctypes.c_longlong,
     "size_t": ctypes.c_size_t,
-    "int8_t": ctypes.c_int8, "uint8_t": ctypes.c_uint8, "int16_t": ctypes.c_int16, "uint16_t": ctypes.c_uint16,
-    "int32_t": ctypes.c_int32, "uint32_t": ctypes.c_uint32, "int64_t": ctypes.c_int64, "uint64_t": ctypes.c_uint64,
+    "int8_t": ctypes.c_int8,
+    "uint8_t": ctypes.c_uint8,
+    "int16_t": ctypes.c_int16,
+    "uint16_t": ctypes.c_uint16,
+    "int32_t": ctypes.c_int32,
+    "uint32_t": ctypes.c_uint32,
+    "int64_t": ctypes.c_int64,
+    "uint64_t": ctypes.c_uint64,
 }
 _QUALIFIERS = {"const", "volatile", "struct", "enum"}
 _TYPE_WORDS = {"void", "char", "short", "int", "long", "float", "double", "signed", "unsigned"}
@@ -188,8 +200,10 @@ def check_structs(header: Header, structs: dict) -> list[str]:
         want = list(_header_leaves(header, header.structs[cname], set(structs)))
         got = list(_mirror_leaves(cls, mirrors))
         if len(want) != len(got):
-            problems.append(f"{cname}: {len(want)} fields in the header {[n for n, _ in want]}, "
-                            f"{len(got)} in {cls.__name__} {[n for n, _ in got]}")
+            problems.append(
+                f"{cname}: {len(want)} fields in the header {[n for n, _ in want]}, "
+                f"{len(got)} in {cls.__name__} {[n for n, _ in got]}"
+            )
             continue
         for i, ((hname, t), (pname, ct)) in enumerate(zip(want, got)):
             what = f"{cname} field {i} ({hname})"
@@ -267,9 +281,16 @@ L3K_API int f_count(void);
 
 
 class _Config(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t), ("a", ctypes.c_void_p), ("b", ctypes.c_void_p),
-                ("n", ctypes.c_int64), ("eps", ctypes.c_float), ("dtype_code", ctypes.c_uint8),
-                ("dtype_bits", ctypes.c_uint8), ("dtype_lanes", ctypes.c_uint16)]
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("a", ctypes.c_void_p),
+        ("b", ctypes.c_void_p),
+        ("n", ctypes.c_int64),
+        ("eps", ctypes.c_float),
+        ("dtype_code", ctypes.c_uint8),
+        ("dtype_bits", ctypes.c_uint8),
+        ("dtype_lanes", ctypes.c_uint16),
+    ]
 
 
 class _Outer(ctypes.Structure):
@@ -277,8 +298,7 @@ class _Outer(ctypes.Structure):
 
 
 _P, _F, _I64, _SZ = ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_size_t
-_GOOD_SIGS = {"f_name": [ctypes.c_int], "f_run": [_P, _F, _I64, ctypes.POINTER(_SZ), ctypes.c_uint, _P],
-              "f_count": []}
+_GOOD_SIGS = {"f_name": [ctypes.c_int], "f_run": [_P, _F, _I64, ctypes.POINTER(_SZ), ctypes.c_uint, _P], "f_count": []}
 _GOOD_RES = {"f_name": ctypes.c_char_p}
 _GOOD_STRUCTS = {"my_config": _Config, "my_outer": _Outer}
 

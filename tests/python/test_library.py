@@ -9,6 +9,7 @@ Most compile tests use the aot_eager backend (Dynamo + AOTAutograd, which is wha
 the fake kernels and traces the backward) because Inductor's C++ compile is slow on a CPU;
 one test runs the real Inductor backend over every op at once.
 """
+
 import pytest
 import torch
 import torch._dynamo
@@ -18,9 +19,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map
 
 import llama3_kernels as l3k
-from llama3_kernels.modules import RMSNorm, RotaryEmbedding, SwiGLUMLP
-
 from conftest import DEVICES, TOL, assert_close
+from llama3_kernels.modules import RMSNorm, RotaryEmbedding, SwiGLUMLP
 
 ops = torch.ops.llama3_kernels
 CUDA = torch.cuda.is_available()
@@ -76,12 +76,15 @@ def op_cases(device, grad=True):
     cos, sin = _tables(s, device)
     g, u = _t(3, s, 40, grad=grad, **kw), _t(3, s, 40, grad=grad, **kw)
     gu = _t(3, s, 80, grad=grad, **kw)
-    W = _t(32, n, grad=grad, **kw, scale=n ** -0.5)
+    W = _t(32, n, grad=grad, **kw, scale=n**-0.5)
     with torch.no_grad():
         o, lse = ops.flash_attn(q, k, v, True, 0.0, False)
     do = _t(*o.shape, **kw)
-    wg, wu, wd = (_t(40, n, grad=grad, **kw, scale=n ** -0.5), _t(40, n, grad=grad, **kw, scale=n ** -0.5),
-                  _t(n, 40, grad=grad, **kw, scale=40 ** -0.5))
+    wg, wu, wd = (
+        _t(40, n, grad=grad, **kw, scale=n**-0.5),
+        _t(40, n, grad=grad, **kw, scale=n**-0.5),
+        _t(n, 40, grad=grad, **kw, scale=40**-0.5),
+    )
     with torch.no_grad():
         _, gu_mlp = ops.swiglu_mlp(x, wg, wu, wd)
     det = device == "cpu"
@@ -91,8 +94,11 @@ def op_cases(device, grad=True):
         ("rms_norm_backward", ops.rms_norm_backward.default, (dy, d(x), d(w), rstd, 1e-5, True)),
         ("rms_norm_backward_nodw", ops.rms_norm_backward.default, (dy, d(x), d(w), rstd, 1e-5, False)),
         ("add_rms_norm", ops.add_rms_norm.default, (x, r, w, 1e-5)),
-        ("add_rms_norm_backward", ops.add_rms_norm_backward.default,
-         (dy, _t(3, s, n, **kw), h, d(w), rstd2, 1e-5, True)),
+        (
+            "add_rms_norm_backward",
+            ops.add_rms_norm_backward.default,
+            (dy, _t(3, s, n, **kw), h, d(w), rstd2, 1e-5, True),
+        ),
         ("rope", ops.rope.default, (q, k, cos, sin, 1, False)),
         ("rope_q_only_interleaved", ops.rope.default, (q, None, cos, sin, 0, True)),
         ("rope_backward", ops.rope_backward.default, (d(q), d(k), cos, sin, 1, False)),
@@ -104,12 +110,14 @@ def op_cases(device, grad=True):
         ("swiglu_fused_backward", ops.swiglu_fused_backward.default, (_t(3, s, 40, **kw), d(gu))),
         ("swiglu_mlp", ops.swiglu_mlp.default, (x, wg, wu, wd)),
         ("swiglu_mlp_backward", ops.swiglu_mlp_backward.default, (dy, d(x), d(wg), d(wu), d(wd), gu_mlp)),
-        ("swiglu_mlp_backward_dx_only", ops.swiglu_mlp_backward.default,
-         (dy, d(x), d(wg), d(wu), d(wd), gu_mlp, True, False, False)),
+        (
+            "swiglu_mlp_backward_dx_only",
+            ops.swiglu_mlp_backward.default,
+            (dy, d(x), d(wg), d(wu), d(wd), gu_mlp, True, False, False),
+        ),
         ("flash_attn", ops.flash_attn.default, (q, k, v, True, 0.0, False)),
         ("flash_attn_noncausal_scaled", ops.flash_attn.default, (q, k, v, False, 0.1, False)),
-        ("flash_attn_backward", ops.flash_attn_backward.default,
-         (do, d(q), d(k), d(v), o, lse, True, 0.0, det)),
+        ("flash_attn_backward", ops.flash_attn_backward.default, (do, d(q), d(k), d(v), o, lse, True, 0.0, det)),
         ("linear", ops.linear.default, (x, W, None)),
         ("linear_residual", ops.linear.default, (x, W, _t(3, s, 32, grad=grad, **kw))),
         ("linear_backward_input", ops.linear_backward_input.default, (_t(3, s, 32, **kw), d(W))),
@@ -121,6 +129,7 @@ CASE_IDS = [c[0] for c in op_cases("cpu", grad=False)]
 
 
 # ---- opcheck and fake kernels ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASE_IDS)
@@ -136,7 +145,7 @@ def _strided_variants(case, args):
         q, k = args[0].detach(), args[1].detach()
         b, h, s, d = q.shape
         qkv = torch.randn(b, s, h + 2 * k.shape[1], d, dtype=q.dtype, device=q.device)
-        return [(qkv[:, :, :h].transpose(1, 2), qkv[:, :, h:h + k.shape[1]].transpose(1, 2)) + args[2:]]
+        return [(qkv[:, :, :h].transpose(1, 2), qkv[:, :, h : h + k.shape[1]].transpose(1, 2)) + args[2:]]
     if case == "rms_norm":  # rows of a wider tensor, and a transposed input (copied)
         x = args[0].detach()
         wide = torch.randn(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
@@ -158,7 +167,7 @@ def test_fake_matches_real(device):
                 continue  # returns nothing
             real = op(*a)
             mode = FakeTensorMode()
-            fake_args = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, a)
+            fake_args = tree_map(lambda t, mode=mode: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, a)
             with mode:
                 fake = op(*fake_args)
             real = real if isinstance(real, tuple) else (real,)
@@ -213,13 +222,14 @@ def test_rope_inplace_op_autograd():
     cos, sin = _tables(s, "cpu")
     x = torch.randn(B, s, H + 2 * HKV, D, requires_grad=True)
     dout = torch.randn(B, s, H + 2 * HKV, D)
+
     def through_op(q, k, cos, sin):
         ops.rope_(q, k, cos, sin)
 
     grads = []
     for fn in (l3k.rope_, through_op):
         base = x * 1.0
-        q, k = base[:, :, :H].transpose(1, 2), base[:, :, H:H + HKV].transpose(1, 2)
+        q, k = base[:, :, :H].transpose(1, 2), base[:, :, H : H + HKV].transpose(1, 2)
         fn(q, k, cos, sin)
         (gx,) = torch.autograd.grad(base, x, dout)
         grads.append((base.detach(), gx))
@@ -228,6 +238,7 @@ def test_rope_inplace_op_autograd():
 
 
 # ---- torch.compile ------------------------------------------------------------------------------
+
 
 class Recorder:
     """A torch.compile backend: AOTAutograd with no-op compilers that keeps the forward and
@@ -245,6 +256,7 @@ class Recorder:
             def compiler(g, _):
                 graphs.append(g)
                 return make_boxed_func(g.forward)
+
             return compiler
 
         return aot_autograd(fw_compiler=keep(self.fw), bw_compiler=keep(self.bw))(gm, example_inputs)
@@ -263,8 +275,7 @@ class Recorder:
 
 def _run(fn, args):
     """Forward output and the gradients of every input that requires grad."""
-    args = [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
-            for a in args]
+    args = [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
     out = fn(*args)
     outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o is not None]
     gen = torch.Generator().manual_seed(1)
@@ -293,34 +304,58 @@ def _fn_cases(device):
     cos, sin = _tables(s, device)
     x, w, r = _t(2, s, n, grad=True, **kw), _t(n, grad=True, **kw), _t(2, s, n, grad=True, **kw)
     q, k, v = _qkv(s, device, dt, grad=True)
-    W = _t(24, n, grad=True, **kw, scale=n ** -0.5)
-    Wqkv = _t((H + 2 * HKV) * D, n, grad=True, **kw, scale=n ** -0.5)
+    W = _t(24, n, grad=True, **kw, scale=n**-0.5)
+    Wqkv = _t((H + 2 * HKV) * D, n, grad=True, **kw, scale=n**-0.5)
 
     def rope_inplace_on_qkv(x, wqkv):  # the block's pattern: RoPE in place on views of QKV
         qkv = (x @ wqkv.t()).view(x.shape[0], x.shape[1], H + 2 * HKV, D)
-        qh, kh = qkv[:, :, :H].transpose(1, 2), qkv[:, :, H:H + HKV].transpose(1, 2)
-        vh = qkv[:, :, H + HKV:].transpose(1, 2)
+        qh, kh = qkv[:, :, :H].transpose(1, 2), qkv[:, :, H : H + HKV].transpose(1, 2)
+        vh = qkv[:, :, H + HKV :].transpose(1, 2)
         l3k.triton_rope(qh, kh, cos, sin)
         return l3k.flash_attn(qh, kh, vh, causal=True)
 
     return [
         ("rms_norm", lambda x, w: l3k.rms_norm(x, w) * 2, (x, w), "rms_norm", "rms_norm_backward"),
-        ("add_rms_norm", lambda x, r, w: l3k.add_rms_norm(x, r, w), (x, r, w), "add_rms_norm",
-         "add_rms_norm_backward"),
+        ("add_rms_norm", lambda x, r, w: l3k.add_rms_norm(x, r, w), (x, r, w), "add_rms_norm", "add_rms_norm_backward"),
         ("rope", lambda q, k: l3k.rope(q, k, cos, sin, offset=1), (q, k), "rope", "rope_backward"),
-        ("rope_", lambda q, k: l3k.rope_(q * 1.0, k * 1.0, cos, sin, interleaved=True), (q, k),
-         "rope_", "rope_backward_"),
-        ("rope_no_grad", lambda q, k: l3k.rope_(q.clone(), k.clone(), cos, sin),
-         (q.detach(), k.detach()), "rope_", None),
+        (
+            "rope_",
+            lambda q, k: l3k.rope_(q * 1.0, k * 1.0, cos, sin, interleaved=True),
+            (q, k),
+            "rope_",
+            "rope_backward_",
+        ),
+        (
+            "rope_no_grad",
+            lambda q, k: l3k.rope_(q.clone(), k.clone(), cos, sin),
+            (q.detach(), k.detach()),
+            "rope_",
+            None,
+        ),
         ("rope_inplace_qkv_views", rope_inplace_on_qkv, (x, Wqkv), "rope_", "rope_backward_"),
         ("swiglu", lambda g, u: l3k.swiglu(g, u), (x, r), "swiglu", "swiglu_backward"),
         ("swiglu_fused", lambda gu: l3k.swiglu_fused(gu), (x,), "swiglu_fused", "swiglu_fused_backward"),
-        ("swiglu_mlp", lambda x, a, b, c: l3k.triton_swiglu(x, a, b, c.t()),
-         (x, W, W * 0.5, W * 2), "swiglu_mlp", "swiglu_mlp_backward"),
-        ("flash_attn", lambda q, k, v: l3k.triton_flash_attn(q, k, v, causal=True), (q, k, v),
-         "flash_attn", "flash_attn_backward"),
-        ("linear_residual", lambda x, w, r: l3k.linear(x, w, r), (x, W, _t(2, s, 24, grad=True, **kw)),
-         "linear", "linear_backward_weight"),
+        (
+            "swiglu_mlp",
+            lambda x, a, b, c: l3k.triton_swiglu(x, a, b, c.t()),
+            (x, W, W * 0.5, W * 2),
+            "swiglu_mlp",
+            "swiglu_mlp_backward",
+        ),
+        (
+            "flash_attn",
+            lambda q, k, v: l3k.triton_flash_attn(q, k, v, causal=True),
+            (q, k, v),
+            "flash_attn",
+            "flash_attn_backward",
+        ),
+        (
+            "linear_residual",
+            lambda x, w, r: l3k.linear(x, w, r),
+            (x, W, _t(2, s, 24, grad=True, **kw)),
+            "linear",
+            "linear_backward_weight",
+        ),
     ]
 
 
@@ -346,13 +381,17 @@ def _all_ops(x, r, w, wqkv, wo, wgu, wd, cos, sin):
     b, s, n = x.shape
     h, y = l3k.add_rms_norm(x, r, w)
     qkv = l3k.linear(y, wqkv).view(b, s, H + 2 * HKV, D)
-    q, k, v = qkv[:, :, :H].transpose(1, 2), qkv[:, :, H:H + HKV].transpose(1, 2), qkv[:, :, H + HKV:].transpose(1, 2)
+    q, k, v = (
+        qkv[:, :, :H].transpose(1, 2),
+        qkv[:, :, H : H + HKV].transpose(1, 2),
+        qkv[:, :, H + HKV :].transpose(1, 2),
+    )
     q, k = l3k.rope(q, k, cos, sin)
     q2, k2 = l3k.rope_(q * 1.0, k * 1.0, cos, sin, interleaved=True)
     o = l3k.flash_attn(q2, k2, v, causal=True).transpose(1, 2).reshape(b, s, H * D)
     h = l3k.linear(o, wo, h)
     gu = l3k.linear(l3k.rms_norm(h, w), wgu)
-    a = l3k.swiglu_fused(gu) + l3k.swiglu(gu[..., : wd.shape[1]], gu[..., wd.shape[1]:])
+    a = l3k.swiglu_fused(gu) + l3k.swiglu(gu[..., : wd.shape[1]], gu[..., wd.shape[1] :])
     return l3k.linear(a, wd, h)
 
 
@@ -361,9 +400,13 @@ def test_inductor_all_ops_dynamic():
     sequence lengths with one compile (no recompile per length)."""
     dt, kw = torch.float32, dict(device="cpu", dtype=torch.float32)
     n, hid = H * D, 48
-    ws = [_t(n, grad=True, **kw), _t((H + 2 * HKV) * D, n, grad=True, **kw, scale=n ** -0.5),
-          _t(n, H * D, grad=True, **kw, scale=n ** -0.5), _t(2 * hid, n, grad=True, **kw, scale=n ** -0.5),
-          _t(n, hid, grad=True, **kw, scale=hid ** -0.5)]
+    ws = [
+        _t(n, grad=True, **kw),
+        _t((H + 2 * HKV) * D, n, grad=True, **kw, scale=n**-0.5),
+        _t(n, H * D, grad=True, **kw, scale=n**-0.5),
+        _t(2 * hid, n, grad=True, **kw, scale=n**-0.5),
+        _t(n, hid, grad=True, **kw, scale=hid**-0.5),
+    ]
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
     compiled = torch.compile(_all_ops, backend=counter, fullgraph=True, dynamic=True)
     frames = []
@@ -380,7 +423,14 @@ def test_inductor_all_ops_dynamic():
     # The second length compiles nothing new.  (Some torch versions restart the first
     # trace once, so the first length may count two frames: torch 2.15 does.)
     assert frames[0] in (1, 2) and frames[1] == frames[0], frames
-    assert {"llama3_kernels.flash_attn", "llama3_kernels.rope_", "llama3_kernels.swiglu_fused"} <= Recorder.targets(counter.graphs)
+    assert {"llama3_kernels.flash_attn", "llama3_kernels.rope_", "llama3_kernels.swiglu_fused"} <= Recorder.targets(
+        counter.graphs
+    )
+
+
+def _on_copies(rotary):
+    """The in-place module applied to copies of q and k (non-leaf inputs, as autograd requires)."""
+    return lambda q, k: rotary(q * 1.0, k * 1.0, offset=1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -392,16 +442,19 @@ def test_modules_dynamic(device):
     n = 32
     norm = RMSNorm(n, **kw)
     mlp = SwiGLUMLP(n, 40, **kw)
-    ropes = [RotaryEmbedding(D, max_seq_len=16, device=device),
-             RotaryEmbedding(D, max_seq_len=16, inplace=True, interleaved=True, device=device)]
+    ropes = [
+        RotaryEmbedding(D, max_seq_len=16, device=device),
+        RotaryEmbedding(D, max_seq_len=16, inplace=True, interleaved=True, device=device),
+    ]
     with torch.no_grad():
         norm.weight.normal_()
-    cases = [("RMSNorm", norm, lambda s: (_t(2, s, n, grad=True, **kw),)),
-             ("SwiGLUMLP", mlp, lambda s: (_t(2, s, n, grad=True, **kw),))]
+    cases = [
+        ("RMSNorm", norm, lambda s: (_t(2, s, n, grad=True, **kw),)),
+        ("SwiGLUMLP", mlp, lambda s: (_t(2, s, n, grad=True, **kw),)),
+    ]
     for i, m in enumerate(ropes):
         # the in-place module rotates a non-leaf: wrap it so the inputs are intermediates
-        fwd = (lambda m: lambda q, k: m(q * 1.0, k * 1.0, offset=1))(m)
-        cases.append((f"RotaryEmbedding{i}", fwd, lambda s: _qkv(s, device, dt, grad=True)[:2]))
+        cases.append((f"RotaryEmbedding{i}", _on_copies(m), lambda s: _qkv(s, device, dt, grad=True)[:2]))
     for name, m, make in cases:
         rec = Recorder()
         compiled = torch.compile(m, backend=rec, fullgraph=True, dynamic=True)
@@ -438,6 +491,7 @@ def test_module_parameter_grads_compiled():
 
 # ---- CUDA graphs ----------------------------------------------------------------------------------
 
+
 def _graph_replays(fn, inputs, fresh):
     """Capture fn(*inputs) in a CUDA graph, copy `fresh` into the static inputs, replay, and
     return (replayed outputs, eager outputs on `fresh`)."""
@@ -456,8 +510,7 @@ def _graph_replays(fn, inputs, fresh):
                 dst.copy_(src)
     graph.replay()
     torch.cuda.synchronize()
-    ref = fn(*[f.detach().clone().requires_grad_(f.requires_grad) if isinstance(f, torch.Tensor) else f
-               for f in fresh])
+    ref = fn(*[f.detach().clone().requires_grad_(f.requires_grad) if isinstance(f, torch.Tensor) else f for f in fresh])
     return out, ref
 
 
@@ -472,6 +525,7 @@ def test_cuda_graph_ops(case):
         fresh = args
     static = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
     if case in ("rope_", "rope_backward_"):
+
         def fn(q, k, *rest):
             op(q, k, *rest)
             return q, k
@@ -492,13 +546,16 @@ def test_cuda_graph_public_ops_training_step():
     s, n = 16, H * D
     cos, sin = _tables(s, "cuda")
     w = _t(n, grad=True, **kw)
-    wqkv = _t((H + 2 * HKV) * D, n, grad=True, **kw, scale=n ** -0.5)
+    wqkv = _t((H + 2 * HKV) * D, n, grad=True, **kw, scale=n**-0.5)
 
     def step(x):
         y = l3k.rms_norm(x, w)
         qkv = l3k.linear(y, wqkv).view(1, s, H + 2 * HKV, D)
-        q, k, v = (qkv[:, :, :H].transpose(1, 2), qkv[:, :, H:H + HKV].transpose(1, 2),
-                   qkv[:, :, H + HKV:].transpose(1, 2))
+        q, k, v = (
+            qkv[:, :, :H].transpose(1, 2),
+            qkv[:, :, H : H + HKV].transpose(1, 2),
+            qkv[:, :, H + HKV :].transpose(1, 2),
+        )
         q, k = l3k.rope(q, k, cos, sin)
         o = l3k.flash_attn(q, k, v, causal=True)
         a = l3k.swiglu_fused(o.transpose(1, 2).reshape(1, s, -1))
@@ -517,8 +574,13 @@ def test_compile_reduce_overhead_cuda():
     """torch.compile(mode="reduce-overhead") (Inductor + CUDA graphs) over every op."""
     kw = dict(device="cuda", dtype=torch.bfloat16)
     n, hid, s = H * D, 64, 16
-    ws = [_t(n, **kw), _t((H + 2 * HKV) * D, n, **kw, scale=n ** -0.5), _t(n, H * D, **kw, scale=n ** -0.5),
-          _t(2 * hid, n, **kw, scale=n ** -0.5), _t(n, hid, **kw, scale=hid ** -0.5)]
+    ws = [
+        _t(n, **kw),
+        _t((H + 2 * HKV) * D, n, **kw, scale=n**-0.5),
+        _t(n, H * D, **kw, scale=n**-0.5),
+        _t(2 * hid, n, **kw, scale=n**-0.5),
+        _t(n, hid, **kw, scale=hid**-0.5),
+    ]
     cos, sin = _tables(s, "cuda")
     compiled = torch.compile(_all_ops, mode="reduce-overhead", fullgraph=True)
     with torch.no_grad():
@@ -534,6 +596,7 @@ def test_block_reduce_overhead_uses_cudagraphs_cuda():
     """torch.compile(TritonLlama3Block, mode="reduce-overhead"): Inductor skips no CUDA graph
     for this library's ops, and the replays match the eager block."""
     from torch._dynamo.utils import counters
+
     from llama3_kernels.block import TritonLlama3Block
 
     dim, hid, s = H * D, 128, 16

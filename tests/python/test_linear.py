@@ -1,10 +1,10 @@
 """The linear layer's GEMMs against torch.matmul in float32: forward with and without
 the fused residual, both backward products, accumulation, views and bad inputs."""
+
 import pytest
 import torch
 
 import llama3_kernels as l3k
-
 from conftest import assert_close, poison
 
 SHAPES = [((2, 5, 64), 48), ((7, 33), 17), ((1, 128), 96)]
@@ -14,7 +14,7 @@ SHAPES = [((2, 5, 64), 48), ((7, 33), 17), ((1, 128), 96)]
 def test_forward_backward(xshape, n, dtype, device):
     k = xshape[-1]
     x = torch.randn(xshape, device=device).to(dtype)
-    w = (torch.randn(n, k, device=device) / k ** 0.5).to(dtype)
+    w = (torch.randn(n, k, device=device) / k**0.5).to(dtype)
     r = torch.randn(*xshape[:-1], n, device=device).to(dtype)
     scale = 2.0  # sums over k products
     y = poison(torch.empty(*xshape[:-1], n, device=device, dtype=dtype))
@@ -41,7 +41,7 @@ def test_first_call_tunes_and_later_calls_agree(device):
     caller's buffers: its output (with an out-of-place residual, run once per candidate)
     must still be x W^T + r, a later call must reuse the pick (same bits), and a first
     call that accumulates into y itself (not tuned) must add exactly once."""
-    x = torch.randn(3, 77, 320, device=device).bfloat16()   # a shape no other test uses
+    x = torch.randn(3, 77, 320, device=device).bfloat16()  # a shape no other test uses
     w = (torch.randn(200, 320, device=device) / 18).bfloat16()
     r = torch.randn(3, 77, 200, device=device).bfloat16()
     ref = x.float() @ w.float().T + r.float()
@@ -85,7 +85,9 @@ def test_bad_inputs(device):
     y = torch.full((4, 16), 3.0, device=device)
     with pytest.raises(ValueError, match="linear_forward: weight has in_features 31, expected 32 like x's last dim"):
         l3k.linear_forward_into(x, torch.randn(16, 31, device=device), y)
-    with pytest.raises(ValueError, match="linear_forward: y has ndim 2 and last dim 16, expected x's leading dims and last dim 8"):
+    with pytest.raises(
+        ValueError, match="linear_forward: y has ndim 2 and last dim 16, expected x's leading dims and last dim 8"
+    ):
         l3k.linear_forward_into(x, torch.randn(8, 32, device=device), y)
     with pytest.raises(TypeError, match="linear_forward: weight dtype bfloat16, expected float32 like x"):
         l3k.linear_forward_into(x, w.bfloat16(), y)
@@ -93,7 +95,9 @@ def test_bad_inputs(device):
         l3k.linear_forward_into(x, w[0], y)
     with pytest.raises(ValueError, match="linear_forward: residual shape"):
         l3k.linear_forward_into(x, w, y, residual=torch.randn(4, 17, device=device))
-    with pytest.raises(TypeError, match="linear_backward_weight: dweight dtype float16, expected float32 or the dtype of x"):
+    with pytest.raises(
+        TypeError, match="linear_backward_weight: dweight dtype float16, expected float32 or the dtype of x"
+    ):
         l3k.linear_backward_weight_into(y, x, torch.empty(16, 32, device=device, dtype=torch.float16))
     with pytest.raises(ValueError, match="linear_forward: y overlaps x, expected separate memory"):
         buf = torch.randn(4, 48, device=device)

@@ -1,5 +1,6 @@
 """RMSNorm and fused add + RMSNorm against float32 PyTorch references, forward and
 backward, CPU and (when present) CUDA; zero copy; the bad-input matrix."""
+
 import ctypes
 
 import numpy as np
@@ -7,12 +8,9 @@ import pytest
 import torch
 
 import llama3_kernels as l3k
-from llama3_kernels.ops import rmsnorm as rms_ops
-
 from conftest import assert_close, poison
 
-SHAPES = [(2, 128, 512), (5, 123, 123), (1, 1, 4096), (4096, 4096), (3, 7, 8192), (2, 3, 1),
-          (4, 65536), (2, 70001)]
+SHAPES = [(2, 128, 512), (5, 123, 123), (1, 1, 4096), (4096, 4096), (3, 7, 8192), (2, 3, 1), (4, 65536), (2, 70001)]
 EPS = 1e-5
 
 
@@ -57,7 +55,7 @@ def test_forward_backward(shape, dtype, device):
         assert_close(dx, xr.grad, dtype, scale=scale_for(n), what="dx")
         # dw sums over all rows: compare relative to its magnitude
         rows = x.numel() // n
-        assert_close(dw, wr.grad, dtype, scale=scale_for(n) * max(1.0, rows ** 0.5 / 4), what="dw")
+        assert_close(dw, wr.grad, dtype, scale=scale_for(n) * max(1.0, rows**0.5 / 4), what="dw")
 
 
 def test_autograd_and_module(dtype, device):
@@ -160,8 +158,9 @@ def test_strided_views_and_slices(device):
     y = l3k.rms_norm(x, w)
     assert_close(y, reference(x, w), what="sliced rows")
     xt = torch.randn(64, 32, device=device).t()  # last dim not contiguous: copied by the op
-    assert_close(l3k.rms_norm(xt, torch.ones(64, device=device)),
-                 reference(xt, torch.ones(64, device=device)), what="transposed")
+    assert_close(
+        l3k.rms_norm(xt, torch.ones(64, device=device)), reference(xt, torch.ones(64, device=device)), what="transposed"
+    )
 
 
 def test_zero_size(device):
@@ -177,27 +176,59 @@ def test_zero_size(device):
 # ---- bad inputs: each gets its exception and message, and touches nothing --------------
 
 BAD_CASES = [  # name, override of the good arguments, exception, message fragment
-    ("weight length", lambda x, w: dict(w=torch.randn(65, device=x.device)), ValueError,
-     "weight has ndim 1 and 65 elements, expected shape (64,)"),
+    (
+        "weight length",
+        lambda x, w: dict(w=torch.randn(65, device=x.device)),
+        ValueError,
+        "weight has ndim 1 and 65 elements, expected shape (64,)",
+    ),
     ("weight dtype", lambda x, w: dict(w=w.half()), TypeError, "weight dtype float16, expected float32 like x"),
-    ("integer x", lambda x, w: dict(x=torch.ones(4, 64, dtype=torch.int32, device=x.device)), TypeError,
-     "x dtype int32, expected float32, float16 or bfloat16"),
+    (
+        "integer x",
+        lambda x, w: dict(x=torch.ones(4, 64, dtype=torch.int32, device=x.device)),
+        TypeError,
+        "x dtype int32, expected float32, float16 or bfloat16",
+    ),
     ("float64 x", lambda x, w: dict(x=x.double()), TypeError, "x dtype float64, expected float32, float16 or bfloat16"),
-    ("wrong y shape", lambda x, w: dict(y=torch.empty(4, 32, device=x.device)), ValueError,
-     "y shape (4, 32), expected (4, 64) like x"),
-    ("mixed y dtype", lambda x, w: dict(y=torch.empty(4, 64, device=x.device, dtype=torch.bfloat16)), TypeError,
-     "y dtype bfloat16, expected float32 like x"),
-    ("last dim strided", lambda x, w: dict(x=torch.randn(64, 4, device=x.device).t()), ValueError,
-     "x stride[1] is 4, expected 1"),
+    (
+        "wrong y shape",
+        lambda x, w: dict(y=torch.empty(4, 32, device=x.device)),
+        ValueError,
+        "y shape (4, 32), expected (4, 64) like x",
+    ),
+    (
+        "mixed y dtype",
+        lambda x, w: dict(y=torch.empty(4, 64, device=x.device, dtype=torch.bfloat16)),
+        TypeError,
+        "y dtype bfloat16, expected float32 like x",
+    ),
+    (
+        "last dim strided",
+        lambda x, w: dict(x=torch.randn(64, 4, device=x.device).t()),
+        ValueError,
+        "x stride[1] is 4, expected 1",
+    ),
     ("negative eps", lambda x, w: dict(eps=-1.0), ValueError, "eps is -1, expected a finite value >= 0"),
     ("nan eps", lambda x, w: dict(eps=float("nan")), ValueError, "eps is nan"),
     ("inf eps", lambda x, w: dict(eps=float("inf")), ValueError, "eps is inf"),
-    ("rstd dtype", lambda x, w: dict(rstd=torch.empty(4, device=x.device, dtype=torch.float16)), TypeError,
-     "rstd dtype float16, expected float32"),
-    ("rstd length", lambda x, w: dict(rstd=torch.empty(5, device=x.device)), ValueError,
-     "rstd has 5 elements, expected 4"),
-    ("device mismatch", lambda x, w: dict(w=w.cpu()) if x.is_cuda else None, ValueError,
-     "weight is on cpu, expected cuda:0"),
+    (
+        "rstd dtype",
+        lambda x, w: dict(rstd=torch.empty(4, device=x.device, dtype=torch.float16)),
+        TypeError,
+        "rstd dtype float16, expected float32",
+    ),
+    (
+        "rstd length",
+        lambda x, w: dict(rstd=torch.empty(5, device=x.device)),
+        ValueError,
+        "rstd has 5 elements, expected 4",
+    ),
+    (
+        "device mismatch",
+        lambda x, w: dict(w=w.cpu()) if x.is_cuda else None,
+        ValueError,
+        "weight is on cpu, expected cuda:0",
+    ),
 ]
 
 
@@ -233,15 +264,24 @@ def test_backward_bad_workspace(device):
 
 class DLTensor(ctypes.Structure):
     """DLPack's DLTensor, for tensors built by hand to reach the ABI with odd metadata."""
-    _fields_ = [("data", ctypes.c_void_p), ("device_type", ctypes.c_int), ("device_id", ctypes.c_int32),
-                ("ndim", ctypes.c_int32), ("code", ctypes.c_uint8), ("bits", ctypes.c_uint8),
-                ("lanes", ctypes.c_uint16), ("shape", ctypes.POINTER(ctypes.c_int64)),
-                ("strides", ctypes.c_void_p), ("byte_offset", ctypes.c_uint64)]
+
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device_type", ctypes.c_int),
+        ("device_id", ctypes.c_int32),
+        ("ndim", ctypes.c_int32),
+        ("code", ctypes.c_uint8),
+        ("bits", ctypes.c_uint8),
+        ("lanes", ctypes.c_uint16),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.c_void_p),
+        ("byte_offset", ctypes.c_uint64),
+    ]
 
 
 def test_tensors_on_two_gpus_are_rejected_before_any_launch():
     """x on cuda:0, weight on cuda:1: refused by validation (no GPU needed to check it)."""
-    from llama3_kernels._lib import LIB, DEVICE, NO_CUDA
+    from llama3_kernels._lib import DEVICE, LIB, NO_CUDA
 
     buf = (ctypes.c_float * 64)()
     shape = (ctypes.c_int64 * 1)(64)
@@ -257,7 +297,7 @@ def test_tensors_on_two_gpus_are_rejected_before_any_launch():
 
 def test_misaligned_pointer_is_rejected():
     """A float16 DLTensor whose data pointer is odd: built by hand through the ABI."""
-    from llama3_kernels._lib import LIB, ALIGNMENT
+    from llama3_kernels._lib import ALIGNMENT, LIB
 
     buf = (ctypes.c_uint16 * 130)()
     shape = (ctypes.c_int64 * 1)(64)
@@ -279,9 +319,11 @@ def test_cuda_tensor_in_cpu_only_build_or_mixed_devices():
 def test_version_matches_header():
     import re
     from pathlib import Path
+
     header = Path(__file__).resolve().parents[2] / "capi" / "l3k.h"
     text = header.read_text()
-    major, minor, patch = (int(re.search(rf"#define L3K_VERSION_{k} (\d+)", text).group(1))
-                           for k in ("MAJOR", "MINOR", "PATCH"))
+    major, minor, patch = (
+        int(re.search(rf"#define L3K_VERSION_{k} (\d+)", text).group(1)) for k in ("MAJOR", "MINOR", "PATCH")
+    )
     assert l3k.version() == (major, minor, patch)
     assert l3k.__version__ == f"{major}.{minor}.{patch}"

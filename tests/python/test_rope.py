@@ -2,6 +2,7 @@
 CUDA: GQA/MQA, fused-QKV strided views, both conventions, position offsets, per-batch and
 full-width tables, odd shapes, in place and out of place; LLaMA-3(.1) tables; the module;
 the bad-input matrix from Python."""
+
 import math
 
 import numpy as np
@@ -9,7 +10,6 @@ import pytest
 import torch
 
 import llama3_kernels as l3k
-
 from conftest import assert_close, poison
 
 
@@ -17,8 +17,8 @@ def reference(x, cos, sin, offset=0, interleaved=False, inverse=False):
     """Rotate x (B, H, S, D) in float32 with tables (T, D/2) or (B|1, T, D/2)."""
     xf = x.float()
     S = x.shape[2]
-    c = cos.float()[..., offset:offset + S, :]
-    s = sin.float()[..., offset:offset + S, :]
+    c = cos.float()[..., offset : offset + S, :]
+    s = sin.float()[..., offset : offset + S, :]
     c, s = (c[None, None], s[None, None]) if c.dim() == 2 else (c[:, None], s[:, None])
     if inverse:
         s = -s
@@ -41,7 +41,7 @@ def make_qk(B, Hq, Hk, S, D, dtype, device, layout):
         H = Hq + 2 * Hk
         qkv = torch.randn(B, S, H * D, device=device).to(dtype)
         q = qkv.view(B, S, H, D)[:, :, :Hq].transpose(1, 2)
-        k = qkv.view(B, S, H, D)[:, :, Hq:Hq + Hk].transpose(1, 2) if Hk else None
+        k = qkv.view(B, S, H, D)[:, :, Hq : Hq + Hk].transpose(1, 2) if Hk else None
         return q, k, qkv
     q = torch.randn(B, Hq, S, D, device=device).to(dtype)
     k = torch.randn(B, Hk, S, D, device=device).to(dtype) if Hk else None
@@ -64,8 +64,10 @@ CASES = [  # B, Hq, Hk, S, D, offset, extra rows, interleaved, table, batched, l
 
 def case_id(c):
     B, Hq, Hk, S, D, off, extra, inter, tab, batched, layout = c
-    return (f"B{B}-Hq{Hq}-Hk{Hk}-S{S}-D{D}-off{off}-{'inter' if inter else 'half'}-{tab}"
-            f"{'-batched' if batched else ''}-{layout}")
+    return (
+        f"B{B}-Hq{Hq}-Hk{Hk}-S{S}-D{D}-off{off}-{'inter' if inter else 'half'}-{tab}"
+        f"{'-batched' if batched else ''}-{layout}"
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -73,8 +75,7 @@ def case_id(c):
 def test_parity_out_of_place(case, inverse, dtype, device):
     B, Hq, Hk, S, D, off, extra, inter, tab, batched, layout = case
     q, k, _ = make_qk(B, Hq, Hk, S, D, dtype, device, layout)
-    cos, sin = tables(S + off + extra, D, B if batched else None,
-                      torch.float32 if tab == "f32" else dtype, device)
+    cos, sin = tables(S + off + extra, D, B if batched else None, torch.float32 if tab == "f32" else dtype, device)
     q_out = poison(torch.empty(q.shape, dtype=dtype, device=device))
     k_out = poison(torch.empty(k.shape, dtype=dtype, device=device)) if k is not None else None
     q0 = q.clone()
@@ -90,8 +91,7 @@ def test_parity_out_of_place(case, inverse, dtype, device):
 def test_parity_in_place(case, dtype, device):
     B, Hq, Hk, S, D, off, extra, inter, tab, batched, layout = case
     q, k, qkv = make_qk(B, Hq, Hk, S, D, dtype, device, layout)
-    cos, sin = tables(S + off + extra, D, B if batched else None,
-                      torch.float32 if tab == "f32" else dtype, device)
+    cos, sin = tables(S + off + extra, D, B if batched else None, torch.float32 if tab == "f32" else dtype, device)
     q_ref = reference(q, cos, sin, off, inter)
     k_ref = reference(k, cos, sin, off, inter) if k is not None else None
     before = qkv.clone() if qkv is not None else None
@@ -103,8 +103,8 @@ def test_parity_in_place(case, dtype, device):
         assert_close(k, k_ref, dtype, what="k")
     if qkv is not None:  # v (the last Hk heads) untouched, bit for bit
         H = Hq + 2 * Hk
-        v_now = qkv.view(B, S, H, D)[:, :, Hq + Hk:]
-        v_before = before.view(B, S, H, D)[:, :, Hq + Hk:]
+        v_now = qkv.view(B, S, H, D)[:, :, Hq + Hk :]
+        v_before = before.view(B, S, H, D)[:, :, Hq + Hk :]
         assert torch.equal(v_now, v_before), "v was written"
 
 
@@ -119,6 +119,7 @@ def test_round_trip(dtype, device):
 
 
 # ---- autograd -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("interleaved", [False, True], ids=["half", "inter"])
 def test_autograd_out_of_place(interleaved, dtype, device):
@@ -148,8 +149,11 @@ def test_autograd_in_place_fused_qkv(dtype, device):
         qkv = x @ w.t()
         H = Hq + 2 * Hk
         v4 = qkv.view(B, S, H, D)
-        q, k, v = (v4[:, :, :Hq].transpose(1, 2), v4[:, :, Hq:Hq + Hk].transpose(1, 2),
-                   v4[:, :, Hq + Hk:].transpose(1, 2))
+        q, k, v = (
+            v4[:, :, :Hq].transpose(1, 2),
+            v4[:, :, Hq : Hq + Hk].transpose(1, 2),
+            v4[:, :, Hq + Hk :].transpose(1, 2),
+        )
         q, k, after = rotate(q, k, v, qkv)
         c = torch.linspace(-1, 1, after.numel(), device=device).view(after.shape)
         return q.float().pow(2).sum() + (k.float() * 3).sum() + v.float().sum() + (after.float() * c).sum()
@@ -240,6 +244,7 @@ def test_numpy_and_zero_size():
 
 # ---- tables and module ---------------------------------------------------------------------
 
+
 def naive_inv_freq(d, theta, scaling):
     out = []
     for i in range(0, d, 2):
@@ -292,47 +297,129 @@ def test_rotary_module_continuation(dtype, device):
 
 # ---- bad inputs ---------------------------------------------------------------------------
 
+
 def _good(device):
     q = torch.randn(1, 2, 3, 4, device=device)
     k = torch.randn(1, 1, 3, 4, device=device)
     cos, sin = tables(3, 4, device=device)
-    return dict(q=q, k=k, cos=cos, sin=sin, q_out=torch.full_like(q, 7.0), k_out=torch.full_like(k, 7.0),
-                offset=0, interleaved=False)
+    return dict(
+        q=q,
+        k=k,
+        cos=cos,
+        sin=sin,
+        q_out=torch.full_like(q, 7.0),
+        k_out=torch.full_like(k, 7.0),
+        offset=0,
+        interleaved=False,
+    )
 
 
 BAD = [  # name, override, exception, message
-    ("odd head_dim", lambda a, d: dict(q=torch.randn(1, 2, 3, 5, device=d), k=None, k_out=None,
-                                       q_out=torch.full((1, 2, 3, 5), 7.0, device=d)),
-     ValueError, "q head_dim is 5, expected an even number"),
-    ("head_dim > 256", lambda a, d: dict(q=torch.randn(1, 1, 1, 258, device=d), k=None, k_out=None,
-                                         q_out=torch.full((1, 1, 1, 258), 7.0, device=d)),
-     ValueError, "q head_dim is 258, expected at most 256"),
-    ("k seq", lambda a, d: dict(k=torch.randn(1, 1, 4, 4, device=d), k_out=torch.full((1, 1, 4, 4), 7.0, device=d)),
-     ValueError, "k.shape[2] (seq) is 4, expected 3 like q"),
-    ("k batch", lambda a, d: dict(k=torch.randn(2, 1, 3, 4, device=d), k_out=torch.full((2, 1, 3, 4), 7.0, device=d)),
-     ValueError, "k.shape[0] (batch) is 2, expected 1 like q"),
-    ("head ratio", lambda a, d: dict(k=torch.randn(1, 3, 3, 4, device=d), k_out=torch.full((1, 3, 3, 4), 7.0, device=d)),
-     ValueError, "q has 2 heads, expected a multiple of the 3 heads of k"),
-    ("cos width", lambda a, d: dict(cos=torch.randn(3, 3, device=d)), ValueError, "cos.shape[1] is 3, expected head_dim/2 = 2"),
-    ("sin shape", lambda a, d: dict(sin=torch.randn(4, 2, device=d)), ValueError, "sin shape (4, 2), expected (3, 2) like cos"),
-    ("table batch", lambda a, d: dict(cos=torch.randn(2, 3, 2, device=d), sin=torch.randn(2, 3, 2, device=d)),
-     ValueError, "cos.shape[0] is 2, expected the batch size 1"),
-    ("table too short", lambda a, d: dict(offset=1), ValueError, "cos has 3 rows, expected at least seq + offset = 3 + 1 = 4"),
+    (
+        "odd head_dim",
+        lambda a, d: dict(
+            q=torch.randn(1, 2, 3, 5, device=d), k=None, k_out=None, q_out=torch.full((1, 2, 3, 5), 7.0, device=d)
+        ),
+        ValueError,
+        "q head_dim is 5, expected an even number",
+    ),
+    (
+        "head_dim > 256",
+        lambda a, d: dict(
+            q=torch.randn(1, 1, 1, 258, device=d), k=None, k_out=None, q_out=torch.full((1, 1, 1, 258), 7.0, device=d)
+        ),
+        ValueError,
+        "q head_dim is 258, expected at most 256",
+    ),
+    (
+        "k seq",
+        lambda a, d: dict(k=torch.randn(1, 1, 4, 4, device=d), k_out=torch.full((1, 1, 4, 4), 7.0, device=d)),
+        ValueError,
+        "k.shape[2] (seq) is 4, expected 3 like q",
+    ),
+    (
+        "k batch",
+        lambda a, d: dict(k=torch.randn(2, 1, 3, 4, device=d), k_out=torch.full((2, 1, 3, 4), 7.0, device=d)),
+        ValueError,
+        "k.shape[0] (batch) is 2, expected 1 like q",
+    ),
+    (
+        "head ratio",
+        lambda a, d: dict(k=torch.randn(1, 3, 3, 4, device=d), k_out=torch.full((1, 3, 3, 4), 7.0, device=d)),
+        ValueError,
+        "q has 2 heads, expected a multiple of the 3 heads of k",
+    ),
+    (
+        "cos width",
+        lambda a, d: dict(cos=torch.randn(3, 3, device=d)),
+        ValueError,
+        "cos.shape[1] is 3, expected head_dim/2 = 2",
+    ),
+    (
+        "sin shape",
+        lambda a, d: dict(sin=torch.randn(4, 2, device=d)),
+        ValueError,
+        "sin shape (4, 2), expected (3, 2) like cos",
+    ),
+    (
+        "table batch",
+        lambda a, d: dict(cos=torch.randn(2, 3, 2, device=d), sin=torch.randn(2, 3, 2, device=d)),
+        ValueError,
+        "cos.shape[0] is 2, expected the batch size 1",
+    ),
+    (
+        "table too short",
+        lambda a, d: dict(offset=1),
+        ValueError,
+        "cos has 3 rows, expected at least seq + offset = 3 + 1 = 4",
+    ),
     ("negative offset", lambda a, d: dict(offset=-2), ValueError, "offset is -2, expected >= 0"),
-    ("q dtype", lambda a, d: dict(q=a["q"].double()), TypeError, "q dtype float64, expected float32, float16 or bfloat16"),
-    ("k dtype", lambda a, d: dict(k=a["k"].half(), k_out=a["k_out"].half()), TypeError, "k dtype float16, expected float32 like q"),
+    (
+        "q dtype",
+        lambda a, d: dict(q=a["q"].double()),
+        TypeError,
+        "q dtype float64, expected float32, float16 or bfloat16",
+    ),
+    (
+        "k dtype",
+        lambda a, d: dict(k=a["k"].half(), k_out=a["k_out"].half()),
+        TypeError,
+        "k dtype float16, expected float32 like q",
+    ),
     ("cos dtype", lambda a, d: dict(cos=a["cos"].bfloat16()), TypeError, "cos dtype bfloat16, expected float32 like q"),
-    ("q_out dtype", lambda a, d: dict(q_out=a["q_out"].bfloat16()), TypeError, "q_out dtype bfloat16, expected float32 like q"),
-    ("q_out shape", lambda a, d: dict(q_out=torch.full((1, 3, 2, 4), 7.0, device=d)), ValueError,
-     "q_out shape (1, 3, 2, 4), expected (1, 2, 3, 4) like q"),
-    ("last dim strided", lambda a, d: dict(q=torch.randn(1, 2, 4, 3, device=d).transpose(2, 3)), ValueError,
-     "q stride[3] is 3, expected 1 (last dim contiguous)"),
-    ("partial overlap", lambda a, d: (lambda base: dict(q=base[:24].view(1, 2, 3, 4),
-                                                        q_out=base[1:25].view(1, 2, 3, 4)))(torch.randn(25, device=d)),
-     ValueError, "q_out overlaps q without being the same view"),
+    (
+        "q_out dtype",
+        lambda a, d: dict(q_out=a["q_out"].bfloat16()),
+        TypeError,
+        "q_out dtype bfloat16, expected float32 like q",
+    ),
+    (
+        "q_out shape",
+        lambda a, d: dict(q_out=torch.full((1, 3, 2, 4), 7.0, device=d)),
+        ValueError,
+        "q_out shape (1, 3, 2, 4), expected (1, 2, 3, 4) like q",
+    ),
+    (
+        "last dim strided",
+        lambda a, d: dict(q=torch.randn(1, 2, 4, 3, device=d).transpose(2, 3)),
+        ValueError,
+        "q stride[3] is 3, expected 1 (last dim contiguous)",
+    ),
+    (
+        "partial overlap",
+        lambda a, d: (lambda base: dict(q=base[:24].view(1, 2, 3, 4), q_out=base[1:25].view(1, 2, 3, 4)))(
+            torch.randn(25, device=d)
+        ),
+        ValueError,
+        "q_out overlaps q without being the same view",
+    ),
     ("k_out missing", lambda a, d: dict(k_out=None), ValueError, "k_out is NULL but k is given"),
-    ("device mismatch", lambda a, d: dict(cos=a["cos"].cpu(), sin=a["sin"].cpu()) if d == "cuda" else None,
-     ValueError, "cos is on cpu, expected cuda:0"),
+    (
+        "device mismatch",
+        lambda a, d: dict(cos=a["cos"].cpu(), sin=a["sin"].cpu()) if d == "cuda" else None,
+        ValueError,
+        "cos is on cpu, expected cuda:0",
+    ),
 ]
 
 
@@ -348,23 +435,31 @@ def test_bad_inputs(device, case):
     before = [t.clone() for t in outs]
     q_before = a["q"].clone()
     with pytest.raises(exc) as info:
-        l3k.rope_forward_into(a["q"], a["k"], a["cos"], a["sin"], a["q_out"], a["k_out"], a["offset"],
-                              a["interleaved"])
+        l3k.rope_forward_into(a["q"], a["k"], a["cos"], a["sin"], a["q_out"], a["k_out"], a["offset"], a["interleaved"])
     assert str(info.value).startswith("rope_forward: "), str(info.value)
     assert message in str(info.value), f"{name}: {info.value}"
     for t, b in zip(outs, before):
-        assert torch.equal(t.view(torch.int32) if t.dtype == torch.float32 else t, 
-                           b.view(torch.int32) if b.dtype == torch.float32 else b), "output was written"
+        assert torch.equal(
+            t.view(torch.int32) if t.dtype == torch.float32 else t,
+            b.view(torch.int32) if b.dtype == torch.float32 else b,
+        ), "output was written"
     assert torch.equal(a["q"], q_before), "q was written"
 
 
 def test_bad_inputs_backward_names(device):
     a = _good(device)
     with pytest.raises(ValueError, match=r"rope_backward: dq has 2 heads, expected a multiple of the 3 heads of dk"):
-        l3k.rope_backward_into(a["q"], torch.randn(1, 3, 3, 4, device=device), a["cos"], a["sin"], a["q_out"],
-                               torch.empty(1, 3, 3, 4, device=device))
+        l3k.rope_backward_into(
+            a["q"],
+            torch.randn(1, 3, 3, 4, device=device),
+            a["cos"],
+            a["sin"],
+            a["q_out"],
+            torch.empty(1, 3, 3, 4, device=device),
+        )
     with pytest.raises(ValueError, match="rope_forward: mode is 2"):
         from llama3_kernels._dlpack import Borrowed
         from llama3_kernels._lib import LIB, check
+
         b = Borrowed(a["q"], a["cos"], a["sin"], a["q_out"])
         check(LIB.l3k_rope_forward(b.ptrs[0], None, b.ptrs[1], b.ptrs[2], 0, 2, b.ptrs[3], None, None))

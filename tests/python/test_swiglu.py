@@ -1,15 +1,15 @@
 """SwiGLU against float32 PyTorch references, forward and backward, CPU and (when present)
 CUDA: separate and fused gate_up layouts, strided rows, in place, odd widths; the whole MLP
 (triton_swiglu, SwiGLUMLP); the bad-input matrix from Python."""
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import llama3_kernels as l3k
-from llama3_kernels.ops.swiglu import gate_up_weight
-
 from conftest import assert_close, poison
+from llama3_kernels.ops.swiglu import gate_up_weight
 
 SHAPES = [(4, 64), (5, 123, 123), (1, 1), (3, 7, 1000), (2, 8, 14336), (33, 17)]
 
@@ -185,31 +185,94 @@ def test_numpy():
 # ---- bad inputs ---------------------------------------------------------------------------
 
 BAD = [  # name, (callable on good tensors), exception, message prefix, message
-    ("u shape", lambda t: l3k.swiglu_forward_into(t["g"], torch.randn(4, 5, device=t["d"]), t["a"]),
-     ValueError, "swiglu_forward: ", "u shape (4, 5), expected (4, 6) like g"),
-    ("u dtype", lambda t: l3k.swiglu_forward_into(t["g"], t["u"].half(), t["a"]),
-     TypeError, "swiglu_forward: ", "u dtype float16, expected float32 like g"),
-    ("g float64", lambda t: l3k.swiglu_forward_into(t["g"].double(), t["u"], t["a"]),
-     TypeError, "swiglu_forward: ", "g dtype float64, expected float32, float16 or bfloat16"),
-    ("a dtype", lambda t: l3k.swiglu_forward_into(t["g"], t["u"], t["a"].bfloat16()),
-     TypeError, "swiglu_forward: ", "a dtype bfloat16, expected float32 like g"),
-    ("last dim strided", lambda t: l3k.swiglu_forward_into(torch.randn(6, 4, device=t["d"]).t(), t["u"], t["a"]),
-     ValueError, "swiglu_forward: ", "g stride[1] is 4, expected 1"),
-    ("a rows", lambda t: l3k.swiglu_forward_into(t["g"], t["u"], torch.full((3, 6), 7.0, device=t["d"])),
-     ValueError, "swiglu_forward: ", "a shape (3, 6), expected (4, 6) like g"),
-    ("a over g shifted", lambda t: (lambda base: l3k.swiglu_forward_into(base[:24].view(4, 6), t["u"], base[1:25].view(4, 6)))(torch.randn(25, device=t["d"])),
-     ValueError, "swiglu_forward: ", "a overlaps g without being the same view"),
-    ("dg is du", lambda t: l3k.swiglu_backward_into(t["u"], t["g"], t["u"], t["a"], t["a"]),
-     ValueError, "swiglu_backward: ", "du overlaps dg, expected separate memory"),
-    ("fused odd", lambda t: l3k.swiglu_fused_forward_into(torch.randn(4, 7, device=t["d"]), t["a"]),
-     ValueError, "swiglu_fused_forward: ", "gu.shape[-1] is 7, expected an even size"),
-    ("fused a shape", lambda t: l3k.swiglu_fused_forward_into(torch.randn(4, 10, device=t["d"]), t["a"]),
-     ValueError, "swiglu_fused_forward: ", "a shape does not match gu"),
-    ("fused dgu shape", lambda t: l3k.swiglu_fused_backward_into(t["a"], torch.randn(4, 12, device=t["d"]),
-                                                                torch.empty(4, 10, device=t["d"])),
-     ValueError, "swiglu_fused_backward: ", "dgu shape (4, 10), expected (4, 12) like gu"),
-    ("device mismatch", lambda t: l3k.swiglu_forward_into(t["g"], t["u"].cpu(), t["a"]) if t["d"] == "cuda" else None,
-     ValueError, "swiglu_forward: ", "u is on cpu, expected cuda:0"),
+    (
+        "u shape",
+        lambda t: l3k.swiglu_forward_into(t["g"], torch.randn(4, 5, device=t["d"]), t["a"]),
+        ValueError,
+        "swiglu_forward: ",
+        "u shape (4, 5), expected (4, 6) like g",
+    ),
+    (
+        "u dtype",
+        lambda t: l3k.swiglu_forward_into(t["g"], t["u"].half(), t["a"]),
+        TypeError,
+        "swiglu_forward: ",
+        "u dtype float16, expected float32 like g",
+    ),
+    (
+        "g float64",
+        lambda t: l3k.swiglu_forward_into(t["g"].double(), t["u"], t["a"]),
+        TypeError,
+        "swiglu_forward: ",
+        "g dtype float64, expected float32, float16 or bfloat16",
+    ),
+    (
+        "a dtype",
+        lambda t: l3k.swiglu_forward_into(t["g"], t["u"], t["a"].bfloat16()),
+        TypeError,
+        "swiglu_forward: ",
+        "a dtype bfloat16, expected float32 like g",
+    ),
+    (
+        "last dim strided",
+        lambda t: l3k.swiglu_forward_into(torch.randn(6, 4, device=t["d"]).t(), t["u"], t["a"]),
+        ValueError,
+        "swiglu_forward: ",
+        "g stride[1] is 4, expected 1",
+    ),
+    (
+        "a rows",
+        lambda t: l3k.swiglu_forward_into(t["g"], t["u"], torch.full((3, 6), 7.0, device=t["d"])),
+        ValueError,
+        "swiglu_forward: ",
+        "a shape (3, 6), expected (4, 6) like g",
+    ),
+    (
+        "a over g shifted",
+        lambda t: (lambda base: l3k.swiglu_forward_into(base[:24].view(4, 6), t["u"], base[1:25].view(4, 6)))(
+            torch.randn(25, device=t["d"])
+        ),
+        ValueError,
+        "swiglu_forward: ",
+        "a overlaps g without being the same view",
+    ),
+    (
+        "dg is du",
+        lambda t: l3k.swiglu_backward_into(t["u"], t["g"], t["u"], t["a"], t["a"]),
+        ValueError,
+        "swiglu_backward: ",
+        "du overlaps dg, expected separate memory",
+    ),
+    (
+        "fused odd",
+        lambda t: l3k.swiglu_fused_forward_into(torch.randn(4, 7, device=t["d"]), t["a"]),
+        ValueError,
+        "swiglu_fused_forward: ",
+        "gu.shape[-1] is 7, expected an even size",
+    ),
+    (
+        "fused a shape",
+        lambda t: l3k.swiglu_fused_forward_into(torch.randn(4, 10, device=t["d"]), t["a"]),
+        ValueError,
+        "swiglu_fused_forward: ",
+        "a shape does not match gu",
+    ),
+    (
+        "fused dgu shape",
+        lambda t: l3k.swiglu_fused_backward_into(
+            t["a"], torch.randn(4, 12, device=t["d"]), torch.empty(4, 10, device=t["d"])
+        ),
+        ValueError,
+        "swiglu_fused_backward: ",
+        "dgu shape (4, 10), expected (4, 12) like gu",
+    ),
+    (
+        "device mismatch",
+        lambda t: l3k.swiglu_forward_into(t["g"], t["u"].cpu(), t["a"]) if t["d"] == "cuda" else None,
+        ValueError,
+        "swiglu_forward: ",
+        "u is on cpu, expected cuda:0",
+    ),
 ]
 
 
@@ -218,8 +281,12 @@ def test_bad_inputs(device, case):
     name, call, exc, prefix, message = case
     if name == "device mismatch" and device != "cuda":
         pytest.skip("needs a GPU")
-    t = dict(g=torch.randn(4, 6, device=device), u=torch.randn(4, 6, device=device),
-             a=torch.full((4, 6), 7.0, device=device), d=device)
+    t = dict(
+        g=torch.randn(4, 6, device=device),
+        u=torch.randn(4, 6, device=device),
+        a=torch.full((4, 6), 7.0, device=device),
+        d=device,
+    )
     keep = {k: v.clone() for k, v in t.items() if k != "d"}
     with pytest.raises(exc) as info:
         call(t)

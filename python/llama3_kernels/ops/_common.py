@@ -1,4 +1,5 @@
 """Helpers every op module shares."""
+
 from __future__ import annotations
 
 import torch

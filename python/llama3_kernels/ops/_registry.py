@@ -22,7 +22,9 @@ ops = torch.ops.llama3_kernels
 
 _EAGER_TYPES = (torch.Tensor, torch.nn.Parameter)
 _dispatch_modes = torch._C._len_torch_dispatch_stack
-_is_compiling = torch.compiler.is_compiling
+# Dynamo reads this as True while it traces; in eager it is a bare `return False`, a third of
+# is_compiling()'s cost.  The other tracers (AOTAutograd, export) show as fake or functional tensors.
+_is_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
 
 
 def traced(t: torch.Tensor) -> bool:
@@ -57,15 +59,19 @@ def differentiable(name: str, body, setup_context, backward, cls_name: str) -> t
         setup_context(ctx, args, out)
         return out
 
-    return type(cls_name, (torch.autograd.Function,), {
-        "__doc__": f"The eager autograd of {NAMESPACE}::{name}: the op's body, setup_context and backward.",
-        "__module__": body.__module__,
-        "forward": staticmethod(forward),
-        "backward": staticmethod(backward),
-    })
+    return type(
+        cls_name,
+        (torch.autograd.Function,),
+        {
+            "__doc__": f"The eager autograd of {NAMESPACE}::{name}: the op's body, setup_context and backward.",
+            "__module__": body.__module__,
+            "forward": staticmethod(forward),
+            "backward": staticmethod(backward),
+        },
+    )
 
 
 def none_slot(like: torch.Tensor) -> torch.Tensor:
     """The size-0 placeholder an op returns for an output it did not compute: schemas cannot
     return ``Tensor?``."""
-    return torch.empty(0, dtype=like.dtype, device=like.device)
+    return like.new_empty(0)

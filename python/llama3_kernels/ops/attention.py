@@ -1,4 +1,5 @@
 """Flash attention (forward and backward CUDA kernels, a tiled C reference on the CPU)."""
+
 from __future__ import annotations
 
 import ctypes
@@ -10,32 +11,63 @@ from .._lib import LIB, check
 from ._common import needs_grad
 from ._registry import define, differentiable, ops, traced
 
-
 # ---- raw calls ---------------------------------------------------------------------------
+
 
 def attention_forward_into(q, k, v, o, lse, causal: bool = False, scale: float = 0.0, stream=None) -> None:
     """o and lse of attention, written into the caller's buffers (scale 0: 1/sqrt(head_dim))."""
     b = Borrowed(q, k, v, o, lse)
     p = b.ptrs
-    check(LIB.l3k_attention_forward(p[0], p[1], p[2], scale, int(causal), p[3], p[4],
-                                    current_stream(q) if stream is None else stream))
+    check(
+        LIB.l3k_attention_forward(
+            p[0], p[1], p[2], scale, int(causal), p[3], p[4], current_stream(q) if stream is None else stream
+        )
+    )
 
 
 def attention_backward_workspace_size(q, k, deterministic: bool = False) -> int:
     b = Borrowed(q, k)
     size = ctypes.c_size_t(0)
-    check(LIB.l3k_attention_backward_workspace_size(b.ptrs[0], b.ptrs[1], int(deterministic),
-                                                    ctypes.byref(size)))
+    check(LIB.l3k_attention_backward_workspace_size(b.ptrs[0], b.ptrs[1], int(deterministic), ctypes.byref(size)))
     return size.value
 
 
-def attention_backward_into(dout, q, k, v, o, lse, dq, dk, dv, causal: bool = False, scale: float = 0.0,
-                            deterministic: bool = False, workspace=None, stream=None) -> None:
+def attention_backward_into(
+    dout,
+    q,
+    k,
+    v,
+    o,
+    lse,
+    dq,
+    dk,
+    dv,
+    causal: bool = False,
+    scale: float = 0.0,
+    deterministic: bool = False,
+    workspace=None,
+    stream=None,
+) -> None:
     b = Borrowed(dout, q, k, v, o, lse, dq, dk, dv, workspace)
     p = b.ptrs
-    check(LIB.l3k_attention_backward(p[0], p[1], p[2], p[3], p[4], p[5], scale, int(causal),
-                                     int(deterministic), p[6], p[7], p[8], p[9],
-                                     current_stream(q) if stream is None else stream))
+    check(
+        LIB.l3k_attention_backward(
+            p[0],
+            p[1],
+            p[2],
+            p[3],
+            p[4],
+            p[5],
+            scale,
+            int(causal),
+            int(deterministic),
+            p[6],
+            p[7],
+            p[8],
+            p[9],
+            current_stream(q) if stream is None else stream,
+        )
+    )
 
 
 # ---- bodies: the registered ops' kernels, called directly by the eager route ----------------
@@ -45,19 +77,22 @@ def _bshd_like(t: torch.Tensor) -> torch.Tensor:
     """An empty (batch, heads, seq, head_dim) tensor stored as (batch, seq, heads, head_dim):
     the layout the output projection reads without a copy."""
     b, h, s, d = t.shape
-    return t.new_empty(b, s, h, d).transpose(1, 2)
+    return t.new_empty_strided((b, h, s, d), (s * h * d, d, h * d, 1))
 
 
 def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
     """Copy only when the kernels cannot read t's layout (head_dim strided, or unaligned on CUDA)."""
-    ok = t.stride(-1) == 1 or t.shape[-1] == 1
-    if ok and t.is_cuda:
-        ok = t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s, n in zip(t.stride()[:3], t.shape[:3]) if n > 1)
-    return t if ok else t.contiguous()
+    if t.stride(-1) != 1 and t.shape[-1] != 1:
+        return t.contiguous()
+    if t.is_cuda and not (
+        t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s, n in zip(t.stride()[:3], t.shape[:3]) if n > 1)
+    ):
+        return t.contiguous()
+    return t
 
 
 def _lse_buffer(q: torch.Tensor) -> torch.Tensor:
-    return torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    return q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _flash_attn(q, k, v, causal=False, scale=0.0, deterministic=False):
@@ -74,7 +109,7 @@ def _flash_attn_backward(dout, q, k, v, o, lse, causal=False, scale=0.0, determi
     q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
     dout, o = _kernel_ready(dout), _kernel_ready(o)
     dq, dk, dv = _bshd_like(q), _bshd_like(k), _bshd_like(v)
-    ws = torch.empty(attention_backward_workspace_size(q, k, deterministic), dtype=torch.uint8, device=q.device)
+    ws = q.new_empty(attention_backward_workspace_size(q, k, deterministic), dtype=torch.uint8)
     attention_backward_into(dout, q, k, v, o, lse, dq, dk, dv, causal, scale, deterministic, ws)
     return dq, dk, dv
 
@@ -86,12 +121,22 @@ def _flash_attn_fake(q, k, v, causal=False, scale=0.0, deterministic=False):
     return _bshd_like(q), _lse_buffer(q)
 
 
-define("flash_attn(Tensor q, Tensor k, Tensor v, bool causal=False, float scale=0.0, bool deterministic=False) "
-       "-> (Tensor o, Tensor lse)", _flash_attn, _flash_attn_fake)
-define("flash_attn_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal=False, "
-       "float scale=0.0, bool deterministic=False) -> (Tensor dq, Tensor dk, Tensor dv)", _flash_attn_backward,
-       lambda dout, q, k, v, o, lse, causal=False, scale=0.0, deterministic=False: (
-           _bshd_like(q), _bshd_like(k), _bshd_like(v)))
+define(
+    "flash_attn(Tensor q, Tensor k, Tensor v, bool causal=False, float scale=0.0, bool deterministic=False) "
+    "-> (Tensor o, Tensor lse)",
+    _flash_attn,
+    _flash_attn_fake,
+)
+define(
+    "flash_attn_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal=False, "
+    "float scale=0.0, bool deterministic=False) -> (Tensor dq, Tensor dk, Tensor dv)",
+    _flash_attn_backward,
+    lambda dout, q, k, v, o, lse, causal=False, scale=0.0, deterministic=False: (
+        _bshd_like(q),
+        _bshd_like(k),
+        _bshd_like(v),
+    ),
+)
 
 
 def _flash_attn_setup(ctx, inputs, output):
@@ -110,15 +155,20 @@ def _flash_attn_grads(ctx, do, _dlse):
     return dq, dk, dv, None, None, None
 
 
-FlashAttnFunction = differentiable("flash_attn", _flash_attn, _flash_attn_setup, _flash_attn_grads,
-                                   "FlashAttnFunction")
+FlashAttnFunction = differentiable("flash_attn", _flash_attn, _flash_attn_setup, _flash_attn_grads, "FlashAttnFunction")
 
 
 # ---- public ops ------------------------------------------------------------------------------
 
 
-def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-               scale: float | None = None, deterministic: bool = False) -> torch.Tensor:
+def flash_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    scale: float | None = None,
+    deterministic: bool = False,
+) -> torch.Tensor:
     """softmax(scale * q k^T [+ causal mask]) v for q (B, H, Sq, D), k/v (B, Hkv, Sk, D).
 
     GQA when H is a multiple of Hkv.  Causal is aligned bottom-right when Sq != Sk.

@@ -1,5 +1,6 @@
 """The linear layer on the library's GEMMs (cuBLASLt on CUDA), with the residual
 add fused into the GEMM (beta = 1, out of place)."""
+
 from __future__ import annotations
 
 import ctypes
@@ -32,6 +33,7 @@ def gemm_workspace(device: torch.device) -> torch.Tensor | None:
 
 # ---- raw calls --------------------------------------------------------------------------
 
+
 def linear_forward_into(x, weight, y, residual=None, workspace=None, stream=None) -> None:
     b = Borrowed(x, weight, residual, y, workspace)
     check(LIB.l3k_linear_forward(*b.ptrs, current_stream(x) if stream is None else stream))
@@ -40,15 +42,31 @@ def linear_forward_into(x, weight, y, residual=None, workspace=None, stream=None
 def linear_backward_input_into(dy, weight, dx, accumulate=False, workspace=None, stream=None) -> None:
     b = Borrowed(dy, weight, dx)
     w = Borrowed(workspace)
-    check(LIB.l3k_linear_backward_input(b.ptrs[0], b.ptrs[1], b.ptrs[2], int(accumulate), w.ptrs[0],
-                                        current_stream(dy) if stream is None else stream))
+    check(
+        LIB.l3k_linear_backward_input(
+            b.ptrs[0],
+            b.ptrs[1],
+            b.ptrs[2],
+            int(accumulate),
+            w.ptrs[0],
+            current_stream(dy) if stream is None else stream,
+        )
+    )
 
 
 def linear_backward_weight_into(dy, x, dweight, accumulate=False, workspace=None, stream=None) -> None:
     b = Borrowed(dy, x, dweight)
     w = Borrowed(workspace)
-    check(LIB.l3k_linear_backward_weight(b.ptrs[0], b.ptrs[1], b.ptrs[2], int(accumulate), w.ptrs[0],
-                                         current_stream(dy) if stream is None else stream))
+    check(
+        LIB.l3k_linear_backward_weight(
+            b.ptrs[0],
+            b.ptrs[1],
+            b.ptrs[2],
+            int(accumulate),
+            w.ptrs[0],
+            current_stream(dy) if stream is None else stream,
+        )
+    )
 
 
 # ---- bodies: the registered ops' kernels, called directly by the eager route ----------------
@@ -57,8 +75,7 @@ def linear_backward_weight_into(dy, x, dweight, accumulate=False, workspace=None
 def _linear(x, weight, residual=None):
     x = rows_view(x)
     y = x.new_empty(*x.shape[:-1], weight.shape[0])
-    linear_forward_into(x, weight, y, rows_view(residual) if residual is not None else None,
-                        gemm_workspace(x.device))
+    linear_forward_into(x, weight, y, rows_view(residual) if residual is not None else None, gemm_workspace(x.device))
     return y
 
 
@@ -78,12 +95,21 @@ def _linear_backward_weight(dy, x):
 
 # ---- registrations -----------------------------------------------------------------------------
 
-define("linear(Tensor x, Tensor weight, Tensor? residual=None) -> Tensor", _linear,
-       lambda x, weight, residual=None: x.new_empty(*x.shape[:-1], weight.shape[0]))
-define("linear_backward_input(Tensor dy, Tensor weight) -> Tensor", _linear_backward_input,
-       lambda dy, weight: dy.new_empty(*dy.shape[:-1], weight.shape[1]))
-define("linear_backward_weight(Tensor dy, Tensor x) -> Tensor", _linear_backward_weight,
-       lambda dy, x: x.new_empty(dy.shape[-1], x.shape[-1]))
+define(
+    "linear(Tensor x, Tensor weight, Tensor? residual=None) -> Tensor",
+    _linear,
+    lambda x, weight, residual=None: x.new_empty(*x.shape[:-1], weight.shape[0]),
+)
+define(
+    "linear_backward_input(Tensor dy, Tensor weight) -> Tensor",
+    _linear_backward_input,
+    lambda dy, weight: dy.new_empty(*dy.shape[:-1], weight.shape[1]),
+)
+define(
+    "linear_backward_weight(Tensor dy, Tensor x) -> Tensor",
+    _linear_backward_weight,
+    lambda dy, x: x.new_empty(dy.shape[-1], x.shape[-1]),
+)
 
 
 def _linear_setup(ctx, inputs, output):

@@ -1,4 +1,5 @@
 """RMSNorm and fused residual-add + RMSNorm."""
+
 from __future__ import annotations
 
 import ctypes
@@ -10,8 +11,8 @@ from .._lib import LIB, check
 from ._common import needs_grad, rows_view
 from ._registry import define, differentiable, none_slot, ops, traced
 
-
 # ---- raw calls: caller-owned buffers, any DLPack producer ------------------------------
+
 
 def rmsnorm_forward_into(x, weight, eps: float, y, rstd=None, stream: int | None = None) -> None:
     """y = rmsnorm(x) * weight, written into `y` (and per-row float32 `rstd` if given)."""
@@ -21,8 +22,7 @@ def rmsnorm_forward_into(x, weight, eps: float, y, rstd=None, stream: int | None
     check(LIB.l3k_rmsnorm_forward(b.ptrs[0], b.ptrs[1], eps, b.ptrs[2], b.ptrs[3], stream))
 
 
-def add_rmsnorm_forward_into(x, residual, weight, eps: float, h, y, rstd=None,
-                             stream: int | None = None) -> None:
+def add_rmsnorm_forward_into(x, residual, weight, eps: float, h, y, rstd=None, stream: int | None = None) -> None:
     """h = x + residual; y = rmsnorm(h) * weight, written into `h`, `y` (and `rstd`)."""
     b = Borrowed(x, residual, weight, h, y, rstd)
     if stream is None:
@@ -37,8 +37,9 @@ def rmsnorm_backward_workspace_size(x) -> int:
     return size.value
 
 
-def rmsnorm_backward_into(dy, x, weight, rstd, eps: float, dx, dweight=None, workspace=None,
-                          dh=None, stream: int | None = None) -> None:
+def rmsnorm_backward_into(
+    dy, x, weight, rstd, eps: float, dx, dweight=None, workspace=None, dh=None, stream: int | None = None
+) -> None:
     """dx (and dweight) of RMSNorm; `dh` adds the gradient reaching h directly (fused op)."""
     b = Borrowed(dy, dh, x, weight, rstd, dx, dweight, workspace)
     if stream is None:
@@ -59,7 +60,7 @@ def _rows_empty(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rstd_buffer(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    return x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 def _rms_norm(x, weight, eps, want_rstd=True):
@@ -91,7 +92,7 @@ def _rms_norm_backward(dy, dh, x, weight, rstd, eps, need_dweight=True):
     dx = _rows_empty(x)
     if need_dweight:
         dw = torch.empty_like(w)
-        ws = torch.empty(rmsnorm_backward_workspace_size(x), dtype=torch.uint8, device=x.device)
+        ws = x.new_empty(rmsnorm_backward_workspace_size(x), dtype=torch.uint8)
     else:
         dw = ws = None
     rmsnorm_backward_into(dy, x, w, rstd, eps, dx, dw, ws, dh=dh)
@@ -113,29 +114,33 @@ def _add_rms_norm_backward_kernel(dy, dh, h, weight, rstd, eps, need_dweight=Tru
 # ---- fakes and registrations -------------------------------------------------------------
 
 
-def _like_x(x):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-
-
-def _rstd_fake(x):
-    return torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-
-
 def _backward_fake(x, weight, need_dweight):
-    return _like_x(x), (torch.empty_like(weight) if need_dweight else none_slot(weight))
+    return _rows_empty(x), (torch.empty_like(weight) if need_dweight else none_slot(weight))
 
 
-define("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor y, Tensor rstd)", _rms_norm,
-       lambda x, weight, eps: (_like_x(x), _rstd_fake(x)))
-define("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor h, Tensor y, Tensor rstd)",
-       _add_rms_norm, lambda x, residual, weight, eps: (_like_x(x), _like_x(x), _rstd_fake(x)))
-define("rms_norm_backward(Tensor dy, Tensor x, Tensor weight, Tensor rstd, float eps, bool need_dweight=True) "
-       "-> (Tensor dx, Tensor dweight)", _rms_norm_backward_kernel,
-       lambda dy, x, weight, rstd, eps, need_dweight=True: _backward_fake(x, weight, need_dweight))
+define(
+    "rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor y, Tensor rstd)",
+    _rms_norm,
+    lambda x, weight, eps: (_rows_empty(x), _rstd_buffer(x)),
+)
+define(
+    "add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor h, Tensor y, Tensor rstd)",
+    _add_rms_norm,
+    lambda x, residual, weight, eps: (_rows_empty(x), _rows_empty(x), _rstd_buffer(x)),
+)
+define(
+    "rms_norm_backward(Tensor dy, Tensor x, Tensor weight, Tensor rstd, float eps, bool need_dweight=True) "
+    "-> (Tensor dx, Tensor dweight)",
+    _rms_norm_backward_kernel,
+    lambda dy, x, weight, rstd, eps, need_dweight=True: _backward_fake(x, weight, need_dweight),
+)
 # dx of the fused op (= d residual): RMSNorm's backward of dy through h, plus dh.
-define("add_rms_norm_backward(Tensor dy, Tensor dh, Tensor h, Tensor weight, Tensor rstd, float eps, "
-       "bool need_dweight=True) -> (Tensor dx, Tensor dweight)", _add_rms_norm_backward_kernel,
-       lambda dy, dh, h, weight, rstd, eps, need_dweight=True: _backward_fake(h, weight, need_dweight))
+define(
+    "add_rms_norm_backward(Tensor dy, Tensor dh, Tensor h, Tensor weight, Tensor rstd, float eps, "
+    "bool need_dweight=True) -> (Tensor dx, Tensor dweight)",
+    _add_rms_norm_backward_kernel,
+    lambda dy, dh, h, weight, rstd, eps, need_dweight=True: _backward_fake(h, weight, need_dweight),
+)
 
 
 # rstd is an output only for the backward: it never gets a gradient, and none is made up for it
@@ -178,8 +183,9 @@ def _add_rms_norm_grads(ctx, dh, dy, _drstd):
 
 
 RMSNormFunction = differentiable("rms_norm", _rms_norm, _rms_norm_setup, _rms_norm_grads, "RMSNormFunction")
-AddRMSNormFunction = differentiable("add_rms_norm", _add_rms_norm, _add_rms_norm_setup, _add_rms_norm_grads,
-                                    "AddRMSNormFunction")
+AddRMSNormFunction = differentiable(
+    "add_rms_norm", _add_rms_norm, _add_rms_norm_setup, _add_rms_norm_grads, "AddRMSNormFunction"
+)
 
 
 # ---- public ops ------------------------------------------------------------------------------
@@ -197,8 +203,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
     return _rms_norm(x, weight, eps, False)[0]
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused residual add + RMSNorm: returns (h, y) with h = x + residual, y = rmsnorm(h) * weight."""
     if traced(x):
         h, y, _ = ops.add_rms_norm(x, residual, weight, eps)

@@ -1,4 +1,5 @@
 """Rotary position embedding (RoPE) on q and k in one kernel, and LLaMA-3 tables."""
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,10 @@ HALF, INTERLEAVED = 0, 1  # L3K_ROPE_HALF, L3K_ROPE_INTERLEAVED
 
 # ---- raw calls: caller-owned buffers, any DLPack producer ------------------------------
 
-def rope_forward_into(q, k, cos, sin, q_out, k_out=None, offset: int = 0,
-                      interleaved: bool = False, stream: int | None = None) -> None:
+
+def rope_forward_into(
+    q, k, cos, sin, q_out, k_out=None, offset: int = 0, interleaved: bool = False, stream: int | None = None
+) -> None:
     """Rotate q (batch, heads, seq, head_dim) and optional k (batch, kv_heads, seq, head_dim)
     into q_out / k_out (pass q / k themselves for in place).  cos, sin: (rows, head_dim/2)
     or (batch, rows, head_dim/2) with rows >= seq + offset."""
@@ -24,29 +27,26 @@ def rope_forward_into(q, k, cos, sin, q_out, k_out=None, offset: int = 0,
     if stream is None:
         stream = current_stream(q)
     p = b.ptrs
-    check(LIB.l3k_rope_forward(p[0], p[1], p[2], p[3], int(offset), int(bool(interleaved)), p[4], p[5],
-                               stream))
+    check(LIB.l3k_rope_forward(p[0], p[1], p[2], p[3], int(offset), int(bool(interleaved)), p[4], p[5], stream))
 
 
-def rope_backward_into(dq, dk, cos, sin, dq_out, dk_out=None, offset: int = 0,
-                       interleaved: bool = False, stream: int | None = None) -> None:
+def rope_backward_into(
+    dq, dk, cos, sin, dq_out, dk_out=None, offset: int = 0, interleaved: bool = False, stream: int | None = None
+) -> None:
     """Gradient of RoPE: the inverse rotation of dq (and dk) into dq_out (and dk_out)."""
     b = Borrowed(dq, dk, cos, sin, dq_out, dk_out)
     if stream is None:
         stream = current_stream(dq)
     p = b.ptrs
-    check(LIB.l3k_rope_backward(p[0], p[1], p[2], p[3], int(offset), int(bool(interleaved)), p[4], p[5],
-                                stream))
+    check(LIB.l3k_rope_backward(p[0], p[1], p[2], p[3], int(offset), int(bool(interleaved)), p[4], p[5], stream))
 
 
 # ---- tables -------------------------------------------------------------------------------
 
-LLAMA31_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                       original_max_position_embeddings=8192)
+LLAMA31_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
 
 
-def rope_inv_freq(head_dim: int, theta: float = 500000.0, scaling=None,
-                  device=None) -> torch.Tensor:
+def rope_inv_freq(head_dim: int, theta: float = 500000.0, scaling=None, device=None) -> torch.Tensor:
     """Inverse frequencies theta^(-2i/head_dim), i < head_dim/2, in float64.
 
     scaling: None, True (LLaMA-3.1 defaults) or a dict with factor, low_freq_factor,
@@ -65,14 +65,23 @@ def rope_inv_freq(head_dim: int, theta: float = 500000.0, scaling=None,
         lo, hi, factor = float(s["low_freq_factor"]), float(s["high_freq_factor"]), float(s["factor"])
         wavelen = 2 * math.pi / inv
         blend = ((ctx / wavelen - lo) / (hi - lo)).clamp(0.0, 1.0)  # 0: long waves, 1: short waves
-        inv = torch.where(wavelen < ctx / hi, inv,
-                          torch.where(wavelen > ctx / lo, inv / factor,
-                                      (1 - blend) * inv / factor + blend * inv))
+        inv = torch.where(
+            wavelen < ctx / hi,
+            inv,
+            torch.where(wavelen > ctx / lo, inv / factor, (1 - blend) * inv / factor + blend * inv),
+        )
     return inv
 
 
-def llama3_rope_cos_sin(seq_len: int, head_dim: int, theta: float = 500000.0, scaling=None,
-                        offset: int = 0, device=None, dtype=torch.float32):
+def llama3_rope_cos_sin(
+    seq_len: int,
+    head_dim: int,
+    theta: float = 500000.0,
+    scaling=None,
+    offset: int = 0,
+    device=None,
+    dtype=torch.float32,
+):
     """(cos, sin), each (seq_len, head_dim/2), for positions offset .. offset + seq_len - 1,
     built on `device`.  Angles are computed in float64, then rounded to `dtype`
     (float32 by default: the kernel reads float32 tables at full precision).
@@ -94,13 +103,13 @@ def _table(t: torch.Tensor, like: torch.Tensor, head_dim: int, interleaved: bool
     """cos/sin as the kernel takes them: (.., head_dim/2), contiguous, float32 or like's dtype.
     Full-width tables (.., head_dim) are accepted too: Hugging Face's cat(f, f) for
     rotate-half, Meta's repeat_interleave(f, 2) for interleaved."""
-    if t.device != like.device:
+    if t.is_cuda != like.is_cuda or t.get_device() != like.get_device():  # the library's devices: CPU, CUDA
         t = t.to(like.device)
     if t.shape[-1] == head_dim and head_dim > 0:
         t = t[..., 0::2] if interleaved else t[..., : head_dim // 2]
-    if t.dtype not in (torch.float32, like.dtype):
+    if t.dtype is not torch.float32 and t.dtype is not like.dtype:
         t = t.float()
-    return t.contiguous()
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _prep(q, k, cos, sin, interleaved):
@@ -111,12 +120,12 @@ def _prep(q, k, cos, sin, interleaved):
 def _rotate(into, q, k, cos, sin, offset, interleaved):
     """Rotation (forward or inverse, per `into`) into new contiguous tensors."""
     q = _last_contig(q)
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    q_out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if k is None:
         into(q, None, cos, sin, q_out, None, offset, interleaved)
         return q_out, none_slot(q)
     k = _last_contig(k)
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    k_out = torch.empty_like(k, memory_format=torch.contiguous_format)
     into(q, k, cos, sin, q_out, k_out, offset, interleaved)
     return q_out, k_out
 
@@ -142,8 +151,9 @@ def _rope_backward_inplace(dq, dk, cos, sin, offset=0, interleaved=False):
 
 
 def _rope_fake(q, k, cos, sin, offset=0, interleaved=False):
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device), (
-        torch.empty(k.shape, dtype=k.dtype, device=k.device) if k is not None else none_slot(q))
+    new = torch.empty_like
+    cf = torch.contiguous_format
+    return new(q, memory_format=cf), (new(k, memory_format=cf) if k is not None else none_slot(q))
 
 
 def _no_output(*args):
@@ -152,8 +162,7 @@ def _no_output(*args):
 
 _ARGS = "Tensor cos, Tensor sin, int offset=0, bool interleaved=False"
 define(f"rope(Tensor q, Tensor? k, {_ARGS}) -> (Tensor q_out, Tensor k_out)", _rope, _rope_fake)
-define(f"rope_backward(Tensor dq, Tensor? dk, {_ARGS}) -> (Tensor dq_in, Tensor dk_in)", _rope_backward,
-       _rope_fake)
+define(f"rope_backward(Tensor dq, Tensor? dk, {_ARGS}) -> (Tensor dq_in, Tensor dk_in)", _rope_backward, _rope_fake)
 define(f"rope_(Tensor(a!) q, Tensor(b!)? k, {_ARGS}) -> ()", _rope_inplace, _no_output)
 define(f"rope_backward_(Tensor(a!) dq, Tensor(b!)? dk, {_ARGS}) -> ()", _rope_backward_inplace, _no_output)
 
@@ -196,21 +205,20 @@ def _geom(t: torch.Tensor, base: torch.Tensor):
     return tuple(t.shape), tuple(t.stride()), t.storage_offset() - base.storage_offset()
 
 
+def _locate_one(targets, w):
+    if w is None:
+        return None
+    t = targets[w[0]]
+    if w[1] is None:
+        return t
+    size, stride, rel = w[1]
+    return t.as_strided(size, stride, t.storage_offset() + rel)
+
+
 def _locate(targets, where):
     """q and k from the targets: `where` holds, for q and k, (target index, geometry relative
     to that target or None for the target itself), or None for an absent k."""
-    out = []
-    for w in where:
-        if w is None:
-            out.append(None)
-            continue
-        t = targets[w[0]]
-        if w[1] is None:
-            out.append(t)
-        else:
-            size, stride, rel = w[1]
-            out.append(t.as_strided(size, stride, t.storage_offset() + rel))
-    return out
+    return _locate_one(targets, where[0]), _locate_one(targets, where[1])
 
 
 class RoPEInplaceFunction(torch.autograd.Function):
@@ -230,8 +238,7 @@ class RoPEInplaceFunction(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         grads = [g.clone(memory_format=torch.contiguous_format) for g in grads]  # the rest (v) passes through
         dq, dk = _locate(grads, ctx.where)
-        (ops.rope_backward_ if traced(dq) else _rope_backward_inplace)(dq, dk, cos, sin, ctx.offset,
-                                                                        ctx.interleaved)
+        (ops.rope_backward_ if traced(dq) else _rope_backward_inplace)(dq, dk, cos, sin, ctx.offset, ctx.interleaved)
         return (None, None, None, None, None, *grads)
 
 
@@ -270,8 +277,7 @@ def _rope_inplace_version_bump(keyset, q, k, cos, sin, offset=0, interleaved=Fal
     torch.autograd.graph.increment_version(q)
     if k is not None:
         torch.autograd.graph.increment_version(k)
-    ops.rope_.default.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, q, k, cos, sin, offset,
-                                 interleaved)
+    ops.rope_.default.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, q, k, cos, sin, offset, interleaved)
 
 
 TORCH_LIB.impl("rope_", _rope_inplace_autograd, "Autograd", with_keyset=True)
@@ -281,8 +287,14 @@ TORCH_LIB.impl("rope_", _rope_inplace_version_bump, "ADInplaceOrView", with_keys
 # ---- public ops ------------------------------------------------------------------------------
 
 
-def rope(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-         offset: int = 0, interleaved: bool = False):
+def rope(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    offset: int = 0,
+    interleaved: bool = False,
+):
     """Rotary embedding of q (batch, heads, seq, head_dim) and k (batch, kv_heads, seq,
     head_dim; may be None), out of place: returns new (q_rot, k_rot).  Differentiable.
 
@@ -291,9 +303,8 @@ def rope(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.
     interleaved=False rotates pairs (i, i + head_dim/2) (Hugging Face), True pairs (2i, 2i+1)
     (Meta).  q and k may be strided views (e.g. of one fused QKV projection)."""
     cos, sin = _prep(q, k, cos, sin, interleaved)
-    offset, interleaved = int(offset), bool(interleaved)
     if traced(q):
-        q_out, k_out = ops.rope(q, k, cos, sin, offset, interleaved)
+        q_out, k_out = ops.rope(q, k, cos, sin, int(offset), bool(interleaved))
     elif needs_grad(q, k):
         q_out, k_out = RoPEFunction.apply(q, k, cos, sin, offset, interleaved)
     else:
@@ -301,14 +312,19 @@ def rope(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.
     return q_out, (k_out if k is not None else None)
 
 
-def rope_(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-          offset: int = 0, interleaved: bool = False):
+def rope_(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    offset: int = 0,
+    interleaved: bool = False,
+):
     """In-place rotary embedding of q and k (see `rope`); returns (q, k).  Differentiable
     (autograd sees the in-place update).  q and k need a contiguous last dim."""
     cos, sin = _prep(q, k, cos, sin, interleaved)
-    offset, interleaved = int(offset), bool(interleaved)
     if traced(q):
-        ops.rope_(q, k, cos, sin, offset, interleaved)
+        ops.rope_(q, k, cos, sin, int(offset), bool(interleaved))
     elif needs_grad(q, k):
         _rope_inplace_grad(q, k, cos, sin, offset, interleaved)
     else:

@@ -1,5 +1,6 @@
 """SwiGLU: the fused activation silu(g) * u (separate or fused gate_up layout), and the
 whole LLaMA MLP around it."""
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,8 @@ from .._lib import LIB, check
 from ._common import needs_grad, rows_view
 from ._registry import define, differentiable, none_slot, ops, traced
 
-
 # ---- raw calls: caller-owned buffers, any DLPack producer ------------------------------
+
 
 def swiglu_forward_into(g, u, a, stream: int | None = None) -> None:
     """a = silu(g) * u (a may be g or u itself: in place)."""
@@ -42,7 +43,11 @@ def swiglu_fused_backward_into(da, gu, dgu, a=None, stream: int | None = None) -
 
 
 def _empty(shape, like: torch.Tensor) -> torch.Tensor:
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
+    return like.new_empty(shape)
+
+
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
 def _half(gu: torch.Tensor):
@@ -51,14 +56,14 @@ def _half(gu: torch.Tensor):
 
 def _swiglu(g, u):
     g, u = rows_view(g), rows_view(u)
-    a = _empty(g.shape, g)
+    a = _empty_like(g)
     swiglu_forward_into(g, u, a)
     return a
 
 
 def _swiglu_backward(da, g, u):
     g, u, da = rows_view(g), rows_view(u), rows_view(da)
-    dg, du = _empty(g.shape, g), _empty(u.shape, u)
+    dg, du = _empty_like(g), _empty_like(u)
     swiglu_backward_into(da, g, u, dg, du)
     return dg, du
 
@@ -72,7 +77,7 @@ def _swiglu_fused(gu):
 
 def _swiglu_fused_backward(da, gu):
     gu, da = rows_view(gu), rows_view(da)
-    dgu = _empty(gu.shape, gu)
+    dgu = _empty_like(gu)
     swiglu_fused_backward_into(da, gu, dgu)
     return dgu
 
@@ -80,11 +85,16 @@ def _swiglu_fused_backward(da, gu):
 def gate_up_weight(gate_weight: torch.Tensor, up_weight: torch.Tensor) -> torch.Tensor:
     """[gate; up] as one (2h, dim) matrix: a zero-copy view when up directly follows gate in
     memory (e.g. both are slices of one fused parameter), else a concatenated copy."""
-    if (gate_weight.shape == up_weight.shape and gate_weight.dim() == 2 and gate_weight.is_contiguous()
-            and up_weight.is_contiguous() and gate_weight.dtype == up_weight.dtype
-            and gate_weight.device == up_weight.device
-            and up_weight.data_ptr() == gate_weight.data_ptr() + gate_weight.numel() * gate_weight.element_size()
-            and gate_weight.untyped_storage().data_ptr() == up_weight.untyped_storage().data_ptr()):
+    if (
+        gate_weight.shape == up_weight.shape
+        and gate_weight.dim() == 2
+        and gate_weight.is_contiguous()
+        and up_weight.is_contiguous()
+        and gate_weight.dtype == up_weight.dtype
+        and gate_weight.device == up_weight.device
+        and up_weight.data_ptr() == gate_weight.data_ptr() + gate_weight.numel() * gate_weight.element_size()
+        and gate_weight.untyped_storage().data_ptr() == up_weight.untyped_storage().data_ptr()
+    ):
         h, dim = gate_weight.shape
         return torch.as_strided(gate_weight, (2 * h, dim), (dim, 1))
     return torch.cat([gate_weight, up_weight], 0)
@@ -96,20 +106,21 @@ def _swiglu_mlp(x, gate_weight, up_weight, down_weight):
     backward needs besides x and the weights.  The one GEMM takes the two weights as they lie
     when up directly follows gate in memory (a test only real tensors can make, which is why
     the whole MLP is one op rather than a graph of GEMMs)."""
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     gu = x2 @ gate_up_weight(gate_weight, up_weight).t()
-    a = _empty(_half(gu), gu)
+    a = _empty((gu.shape[0], gu.shape[1] // 2), gu)
     swiglu_fused_forward_into(gu, a)
     out = a @ down_weight.t()
-    return out.reshape(*x.shape[:-1], down_weight.shape[0]), gu
+    return (out if x.dim() == 2 else out.reshape(*x.shape[:-1], down_weight.shape[0])), gu
 
 
-def _swiglu_mlp_backward(dout, x, gate_weight, up_weight, down_weight, gu, need_dx=True, need_dgate_up=True,
-                         need_ddown=True):
+def _swiglu_mlp_backward(
+    dout, x, gate_weight, up_weight, down_weight, gu, need_dx=True, need_dgate_up=True, need_ddown=True
+):
     """(dx, d[gate; up] as one (2h, dim) tensor, ddown); size-0 placeholders for those not wanted.
     The activation for ddown is recomputed by the backward kernel (written over da)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    dout2 = dout.reshape(-1, dout.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    dout2 = dout if dout.dim() == 2 else dout.reshape(-1, dout.shape[-1])
     da = dout2 @ down_weight  # (rows, h)
     dgu = torch.empty_like(gu)
     swiglu_fused_backward_into(da, gu, dgu, a=da)  # da now holds the activation
@@ -127,29 +138,40 @@ def _swiglu_mlp_backward(dout, x, gate_weight, up_weight, down_weight, gu, need_
 
 def _swiglu_mlp_fake(x, gate_weight, up_weight, down_weight):
     rows = math.prod(x.shape[:-1])
-    return (_empty((*x.shape[:-1], down_weight.shape[0]), x),
-            _empty((rows, 2 * gate_weight.shape[0]), x))
+    return (_empty((*x.shape[:-1], down_weight.shape[0]), x), _empty((rows, 2 * gate_weight.shape[0]), x))
 
 
-def _swiglu_mlp_backward_fake(dout, x, gate_weight, up_weight, down_weight, gu, need_dx=True,
-                              need_dgate_up=True, need_ddown=True):
+def _swiglu_mlp_backward_fake(
+    dout, x, gate_weight, up_weight, down_weight, gu, need_dx=True, need_dgate_up=True, need_ddown=True
+):
     h, dim = gate_weight.shape
-    return (_empty(x.shape, x) if need_dx else none_slot(x),
-            _empty((2 * h, dim), gate_weight) if need_dgate_up else none_slot(gate_weight),
-            _empty(down_weight.shape, down_weight) if need_ddown else none_slot(down_weight))
+    return (
+        _empty(x.shape, x) if need_dx else none_slot(x),
+        _empty((2 * h, dim), gate_weight) if need_dgate_up else none_slot(gate_weight),
+        _empty(down_weight.shape, down_weight) if need_ddown else none_slot(down_weight),
+    )
 
 
-define("swiglu(Tensor g, Tensor u) -> Tensor", _swiglu, lambda g, u: _empty(g.shape, g))
-define("swiglu_backward(Tensor da, Tensor g, Tensor u) -> (Tensor dg, Tensor du)", _swiglu_backward,
-       lambda da, g, u: (_empty(g.shape, g), _empty(u.shape, u)))
+define("swiglu(Tensor g, Tensor u) -> Tensor", _swiglu, lambda g, u: _empty_like(g))
+define(
+    "swiglu_backward(Tensor da, Tensor g, Tensor u) -> (Tensor dg, Tensor du)",
+    _swiglu_backward,
+    lambda da, g, u: (_empty_like(g), _empty_like(u)),
+)
 define("swiglu_fused(Tensor gu) -> Tensor", _swiglu_fused, lambda gu: _empty(_half(gu), gu))
-define("swiglu_fused_backward(Tensor da, Tensor gu) -> Tensor", _swiglu_fused_backward,
-       lambda da, gu: _empty(gu.shape, gu))
-define("swiglu_mlp(Tensor x, Tensor gate_weight, Tensor up_weight, Tensor down_weight) -> (Tensor out, Tensor gu)",
-       _swiglu_mlp, _swiglu_mlp_fake)
-define("swiglu_mlp_backward(Tensor dout, Tensor x, Tensor gate_weight, Tensor up_weight, Tensor down_weight, "
-       "Tensor gu, bool need_dx=True, bool need_dgate_up=True, bool need_ddown=True) "
-       "-> (Tensor dx, Tensor dgate_up, Tensor ddown)", _swiglu_mlp_backward, _swiglu_mlp_backward_fake)
+define("swiglu_fused_backward(Tensor da, Tensor gu) -> Tensor", _swiglu_fused_backward, lambda da, gu: _empty_like(gu))
+define(
+    "swiglu_mlp(Tensor x, Tensor gate_weight, Tensor up_weight, Tensor down_weight) -> (Tensor out, Tensor gu)",
+    _swiglu_mlp,
+    _swiglu_mlp_fake,
+)
+define(
+    "swiglu_mlp_backward(Tensor dout, Tensor x, Tensor gate_weight, Tensor up_weight, Tensor down_weight, "
+    "Tensor gu, bool need_dx=True, bool need_dgate_up=True, bool need_ddown=True) "
+    "-> (Tensor dx, Tensor dgate_up, Tensor ddown)",
+    _swiglu_mlp_backward,
+    _swiglu_mlp_backward_fake,
+)
 
 
 def _save_inputs(ctx, inputs, output):
@@ -178,15 +200,19 @@ def _swiglu_mlp_grads(ctx, dout, _dgu):
     bwd = ops.swiglu_mlp_backward if traced(dout) else _swiglu_mlp_backward
     dx, dgate_up, ddown = bwd(dout, x, gate_w, up_w, down_w, gu, need_dx, need_dgate or need_dup, need_ddown)
     h = gate_w.shape[0]
-    return ((dx if need_dx else None), (dgate_up[:h] if need_dgate else None),
-            (dgate_up[h:] if need_dup else None), (ddown if need_ddown else None))
+    return (
+        (dx if need_dx else None),
+        (dgate_up[:h] if need_dgate else None),
+        (dgate_up[h:] if need_dup else None),
+        (ddown if need_ddown else None),
+    )
 
 
 SwiGLUFunction = differentiable("swiglu", _swiglu, _save_inputs, _swiglu_grads, "SwiGLUFunction")
-SwiGLUFusedFunction = differentiable("swiglu_fused", _swiglu_fused, _save_inputs, _swiglu_fused_grads,
-                                     "SwiGLUFusedFunction")
-SwiGLUMLPFunction = differentiable("swiglu_mlp", _swiglu_mlp, _swiglu_mlp_setup, _swiglu_mlp_grads,
-                                   "SwiGLUMLPFunction")
+SwiGLUFusedFunction = differentiable(
+    "swiglu_fused", _swiglu_fused, _save_inputs, _swiglu_fused_grads, "SwiGLUFusedFunction"
+)
+SwiGLUMLPFunction = differentiable("swiglu_mlp", _swiglu_mlp, _swiglu_mlp_setup, _swiglu_mlp_grads, "SwiGLUMLPFunction")
 
 
 # ---- public ops ------------------------------------------------------------------------------
@@ -212,8 +238,9 @@ def swiglu_fused(gu: torch.Tensor) -> torch.Tensor:
     return _swiglu_fused(gu)
 
 
-def swiglu_mlp(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor,
-               down_weight: torch.Tensor) -> torch.Tensor:
+def swiglu_mlp(
+    x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor, down_weight: torch.Tensor
+) -> torch.Tensor:
     """The LLaMA MLP: (silu(x @ gate.T) * (x @ up.T)) @ down.T.  gate/up run as one GEMM
     (torch matmul for now), the activation is the fused kernel.  Differentiable."""
     if traced(x):
@@ -223,8 +250,9 @@ def swiglu_mlp(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tens
     return _swiglu_mlp(x, gate_weight, up_weight, down_weight)[0]
 
 
-def triton_swiglu(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor,
-                  down_weight: torch.Tensor) -> torch.Tensor:
+def triton_swiglu(
+    x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor, down_weight: torch.Tensor
+) -> torch.Tensor:
     """The tutorial's name and signature for the whole SwiGLU MLP (weights in nn.Linear
     layout (out, in)).  A CUDA C activation kernel between torch GEMMs here."""
     return swiglu_mlp(x, gate_weight, up_weight, down_weight)
