@@ -248,7 +248,12 @@ l3k_status l3k_check_rows(l3k_call *c, const DLTensor *t, const char *name, l3k_
     out->data = l3k_data(t);
     out->n = t->shape[last];
     /* The leading dims' count even when rows are empty: x of shape (4, 0) has 4 rows. */
-    out->rows = count_of(t, 0, last); /* >= 0: t passed l3k_check_tensor */
+    out->rows = count_of(t, 0, last);
+    if (out->rows < 0) { /* possible only with n == 0: t has no element, but no row count either */
+        char a[256];
+        shape_str(t, a, sizeof a);
+        return l3k_fail(c, L3K_ERROR_SHAPE, "%s shape %s has more than 2^63 - 1 rows", name, a);
+    }
     if (out->rows == 0 || out->n == 0) { /* nothing is read or written: any strides will do */
         out->row_stride = out->n;
         out->vec16 = 0;

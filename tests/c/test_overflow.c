@@ -351,6 +351,14 @@ static void test_empty_huge_dims(void) {
     to.t.shape = to.shape;
     CHECK(l3k_attention_forward(&tq.t, &tk.t, &tk.t, 0.0f, 1, &to.t, &tl.t, NULL) == L3K_SUCCESS,
           "empty q with batch * heads = 2^80: %s", l3k_last_error());
+    /* Rows of an empty last dim that cannot be counted: there is no rstd for them. */
+    int64_t rs[3] = {(int64_t)1 << 40, (int64_t)1 << 40, 0}, w0[1] = {0};
+    host_tensor tr, tw;
+    set_tensor(&tx, NULL, L3K_DT_F32, 3, rs, NULL);
+    set_tensor(&tw, NULL, L3K_DT_F32, 1, w0, NULL);
+    set_tensor(&tr, NULL, L3K_DT_F32, 2, rs, NULL);
+    EXPECT_FAILS(l3k_rmsnorm_forward(&tx.t, &tw.t, 1e-5f, &tx.t, &tr.t, NULL), L3K_ERROR_SHAPE,
+                 "rmsnorm_forward: x shape (1099511627776, 1099511627776, 0) has more than 2^63 - 1 rows");
 }
 
 int main(int argc, char **argv) {
