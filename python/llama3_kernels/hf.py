@@ -95,7 +95,8 @@ def _projections(layer):
 def _refuse_foreign_projection(layer, mod) -> None:
     name = next(n for n, m in layer.named_modules() if m is mod)
     why = (f"is a {type(mod).__name__} (an adapter or quantized layer?)" if type(mod).forward is not nn.Linear.forward
-           else "has a bias" if mod.bias is not None else "has forward hooks that the fused block would skip")
+           else "has a bias" if mod.bias is not None
+           else "has its forward replaced or hooked (accelerate, ZeRO-3?), which the fused block would skip")
     raise UnsupportedLlamaError(
         f"llama3_kernels.hf: {name} {why}; the fused block reads the plain weight of an nn.Linear without bias. "
         "Merge adapters into the weights, or call llama3_kernels.hf.revert_llama(model) first.")
@@ -106,13 +107,17 @@ def _layer_weights(layer):
     is still a plain bias-free nn.Linear whose forward the block may stand in for."""
     mods = _projections(layer)
     for mod in mods:
-        if not _is_plain_linear(mod) or mod._forward_hooks or mod._forward_pre_hooks:
+        if not _is_plain_linear(mod) or mod._forward_hooks or mod._forward_pre_hooks or "forward" in mod.__dict__:
             _refuse_foreign_projection(layer, mod)
     return [mod.weight for mod in mods] + [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
 
 
 def _check_layer(layer) -> None:
     _check_config(layer.self_attn.config)
+    if "forward" in layer.__dict__:
+        raise UnsupportedLlamaError(
+            "llama3_kernels.hf: a LlamaDecoderLayer has its forward replaced on the instance (accelerate hooks from a "
+            "device_map?), which would bypass the patched class; load the model onto one device without a device_map")
     _layer_weights(layer)
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
     if not all(isinstance(n, _llama().LlamaRMSNorm) for n in norms):

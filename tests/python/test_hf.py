@@ -436,6 +436,17 @@ def test_refuses_configurations(over, words):
     assert not hf._is_patched(model.model.layers[0])
 
 
+def test_refuses_layers_it_would_not_reach():
+    """A layer whose forward is replaced on the instance (accelerate's hooks do that) would never
+    call the patched class: refused, and nothing is patched."""
+    model = make_model(make_config())
+    layer = model.model.layers[1]
+    layer.forward = layer.forward
+    with pytest.raises(hf.UnsupportedLlamaError, match="instance"):
+        hf.apply_to_llama(model)
+    assert not any(hf._is_patched(m) for m in model.modules())
+
+
 def test_refuses_calls(device):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     cfg = make_config()
