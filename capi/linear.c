@@ -63,6 +63,7 @@ static l3k_status workspace_apart(l3k_call *c, const DLTensor *ws, size_t bytes,
 
 static l3k_status run(l3k_call *c, const l3k_gemm_args *g, void *stream) {
     if (g->m == 0 || g->n == 0) return L3K_SUCCESS;
+    if (l3k_checking_only()) return L3K_SUCCESS;
     if (l3k_on_cuda(c)) return l3k_cuda_launch(c, L3K_CUDA_FN(l3k_cuda_gemm), g, stream);
     l3k_cpu_gemm(g);
     return L3K_SUCCESS;

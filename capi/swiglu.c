@@ -77,6 +77,7 @@ static l3k_status launch_fwd(l3k_call *c, const l3k_rows *g, const l3k_rows *u, 
         .a = a->data, .a_stride = a->row_stride,
         .rows = g->rows, .n = g->n, .dtype = dt,
     };
+    if (l3k_checking_only()) return L3K_SUCCESS;
     if (l3k_on_cuda(c)) return l3k_cuda_launch(c, L3K_CUDA_FN(l3k_cuda_swiglu_fwd), &args, stream);
     l3k_cpu_swiglu_fwd(&args);
     return L3K_SUCCESS;
@@ -95,6 +96,7 @@ static l3k_status launch_bwd(l3k_call *c, const l3k_rows *da, const l3k_rows *g,
         .a_out = a ? a->data : 0, .a_out_stride = a ? a->row_stride : 0,
         .rows = g->rows, .n = g->n, .dtype = dt,
     };
+    if (l3k_checking_only()) return L3K_SUCCESS;
     if (l3k_on_cuda(c)) return l3k_cuda_launch(c, L3K_CUDA_FN(l3k_cuda_swiglu_bwd), &args, stream);
     l3k_cpu_swiglu_bwd(&args);
     return L3K_SUCCESS;

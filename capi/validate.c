@@ -367,6 +367,12 @@ l3k_status l3k_check_eps(l3k_call *c, float eps) {
     return L3K_SUCCESS;
 }
 
+static _Thread_local int checking_only;
+
+void l3k_set_checking_only(int on) { checking_only = on; }
+
+int l3k_checking_only(void) { return checking_only; }
+
 int l3k_on_cuda(const l3k_call *c) {
     return c->have_device && c->device.device_type == kDLCUDA;
 }

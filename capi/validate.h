@@ -113,6 +113,12 @@ l3k_status l3k_check_rows_no_overlap(l3k_call *c, const l3k_rows *out, const cha
                                      const l3k_rows *in, const char *in_name, size_t es,
                                      int allow_same);
 
+/* While set (per thread), every op validates its arguments and returns without launching or
+ * writing anything: a composite op (the block) checks all of its steps this way before it runs
+ * the first, so that a refused call leaves every buffer as it was. */
+void l3k_set_checking_only(int on);
+int l3k_checking_only(void);
+
 /* 1 when the call's tensors are on the GPU. */
 int l3k_on_cuda(const l3k_call *c);
 

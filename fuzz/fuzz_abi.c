@@ -622,7 +622,9 @@ typedef struct {
     l3k_llama_block_config cfg;
 } block_args;
 
-static void block_setup(call *c, block_args *a) {
+/* with_tables: whether the call takes cos and sin (the size queries do not: a hostile table
+ * that no call reads must not count as accepted). */
+static void block_setup(call *c, block_args *a, int with_tables) {
     const l3k_llama_block_weights w0 = L3K_LLAMA_BLOCK_WEIGHTS_INIT;
     const l3k_llama_block_config cfg0 = L3K_LLAMA_BLOCK_CONFIG_INIT;
     a->w = w0;
@@ -636,8 +638,8 @@ static void block_setup(call *c, block_args *a) {
     a->x = arg(c, a->d, 3, a->xs);
     const int64_t ts[2] = {s + dim(c, 0, 2), hd / 2};
     const DLDataType td = pick(c, 2) ? F32 : a->d;
-    a->cos = arg(c, td, 2, ts);
-    a->sin = arg(c, td, 2, ts);
+    a->cos = with_tables ? arg(c, td, 2, ts) : NULL;
+    a->sin = with_tables ? arg(c, td, 2, ts) : NULL;
     const int64_t sq[2] = {qkv, dm}, so[2] = {dm, dm}, sg[2] = {2 * hidden, dm}, sd[2] = {dm, hidden};
     a->w.qkv_weight = arg(c, a->d, 2, sq);
     a->w.o_weight = arg(c, a->d, 2, so);
@@ -656,14 +658,14 @@ static void block_setup(call *c, block_args *a) {
 
 static int e_llama_block_forward_workspace_size(call *c) {
     block_args a;
-    block_setup(c, &a);
+    block_setup(c, &a, 0);
     size_t bytes = 0;
     return CALL(c, l3k_llama_block_forward_workspace_size(a.x, &a.w, &a.cfg, pick(c, 16) ? &bytes : NULL));
 }
 
 static int e_llama_block_forward(call *c) {
     block_args a;
-    block_setup(c, &a);
+    block_setup(c, &a, 1);
     DLTensor *out = arg(c, a.d, 3, a.xs);
     size_t bytes = 0;
     (void)l3k_llama_block_forward_workspace_size(a.x, &a.w, &a.cfg, &bytes);
