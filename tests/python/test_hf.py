@@ -353,19 +353,50 @@ def test_deepcopy_and_pickle(device):
             assert torch.equal(clone(ids).logits, want)
 
 
-@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
-def test_gradient_checkpointing(reentrant, device):
+def _checkpointing(reentrant, device, monkeypatch):
+    """(block calls without checkpointing, with; logits and gradients without, with)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     cfg = make_config()
     plain = hf.apply_to_llama(make_model(cfg, device, dtype)).train()
     ckpt = copy.deepcopy(plain)
-    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if hasattr(ckpt, "activation_checkpointing_enable"):  # transformers 5's name
+        ckpt.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    else:
+        ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    calls = []
+
+    def counting_block(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return block(*args, **kwargs)
+    block = hf._llama_block
+    monkeypatch.setattr(hf, "_llama_block", counting_block)
     ids = torch.randint(0, cfg.vocab_size, (2, 13), device=device)
-    want_logits, want_grads = run(plain, ids)
-    got_logits, got_grads = run(ckpt, ids)
+    want = run(plain, ids)
+    n_plain = len(calls)
+    got = run(ckpt, ids)
+    return n_plain, len(calls) - n_plain, want, got
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_gradient_checkpointing(reentrant, device, monkeypatch):
+    """transformers' checkpointing wraps the patched layers and gives the gradients of the model
+    without it; reentrant checkpointing runs each layer's block again in the backward."""
+    n_plain, n_ckpt, (want_logits, want_grads), (got_logits, got_grads) = _checkpointing(reentrant, device,
+                                                                                           monkeypatch)
+    if reentrant:
+        assert n_ckpt == 2 * n_plain  # forward, then again in the backward
+    dtype = got_logits.dtype
     assert_close(got_logits, want_logits, dtype, 1.0, "logits")
     for n in want_grads:
         assert_close(got_grads[n], want_grads[n], dtype, 1.0, f"grad {n}")
+
+
+@pytest.mark.xfail(strict=True, reason="the eager block keeps its activations on its autograd ctx, out of reach of "
+                   "the saved-tensor hooks non-reentrant checkpointing (transformers 5's default) drops and "
+                   "recomputes through: the layer is not recomputed and its activations stay alive")
+def test_non_reentrant_checkpointing_recomputes(device, monkeypatch):
+    n_plain, n_ckpt, _, _ = _checkpointing(False, device, monkeypatch)
+    assert n_ckpt == 2 * n_plain
 
 
 def test_torch_compile_of_the_patched_model(device):
