@@ -32,7 +32,6 @@ import torch
 
 from .ops import attention, linear, rmsnorm, rope, swiglu  # noqa: F401  (their imports register the ops)
 from .ops._registry import NAMESPACE
-from .ops._registry import TORCH_LIB as _LIB  # noqa: F401
 
 ops = torch.ops.llama3_kernels
 

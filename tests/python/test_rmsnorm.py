@@ -118,6 +118,38 @@ def test_add_rmsnorm(shape, dtype, device):
     assert_close(w.grad, wr.grad, dtype, scale=4, what="dw")
 
 
+@pytest.mark.parametrize("used", ["h", "y"])
+def test_add_rmsnorm_one_output_used(used, device):
+    """Gradients when only one of (h, y) reaches the loss: the other's gradient is never made up."""
+    x, r = (torch.randn(3, 40, device=device, requires_grad=True) for _ in range(2))
+    w = torch.randn(40, device=device, requires_grad=True)
+    h, y = l3k.add_rms_norm(x, r, w, EPS)
+    (h if used == "h" else y).pow(2).sum().backward()
+    xr, rr, wr = (t.detach().clone().requires_grad_() for t in (x, r, w))
+    h_ref = xr + rr
+    (h_ref if used == "h" else reference(h_ref, wr)).pow(2).sum().backward()
+    assert_close(x.grad, xr.grad, what="dx")
+    assert_close(r.grad, rr.grad, what="dresidual")
+    if used == "y":
+        assert_close(w.grad, wr.grad, scale=4, what="dw")
+    else:
+        assert w.grad is None or torch.all(w.grad == 0)
+
+
+def test_weight_of_another_dtype(device):
+    """A float32 weight with bfloat16 x: the weight is cast for the kernel, its gradient comes
+    back in float32."""
+    x = torch.randn(4, 64, device=device).bfloat16().requires_grad_()
+    w = torch.randn(64, device=device, requires_grad=True)
+    y = l3k.rms_norm(x, w, EPS)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    reference(xr, wr).sum().backward()
+    assert_close(w.grad, wr.grad, torch.bfloat16, scale=4, what="dw")
+
+
 def test_add_rmsnorm_in_place(device):
     x = torch.randn(4, 256, device=device)
     r = torch.randn(4, 256, device=device)

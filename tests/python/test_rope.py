@@ -216,6 +216,11 @@ def test_autograd_q_only_and_unused_k(device):
     reference(kr, cos, sin).sum().backward()
     assert_close(k.grad, kr.grad, what="dk, q unused")
     assert q.grad is None or torch.all(q.grad == 0)
+    q.grad = k.grad = None
+    qo, ko = l3k.rope(q, k, cos, sin)
+    qo.sum().backward()  # k's output unused
+    assert_close(q.grad, qr.grad, what="dq, k unused")
+    assert k.grad is None or torch.all(k.grad == 0)
 
 
 def test_full_width_tables(device):

@@ -8,7 +8,8 @@ reaches its backward body directly for eager tensors and the registered backward
 traced (``traced``), so AOTAutograd records the op.
 
 ``Library.define`` / ``impl`` rather than ``custom_op``: a call through the dispatcher then costs
-a few microseconds over the body, where ``custom_op``'s wrapper adds ~9 us more.
+~4 us over the body on a small CPU tensor (torch 2.15, this machine's CPU), where ``custom_op``'s
+wrapper added ~9 us more (torch 2.11); the eager route skips even those 4 us.
 """
 
 from __future__ import annotations

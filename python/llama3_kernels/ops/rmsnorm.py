@@ -145,8 +145,6 @@ define(
 
 # rstd is an output only for the backward: it never gets a gradient, and none is made up for it
 # (set_materialize_grads(False)), so a gradient the backward receives may be None.
-
-
 def _rms_norm_setup(ctx, inputs, output):
     x, weight, eps = inputs
     ctx.save_for_backward(x, weight, output[1])

@@ -202,64 +202,59 @@ RoPEFunction = differentiable("rope", _rope, _rope_setup, _rope_grads, "RoPEFunc
 
 
 def _geom(t: torch.Tensor, base: torch.Tensor):
-    return tuple(t.shape), tuple(t.stride()), t.storage_offset() - base.storage_offset()
+    return t.shape, t.stride(), t.storage_offset() - base.storage_offset()
 
 
-def _locate_one(targets, w):
-    if w is None:
-        return None
-    t = targets[w[0]]
-    if w[1] is None:
-        return t
-    size, stride, rel = w[1]
-    return t.as_strided(size, stride, t.storage_offset() + rel)
-
-
-def _locate(targets, where):
-    """q and k from the targets: `where` holds, for q and k, (target index, geometry relative
-    to that target or None for the target itself), or None for an absent k."""
-    return _locate_one(targets, where[0]), _locate_one(targets, where[1])
+def _split(targets, geoms):
+    """dq and dk in the targets' gradients: those gradients themselves (geoms None), or the views
+    at geoms (size, stride, storage offset relative to the target) of the one target's."""
+    if geoms is None:
+        return (targets[0], targets[1]) if len(targets) == 2 else (targets[0], None)
+    base = targets[0]
+    at = base.storage_offset()
+    (q_size, q_stride, q_rel), (k_size, k_stride, k_rel) = geoms
+    return base.as_strided(q_size, q_stride, at + q_rel), base.as_strided(k_size, k_stride, at + k_rel)
 
 
 class RoPEInplaceFunction(torch.autograd.Function):
-    """rope_ under autograd: forward(cos, sin, offset, interleaved, where, *targets)."""
+    """rope_ under autograd: forward(cos, sin, offset, interleaved, (q, k), geoms, *targets).
+
+    q and k travel in a tuple, hidden from autograd: their history is their targets'."""
 
     @staticmethod
-    def forward(ctx, cos, sin, offset, interleaved, where, *targets):
-        q, k = _locate(targets, where)
+    def forward(ctx, cos, sin, offset, interleaved, qk, geoms, *targets):
+        q, k = qk
         (ops.rope_ if traced(q) else _rope_inplace)(q, k, cos, sin, offset, interleaved)
         ctx.mark_dirty(*targets)
         ctx.save_for_backward(cos, sin)
-        ctx.offset, ctx.interleaved, ctx.where = offset, interleaved, where
+        ctx.offset, ctx.interleaved, ctx.geoms = offset, interleaved, geoms
         return targets if len(targets) > 1 else targets[0]
 
     @staticmethod
     def backward(ctx, *grads):
         cos, sin = ctx.saved_tensors
-        grads = [g.clone(memory_format=torch.contiguous_format) for g in grads]  # the rest (v) passes through
-        dq, dk = _locate(grads, ctx.where)
+        # gradients rotated back on copies: the part that is neither q nor k (v) passes through
+        grads = tuple([g.clone(memory_format=torch.contiguous_format) for g in grads])
+        dq, dk = _split(grads, ctx.geoms)
         (ops.rope_backward_ if traced(dq) else _rope_backward_inplace)(dq, dk, cos, sin, ctx.offset, ctx.interleaved)
-        return (None, None, None, None, None, *grads)
-
-
-_ITSELF = (0, None)
+        return (None, None, None, None, None, None) + grads
 
 
 def _rope_inplace_grad(q, k, cos, sin, offset, interleaved):
     apply = RoPEInplaceFunction.apply
     if k is None:
-        apply(cos, sin, offset, interleaved, (_ITSELF, None), q)
+        apply(cos, sin, offset, interleaved, (q, None), None, q)
         return
     q_view, k_view = q._is_view(), k._is_view()
     if not q_view and not k_view:
-        apply(cos, sin, offset, interleaved, (_ITSELF, (1, None)), q, k)
+        apply(cos, sin, offset, interleaved, (q, k), None, q, k)
         return
     base = q._base if q_view else None
     if base is not None and k_view and k._base is base and base.is_contiguous():
-        apply(cos, sin, offset, interleaved, ((0, _geom(q, base)), (0, _geom(k, base))), base)
+        apply(cos, sin, offset, interleaved, (q, k), (_geom(q, base), _geom(k, base)), base)
         return
-    apply(cos, sin, offset, interleaved, (_ITSELF, None), q)
-    apply(cos, sin, offset, interleaved, (_ITSELF, None), k)
+    apply(cos, sin, offset, interleaved, (q, None), None, q)
+    apply(cos, sin, offset, interleaved, (k, None), None, k)
 
 
 def _rope_inplace_autograd(keyset, q, k, cos, sin, offset=0, interleaved=False):
