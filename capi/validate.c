@@ -121,9 +121,11 @@ static void strides_str(const DLTensor *t, char *buf, size_t cap) {
     if (n < cap) snprintf(buf + n, cap - n, t->ndim == 1 ? ",)" : ")");
 }
 
-/* Every size, element offset, byte offset and address the kernels derive from
- * `t` fits in int64 and stays inside [0, 2^63): kernels index with plain int64
- * arithmetic and the overlap tests compare addresses. */
+/* Every size, element offset and byte offset the kernels derive from `t` fits in
+ * int64 (kernels index with plain int64 arithmetic), and its bytes lie in the
+ * address space without wrapping around it (the overlap tests compare addresses):
+ * below 2^63 for host memory (user-space addresses are), anywhere below 2^64 for
+ * device memory, whose pointers can use the top bit (e.g. under compute-sanitizer). */
 static l3k_status check_extent(l3k_call *c, const DLTensor *t, const char *name) {
     char a[256], b[256];
     const int64_t numel = count_of(t, 0, t->ndim);
@@ -131,11 +133,12 @@ static l3k_status check_extent(l3k_call *c, const DLTensor *t, const char *name)
         shape_str(t, a, sizeof a);
         return l3k_fail(c, L3K_ERROR_SHAPE, "%s shape %s has more than 2^63 - 1 elements", name, a);
     }
-    const uint64_t base = (uint64_t)(uintptr_t)t->data, limit = (uint64_t)INT64_MAX;
+    const uint64_t base = (uint64_t)(uintptr_t)t->data;
+    const uint64_t limit = t->device.device_type == kDLCPU ? (uint64_t)INT64_MAX : UINT64_MAX;
     if (t->data && (t->byte_offset > limit || base > limit - t->byte_offset))
-        return l3k_fail(c, L3K_ERROR_LAYOUT,
-                        "%s data %p + byte_offset %llu, expected an address below 2^63", name, t->data,
-                        (unsigned long long)t->byte_offset);
+        return l3k_fail(c, L3K_ERROR_LAYOUT, "%s data %p + byte_offset %llu, expected an address below %s", name,
+                        t->data, (unsigned long long)t->byte_offset,
+                        limit == UINT64_MAX ? "2^64" : "2^63");
     if (numel == 0) return L3K_SUCCESS;
     int64_t lo, hi, lo_b, hi_b;
     const int64_t es = (int64_t)elem_bytes(t);
@@ -153,8 +156,9 @@ static l3k_status check_extent(l3k_call *c, const DLTensor *t, const char *name)
         strides_str(t, b, sizeof b);
         return l3k_fail(c, L3K_ERROR_LAYOUT,
                         "%s at %p with strides %s over shape %s spans bytes [%lld, %lld) around it, "
-                        "expected them inside the address space [0, 2^63)",
-                        name, l3k_data(t), b, a, (long long)lo_b, (long long)hi_b);
+                        "expected them inside the address space [0, %s)",
+                        name, l3k_data(t), b, a, (long long)lo_b, (long long)hi_b,
+                        limit == UINT64_MAX ? "2^64" : "2^63");
     }
     return L3K_SUCCESS;
 }
