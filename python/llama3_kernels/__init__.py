@@ -5,7 +5,10 @@ Layers, each calling only the one below: ``_lib`` (ctypes), ``_dlpack``
 (nn.Modules).
 """
 
-from . import library  # registers torch.ops.llama3_kernels.* (torch.compile, torch.library)
+from . import (
+    hf,  # Hugging Face Llama on these kernels (imports transformers only when used)
+    library,  # registers torch.ops.llama3_kernels.* (torch.compile, torch.library)
+)
 from ._lib import L3KArgumentError, L3KBackendError, L3KDTypeError, L3KError, has_cuda, library_path, version
 from .block import Llama3Block, TritonLlama3Block
 from .modules import RMSNorm, RotaryEmbedding, SwiGLUMLP

@@ -17,7 +17,8 @@ SiLU, a head_dim other than hidden_size / num_attention_heads, attention dropout
 ``output_attentions``, a KV cache (generation with a cache), packed sequences, flex-attention masks,
 float32 on CUDA (its attention takes float16/bfloat16; run float32 models under ``torch.autocast``).
 
-Importing ``llama3_kernels`` does not import this module or transformers.
+Importing ``llama3_kernels`` imports this module but not transformers, which is imported when
+first used.
 """
 from __future__ import annotations
 
