@@ -7,30 +7,30 @@
 /* A (batch, heads, seq, head_dim) tensor: last dim contiguous; on CUDA the
  * kernels load 16-byte vectors, so the data pointer must be 16-byte aligned
  * and every stride a multiple of 8 elements. */
-static l3k_status check_bhsd(l3k_call *c, const DLTensor *t, const char *name, l3k_dt dt,
-                             const char *like, int64_t strides[3]) {
+static l3k_status check_bhsd(l3k_call *c, const DLTensor *t, const char *name, l3k_dt dt, const char *like,
+                             int64_t strides[3]) {
     L3K_TRY(l3k_check_tensor(c, t, name));
     L3K_TRY(like ? l3k_check_dtype(c, t, name, dt, like) : L3K_SUCCESS);
     if (t->ndim != 4)
-        return l3k_fail(c, L3K_ERROR_SHAPE, "%s has ndim %d, expected 4 (batch, heads, seq, head_dim)",
-                        name, (int)t->ndim);
+        return l3k_fail(c, L3K_ERROR_SHAPE, "%s has ndim %d, expected 4 (batch, heads, seq, head_dim)", name,
+                        (int)t->ndim);
     if (l3k_numel(t) == 0) {
         strides[0] = strides[1] = strides[2] = 0;
         return L3K_SUCCESS;
     }
     if (t->shape[3] > 1 && l3k_stride(t, 3) != 1)
-        return l3k_fail(c, L3K_ERROR_LAYOUT, "%s stride[3] is %lld, expected 1 (head_dim contiguous)",
-                        name, (long long)l3k_stride(t, 3));
+        return l3k_fail(c, L3K_ERROR_LAYOUT, "%s stride[3] is %lld, expected 1 (head_dim contiguous)", name,
+                        (long long)l3k_stride(t, 3));
     for (int i = 0; i < 3; ++i) strides[i] = l3k_stride(t, i);
     if (c->device.device_type == kDLCUDA) {
         if ((uintptr_t)l3k_data(t) % 16 != 0)
-            return l3k_fail(c, L3K_ERROR_ALIGNMENT, "%s data pointer %p is not 16-byte aligned",
-                            name, l3k_data(t));
+            return l3k_fail(c, L3K_ERROR_ALIGNMENT, "%s data pointer %p is not 16-byte aligned", name,
+                            l3k_data(t));
         for (int i = 0; i < 3; ++i)
             if (t->shape[i] > 1 && strides[i] % 8 != 0)
                 return l3k_fail(c, L3K_ERROR_LAYOUT,
-                                "%s stride[%d] is %lld, expected a multiple of 8 elements on CUDA",
-                                name, i, (long long)strides[i]);
+                                "%s stride[%d] is %lld, expected a multiple of 8 elements on CUDA", name, i,
+                                (long long)strides[i]);
     }
     return L3K_SUCCESS;
 }
@@ -56,8 +56,10 @@ static l3k_status workspace_bytes(l3k_call *c, int64_t B, int64_t H, int64_t Hkv
     int64_t rows, elems, need;
     L3K_TRY(lse_rows(c, B, H, Sq, &rows));
     L3K_TRY(l3k_size_mul(c, "workspace size batch * n_heads * seq_q * head_dim", rows, D, &elems));
-    L3K_TRY(l3k_size_add(c, "workspace size (batch * n_heads * seq_q) * (head_dim + 1)", elems, rows, &elems));
-    L3K_TRY(l3k_size_mul(c, "workspace bytes (batch * n_heads * seq_q) * (head_dim + 1) * 4", elems, 4, &need));
+    L3K_TRY(
+        l3k_size_add(c, "workspace size (batch * n_heads * seq_q) * (head_dim + 1)", elems, rows, &elems));
+    L3K_TRY(
+        l3k_size_mul(c, "workspace bytes (batch * n_heads * seq_q) * (head_dim + 1) * 4", elems, 4, &need));
     L3K_TRY(l3k_size_add(c, "workspace bytes with alignment", need, 512, &need));
     *bytes = l3k_attn_bwd_workspace_bytes(B, H, Hkv, Sq, Sk, D, deterministic, l3k_on_cuda(c));
     return L3K_SUCCESS;
@@ -80,8 +82,8 @@ static l3k_status check_qkv(l3k_call *c, const DLTensor *q, const DLTensor *k, c
     const int64_t B = q->shape[0], H = q->shape[1], Sq = q->shape[2], D = q->shape[3];
     const int64_t Hkv = k->shape[1], Sk = k->shape[2];
     if (k->shape[0] != B)
-        return l3k_fail(c, L3K_ERROR_SHAPE, "k batch is %lld, expected %lld like q",
-                        (long long)k->shape[0], (long long)B);
+        return l3k_fail(c, L3K_ERROR_SHAPE, "k batch is %lld, expected %lld like q", (long long)k->shape[0],
+                        (long long)B);
     if (k->shape[3] != D)
         return l3k_fail(c, L3K_ERROR_SHAPE, "k head_dim is %lld, expected %lld like q",
                         (long long)k->shape[3], (long long)D);
@@ -105,9 +107,17 @@ static l3k_status check_qkv(l3k_call *c, const DLTensor *q, const DLTensor *k, c
     if (!isfinite(scale) || scale < 0.0f)
         return l3k_fail(c, L3K_ERROR_VALUE, "scale is %g, expected > 0 (or 0 for 1/sqrt(head_dim))",
                         (double)scale);
-    a->q = l3k_data(q); a->k = l3k_data(k); a->v = l3k_data(v);
-    a->o = l3k_data(o); a->lse = (float *)l3k_data(lse);
-    a->batch = B; a->n_heads = H; a->n_kv_heads = Hkv; a->seq_q = Sq; a->seq_k = Sk; a->head_dim = D;
+    a->q = l3k_data(q);
+    a->k = l3k_data(k);
+    a->v = l3k_data(v);
+    a->o = l3k_data(o);
+    a->lse = (float *)l3k_data(lse);
+    a->batch = B;
+    a->n_heads = H;
+    a->n_kv_heads = Hkv;
+    a->seq_q = Sq;
+    a->seq_k = Sk;
+    a->head_dim = D;
     a->scale = scale > 0.0f ? scale : 1.0f / sqrtf((float)D);
     a->causal = causal != 0;
     a->dtype = dt;
@@ -160,7 +170,8 @@ l3k_status l3k_attention_backward(const DLTensor *dout, const DLTensor *q, const
     const DLTensor *outs[3] = {dq, dk, dv}, *ins[5] = {dout, q, k, v, o};
     static const char *out_names[3] = {"dq", "dk", "dv"}, *in_names[5] = {"dout", "q", "k", "v", "o"};
     for (int i = 0; i < 3; ++i) {
-        for (int j = 0; j < 5; ++j) L3K_TRY(l3k_check_no_overlap(&c, outs[i], out_names[i], ins[j], in_names[j], 0));
+        for (int j = 0; j < 5; ++j)
+            L3K_TRY(l3k_check_no_overlap(&c, outs[i], out_names[i], ins[j], in_names[j], 0));
         L3K_TRY(l3k_check_no_overlap(&c, outs[i], out_names[i], lse, "lse", 0));
     }
     size_t need;
@@ -177,7 +188,9 @@ l3k_status l3k_attention_backward(const DLTensor *dout, const DLTensor *q, const
             L3K_TRY(l3k_check_no_overlap(&c, workspace, "workspace", all[i], all_names[i], 0));
     }
     a.dout = l3k_data(dout);
-    a.dq = l3k_data(dq); a.dk = l3k_data(dk); a.dv = l3k_data(dv);
+    a.dq = l3k_data(dq);
+    a.dk = l3k_data(dk);
+    a.dv = l3k_data(dv);
     a.workspace = need ? l3k_data(workspace) : 0;
     a.workspace_bytes = need;
     a.deterministic = deterministic != 0;

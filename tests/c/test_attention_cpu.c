@@ -10,160 +10,261 @@
 
 static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
 static double urand(void) { /* xorshift64*, uniform in [-1, 1) */
-  rng_state ^= rng_state >> 12; rng_state ^= rng_state << 25; rng_state ^= rng_state >> 27;
-  return (double)((rng_state * 2685821657736338717ull) >> 11) / 9007199254740992.0 * 2.0 - 1.0;
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return (double)((rng_state * 2685821657736338717ull) >> 11) / 9007199254740992.0 * 2.0 - 1.0;
 }
 
-static float bits2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-static uint32_t f2bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-static float round_bf16(float x) { uint32_t u = f2bits(x); u += 0x7fffu + ((u >> 16) & 1u); return bits2f(u & 0xffff0000u); }
+static float bits2f(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static uint32_t f2bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+static float round_bf16(float x) {
+    uint32_t u = f2bits(x);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return bits2f(u & 0xffff0000u);
+}
 static uint16_t to_bf16(float x) { return (uint16_t)(f2bits(round_bf16(x)) >> 16); }
 static float from_bf16(uint16_t h) { return bits2f((uint32_t)h << 16); }
 
 /* half: exact round trip via the library's rules is not exposed, so test fp16 through values
  * that are exactly representable (multiples of 2^-10 in [-2, 2]). */
 static uint16_t to_f16_exact(float x) { /* x = k * 2^-10, |x| < 2: normal or subnormal half */
-  if (x == 0.f) return 0;
-  uint16_t sign = x < 0 ? 0x8000 : 0; float a = fabsf(x);
-  int e; float m = frexpf(a, &e); /* a = m * 2^e, m in [0.5,1) */
-  int he = e - 1 + 15;           /* biased */
-  if (he <= 0) return (uint16_t)(sign | (uint16_t)lrintf(a * 16777216.f));
-  uint32_t man = (uint32_t)lrintf((m * 2.f - 1.f) * 1024.f);
-  return (uint16_t)(sign | (he << 10) | man);
+    if (x == 0.f) return 0;
+    uint16_t sign = x < 0 ? 0x8000 : 0;
+    float a = fabsf(x);
+    int e;
+    float m = frexpf(a, &e); /* a = m * 2^e, m in [0.5,1) */
+    int he = e - 1 + 15;     /* biased */
+    if (he <= 0) return (uint16_t)(sign | (uint16_t)lrintf(a * 16777216.f));
+    uint32_t man = (uint32_t)lrintf((m * 2.f - 1.f) * 1024.f);
+    return (uint16_t)(sign | (he << 10) | man);
 }
 static float from_f16(uint16_t h) {
-  int e = (h >> 10) & 31, m = h & 1023; float s = (h & 0x8000) ? -1.f : 1.f;
-  if (e == 0) return s * (float)m * 5.9604644775390625e-8f;
-  return s * ldexpf(1.f + m / 1024.f, e - 15);
+    int e = (h >> 10) & 31, m = h & 1023;
+    float s = (h & 0x8000) ? -1.f : 1.f;
+    if (e == 0) return s * (float)m * 5.9604644775390625e-8f;
+    return s * ldexpf(1.f + m / 1024.f, e - 15);
 }
 
-typedef struct { int64_t B, H, HKV, SQ, SK, D; int causal; l3k_dt dt; double mag; } tcase;
+typedef struct {
+    int64_t B, H, HKV, SQ, SK, D;
+    int causal;
+    l3k_dt dt;
+    double mag;
+} tcase;
 
 static size_t esz(l3k_dt dt) { return dt == L3K_DT_F32 ? 4 : 2; }
 static void put(void *p, size_t i, l3k_dt dt, float x) {
-  if (dt == L3K_DT_F32) ((float *)p)[i] = x;
-  else if (dt == L3K_DT_BF16) ((uint16_t *)p)[i] = to_bf16(x);
-  else ((uint16_t *)p)[i] = to_f16_exact(x);
+    if (dt == L3K_DT_F32) ((float *)p)[i] = x;
+    else if (dt == L3K_DT_BF16) ((uint16_t *)p)[i] = to_bf16(x);
+    else ((uint16_t *)p)[i] = to_f16_exact(x);
 }
 static double get(const void *p, size_t i, l3k_dt dt) {
-  if (dt == L3K_DT_F32) return ((const float *)p)[i];
-  if (dt == L3K_DT_BF16) return from_bf16(((const uint16_t *)p)[i]);
-  return from_f16(((const uint16_t *)p)[i]);
+    if (dt == L3K_DT_F32) return ((const float *)p)[i];
+    if (dt == L3K_DT_BF16) return from_bf16(((const uint16_t *)p)[i]);
+    return from_f16(((const uint16_t *)p)[i]);
 }
 static float quant(float x, l3k_dt dt) {
-  if (dt == L3K_DT_BF16) return round_bf16(x);
-  if (dt == L3K_DT_F16) return roundf(x * 1024.f) / 1024.f;
-  return x;
+    if (dt == L3K_DT_BF16) return round_bf16(x);
+    if (dt == L3K_DT_F16) return roundf(x * 1024.f) / 1024.f;
+    return x;
 }
 
 /* fill a tensor stored (B, S, Hn, D) (i.e. strided view of (B,Hn,S,D)) with values v */
 static int run_case(const tcase *c) {
-  const int64_t B = c->B, H = c->H, HKV = c->HKV, SQ = c->SQ, SK = c->SK, D = c->D;
-  const l3k_dt dt = c->dt;
-  const size_t nq = (size_t)(B * H * SQ * D), nk = (size_t)(B * HKV * SK * D);
-  /* q, o, dout, dq use the (B, S, H, D) layout; k, v, dk, dv use (B, Hkv, S, D) */
-  int64_t qst[3] = {SQ * H * D, D, H * D}, kst[3] = {HKV * SK * D, SK * D, D};
-  void *q = malloc(nq * esz(dt) + 1), *k = malloc(nk * esz(dt) + 1), *v = malloc(nk * esz(dt) + 1);
-  void *o = malloc(nq * esz(dt) + 1), *dout = malloc(nq * esz(dt) + 1), *dq = malloc(nq * esz(dt) + 1);
-  void *dk = malloc(nk * esz(dt) + 1), *dv = malloc(nk * esz(dt) + 1);
-  float *lse = (float *)malloc(sizeof(float) * (size_t)(B * H * SQ) + 4);
-  double *Q = malloc(sizeof(double) * nq + 8), *K = malloc(sizeof(double) * nk + 8), *V = malloc(sizeof(double) * nk + 8);
-  double *DO = malloc(sizeof(double) * nq + 8);
-  for (size_t i = 0; i < nq; i++) { float x = quant((float)(urand() * c->mag), dt); put(q, i, dt, x); Q[i] = x; }
-  for (size_t i = 0; i < nk; i++) { float x = quant((float)(urand() * c->mag), dt); put(k, i, dt, x); K[i] = x; }
-  for (size_t i = 0; i < nk; i++) { float x = quant((float)urand(), dt); put(v, i, dt, x); V[i] = x; }
-  for (size_t i = 0; i < nq; i++) { float x = quant((float)urand(), dt); put(dout, i, dt, x); DO[i] = x; }
-  memset(o, 0xff, nq * esz(dt)); memset(dq, 0xff, nq * esz(dt)); /* poison (NaN) */
-  memset(dk, 0xff, nk * esz(dt)); memset(dv, 0xff, nk * esz(dt));
-  for (int64_t i = 0; i < B * H * SQ; i++) lse[i] = NAN;
-
-  const float scale = 1.f / sqrtf((float)D);
-  l3k_attn_bwd_args ab; memset(&ab, 0, sizeof ab);
-  l3k_attn_fwd_args *a = &ab.f;
-  a->q = q; a->k = k; a->v = v; a->o = o; a->lse = lse;
-  a->batch = B; a->n_heads = H; a->n_kv_heads = HKV; a->seq_q = SQ; a->seq_k = SK; a->head_dim = D;
-  memcpy(a->q_stride, qst, sizeof qst); memcpy(a->o_stride, qst, sizeof qst);
-  memcpy(a->k_stride, kst, sizeof kst); memcpy(a->v_stride, kst, sizeof kst);
-  a->scale = scale; a->causal = c->causal; a->dtype = dt;
-  ab.dout = dout; memcpy(ab.do_stride, qst, sizeof qst);
-  ab.dq = dq; ab.dk = dk; ab.dv = dv;
-  memcpy(ab.dq_stride, qst, sizeof qst); memcpy(ab.dk_stride, kst, sizeof kst); memcpy(ab.dv_stride, kst, sizeof kst);
-  int rc = l3k_cpu_attn_fwd(a);
-  rc |= l3k_cpu_attn_bwd(&ab);
-
-  /* naive float64 reference */
-  double eo = 0, else_ = 0, edq = 0, edk = 0, edv = 0, mo = 0, mdq = 0, mdk = 0, mdv = 0;
-  int bad_inf = 0;
-  double *S = malloc(sizeof(double) * (size_t)(SQ * SK) + 8), *P = malloc(sizeof(double) * (size_t)(SQ * SK) + 8);
-  double *dKr = calloc((size_t)nk + 1, sizeof(double)), *dVr = calloc((size_t)nk + 1, sizeof(double));
-  const int64_t G = H / HKV;
-  for (int64_t b = 0; b < B; b++)
-    for (int64_t h = 0; h < H; h++) {
-      const int64_t hk = h / G;
-#define QI(i, d) Q[(size_t)(b * qst[0] + h * qst[1] + (i) * qst[2] + (d))]
-#define DOI(i, d) DO[(size_t)(b * qst[0] + h * qst[1] + (i) * qst[2] + (d))]
-#define KJ(j, d) K[(size_t)(b * kst[0] + hk * kst[1] + (j) * kst[2] + (d))]
-#define VJ(j, d) V[(size_t)(b * kst[0] + hk * kst[1] + (j) * kst[2] + (d))]
-      for (int64_t i = 0; i < SQ; i++) {
-        double mx = -INFINITY;
-        for (int64_t j = 0; j < SK; j++) {
-          int vis = !c->causal || j <= i + SK - SQ;
-          double s = 0; for (int64_t d = 0; d < D; d++) s += QI(i, d) * KJ(j, d);
-          S[i * SK + j] = vis ? s * scale : -INFINITY;
-          if (S[i * SK + j] > mx) mx = S[i * SK + j];
-        }
-        double sum = 0;
-        for (int64_t j = 0; j < SK; j++) { P[i * SK + j] = mx == -INFINITY ? 0 : exp(S[i * SK + j] - mx); sum += P[i * SK + j]; }
-        for (int64_t j = 0; j < SK; j++) P[i * SK + j] = sum > 0 ? P[i * SK + j] / sum : 0;
-        double lref = sum > 0 ? mx + log(sum) : INFINITY;
-        double lgot = lse[(b * H + h) * SQ + i];
-        if (isinf(lref)) { if (!(isinf(lgot) && lgot > 0)) bad_inf++; }
-        else { double e = fabs(lgot - lref); if (!(e <= else_)) else_ = isnan(e) ? INFINITY : e; }
-        double Di = 0;
-        for (int64_t d = 0; d < D; d++) {
-          double od = 0; for (int64_t j = 0; j < SK; j++) od += P[i * SK + j] * VJ(j, d);
-          double got = get(o, (size_t)(b * qst[0] + h * qst[1] + i * qst[2] + d), dt);
-          double e = fabs(got - od); if (!(e <= eo)) eo = isnan(e) ? INFINITY : e;
-          if (fabs(od) > mo) mo = fabs(od);
-          Di += DOI(i, d) * od;
-        }
-        /* dS row */
-        for (int64_t j = 0; j < SK; j++) {
-          double dp = 0; for (int64_t d = 0; d < D; d++) dp += DOI(i, d) * VJ(j, d);
-          S[i * SK + j] = P[i * SK + j] * (dp - Di); /* reuse S as dS */
-        }
-        for (int64_t d = 0; d < D; d++) {
-          double g = 0; for (int64_t j = 0; j < SK; j++) g += S[i * SK + j] * KJ(j, d);
-          g *= scale;
-          double got = get(dq, (size_t)(b * qst[0] + h * qst[1] + i * qst[2] + d), dt);
-          double e = fabs(got - g); if (!(e <= edq)) edq = isnan(e) ? INFINITY : e;
-          if (fabs(g) > mdq) mdq = fabs(g);
-        }
-      }
-      for (int64_t j = 0; j < SK; j++)
-        for (int64_t d = 0; d < D; d++) {
-          double gk = 0, gv = 0;
-          for (int64_t i = 0; i < SQ; i++) { gk += S[i * SK + j] * QI(i, d); gv += P[i * SK + j] * DOI(i, d); }
-          dKr[(size_t)(b * kst[0] + hk * kst[1] + j * kst[2] + d)] += gk * scale;
-          dVr[(size_t)(b * kst[0] + hk * kst[1] + j * kst[2] + d)] += gv;
-        }
+    const int64_t B = c->B, H = c->H, HKV = c->HKV, SQ = c->SQ, SK = c->SK, D = c->D;
+    const l3k_dt dt = c->dt;
+    const size_t nq = (size_t)(B * H * SQ * D), nk = (size_t)(B * HKV * SK * D);
+    /* q, o, dout, dq use the (B, S, H, D) layout; k, v, dk, dv use (B, Hkv, S, D) */
+    int64_t qst[3] = {SQ * H * D, D, H * D}, kst[3] = {HKV * SK * D, SK * D, D};
+    void *q = malloc(nq * esz(dt) + 1), *k = malloc(nk * esz(dt) + 1), *v = malloc(nk * esz(dt) + 1);
+    void *o = malloc(nq * esz(dt) + 1), *dout = malloc(nq * esz(dt) + 1), *dq = malloc(nq * esz(dt) + 1);
+    void *dk = malloc(nk * esz(dt) + 1), *dv = malloc(nk * esz(dt) + 1);
+    float *lse = (float *)malloc(sizeof(float) * (size_t)(B * H * SQ) + 4);
+    double *Q = malloc(sizeof(double) * nq + 8), *K = malloc(sizeof(double) * nk + 8),
+           *V = malloc(sizeof(double) * nk + 8);
+    double *DO = malloc(sizeof(double) * nq + 8);
+    for (size_t i = 0; i < nq; i++) {
+        float x = quant((float)(urand() * c->mag), dt);
+        put(q, i, dt, x);
+        Q[i] = x;
     }
-  for (size_t i = 0; i < nk; i++) {
-    double e = fabs(get(dk, i, dt) - dKr[i]); if (!(e <= edk)) edk = isnan(e) ? INFINITY : e;
-    e = fabs(get(dv, i, dt) - dVr[i]); if (!(e <= edv)) edv = isnan(e) ? INFINITY : e;
-    if (fabs(dKr[i]) > mdk) mdk = fabs(dKr[i]);
-    if (fabs(dVr[i]) > mdv) mdv = fabs(dVr[i]);
-  }
-  /* tolerance relative to the max magnitude of each output (plus a floor) */
-  const double rt = dt == L3K_DT_F32 ? 2e-5 : (dt == L3K_DT_F16 ? 4e-3 : 1.6e-2);
-  const int ok = rc == 0 && bad_inf == 0 && eo <= rt * (mo + 1e-3) + 1e-6 && else_ <= (dt == L3K_DT_F32 ? 1e-4 : 1e-3) &&
-                 edq <= rt * (mdq + 1e-3) + 1e-6 && edk <= rt * (mdk + 1e-3) + 1e-6 && edv <= rt * (mdv + 1e-3) + 1e-6;
-  printf("%s B=%lld H=%lld Hkv=%lld Sq=%lld Sk=%lld D=%lld causal=%d dt=%s | err o %.2e (max %.2f) lse %.2e dq %.2e (%.2f) dk %.2e (%.2f) dv %.2e (%.2f) inf-rows-bad %d\n",
-         ok ? "PASS" : "FAIL", (long long)B, (long long)H, (long long)HKV, (long long)SQ, (long long)SK, (long long)D,
-         c->causal, dt == L3K_DT_F32 ? "f32" : dt == L3K_DT_F16 ? "f16" : "bf16", eo, mo, else_, edq, mdq, edk, mdk, edv, mdv, bad_inf);
-  free(q); free(k); free(v); free(o); free(dout); free(dq); free(dk); free(dv); free(lse);
-  free(Q); free(K); free(V); free(DO); free(S); free(P); free(dKr); free(dVr);
-  return ok ? 0 : 1;
+    for (size_t i = 0; i < nk; i++) {
+        float x = quant((float)(urand() * c->mag), dt);
+        put(k, i, dt, x);
+        K[i] = x;
+    }
+    for (size_t i = 0; i < nk; i++) {
+        float x = quant((float)urand(), dt);
+        put(v, i, dt, x);
+        V[i] = x;
+    }
+    for (size_t i = 0; i < nq; i++) {
+        float x = quant((float)urand(), dt);
+        put(dout, i, dt, x);
+        DO[i] = x;
+    }
+    memset(o, 0xff, nq * esz(dt));
+    memset(dq, 0xff, nq * esz(dt)); /* poison (NaN) */
+    memset(dk, 0xff, nk * esz(dt));
+    memset(dv, 0xff, nk * esz(dt));
+    for (int64_t i = 0; i < B * H * SQ; i++) lse[i] = NAN;
+
+    const float scale = 1.f / sqrtf((float)D);
+    l3k_attn_bwd_args ab;
+    memset(&ab, 0, sizeof ab);
+    l3k_attn_fwd_args *a = &ab.f;
+    a->q = q;
+    a->k = k;
+    a->v = v;
+    a->o = o;
+    a->lse = lse;
+    a->batch = B;
+    a->n_heads = H;
+    a->n_kv_heads = HKV;
+    a->seq_q = SQ;
+    a->seq_k = SK;
+    a->head_dim = D;
+    memcpy(a->q_stride, qst, sizeof qst);
+    memcpy(a->o_stride, qst, sizeof qst);
+    memcpy(a->k_stride, kst, sizeof kst);
+    memcpy(a->v_stride, kst, sizeof kst);
+    a->scale = scale;
+    a->causal = c->causal;
+    a->dtype = dt;
+    ab.dout = dout;
+    memcpy(ab.do_stride, qst, sizeof qst);
+    ab.dq = dq;
+    ab.dk = dk;
+    ab.dv = dv;
+    memcpy(ab.dq_stride, qst, sizeof qst);
+    memcpy(ab.dk_stride, kst, sizeof kst);
+    memcpy(ab.dv_stride, kst, sizeof kst);
+    int rc = l3k_cpu_attn_fwd(a);
+    rc |= l3k_cpu_attn_bwd(&ab);
+
+    /* naive float64 reference */
+    double eo = 0, else_ = 0, edq = 0, edk = 0, edv = 0, mo = 0, mdq = 0, mdk = 0, mdv = 0;
+    int bad_inf = 0;
+    double *S = malloc(sizeof(double) * (size_t)(SQ * SK) + 8),
+           *P = malloc(sizeof(double) * (size_t)(SQ * SK) + 8);
+    double *dKr = calloc((size_t)nk + 1, sizeof(double)), *dVr = calloc((size_t)nk + 1, sizeof(double));
+    const int64_t G = H / HKV;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++) {
+            const int64_t hk = h / G;
+#define QI(i, d) Q[(size_t)(b * qst[0] + h * qst[1] + (i)*qst[2] + (d))]
+#define DOI(i, d) DO[(size_t)(b * qst[0] + h * qst[1] + (i)*qst[2] + (d))]
+#define KJ(j, d) K[(size_t)(b * kst[0] + hk * kst[1] + (j)*kst[2] + (d))]
+#define VJ(j, d) V[(size_t)(b * kst[0] + hk * kst[1] + (j)*kst[2] + (d))]
+            for (int64_t i = 0; i < SQ; i++) {
+                double mx = -INFINITY;
+                for (int64_t j = 0; j < SK; j++) {
+                    int vis = !c->causal || j <= i + SK - SQ;
+                    double s = 0;
+                    for (int64_t d = 0; d < D; d++) s += QI(i, d) * KJ(j, d);
+                    S[i * SK + j] = vis ? s * scale : -INFINITY;
+                    if (S[i * SK + j] > mx) mx = S[i * SK + j];
+                }
+                double sum = 0;
+                for (int64_t j = 0; j < SK; j++) {
+                    P[i * SK + j] = mx == -INFINITY ? 0 : exp(S[i * SK + j] - mx);
+                    sum += P[i * SK + j];
+                }
+                for (int64_t j = 0; j < SK; j++) P[i * SK + j] = sum > 0 ? P[i * SK + j] / sum : 0;
+                double lref = sum > 0 ? mx + log(sum) : INFINITY;
+                double lgot = lse[(b * H + h) * SQ + i];
+                if (isinf(lref)) {
+                    if (!(isinf(lgot) && lgot > 0)) bad_inf++;
+                } else {
+                    double e = fabs(lgot - lref);
+                    if (!(e <= else_)) else_ = isnan(e) ? INFINITY : e;
+                }
+                double Di = 0;
+                for (int64_t d = 0; d < D; d++) {
+                    double od = 0;
+                    for (int64_t j = 0; j < SK; j++) od += P[i * SK + j] * VJ(j, d);
+                    double got = get(o, (size_t)(b * qst[0] + h * qst[1] + i * qst[2] + d), dt);
+                    double e = fabs(got - od);
+                    if (!(e <= eo)) eo = isnan(e) ? INFINITY : e;
+                    if (fabs(od) > mo) mo = fabs(od);
+                    Di += DOI(i, d) * od;
+                }
+                /* dS row */
+                for (int64_t j = 0; j < SK; j++) {
+                    double dp = 0;
+                    for (int64_t d = 0; d < D; d++) dp += DOI(i, d) * VJ(j, d);
+                    S[i * SK + j] = P[i * SK + j] * (dp - Di); /* reuse S as dS */
+                }
+                for (int64_t d = 0; d < D; d++) {
+                    double g = 0;
+                    for (int64_t j = 0; j < SK; j++) g += S[i * SK + j] * KJ(j, d);
+                    g *= scale;
+                    double got = get(dq, (size_t)(b * qst[0] + h * qst[1] + i * qst[2] + d), dt);
+                    double e = fabs(got - g);
+                    if (!(e <= edq)) edq = isnan(e) ? INFINITY : e;
+                    if (fabs(g) > mdq) mdq = fabs(g);
+                }
+            }
+            for (int64_t j = 0; j < SK; j++)
+                for (int64_t d = 0; d < D; d++) {
+                    double gk = 0, gv = 0;
+                    for (int64_t i = 0; i < SQ; i++) {
+                        gk += S[i * SK + j] * QI(i, d);
+                        gv += P[i * SK + j] * DOI(i, d);
+                    }
+                    dKr[(size_t)(b * kst[0] + hk * kst[1] + j * kst[2] + d)] += gk * scale;
+                    dVr[(size_t)(b * kst[0] + hk * kst[1] + j * kst[2] + d)] += gv;
+                }
+        }
+    for (size_t i = 0; i < nk; i++) {
+        double e = fabs(get(dk, i, dt) - dKr[i]);
+        if (!(e <= edk)) edk = isnan(e) ? INFINITY : e;
+        e = fabs(get(dv, i, dt) - dVr[i]);
+        if (!(e <= edv)) edv = isnan(e) ? INFINITY : e;
+        if (fabs(dKr[i]) > mdk) mdk = fabs(dKr[i]);
+        if (fabs(dVr[i]) > mdv) mdv = fabs(dVr[i]);
+    }
+    /* tolerance relative to the max magnitude of each output (plus a floor) */
+    const double rt = dt == L3K_DT_F32 ? 2e-5 : (dt == L3K_DT_F16 ? 4e-3 : 1.6e-2);
+    const int ok = rc == 0 && bad_inf == 0 && eo <= rt * (mo + 1e-3) + 1e-6 &&
+                   else_ <= (dt == L3K_DT_F32 ? 1e-4 : 1e-3) && edq <= rt * (mdq + 1e-3) + 1e-6 &&
+                   edk <= rt * (mdk + 1e-3) + 1e-6 && edv <= rt * (mdv + 1e-3) + 1e-6;
+    printf(
+        "%s B=%lld H=%lld Hkv=%lld Sq=%lld Sk=%lld D=%lld causal=%d dt=%s | err o %.2e (max %.2f) lse %.2e "
+        "dq %.2e (%.2f) dk %.2e (%.2f) dv %.2e (%.2f) inf-rows-bad %d\n",
+        ok ? "PASS" : "FAIL", (long long)B, (long long)H, (long long)HKV, (long long)SQ, (long long)SK,
+        (long long)D, c->causal,
+        dt == L3K_DT_F32   ? "f32"
+        : dt == L3K_DT_F16 ? "f16"
+                           : "bf16",
+        eo, mo, else_, edq, mdq, edk, mdk, edv, mdv, bad_inf);
+    free(q);
+    free(k);
+    free(v);
+    free(o);
+    free(dout);
+    free(dq);
+    free(dk);
+    free(dv);
+    free(lse);
+    free(Q);
+    free(K);
+    free(V);
+    free(DO);
+    free(S);
+    free(P);
+    free(dKr);
+    free(dVr);
+    return ok ? 0 : 1;
 }
 
 /* NaN in, NaN out, as PyTorch's softmax attention gives: a NaN score row is not a
@@ -172,123 +273,152 @@ static int run_case(const tcase *c) {
  * rows that see no key stay o = 0, lse = +inf, dq = 0. */
 enum { NB = 1, NH = 2, NHKV = 1, NSQ = 5, NSK = 4, ND = 8 };
 typedef struct {
-  float q[NB * NH * NSQ * ND], k[NB * NHKV * NSK * ND], v[NB * NHKV * NSK * ND];
-  float o[NB * NH * NSQ * ND], dout[NB * NH * NSQ * ND], lse[NB * NH * NSQ];
-  float dq[NB * NH * NSQ * ND], dk[NB * NHKV * NSK * ND], dv[NB * NHKV * NSK * ND];
+    float q[NB * NH * NSQ * ND], k[NB * NHKV * NSK * ND], v[NB * NHKV * NSK * ND];
+    float o[NB * NH * NSQ * ND], dout[NB * NH * NSQ * ND], lse[NB * NH * NSQ];
+    float dq[NB * NH * NSQ * ND], dk[NB * NHKV * NSK * ND], dv[NB * NHKV * NSK * ND];
 } nan_bufs;
 
 static int nan_run(nan_bufs *t, int causal) {
-  l3k_attn_bwd_args ab; memset(&ab, 0, sizeof ab);
-  l3k_attn_fwd_args *a = &ab.f;
-  const int64_t qst[3] = {NH * NSQ * ND, NSQ * ND, ND}, kst[3] = {NHKV * NSK * ND, NSK * ND, ND};
-  a->q = t->q; a->k = t->k; a->v = t->v; a->o = t->o; a->lse = t->lse;
-  a->batch = NB; a->n_heads = NH; a->n_kv_heads = NHKV; a->seq_q = NSQ; a->seq_k = NSK; a->head_dim = ND;
-  memcpy(a->q_stride, qst, sizeof qst); memcpy(a->o_stride, qst, sizeof qst);
-  memcpy(a->k_stride, kst, sizeof kst); memcpy(a->v_stride, kst, sizeof kst);
-  a->scale = 0.35f; a->causal = causal; a->dtype = L3K_DT_F32;
-  ab.dout = t->dout; memcpy(ab.do_stride, qst, sizeof qst);
-  ab.dq = t->dq; ab.dk = t->dk; ab.dv = t->dv;
-  memcpy(ab.dq_stride, qst, sizeof qst); memcpy(ab.dk_stride, kst, sizeof kst); memcpy(ab.dv_stride, kst, sizeof kst);
-  return l3k_cpu_attn_fwd(a) | l3k_cpu_attn_bwd(&ab);
+    l3k_attn_bwd_args ab;
+    memset(&ab, 0, sizeof ab);
+    l3k_attn_fwd_args *a = &ab.f;
+    const int64_t qst[3] = {NH * NSQ * ND, NSQ * ND, ND}, kst[3] = {NHKV * NSK * ND, NSK * ND, ND};
+    a->q = t->q;
+    a->k = t->k;
+    a->v = t->v;
+    a->o = t->o;
+    a->lse = t->lse;
+    a->batch = NB;
+    a->n_heads = NH;
+    a->n_kv_heads = NHKV;
+    a->seq_q = NSQ;
+    a->seq_k = NSK;
+    a->head_dim = ND;
+    memcpy(a->q_stride, qst, sizeof qst);
+    memcpy(a->o_stride, qst, sizeof qst);
+    memcpy(a->k_stride, kst, sizeof kst);
+    memcpy(a->v_stride, kst, sizeof kst);
+    a->scale = 0.35f;
+    a->causal = causal;
+    a->dtype = L3K_DT_F32;
+    ab.dout = t->dout;
+    memcpy(ab.do_stride, qst, sizeof qst);
+    ab.dq = t->dq;
+    ab.dk = t->dk;
+    ab.dv = t->dv;
+    memcpy(ab.dq_stride, qst, sizeof qst);
+    memcpy(ab.dk_stride, kst, sizeof kst);
+    memcpy(ab.dv_stride, kst, sizeof kst);
+    return l3k_cpu_attn_fwd(a) | l3k_cpu_attn_bwd(&ab);
 }
 
 static void nan_fill(nan_bufs *t) {
-  for (size_t i = 0; i < sizeof t->q / 4; i++) { t->q[i] = (float)urand(); t->dout[i] = (float)urand(); }
-  for (size_t i = 0; i < sizeof t->k / 4; i++) { t->k[i] = (float)urand(); t->v[i] = (float)urand(); }
+    for (size_t i = 0; i < sizeof t->q / 4; i++) {
+        t->q[i] = (float)urand();
+        t->dout[i] = (float)urand();
+    }
+    for (size_t i = 0; i < sizeof t->k / 4; i++) {
+        t->k[i] = (float)urand();
+        t->v[i] = (float)urand();
+    }
 }
 
 /* What a row of ND values holds: all finite, all NaN, or NaN at one element only. */
 enum { ROW_FINITE = -2, ROW_NAN = -1 }; /* >= 0: NaN at that element only */
 
 static int row_is(const float *p, int want) {
-  for (int d = 0; d < ND; d++) {
-    const int nan_here = want == ROW_NAN || want == d;
-    if (nan_here ? !isnan(p[d]) : !isfinite(p[d])) return 0;
-  }
-  return 1;
+    for (int d = 0; d < ND; d++) {
+        const int nan_here = want == ROW_NAN || want == d;
+        if (nan_here ? !isnan(p[d]) : !isfinite(p[d])) return 0;
+    }
+    return 1;
 }
 
 static int test_nan(void) {
-  int bad = 0;
-#define NAN_CHECK(cond, ...) do { if (!(cond)) { bad++; printf("FAIL nan: " __VA_ARGS__); printf("\n"); } } while (0)
-  nan_bufs t;
-  /* Causal with Sq = 5 > Sk = 4: query row r sees keys 0 .. r - 1, so row 0 sees none.
-   * The NaN goes into q or dout at (head 1, row 3, element 5), or into k or v at
-   * (key 2, element 1).  Both query heads share the one kv head. */
-  static const char *names[4] = {"q", "k", "v", "dout"};
-  for (int where = 0; where < 4; where++) {
-    nan_fill(&t);
-    const int ph = 1, pr = 3, pk = 2;
-    if (where == 0) t.q[(ph * NSQ + pr) * ND + 5] = NAN;
-    if (where == 1) t.k[pk * ND + 1] = NAN;
-    if (where == 2) t.v[pk * ND + 1] = NAN;
-    if (where == 3) t.dout[(ph * NSQ + pr) * ND + 5] = NAN;
-    const char *what = names[where];
-    NAN_CHECK(nan_run(&t, 1) == 0, "%s: scratch", what);
-    for (int h = 0; h < NH; h++)
-      for (int r = 0; r < NSQ; r++) {
-        const float *o = t.o + (h * NSQ + r) * ND, *dq = t.dq + (h * NSQ + r) * ND;
-        const float lse = t.lse[h * NSQ + r];
-        if (r == 0) { /* sees no key: nothing reaches it */
-          int zero = 1;
-          for (int d = 0; d < ND; d++) zero &= o[d] == 0.f && dq[d] == 0.f;
-          NAN_CHECK(zero && isinf(lse) && lse > 0, "%s: masked row %d.%d: lse %g", what, h, r, (double)lse);
-          continue;
+    int bad = 0;
+#define NAN_CHECK(cond, ...)                  \
+    do {                                      \
+        if (!(cond)) {                        \
+            bad++;                            \
+            printf("FAIL nan: " __VA_ARGS__); \
+            printf("\n");                     \
+        }                                     \
+    } while (0)
+    nan_bufs t;
+    /* Causal with Sq = 5 > Sk = 4: query row r sees keys 0 .. r - 1, so row 0 sees none.
+     * The NaN goes into q or dout at (head 1, row 3, element 5), or into k or v at
+     * (key 2, element 1).  Both query heads share the one kv head. */
+    static const char *names[4] = {"q", "k", "v", "dout"};
+    for (int where = 0; where < 4; where++) {
+        nan_fill(&t);
+        const int ph = 1, pr = 3, pk = 2;
+        if (where == 0) t.q[(ph * NSQ + pr) * ND + 5] = NAN;
+        if (where == 1) t.k[pk * ND + 1] = NAN;
+        if (where == 2) t.v[pk * ND + 1] = NAN;
+        if (where == 3) t.dout[(ph * NSQ + pr) * ND + 5] = NAN;
+        const char *what = names[where];
+        NAN_CHECK(nan_run(&t, 1) == 0, "%s: scratch", what);
+        for (int h = 0; h < NH; h++)
+            for (int r = 0; r < NSQ; r++) {
+                const float *o = t.o + (h * NSQ + r) * ND, *dq = t.dq + (h * NSQ + r) * ND;
+                const float lse = t.lse[h * NSQ + r];
+                if (r == 0) { /* sees no key: nothing reaches it */
+                    int zero = 1;
+                    for (int d = 0; d < ND; d++) zero &= o[d] == 0.f && dq[d] == 0.f;
+                    NAN_CHECK(zero && isinf(lse) && lse > 0, "%s: masked row %d.%d: lse %g", what, h, r,
+                              (double)lse);
+                    continue;
+                }
+                const int poisoned_row = h == ph && r == pr, sees_key = r > pk;
+                int want_o = ROW_FINITE, want_dq = ROW_FINITE, lse_nan = 0;
+                if (where == 0 && poisoned_row) want_o = want_dq = ROW_NAN, lse_nan = 1;
+                if (where == 1 && sees_key) want_o = want_dq = ROW_NAN, lse_nan = 1;
+                if (where == 2 && sees_key) want_o = 1, want_dq = ROW_NAN; /* D_i = <dO_i, O_i> is NaN */
+                if (where == 3 && poisoned_row) want_dq = ROW_NAN;
+                NAN_CHECK(row_is(o, want_o), "%s: o row %d.%d, expected %d", what, h, r, want_o);
+                NAN_CHECK(row_is(dq, want_dq), "%s: dq row %d.%d, expected %d", what, h, r, want_dq);
+                NAN_CHECK(lse_nan ? isnan(lse) : isfinite(lse), "%s: lse row %d.%d = %g", what, h, r,
+                          (double)lse);
+            }
+        for (int j = 0; j < NSK; j++) {
+            /* Key j is seen by rows j + 1 ..; the poisoned row 3 sees keys 0 .. 2; every
+             * row from 3 on sees key 2 and, through row 4, every key. */
+            const int seen_by_row = j < pr;
+            int want_dk = ROW_FINITE, want_dv = ROW_FINITE;
+            if (where == 0 && seen_by_row) want_dk = want_dv = ROW_NAN;
+            if (where == 1) want_dk = want_dv = ROW_NAN;
+            if (where == 2) want_dk = ROW_NAN; /* dv = P^T dO does not read v */
+            if (where == 3 && seen_by_row) want_dk = ROW_NAN, want_dv = 5;
+            NAN_CHECK(row_is(t.dk + j * ND, want_dk), "%s: dk key %d, expected %d", what, j, want_dk);
+            NAN_CHECK(row_is(t.dv + j * ND, want_dv), "%s: dv key %d, expected %d", what, j, want_dv);
         }
-        const int poisoned_row = h == ph && r == pr, sees_key = r > pk;
-        int want_o = ROW_FINITE, want_dq = ROW_FINITE, lse_nan = 0;
-        if (where == 0 && poisoned_row) want_o = want_dq = ROW_NAN, lse_nan = 1;
-        if (where == 1 && sees_key) want_o = want_dq = ROW_NAN, lse_nan = 1;
-        if (where == 2 && sees_key) want_o = 1, want_dq = ROW_NAN; /* D_i = <dO_i, O_i> is NaN */
-        if (where == 3 && poisoned_row) want_dq = ROW_NAN;
-        NAN_CHECK(row_is(o, want_o), "%s: o row %d.%d, expected %d", what, h, r, want_o);
-        NAN_CHECK(row_is(dq, want_dq), "%s: dq row %d.%d, expected %d", what, h, r, want_dq);
-        NAN_CHECK(lse_nan ? isnan(lse) : isfinite(lse), "%s: lse row %d.%d = %g", what, h, r, (double)lse);
-      }
-    for (int j = 0; j < NSK; j++) {
-      /* Key j is seen by rows j + 1 ..; the poisoned row 3 sees keys 0 .. 2; every
-       * row from 3 on sees key 2 and, through row 4, every key. */
-      const int seen_by_row = j < pr;
-      int want_dk = ROW_FINITE, want_dv = ROW_FINITE;
-      if (where == 0 && seen_by_row) want_dk = want_dv = ROW_NAN;
-      if (where == 1) want_dk = want_dv = ROW_NAN;
-      if (where == 2) want_dk = ROW_NAN; /* dv = P^T dO does not read v */
-      if (where == 3 && seen_by_row) want_dk = ROW_NAN, want_dv = 5;
-      NAN_CHECK(row_is(t.dk + j * ND, want_dk), "%s: dk key %d, expected %d", what, j, want_dk);
-      NAN_CHECK(row_is(t.dv + j * ND, want_dv), "%s: dv key %d, expected %d", what, j, want_dv);
     }
-  }
-  /* Every score -inf (keys of -inf against positive q): softmax is NaN, not a masked row. */
-  nan_fill(&t);
-  for (size_t e = 0; e < sizeof t.q / 4; e++) t.q[e] = 1.f;
-  for (size_t e = 0; e < sizeof t.k / 4; e++) t.k[e] = -INFINITY;
-  NAN_CHECK(nan_run(&t, 0) == 0, "-inf: scratch");
-  for (int r = 0; r < NB * NH * NSQ; r++)
-    NAN_CHECK(row_is(t.o + r * ND, ROW_NAN) && isnan(t.lse[r]), "-inf scores: row %d not NaN", r);
+    /* Every score -inf (keys of -inf against positive q): softmax is NaN, not a masked row. */
+    nan_fill(&t);
+    for (size_t e = 0; e < sizeof t.q / 4; e++) t.q[e] = 1.f;
+    for (size_t e = 0; e < sizeof t.k / 4; e++) t.k[e] = -INFINITY;
+    NAN_CHECK(nan_run(&t, 0) == 0, "-inf: scratch");
+    for (int r = 0; r < NB * NH * NSQ; r++)
+        NAN_CHECK(row_is(t.o + r * ND, ROW_NAN) && isnan(t.lse[r]), "-inf scores: row %d not NaN", r);
 #undef NAN_CHECK
-  printf("%s NaN propagation (%d failure(s))\n", bad ? "FAIL" : "PASS", bad);
-  return bad ? 1 : 0;
+    printf("%s NaN propagation (%d failure(s))\n", bad ? "FAIL" : "PASS", bad);
+    return bad ? 1 : 0;
 }
 
 int main(void) {
-  const tcase cases[] = {
-    {1, 1, 1, 1, 1, 64, 0, L3K_DT_F32, 1.0},
-    {2, 4, 4, 17, 17, 64, 0, L3K_DT_F32, 1.0},
-    {2, 4, 1, 17, 17, 40, 1, L3K_DT_F32, 1.0},
-    {1, 8, 2, 100, 100, 64, 1, L3K_DT_F32, 2.0},
-    {1, 8, 2, 100, 37, 40, 1, L3K_DT_F32, 1.0},   /* Sq > Sk causal: fully masked rows */
-    {1, 4, 1, 37, 100, 64, 1, L3K_DT_F32, 1.0},   /* Sq < Sk causal */
-    {2, 4, 1, 1, 100, 64, 1, L3K_DT_F32, 1.0},
-    {1, 4, 4, 100, 1, 40, 1, L3K_DT_F32, 1.0},
-    {2, 8, 2, 100, 100, 64, 1, L3K_DT_BF16, 1.0},
-    {1, 4, 1, 17, 100, 40, 0, L3K_DT_BF16, 2.0},
-    {1, 8, 2, 100, 17, 64, 1, L3K_DT_BF16, 1.0},
-    {1, 4, 4, 100, 100, 64, 1, L3K_DT_F16, 1.0},
-    {1, 8, 2, 17, 100, 40, 0, L3K_DT_F16, 1.0},
-  };
-  int fails = 0;
-  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) fails += run_case(&cases[i]);
-  fails += test_nan();
-  printf("%d failure(s)\n", fails);
-  return fails ? 1 : 0;
+    const tcase cases[] = {
+        {1, 1, 1, 1, 1, 64, 0, L3K_DT_F32, 1.0},      {2, 4, 4, 17, 17, 64, 0, L3K_DT_F32, 1.0},
+        {2, 4, 1, 17, 17, 40, 1, L3K_DT_F32, 1.0},    {1, 8, 2, 100, 100, 64, 1, L3K_DT_F32, 2.0},
+        {1, 8, 2, 100, 37, 40, 1, L3K_DT_F32, 1.0}, /* Sq > Sk causal: fully masked rows */
+        {1, 4, 1, 37, 100, 64, 1, L3K_DT_F32, 1.0}, /* Sq < Sk causal */
+        {2, 4, 1, 1, 100, 64, 1, L3K_DT_F32, 1.0},    {1, 4, 4, 100, 1, 40, 1, L3K_DT_F32, 1.0},
+        {2, 8, 2, 100, 100, 64, 1, L3K_DT_BF16, 1.0}, {1, 4, 1, 17, 100, 40, 0, L3K_DT_BF16, 2.0},
+        {1, 8, 2, 100, 17, 64, 1, L3K_DT_BF16, 1.0},  {1, 4, 4, 100, 100, 64, 1, L3K_DT_F16, 1.0},
+        {1, 8, 2, 17, 100, 40, 0, L3K_DT_F16, 1.0},
+    };
+    int fails = 0;
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) fails += run_case(&cases[i]);
+    fails += test_nan();
+    printf("%d failure(s)\n", fails);
+    return fails ? 1 : 0;
 }

@@ -20,8 +20,13 @@ static double *part(params *p, int i, int *n) {
     *n = sizes[i];
     return ptrs[i];
 }
-static const char *part_names[N_PARTS] = {"dx", "d qkv_weight", "d o_weight", "d gate_up_weight",
-                                          "d down_weight", "d norm1_weight", "d norm2_weight"};
+static const char *part_names[N_PARTS] = {"dx",
+                                          "d qkv_weight",
+                                          "d o_weight",
+                                          "d gate_up_weight",
+                                          "d down_weight",
+                                          "d norm1_weight",
+                                          "d norm2_weight"};
 
 static double cos_tab[S * HD / 2], sin_tab[S * HD / 2];
 
@@ -74,7 +79,8 @@ static void reference(const params *p, double *out, double *h) {
                 for (int j = 0; j <= i; ++j) sum += (sc[j] = exp(sc[j] - mx));
                 for (int l = 0; l < HD; ++l) {
                     double acc = 0;
-                    for (int j = 0; j <= i; ++j) acc += sc[j] * qkv[(b * S + j) * QKV + DIM + HKV * HD + kvh * HD + l];
+                    for (int j = 0; j <= i; ++j)
+                        acc += sc[j] * qkv[(b * S + j) * QKV + DIM + HKV * HD + kvh * HD + l];
                     o[(b * S + i) * DIM + hh * HD + l] = acc / sum;
                 }
             }
@@ -215,7 +221,8 @@ int main(void) {
     CHECK(l3k_llama_block_forward_workspace_size(X, &w, &cfg, &bytes) == L3K_SUCCESS, "%s", l3k_last_error());
     host_tensor tws;
     DLTensor *WS = f32_buffer(&tws, bytes / 4 + 1, NAN);
-    CHECK(l3k_llama_block_forward(X, COS, SIN, &w, &cfg, OUT, WS, NULL) == L3K_SUCCESS, "%s", l3k_last_error());
+    CHECK(l3k_llama_block_forward(X, COS, SIN, &w, &cfg, OUT, WS, NULL) == L3K_SUCCESS, "%s",
+          l3k_last_error());
     double err = 0, mag = max_abs(ref_out, T * DIM);
     for (int i = 0; i < T * DIM; ++i) err = fmax(err, fabs(out_inf[i] - ref_out[i]));
     CHECK(err <= 1e-4 * mag, "block output max error %g (max |ref| %g)", err, mag);
@@ -225,9 +232,10 @@ int main(void) {
     /* ---- training forward: the same output bitwise, the activations kept ---- */
     l3k_llama_block_layout lay = L3K_LLAMA_BLOCK_LAYOUT_INIT;
     CHECK(l3k_llama_block_training_layout(X, &w, &cfg, &lay) == L3K_SUCCESS, "%s", l3k_last_error());
-    CHECK(lay.qkv.rows == T && lay.qkv.cols == QKV && lay.gate_up.cols == 2 * HID && lay.residual.cols == DIM &&
-              lay.rstd1.rows * lay.rstd1.cols == T && lay.lse.rows * lay.lse.cols == B * H * S &&
-              lay.rstd1.dtype.code == kDLFloat && lay.rstd1.dtype.bits == 32,
+    CHECK(lay.qkv.rows == T && lay.qkv.cols == QKV && lay.gate_up.cols == 2 * HID &&
+              lay.residual.cols == DIM && lay.rstd1.rows * lay.rstd1.cols == T &&
+              lay.lse.rows * lay.lse.cols == B * H * S && lay.rstd1.dtype.code == kDLFloat &&
+              lay.rstd1.dtype.bits == 32,
           "layout shapes");
     CHECK(lay.backward_workspace_bytes_preserving >= lay.backward_workspace_bytes, "preserving needs more");
     host_tensor tq, th, tgu, tr1, tr2, tao, tlse, tfw, tbw, tdx, tout2;
@@ -283,7 +291,8 @@ int main(void) {
             part(&p, i, &n);
             for (int j = 0; j < n; ++j) gbuf[i][j] = NAN;
         }
-        CHECK(l3k_llama_block_backward(DOUT, X, COS, SIN, &w, &cfg, &act, flags, DX, &g, BWS, NULL) == L3K_SUCCESS,
+        CHECK(l3k_llama_block_backward(DOUT, X, COS, SIN, &w, &cfg, &act, flags, DX, &g, BWS, NULL) ==
+                  L3K_SUCCESS,
               "backward run %d: %s", run, l3k_last_error());
         for (int i = 0; i < N_PARTS; ++i) {
             int n;
@@ -299,7 +308,8 @@ int main(void) {
                       part_names[i]);
             }
         }
-        if (run < 2) CHECK(memcmp(gu_copy, act.gate_up->data, gu_bytes) == 0, "preserved gate_up was changed");
+        if (run < 2)
+            CHECK(memcmp(gu_copy, act.gate_up->data, gu_bytes) == 0, "preserved gate_up was changed");
     }
 
     /* The attention output kept by the forward: the same gradients, bitwise (the CPU forward
@@ -308,12 +318,13 @@ int main(void) {
     act.lse = f32_buffer(&tlse, (size_t)B * H * S, NAN);
     CHECK(l3k_llama_block_forward_train(X, COS, SIN, &w, &cfg, OUT2, &act, FWS, NULL) == L3K_SUCCESS, "%s",
           l3k_last_error());
-    CHECK(l3k_llama_block_backward(DOUT, X, COS, SIN, &w, &cfg, &act, 0, DX, &g, BWS, NULL) == L3K_SUCCESS, "%s",
-          l3k_last_error());
+    CHECK(l3k_llama_block_backward(DOUT, X, COS, SIN, &w, &cfg, &act, 0, DX, &g, BWS, NULL) == L3K_SUCCESS,
+          "%s", l3k_last_error());
     for (int i = 0; i < N_PARTS; ++i) {
         int n;
         part(&p, i, &n);
-        CHECK(memcmp(first[i], gbuf[i], (size_t)n * 4) == 0, "kept attention output: %s differs", part_names[i]);
+        CHECK(memcmp(first[i], gbuf[i], (size_t)n * 4) == 0, "kept attention output: %s differs",
+              part_names[i]);
     }
 
     /* ---- q/k/v and gate/up as separate matrices ---- */
@@ -347,17 +358,24 @@ int main(void) {
         gs_split.gate_weight = &gt2[3].t;
         gs_split.up_weight = &gt2[4].t;
         l3k_llama_block_layout lay_split = L3K_LLAMA_BLOCK_LAYOUT_INIT;
-        CHECK(l3k_llama_block_training_layout(X, &ws_split, &cfg, &lay_split) == L3K_SUCCESS, "%s", l3k_last_error());
-        host_tensor tbs;
-        DLTensor *BWS2 = f32_buffer(&tbs, (lay_split.backward_workspace_bytes_preserving +
-                                           lay_split.backward_workspace_extra_split_gate_up) / 4 + 1, NAN);
-        CHECK(l3k_llama_block_forward_train(X, COS, SIN, &ws_split, &cfg, OUT2, &act, FWS, NULL) == L3K_SUCCESS, "%s",
+        CHECK(l3k_llama_block_training_layout(X, &ws_split, &cfg, &lay_split) == L3K_SUCCESS, "%s",
               l3k_last_error());
+        host_tensor tbs;
+        DLTensor *BWS2 = f32_buffer(&tbs,
+                                    (lay_split.backward_workspace_bytes_preserving +
+                                     lay_split.backward_workspace_extra_split_gate_up) /
+                                            4 +
+                                        1,
+                                    NAN);
+        CHECK(
+            l3k_llama_block_forward_train(X, COS, SIN, &ws_split, &cfg, OUT2, &act, FWS, NULL) == L3K_SUCCESS,
+            "%s", l3k_last_error());
         err = 0;
         for (int i = 0; i < T * DIM; ++i) err = fmax(err, fabs(out_train[i] - ref_out[i]));
         CHECK(err <= 1e-4 * mag, "split weights: output max error %g", err);
-        CHECK(l3k_llama_block_backward(DOUT, X, COS, SIN, &ws_split, &cfg, &act, 0, DX, &gs_split, BWS2, NULL) ==
-                  L3K_SUCCESS, "%s", l3k_last_error());
+        CHECK(l3k_llama_block_backward(DOUT, X, COS, SIN, &ws_split, &cfg, &act, 0, DX, &gs_split, BWS2,
+                                       NULL) == L3K_SUCCESS,
+              "%s", l3k_last_error());
         for (int i = 0; i < 5; ++i) {
             int n;
             const double *r = part(&ref_grad, i < 3 ? 1 : 3, &n) + offsets[i] * DIM;
@@ -387,10 +405,12 @@ int main(void) {
         gadj.v_weight = &ga[2].t;
         gadj.gate_weight = &ga[3].t;
         gadj.up_weight = &ga[4].t;
-        CHECK(l3k_llama_block_forward_train(X, COS, SIN, &wadj, &cfg, OUT2, &act, FWS, NULL) == L3K_SUCCESS, "%s",
-              l3k_last_error());
-        CHECK(memcmp(out_inf, out_train, sizeof out_inf) == 0, "adjacent parts: output differs from the fused form");
-        CHECK(l3k_llama_block_backward(DOUT, X, COS, SIN, &wadj, &cfg, &act, 0, DX, &gadj, BWS, NULL) == L3K_SUCCESS,
+        CHECK(l3k_llama_block_forward_train(X, COS, SIN, &wadj, &cfg, OUT2, &act, FWS, NULL) == L3K_SUCCESS,
+              "%s", l3k_last_error());
+        CHECK(memcmp(out_inf, out_train, sizeof out_inf) == 0,
+              "adjacent parts: output differs from the fused form");
+        CHECK(l3k_llama_block_backward(DOUT, X, COS, SIN, &wadj, &cfg, &act, 0, DX, &gadj, BWS, NULL) ==
+                  L3K_SUCCESS,
               "%s", l3k_last_error());
         for (int i = 0; i < N_PARTS; ++i) {
             int n;
@@ -403,16 +423,16 @@ int main(void) {
                      "qkv_weight and q_weight are both given");
         l3k_llama_block_weights missing = ws_split;
         missing.v_weight = NULL;
-        EXPECT_FAILS(l3k_llama_block_forward(X, COS, SIN, &missing, &cfg, OUT, FWS, NULL), L3K_ERROR_NULL_POINTER,
-                     "qkv_weight is NULL and so is v_weight");
+        EXPECT_FAILS(l3k_llama_block_forward(X, COS, SIN, &missing, &cfg, OUT, FWS, NULL),
+                     L3K_ERROR_NULL_POINTER, "qkv_weight is NULL and so is v_weight");
         for (int i = 0; i < 5; ++i) {
             free(wpart[i]);
             free(gpart[i]);
         }
         free(BWS2->data);
         /* the kept attention output and LSE are still in act: the bad-input checks below use them */
-        CHECK(l3k_llama_block_forward_train(X, COS, SIN, &w, &cfg, OUT2, &act, FWS, NULL) == L3K_SUCCESS, "%s",
-              l3k_last_error());
+        CHECK(l3k_llama_block_forward_train(X, COS, SIN, &w, &cfg, OUT2, &act, FWS, NULL) == L3K_SUCCESS,
+              "%s", l3k_last_error());
     }
 
     /* ---- bad inputs: a clear error, nothing written ---- */
@@ -463,7 +483,8 @@ int main(void) {
     DLTensor *SHORT = host_f32(&tcs, cs, 2, short_tab);
     CHECK(l3k_llama_block_forward_train(X, SHORT, SIN, &w, &cfg, OUT2, &act, FWS, NULL) != L3K_SUCCESS,
           "short table");
-    CHECK(strncmp(l3k_last_error(), "llama_block_forward_train: rope_forward: ", 41) == 0, "%s", l3k_last_error());
+    CHECK(strncmp(l3k_last_error(), "llama_block_forward_train: rope_forward: ", 41) == 0, "%s",
+          l3k_last_error());
     int64_t bad[2] = {QKV - 8, DIM};
     host_tensor tb;
     l3k_llama_block_weights wb = w;
@@ -474,7 +495,8 @@ int main(void) {
     /* ---- no tokens: nothing to do forward; every gradient is zero ---- */
     host_tensor tx0, tdo0, tdx0;
     const int64_t s0[3] = {0, S, DIM};
-    DLTensor *X0 = host_f32(&tx0, NULL, 3, s0), *DO0 = host_f32(&tdo0, NULL, 3, s0), *DX0 = host_f32(&tdx0, NULL, 3, s0);
+    DLTensor *X0 = host_f32(&tx0, NULL, 3, s0), *DO0 = host_f32(&tdo0, NULL, 3, s0),
+             *DX0 = host_f32(&tdx0, NULL, 3, s0);
     l3k_llama_block_layout lay0 = L3K_LLAMA_BLOCK_LAYOUT_INIT;
     CHECK(l3k_llama_block_training_layout(X0, &w, &cfg, &lay0) == L3K_SUCCESS, "%s", l3k_last_error());
     host_tensor e[5];
@@ -485,12 +507,13 @@ int main(void) {
     act0.gate_up = host_f32(&e[2], NULL, 1, zero);
     act0.rstd1 = host_f32(&e[3], NULL, 1, zero);
     act0.rstd2 = host_f32(&e[4], NULL, 1, zero);
-    CHECK(l3k_llama_block_backward(DO0, X0, COS, SIN, &w, &cfg, &act0, 0, DX0, &g, BWS, NULL) == L3K_SUCCESS, "%s",
-          l3k_last_error());
+    CHECK(l3k_llama_block_backward(DO0, X0, COS, SIN, &w, &cfg, &act0, 0, DX0, &g, BWS, NULL) == L3K_SUCCESS,
+          "%s", l3k_last_error());
     for (int i = 1; i < N_PARTS; ++i) {
         int n;
         part(&p, i, &n);
-        for (int j = 0; j < n; ++j) CHECK(gbuf[i][j] == 0.0f, "no tokens: %s[%d] = %g", part_names[i], j, gbuf[i][j]);
+        for (int j = 0; j < n; ++j)
+            CHECK(gbuf[i][j] == 0.0f, "no tokens: %s[%d] = %g", part_names[i], j, gbuf[i][j]);
     }
 
     free(gu_copy);
