@@ -124,15 +124,53 @@ static l3k_status check_qkv(l3k_call *c, const DLTensor *q, const DLTensor *k, c
     return L3K_SUCCESS;
 }
 
+/* A key range tensor (not NULL): int32 (batch, 2), contiguous, 4-byte aligned, on the call's device.
+ * Its values are the kernels' to read (on the GPU they cannot be seen here without a sync), and the
+ * kernels clamp them.  Also the block's check of its cfg->key_range (capi/block.c). */
+l3k_status l3k_check_key_range(l3k_call *c, const DLTensor *kr, const char *name, int64_t batch) {
+    char buf[32];
+    L3K_TRY(l3k_check_tensor(c, kr, name));
+    if (kr->dtype.code != kDLInt || kr->dtype.bits != 32 || kr->dtype.lanes != 1)
+        return l3k_fail(c, L3K_ERROR_DTYPE, "%s dtype %s, expected int32", name,
+                        l3k_dtype_name(kr->dtype, buf));
+    if (kr->ndim != 2)
+        return l3k_fail(c, L3K_ERROR_SHAPE, "%s has ndim %d, expected 2 (batch, [start, end))", name,
+                        (int)kr->ndim);
+    if (kr->shape[0] != batch || kr->shape[1] != 2)
+        return l3k_fail(c, L3K_ERROR_SHAPE, "%s shape (%lld, %lld), expected (%lld, 2) (batch, [start, end))",
+                        name, (long long)kr->shape[0], (long long)kr->shape[1], (long long)batch);
+    L3K_TRY(l3k_check_contiguous_numel(c, kr, name, 2 * batch));
+    if ((uintptr_t)l3k_data(kr) % 4 != 0)
+        return l3k_fail(c, L3K_ERROR_ALIGNMENT, "%s data pointer %p is not 4-byte aligned", name,
+                        l3k_data(kr));
+    return L3K_SUCCESS;
+}
+
+/* key_range: NULL, or as l3k_check_key_range, apart from every output. */
+static l3k_status check_key_range(l3k_call *c, const DLTensor *kr, int64_t batch, DLTensor *const *outs,
+                                  const char *const *out_names, int n_outs, l3k_attn_fwd_args *a) {
+    a->key_range = 0;
+    if (!kr) return L3K_SUCCESS;
+    L3K_TRY(l3k_check_key_range(c, kr, "key_range", batch));
+    for (int i = 0; i < n_outs; ++i)
+        if (outs[i]) L3K_TRY(l3k_check_no_overlap(c, outs[i], out_names[i], kr, "key_range", 0));
+    a->key_range = (const int32_t *)l3k_data(kr);
+    return L3K_SUCCESS;
+}
+
 static l3k_status cpu_result(l3k_call *c, int rc) {
     return rc ? l3k_fail(c, L3K_ERROR_INTERNAL, "host scratch allocation failed") : L3K_SUCCESS;
 }
 
-l3k_status l3k_attention_forward(const DLTensor *q, const DLTensor *k, const DLTensor *v, float scale,
-                                 int causal, DLTensor *o, DLTensor *lse, void *stream) {
+l3k_status l3k_attention_forward(const DLTensor *q, const DLTensor *k, const DLTensor *v,
+                                 const DLTensor *key_range, float scale, int causal, DLTensor *o,
+                                 DLTensor *lse, void *stream) {
     l3k_call c = {.op = "attention_forward"};
     l3k_attn_fwd_args a = {0};
     L3K_TRY(check_qkv(&c, q, k, v, o, lse, scale, causal, &a));
+    DLTensor *const outs[2] = {o, lse};
+    static const char *const out_names[2] = {"o", "lse"};
+    L3K_TRY(check_key_range(&c, key_range, a.batch, outs, out_names, 2, &a));
     if (a.batch == 0 || a.n_heads == 0 || a.seq_q == 0) return L3K_SUCCESS;
     if (l3k_on_cuda(&c)) return l3k_cuda_launch(&c, L3K_CUDA_FN(l3k_cuda_attn_fwd), &a, stream);
     return cpu_result(&c, l3k_cpu_attn_fwd(&a));
@@ -152,9 +190,10 @@ l3k_status l3k_attention_backward_workspace_size(const DLTensor *q, const DLTens
 }
 
 l3k_status l3k_attention_backward(const DLTensor *dout, const DLTensor *q, const DLTensor *k,
-                                  const DLTensor *v, const DLTensor *o, const DLTensor *lse, float scale,
-                                  int causal, int deterministic, DLTensor *dq, DLTensor *dk, DLTensor *dv,
-                                  DLTensor *workspace, void *stream) {
+                                  const DLTensor *v, const DLTensor *key_range, const DLTensor *o,
+                                  const DLTensor *lse, float scale, int causal, int deterministic,
+                                  DLTensor *dq, DLTensor *dk, DLTensor *dv, DLTensor *workspace,
+                                  void *stream) {
     l3k_call c = {.op = "attention_backward"};
     l3k_attn_bwd_args a = {0};
     L3K_TRY(check_qkv(&c, q, k, v, o, lse, scale, causal, &a.f));
@@ -187,6 +226,9 @@ l3k_status l3k_attention_backward(const DLTensor *dout, const DLTensor *q, const
         for (int i = 0; i < 9; ++i)
             L3K_TRY(l3k_check_no_overlap(&c, workspace, "workspace", all[i], all_names[i], 0));
     }
+    DLTensor *const kr_outs[4] = {dq, dk, dv, need ? workspace : NULL};
+    static const char *const kr_out_names[4] = {"dq", "dk", "dv", "workspace"};
+    L3K_TRY(check_key_range(&c, key_range, a.f.batch, kr_outs, kr_out_names, 4, &a.f));
     a.dout = l3k_data(dout);
     a.dq = l3k_data(dq);
     a.dk = l3k_data(dk);

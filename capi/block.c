@@ -18,10 +18,18 @@
  *    backward's workspace) goes where dgu was, once dgu is dead, when it fits.
  * So the workspace holds little more than the cuBLASLt workspace at the step's
  * memory peak (the gate/up weight gradient). */
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "validate.h"
+
+/* capi/attention.c: a key range tensor's dtype, shape, layout and device. */
+l3k_status l3k_check_key_range(l3k_call *c, const DLTensor *kr, const char *name, int64_t batch);
+
+/* l3k_llama_block_config as first published ends before key_range: shorter ones are refused,
+ * and one that stops there has no key range. */
+#define CONFIG_FIRST_SIZE offsetof(l3k_llama_block_config, key_range)
 
 #define ALIGN 256
 #define ALIGN_UP(v) (((v) + (size_t)(ALIGN - 1)) & ~(size_t)(ALIGN - 1))
@@ -52,6 +60,7 @@ typedef struct {
     size_t gemm_ws;  /* cuBLASLt workspace bytes */
     size_t norm_ws;  /* RMSNorm backward's dweight partials */
     size_t attn_ws;  /* attention backward's workspace */
+    const DLTensor *key_range; /* cfg->key_range where cfg's struct_size covers it, else NULL */
 } dims;
 
 /* A contiguous region: `bytes` at `off` from a base pointer. */
@@ -194,8 +203,9 @@ static l3k_status make_dims(l3k_call *c, const DLTensor *x, const l3k_llama_bloc
                             const l3k_llama_block_config *cfg, dims *d) {
     L3K_TRY(check_struct_size(c, w, w ? w->struct_size : 0, sizeof(l3k_llama_block_weights), "weights",
                               "L3K_LLAMA_BLOCK_WEIGHTS_INIT"));
-    L3K_TRY(check_struct_size(c, cfg, cfg ? cfg->struct_size : 0, sizeof(l3k_llama_block_config), "cfg",
+    L3K_TRY(check_struct_size(c, cfg, cfg ? cfg->struct_size : 0, CONFIG_FIRST_SIZE, "cfg",
                               "L3K_LLAMA_BLOCK_CONFIG_INIT"));
+    d->key_range = cfg->struct_size >= CONFIG_FIRST_SIZE + sizeof cfg->key_range ? cfg->key_range : NULL;
     L3K_TRY(l3k_check_tensor(c, x, "x"));
     L3K_TRY(l3k_check_float(c, x, "x", &d->dt));
     if (x->ndim != 3)
@@ -375,7 +385,7 @@ static l3k_status run_forward(l3k_call *c, const dims *d, const DLTensor *x, con
     L3K_TRY(step(c, l3k_rmsnorm_forward(x2, w->norm1_weight, cfg->eps, norm, r1, stream)));
     L3K_TRY(proj_forward(c, d, &d->wqkv, norm, buf->qkv, d->qkv, gemm, stream));
     L3K_TRY(step(c, l3k_rope_forward(q, k, cos, sin, 0, L3K_ROPE_HALF, q, k, stream)));
-    L3K_TRY(step(c, l3k_attention_forward(q, k, v, 0.0f, cfg->causal, o4, lse, stream)));
+    L3K_TRY(step(c, l3k_attention_forward(q, k, v, d->key_range, 0.0f, cfg->causal, o4, lse, stream)));
     L3K_TRY(step(c, l3k_linear_forward(o, w->o_weight, x2, h, gemm, stream)));
     L3K_TRY(step(c, l3k_rmsnorm_forward(h, w->norm2_weight, cfg->eps, norm, r2, stream)));
     L3K_TRY(proj_forward(c, d, &d->wgu, norm, buf->gu, 2 * d->hidden, gemm, stream));
@@ -412,7 +422,7 @@ typedef struct {
 } tensor_list;
 
 static void add(tensor_list *l, const DLTensor *t, const char *name) {
-    if (l->n == MAX_LISTED) { /* the block lists at most 22: a bug if reached */
+    if (l->n == MAX_LISTED) { /* the block lists at most 23: a bug if reached */
         l->overflow = 1;
         return;
     }
@@ -439,6 +449,15 @@ static tensor_list block_inputs(const DLTensor *x, const DLTensor *cos, const DL
     add(&l, w->gate_weight, "gate_weight");
     add(&l, w->up_weight, "up_weight");
     return l;
+}
+
+/* The attention's key range, checked with the block's other arguments and listed with the inputs
+ * no output may overlap. */
+static l3k_status check_key_range(l3k_call *c, const dims *d, tensor_list *ins) {
+    if (!d->key_range) return L3K_SUCCESS;
+    L3K_TRY(l3k_check_key_range(c, d->key_range, "cfg->key_range", d->b));
+    add(ins, d->key_range, "cfg->key_range");
+    return L3K_SUCCESS;
 }
 
 /* No written tensor may share a byte with any other tensor of the call. */
@@ -495,6 +514,7 @@ l3k_status l3k_llama_block_forward(const DLTensor *x, const DLTensor *cos, const
     plan_forward(&d, 1, 0, &p);
     L3K_TRY(check_workspace_aligned(&c, workspace, p.total));
     tensor_list outs = {.n = 0}, ins = block_inputs(x, cos, sin, w);
+    L3K_TRY(check_key_range(&c, &d, &ins));
     add(&outs, out, "out");
     add(&outs, workspace, "workspace");
     L3K_TRY(check_disjoint(&c, &outs, &ins));
@@ -630,6 +650,7 @@ l3k_status l3k_llama_block_forward_train(const DLTensor *x, const DLTensor *cos,
     plan_forward(&d, 0, keep_attn, &p);
     L3K_TRY(check_workspace_aligned(&c, workspace, p.total));
     tensor_list outs = {.n = 0}, ins = block_inputs(x, cos, sin, w);
+    L3K_TRY(check_key_range(&c, &d, &ins));
     add(&outs, out, "out");
     add(&outs, workspace, "workspace");
     add_activations(&outs, saved, 1);
@@ -703,6 +724,7 @@ l3k_status l3k_llama_block_backward(const DLTensor *dout, const DLTensor *x, con
     L3K_TRY(check_workspace_aligned(&c, workspace, p.total));
     /* gate_up is written unless preserved; the other activations are read only. */
     tensor_list outs = {.n = 0}, ins = block_inputs(x, cos, sin, w);
+    L3K_TRY(check_key_range(&c, &d, &ins));
     add(&outs, dx, "dx");
     add(&outs, workspace, "workspace");
     add(&outs, g->qkv_weight, "grads->qkv_weight");
@@ -776,11 +798,12 @@ l3k_status l3k_llama_block_backward(const DLTensor *dout, const DLTensor *x, con
                                           norm_ws, stream)));
 
     /* Attention: h = x + o Wo^T; dgu is dead, its memory is the scratch from here on. */
-    if (!keep_attn) L3K_TRY(step(&c, l3k_attention_forward(q, k, v, 0.0f, cfg->causal, o4, lse, stream)));
+    if (!keep_attn)
+        L3K_TRY(step(&c, l3k_attention_forward(q, k, v, d.key_range, 0.0f, cfg->causal, o4, lse, stream)));
     L3K_TRY(step(&c, l3k_linear_backward_input(dx2, w->o_weight, dO, 0, gemm, stream)));
     L3K_TRY(step(&c, l3k_linear_backward_weight(dx2, o, g->o_weight, 0, gemm, stream)));
-    L3K_TRY(step(&c, l3k_attention_backward(dO4, q, k, v, o4, lse, 0.0f, cfg->causal, cfg->deterministic, dq, dk,
-                                            dv, attn_ws, stream)));
+    L3K_TRY(step(&c, l3k_attention_backward(dO4, q, k, v, d.key_range, o4, lse, 0.0f, cfg->causal,
+                                            cfg->deterministic, dq, dk, dv, attn_ws, stream)));
     L3K_TRY(step(&c, l3k_rope_backward(dq, dk, cos, sin, 0, L3K_ROPE_HALF, dq, dk, stream)));
     /* qkv = rmsnorm(x) Wqkv^T: the norm's output is recomputed. */
     L3K_TRY(step(&c, l3k_rmsnorm_forward(x2, w->norm1_weight, cfg->eps, norm1, NULL, stream)));

@@ -306,11 +306,28 @@ L3K_API l3k_status l3k_linear_backward_weight(const DLTensor *dy, const DLTensor
  *    reference also takes float32.  All of q, k, v, o, dout, dq, dk, dv share it.
  * scale: > 0, or 0 for 1/sqrt(head_dim).
  * causal: aligned bottom-right, as FlashAttention 2.1+: key j is visible to
- *    query i iff j <= i + seq_k - seq_q.  A query that sees no key (possible
- *    when seq_q > seq_k) gets o = 0 and lse = +inf.  On the CPU a NaN that
- *    reaches a row's scores (from q or k) makes that row's o and lse NaN, one
- *    in v makes o NaN where it is weighted, and the backward's gradients carry
- *    NaN likewise, as in PyTorch; a NaN row is not taken for a masked one. */
+ *    query i iff j <= i + seq_k - seq_q.
+ * key_range: NULL (every key), or the keys each sequence may see, for padded
+ *    batches (left or right padding) without a seq_q x seq_k mask: int32,
+ *    contiguous, shape (batch, 2), on q's device, 4-byte aligned, not
+ *    overlapping any output.  Row b = [start, end): keys start .. end - 1 of
+ *    sequence b are visible, the others masked; with causal, key j is visible
+ *    to query i iff start <= j < end and j <= i + seq_k - seq_q.  The values are
+ *    read by the kernels (on the GPU the library cannot look at them without a
+ *    sync, so they are never checked): they are clamped to
+ *    0 <= start <= end <= seq_k, so no value makes a kernel read out of bounds.
+ * A query that sees no key (causal with seq_q > seq_k, a query before its
+ *    sequence's start under causal, an empty range) gets o = 0 and lse = +inf,
+ *    and contributes nothing to the gradients (its dq is 0).  Whether a query
+ *    sees a key is decided by the mask alone: a NaN that reaches a row's scores
+ *    (from q or k) makes that row's o and lse NaN, one in v makes o NaN where
+ *    it is weighted, and the backward's gradients carry NaN likewise, as in
+ *    PyTorch; a NaN row is not taken for a masked one.  On CUDA, where the
+ *    products run over whole tiles, a NaN or infinity can also meet a zero
+ *    weight (0 * NaN in a tensor-core product) and reach what it does not on
+ *    the CPU: one in v the outputs of the tile's other rows, one in q, k, v or
+ *    dout the gradients of the tile's other rows and keys, as in PyTorch's own
+ *    kernels; a row that sees no key keeps o = 0 and lse = +inf. */
 
 /* o: shape of q, any strides as above (a (batch, seq, heads, head_dim)
  * buffer viewed as (batch, heads, seq, head_dim) lets the output projection
@@ -318,8 +335,8 @@ L3K_API l3k_status l3k_linear_backward_weight(const DLTensor *dy, const DLTensor
  * batch * n_heads * seq_q elements, apart from q, k, v and o: the natural-log sum of exp of each
  * row's scores, for the backward. */
 L3K_API l3k_status l3k_attention_forward(const DLTensor *q, const DLTensor *k, const DLTensor *v,
-                                         float scale, int causal, DLTensor *o, DLTensor *lse,
-                                         void *stream);
+                                         const DLTensor *key_range, float scale, int causal, DLTensor *o,
+                                         DLTensor *lse, void *stream);
 
 /* Bytes of workspace l3k_attention_backward needs (0 on the CPU). */
 L3K_API l3k_status l3k_attention_backward_workspace_size(const DLTensor *q, const DLTensor *k,
@@ -332,12 +349,13 @@ L3K_API l3k_status l3k_attention_backward_workspace_size(const DLTensor *q, cons
  * deterministic != 0 computes dq without atomics, bitwise reproducible, about
  * 10-15% slower.  dq: shape of q; dk, dv: shape of k; any strides as above;
  * they may be views of one buffer but must not overlap dout, q, k, v, o or lse.
+ * key_range: as given to the forward (NULL or the same ranges).
  * workspace: at least l3k_attention_backward_workspace_size bytes, 256-byte
- * aligned. */
+ * aligned (the same size with or without key_range). */
 L3K_API l3k_status l3k_attention_backward(const DLTensor *dout, const DLTensor *q, const DLTensor *k,
-                                          const DLTensor *v, const DLTensor *o, const DLTensor *lse,
-                                          float scale, int causal, int deterministic, DLTensor *dq,
-                                          DLTensor *dk, DLTensor *dv, DLTensor *workspace,
+                                          const DLTensor *v, const DLTensor *key_range, const DLTensor *o,
+                                          const DLTensor *lse, float scale, int causal, int deterministic,
+                                          DLTensor *dq, DLTensor *dk, DLTensor *dv, DLTensor *workspace,
                                           void *stream);
 
 /* ---- The whole LLaMA-3 block --------------------------------------------- *
@@ -395,9 +413,17 @@ typedef struct {
     int causal;         /* 1 for a decoder (the default) */
     float eps;          /* of both RMSNorms, finite and >= 0 */
     int deterministic;  /* != 0: the attention backward's dq without atomics (bitwise repeatable) */
+    /* Appended (a caller whose struct_size stops before this field gets no key range): per-call
+     * padding of the attention, l3k_attention_forward's key_range (NULL: every key; else int32
+     * (batch, 2) on x's device, [start, end) of each sequence's positions, clamped by the kernels).
+     * The valid positions' outputs are those of each sequence alone; padded positions still get
+     * outputs (from the keys they see), so a loss should ignore them (zero dout there) for the
+     * weight gradients to be those of the sequences alone.  The forward and the backward of one
+     * step must be given the same ranges. */
+    const DLTensor *key_range;
 } l3k_llama_block_config;
-/* Defaults: causal, eps 1e-5, dq with atomics; n_heads and n_kv_heads must be set. */
-#define L3K_LLAMA_BLOCK_CONFIG_INIT {sizeof(l3k_llama_block_config), 0, 0, 1, 1e-5f, 0}
+/* Defaults: causal, eps 1e-5, dq with atomics, no key range; n_heads and n_kv_heads must be set. */
+#define L3K_LLAMA_BLOCK_CONFIG_INIT {sizeof(l3k_llama_block_config), 0, 0, 1, 1e-5f, 0, NULL}
 
 /* Bytes of workspace l3k_llama_block_forward needs for x's shape: every
  * intermediate plus the GEMM workspace.  `x` and the weights are only inspected. */

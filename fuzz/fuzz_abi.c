@@ -86,7 +86,7 @@ static uint64_t rnd(call *c) { /* splitmix64: buffer contents, not steered by th
 }
 
 static const DLDataType F32 = {kDLFloat, 32, 1}, F16 = {kDLFloat, 16, 1}, BF16 = {kDLBfloat, 16, 1},
-                        U8 = {kDLUInt, 8, 1};
+                        U8 = {kDLUInt, 8, 1}, I32 = {kDLInt, 32, 1};
 
 static DLDataType fdt(call *c) {
     switch (pick(c, 3)) {
@@ -583,12 +583,21 @@ static void attention_dims(call *c, attn_dims *a) {
     a->nl = b * h * sq + (pick(c, 16) == 0);
 }
 
+/* The attention's optional key range: absent half the time; else (batch, 2) int32 (now and then
+ * another row count or dtype), holding whatever fill() gives (the kernels clamp the values). */
+static DLTensor *key_range_arg(call *c, const attn_dims *a) {
+    if (pick(c, 2)) return NULL;
+    const int64_t shape[2] = {a->qs[0] + (pick(c, 16) == 0), 2};
+    return arg(c, pick(c, 16) ? I32 : F32, 2, shape);
+}
+
 static int e_attention_forward(call *c) {
     attn_dims a;
     attention_dims(c, &a);
     DLTensor *q = arg(c, a.d, 4, a.qs), *k = arg(c, a.d, 4, a.ks), *v = arg(c, a.d, 4, a.ks);
     DLTensor *o = arg(c, a.d, 4, a.qs), *lse = arg(c, F32, 1, &a.nl);
-    return CALL(c, l3k_attention_forward(q, k, v, scale(c), (int)pick(c, 2), o, lse, stream(c)));
+    DLTensor *kr = key_range_arg(c, &a);
+    return CALL(c, l3k_attention_forward(q, k, v, kr, scale(c), (int)pick(c, 2), o, lse, stream(c)));
 }
 
 static int e_attention_backward_workspace_size(call *c) {
@@ -605,12 +614,13 @@ static int e_attention_backward(call *c) {
     DLTensor *dout = arg(c, a.d, 4, a.qs), *q = arg(c, a.d, 4, a.qs), *k = arg(c, a.d, 4, a.ks);
     DLTensor *v = arg(c, a.d, 4, a.ks), *o = arg(c, a.d, 4, a.qs), *lse = arg(c, F32, 1, &a.nl);
     DLTensor *dq = arg(c, a.d, 4, a.qs), *dk = arg(c, a.d, 4, a.ks), *dv = arg(c, a.d, 4, a.ks);
+    DLTensor *kr = key_range_arg(c, &a);
     const int det = (int)pick(c, 2);
     size_t bytes = 0;
     if (q && k) (void)l3k_attention_backward_workspace_size(q, k, det, &bytes);
     DLTensor *ws = bytes || pick(c, 4) == 0 ? bytes_arg(c, bytes) : NULL;
-    return CALL(c, l3k_attention_backward(dout, q, k, v, o, lse, scale(c), (int)pick(c, 2), det, dq, dk, dv, ws,
-                                          stream(c)));
+    return CALL(c, l3k_attention_backward(dout, q, k, v, kr, o, lse, scale(c), (int)pick(c, 2), det, dq, dk, dv,
+                                          ws, stream(c)));
 }
 
 /* The block's common arguments. */

@@ -11,11 +11,16 @@
  * Semantics
  *  - scores s_ij = scale * <q_i, k_j>; softmax over visible keys; o_i = sum_j p_ij v_j.
  *  - causal is aligned bottom-right: key j is visible to query i iff j <= i + (Sk - Sq).
+ *  - key_range (optional, NULL = every key): int32 (B, 2) contiguous, on the device of q; row b =
+ *    [start, end) are the keys sequence b may see (padding on either side). Read by the kernels
+ *    and clamped there to 0 <= start <= end <= Sk, so no value reads out of bounds. Key j is
+ *    visible to query i of sequence b iff start <= j < end and (causal) j <= i + (Sk - Sq).
  *  - GQA/MQA: query head h reads kv head h / (H / Hkv); H must be a multiple of Hkv.
  *  - lse_i = log(sum_j exp(s_ij)) in natural log, float32.
- *  - FULLY MASKED ROWS (no visible key: causal with i + Sk - Sq < 0, or Sk == 0):
- *    o_i = 0 and lse_i = +INFINITY. With that sentinel the backward's p = exp(s - lse) is exactly
- *    0, so such rows contribute nothing to dk/dv and get dq_i = 0.
+ *  - FULLY MASKED ROWS (no visible key: causal with i + Sk - Sq < start, an empty key range, or
+ *    Sk == 0): o_i = 0 and lse_i = +INFINITY. With that sentinel the backward's p = exp(s - lse) is
+ *    exactly 0, so such rows contribute nothing to dk/dv and get dq_i = 0. A row is masked by the
+ *    mask alone, never by its values: a NaN that reaches a row's scores makes its o and lse NaN.
  *  - head_dim: any multiple of 8 in [8, 256]. The CUDA fast paths are head_dim 64 and 128; other
  *    values run the kernel of the next size in {64, 128, 256} with zero-filled columns. On H100
  *    (sm_90a builds) the forward for 64 < head_dim <= 128 runs on wgmma, elsewhere on mma.sync.
@@ -55,6 +60,7 @@ typedef struct {
     float scale;                                                /* usually 1/sqrt(head_dim) */
     int causal;                                                 /* bottom-right aligned */
     l3k_dt dtype;                                               /* of q, k, v, o (and dout, dq, dk, dv) */
+    const int32_t *key_range; /* NULL = every key; else (B, 2) [start, end) per sequence, clamped */
 } l3k_attn_fwd_args;
 
 typedef struct {

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""GPU harness for the attention kernels (kernels/cuda/flash_*.cu): parity vs a float32 PyTorch reference, timing vs SDPA.
+"""GPU harness for the attention kernels (kernels/cuda/flash_*.cu): parity vs a float32 PyTorch reference
+(with and without per-sequence key ranges, and NaN propagation), timing vs SDPA.
 
 Self-contained: builds kernels/cuda/flash_*.cu + kernels/cpu/flash_attn.c into a shared library
 with nvcc/gcc and calls it through ctypes with a hand-written mirror of kernels/attention.h.
@@ -38,6 +39,7 @@ class FwdArgs(ctypes.Structure):
         ("q_stride", ctypes.c_int64 * 3), ("k_stride", ctypes.c_int64 * 3),
         ("v_stride", ctypes.c_int64 * 3), ("o_stride", ctypes.c_int64 * 3),
         ("scale", ctypes.c_float), ("causal", ctypes.c_int), ("dtype", ctypes.c_int),
+        ("key_range", ctypes.c_void_p),  # int32 (B, 2) on the GPU, or None
     ]
 
 
@@ -92,13 +94,16 @@ def st3(t):  # (B, H, S, D) view -> strides of dims 0..2, last dim must be conti
     return (ctypes.c_int64 * 3)(t.stride(0), t.stride(1), t.stride(2))
 
 
-def make_fwd(q, k, v, o, lse, scale, causal):
+def make_fwd(q, k, v, o, lse, scale, causal, key_range=None):
     a = FwdArgs()
     a.q, a.k, a.v, a.o, a.lse = q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr()
     a.batch, a.n_heads, a.seq_q, a.head_dim = q.shape
     a.n_kv_heads, a.seq_k = k.shape[1], k.shape[2]
     a.q_stride, a.k_stride, a.v_stride, a.o_stride = st3(q), st3(k), st3(v), st3(o)
     a.scale, a.causal, a.dtype = scale, int(causal), DT[q.dtype]
+    if key_range is not None:
+        assert key_range.dtype == torch.int32 and key_range.is_contiguous() and key_range.shape == (q.shape[0], 2)
+        a.key_range = key_range.data_ptr()
     return a
 
 
@@ -123,8 +128,9 @@ def alloc_bhsd(B, H, S, D, dtype, bshd, fill=None):
     return t
 
 
-def reference(q, k, v, do, scale, causal, dtype_math):
-    """Attention with bottom-right causal mask, GQA via repeat_interleave; fully masked rows -> 0.
+def reference(q, k, v, do, scale, causal, dtype_math, key_range=None):
+    """Attention with bottom-right causal mask, GQA via repeat_interleave, key j of sequence b
+    masked outside key_range[b] (clamped into [0, SK)); fully masked rows -> 0.
     Returns o, lse (+inf for fully masked rows), dq, dk, dv computed in dtype_math."""
     B, H, SQ, D = q.shape
     HKV, SK = k.shape[1], k.shape[2]
@@ -132,10 +138,15 @@ def reference(q, k, v, do, scale, causal, dtype_math):
     kr = kf.repeat_interleave(H // HKV, dim=1)
     vr = vf.repeat_interleave(H // HKV, dim=1)
     s = (qf @ kr.transpose(-1, -2)) * scale
+    i = torch.arange(SQ, device=q.device)[:, None]
+    j = torch.arange(SK, device=q.device)[None, :]
     if causal:
-        i = torch.arange(SQ, device=q.device)[:, None]
-        j = torch.arange(SK, device=q.device)[None, :]
         s = s.masked_fill(j > i + SK - SQ, float("-inf"))
+    if key_range is not None:
+        end = key_range[:, 1].long().clamp(0, SK)
+        start = torch.minimum(key_range[:, 0].long().clamp(min=0), end)
+        outside = (j < start[:, None, None]) | (j >= end[:, None, None])  # (B, 1, SK)
+        s = s.masked_fill(outside[:, None], float("-inf"))
     m = s.amax(-1, keepdim=True)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m).detach()
     e = torch.exp(s - m)
@@ -151,13 +162,13 @@ def maxerr(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
-def run_ours(lib, q, k, v, do, scale, causal, det, bshd, repeat=1):
+def run_ours(lib, q, k, v, do, scale, causal, det, bshd, repeat=1, key_range=None):
     B, H, SQ, D = q.shape
     HKV, SK = k.shape[1], k.shape[2]
     nan = float("nan")
     o = alloc_bhsd(B, H, SQ, D, q.dtype, bshd, nan)
     lse = torch.full((B, H, SQ), nan, device="cuda", dtype=torch.float32)
-    fa = make_fwd(q, k, v, o, lse, scale, causal)
+    fa = make_fwd(q, k, v, o, lse, scale, causal, key_range)
     rc = lib.lib.l3k_cuda_attn_fwd_variant(ctypes.byref(fa), None, FWD_VARIANT)
     assert rc == 0, f"fwd rc={rc}"
     outs = []
@@ -202,11 +213,44 @@ PARITY_CASES = [
 ]
 
 
+# Per-sequence key ranges for the key-range cases: sequence b takes pattern (b + case) % 8.  They
+# start and end inside KV tiles and on their edges (64, 128), cover one tile or a single key, are
+# empty or full, and run past both ends (the kernels clamp them).
+RANGE_PATTERNS = [
+    lambda S: (0, S),
+    lambda S: (S - S // 3, S),           # left padding
+    lambda S: (0, S // 2 + 1),           # right padding
+    lambda S: (64, min(S, 192)),         # tile edges (mma.sync 64-key tiles, wgmma 128)
+    lambda S: (min(S, 128), min(S, 128)),  # empty
+    lambda S: (-3, S + 10),              # past both ends: every key
+    lambda S: (1, max(1, S - 1)),
+    lambda S: (S // 2, S // 2 + 1),      # one key
+]
+
+KEY_RANGE_CASES = [
+    # B, H, HKV, SQ, SK, D, causal
+    (8, 4, 2, 300, 300, 128, True),
+    (8, 4, 1, 300, 300, 128, False),
+    (8, 2, 2, 1000, 1000, 64, True),
+    (8, 2, 2, 257, 257, 256, True),
+    (8, 2, 1, 130, 500, 128, False),
+    (8, 4, 2, 500, 130, 96, True),       # Sq > Sk: rows masked by the diagonal and by the range
+    (8, 8, 2, 2048, 2048, 128, True),
+]
+
+
+def key_ranges(B, SK, offset):
+    return torch.tensor([RANGE_PATTERNS[(b + offset) % len(RANGE_PATTERNS)](SK) for b in range(B)],
+                        dtype=torch.int32, device="cuda")
+
+
 def parity(lib):
     torch.manual_seed(0)
     fails = 0
     rows = []
-    for ci, (B, H, HKV, SQ, SK, D, causal) in enumerate(PARITY_CASES):
+    cases = [(c, False) for c in PARITY_CASES] + [(c, True) for c in KEY_RANGE_CASES]
+    for ci, ((B, H, HKV, SQ, SK, D, causal), ranged) in enumerate(cases):
+        key_range = key_ranges(B, SK, ci) if ranged else None
         for dtype in (torch.bfloat16, torch.float16):
             if dtype == torch.float16 and ci % 2 == 1:
                 continue
@@ -218,14 +262,16 @@ def parity(lib):
             k = (torch.randn(B, HKV, SK, D, device="cuda") * mag).to(dtype)
             v = torch.randn(B, HKV, SK, D, device="cuda").to(dtype)
             do = torch.randn(B, H, SQ, D, device="cuda").to(dtype)
-            ro, rl, rdq, rdk, rdv = reference(q, k, v, do, scale, causal, torch.float32)
-            po, pl, pdq, pdk, pdv = reference(q, k, v, do, scale, causal, dtype)
+            ro, rl, rdq, rdk, rdv = reference(q, k, v, do, scale, causal, torch.float32, key_range)
+            po, pl, pdq, pdk, pdv = reference(q, k, v, do, scale, causal, dtype, key_range)
             for det in (False, True):
-                o, lse, outs = run_ours(lib, q, k, v, do, scale, causal, det, bshd, repeat=2 if det else 1)
+                o, lse, outs = run_ours(lib, q, k, v, do, scale, causal, det, bshd, repeat=2 if det else 1,
+                                        key_range=key_range)
                 dq, dk, dv = outs[0]
                 fin = torch.isfinite(rl)
                 lse_err = maxerr(lse[fin], rl[fin]) if fin.any() else 0.0
                 inf_ok = bool((lse[~fin] == float("inf")).all()) if (~fin).any() else True
+                inf_ok = inf_ok and bool((o[~fin] == 0).all())  # masked rows: o = 0
                 e = dict(o=maxerr(o, ro), dq=maxerr(dq, rdq), dk=maxerr(dk, rdk), dv=maxerr(dv, rdv))
                 ept = dict(o=maxerr(po, ro), dq=maxerr(pdq, rdq), dk=maxerr(pdk, rdk), dv=maxerr(pdv, rdv))
                 ok = inf_ok and lse_err < 1e-3 * max(1.0, mag * mag)
@@ -237,10 +283,48 @@ def parity(lib):
                     ok = ok and torch.equal(dq, dq2) and torch.equal(dk, dk2) and torch.equal(dv, dv2)
                 fails += not ok
                 rows.append(f"{'PASS' if ok else 'FAIL'} B={B} H={H} Hkv={HKV} Sq={SQ} Sk={SK} D={D} causal={int(causal)} "
+                            f"{'ranges ' if ranged else ''}"
                             f"{str(dtype)[6:]} bshd={int(bshd)} det={int(det)} | lse {lse_err:.1e} inf_ok={int(inf_ok)} | "
                             + " ".join(f"{n} {e[n]:.2e}/{ept[n]:.2e}" for n in e))
                 print(rows[-1], flush=True)
     print(f"parity: {len(rows) - fails}/{len(rows)} passed")
+    return fails + nan_checks(lib)
+
+
+def nan_checks(lib):
+    """A NaN in q or k makes the rows it reaches NaN (o and lse), not fully masked (o = 0,
+    lse = +inf); other rows stay finite; a row that sees no key stays masked; the backward carries
+    the NaN into that sequence's gradients only."""
+    torch.manual_seed(1)
+    fails = 0
+    for D in (64, 128, 256):
+        B, H, HKV, SQ, SK = 2, 4, 2, 300, 200  # causal, Sq > Sk: rows 0..99 see no key
+        for where in ("q", "k"):
+            q = torch.randn(B, H, SQ, D, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(B, HKV, SK, D, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn(B, HKV, SK, D, device="cuda", dtype=torch.bfloat16)
+            do = torch.randn(B, H, SQ, D, device="cuda", dtype=torch.bfloat16)
+            nan_rows = torch.zeros(B, H, SQ, dtype=torch.bool, device="cuda")
+            if where == "q":
+                q[0, 1, 250, 3] = float("nan")
+                q[0, 2, 20, 3] = float("nan")  # a row that sees no key
+                nan_rows[0, 1, 250] = True
+            else:
+                k[0, 0, 150, 5] = float("nan")  # seen by rows 250.. of heads 0, 1
+                nan_rows[0, :2, 250:] = True
+            masked = torch.zeros_like(nan_rows)
+            masked[:, :, :100] = True
+            for det in (False, True):
+                o, lse, outs = run_ours(lib, q, k, v, do, 1.0 / math.sqrt(D), True, det, False)
+                dq, dk, dv = outs[0]
+                rest = ~nan_rows & ~masked
+                ok = bool(torch.isnan(lse[nan_rows]).all()) and bool(torch.isnan(o[nan_rows]).all())
+                ok = ok and bool((o[masked] == 0).all()) and bool((lse[masked] == float("inf")).all())
+                ok = ok and bool(torch.isfinite(o[rest]).all()) and bool(torch.isfinite(lse[rest]).all())
+                ok = ok and bool(torch.isnan(dq[0]).any()) and bool(torch.isfinite(dq[1]).all())
+                ok = ok and bool(torch.isfinite(dk[1]).all()) and bool(torch.isfinite(dv[1]).all())
+                fails += not ok
+                print(f"{'PASS' if ok else 'FAIL'} NaN in {where}: D={D} det={int(det)}", flush=True)
     return fails
 
 
@@ -330,15 +414,18 @@ def bench(lib):
 
 def sanitize(lib):
     torch.manual_seed(0)
-    for (B, H, HKV, SQ, SK, D, causal) in [(1, 2, 1, 70, 45, 64, True), (1, 2, 2, 33, 130, 128, True),
-                                           (1, 2, 1, 40, 40, 40, False), (1, 1, 1, 20, 70, 256, True)]:
+    for (B, H, HKV, SQ, SK, D, causal, ranged) in [
+            (1, 2, 1, 70, 45, 64, True, False), (1, 2, 2, 33, 130, 128, True, False),
+            (1, 2, 1, 40, 40, 40, False, False), (1, 1, 1, 20, 70, 256, True, False),
+            (8, 2, 1, 150, 150, 128, True, True), (8, 2, 2, 90, 200, 64, False, True)]:
+        key_range = key_ranges(B, SK, 0) if ranged else None
         for det in (False, True):
             q = torch.randn(B, H, SQ, D, device="cuda", dtype=torch.bfloat16)
             k = torch.randn(B, HKV, SK, D, device="cuda", dtype=torch.bfloat16)
             v = torch.randn(B, HKV, SK, D, device="cuda", dtype=torch.bfloat16)
             do = torch.randn(B, H, SQ, D, device="cuda", dtype=torch.bfloat16)
-            o, lse, outs = run_ours(lib, q, k, v, do, 1.0 / math.sqrt(D), causal, det, False)
-            ro, rl, rdq, rdk, rdv = reference(q, k, v, do, 1.0 / math.sqrt(D), causal, torch.float32)
+            o, lse, outs = run_ours(lib, q, k, v, do, 1.0 / math.sqrt(D), causal, det, False, key_range=key_range)
+            ro, rl, rdq, rdk, rdv = reference(q, k, v, do, 1.0 / math.sqrt(D), causal, torch.float32, key_range)
             print(f"sanitize case Sq={SQ} Sk={SK} D={D} det={det}: o err {maxerr(o, ro):.2e} dq {maxerr(outs[0][0], rdq):.2e}")
 
 

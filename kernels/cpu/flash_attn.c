@@ -63,17 +63,28 @@ static int scratch_failed(int ok, int *fail) {
     return any;
 }
 
-/* last visible key (exclusive bound) for query row i */
-static inline int64_t fa_kend(int64_t i, int64_t sq, int64_t sk, int causal) {
-    if (!causal) return sk;
-    int64_t e = i + 1 + sk - sq;
-    return e < 0 ? 0 : (e > sk ? sk : e);
+/* The keys query row i of sequence b sees: [*begin, end), none when end <= *begin.  The key
+ * range is clamped into [0, seq_k) as the CUDA kernels clamp it. */
+static inline int64_t fa_keys(const l3k_attn_fwd_args *a, int64_t b, int64_t i, int64_t *begin) {
+    const int64_t sk = a->seq_k;
+    int64_t start = 0, end = sk;
+    if (a->key_range) {
+        const int64_t s = a->key_range[2 * b], e = a->key_range[2 * b + 1];
+        end = e < 0 ? 0 : (e > sk ? sk : e);
+        start = s < 0 ? 0 : (s > end ? end : s);
+    }
+    if (a->causal) {
+        const int64_t c = i + 1 + sk - a->seq_q;
+        if (c < end) end = c;
+    }
+    *begin = start;
+    return end;
 }
 
 /* ------------------------------------------------------------------ forward */
 int l3k_cpu_attn_fwd(const l3k_attn_fwd_args *a) {
     const int64_t B = a->batch, H = a->n_heads, HKV = a->n_kv_heads;
-    const int64_t SQ = a->seq_q, SK = a->seq_k, D = a->head_dim;
+    const int64_t SQ = a->seq_q, D = a->head_dim;
     if (B <= 0 || H <= 0 || SQ <= 0 || D <= 0) return 0;
     const int64_t group = H / HKV;
     const l3k_dt dt = a->dtype;
@@ -94,11 +105,12 @@ int l3k_cpu_attn_fwd(const l3k_attn_fwd_args *a) {
             for (int64_t bh = 0; bh < B * H; bh++) {
                 for (int64_t i = 0; i < SQ; i++) {
                     const int64_t b = bh / H, h = bh % H, hk = h / group;
-                    const int64_t kend = fa_kend(i, SQ, SK, a->causal);
+                    int64_t kbeg;
+                    const int64_t kend = fa_keys(a, b, i, &kbeg);
                     fa_load_row(a->q, fa_off(a->q_stride, b, h, i), dt, D, qrow);
                     double m = -INFINITY, l = 0.0; /* running max (scaled scores) and sum */
                     for (int64_t d = 0; d < D; d++) acc[d] = 0.f;
-                    for (int64_t j0 = 0; j0 < kend; j0 += FA_CPU_BN) {
+                    for (int64_t j0 = kbeg; j0 < kend; j0 += FA_CPU_BN) {
                         const int64_t nj = (kend - j0 < FA_CPU_BN) ? kend - j0 : FA_CPU_BN;
                         double tmax = -INFINITY;
                         for (int64_t jj = 0; jj < nj; jj++) {
@@ -123,7 +135,7 @@ int l3k_cpu_attn_fwd(const l3k_attn_fwd_args *a) {
                     const int64_t ooff = fa_off(a->o_stride, b, h, i);
                     /* Masked means no visible key, not l == 0: a NaN score makes l NaN, and the row
                      * must come out NaN (o and lse), as PyTorch's softmax gives, not look masked. */
-                    if (kend > 0) {
+                    if (kend > kbeg) {
                         const float inv = (float)(1.0 / l);
                         for (int64_t d = 0; d < D; d++) l3k_store(a->o, ooff + d, acc[d] * inv, dt);
                         a->lse[bh * SQ + i] = (float)(m + log(l));
@@ -186,9 +198,10 @@ int l3k_cpu_attn_bwd(const l3k_attn_bwd_args *ab) {
                         float Di = 0.f;
                         for (int64_t d = 0; d < D; d++) Di += dorow[d] * l3k_load(a->o, ooff + d, dt);
                         const float lse = a->lse[(b * H + h) * SQ + i];
-                        const int64_t kend = fa_kend(i, SQ, SK, a->causal);
+                        int64_t kbeg;
+                        const int64_t kend = fa_keys(a, b, i, &kbeg);
                         for (int64_t d = 0; d < D; d++) dqrow[d] = 0.f;
-                        for (int64_t j0 = 0; j0 < kend; j0 += FA_CPU_BN) {
+                        for (int64_t j0 = kbeg; j0 < kend; j0 += FA_CPU_BN) {
                             const int64_t j1 = (j0 + FA_CPU_BN < kend) ? j0 + FA_CPU_BN : kend;
                             for (int64_t j = j0; j < j1; j++) {
                                 float s = 0.f, dp = 0.f;

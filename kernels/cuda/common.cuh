@@ -9,6 +9,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <limits.h>
 #include <stdint.h>
 
 #include "geometry.h"
@@ -182,55 +183,123 @@ __device__ __forceinline__ int64_t l3k_ceil_div_pos(int64_t a, int64_t b) {
 }
 
 /* ---- attention: the mask and the blocks a tile visits ---------------------------
- * attention.h's mask: query row q (of sq) sees key j (of sk) iff j < sk and,
- * when causal, j <= q + sk - sq (the diagonal aligned bottom-right).  Its faces
- * below: the pair test; the keys a query row sees, for a loop over keys
- * (masked: j >= l3k_attn_key_end(q)); the query rows that see a key, for a
- * loop over queries (masked: j >= sk || q < l3k_attn_query_begin(j)); and the
- * blocks of keys or queries that a tile of the other meets. */
+ * attention.h's mask: query row q (of sq) of sequence b sees key j (of sk) iff
+ * kb <= j < ke and, when causal, j <= q + sk - sq (the diagonal aligned
+ * bottom-right), where [kb, ke) is b's key range (l3k_attn_keys; [0, sk)
+ * without one).  Its faces below: the
+ * keys a query row sees (l3k_attn_key_count), and the part of a tile's columns
+ * (l3k_attn_tile_cols) for a loop over keys; the query rows that see a key
+ * (l3k_attn_query_begin), and the part of a tile's rows (l3k_attn_tile_first_row)
+ * for a loop over queries; whether a tile holds a masked pair
+ * (L3K_ATTN_TILE_MASKED), or which blocks of a loop need no mask; and the
+ * blocks of keys or queries that a tile of the other meets.
+ *
+ * The mma.sync kernels run with every register spoken for: the tile tests are
+ * written to keep little alive across their loops (block thresholds as 32-bit
+ * block indices, 32-bit in-tile column and row offsets), and the per-element
+ * test of a masked tile is one 32-bit compare, as the key-end test alone was. */
 
-/* Whether query row q does NOT see key j.  The two tests are macros where the
- * helpers around them are inline functions: NVVM turns an inlined callee's `||`
- * into selects before it inlines it, which cost the mma.sync kernels up to 14
- * registers and new spills; a macro leaves each kernel's code as it was. */
-#define L3K_ATTN_MASKED(q, j, sq, sk, causal) ((j) >= (sk) || ((causal) && (j) > (q) + (sk) - (sq)))
+/* Sequence b's key range [kb, ke), clamped into 0 <= kb <= ke <= sk whatever the
+ * caller's values (they are never checked on the host): no tile loop can leave
+ * [0, sk).  Without a key_range, [0, sk). */
+__device__ __forceinline__ void l3k_attn_keys(const int32_t *key_range, int64_t b, int64_t sk, int64_t &kb,
+                                              int64_t &ke) {
+    kb = 0;
+    ke = sk;
+    if (key_range) {
+        const int64_t s = __ldg(key_range + 2 * b), e = __ldg(key_range + 2 * b + 1);
+        ke = e < 0 ? 0 : (e < sk ? e : sk);
+        kb = s < 0 ? 0 : (s < ke ? s : ke);
+    }
+}
 
 /* Whether the tile of query rows q0.. and keys [j0, j0 + keys) may hold a
- * masked pair: its last key is masked for row q0, the row that sees fewest. */
-#define L3K_ATTN_TILE_MASKED(q0, j0, keys, sq, sk, causal) \
-    ((j0) + (keys) > (sk) || ((causal) && ((j0) + (keys)) - 1 > (q0) + (sk) - (sq)))
+ * masked pair: a key outside [kb, ke), or its last key masked for row q0, the
+ * row that sees fewest.  A macro where the helpers around it are inline
+ * functions: NVVM turns an inlined callee's `||` into selects before it inlines
+ * it, which cost the mma.sync kernels up to 14 registers and new spills. */
+#define L3K_ATTN_TILE_MASKED(q0, j0, keys, sq, sk, causal, kb, ke) \
+    ((j0) < (kb) || (j0) + (keys) > (ke) || ((causal) && ((j0) + (keys)) - 1 > (q0) + (sk) - (sq)))
 
-/* Query row q sees the keys [0, end). */
-__device__ __forceinline__ int64_t l3k_attn_key_end(int64_t q, int64_t sq, int64_t sk, int causal) {
-    int64_t end = sk;
+/* Query row q sees the keys [kb, kb + count) (count 0: none, a fully masked row). */
+__device__ __forceinline__ int64_t l3k_attn_key_count(int64_t q, int64_t sq, int64_t sk, int causal,
+                                                      int64_t kb, int64_t ke) {
+    int64_t end = ke;
     if (causal) {
         const int64_t c = q + 1 + sk - sq;
         end = c < end ? c : end;
     }
-    return end;
+    return end > kb ? end - kb : 0;
 }
 
-/* Key j < sk is seen by the query rows [begin, sq) (begin -1: every row). */
-__device__ __forceinline__ int64_t l3k_attn_query_begin(int64_t j, int64_t sq, int64_t sk, int causal) {
+/* Query row q's keys within the tile of `keys` keys from j0: the tile's
+ * columns [lo, lo + n); column c is masked iff L3K_ATTN_COL_OUT(c, lo, n). */
+__device__ __forceinline__ void l3k_attn_tile_cols(int64_t q, int64_t j0, int keys, int64_t sq, int64_t sk,
+                                                   int causal, int64_t kb, int64_t ke, int &lo, int &n) {
+    int64_t first = kb - j0, end = kb + l3k_attn_key_count(q, sq, sk, causal, kb, ke) - j0;
+    first = first < 0 ? 0 : (first > keys ? keys : first);
+    end = end < first ? first : (end > keys ? keys : end);
+    lo = (int)first;
+    n = (int)(end - first);
+}
+/* Both ends in one unsigned compare. */
+#define L3K_ATTN_COL_OUT(c, lo, n) ((unsigned)((c) - (lo)) >= (unsigned)(n))
+
+/* Key j is seen by the query rows [begin, sq) (begin -1: every row; INT64_MAX:
+ * none, j outside [kb, ke)). */
+__device__ __forceinline__ int64_t l3k_attn_query_begin(int64_t j, int64_t sq, int64_t sk, int causal,
+                                                        int64_t kb, int64_t ke) {
+    if (j < kb || j >= ke) return INT64_MAX;
     return causal ? j - (sk - sq) : -1;
 }
 
-/* The blocks of `keys` keys that hold a key some row of [q0, q0 + rows) sees:
- * blocks [0, end). */
-__device__ __forceinline__ int64_t l3k_attn_kv_block_end(int64_t q0, int rows, int keys, int64_t sq,
-                                                         int64_t sk, int causal) {
-    int64_t end = l3k_ceil_div_pos(sk, keys);
-    if (causal) {
-        const int64_t lim = l3k_ceil_div_pos(q0 + rows + sk - sq, keys);
-        end = lim < end ? lim : end;
-    }
-    return end;
+/* The first row of the tile of `rows` query rows from q0 that sees key j, in
+ * [0, rows] (rows: none); tile row r is masked for j iff r < the result. */
+__device__ __forceinline__ int l3k_attn_tile_first_row(int64_t j, int64_t q0, int rows, int64_t sq,
+                                                       int64_t sk, int causal, int64_t kb, int64_t ke) {
+    const int64_t first = l3k_attn_query_begin(j, sq, sk, causal, kb, ke);
+    if (first == INT64_MAX) return rows;
+    const int64_t r = first - q0;
+    return r < 0 ? 0 : (r > rows ? rows : (int)r);
 }
 
-/* The first block of `rows` query rows with a row that sees key j (the blocks
- * after it see j too). */
-__device__ __forceinline__ int64_t l3k_attn_q_block_begin(int64_t j, int rows, int64_t sq, int64_t sk,
-                                                          int causal) {
+/* The blocks of `keys` keys that hold a key some row of [q0, q0 + rows) sees:
+ * blocks [l3k_attn_kv_block_begin, l3k_attn_kv_block_end); none when end <=
+ * begin. */
+__device__ __forceinline__ int64_t l3k_attn_kv_block_begin(int64_t kb, int keys) { return kb / keys; }
+__device__ __forceinline__ int64_t l3k_attn_kv_block_end(int64_t q0, int rows, int keys, int64_t sq,
+                                                         int64_t sk, int causal, int64_t kb, int64_t ke) {
+    int64_t end = ke;
+    if (causal) {
+        const int64_t lim = q0 + rows + sk - sq;
+        end = lim < end ? lim : end;
+    }
+    return end > kb ? l3k_ceil_div_pos(end, keys) : 0;
+}
+
+/* The KV blocks n whose tile with query rows q0.. holds no masked pair
+ * (L3K_ATTN_TILE_MASKED false for j0 = n * keys): lo <= n < hi.  32-bit block
+ * indices, computed once where a loop would test the tile per block. */
+__device__ __forceinline__ void l3k_attn_unmasked_kv_blocks(int64_t q0, int keys, int64_t sq, int64_t sk,
+                                                            int causal, int64_t kb, int64_t ke, int &lo,
+                                                            int &hi) {
+    int64_t end = ke / keys; /* n * keys + keys <= ke */
+    if (causal) {            /* n * keys + keys - 1 <= q0 + sk - sq, floor division */
+        const int64_t d = q0 + sk - sq + 1;
+        const int64_t c = d >= 0 ? d / keys : -((keys - 1 - d) / keys);
+        end = c < end ? c : end;
+    }
+    lo = (int)((kb + keys - 1) / keys); /* n * keys >= kb */
+    hi = (int)(end < lo ? lo : end);
+}
+
+/* The first block of `rows` query rows with a row that sees a key of [j0, j0 +
+ * keys) (the blocks after it see one too); ceil(sq / rows), no block, when the
+ * keys are all outside [kb, ke). */
+__device__ __forceinline__ int64_t l3k_attn_q_block_begin(int64_t j0, int keys, int rows, int64_t sq,
+                                                          int64_t sk, int causal, int64_t kb, int64_t ke) {
+    const int64_t j = j0 > kb ? j0 : kb; /* the block's first key in range */
+    if (j >= ke || j >= j0 + keys) return l3k_ceil_div_pos(sq, rows);
     if (!causal) return 0;
     /* l3k_attn_query_begin written out: calling it changed the mma.sync backward's code */
     const int64_t first = j - (sk - sq);

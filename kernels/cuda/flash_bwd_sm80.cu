@@ -159,11 +159,20 @@ __global__ void __launch_bounds__(NW * 32, 1)
     const T *kg = static_cast<const T *>(f.k) + b * f.k_stride[0] + hk * f.k_stride[1] + n0 * f.k_stride[2];
     const T *vg = static_cast<const T *>(f.v) + b * f.v_stride[0] + hk * f.v_stride[1] + n0 * f.v_stride[2];
 
-    /* Q blocks that see at least one key of this block */
+    /* Q blocks that see at least one key of this block (none: dk = dv = 0 are still written) */
+    int64_t kb, ke; /* this sequence's keys */
+    l3k_attn_keys(f.key_range, b, Sk, kb, ke);
     const int64_t m_blocks = l3k_ceil_div_pos(Sq, BM);
-    const int64_t m_min = l3k_attn_q_block_begin(n0, BM, Sq, Sk, f.causal);
+    const int64_t m_min = l3k_attn_q_block_begin(n0, BN, BM, Sq, Sk, f.causal, kb, ke);
     const int64_t per_head = m_blocks > m_min ? m_blocks - m_min : 0;
     const int64_t total = G * per_head;
+    /* The key range waits in shared memory, read once per Q block: kept in registers across the
+     * loop, it made these kernels spill more. */
+    __shared__ int64_t s_keys[2];
+    if (tid == 0) {
+        s_keys[0] = kb;
+        s_keys[1] = ke;
+    }
 
     auto issue = [&](int64_t p, int stg) {
         const int64_t h = hk * G + p / per_head, mb = m_min + p % per_head, m0 = mb * BM;
@@ -216,18 +225,21 @@ __global__ void __launch_bounds__(NW * 32, 1)
         /* ---- S^T = K_strip Q^T  (16 keys x BM queries) */
         float sT[NQ][4];
         strip_times_rows_t<T, HD, BM>(sT, sKw, sQs, oA, oB);
-        /* ---- P^T = exp2(S^T * scale*log2e - lse*log2e), masked to 0 */
-        const bool need_mask = L3K_ATTN_TILE_MASKED(m0, n0, BN, Sq, Sk, f.causal);
+        /* ---- P^T = exp2(S^T * scale*log2e - lse*log2e), masked to 0: tile rows (queries) before
+         * first[r] do not see this thread's key r (0 in a tile with no masked pair).  Computed
+         * for every tile, no tile test: a few integer operations, and one register fewer to hold. */
+        int first[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++)
+            first[r] = l3k_attn_tile_first_row(n0 + ks * 16 + g + 8 * r, m0, BM, Sq, Sk, f.causal, s_keys[0],
+                                               s_keys[1]);
 #pragma unroll
         for (int j = 0; j < NQ; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int qc = j * 8 + 2 * t + (e & 1);
                 float pv = l3k_ex2(fmaf(sT[j][e], sl2, -sLs[qc]));
-                if (need_mask) {
-                    const int64_t key = n0 + ks * 16 + g + 8 * (e >> 1), q = m0 + qc;
-                    if (L3K_ATTN_MASKED(q, key, Sq, Sk, f.causal)) pv = 0.f;
-                }
+                if (qc < first[e >> 1]) pv = 0.f;
                 sT[j][e] = pv;
             }
             /* ---- dV += P^T dO   (A = P^T from registers, B = dO [query][d] via ldmatrix.trans) */
@@ -343,7 +355,18 @@ __global__ void __launch_bounds__(NW * 32, 1) fa_bwd_dq_kernel(const l3k_attn_bw
     const T *vg = static_cast<const T *>(f.v) + b * f.v_stride[0] + hk * f.v_stride[1];
     T *dqg = static_cast<T *>(a.dq) + b * a.dq_stride[0] + h * a.dq_stride[1] + m0 * a.dq_stride[2];
 
-    const int64_t n_max = l3k_attn_kv_block_end(m0, BM, BN, Sq, Sk, f.causal);
+    int64_t kb, ke; /* this sequence's keys */
+    l3k_attn_keys(f.key_range, b, Sk, kb, ke);
+    const int64_t n_min = l3k_attn_kv_block_begin(kb, BN);
+    const int64_t n_max = l3k_attn_kv_block_end(m0, BM, BN, Sq, Sk, f.causal, kb, ke);
+    /* As in the forward: the key range and the blocks that need no mask wait in shared memory. */
+    __shared__ int64_t s_keys[2];
+    __shared__ int s_plain[2];
+    if (tid == 0) {
+        s_keys[0] = kb;
+        s_keys[1] = ke;
+        l3k_attn_unmasked_kv_blocks(m0, BN, Sq, Sk, f.causal, kb, ke, s_plain[0], s_plain[1]);
+    }
     const int wrow = warp * 16;
     float lse2[2], drow[2];
 #pragma unroll
@@ -358,7 +381,7 @@ __global__ void __launch_bounds__(NW * 32, 1) fa_bwd_dq_kernel(const l3k_attn_bw
 #pragma unroll
         for (int e = 0; e < 4; e++) acc[j][e] = 0.f;
 
-    if (n_max > 0) {
+    if (n_max > n_min) {
         l3k_load_tile<BM, HD, NT>(sQ, qg, f.q_stride[2], Sq - m0, hd, tid);
         l3k_load_tile<BM, HD, NT>(sdO, dog, a.do_stride[2], Sq - m0, hd, tid);
         const int64_t nb = (n_max - 1) * BN;
@@ -370,12 +393,13 @@ __global__ void __launch_bounds__(NW * 32, 1) fa_bwd_dq_kernel(const l3k_attn_bw
     const uint32_t sQw = l3k_smem_u32(sQ) + 2u * (uint32_t)(wrow * HD),
                    sdOw = l3k_smem_u32(sdO) + 2u * (uint32_t)(wrow * HD);
     const uint32_t oA = l3k_off_a<HD>(lane), oB = l3k_off_b<HD>(lane), oT = l3k_off_t<HD>(lane);
-    for (int64_t n = n_max - 1, it = 0; n >= 0; --n, ++it) {
-        const int st = (int)(it & 1);
-        const int64_t n0 = n * BN;
+    const int n_lo = (int)n_min; /* block indices fit 32 bits: Sk / BN */
+    for (int n = (int)n_max - 1, it = 0; n >= n_lo; --n, ++it) {
+        const int st = it & 1;
+        const int64_t n0 = (int64_t)n * BN;
         l3k_cp_async_wait<0>();
         __syncthreads();
-        if (n > 0) {
+        if (n > n_lo) {
             const int64_t n1 = n0 - BN;
             l3k_load_tile<BN, HD, NT>(sK + (st ^ 1) * BN * HD, kg + n1 * f.k_stride[2], f.k_stride[2],
                                       Sk - n1, hd, tid);
@@ -406,17 +430,22 @@ __global__ void __launch_bounds__(NW * 32, 1) fa_bwd_dq_kernel(const l3k_attn_bw
                 Op::run(dp[2 * nj + 1], da, b2, b3);
             }
         }
-        const bool need_mask = L3K_ATTN_TILE_MASKED(m0, n0, BN, Sq, Sk, f.causal);
+        const bool need_mask = n < s_plain[0] || n >= s_plain[1];
+        int lo[2] = {0, 0},
+            cnt[2] = {BN, BN}; /* each of this thread's rows sees tile columns [lo, lo + cnt) */
+        if (need_mask) {
+#pragma unroll
+            for (int r = 0; r < 2; r++)
+                l3k_attn_tile_cols(m0 + wrow + g + 8 * r, n0, BN, Sq, Sk, f.causal, s_keys[0], s_keys[1],
+                                   lo[r], cnt[r]);
+        }
 #pragma unroll
         for (int j = 0; j < NTS; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int r = e >> 1;
                 float pv = l3k_ex2(fmaf(s[j][e], sl2, -lse2[r]));
-                if (need_mask) {
-                    const int64_t row = m0 + wrow + g + 8 * r, key = n0 + j * 8 + 2 * t + (e & 1);
-                    if (L3K_ATTN_MASKED(row, key, Sq, Sk, f.causal)) pv = 0.f;
-                }
+                if (L3K_ATTN_COL_OUT(j * 8 + 2 * t + (e & 1), lo[r], cnt[r])) pv = 0.f;
                 s[j][e] = pv * (dp[j][e] - drow[r]); /* dS */
             }
 #pragma unroll

@@ -120,9 +120,12 @@ __global__ void __launch_bounds__(THREADS, 1)
     const int hd = (int)f.head_dim;
     const float scale = f.scale;
 
-    /* Q blocks that see at least one key of this block (causal: the first query seeing key n0 on) */
+    /* Q blocks that see at least one key of this block (causal: the first query seeing its first key
+     * in the sequence's range on; none when no key is in range: dk = dv = 0 are still written) */
+    int64_t kb, ke; /* this sequence's keys */
+    l3k_attn_keys(f.key_range, b, Sk, kb, ke);
     const int64_t m_blocks = l3k_ceil_div_pos(Sq, ROWS_Q);
-    const int64_t m_min = l3k_attn_q_block_begin(n0, ROWS_Q, Sq, Sk, f.causal);
+    const int64_t m_min = l3k_attn_q_block_begin(n0, KEYS, ROWS_Q, Sq, Sk, f.causal, kb, ke);
     const int64_t per_head = m_blocks > m_min ? m_blocks - m_min : 0;
     const int64_t total = G * per_head;
 
@@ -228,7 +231,15 @@ __global__ void __launch_bounds__(THREADS, 1)
         /* ---- P^T: element (key krow0 + 8r, query 8j + 2t + e) is s[4j + 2r + e] */
         const float *sLs = sL + st * ROWS_Q, *sDs = sD + st * ROWS_Q;
         const int64_t kw0 = n0 + 64 * wg; /* this warpgroup's first key */
-        const bool need_mask = L3K_ATTN_TILE_MASKED(m0, kw0, 64, Sq, Sk, f.causal);
+        const bool need_mask = L3K_ATTN_TILE_MASKED(m0, kw0, 64, Sq, Sk, f.causal, kb, ke);
+        /* The first query column that sees each of this thread's two keys (keys outside [kb, ke), the
+         * tail past Sk among them, see none: ROWS_Q); 0 in a tile with no masked pair. */
+        int first[2] = {0, 0};
+        if (need_mask) {
+#pragma unroll
+            for (int r = 0; r < 2; r++)
+                first[r] = l3k_attn_tile_first_row(n0 + krow0 + 8 * r, m0, ROWS_Q, Sq, Sk, f.causal, kb, ke);
+        }
 #pragma unroll
         for (int j = 0; j < 8; j++) {
             const float2 L = *reinterpret_cast<const float2 *>(sLs + 8 * j + 2 * t);
@@ -237,12 +248,8 @@ __global__ void __launch_bounds__(THREADS, 1)
             for (int r = 0; r < 2; r++) {
                 float p0 = l3k_ex2(fmaf(s[4 * j + 2 * r], scale * L3K_LOG2E, -l0));
                 float p1 = l3k_ex2(fmaf(s[4 * j + 2 * r + 1], scale * L3K_LOG2E, -l1));
-                if (need_mask) {
-                    const int64_t key = n0 + krow0 + 8 * r, q = m0 + 8 * j + 2 * t;
-                    const int64_t lim = l3k_attn_query_begin(key, Sq, Sk, f.causal);
-                    if (key >= Sk || q < lim) p0 = 0.f;
-                    if (key >= Sk || q + 1 < lim) p1 = 0.f;
-                }
+                if (8 * j + 2 * t < first[r]) p0 = 0.f;
+                if (8 * j + 2 * t + 1 < first[r]) p1 = 0.f;
                 s[4 * j + 2 * r] = p0;
                 s[4 * j + 2 * r + 1] = p1;
             }

@@ -39,8 +39,11 @@ __global__ void __launch_bounds__(NW * 32, 1) fa_fwd_kernel(const l3k_attn_fwd_a
     T *og = static_cast<T *>(a.o) + b * a.o_stride[0] + h * a.o_stride[1] + m0 * a.o_stride[2];
     float *lseg = a.lse + bh * Sq + m0;
 
-    const int64_t n_max = l3k_attn_kv_block_end(m0, BM, BN, Sq, Sk, a.causal);
-    if (n_max <= 0) { /* every row fully masked (or Sk == 0): O = 0, LSE = +inf */
+    int64_t kb, ke; /* this sequence's keys */
+    l3k_attn_keys(a.key_range, b, Sk, kb, ke);
+    const int64_t n_min = l3k_attn_kv_block_begin(kb, BN);
+    const int64_t n_max = l3k_attn_kv_block_end(m0, BM, BN, Sq, Sk, a.causal, kb, ke);
+    if (n_max <= n_min) { /* every row fully masked (or Sk == 0): O = 0, LSE = +inf */
         for (int c = tid; c < BM * (HD / 8); c += NT) {
             const int r = c / (HD / 8), ch = c % (HD / 8);
             if (m0 + r < Sq && ch * 8 < hd)
@@ -79,12 +82,22 @@ __global__ void __launch_bounds__(NW * 32, 1) fa_fwd_kernel(const l3k_attn_fwd_a
     const uint32_t sQw = l3k_smem_u32(sQ) + 2u * (uint32_t)(wrow * HD);
     const uint32_t oA = l3k_off_a<HD>(lane), oB = l3k_off_b<HD>(lane), oT = l3k_off_t<HD>(lane);
 
-    for (int64_t n = n_max - 1, it = 0; n >= 0; --n, ++it) {
+    /* The key range and the blocks that need no mask wait in shared memory, read where a masked
+     * tile needs them: kept in registers across the loop, they made the hd128 kernel spill more. */
+    __shared__ int64_t s_keys[2];
+    __shared__ int s_plain[2];
+    if (tid == 0) {
+        s_keys[0] = kb;
+        s_keys[1] = ke;
+        l3k_attn_unmasked_kv_blocks(m0, BN, Sq, Sk, a.causal, kb, ke, s_plain[0], s_plain[1]);
+    }
+    const int n_lo = (int)n_min; /* block indices fit 32 bits: Sk / BN */
+    for (int n = (int)n_max - 1, it = 0; n >= n_lo; --n, ++it) {
         const int st = (int)(it & 1);
-        const int64_t n0 = n * BN;
+        const int64_t n0 = (int64_t)n * BN;
         l3k_cp_async_wait<1>(); /* Q and K(n) landed */
         __syncthreads();        /* ... for every thread; everyone is done with stage st^1 */
-        const bool pf = n > 0;
+        const bool pf = n > n_lo;
         if (pf) {
             const int64_t n1 = n0 - BN;
             l3k_load_tile<BN, HD, NT>(sK + (st ^ 1) * BN * HD, kg + n1 * a.k_stride[2], a.k_stride[2],
@@ -121,20 +134,22 @@ __global__ void __launch_bounds__(NW * 32, 1) fa_fwd_kernel(const l3k_attn_fwd_a
                 }
             }
         }
-        /* ---- mask (key tail, causal diagonal); warp-uniform branch */
-        const bool need_mask = L3K_ATTN_TILE_MASKED(m0, n0, BN, Sq, Sk, a.causal);
+        /* ---- mask (key range and tail, causal diagonal); warp-uniform branch */
+        const bool need_mask = n < s_plain[0] || n >= s_plain[1];
         if (need_mask) {
+            const int64_t kb = s_keys[0], ke = s_keys[1];
 #pragma unroll
             for (int mi = 0; mi < MW; mi++)
 #pragma unroll
                 for (int r = 0; r < 2; r++) {
                     const int64_t row = m0 + wrow + mi * 16 + g + 8 * r;
-                    const int64_t lim = l3k_attn_key_end(row, Sq, Sk, a.causal);
+                    int lo, cnt;
+                    l3k_attn_tile_cols(row, n0, BN, Sq, Sk, a.causal, kb, ke, lo, cnt);
 #pragma unroll
                     for (int j = 0; j < NTS; j++)
 #pragma unroll
                         for (int e = 0; e < 2; e++)
-                            if (n0 + j * 8 + 2 * t + e >= lim) s[mi][j][2 * r + e] = -INFINITY;
+                            if (L3K_ATTN_COL_OUT(j * 8 + 2 * t + e, lo, cnt)) s[mi][j][2 * r + e] = -INFINITY;
                 }
         }
         /* ---- online softmax (rows g and g+8 of each m16 strip; a row lives in one quad) */
@@ -190,7 +205,9 @@ __global__ void __launch_bounds__(NW * 32, 1) fa_fwd_kernel(const l3k_attn_fwd_a
         }
     }
 
-    /* ---- epilogue: normalize, LSE, stage O through this warp's own Q rows, 16-byte stores */
+    /* ---- epilogue: normalize, LSE, stage O through this warp's own Q rows, 16-byte stores.
+     * A row is masked when the mask leaves it no key, not when l is 0 or NaN: a NaN score
+     * makes l NaN, and the row comes out NaN (o and lse) as in PyTorch. */
 #pragma unroll
     for (int mi = 0; mi < MW; mi++)
 #pragma unroll
@@ -198,15 +215,17 @@ __global__ void __launch_bounds__(NW * 32, 1) fa_fwd_kernel(const l3k_attn_fwd_a
             float l = row_l[mi][r];
             l += __shfl_xor_sync(0xffffffffu, l, 1);
             l += __shfl_xor_sync(0xffffffffu, l, 2);
-            const bool live = l > 0.f;
+            const int lr = wrow + mi * 16 + g + 8 * r;
+            const bool live = l3k_attn_key_count(m0 + lr, Sq, Sk, a.causal, s_keys[0], s_keys[1]) > 0;
             const float inv = live ? 1.f / l : 0.f;
 #pragma unroll
             for (int j = 0; j < NTO; j++) {
                 acc_o[mi][j][2 * r] *= inv;
                 acc_o[mi][j][2 * r + 1] *= inv;
             }
-            const int lr = wrow + mi * 16 + g + 8 * r;
-            if (t == 0 && m0 + lr < Sq) lseg[lr] = live ? row_m[mi][r] * a.scale + logf(l) : INFINITY;
+            /* l == 0 with a key in view: every score -inf, a NaN softmax */
+            if (t == 0 && m0 + lr < Sq)
+                lseg[lr] = !live ? INFINITY : l > 0.f ? row_m[mi][r] * a.scale + logf(l) : NAN;
         }
     __syncwarp();
 #pragma unroll

@@ -34,7 +34,10 @@ constexpr int THREADS = CONSUMERS + 128;   /* + one producer warpgroup (one thre
 /* One tile = ROWS query rows of one (batch, head); tile index i walks m blocks from the last
  * (longest under a causal mask) to the first, heads fastest. */
 struct fwd_tile {
-    int64_t b, h, hk, m0, n_max; /* n_max: KV blocks with a visible key (0: every row fully masked) */
+    int64_t b, h, hk, m0;
+    int64_t kb, ke;       /* the sequence's keys */
+    int64_t n_min, n_max; /* KV blocks [n_min, n_max) hold a visible key (n_max <= n_min: every row
+                             fully masked) */
 };
 
 template <typename T>
@@ -85,7 +88,9 @@ __global__ void __launch_bounds__(THREADS, 1)
         x.h = bh % H;
         x.hk = x.h / (H / a.n_kv_heads);
         x.m0 = (n_m - 1 - i / n_bh) * ROWS;
-        x.n_max = l3k_attn_kv_block_end(x.m0, ROWS, KEYS, Sq, Sk, a.causal);
+        l3k_attn_keys(a.key_range, x.b, Sk, x.kb, x.ke);
+        x.n_min = l3k_attn_kv_block_begin(x.kb, KEYS);
+        x.n_max = l3k_attn_kv_block_end(x.m0, ROWS, KEYS, Sq, Sk, a.causal, x.kb, x.ke);
     };
     auto o_ptr = [&](const fwd_tile &x) {
         return static_cast<T *>(a.o) + x.b * a.o_stride[0] + x.h * a.o_stride[1] + x.m0 * a.o_stride[2];
@@ -96,7 +101,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     auto next_live = [&](int64_t i, fwd_tile &x) {
         for (; i < n_tiles; i += gridDim.x) {
             tile_at(i, x);
-            if (x.n_max > 0) break;
+            if (x.n_max > x.n_min) break;
             if (wg == 2) continue; /* the producer only skips them */
             T *og = o_ptr(x);
             for (int c = tid; c < ROWS * NO; c += CONSUMERS) {
@@ -134,7 +139,7 @@ __global__ void __launch_bounds__(THREADS, 1)
             const uint32_t qb = sQ + (uint32_t)(k & 1) * TILE_BYTES, qbar = fullQ + 8 * (k & 1);
             l3k_mbar_expect_tx(qbar, TILE_TX);
             l3k_tma_tile<ROWS, HD>(qb, &tm_q, (int)x.m0, head, bat, qbar);
-            for (int64_t n = x.n_max - 1; n >= 0; --n, ++j) {
+            for (int64_t n = x.n_max - 1; n >= x.n_min; --n, ++j) {
                 const uint32_t st = (uint32_t)(j & 1), par = (uint32_t)((j - 2) >> 1) & 1;
                 const int row = (int)(n * KEYS);
                 if (j >= 2) l3k_mbar_wait(emptyK + 8 * st, par);
@@ -152,7 +157,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     if (idx >= n_tiles) return;
     int64_t j = 0; /* global KV iteration of this CTA: stage j & 1, a stage's u-th use has parity u & 1 */
     for (int64_t k = 0; idx < n_tiles; k++) {
-        const int64_t m0 = x.m0;
+        const int64_t m0 = x.m0, kb = x.kb, ke = x.ke;
         const uint32_t sQw = sQ + (uint32_t)((k & 1) * TILE_BYTES + 64 * wg * 128);
 #pragma unroll
         for (int i = 0; i < HD / 2; i++) acc_o[i] = 0.f;
@@ -162,7 +167,7 @@ __global__ void __launch_bounds__(THREADS, 1)
          * the softmax of S(n) runs while that P V product is still on the tensor cores. The producer
          * fills the rings ahead; the math warpgroups meet only through the buffer barriers, so one's
          * softmax can overlap the other's GEMMs. */
-        for (int64_t n = x.n_max - 1, lit = 0; n >= 0; --n, ++lit, ++j) {
+        for (int64_t n = x.n_max - 1, lit = 0; n >= x.n_min; --n, ++lit, ++j) {
             const uint32_t st = (uint32_t)(j & 1);
             const int64_t n0 = n * KEYS;
             if (lit == 0) l3k_mbar_wait(fullQ + 8 * (k & 1), (uint32_t)(k >> 1) & 1);
@@ -187,18 +192,19 @@ __global__ void __launch_bounds__(THREADS, 1)
             }
             l3k_pin(s);
             if (lane == 0) l3k_mbar_arrive(emptyK + 8 * st);
-            /* ---- mask (key tail, causal diagonal); CTA-uniform branch */
-            const bool need_mask = L3K_ATTN_TILE_MASKED(m0, n0, KEYS, Sq, Sk, a.causal);
+            /* ---- mask (key range and tail, causal diagonal); CTA-uniform branch */
+            const bool need_mask = L3K_ATTN_TILE_MASKED(m0, n0, KEYS, Sq, Sk, a.causal, kb, ke);
             if (need_mask) {
 #pragma unroll
                 for (int r = 0; r < 2; r++) {
-                    const int64_t row = m0 + row0 + 8 * r;
-                    const int64_t lim = l3k_attn_key_end(row, Sq, Sk, a.causal);
+                    int lo, cnt;
+                    l3k_attn_tile_cols(m0 + row0 + 8 * r, n0, KEYS, Sq, Sk, a.causal, kb, ke, lo, cnt);
 #pragma unroll
                     for (int jj = 0; jj < NS; jj++)
 #pragma unroll
                         for (int e = 0; e < 2; e++)
-                            if (n0 + jj * 8 + 2 * t + e >= lim) s[4 * jj + 2 * r + e] = -INFINITY;
+                            if (L3K_ATTN_COL_OUT(jj * 8 + 2 * t + e, lo, cnt))
+                                s[4 * jj + 2 * r + e] = -INFINITY;
                 }
             }
             /* ---- online softmax: row (row0 + 8r) lives in the quad of lanes sharing g */
@@ -257,22 +263,26 @@ __global__ void __launch_bounds__(THREADS, 1)
         l3k_pin(p);
         if (lane == 0) l3k_mbar_arrive(emptyV + 8 * vlast);
 
-        /* ---- epilogue: normalize, LSE, O staged in this warpgroup's rows of the Q buffer */
+        /* ---- epilogue: normalize, LSE, O staged in this warpgroup's rows of the Q buffer.  A row
+         * is masked when the mask leaves it no key, not when l is 0 or NaN: a NaN score makes l
+         * NaN, and the row comes out NaN (o and lse) as in PyTorch. */
         float *lseg = lse_ptr(x);
 #pragma unroll
         for (int r = 0; r < 2; r++) {
             float l = row_l[r];
             l += __shfl_xor_sync(0xffffffffu, l, 1);
             l += __shfl_xor_sync(0xffffffffu, l, 2);
-            const bool live = l > 0.f;
+            const int lr = row0 + 8 * r;
+            const bool live = l3k_attn_key_count(m0 + lr, Sq, Sk, a.causal, kb, ke) > 0;
             const float inv = live ? 1.f / l : 0.f;
 #pragma unroll
             for (int jj = 0; jj < NO; jj++) {
                 acc_o[4 * jj + 2 * r] *= inv;
                 acc_o[4 * jj + 2 * r + 1] *= inv;
             }
-            const int lr = row0 + 8 * r;
-            if (t == 0 && m0 + lr < Sq) lseg[lr] = live ? row_m[r] * a.scale + logf(l) : INFINITY;
+            /* l == 0 with a key in view: every score -inf, a NaN softmax */
+            if (t == 0 && m0 + lr < Sq)
+                lseg[lr] = !live ? INFINITY : l > 0.f ? row_m[r] * a.scale + logf(l) : NAN;
         }
         unsigned char *sO = smem_gen + (k & 1) * TILE_BYTES;
 #pragma unroll

@@ -60,9 +60,9 @@ _SIGNATURES: dict[str, list] = {
     "l3k_add_rmsnorm_forward": [_P, _P, _P, _F, _P, _P, _P, _P],
     "l3k_rmsnorm_backward_workspace_size": [_P, ctypes.POINTER(_SZ)],
     "l3k_rmsnorm_backward": [_P, _P, _P, _P, _P, _F, _P, _P, _P, _P],
-    "l3k_attention_forward": [_P, _P, _P, _F, _INT, _P, _P, _P],
+    "l3k_attention_forward": [_P, _P, _P, _P, _F, _INT, _P, _P, _P],
     "l3k_attention_backward_workspace_size": [_P, _P, _INT, ctypes.POINTER(_SZ)],
-    "l3k_attention_backward": [_P, _P, _P, _P, _P, _P, _F, _INT, _INT, _P, _P, _P, _P, _P],
+    "l3k_attention_backward": [_P, _P, _P, _P, _P, _P, _P, _F, _INT, _INT, _P, _P, _P, _P, _P],
     "l3k_llama_block_forward_workspace_size": [_P, _P, _P, ctypes.POINTER(_SZ)],
     "l3k_llama_block_forward": [_P, _P, _P, _P, _P, _P, _P, _P],
     "l3k_llama_block_training_layout": [_P, _P, _P, _P],
@@ -106,7 +106,7 @@ class BlockWeights(ctypes.Structure):  # l3k_llama_block_weights: DLTensor point
 @_sized
 class BlockConfig(ctypes.Structure):  # l3k_llama_block_config
     _fields_ = [("struct_size", _SZ), ("n_heads", _I64), ("n_kv_heads", _I64), ("causal", _INT),
-                ("eps", _F), ("deterministic", _INT)]
+                ("eps", _F), ("deterministic", _INT), ("key_range", _P)]
 
 
 @_sized

@@ -89,9 +89,18 @@ class BlockCall:
                                                       ctypes.byref(lay)))
         return lay
 
-    def inference(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def config(self, key_range_ptr) -> BlockConfig:
+        """The configuration of one call: this block's, with the call's key range (a DLTensor
+        pointer, or None for every key)."""
+        if key_range_ptr is None:
+            return self.cfg
+        cfg = BlockConfig.from_buffer_copy(self.cfg)
+        cfg.key_range = key_range_ptr
+        return cfg
+
+    def inference(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_range=None) -> torch.Tensor:
         """The block's output for contiguous x (batch, seq, dim); nothing kept."""
-        b = Borrowed(x, cos, sin)
+        b = Borrowed(x, cos, sin, key_range)
         k = (x.shape, x.dtype)
         n = self.inference_bytes.get(k)
         if n is None:
@@ -103,13 +112,15 @@ class BlockCall:
         ws = torch.empty(n, dtype=torch.uint8, device=x.device)
         o = Borrowed(out, ws)
         check(LIB.l3k_llama_block_forward(b.ptrs[0], b.ptrs[1], b.ptrs[2], ctypes.byref(self.weights),
-                                          ctypes.byref(self.cfg), o.ptrs[0], o.ptrs[1], current_stream(x)))
+                                          ctypes.byref(self.config(b.ptrs[3])), o.ptrs[0], o.ptrs[1],
+                                          current_stream(x)))
         return out
 
-    def train_forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keep_attention: bool):
+    def train_forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keep_attention: bool,
+                      key_range=None):
         """(out, *activations) of a training forward; the activations in BlockActivations' order,
         size-0 tensors for an attention output and LSE that are not kept."""
-        b = Borrowed(x, cos, sin)
+        b = Borrowed(x, cos, sin, key_range)
         lay = self.layout(x, b.ptrs[0])
         dev, dt = x.device, x.dtype
         out = torch.empty_like(x)
@@ -125,23 +136,23 @@ class BlockCall:
         o = Borrowed(out, ws, *acts)
         saved = BlockActivations(*o.ptrs[2:])
         check(LIB.l3k_llama_block_forward_train(b.ptrs[0], b.ptrs[1], b.ptrs[2], ctypes.byref(self.weights),
-                                                ctypes.byref(self.cfg), o.ptrs[0], ctypes.byref(saved), o.ptrs[1],
-                                                current_stream(x)))
+                                                ctypes.byref(self.config(b.ptrs[3])), o.ptrs[0],
+                                                ctypes.byref(saved), o.ptrs[1], current_stream(x)))
         if not keep_attention:
             empty = torch.empty(0, dtype=dt, device=dev)
             acts += [empty, torch.empty(0, dtype=torch.float32, device=dev)]
         return (out, *acts)
 
     def backward(self, dout: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, acts,
-                 preserve: bool):
-        """(dx, *weight gradients) from the activations train_forward returned.  Without
-        `preserve` the gate/up activation is overwritten."""
+                 preserve: bool, key_range=None):
+        """(dx, *weight gradients) from the activations train_forward returned (given the same
+        key_range).  Without `preserve` the gate/up activation is overwritten."""
         if not dout.is_contiguous():
             dout = dout.contiguous()
         kept = acts[5].numel() > 0
-        b = Borrowed(dout, x, cos, sin, *(acts if kept else acts[:5]))
+        b = Borrowed(dout, x, cos, sin, key_range, *(acts if kept else acts[:5]))
         lay = self.layout(x, b.ptrs[1])
-        saved = BlockActivations(*b.ptrs[4:])
+        saved = BlockActivations(*b.ptrs[5:])
         dx = torch.empty_like(x)
         grads = _gradient_buffers(self.params)
         ws = torch.empty(lay.backward_workspace_bytes_preserving if preserve else lay.backward_workspace_bytes,
@@ -150,7 +161,7 @@ class BlockCall:
         names = SPLIT_PARAM_NAMES if len(grads) == len(SPLIT_PARAM_NAMES) else PARAM_NAMES
         g = BlockGrads(**dict(zip(names, o.ptrs[2:])))
         check(LIB.l3k_llama_block_backward(b.ptrs[0], b.ptrs[1], b.ptrs[2], b.ptrs[3], ctypes.byref(self.weights),
-                                           ctypes.byref(self.cfg), ctypes.byref(saved),
+                                           ctypes.byref(self.config(b.ptrs[4])), ctypes.byref(saved),
                                            PRESERVE_ACTIVATIONS if preserve else 0, o.ptrs[0], ctypes.byref(g),
                                            o.ptrs[1], current_stream(x)))
         return (dx, *grads)
@@ -176,25 +187,30 @@ def _gradient_buffers(params) -> list:
 
 # ---- registered ops (torch.compile) --------------------------------------------------------
 
-# weights: the fused 6 or the split 9, in PARAM_NAMES / SPLIT_PARAM_NAMES order.
+# weights: the fused 6 or the split 9, in PARAM_NAMES / SPLIT_PARAM_NAMES order.  key_range (each
+# op's last argument): None, or int32 (batch, 2) on x's device, as llama_block takes it.
 _SPEC = "Tensor[] weights, int n_heads, int n_kv_heads, bool causal, float eps, bool deterministic"
 
 
-def _inference_kernel(x, cos, sin, weights, *spec):
-    return BlockCall(weights, *spec).inference(x.contiguous(), cos, sin)
-
-
-def _train_kernel(x, cos, sin, weights, n_heads, n_kv_heads, causal, eps, deterministic, keep_attention):
+def _inference_kernel(x, cos, sin, weights, n_heads, n_kv_heads, causal, eps, deterministic, key_range=None):
     call = BlockCall(weights, n_heads, n_kv_heads, causal, eps, deterministic)
-    return list(call.train_forward(x.contiguous(), cos, sin, keep_attention))
+    return call.inference(x.contiguous(), cos, sin, key_range)
 
 
-def _backward_kernel(dout, x, cos, sin, acts, weights, n_heads, n_kv_heads, causal, eps, deterministic, preserve):
+def _train_kernel(x, cos, sin, weights, n_heads, n_kv_heads, causal, eps, deterministic, keep_attention,
+                  key_range=None):
     call = BlockCall(weights, n_heads, n_kv_heads, causal, eps, deterministic)
-    return list(call.backward(dout, x.contiguous(), cos, sin, acts, preserve))
+    return list(call.train_forward(x.contiguous(), cos, sin, keep_attention, key_range))
 
 
-def _train_fake(x, cos, sin, weights, n_heads, n_kv_heads, causal, eps, deterministic, keep_attention):
+def _backward_kernel(dout, x, cos, sin, acts, weights, n_heads, n_kv_heads, causal, eps, deterministic, preserve,
+                     key_range=None):
+    call = BlockCall(weights, n_heads, n_kv_heads, causal, eps, deterministic)
+    return list(call.backward(dout, x.contiguous(), cos, sin, acts, preserve, key_range))
+
+
+def _train_fake(x, cos, sin, weights, n_heads, n_kv_heads, causal, eps, deterministic, keep_attention,
+                key_range=None):
     b, s, dim = x.shape
     t = b * s
     new = x.new_empty
@@ -210,27 +226,28 @@ def _backward_fake(dout, x, cos, sin, acts, weights, *spec):
     return [torch.empty_like(x), *[torch.empty_like(w) for w in weights]]
 
 
-define(f"llama_block_inference(Tensor x, Tensor cos, Tensor sin, {_SPEC}) -> Tensor",
+define(f"llama_block_inference(Tensor x, Tensor cos, Tensor sin, {_SPEC}, Tensor? key_range=None) -> Tensor",
         _inference_kernel, lambda x, *rest: torch.empty_like(x))
-define(f"llama_block_train(Tensor x, Tensor cos, Tensor sin, {_SPEC}, bool keep_attention) -> Tensor[]",
-        _train_kernel, _train_fake)
+define(f"llama_block_train(Tensor x, Tensor cos, Tensor sin, {_SPEC}, bool keep_attention, "
+        "Tensor? key_range=None) -> Tensor[]", _train_kernel, _train_fake)
 define(f"llama_block_backward(Tensor dout, Tensor x, Tensor cos, Tensor sin, Tensor[] acts, {_SPEC}, "
-        "bool preserve) -> Tensor[]", _backward_kernel, _backward_fake)
+        "bool preserve, Tensor? key_range=None) -> Tensor[]", _backward_kernel, _backward_fake)
 
 
 def _train_setup(ctx, inputs, output):
     x, cos, sin, weights = inputs[:4]
-    ctx.save_for_backward(x, cos, sin, *output[1:], *weights)
+    key_range = inputs[10] if len(inputs) > 10 else None
+    ctx.save_for_backward(x, cos, sin, key_range, *output[1:], *weights)
     ctx.spec = tuple(inputs[4:9])
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _train_backward(ctx, douts):
-    x, cos, sin, *rest = ctx.saved_tensors
+    x, cos, sin, key_range, *rest = ctx.saved_tensors
     acts, weights = rest[:7], rest[7:]
     # Functional graphs: the activations are preserved (the op must not mutate its inputs).
-    dx, *grads = ops.llama_block_backward(douts[0], x, cos, sin, acts, weights, *ctx.spec, True)
-    return dx, None, None, grads, None, None, None, None, None, None
+    dx, *grads = ops.llama_block_backward(douts[0], x, cos, sin, acts, weights, *ctx.spec, True, key_range)
+    return dx, None, None, grads, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(f"{NAMESPACE}::llama_block_train", _train_backward, setup_context=_train_setup,
@@ -244,9 +261,10 @@ class LlamaBlockFunction(torch.autograd.Function):
     on ctx, and the backward consumes them unless the graph is retained."""
 
     @staticmethod
-    def forward(ctx, x, cos, sin, call: BlockCall, keep_attention: bool, *weights):
-        out, *acts = call.train_forward(x, cos, sin, keep_attention)
+    def forward(ctx, x, cos, sin, call: BlockCall, keep_attention: bool, key_range, *weights):
+        out, *acts = call.train_forward(x, cos, sin, keep_attention, key_range)
         ctx.call, ctx.inputs, ctx.activations, ctx.weights = call, (x, cos, sin), acts, weights
+        ctx.key_range = key_range
         return out
 
     @staticmethod
@@ -265,8 +283,8 @@ class LlamaBlockFunction(torch.autograd.Function):
         # anew for the backward: borrow them again where their storage moved.
         if any(w.data_ptr() != ptr for w, ptr in zip(ctx.weights, call.data_ptrs)):
             call = BlockCall(ctx.weights, *call.spec)
-        dx, *grads = call.backward(dout, *ctx.inputs, acts, preserve)
-        return (dx, None, None, None, None, *grads)
+        dx, *grads = call.backward(dout, *ctx.inputs, acts, preserve, ctx.key_range)
+        return (dx, None, None, None, None, None, *grads)
 
 
 # Per-owner C-call state, kept outside the owners so that copying or pickling one never meets a
@@ -281,22 +299,39 @@ def _tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype):
     return cos.contiguous(), sin.contiguous()
 
 
+def _key_range(key_range, x: torch.Tensor):
+    """key_range as the C ABI takes it: int32, contiguous, on x's device (None stays None)."""
+    if key_range is None:
+        return None
+    if key_range.dtype != torch.int32 or key_range.device != x.device:
+        key_range = key_range.to(device=x.device, dtype=torch.int32)
+    return key_range if key_range.is_contiguous() else key_range.contiguous()
+
+
 def llama_block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weights, n_heads: int, n_kv_heads: int,
                 eps: float = 1e-5, causal: bool = True, deterministic: bool = False,
-                recompute_attention: bool = True, owner=None) -> torch.Tensor:
+                recompute_attention: bool = True, owner=None, key_range: torch.Tensor | None = None) -> torch.Tensor:
     """The block as a function of its weights: PARAM_NAMES' six (fused q/k/v and gate/up) or
     SPLIT_PARAM_NAMES' nine, in that order.  Differentiable in x and every weight; under
     torch.compile the registered ops.  `owner` (any weak-referenceable object, e.g. the module
     holding the weights) keeps the C-call state between calls, rebuilt when a weight's storage
-    changes.  cos/sin: rotate-half tables (seq', head_dim/2) or (batch, seq', head_dim/2)."""
+    changes.  cos/sin: rotate-half tables (seq', head_dim/2) or (batch, seq', head_dim/2).
+
+    key_range: a padded batch, (batch, 2) integers: sequence b's attention sees only the keys
+    key_range[b, 0] .. key_range[b, 1] - 1 (its valid positions; values are clamped into
+    [0, seq)), with no seq x seq mask.  The valid positions' outputs are then those of each
+    sequence alone (given per-sequence RoPE tables that start each sequence at position 0); the
+    padded positions get outputs too, which a loss should ignore: with zero gradient there, the
+    weight gradients are those of the sequences alone."""
     cos, sin = _tables(cos, sin, x.dtype)
     weights = tuple(weights)
     spec = (int(n_heads), int(n_kv_heads), bool(causal), float(eps), bool(deterministic))
+    key_range = _key_range(key_range, x)
     grad = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
     if torch.compiler.is_compiling():  # the same C calls as registered ops
         if grad:
-            return ops.llama_block_train(x, cos, sin, weights, *spec, not recompute_attention)[0]
-        return ops.llama_block_inference(x, cos, sin, weights, *spec)
+            return ops.llama_block_train(x, cos, sin, weights, *spec, not recompute_attention, key_range)[0]
+        return ops.llama_block_inference(x, cos, sin, weights, *spec, key_range)
     x = x if x.is_contiguous() else x.contiguous()
     call = None
     if owner is not None:
@@ -307,8 +342,8 @@ def llama_block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weights, 
     else:
         call = BlockCall(weights, *spec)
     if grad:
-        return LlamaBlockFunction.apply(x, cos, sin, call, not recompute_attention, *weights)
-    return call.inference(x, cos, sin)
+        return LlamaBlockFunction.apply(x, cos, sin, call, not recompute_attention, key_range, *weights)
+    return call.inference(x, cos, sin, key_range)
 
 
 # ---- the module ----------------------------------------------------------------------------
@@ -397,12 +432,15 @@ class Llama3Block(nn.Module):
                 "mlp_gate.weight": g, "mlp_up.weight": u, "mlp_down.weight": self.down_weight,
                 "norm1_weight": self.norm1_weight, "norm2_weight": self.norm2_weight}
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                key_range: torch.Tensor | None = None) -> torch.Tensor:
+        """key_range: optional (batch, 2) [start, end) of each sequence's valid positions in a
+        padded batch (see llama_block)."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"Llama3Block: x has shape {tuple(x.shape)}, expected (batch, seq, {self.dim})")
         ps = self._parameters  # not six trips through nn.Module.__getattr__ (~1 us each)
         return llama_block(x, cos, sin, [ps[n] for n in PARAM_NAMES], self.n_heads, self.n_kv_heads, self.eps,
-                           self.causal, self.deterministic, self.recompute_attention, owner=self)
+                           self.causal, self.deterministic, self.recompute_attention, owner=self, key_range=key_range)
 
     def _apply(self, fn, *args, **kwargs):
         _CALLS.pop(self, None)  # .to(), .half(), ...: let go of the old weights now

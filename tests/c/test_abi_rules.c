@@ -19,16 +19,16 @@ static void test_lse_alignment(void) {
     set_tensor(&tdv, dv, L3K_DT_F32, 4, qs, NULL);
     set_tensor(&tl, lse_buf, L3K_DT_F32, 1, ls, NULL);
     tl.t.byte_offset = 2;
-    EXPECT_FAILS(l3k_attention_forward(&tq.t, &tq.t, &tq.t, 0.0f, 1, &to.t, &tl.t, NULL), L3K_ERROR_ALIGNMENT,
+    EXPECT_FAILS(l3k_attention_forward(&tq.t, &tq.t, &tq.t, NULL, 0.0f, 1, &to.t, &tl.t, NULL), L3K_ERROR_ALIGNMENT,
                  "attention_forward: lse data pointer");
-    EXPECT_FAILS(l3k_attention_backward(&tq.t, &tq.t, &tq.t, &tq.t, &to.t, &tl.t, 0.0f, 1, 0, &tdq.t, &tdk.t,
+    EXPECT_FAILS(l3k_attention_backward(&tq.t, &tq.t, &tq.t, &tq.t, NULL, &to.t, &tl.t, 0.0f, 1, 0, &tdq.t, &tdk.t,
                                         &tdv.t, NULL, NULL),
                  L3K_ERROR_ALIGNMENT, "attention_backward: lse data pointer");
     CHECK(strstr(l3k_last_error(), "4-byte aligned") != NULL, "message: %s", l3k_last_error());
     for (int i = 0; i < N; ++i) CHECK(o[i] == 42.0f && dq[i] == 42.0f, "output [%d] was written", i);
     for (int i = 0; i < B * H * S + 1; ++i) CHECK(lse_buf[i] == 42.0f, "lse [%d] was written", i);
     tl.t.byte_offset = 4; /* aligned again: accepted */
-    CHECK(l3k_attention_forward(&tq.t, &tq.t, &tq.t, 0.0f, 1, &to.t, &tl.t, NULL) == L3K_SUCCESS, "%s",
+    CHECK(l3k_attention_forward(&tq.t, &tq.t, &tq.t, NULL, 0.0f, 1, &to.t, &tl.t, NULL) == L3K_SUCCESS, "%s",
           l3k_last_error());
 }
 
@@ -42,10 +42,10 @@ static void test_lse_overlap(void) {
     set_tensor(&tq, q, L3K_DT_F32, 4, qs, NULL);
     set_tensor(&to, o, L3K_DT_F32, 4, qs, NULL);
     set_tensor(&tl, q, L3K_DT_F32, 1, ls, NULL); /* lse over q's first row */
-    EXPECT_FAILS(l3k_attention_forward(&tq.t, &tq.t, &tq.t, 0.0f, 1, &to.t, &tl.t, NULL), L3K_ERROR_LAYOUT,
+    EXPECT_FAILS(l3k_attention_forward(&tq.t, &tq.t, &tq.t, NULL, 0.0f, 1, &to.t, &tl.t, NULL), L3K_ERROR_LAYOUT,
                  "attention_forward: lse overlaps q, expected separate memory");
     set_tensor(&tl, o + 8, L3K_DT_F32, 1, ls, NULL); /* lse inside o */
-    EXPECT_FAILS(l3k_attention_forward(&tq.t, &tq.t, &tq.t, 0.0f, 1, &to.t, &tl.t, NULL), L3K_ERROR_LAYOUT,
+    EXPECT_FAILS(l3k_attention_forward(&tq.t, &tq.t, &tq.t, NULL, 0.0f, 1, &to.t, &tl.t, NULL), L3K_ERROR_LAYOUT,
                  "attention_forward: lse overlaps o, expected separate memory");
     for (int i = 0; i < N; ++i) CHECK(q[i] == 0.25f && o[i] == 42.0f, "[%d] was written", i);
 }
@@ -217,7 +217,7 @@ static void test_zero_size_null_offset(void) {
     host_tensor to;
     set_tensor(&to, NULL, L3K_DT_F32, 4, e4, NULL);
     to.t.byte_offset = 4096;
-    CHECK(l3k_attention_forward(&tq.t, &tk.t, &tk.t, 0.0f, 1, &to.t, &tl.t, NULL) == L3K_SUCCESS, "attention: %s",
+    CHECK(l3k_attention_forward(&tq.t, &tk.t, &tk.t, NULL, 0.0f, 1, &to.t, &tl.t, NULL) == L3K_SUCCESS, "attention: %s",
           l3k_last_error());
     int64_t xs[2] = {0, 8}, wsz[2] = {4, 8}, ys[2] = {0, 4};
     host_tensor tlx, tlw, tly;

@@ -1,7 +1,10 @@
-/* tests/c/test_attention_cpu.c -- naive float64 attention (materialized S) vs l3k_cpu_attn_fwd/bwd.
+/* tests/c/test_attention_cpu.c -- naive float64 attention (materialized S) vs l3k_cpu_attn_fwd/bwd,
+ * with and without per-sequence key ranges; the key range through the C ABI (its checks, and that
+ * padded rows equal their sequence alone).
  * Build: gcc -std=c11 -O2 -fopenmp -Ikernels tests/c/test_attention_cpu.c kernels/cpu/flash_attn.c -lm
  * Returns nonzero on failure; prints max errors per case. */
 #include "attention.h"
+#include "check.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -54,12 +57,43 @@ static float from_f16(uint16_t h) {
     return s * ldexpf(1.f + m / 1024.f, e - 15);
 }
 
+/* Key ranges of a case: none, left padding, right padding (the last sequence empty when B > 2), or
+ * values past either end, reversed and extreme, which the kernels clamp into [0, Sk). */
+enum { KR_NONE, KR_LEFT, KR_RIGHT, KR_WILD };
+
 typedef struct {
     int64_t B, H, HKV, SQ, SK, D;
     int causal;
     l3k_dt dt;
     double mag;
+    int kr;
 } tcase;
+
+static void make_key_ranges(int mode, int64_t B, int64_t SK, int32_t *kr) {
+    for (int64_t b = 0; b < B; b++) {
+        const int32_t sk = (int32_t)SK, cut = (int32_t)(SK * b / (2 * B) + b);
+        int32_t s = 0, e = sk;
+        if (mode == KR_LEFT) s = cut < sk ? cut : sk;
+        if (mode == KR_RIGHT) e = b == B - 1 && B > 2 ? 0 : (cut < sk ? sk - cut : 0);
+        if (mode == KR_WILD) {
+            static const int32_t wild[4][2] = {{-5, 0}, {1, 1000000}, {3, 1}, {INT32_MIN, INT32_MAX}};
+            s = wild[b % 4][0];
+            e = wild[b % 4][1] ? wild[b % 4][1] : sk / 2;
+        }
+        kr[2 * b] = s;
+        kr[2 * b + 1] = e;
+    }
+}
+
+/* Sequence b's keys as the kernels clamp them: 0 <= *s <= *e <= SK. */
+static void clamped_range(const int32_t *kr, int64_t b, int64_t SK, int64_t *s, int64_t *e) {
+    *s = 0;
+    *e = SK;
+    if (!kr) return;
+    const int64_t e0 = kr[2 * b + 1], s0 = kr[2 * b];
+    *e = e0 < 0 ? 0 : (e0 > SK ? SK : e0);
+    *s = s0 < 0 ? 0 : (s0 > *e ? *e : s0);
+}
 
 static size_t esz(l3k_dt dt) { return dt == L3K_DT_F32 ? 4 : 2; }
 static void put(void *p, size_t i, l3k_dt dt, float x) {
@@ -117,6 +151,8 @@ static int run_case(const tcase *c) {
     memset(dk, 0xff, nk * esz(dt));
     memset(dv, 0xff, nk * esz(dt));
     for (int64_t i = 0; i < B * H * SQ; i++) lse[i] = NAN;
+    int32_t *kr = c->kr == KR_NONE ? NULL : malloc(sizeof(int32_t) * (size_t)(2 * B));
+    if (kr) make_key_ranges(c->kr, B, SK, kr);
 
     const float scale = 1.f / sqrtf((float)D);
     l3k_attn_bwd_args ab;
@@ -140,6 +176,7 @@ static int run_case(const tcase *c) {
     a->scale = scale;
     a->causal = c->causal;
     a->dtype = dt;
+    a->key_range = kr;
     ab.dout = dout;
     memcpy(ab.do_stride, qst, sizeof qst);
     ab.dq = dq;
@@ -161,6 +198,8 @@ static int run_case(const tcase *c) {
     for (int64_t b = 0; b < B; b++)
         for (int64_t h = 0; h < H; h++) {
             const int64_t hk = h / G;
+            int64_t ks, ke;
+            clamped_range(kr, b, SK, &ks, &ke);
 #define QI(i, d) Q[(size_t)(b * qst[0] + h * qst[1] + (i)*qst[2] + (d))]
 #define DOI(i, d) DO[(size_t)(b * qst[0] + h * qst[1] + (i)*qst[2] + (d))]
 #define KJ(j, d) K[(size_t)(b * kst[0] + hk * kst[1] + (j)*kst[2] + (d))]
@@ -168,7 +207,7 @@ static int run_case(const tcase *c) {
             for (int64_t i = 0; i < SQ; i++) {
                 double mx = -INFINITY;
                 for (int64_t j = 0; j < SK; j++) {
-                    int vis = !c->causal || j <= i + SK - SQ;
+                    int vis = (!c->causal || j <= i + SK - SQ) && ks <= j && j < ke;
                     double s = 0;
                     for (int64_t d = 0; d < D; d++) s += QI(i, d) * KJ(j, d);
                     S[i * SK + j] = vis ? s * scale : -INFINITY;
@@ -238,15 +277,17 @@ static int run_case(const tcase *c) {
     const int ok = rc == 0 && bad_inf == 0 && eo <= rt * (mo + 1e-3) + 1e-6 &&
                    else_ <= (dt == L3K_DT_F32 ? 1e-4 : 1e-3) && edq <= rt * (mdq + 1e-3) + 1e-6 &&
                    edk <= rt * (mdk + 1e-3) + 1e-6 && edv <= rt * (mdv + 1e-3) + 1e-6;
+    static const char *kr_names[4] = {"", " left-padded", " right-padded", " wild-ranges"};
     printf(
-        "%s B=%lld H=%lld Hkv=%lld Sq=%lld Sk=%lld D=%lld causal=%d dt=%s | err o %.2e (max %.2f) lse %.2e "
+        "%s B=%lld H=%lld Hkv=%lld Sq=%lld Sk=%lld D=%lld causal=%d%s dt=%s | err o %.2e (max %.2f) lse %.2e "
         "dq %.2e (%.2f) dk %.2e (%.2f) dv %.2e (%.2f) inf-rows-bad %d\n",
         ok ? "PASS" : "FAIL", (long long)B, (long long)H, (long long)HKV, (long long)SQ, (long long)SK,
-        (long long)D, c->causal,
+        (long long)D, c->causal, kr_names[c->kr],
         dt == L3K_DT_F32   ? "f32"
         : dt == L3K_DT_F16 ? "f16"
                            : "bf16",
         eo, mo, else_, edq, mdq, edk, mdk, edv, mdv, bad_inf);
+    free(kr);
     free(q);
     free(k);
     free(v);
@@ -405,20 +446,174 @@ static int test_nan(void) {
     return bad ? 1 : 0;
 }
 
+/* ---- the key range through the C ABI ---------------------------------------------------------- */
+enum { AB = 3, AH = 2, AHKV = 1, AS = 9, AD = 16 };
+
+/* An int32 tensor (the harness's helpers make float ones). */
+static DLTensor *host_i32(host_tensor *h, int32_t *data, int ndim, const int64_t *shape) {
+    set_tensor(h, data, L3K_DT_F32, ndim, shape, NULL);
+    h->t.dtype.code = kDLInt;
+    return &h->t;
+}
+
+/* Forward and backward of b = 0 (every key), 1 (left padding: keys 3..), 2 (right padding: keys
+ * ..4), causal, through l3k_attention_*: each padded sequence's valid rows and keys equal the
+ * sequence run alone, with dout zero on its padded rows (as a loss that ignores them gives): the
+ * padded rows' gradients reach nothing.  Then the key range's checks. */
+static int test_abi_key_range(void) {
+    const int before = g_failures;
+    static float q[AB * AH * AS * AD], k[AB * AHKV * AS * AD], v[AB * AHKV * AS * AD],
+        dout[AB * AH * AS * AD];
+    static float o[AB * AH * AS * AD], lse[AB * AH * AS], dq[AB * AH * AS * AD], dk[AB * AHKV * AS * AD],
+        dv[AB * AHKV * AS * AD];
+    int32_t kr[AB * 2] = {0, AS, 3, AS, 0, 5};
+    const int valid[AB][2] = {{0, AS}, {3, AS}, {0, 5}};
+    for (size_t i = 0; i < sizeof q / 4; i++) q[i] = (float)urand();
+    for (size_t i = 0; i < sizeof k / 4; i++) k[i] = (float)urand(), v[i] = (float)urand();
+    for (int b = 0; b < AB; b++)
+        for (int h = 0; h < AH; h++)
+            for (int i = 0; i < AS; i++)
+                for (int d = 0; d < AD; d++) {
+                    const int in = i >= valid[b][0] && i < valid[b][1];
+                    dout[((b * AH + h) * AS + i) * AD + d] = in ? (float)urand() : 0.f;
+                }
+    const int64_t qs[4] = {AB, AH, AS, AD}, ks[4] = {AB, AHKV, AS, AD}, ls[1] = {AB * AH * AS},
+                  rs[2] = {AB, 2};
+    host_tensor tq, tk, tv, to, tl, tdo, tdq, tdk, tdv, tkr;
+    DLTensor *Q = host_f32(&tq, q, 4, qs), *K = host_f32(&tk, k, 4, ks), *V = host_f32(&tv, v, 4, ks);
+    DLTensor *O = host_f32(&to, o, 4, qs), *L = host_f32(&tl, lse, 1, ls), *DO = host_f32(&tdo, dout, 4, qs);
+    DLTensor *DQ = host_f32(&tdq, dq, 4, qs), *DK = host_f32(&tdk, dk, 4, ks),
+             *DV = host_f32(&tdv, dv, 4, ks);
+    DLTensor *KR = host_i32(&tkr, kr, 2, rs);
+    CHECK(l3k_attention_forward(Q, K, V, KR, 0.0f, 1, O, L, NULL) == L3K_SUCCESS, "%s", l3k_last_error());
+    CHECK(l3k_attention_backward(DO, Q, K, V, KR, O, L, 0.0f, 1, 0, DQ, DK, DV, NULL, NULL) == L3K_SUCCESS,
+          "%s", l3k_last_error());
+
+    for (int b = 0; b < AB; b++) {
+        /* sequence b alone: its valid rows as a (1, H, n, D) batch, views of the same memory */
+        const int s0 = valid[b][0], n = valid[b][1] - valid[b][0];
+        static float o1[AH * AS * AD], l1[AH * AS], dq1[AH * AS * AD], dk1[AHKV * AS * AD],
+            dv1[AHKV * AS * AD];
+        const int64_t q1s[4] = {1, AH, n, AD}, k1s[4] = {1, AHKV, n, AD}, l1s[1] = {AH * n};
+        const int64_t qst[4] = {AH * AS * AD, AS * AD, AD, 1}, kst[4] = {AHKV * AS * AD, AS * AD, AD, 1};
+        host_tensor a[5], r[5];
+        set_tensor(&a[0], q + (size_t)(b * AH * AS + s0) * AD, L3K_DT_F32, 4, q1s, qst);
+        set_tensor(&a[1], k + (size_t)(b * AHKV * AS + s0) * AD, L3K_DT_F32, 4, k1s, kst);
+        set_tensor(&a[2], v + (size_t)(b * AHKV * AS + s0) * AD, L3K_DT_F32, 4, k1s, kst);
+        set_tensor(&a[3], dout + (size_t)(b * AH * AS + s0) * AD, L3K_DT_F32, 4, q1s, qst);
+        DLTensor *O1 = host_f32(&r[0], o1, 4, q1s), *L1 = host_f32(&r[1], l1, 1, l1s);
+        DLTensor *DQ1 = host_f32(&r[2], dq1, 4, q1s), *DK1 = host_f32(&r[3], dk1, 4, k1s),
+                 *DV1 = host_f32(&r[4], dv1, 4, k1s);
+        CHECK(l3k_attention_forward(&a[0].t, &a[1].t, &a[2].t, NULL, 0.0f, 1, O1, L1, NULL) == L3K_SUCCESS,
+              "%s", l3k_last_error());
+        CHECK(l3k_attention_backward(&a[3].t, &a[0].t, &a[1].t, &a[2].t, NULL, O1, L1, 0.0f, 1, 0, DQ1, DK1,
+                                     DV1, NULL, NULL) == L3K_SUCCESS,
+              "%s", l3k_last_error());
+        double eo = 0, el = 0, edq = 0;
+        for (int h = 0; h < AH; h++)
+            for (int i = 0; i < AS; i++) {
+                const int in = i >= s0 && i < s0 + n;
+                const float *orow = o + ((b * AH + h) * AS + i) * AD,
+                            *dqrow = dq + ((b * AH + h) * AS + i) * AD;
+                const float l = lse[(b * AH + h) * AS + i];
+                for (int d = 0; d < AD; d++) {
+                    if (in) {
+                        eo = fmax(eo, fabs(orow[d] - o1[(h * n + i - s0) * AD + d]));
+                        edq = fmax(edq, fabs(dqrow[d] - dq1[(h * n + i - s0) * AD + d]));
+                    } else {
+                        /* a padded row gets its output from what it sees and passes no gradient on */
+                        CHECK(dqrow[d] == 0.f, "b %d: padded row %d.%d has dq %g", b, h, i, dqrow[d]);
+                        if (i < s0) CHECK(orow[d] == 0.f, "b %d: left-padded row %d sees no key", b, i);
+                    }
+                }
+                if (in) el = fmax(el, fabs(l - l1[h * n + i - s0]));
+                else if (i < s0) CHECK(isinf(l) && l > 0, "b %d: left-padded row %d: lse %g", b, i, l);
+            }
+        double ek = 0;
+        for (int j = 0; j < AS; j++)
+            for (int d = 0; d < AD; d++) {
+                const float gk = dk[(b * AS + j) * AD + d], gv = dv[(b * AS + j) * AD + d];
+                if (j >= s0 && j < s0 + n) {
+                    ek = fmax(ek, fabs(gk - dk1[(j - s0) * AD + d]));
+                    ek = fmax(ek, fabs(gv - dv1[(j - s0) * AD + d]));
+                } else {
+                    CHECK(gk == 0.f && gv == 0.f, "b %d: padded key %d has dk %g dv %g", b, j, gk, gv);
+                }
+            }
+        CHECK(eo <= 1e-6 && el <= 1e-6 && edq <= 1e-6 && ek <= 1e-6,
+              "b %d: padded batch vs the sequence alone: o %g lse %g dq %g dk/dv %g", b, eo, el, edq, ek);
+    }
+
+    /* The checks: each refused with its message, the outputs untouched. */
+    for (size_t i = 0; i < sizeof o / 4; i++) o[i] = 7.f;
+    for (size_t i = 0; i < sizeof dq / 4; i++) dq[i] = 7.f;
+    host_tensor bad;
+    float fr[AB * 2];
+    EXPECT_FAILS(l3k_attention_forward(Q, K, V, host_f32(&bad, fr, 2, rs), 0.0f, 1, O, L, NULL),
+                 L3K_ERROR_DTYPE, "attention_forward: key_range dtype float32, expected int32");
+    const int64_t short_rows[2] = {AB - 1, 2}, flat[1] = {2 * AB}, wide[2] = {AB, 3};
+    EXPECT_FAILS(l3k_attention_forward(Q, K, V, host_i32(&bad, kr, 2, short_rows), 0.0f, 1, O, L, NULL),
+                 L3K_ERROR_SHAPE, "attention_forward: key_range shape (2, 2), expected (3, 2)");
+    EXPECT_FAILS(l3k_attention_forward(Q, K, V, host_i32(&bad, kr, 2, wide), 0.0f, 1, O, L, NULL),
+                 L3K_ERROR_SHAPE, "key_range shape (3, 3), expected (3, 2)");
+    EXPECT_FAILS(l3k_attention_forward(Q, K, V, host_i32(&bad, kr, 1, flat), 0.0f, 1, O, L, NULL),
+                 L3K_ERROR_SHAPE, "key_range has ndim 1, expected 2");
+    static int32_t wide_buf[AB * 4];
+    host_i32(&bad, wide_buf, 2, rs);
+    bad.t.strides = bad.strides; /* every other pair of a (3, 4) buffer: not contiguous */
+    bad.strides[0] = 4;
+    bad.strides[1] = 1;
+    CHECK(l3k_attention_forward(Q, K, V, &bad.t, 0.0f, 1, O, L, NULL) != L3K_SUCCESS,
+          "strided key_range accepted");
+    CHECK(strstr(l3k_last_error(), "key_range") != NULL, "%s", l3k_last_error());
+    host_i32(&bad, (int32_t *)((char *)wide_buf + 2), 2, rs);
+    EXPECT_FAILS(l3k_attention_forward(Q, K, V, &bad.t, 0.0f, 1, O, L, NULL), L3K_ERROR_ALIGNMENT,
+                 "key_range data pointer");
+    host_i32(&bad, (int32_t *)o, 2, rs); /* the output's own memory */
+    EXPECT_FAILS(l3k_attention_forward(Q, K, V, &bad.t, 0.0f, 1, O, L, NULL), L3K_ERROR_LAYOUT,
+                 "o overlaps key_range");
+    host_i32(&bad, (int32_t *)dq, 2, rs);
+    EXPECT_FAILS(l3k_attention_backward(DO, Q, K, V, &bad.t, O, L, 0.0f, 1, 0, DQ, DK, DV, NULL, NULL),
+                 L3K_ERROR_LAYOUT, "attention_backward: dq overlaps key_range");
+    int untouched = 1;
+    for (size_t i = 0; i < sizeof o / 4; i++) untouched &= o[i] == 7.f && dq[i] == 7.f;
+    CHECK(untouched, "a refused call wrote o or dq");
+    const int fails = g_failures - before;
+    printf("%s key range through the C ABI (%d failure(s))\n", fails ? "FAIL" : "PASS", fails);
+    return fails ? 1 : 0;
+}
+
 int main(void) {
     const tcase cases[] = {
-        {1, 1, 1, 1, 1, 64, 0, L3K_DT_F32, 1.0},      {2, 4, 4, 17, 17, 64, 0, L3K_DT_F32, 1.0},
-        {2, 4, 1, 17, 17, 40, 1, L3K_DT_F32, 1.0},    {1, 8, 2, 100, 100, 64, 1, L3K_DT_F32, 2.0},
+        {1, 1, 1, 1, 1, 64, 0, L3K_DT_F32, 1.0},
+        {2, 4, 4, 17, 17, 64, 0, L3K_DT_F32, 1.0},
+        {2, 4, 1, 17, 17, 40, 1, L3K_DT_F32, 1.0},
+        {1, 8, 2, 100, 100, 64, 1, L3K_DT_F32, 2.0},
         {1, 8, 2, 100, 37, 40, 1, L3K_DT_F32, 1.0}, /* Sq > Sk causal: fully masked rows */
         {1, 4, 1, 37, 100, 64, 1, L3K_DT_F32, 1.0}, /* Sq < Sk causal */
-        {2, 4, 1, 1, 100, 64, 1, L3K_DT_F32, 1.0},    {1, 4, 4, 100, 1, 40, 1, L3K_DT_F32, 1.0},
-        {2, 8, 2, 100, 100, 64, 1, L3K_DT_BF16, 1.0}, {1, 4, 1, 17, 100, 40, 0, L3K_DT_BF16, 2.0},
-        {1, 8, 2, 100, 17, 64, 1, L3K_DT_BF16, 1.0},  {1, 4, 4, 100, 100, 64, 1, L3K_DT_F16, 1.0},
+        {2, 4, 1, 1, 100, 64, 1, L3K_DT_F32, 1.0},
+        {1, 4, 4, 100, 1, 40, 1, L3K_DT_F32, 1.0},
+        {2, 8, 2, 100, 100, 64, 1, L3K_DT_BF16, 1.0},
+        {1, 4, 1, 17, 100, 40, 0, L3K_DT_BF16, 2.0},
+        {1, 8, 2, 100, 17, 64, 1, L3K_DT_BF16, 1.0},
+        {1, 4, 4, 100, 100, 64, 1, L3K_DT_F16, 1.0},
         {1, 8, 2, 17, 100, 40, 0, L3K_DT_F16, 1.0},
+        /* per-sequence key ranges: padding on either side, empty and full ranges, causal or not, GQA */
+        {3, 4, 2, 70, 70, 64, 1, L3K_DT_F32, 1.0, KR_LEFT},
+        {3, 4, 2, 70, 70, 64, 0, L3K_DT_F32, 1.0, KR_LEFT},
+        {3, 4, 1, 70, 70, 40, 1, L3K_DT_F32, 1.0, KR_RIGHT},
+        {3, 4, 4, 70, 70, 64, 0, L3K_DT_F32, 1.0, KR_RIGHT},
+        {4, 4, 2, 70, 70, 64, 1, L3K_DT_F32, 1.0, KR_WILD},
+        {4, 2, 1, 30, 130, 64, 0, L3K_DT_F32, 1.0, KR_WILD},
+        {3, 8, 2, 100, 37, 40, 1, L3K_DT_F32, 1.0, KR_LEFT},  /* Sq > Sk: masked rows twice over */
+        {3, 4, 1, 37, 100, 64, 1, L3K_DT_F32, 1.0, KR_RIGHT}, /* Sq < Sk */
+        {3, 8, 2, 100, 100, 64, 1, L3K_DT_BF16, 1.0, KR_LEFT},
+        {4, 4, 4, 100, 100, 64, 1, L3K_DT_F16, 1.0, KR_WILD},
     };
     int fails = 0;
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) fails += run_case(&cases[i]);
     fails += test_nan();
+    fails += test_abi_key_range();
     printf("%d failure(s)\n", fails);
     return fails ? 1 : 0;
 }

@@ -168,6 +168,184 @@ static double max_abs(const double *v, int n) {
     return m;
 }
 
+/* ---- padding: cfg->key_range ---------------------------------------------------------------- */
+
+/* One training step of the block on x (any batch and length): the output, dx and the six weight
+ * gradients (fused form), through l3k_llama_block_forward_train and l3k_llama_block_backward. */
+static void train_step(const DLTensor *x, const DLTensor *cos, const DLTensor *sin,
+                       const l3k_llama_block_weights *w, const l3k_llama_block_config *cfg,
+                       const DLTensor *dout, float *out, float *dx, float *grads[N_PARTS]) {
+    l3k_llama_block_layout lay = L3K_LLAMA_BLOCK_LAYOUT_INIT;
+    CHECK(l3k_llama_block_training_layout(x, w, cfg, &lay) == L3K_SUCCESS, "%s", l3k_last_error());
+    host_tensor ta[5], tfw, tbw, tout, tdx, tg[N_PARTS];
+    l3k_llama_block_activations act = L3K_LLAMA_BLOCK_ACTIVATIONS_INIT;
+    act.qkv = f32_buffer(&ta[0], (size_t)(lay.qkv.rows * lay.qkv.cols), NAN);
+    act.residual = f32_buffer(&ta[1], (size_t)(lay.residual.rows * lay.residual.cols), NAN);
+    act.gate_up = f32_buffer(&ta[2], (size_t)(lay.gate_up.rows * lay.gate_up.cols), NAN);
+    act.rstd1 = f32_buffer(&ta[3], (size_t)(lay.rstd1.rows * lay.rstd1.cols), NAN);
+    act.rstd2 = f32_buffer(&ta[4], (size_t)(lay.rstd2.rows * lay.rstd2.cols), NAN);
+    DLTensor *FWS = f32_buffer(&tfw, lay.forward_workspace_bytes / 4 + 1, NAN);
+    DLTensor *BWS = f32_buffer(&tbw, lay.backward_workspace_bytes / 4 + 1, NAN);
+    DLTensor *OUT = host_f32(&tout, out, x->ndim, x->shape), *DX = host_f32(&tdx, dx, x->ndim, x->shape);
+    l3k_llama_block_grads g = L3K_LLAMA_BLOCK_GRADS_INIT;
+    DLTensor **gp[N_PARTS] = {NULL,           &g.qkv_weight,   &g.o_weight,    &g.gate_up_weight,
+                              &g.down_weight, &g.norm1_weight, &g.norm2_weight};
+    for (int i = 1; i < N_PARTS; ++i) *gp[i] = host_f32(&tg[i], grads[i], part_ndims[i], part_shapes[i]);
+    CHECK(l3k_llama_block_forward_train(x, cos, sin, w, cfg, OUT, &act, FWS, NULL) == L3K_SUCCESS, "%s",
+          l3k_last_error());
+    CHECK(l3k_llama_block_backward(dout, x, cos, sin, w, cfg, &act, 0, DX, &g, BWS, NULL) == L3K_SUCCESS,
+          "%s", l3k_last_error());
+    free(act.qkv->data);
+    free(act.residual->data);
+    free(act.gate_up->data);
+    free(act.rstd1->data);
+    free(act.rstd2->data);
+    free(FWS->data);
+    free(BWS->data);
+}
+
+/* A padded batch: sequence 0 holds positions 0..2 and is padded on the right, sequence 1 holds
+ * positions 2..4 and is padded on the left, with garbage in the padding and RoPE positions from 0
+ * at each sequence's first token (per-sequence tables, as Hugging Face's position ids give).
+ * With cfg->key_range = the valid positions and dout zero on the padding (a loss that ignores
+ * it), each sequence's valid rows are the sequence run alone, no gradient reaches a padded
+ * position (dx there is 0), and the weight gradients are the two sequences' sums. */
+enum { PAD_LEN = 3 };
+static void test_padded(const l3k_llama_block_weights *w, const l3k_llama_block_config *cfg0,
+                        unsigned *seed) {
+    static const int start[B] = {0, 2};
+    static float x[T * DIM], dout[T * DIM], cs[B * S * HD / 2], sn[B * S * HD / 2], out[T * DIM], dx[T * DIM];
+    static float x1[PAD_LEN * DIM], dout1[PAD_LEN * DIM], cs1[PAD_LEN * HD / 2], sn1[PAD_LEN * HD / 2];
+    static float out1[PAD_LEN * DIM], dx1[PAD_LEN * DIM];
+    float *grads[N_PARTS], *sum[N_PARTS], *grads1[N_PARTS];
+    for (int i = 1; i < N_PARTS; ++i) {
+        int n;
+        static params dummy;
+        part(&dummy, i, &n);
+        grads[i] = alloc_aligned((size_t)n * 4);
+        grads1[i] = alloc_aligned((size_t)n * 4);
+        sum[i] = calloc((size_t)n, sizeof(float));
+    }
+    for (int i = 0; i < T * DIM; ++i) x[i] = 3.0f * frand(seed); /* padding: anything */
+    for (int b = 0; b < B; ++b)
+        for (int p = 0; p < S; ++p) {
+            const int in = p >= start[b] && p < start[b] + PAD_LEN;
+            for (int i = 0; i < DIM; ++i) dout[(b * S + p) * DIM + i] = in ? frand(seed) : 0.0f;
+            const int pos = p >= start[b] ? p - start[b] : 0;
+            for (int i = 0; i < HD / 2; ++i) {
+                const double ang = pos * pow(500000.0, -2.0 * i / HD);
+                cs[(b * S + p) * HD / 2 + i] = (float)cos(ang);
+                sn[(b * S + p) * HD / 2 + i] = (float)sin(ang);
+            }
+        }
+    int32_t kr[B * 2];
+    for (int b = 0; b < B; ++b) {
+        kr[2 * b] = start[b];
+        kr[2 * b + 1] = start[b] + PAD_LEN;
+    }
+    host_tensor tx, tdo, tc, ts, tkr;
+    const int64_t sx[3] = {B, S, DIM}, stab[3] = {B, S, HD / 2}, skr[2] = {B, 2};
+    DLTensor *X = host_f32(&tx, x, 3, sx), *DOUT = host_f32(&tdo, dout, 3, sx);
+    DLTensor *COS = host_f32(&tc, cs, 3, stab), *SIN = host_f32(&ts, sn, 3, stab);
+    DLTensor *KR = host_f32(&tkr, (float *)kr, 2, skr);
+    KR->dtype.code = kDLInt;
+    l3k_llama_block_config cfg = *cfg0;
+    cfg.key_range = KR;
+    train_step(X, COS, SIN, w, &cfg, DOUT, out, dx, grads);
+
+    double err_out = 0, err_dx = 0, mag_out = 0, mag_dx = 0;
+    for (int b = 0; b < B; ++b) {
+        memcpy(x1, x + (size_t)(b * S + start[b]) * DIM, sizeof x1);
+        memcpy(dout1, dout + (size_t)(b * S + start[b]) * DIM, sizeof dout1);
+        for (int p = 0; p < PAD_LEN; ++p)
+            for (int i = 0; i < HD / 2; ++i) {
+                cs1[p * HD / 2 + i] = cs[(b * S + start[b] + p) * HD / 2 + i];
+                sn1[p * HD / 2 + i] = sn[(b * S + start[b] + p) * HD / 2 + i];
+            }
+        host_tensor tx1, tdo1, tc1, ts1;
+        const int64_t sx1[3] = {1, PAD_LEN, DIM}, stab1[2] = {PAD_LEN, HD / 2};
+        train_step(host_f32(&tx1, x1, 3, sx1), host_f32(&tc1, cs1, 2, stab1), host_f32(&ts1, sn1, 2, stab1),
+                   w, cfg0, host_f32(&tdo1, dout1, 3, sx1), out1, dx1, grads1);
+        for (int i = 1; i < N_PARTS; ++i) {
+            int n;
+            static params dummy;
+            part(&dummy, i, &n);
+            for (int j = 0; j < n; ++j) sum[i][j] += grads1[i][j];
+        }
+        for (int p = 0; p < S; ++p)
+            for (int i = 0; i < DIM; ++i) {
+                const int r = p - start[b], at = (b * S + p) * DIM + i;
+                if (r >= 0 && r < PAD_LEN) {
+                    err_out = fmax(err_out, fabs(out[at] - out1[r * DIM + i]));
+                    err_dx = fmax(err_dx, fabs(dx[at] - dx1[r * DIM + i]));
+                    mag_out = fmax(mag_out, fabs(out1[r * DIM + i]));
+                    mag_dx = fmax(mag_dx, fabs(dx1[r * DIM + i]));
+                } else {
+                    CHECK(dx[at] == 0.0f, "padded: dx[%d][%d][%d] = %g at a padded position", b, p, i,
+                          dx[at]);
+                }
+            }
+    }
+    CHECK(err_out <= 1e-5 * mag_out, "padded: output vs the sequences alone, max error %g (max %g)", err_out,
+          mag_out);
+    CHECK(err_dx <= 1e-5 * mag_dx, "padded: dx vs the sequences alone, max error %g (max %g)", err_dx,
+          mag_dx);
+    printf("block padded: output max error %.3g, dx %.3g against each sequence alone\n", err_out, err_dx);
+    for (int i = 1; i < N_PARTS; ++i) {
+        int n;
+        static params dummy;
+        part(&dummy, i, &n);
+        double e = 0, m = 0;
+        for (int j = 0; j < n; ++j) {
+            e = fmax(e, isnan(grads[i][j]) ? INFINITY : fabs(grads[i][j] - sum[i][j]));
+            m = fmax(m, fabs(sum[i][j]));
+        }
+        CHECK(e <= 1e-5 * m, "padded: %s max error %g against the sequences' sum (max %g)", part_names[i], e,
+              m);
+    }
+
+    /* A caller built before key_range (struct_size stopping short of it) gets every key. */
+    static float out_old[T * DIM], out_all[T * DIM], dx2[T * DIM];
+    l3k_llama_block_config old = cfg;
+    old.struct_size = offsetof(l3k_llama_block_config, key_range);
+    train_step(X, COS, SIN, w, &old, DOUT, out_old, dx2, grads1);
+    train_step(X, COS, SIN, w, cfg0, DOUT, out_all, dx2, grads1);
+    CHECK(memcmp(out_old, out_all, sizeof out_old) == 0, "struct_size before key_range: the range was read");
+    CHECK(memcmp(out_old, out, sizeof out_old) != 0, "the key range changed nothing");
+
+    /* A bad key range is refused before anything runs. */
+    host_tensor tws, tout2, tbad;
+    size_t bytes = 0;
+    CHECK(l3k_llama_block_forward_workspace_size(X, w, &cfg, &bytes) == L3K_SUCCESS, "%s", l3k_last_error());
+    DLTensor *WS = f32_buffer(&tws, bytes / 4 + 1, 5.0f);
+    for (int i = 0; i < T * DIM; ++i) out_old[i] = 5.0f;
+    DLTensor *OUT = host_f32(&tout2, out_old, 3, sx);
+    l3k_llama_block_config bad = cfg;
+    bad.key_range = host_f32(&tbad, (float *)kr, 2, skr);
+    EXPECT_FAILS(l3k_llama_block_forward(X, COS, SIN, w, &bad, OUT, WS, NULL), L3K_ERROR_DTYPE,
+                 "llama_block_forward: cfg->key_range dtype float32, expected int32");
+    const int64_t one_row[2] = {1, 2};
+    host_tensor tshort;
+    bad.key_range = host_f32(&tshort, (float *)kr, 2, one_row);
+    tshort.t.dtype.code = kDLInt;
+    EXPECT_FAILS(l3k_llama_block_forward(X, COS, SIN, w, &bad, OUT, WS, NULL), L3K_ERROR_SHAPE,
+                 "cfg->key_range shape (1, 2), expected (2, 2)");
+    bad.key_range = host_f32(&tbad, out_old, 2, skr); /* the output's memory */
+    tbad.t.dtype.code = kDLInt;
+    EXPECT_FAILS(l3k_llama_block_forward(X, COS, SIN, w, &bad, OUT, WS, NULL), L3K_ERROR_LAYOUT,
+                 "out overlaps cfg->key_range");
+    int untouched = 1;
+    for (int i = 0; i < T * DIM; ++i) untouched &= out_old[i] == 5.0f;
+    for (size_t i = 0; i < bytes / 4; ++i) untouched &= data_of(WS)[i] == 5.0f;
+    CHECK(untouched, "a refused call wrote out or the workspace");
+    free(WS->data);
+    for (int i = 1; i < N_PARTS; ++i) {
+        free(grads[i]);
+        free(grads1[i]);
+        free(sum[i]);
+    }
+}
+
 int main(void) {
     static params p, ref_grad;
     static params_f32 pf, gf;
@@ -515,6 +693,8 @@ int main(void) {
         for (int j = 0; j < n; ++j)
             CHECK(gbuf[i][j] == 0.0f, "no tokens: %s[%d] = %g", part_names[i], j, gbuf[i][j]);
     }
+
+    test_padded(&w, &cfg, &seed);
 
     free(gu_copy);
     printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "ok", g_failures);

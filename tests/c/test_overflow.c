@@ -57,9 +57,9 @@ static l3k_status lin_fwd(DLTensor **a) { return l3k_linear_forward(a[0], a[1], 
 static l3k_status lin_bwd_in(DLTensor **a) { return l3k_linear_backward_input(a[0], a[1], a[2], 1, a[3], NULL); }
 static l3k_status lin_bwd_w(DLTensor **a) { return l3k_linear_backward_weight(a[0], a[1], a[2], 1, a[3], NULL); }
 static l3k_status lin_ws(DLTensor **a) { return l3k_linear_workspace_size(a[0], &g_ws_bytes); }
-static l3k_status attn_fwd(DLTensor **a) { return l3k_attention_forward(a[0], a[1], a[2], 0.0f, 1, a[3], a[4], NULL); }
+static l3k_status attn_fwd(DLTensor **a) { return l3k_attention_forward(a[0], a[1], a[2], NULL, 0.0f, 1, a[3], a[4], NULL); }
 static l3k_status attn_bwd(DLTensor **a) {
-    return l3k_attention_backward(a[0], a[1], a[2], a[3], a[4], a[5], 0.0f, 1, 0, a[6], a[7], a[8], a[9], NULL);
+    return l3k_attention_backward(a[0], a[1], a[2], a[3], NULL, a[4], a[5], 0.0f, 1, 0, a[6], a[7], a[8], a[9], NULL);
 }
 static l3k_status attn_ws(DLTensor **a) { return l3k_attention_backward_workspace_size(a[0], a[1], 0, &g_ws_bytes); }
 
@@ -304,10 +304,10 @@ static void test_lse_size_wrap(void) {
     set_tensor(&to, out, L3K_DT_F32, 4, big, zero);
     set_tensor(&tout, out, L3K_DT_F32, 4, big, zero);
     set_tensor(&tl, lse, L3K_DT_F32, 1, l0, NULL);
-    EXPECT_FAILS(l3k_attention_backward(&tq.t, &tq.t, &tq.t, &tq.t, &tq.t, &tl.t, 0.0f, 0, 0, &tout.t, &tout.t,
+    EXPECT_FAILS(l3k_attention_backward(&tq.t, &tq.t, &tq.t, &tq.t, NULL, &tq.t, &tl.t, 0.0f, 0, 0, &tout.t, &tout.t,
                                         &tout.t, NULL, NULL),
                  L3K_ERROR_SHAPE, "attention_backward: q shape (4294967296, 4294967296, 1, 8) has more than 2^63 - 1 elements");
-    EXPECT_FAILS(l3k_attention_forward(&tq.t, &tq.t, &tq.t, 0.0f, 0, &to.t, &tl.t, NULL), L3K_ERROR_SHAPE,
+    EXPECT_FAILS(l3k_attention_forward(&tq.t, &tq.t, &tq.t, NULL, 0.0f, 0, &to.t, &tl.t, NULL), L3K_ERROR_SHAPE,
                  "attention_forward: q shape (4294967296, 4294967296, 1, 8) has more than 2^63 - 1 elements");
     size_t bytes = 0;
     EXPECT_FAILS(l3k_attention_backward_workspace_size(&tq.t, &tq.t, 0, &bytes), L3K_ERROR_SHAPE,
@@ -349,7 +349,7 @@ static void test_empty_huge_dims(void) {
     set_tensor(&tl, NULL, L3K_DT_F32, 1, l0, NULL);
     host_tensor to = tq;
     to.t.shape = to.shape;
-    CHECK(l3k_attention_forward(&tq.t, &tk.t, &tk.t, 0.0f, 1, &to.t, &tl.t, NULL) == L3K_SUCCESS,
+    CHECK(l3k_attention_forward(&tq.t, &tk.t, &tk.t, NULL, 0.0f, 1, &to.t, &tl.t, NULL) == L3K_SUCCESS,
           "empty q with batch * heads = 2^80: %s", l3k_last_error());
     /* Rows of an empty last dim that cannot be counted: there is no rstd for them. */
     int64_t rs[3] = {(int64_t)1 << 40, (int64_t)1 << 40, 0}, w0[1] = {0};

@@ -376,3 +376,82 @@ def test_bad_block_inputs():
         blk(torch.randn(2, 5, 32), torch.randn(5, 8), torch.randn(5, 8))
     with pytest.raises(ValueError, match="rope_forward"):
         blk(torch.randn(2, 5, 64), torch.randn(3, 8), torch.randn(3, 8))  # table too short
+
+
+# ---- padding: key_range ------------------------------------------------------------------------
+
+
+def _padded_batch(b, s, dim, device, dtype):
+    """A batch padded on the left (even rows) and the right (odd rows), garbage in the padding:
+    x, key_range, the per-row valid mask and per-row RoPE tables that start every sequence at
+    position 0 (as Hugging Face's position ids do)."""
+    lengths = [s - 2 * i - 1 for i in range(b)]
+    x = torch.randn(b, s, dim, device=device, dtype=dtype) * 3
+    ranges = [[s - n, s] if i % 2 == 0 else [0, n] for i, n in enumerate(lengths)]
+    key_range = torch.tensor(ranges, dtype=torch.int32, device=device)
+    pos = torch.arange(s, device=device)
+    start, end = key_range[:, :1].long(), key_range[:, 1:].long()
+    valid = (pos >= start) & (pos < end)  # (b, s)
+    positions = (pos - start).clamp(min=0)  # (b, s)
+    return x, key_range, valid, positions
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "keep"])
+def test_padded_rows_equal_sequences_alone(compiled, recompute, device):
+    """Llama3Block(x, cos, sin, key_range=...) on a padded batch: each sequence's valid rows are
+    the sequence run alone; with the loss on the valid rows only, the padded positions get no
+    gradient and the weight gradients are the sum of the sequences' own."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dim, hidden, h, hkv, b, s = 64, 128, 4, 2, 3, 11
+    _, blk = make_pair(dim, hidden, h, hkv, True, device, dtype)
+    blk.recompute_attention = recompute
+    x, key_range, valid, positions = _padded_batch(b, s, dim, device, dtype)
+    cos_full, sin_full = l3k.llama3_rope_cos_sin(s, dim // h, device=device)
+    cos, sin = cos_full[positions], sin_full[positions]  # (b, s, head_dim / 2)
+    g = torch.randn(b, s, dim, device=device, dtype=dtype) * valid[..., None]
+    run = torch.compile(blk, fullgraph=True) if compiled else blk
+    if compiled:
+        torch._dynamo.reset()
+    xp = x.clone().requires_grad_()
+    y = run(xp, cos, sin, key_range=key_range)
+    y.backward(g)
+    padded_grads = {n: p.grad.clone() for n, p in blk.named_parameters()}
+    assert torch.all(xp.grad[~valid] == 0), "a padded position got a gradient"
+    summed = {n: torch.zeros_like(p) for n, p in blk.named_parameters()}
+    for i in range(b):
+        blk.zero_grad(set_to_none=True)
+        lo, hi = int(key_range[i, 0]), int(key_range[i, 1])
+        xa = x[i : i + 1, lo:hi].clone().requires_grad_()
+        ya = blk(xa, cos_full[: hi - lo], sin_full[: hi - lo])
+        ya.backward(g[i : i + 1, lo:hi])
+        assert_close(y[i : i + 1, lo:hi], ya, dtype, OUT_SCALE, f"sequence {i}: output")
+        assert_close(xp.grad[i : i + 1, lo:hi], xa.grad, dtype, OUT_SCALE, f"sequence {i}: dx")
+        for n, p in blk.named_parameters():
+            summed[n] += p.grad.float()
+    for n, grad in padded_grads.items():
+        assert_close(grad, summed[n], dtype, WEIGHT_GRAD_SCALE, f"d{n} against the sequences' sum")
+
+
+def test_block_ops_with_key_range_pass_opcheck(device):
+    """The registered block ops with a key range: schemas, fake kernels, autograd."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    _, blk = make_pair(64, 96, 4, 2, True, device, dtype)
+    blk.deterministic = True
+    x, key_range, _, positions = _padded_batch(2, 5, 64, device, dtype)
+    cos, sin = (t[positions] for t in l3k.llama3_rope_cos_sin(5, 16, device=device))
+    x.requires_grad_()
+    params = [p.detach().requires_grad_() for p in blk.parameters()]
+    ops = torch.ops.llama3_kernels
+    for keep in (False, True):
+        torch.library.opcheck(ops.llama_block_train, (x, cos, sin, params, *blk._spec(), keep, key_range))
+    detached = [p.detach() for p in params]
+    acts = ops.llama_block_train(x.detach(), cos, sin, detached, *blk._spec(), True, key_range)[1:]
+    dout = torch.randn_like(x)
+    torch.library.opcheck(
+        ops.llama_block_backward, (dout, x.detach(), cos, sin, acts, detached, *blk._spec(), True, key_range)
+    )
+    with torch.no_grad():
+        torch.library.opcheck(ops.llama_block_inference, (x.detach(), cos, sin, params, *blk._spec(), key_range))
+        eager = blk(x.detach(), cos, sin, key_range=key_range)
+        assert torch.equal(ops.llama_block_inference(x.detach(), cos, sin, params, *blk._spec(), key_range), eager)

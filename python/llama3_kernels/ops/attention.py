@@ -14,13 +14,18 @@ from ._registry import define, differentiable, ops, traced
 # ---- raw calls ---------------------------------------------------------------------------
 
 
-def attention_forward_into(q, k, v, o, lse, causal: bool = False, scale: float = 0.0, stream=None) -> None:
-    """o and lse of attention, written into the caller's buffers (scale 0: 1/sqrt(head_dim))."""
-    b = Borrowed(q, k, v, o, lse)
+def attention_forward_into(
+    q, k, v, o, lse, causal: bool = False, scale: float = 0.0, stream=None, key_range=None
+) -> None:
+    """o and lse of attention, written into the caller's buffers (scale 0: 1/sqrt(head_dim)).
+
+    key_range: None (every key) or int32 (batch, 2), contiguous, on q's device: sequence b sees
+    keys key_range[b, 0] .. key_range[b, 1] - 1 (clamped into [0, seq_k) by the kernels)."""
+    b = Borrowed(q, k, v, key_range, o, lse)
     p = b.ptrs
     check(
         LIB.l3k_attention_forward(
-            p[0], p[1], p[2], scale, int(causal), p[3], p[4], current_stream(q) if stream is None else stream
+            p[0], p[1], p[2], p[3], scale, int(causal), p[4], p[5], current_stream(q) if stream is None else stream
         )
     )
 
@@ -47,8 +52,10 @@ def attention_backward_into(
     deterministic: bool = False,
     workspace=None,
     stream=None,
+    key_range=None,
 ) -> None:
-    b = Borrowed(dout, q, k, v, o, lse, dq, dk, dv, workspace)
+    """dq, dk, dv into the caller's buffers; key_range as given to the forward."""
+    b = Borrowed(dout, q, k, v, key_range, o, lse, dq, dk, dv, workspace)
     p = b.ptrs
     check(
         LIB.l3k_attention_backward(
@@ -58,13 +65,14 @@ def attention_backward_into(
             p[3],
             p[4],
             p[5],
+            p[6],
             scale,
             int(causal),
             int(deterministic),
-            p[6],
             p[7],
             p[8],
             p[9],
+            p[10],
             current_stream(q) if stream is None else stream,
         )
     )
@@ -95,43 +103,43 @@ def _lse_buffer(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _flash_attn(q, k, v, causal=False, scale=0.0, deterministic=False):
+def _flash_attn(q, k, v, causal=False, scale=0.0, deterministic=False, key_range=None):
     """(o, lse): o (B, H, Sq, D) stored as (B, Sq, H, D), lse (B, H, Sq) float32."""
     q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
     o = _bshd_like(q)
     lse = _lse_buffer(q)
-    attention_forward_into(q, k, v, o, lse, causal, scale)
+    attention_forward_into(q, k, v, o, lse, causal, scale, key_range=key_range)
     return o, lse
 
 
-def _flash_attn_backward(dout, q, k, v, o, lse, causal=False, scale=0.0, deterministic=False):
+def _flash_attn_backward(dout, q, k, v, o, lse, causal=False, scale=0.0, deterministic=False, key_range=None):
     """(dq, dk, dv), each stored as (B, S, H, D) like o."""
     q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
     dout, o = _kernel_ready(dout), _kernel_ready(o)
     dq, dk, dv = _bshd_like(q), _bshd_like(k), _bshd_like(v)
     ws = q.new_empty(attention_backward_workspace_size(q, k, deterministic), dtype=torch.uint8)
-    attention_backward_into(dout, q, k, v, o, lse, dq, dk, dv, causal, scale, deterministic, ws)
+    attention_backward_into(dout, q, k, v, o, lse, dq, dk, dv, causal, scale, deterministic, ws, key_range=key_range)
     return dq, dk, dv
 
 
 # ---- registrations -----------------------------------------------------------------------------
 
 
-def _flash_attn_fake(q, k, v, causal=False, scale=0.0, deterministic=False):
+def _flash_attn_fake(q, k, v, causal=False, scale=0.0, deterministic=False, key_range=None):
     return _bshd_like(q), _lse_buffer(q)
 
 
 define(
-    "flash_attn(Tensor q, Tensor k, Tensor v, bool causal=False, float scale=0.0, bool deterministic=False) "
-    "-> (Tensor o, Tensor lse)",
+    "flash_attn(Tensor q, Tensor k, Tensor v, bool causal=False, float scale=0.0, bool deterministic=False, "
+    "Tensor? key_range=None) -> (Tensor o, Tensor lse)",
     _flash_attn,
     _flash_attn_fake,
 )
 define(
     "flash_attn_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal=False, "
-    "float scale=0.0, bool deterministic=False) -> (Tensor dq, Tensor dk, Tensor dv)",
+    "float scale=0.0, bool deterministic=False, Tensor? key_range=None) -> (Tensor dq, Tensor dk, Tensor dv)",
     _flash_attn_backward,
-    lambda dout, q, k, v, o, lse, causal=False, scale=0.0, deterministic=False: (
+    lambda dout, q, k, v, o, lse, causal=False, scale=0.0, deterministic=False, key_range=None: (
         _bshd_like(q),
         _bshd_like(k),
         _bshd_like(v),
@@ -140,19 +148,19 @@ define(
 
 
 def _flash_attn_setup(ctx, inputs, output):
-    q, k, v, causal, scale, deterministic = inputs
+    q, k, v, causal, scale, deterministic, *rest = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.save_for_backward(q, k, v, o, lse, rest[0] if rest else None)
     ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)  # no zeros made up for lse, which gets no gradient
 
 
 def _flash_attn_grads(ctx, do, _dlse):
-    q, k, v, o, lse = ctx.saved_tensors
+    q, k, v, o, lse, key_range = ctx.saved_tensors
     bwd = ops.flash_attn_backward if traced(do) else _flash_attn_backward
-    dq, dk, dv = bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.deterministic)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv = bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.deterministic, key_range)
+    return dq, dk, dv, None, None, None, None
 
 
 FlashAttnFunction = differentiable("flash_attn", _flash_attn, _flash_attn_setup, _flash_attn_grads, "FlashAttnFunction")
@@ -168,19 +176,27 @@ def flash_attn(
     causal: bool = False,
     scale: float | None = None,
     deterministic: bool = False,
+    key_range: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(scale * q k^T [+ causal mask]) v for q (B, H, Sq, D), k/v (B, Hkv, Sk, D).
 
     GQA when H is a multiple of Hkv.  Causal is aligned bottom-right when Sq != Sk.
+    key_range (B, 2), integers: sequence b sees only keys key_range[b, 0] .. key_range[b, 1] - 1
+    (padding on either side, with no Sq x Sk mask; values are clamped into [0, Sk)); a query that
+    sees no key gets zeros and passes no gradient on.
     The result has shape (B, H, Sq, D) and is stored as (B, Sq, H, D), so
     ``o.transpose(1, 2).reshape(B, Sq, H * D)`` is free.  Differentiable in q, k, v.
     """
     s = 0.0 if scale is None else float(scale)
+    if key_range is not None and (key_range.dtype != torch.int32 or key_range.device != q.device):
+        key_range = key_range.to(device=q.device, dtype=torch.int32)
+    if key_range is not None and not key_range.is_contiguous():
+        key_range = key_range.contiguous()
     if traced(q):
-        return ops.flash_attn(q, k, v, bool(causal), s, bool(deterministic))[0]
+        return ops.flash_attn(q, k, v, bool(causal), s, bool(deterministic), key_range)[0]
     if needs_grad(q, k, v):
-        return FlashAttnFunction.apply(q, k, v, causal, s, deterministic)[0]
-    return _flash_attn(q, k, v, causal, s)[0]
+        return FlashAttnFunction.apply(q, k, v, causal, s, deterministic, key_range)[0]
+    return _flash_attn(q, k, v, causal, s, key_range=key_range)[0]
 
 
 def triton_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
