@@ -2,81 +2,15 @@
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
-from .._dlpack import Borrowed, current_stream
-from .._lib import LIB, check
+from ..raw import (  # re-exported: the raw calls live in the torch-free raw module
+    attention_backward_into,
+    attention_backward_workspace_size,
+    attention_forward_into,
+)
 from ._common import needs_grad
 from ._registry import define, differentiable, ops, traced
-
-# ---- raw calls ---------------------------------------------------------------------------
-
-
-def attention_forward_into(
-    q, k, v, o, lse, causal: bool = False, scale: float = 0.0, stream=None, key_range=None
-) -> None:
-    """o and lse of attention, written into the caller's buffers (scale 0: 1/sqrt(head_dim)).
-
-    key_range: None (every key) or int32 (batch, 2), contiguous, on q's device: sequence b sees
-    keys key_range[b, 0] .. key_range[b, 1] - 1 (clamped into [0, seq_k) by the kernels)."""
-    b = Borrowed(q, k, v, key_range, o, lse)
-    p = b.ptrs
-    check(
-        LIB.l3k_attention_forward(
-            p[0], p[1], p[2], p[3], scale, int(causal), p[4], p[5], current_stream(q) if stream is None else stream
-        )
-    )
-
-
-def attention_backward_workspace_size(q, k, deterministic: bool = False) -> int:
-    b = Borrowed(q, k)
-    size = ctypes.c_size_t(0)
-    check(LIB.l3k_attention_backward_workspace_size(b.ptrs[0], b.ptrs[1], int(deterministic), ctypes.byref(size)))
-    return size.value
-
-
-def attention_backward_into(
-    dout,
-    q,
-    k,
-    v,
-    o,
-    lse,
-    dq,
-    dk,
-    dv,
-    causal: bool = False,
-    scale: float = 0.0,
-    deterministic: bool = False,
-    workspace=None,
-    stream=None,
-    key_range=None,
-) -> None:
-    """dq, dk, dv into the caller's buffers; key_range as given to the forward."""
-    b = Borrowed(dout, q, k, v, key_range, o, lse, dq, dk, dv, workspace)
-    p = b.ptrs
-    check(
-        LIB.l3k_attention_backward(
-            p[0],
-            p[1],
-            p[2],
-            p[3],
-            p[4],
-            p[5],
-            p[6],
-            scale,
-            int(causal),
-            int(deterministic),
-            p[7],
-            p[8],
-            p[9],
-            p[10],
-            current_stream(q) if stream is None else stream,
-        )
-    )
-
 
 # ---- bodies: the registered ops' kernels, called directly by the eager route ----------------
 

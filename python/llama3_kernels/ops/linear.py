@@ -3,12 +3,14 @@ add fused into the GEMM (beta = 1, out of place)."""
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
-from .._dlpack import Borrowed, current_stream
-from .._lib import LIB, check
+from ..raw import (  # re-exported: the raw calls live in the torch-free raw module
+    linear_backward_input_into,
+    linear_backward_weight_into,
+    linear_forward_into,
+    linear_workspace_size,
+)
 from ._common import needs_grad, rows_view
 from ._registry import define, differentiable, ops, traced
 
@@ -25,48 +27,8 @@ def gemm_workspace(device: torch.device) -> torch.Tensor | None:
     if device.type != "cuda":
         return None
     if not _workspace_bytes:
-        size = ctypes.c_size_t(0)
-        check(LIB.l3k_linear_workspace_size(Borrowed(torch.empty(0, device=device)).ptrs[0], ctypes.byref(size)))
-        _workspace_bytes.append(size.value)
+        _workspace_bytes.append(linear_workspace_size(torch.empty(0, device=device)))
     return torch.empty(_workspace_bytes[0], dtype=torch.uint8, device=device)
-
-
-# ---- raw calls --------------------------------------------------------------------------
-
-
-def linear_forward_into(x, weight, y, residual=None, workspace=None, stream=None) -> None:
-    b = Borrowed(x, weight, residual, y, workspace)
-    check(LIB.l3k_linear_forward(*b.ptrs, current_stream(x) if stream is None else stream))
-
-
-def linear_backward_input_into(dy, weight, dx, accumulate=False, workspace=None, stream=None) -> None:
-    b = Borrowed(dy, weight, dx)
-    w = Borrowed(workspace)
-    check(
-        LIB.l3k_linear_backward_input(
-            b.ptrs[0],
-            b.ptrs[1],
-            b.ptrs[2],
-            int(accumulate),
-            w.ptrs[0],
-            current_stream(dy) if stream is None else stream,
-        )
-    )
-
-
-def linear_backward_weight_into(dy, x, dweight, accumulate=False, workspace=None, stream=None) -> None:
-    b = Borrowed(dy, x, dweight)
-    w = Borrowed(workspace)
-    check(
-        LIB.l3k_linear_backward_weight(
-            b.ptrs[0],
-            b.ptrs[1],
-            b.ptrs[2],
-            int(accumulate),
-            w.ptrs[0],
-            current_stream(dy) if stream is None else stream,
-        )
-    )
 
 
 # ---- bodies: the registered ops' kernels, called directly by the eager route ----------------

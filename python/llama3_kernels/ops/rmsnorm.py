@@ -2,51 +2,16 @@
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
-from .._dlpack import Borrowed, current_stream
-from .._lib import LIB, check
+from ..raw import (  # re-exported: the raw calls live in the torch-free raw module
+    add_rmsnorm_forward_into,
+    rmsnorm_backward_into,
+    rmsnorm_backward_workspace_size,
+    rmsnorm_forward_into,
+)
 from ._common import needs_grad, rows_view
 from ._registry import define, differentiable, none_slot, ops, traced
-
-# ---- raw calls: caller-owned buffers, any DLPack producer ------------------------------
-
-
-def rmsnorm_forward_into(x, weight, eps: float, y, rstd=None, stream: int | None = None) -> None:
-    """y = rmsnorm(x) * weight, written into `y` (and per-row float32 `rstd` if given)."""
-    b = Borrowed(x, weight, y, rstd)
-    if stream is None:
-        stream = current_stream(x)
-    check(LIB.l3k_rmsnorm_forward(b.ptrs[0], b.ptrs[1], eps, b.ptrs[2], b.ptrs[3], stream))
-
-
-def add_rmsnorm_forward_into(x, residual, weight, eps: float, h, y, rstd=None, stream: int | None = None) -> None:
-    """h = x + residual; y = rmsnorm(h) * weight, written into `h`, `y` (and `rstd`)."""
-    b = Borrowed(x, residual, weight, h, y, rstd)
-    if stream is None:
-        stream = current_stream(x)
-    check(LIB.l3k_add_rmsnorm_forward(*b.ptrs[:3], eps, *b.ptrs[3:], stream))
-
-
-def rmsnorm_backward_workspace_size(x) -> int:
-    b = Borrowed(x)
-    size = ctypes.c_size_t(0)
-    check(LIB.l3k_rmsnorm_backward_workspace_size(b.ptrs[0], ctypes.byref(size)))
-    return size.value
-
-
-def rmsnorm_backward_into(
-    dy, x, weight, rstd, eps: float, dx, dweight=None, workspace=None, dh=None, stream: int | None = None
-) -> None:
-    """dx (and dweight) of RMSNorm; `dh` adds the gradient reaching h directly (fused op)."""
-    b = Borrowed(dy, dh, x, weight, rstd, dx, dweight, workspace)
-    if stream is None:
-        stream = current_stream(x)
-    p = b.ptrs
-    check(LIB.l3k_rmsnorm_backward(p[0], p[1], p[2], p[3], p[4], eps, p[5], p[6], p[7], stream))
-
 
 # ---- bodies: the registered ops' kernels, called directly by the eager route ----------------
 

@@ -6,39 +6,14 @@ import math
 
 import torch
 
-from .._dlpack import Borrowed, current_stream
-from .._lib import LIB, check
+from ..raw import (  # re-exported: the raw calls live in the torch-free raw module
+    rope_backward_into,
+    rope_forward_into,
+)
 from ._common import needs_grad
 from ._registry import TORCH_LIB, define, differentiable, none_slot, ops, traced
 
 HALF, INTERLEAVED = 0, 1  # L3K_ROPE_HALF, L3K_ROPE_INTERLEAVED
-
-
-# ---- raw calls: caller-owned buffers, any DLPack producer ------------------------------
-
-
-def rope_forward_into(
-    q, k, cos, sin, q_out, k_out=None, offset: int = 0, interleaved: bool = False, stream: int | None = None
-) -> None:
-    """Rotate q (batch, heads, seq, head_dim) and optional k (batch, kv_heads, seq, head_dim)
-    into q_out / k_out (pass q / k themselves for in place).  cos, sin: (rows, head_dim/2)
-    or (batch, rows, head_dim/2) with rows >= seq + offset."""
-    b = Borrowed(q, k, cos, sin, q_out, k_out)
-    if stream is None:
-        stream = current_stream(q)
-    p = b.ptrs
-    check(LIB.l3k_rope_forward(p[0], p[1], p[2], p[3], int(offset), int(bool(interleaved)), p[4], p[5], stream))
-
-
-def rope_backward_into(
-    dq, dk, cos, sin, dq_out, dk_out=None, offset: int = 0, interleaved: bool = False, stream: int | None = None
-) -> None:
-    """Gradient of RoPE: the inverse rotation of dq (and dk) into dq_out (and dk_out)."""
-    b = Borrowed(dq, dk, cos, sin, dq_out, dk_out)
-    if stream is None:
-        stream = current_stream(dq)
-    p = b.ptrs
-    check(LIB.l3k_rope_backward(p[0], p[1], p[2], p[3], int(offset), int(bool(interleaved)), p[4], p[5], stream))
 
 
 # ---- tables -------------------------------------------------------------------------------

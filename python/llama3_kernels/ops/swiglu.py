@@ -7,37 +7,14 @@ import math
 
 import torch
 
-from .._dlpack import Borrowed, current_stream
-from .._lib import LIB, check
+from ..raw import (  # re-exported: the raw calls live in the torch-free raw module
+    swiglu_backward_into,
+    swiglu_forward_into,
+    swiglu_fused_backward_into,
+    swiglu_fused_forward_into,
+)
 from ._common import needs_grad, rows_view
 from ._registry import define, differentiable, none_slot, ops, traced
-
-# ---- raw calls: caller-owned buffers, any DLPack producer ------------------------------
-
-
-def swiglu_forward_into(g, u, a, stream: int | None = None) -> None:
-    """a = silu(g) * u (a may be g or u itself: in place)."""
-    b = Borrowed(g, u, a)
-    check(LIB.l3k_swiglu_forward(*b.ptrs, current_stream(g) if stream is None else stream))
-
-
-def swiglu_fused_forward_into(gu, a, stream: int | None = None) -> None:
-    """a = silu(gu[..., :h]) * gu[..., h:] for gu (..., 2h), a (..., h)."""
-    b = Borrowed(gu, a)
-    check(LIB.l3k_swiglu_fused_forward(*b.ptrs, current_stream(gu) if stream is None else stream))
-
-
-def swiglu_backward_into(da, g, u, dg, du, a=None, stream: int | None = None) -> None:
-    """dg, du of a = silu(g) * u (silu recomputed); `a` optionally receives silu(g) * u."""
-    b = Borrowed(da, g, u, dg, du, a)
-    check(LIB.l3k_swiglu_backward(*b.ptrs, current_stream(g) if stream is None else stream))
-
-
-def swiglu_fused_backward_into(da, gu, dgu, a=None, stream: int | None = None) -> None:
-    """dgu = [dg | du] for the fused layout; `a` optionally receives the activation."""
-    b = Borrowed(da, gu, dgu, a)
-    check(LIB.l3k_swiglu_fused_backward(*b.ptrs, current_stream(gu) if stream is None else stream))
-
 
 # ---- bodies: the registered ops' kernels, called directly by the eager route ----------------
 

@@ -1,0 +1,219 @@
+"""The raw calls: each op of the C ABI on buffers the caller passes, for any object with
+``__dlpack__`` (NumPy, CuPy, JAX, torch), without copies and without PyTorch.
+
+The torch ops in ``ops/`` allocate their outputs and call these; a program without PyTorch
+(NumPy on the CPU, CuPy on the GPU) calls them directly.  ``stream`` is a raw
+``cudaStream_t`` (an int); left as None it is torch's current stream for a torch CUDA tensor,
+else the default stream.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from ._dlpack import Borrowed, current_stream
+from ._lib import LIB, check
+
+# ---- rmsnorm -------------------------------------------------------------------------------
+
+
+def rmsnorm_forward_into(x, weight, eps: float, y, rstd=None, stream: int | None = None) -> None:
+    """y = rmsnorm(x) * weight, written into `y` (and per-row float32 `rstd` if given)."""
+    b = Borrowed(x, weight, y, rstd)
+    if stream is None:
+        stream = current_stream(x)
+    check(LIB.l3k_rmsnorm_forward(b.ptrs[0], b.ptrs[1], eps, b.ptrs[2], b.ptrs[3], stream))
+
+
+def add_rmsnorm_forward_into(x, residual, weight, eps: float, h, y, rstd=None, stream: int | None = None) -> None:
+    """h = x + residual; y = rmsnorm(h) * weight, written into `h`, `y` (and `rstd`)."""
+    b = Borrowed(x, residual, weight, h, y, rstd)
+    if stream is None:
+        stream = current_stream(x)
+    check(LIB.l3k_add_rmsnorm_forward(*b.ptrs[:3], eps, *b.ptrs[3:], stream))
+
+
+def rmsnorm_backward_workspace_size(x) -> int:
+    b = Borrowed(x)
+    size = ctypes.c_size_t(0)
+    check(LIB.l3k_rmsnorm_backward_workspace_size(b.ptrs[0], ctypes.byref(size)))
+    return size.value
+
+
+def rmsnorm_backward_into(
+    dy, x, weight, rstd, eps: float, dx, dweight=None, workspace=None, dh=None, stream: int | None = None
+) -> None:
+    """dx (and dweight) of RMSNorm; `dh` adds the gradient reaching h directly (fused op)."""
+    b = Borrowed(dy, dh, x, weight, rstd, dx, dweight, workspace)
+    if stream is None:
+        stream = current_stream(x)
+    p = b.ptrs
+    check(LIB.l3k_rmsnorm_backward(p[0], p[1], p[2], p[3], p[4], eps, p[5], p[6], p[7], stream))
+
+
+# ---- rope ----------------------------------------------------------------------------------
+
+
+def rope_forward_into(
+    q, k, cos, sin, q_out, k_out=None, offset: int = 0, interleaved: bool = False, stream: int | None = None
+) -> None:
+    """Rotate q (batch, heads, seq, head_dim) and optional k (batch, kv_heads, seq, head_dim)
+    into q_out / k_out (pass q / k themselves for in place).  cos, sin: (rows, head_dim/2)
+    or (batch, rows, head_dim/2) with rows >= seq + offset."""
+    b = Borrowed(q, k, cos, sin, q_out, k_out)
+    if stream is None:
+        stream = current_stream(q)
+    p = b.ptrs
+    check(LIB.l3k_rope_forward(p[0], p[1], p[2], p[3], int(offset), int(bool(interleaved)), p[4], p[5], stream))
+
+
+def rope_backward_into(
+    dq, dk, cos, sin, dq_out, dk_out=None, offset: int = 0, interleaved: bool = False, stream: int | None = None
+) -> None:
+    """Gradient of RoPE: the inverse rotation of dq (and dk) into dq_out (and dk_out)."""
+    b = Borrowed(dq, dk, cos, sin, dq_out, dk_out)
+    if stream is None:
+        stream = current_stream(dq)
+    p = b.ptrs
+    check(LIB.l3k_rope_backward(p[0], p[1], p[2], p[3], int(offset), int(bool(interleaved)), p[4], p[5], stream))
+
+
+# ---- swiglu --------------------------------------------------------------------------------
+
+
+def swiglu_forward_into(g, u, a, stream: int | None = None) -> None:
+    """a = silu(g) * u (a may be g or u itself: in place)."""
+    b = Borrowed(g, u, a)
+    check(LIB.l3k_swiglu_forward(*b.ptrs, current_stream(g) if stream is None else stream))
+
+
+def swiglu_fused_forward_into(gu, a, stream: int | None = None) -> None:
+    """a = silu(gu[..., :h]) * gu[..., h:] for gu (..., 2h), a (..., h)."""
+    b = Borrowed(gu, a)
+    check(LIB.l3k_swiglu_fused_forward(*b.ptrs, current_stream(gu) if stream is None else stream))
+
+
+def swiglu_backward_into(da, g, u, dg, du, a=None, stream: int | None = None) -> None:
+    """dg, du of a = silu(g) * u (silu recomputed); `a` optionally receives silu(g) * u."""
+    b = Borrowed(da, g, u, dg, du, a)
+    check(LIB.l3k_swiglu_backward(*b.ptrs, current_stream(g) if stream is None else stream))
+
+
+def swiglu_fused_backward_into(da, gu, dgu, a=None, stream: int | None = None) -> None:
+    """dgu = [dg | du] for the fused layout; `a` optionally receives the activation."""
+    b = Borrowed(da, gu, dgu, a)
+    check(LIB.l3k_swiglu_fused_backward(*b.ptrs, current_stream(gu) if stream is None else stream))
+
+
+# ---- linear --------------------------------------------------------------------------------
+
+
+def linear_workspace_size(like) -> int:
+    """Bytes of the GEMM workspace the linear calls want for tensors on `like`'s device
+    (0 on the CPU); the calls run without one too, on fewer algorithms."""
+    b = Borrowed(like)
+    size = ctypes.c_size_t(0)
+    check(LIB.l3k_linear_workspace_size(b.ptrs[0], ctypes.byref(size)))
+    return size.value
+
+
+def linear_forward_into(x, weight, y, residual=None, workspace=None, stream=None) -> None:
+    b = Borrowed(x, weight, residual, y, workspace)
+    check(LIB.l3k_linear_forward(*b.ptrs, current_stream(x) if stream is None else stream))
+
+
+def linear_backward_input_into(dy, weight, dx, accumulate=False, workspace=None, stream=None) -> None:
+    b = Borrowed(dy, weight, dx)
+    w = Borrowed(workspace)
+    check(
+        LIB.l3k_linear_backward_input(
+            b.ptrs[0],
+            b.ptrs[1],
+            b.ptrs[2],
+            int(accumulate),
+            w.ptrs[0],
+            current_stream(dy) if stream is None else stream,
+        )
+    )
+
+
+def linear_backward_weight_into(dy, x, dweight, accumulate=False, workspace=None, stream=None) -> None:
+    b = Borrowed(dy, x, dweight)
+    w = Borrowed(workspace)
+    check(
+        LIB.l3k_linear_backward_weight(
+            b.ptrs[0],
+            b.ptrs[1],
+            b.ptrs[2],
+            int(accumulate),
+            w.ptrs[0],
+            current_stream(dy) if stream is None else stream,
+        )
+    )
+
+
+# ---- attention -----------------------------------------------------------------------------
+
+
+def attention_forward_into(
+    q, k, v, o, lse, causal: bool = False, scale: float = 0.0, stream=None, key_range=None
+) -> None:
+    """o and lse of attention, written into the caller's buffers (scale 0: 1/sqrt(head_dim)).
+
+    key_range: None (every key) or int32 (batch, 2), contiguous, on q's device: sequence b sees
+    keys key_range[b, 0] .. key_range[b, 1] - 1 (clamped into [0, seq_k) by the kernels)."""
+    b = Borrowed(q, k, v, key_range, o, lse)
+    p = b.ptrs
+    check(
+        LIB.l3k_attention_forward(
+            p[0], p[1], p[2], p[3], scale, int(causal), p[4], p[5], current_stream(q) if stream is None else stream
+        )
+    )
+
+
+def attention_backward_workspace_size(q, k, deterministic: bool = False) -> int:
+    b = Borrowed(q, k)
+    size = ctypes.c_size_t(0)
+    check(LIB.l3k_attention_backward_workspace_size(b.ptrs[0], b.ptrs[1], int(deterministic), ctypes.byref(size)))
+    return size.value
+
+
+def attention_backward_into(
+    dout,
+    q,
+    k,
+    v,
+    o,
+    lse,
+    dq,
+    dk,
+    dv,
+    causal: bool = False,
+    scale: float = 0.0,
+    deterministic: bool = False,
+    workspace=None,
+    stream=None,
+    key_range=None,
+) -> None:
+    """dq, dk, dv into the caller's buffers; key_range as given to the forward."""
+    b = Borrowed(dout, q, k, v, key_range, o, lse, dq, dk, dv, workspace)
+    p = b.ptrs
+    check(
+        LIB.l3k_attention_backward(
+            p[0],
+            p[1],
+            p[2],
+            p[3],
+            p[4],
+            p[5],
+            p[6],
+            scale,
+            int(causal),
+            int(deterministic),
+            p[7],
+            p[8],
+            p[9],
+            p[10],
+            current_stream(q) if stream is None else stream,
+        )
+    )

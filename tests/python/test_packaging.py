@@ -1,0 +1,83 @@
+"""Packaging: the raw layer without PyTorch, one definition of each raw call, and a library
+that depends on no cuBLAS and no build-machine path."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import llama3_kernels as l3k
+from llama3_kernels import raw
+from llama3_kernels.ops import attention, linear, rmsnorm, rope, swiglu
+
+# Makes `import torch` fail in the child, as in an environment where torch is not installed.
+_HIDE_TORCH = """
+import sys
+
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden)", name=name)
+        return None
+
+sys.meta_path.insert(0, _NoTorch())
+"""
+
+_CHILD = """
+import sys
+
+import numpy as np
+
+import llama3_kernels as l3k
+
+assert "torch" not in sys.modules
+x = np.random.default_rng(0).standard_normal((5, 123)).astype(np.float32)
+w = np.linspace(0.5, 1.5, 123, dtype=np.float32)
+y, rstd = np.full_like(x, np.nan), np.full(5, np.nan, np.float32)
+l3k.rmsnorm_forward_into(x, w, 1e-5, y, rstd)
+ref = x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * w
+assert np.abs(y - ref).max() < 1e-5
+g, u = x[:, :61].copy(), x[:, 61:122].copy()
+a = np.full_like(g, np.nan)
+l3k.swiglu_forward_into(g, u, a)
+assert np.abs(a - g / (1 + np.exp(-g)) * u).max() < 1e-5
+assert l3k.version() == tuple(int(v) for v in l3k.__version__.split("."))
+assert isinstance(l3k.has_cuda(), bool) and l3k.library_path()
+try:
+    l3k.Llama3Block
+except ImportError as e:
+    assert "needs PyTorch" in str(e), e
+else:
+    raise AssertionError("Llama3Block without torch should raise ImportError")
+print("ok")
+"""
+
+
+def test_import_without_torch(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent(_HIDE_TORCH))
+    package_root = Path(l3k.__file__).resolve().parent.parent
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(package_root), env.get("PYTHONPATH", "")])
+    env["L3K_LIBRARY"] = l3k.library_path()
+    r = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+def test_raw_calls_defined_once():
+    for module in (attention, linear, rmsnorm, rope, swiglu):
+        for name in dir(module):
+            if name.endswith(("_into", "_workspace_size")) and callable(getattr(module, name)):
+                assert getattr(module, name) is getattr(raw, name), f"{module.__name__}.{name}"
+                assert getattr(l3k, name) is getattr(raw, name), name
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="readelf not installed")
+def test_library_needs_no_cublas_nor_runpath():
+    out = subprocess.run(["readelf", "-d", l3k.library_path()], capture_output=True, text=True, check=True).stdout
+    needed = [line for line in out.splitlines() if "(NEEDED)" in line]
+    assert not [n for n in needed if "cublas" in n.lower()], needed
+    assert "RUNPATH" not in out and "(RPATH)" not in out, out
