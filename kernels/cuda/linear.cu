@@ -16,7 +16,10 @@
  * pick runs, while the stream is being captured into a CUDA graph (not
  * remembered: a later call outside capture tunes) and when C is D (a
  * candidate's run would accumulate into the caller's output);
- * L3K_GEMM_AUTOTUNE=0 turns it off. */
+ * L3K_GEMM_AUTOTUNE=0 turns it off.
+ *
+ * cuBLASLt itself is opened at the first call (cublaslt_load.cu); when it cannot be,
+ * every call returns -CUBLAS_STATUS_NOT_INITIALIZED. */
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
@@ -29,7 +32,11 @@
 #include <mutex>
 #include <vector>
 
+#include "cublaslt_load.h"
 #include "linear.h"
+
+/* Every use of cuBLASLt follows handle_for_device, which has checked that it loaded. */
+#define LT(fn) (l3k_cublaslt()->fn)
 
 namespace {
 
@@ -41,7 +48,8 @@ int handle_for_device(int dev, cublasLtHandle_t *out) {
     if (dev < 0 || dev >= MAX_DEVICES) return (int)cudaErrorInvalidDevice;
     std::lock_guard<std::mutex> lock(g_handle_mutex);
     if (!g_handles[dev]) {
-        cublasStatus_t st = cublasLtCreate(&g_handles[dev]);
+        if (!l3k_cublaslt()) return -(int)CUBLAS_STATUS_NOT_INITIALIZED;
+        cublasStatus_t st = LT(Create)(&g_handles[dev]);
         if (st != CUBLAS_STATUS_SUCCESS) return -(int)st;
     }
     *out = g_handles[dev];
@@ -71,11 +79,11 @@ struct Descriptors {
     Descriptors(const Descriptors &) = delete;
     Descriptors &operator=(const Descriptors &) = delete;
     ~Descriptors() {
-        if (d) cublasLtMatrixLayoutDestroy(d);
-        if (c) cublasLtMatrixLayoutDestroy(c);
-        if (b) cublasLtMatrixLayoutDestroy(b);
-        if (a) cublasLtMatrixLayoutDestroy(a);
-        if (op) cublasLtMatmulDescDestroy(op);
+        if (d) LT(MatrixLayoutDestroy)(d);
+        if (c) LT(MatrixLayoutDestroy)(c);
+        if (b) LT(MatrixLayoutDestroy)(b);
+        if (a) LT(MatrixLayoutDestroy)(a);
+        if (op) LT(MatmulDescDestroy)(op);
     }
     cublasLtMatrixLayout_t c_layout() const { return c ? c : d; }
 };
@@ -83,7 +91,7 @@ struct Descriptors {
 struct Preference { /* only the heuristic query needs one */
     cublasLtMatmulPreference_t p = nullptr;
     ~Preference() {
-        if (p) cublasLtMatmulPreferenceDestroy(p);
+        if (p) LT(MatmulPreferenceDestroy)(p);
     }
 };
 
@@ -129,7 +137,7 @@ int fastest_candidate(cublasLtHandle_t handle, const Descriptors &ds, const l3k_
         cudaEvent_t *round = &ev[r * per_round];
         ok = cudaEventRecord(round[0], stream) == cudaSuccess;
         for (int i = 0; ok && i < count; ++i) {
-            if (cublasLtMatmul(handle, ds.op, &alpha, g->a, ds.a, g->b, ds.b, &beta, c, ds.c_layout(), g->d,
+            if (LT(Matmul)(handle, ds.op, &alpha, g->a, ds.a, g->b, ds.b, &beta, c, ds.c_layout(), g->d,
                                ds.d, &cand[i].algo, g->workspace, g->workspace ? g->workspace_bytes : 0,
                                stream) != CUBLAS_STATUS_SUCCESS)
                 failed[i] = true;
@@ -163,15 +171,15 @@ int fastest_candidate(cublasLtHandle_t handle, const Descriptors &ds, const l3k_
 /* The descriptors of `g`'s configuration; has_c: C is read (beta != 0), separate_c: C needs its own
  * layout (another buffer or leading dimension than D). */
 int build_descriptors(const l3k_gemm_args *g, bool has_c, bool separate_c, Descriptors &ds) {
-    LT_TRY(cublasLtMatmulDescCreate(&ds.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    LT_TRY(LT(MatmulDescCreate)(&ds.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const int32_t ta = g->trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = g->trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-    LT_TRY(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
-    LT_TRY(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+    LT_TRY(LT(MatmulDescSetAttribute)(ds.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+    LT_TRY(LT(MatmulDescSetAttribute)(ds.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
     const cudaDataType_t ab = cuda_type(g->ab_dtype), cd = cuda_type(g->cd_dtype);
-    LT_TRY(cublasLtMatrixLayoutCreate(&ds.a, ab, g->trans_a ? g->k : g->m, g->trans_a ? g->m : g->k, g->lda));
-    LT_TRY(cublasLtMatrixLayoutCreate(&ds.b, ab, g->trans_b ? g->n : g->k, g->trans_b ? g->k : g->n, g->ldb));
-    LT_TRY(cublasLtMatrixLayoutCreate(&ds.d, cd, g->m, g->n, g->ldd));
-    if (has_c && separate_c) LT_TRY(cublasLtMatrixLayoutCreate(&ds.c, cd, g->m, g->n, g->ldc));
+    LT_TRY(LT(MatrixLayoutCreate)(&ds.a, ab, g->trans_a ? g->k : g->m, g->trans_a ? g->m : g->k, g->lda));
+    LT_TRY(LT(MatrixLayoutCreate)(&ds.b, ab, g->trans_b ? g->n : g->k, g->trans_b ? g->k : g->n, g->ldb));
+    LT_TRY(LT(MatrixLayoutCreate)(&ds.d, cd, g->m, g->n, g->ldd));
+    if (has_c && separate_c) LT_TRY(LT(MatrixLayoutCreate)(&ds.c, cd, g->m, g->n, g->ldc));
     return 0;
 }
 
@@ -227,16 +235,16 @@ extern "C" int l3k_cuda_gemm(const l3k_gemm_args *g, void *stream) {
         Descriptors &ds = fresh->ds;
         if ((err = build_descriptors(g, has_c, separate_c, ds)) != 0) return err;
         Preference pref;
-        LT_TRY(cublasLtMatmulPreferenceCreate(&pref.p));
-        LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
+        LT_TRY(LT(MatmulPreferenceCreate)(&pref.p));
+        LT_TRY(LT(MatmulPreferenceSetAttribute)(pref.p, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
                                                     sizeof ws));
-        LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+        LT_TRY(LT(MatmulPreferenceSetAttribute)(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
                                                     &al[0], 4));
-        LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        LT_TRY(LT(MatmulPreferenceSetAttribute)(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
                                                     &al[1], 4));
-        LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+        LT_TRY(LT(MatmulPreferenceSetAttribute)(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
                                                     &al[2], 4));
-        LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+        LT_TRY(LT(MatmulPreferenceSetAttribute)(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
                                                     &al[3], 4));
 
         cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
@@ -249,7 +257,7 @@ extern "C" int l3k_cuda_gemm(const l3k_gemm_args *g, void *stream) {
         /* A one-result query is served from cuBLASLt's heuristics cache; a longer one is not (~160 us). */
         cublasLtMatmulHeuristicResult_t cand[CANDIDATES] = {};
         int found = 0;
-        LT_TRY(cublasLtMatmulAlgoGetHeuristic(handle, ds.op, ds.a, ds.b, ds.c_layout(), ds.d, pref.p,
+        LT_TRY(LT(MatmulAlgoGetHeuristic)(handle, ds.op, ds.a, ds.b, ds.c_layout(), ds.d, pref.p,
                                               tune ? CANDIDATES : 1, cand, &found));
         if (found < 1) return -(int)CUBLAS_STATUS_NOT_SUPPORTED;
         fresh->algo = cand[tune && found > 1 ? fastest_candidate(handle, ds, g, c, alpha, beta, cand, found,
@@ -259,7 +267,7 @@ extern "C" int l3k_cuda_gemm(const l3k_gemm_args *g, void *stream) {
         plan = fresh.get();
     }
     const Descriptors &ds = plan->ds;
-    LT_TRY(cublasLtMatmul(handle, ds.op, &alpha, g->a, ds.a, g->b, ds.b, &beta, c, ds.c_layout(), g->d, ds.d,
+    LT_TRY(LT(Matmul)(handle, ds.op, &alpha, g->a, ds.a, g->b, ds.b, &beta, c, ds.c_layout(), g->d, ds.d,
                           &plan->algo, g->workspace, ws, (cudaStream_t)stream));
     if (fresh && !capturing) {
         std::lock_guard<std::mutex> lock(g_plans_mutex);

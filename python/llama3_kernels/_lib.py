@@ -149,14 +149,16 @@ def _candidates() -> list[Path]:
     if override:
         return [Path(override)]
     here = Path(__file__).resolve().parent
-    return sorted(here.glob("libl3k.so*")) + sorted(here.glob("l3k.dll"))
+    # The wheel holds one file, libl3k.so; versioned names are for a library copied in by hand.
+    return [p for p in [here / "libl3k.so"] if p.exists()] + sorted(here.glob("libl3k.so.*")) + sorted(
+        here.glob("l3k.dll"))
 
 
 def _load() -> ctypes.CDLL:
-    try:  # let PyTorch load its CUDA libraries (cuBLASLt) first: the library then shares them
+    try:  # PyTorch first, where it is installed: the first GEMM then finds its cuBLASLt loaded and shares it
         import torch  # noqa: F401
     except ImportError:
-        pass
+        pass  # the raw calls need no torch; cuBLASLt is looked for at the first CUDA GEMM
     paths = _candidates()
     if not paths:
         raise ImportError(

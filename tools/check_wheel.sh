@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Checks of the built wheel as a user without the build machine gets it:
+#  1. it holds one libl3k.so, whose dependencies name no cuBLAS and whose RUNPATH
+#     points nowhere (readelf), and which resolves with an empty LD_LIBRARY_PATH (ldd);
+#  2. in a fresh venv without PyTorch, `import llama3_kernels` works and a raw op
+#     runs on NumPy arrays, and the torch-level names say they need torch;
+#  3. where the library has CUDA: has_cuda() is true there too.
+#
+# Usage: bash tools/check_wheel.sh [WHEEL]   (default: build a CPU-only wheel into build/check-wheel)
+#   L3K_CUDA=ON bash tools/check_wheel.sh    builds the wheel with the CUDA kernels instead
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=build/check-wheel
+mkdir -p "$out"
+if [ $# -ge 1 ]; then
+  wheel=$1
+else
+  rm -f "$out"/llama3_kernels-*.whl
+  SKBUILD_CMAKE_DEFINE="L3K_CUDA=${L3K_CUDA:-OFF}" pip wheel . --no-deps -w "$out" -q
+  wheel=$(ls "$out"/llama3_kernels-*.whl)
+fi
+echo "wheel: $wheel"
+
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+# 1. The library inside the wheel.
+libs=$(python3 -c "import sys, zipfile; print('\n'.join(n for n in zipfile.ZipFile(sys.argv[1]).namelist() if 'libl3k' in n))" "$wheel")
+[ "$libs" = "llama3_kernels/libl3k.so" ] || fail "expected one llama3_kernels/libl3k.so in the wheel, found: $libs"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+python3 -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract('llama3_kernels/libl3k.so', sys.argv[2])" "$wheel" "$tmp"
+lib=$tmp/llama3_kernels/libl3k.so
+dyn=$(readelf -d "$lib")
+echo "$dyn" | grep -E 'NEEDED|RPATH|RUNPATH' || true
+if echo "$dyn" | grep -q 'NEEDED.*cublas'; then fail "libl3k.so links cuBLAS"; fi
+if echo "$dyn" | grep -qE 'R(UN)?PATH'; then fail "libl3k.so has an RPATH/RUNPATH"; fi
+if env -u LD_LIBRARY_PATH ldd "$lib" | grep -q 'not found'; then
+  env -u LD_LIBRARY_PATH ldd "$lib"
+  fail "libl3k.so has unresolved dependencies"
+fi
+
+# 2. A venv with NumPy and no PyTorch (the wheel's own dependencies are skipped: torch is one).
+venv=$tmp/venv
+python3 -m venv "$venv"
+"$venv/bin/pip" install -q numpy
+"$venv/bin/pip" install -q --no-deps "$wheel"
+env -u LD_LIBRARY_PATH "$venv/bin/python" - <<'PY'
+import importlib.util
+
+import numpy as np
+
+import llama3_kernels as l3k
+
+assert importlib.util.find_spec("torch") is None, "this check needs a venv without torch"
+x = np.random.default_rng(0).standard_normal((5, 123)).astype(np.float32)
+w = np.linspace(0.5, 1.5, 123, dtype=np.float32)
+y, rstd = np.full_like(x, np.nan), np.full(5, np.nan, np.float32)
+l3k.rmsnorm_forward_into(x, w, 1e-5, y, rstd)
+ref = x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * w
+assert np.abs(y - ref).max() < 1e-5, np.abs(y - ref).max()
+try:
+    l3k.rms_norm
+except ImportError as e:
+    assert "torch" in str(e), e
+else:
+    raise AssertionError("rms_norm without torch should raise ImportError")
+print(f"no torch: llama3_kernels {l3k.__version__} from {l3k.library_path()}, has_cuda={l3k.has_cuda()}, "
+      "rmsnorm_forward_into on NumPy ok")
+PY
+echo "check_wheel: all checks passed"
