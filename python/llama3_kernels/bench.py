@@ -435,7 +435,8 @@ def main(argv=None) -> int:
         why = "no CUDA GPU visible" if not torch.cuda.is_available() else (
             "--cpu given" if args.cpu else "library built without CUDA")
         print(f"[bench] {why}: {CPU_CAVEAT}.", flush=True)
-    print(f"[bench] {env['card']}, torch {env['torch']}, llama3_kernels {env['llama3_kernels']}, {date}",
+    print(f"[bench] {env['card']}, torch {env['torch']}, llama3_kernels {env['llama3_kernels']} "
+          f"(CUDA kernels {'built' if _lib.has_cuda() else 'NOT built: no nvcc when it was installed'}), {date}",
           flush=True)
 
     bw = copy_bandwidth(timer, device)
