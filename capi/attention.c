@@ -172,6 +172,7 @@ l3k_status l3k_attention_forward(const DLTensor *q, const DLTensor *k, const DLT
     static const char *const out_names[2] = {"o", "lse"};
     L3K_TRY(check_key_range(&c, key_range, a.batch, outs, out_names, 2, &a));
     if (a.batch == 0 || a.n_heads == 0 || a.seq_q == 0) return L3K_SUCCESS;
+    if (l3k_checking_only()) return L3K_SUCCESS;
     if (l3k_on_cuda(&c)) return l3k_cuda_launch(&c, L3K_CUDA_FN(l3k_cuda_attn_fwd), &a, stream);
     return cpu_result(&c, l3k_cpu_attn_fwd(&a));
 }
@@ -237,6 +238,7 @@ l3k_status l3k_attention_backward(const DLTensor *dout, const DLTensor *q, const
     a.workspace_bytes = need;
     a.deterministic = deterministic != 0;
     if (a.f.batch == 0 || a.f.n_kv_heads == 0 || a.f.head_dim == 0) return L3K_SUCCESS;
+    if (l3k_checking_only()) return L3K_SUCCESS;
     if (l3k_on_cuda(&c)) return l3k_cuda_launch(&c, L3K_CUDA_FN(l3k_cuda_attn_bwd), &a, stream);
     return cpu_result(&c, l3k_cpu_attn_bwd(&a));
 }

@@ -393,6 +393,24 @@ static l3k_status run_forward(l3k_call *c, const dims *d, const DLTensor *x, con
     return step(c, l3k_linear_forward(a, w->down_weight, h, out2, gemm, stream));
 }
 
+/* Every step checked before the first one runs (a refused call writes nothing), then run. */
+static l3k_status checked_forward(l3k_call *c, const dims *d, const DLTensor *x, const DLTensor *cos,
+                                  const DLTensor *sin, const l3k_llama_block_weights *w,
+                                  const l3k_llama_block_config *cfg, DLTensor *out, const fwd_buffers *buf,
+                                  const fwd_plan *p, char *ws, void *stream) {
+    l3k_set_checking_only(1);
+    const l3k_status st = run_forward(c, d, x, cos, sin, w, cfg, out, buf, p, ws, stream);
+    l3k_set_checking_only(0);
+    return st ? st : run_forward(c, d, x, cos, sin, w, cfg, out, buf, p, ws, stream);
+}
+
+/* The RoPE tables: checked here as tensors, so that a call with no token (which never reaches
+ * the RoPE step) refuses bad descriptors too; their shapes are the RoPE step's to check. */
+static l3k_status check_tables(l3k_call *c, const DLTensor *cos, const DLTensor *sin) {
+    L3K_TRY(l3k_check_tensor(c, cos, "cos"));
+    return l3k_check_tensor(c, sin, "sin");
+}
+
 /* A caller tensor the block writes: contiguous, `numel` elements, x's device, its dtype. */
 static l3k_status check_buffer(l3k_call *c, const DLTensor *t, const char *name, int64_t numel, l3k_dt want,
                                const char *like) {
@@ -509,6 +527,7 @@ l3k_status l3k_llama_block_forward(const DLTensor *x, const DLTensor *cos, const
     dims d;
     fwd_plan p;
     L3K_TRY(make_dims(&c, x, w, cfg, &d));
+    L3K_TRY(check_tables(&c, cos, sin));
     L3K_TRY(check_buffer(&c, out, "out", l3k_numel(x), d.dt, "x"));
     L3K_TRY(l3k_check_same_shape(&c, out, "out", x, "x"));
     plan_forward(&d, 1, 0, &p);
@@ -520,9 +539,10 @@ l3k_status l3k_llama_block_forward(const DLTensor *x, const DLTensor *cos, const
     L3K_TRY(check_disjoint(&c, &outs, &ins));
     if (d.t == 0 || d.dim == 0) return L3K_SUCCESS;
     char *ws = (char *)l3k_data(workspace);
-    const fwd_buffers buf = {ws + p.qkv.off, ws + p.h.off, ws + p.gu.off, ws + p.o.off,
-                             NULL, NULL, (float *)(ws + p.lse.off)};
-    return run_forward(&c, &d, x, cos, sin, w, cfg, out, &buf, &p, ws, stream);
+    const fwd_buffers buf = {l3k_ptr_add(ws, (int64_t)p.qkv.off), l3k_ptr_add(ws, (int64_t)p.h.off),
+                             l3k_ptr_add(ws, (int64_t)p.gu.off),  l3k_ptr_add(ws, (int64_t)p.o.off),
+                             NULL, NULL, l3k_ptr_add(ws, (int64_t)p.lse.off)};
+    return checked_forward(&c, &d, x, cos, sin, w, cfg, out, &buf, &p, ws, stream);
 }
 
 /* ---- training ------------------------------------------------------------- */
@@ -643,6 +663,7 @@ l3k_status l3k_llama_block_forward_train(const DLTensor *x, const DLTensor *cos,
     dims d;
     fwd_plan p;
     L3K_TRY(make_dims(&c, x, w, cfg, &d));
+    L3K_TRY(check_tables(&c, cos, sin));
     L3K_TRY(check_buffer(&c, out, "out", l3k_numel(x), d.dt, "x"));
     L3K_TRY(l3k_check_same_shape(&c, out, "out", x, "x"));
     L3K_TRY(check_activations(&c, &d, saved));
@@ -661,12 +682,12 @@ l3k_status l3k_llama_block_forward_train(const DLTensor *x, const DLTensor *cos,
         l3k_data(saved->qkv),
         l3k_data(saved->residual),
         l3k_data(saved->gate_up),
-        keep_attn ? l3k_data(saved->attn_out) : ws + p.o.off,
+        keep_attn ? l3k_data(saved->attn_out) : l3k_ptr_add(ws, (int64_t)p.o.off),
         (float *)l3k_data(saved->rstd1),
         (float *)l3k_data(saved->rstd2),
-        keep_attn ? (float *)l3k_data(saved->lse) : (float *)(ws + p.lse.off),
+        keep_attn ? (float *)l3k_data(saved->lse) : (float *)l3k_ptr_add(ws, (int64_t)p.lse.off),
     };
-    return run_forward(&c, &d, x, cos, sin, w, cfg, out, &buf, &p, ws, stream);
+    return checked_forward(&c, &d, x, cos, sin, w, cfg, out, &buf, &p, ws, stream);
 }
 
 /* The gradients, and their two projections with parts as GEMM targets. */
@@ -699,6 +720,95 @@ static l3k_status check_grads(l3k_call *c, const dims *d, const l3k_llama_block_
     return L3K_SUCCESS;
 }
 
+/* The backward's operands: views of the caller's buffers and of the workspace. */
+typedef struct {
+    view vx, vdout, vdx, vda, vdgu, vgu, vh, vr1, vr2, vq, vk, vv, vo, vo4, vlse, vdo, vdo4, vdq, vdk, vdv, vxpre,
+        vnorm, vgemm, vnws, vaws;
+    DLTensor *x2, *dout2, *dx2, *da, *gu, *dgu, *h, *r1, *r2, *q, *k, *v, *o, *o4, *lse, *dO, *dO4, *dq, *dk, *dv,
+        *xpre, *norm1, *gemm, *norm_ws, *attn_ws;
+    void *dgu_base, *dqkv_base;
+    int keep_attn;
+} bwd_views;
+
+static void make_bwd_views(bwd_views *b, const dims *d, const bwd_plan *p, const DLTensor *x, const DLTensor *dout,
+                           DLTensor *dx, const l3k_llama_block_activations *saved, int preserve, const proj *ggu,
+                           char *ws) {
+    const attn_plan *ap = &p->ap;
+    char *dgu_base = preserve ? l3k_ptr_add(ws, (int64_t)p->dgu.off) : (char *)l3k_data(saved->gate_up);
+    char *attn_base = p->attn_in_dgu ? dgu_base : l3k_ptr_add(ws, (int64_t)p->attn.off);
+    /* da waits in the gate/up gradient's memory (the gate part's, when the parts are apart). */
+    char *da_base = p->da_in_dgrad ? (char *)l3k_data(ggu->w[0]) : l3k_ptr_add(ws, (int64_t)p->da.off);
+    void *qkv = l3k_data(saved->qkv);
+    b->keep_attn = saved->attn_out != NULL;
+    b->dgu_base = dgu_base;
+    b->dqkv_base = l3k_ptr_add(attn_base, (int64_t)ap->dqkv.off);
+    b->x2 = rows_view(&b->vx, x, l3k_data(x), 0, d->t, d->dim);
+    b->dout2 = rows_view(&b->vdout, x, l3k_data(dout), 0, d->t, d->dim);
+    b->dx2 = rows_view(&b->vdx, x, l3k_data(dx), 0, d->t, d->dim);
+    b->da = rows_view(&b->vda, x, da_base, 0, d->t, d->hidden);
+    b->gu = rows_view(&b->vgu, x, l3k_data(saved->gate_up), 0, d->t, 2 * d->hidden);
+    b->dgu = rows_view(&b->vdgu, x, dgu_base, 0, d->t, 2 * d->hidden);
+    b->h = rows_view(&b->vh, x, l3k_data(saved->residual), 0, d->t, d->dim);
+    b->r1 = f32_view(&b->vr1, x, l3k_data(saved->rstd1), 0, d->t);
+    b->r2 = f32_view(&b->vr2, x, l3k_data(saved->rstd2), 0, d->t);
+    b->q = heads_view(&b->vq, x, qkv, 0, d, d->qkv, 0, d->h);
+    b->k = heads_view(&b->vk, x, qkv, 0, d, d->qkv, d->h, d->hkv);
+    b->v = heads_view(&b->vv, x, qkv, 0, d, d->qkv, d->h + d->hkv, d->hkv);
+    void *o_base = b->keep_attn ? l3k_data(saved->attn_out) : attn_base;
+    const size_t o_off = b->keep_attn ? 0 : ap->o.off;
+    b->o = rows_view(&b->vo, x, o_base, o_off, d->t, d->dim);
+    b->o4 = heads_view(&b->vo4, x, o_base, o_off, d, d->dim, 0, d->h);
+    b->lse = f32_view(&b->vlse, x, b->keep_attn ? l3k_data(saved->lse) : attn_base,
+                      b->keep_attn ? 0 : ap->lse.off, d->b * d->h * d->s);
+    b->dO = rows_view(&b->vdo, x, attn_base, ap->dout.off, d->t, d->dim);
+    b->dO4 = heads_view(&b->vdo4, x, attn_base, ap->dout.off, d, d->dim, 0, d->h);
+    b->dq = heads_view(&b->vdq, x, attn_base, ap->dqkv.off, d, d->qkv, 0, d->h);
+    b->dk = heads_view(&b->vdk, x, attn_base, ap->dqkv.off, d, d->qkv, d->h, d->hkv);
+    b->dv = heads_view(&b->vdv, x, attn_base, ap->dqkv.off, d, d->qkv, d->h + d->hkv, d->hkv);
+    /* dQKV Wqkv reuses the attention output's slot, the first norm's output dO's. */
+    b->xpre = rows_view(&b->vxpre, x, attn_base, ap->o.off, d->t, d->dim);
+    b->norm1 = rows_view(&b->vnorm, x, attn_base, ap->dout.off, d->t, d->dim);
+    b->gemm = p->gemm.bytes ? bytes_view(&b->vgemm, x, ws, p->gemm) : NULL;
+    b->norm_ws = p->norm_ws.bytes ? bytes_view(&b->vnws, x, ws, p->norm_ws) : NULL;
+    const region aw = {ap->attn_ws.off, ap->attn_ws.bytes};
+    b->attn_ws = aw.bytes ? bytes_view(&b->vaws, x, attn_base, aw) : NULL;
+}
+
+static l3k_status backward_steps(l3k_call *c, const dims *d, const bwd_views *b, const l3k_llama_block_weights *w,
+                                 const l3k_llama_block_config *cfg, const DLTensor *cos, const DLTensor *sin,
+                                 const proj *gqkv, const proj *ggu, const l3k_llama_block_grads *g, void *stream) {
+    DLTensor *gemm = b->gemm;
+    /* MLP: out = h + a Wd^T, a = silu(g) * u.  a is written over da. */
+    L3K_TRY(step(c, l3k_linear_backward_input(b->dout2, w->down_weight, b->da, 0, gemm, stream)));
+    L3K_TRY(step(c, l3k_swiglu_fused_backward(b->da, b->gu, b->dgu, b->da, stream)));
+    L3K_TRY(step(c, l3k_linear_backward_weight(b->dout2, b->da, g->down_weight, 0, gemm, stream)));
+    /* [g | u] = rmsnorm(h) Wgu^T: the norm's output is recomputed into dx, read, then dx takes dh. */
+    L3K_TRY(step(c, l3k_rmsnorm_forward(b->h, w->norm2_weight, cfg->eps, b->dx2, NULL, stream)));
+    L3K_TRY(proj_backward_weight(c, d, ggu, b->dgu_base, 2 * d->hidden, b->dx2, gemm, stream));
+    L3K_TRY(proj_backward_input(c, d, &d->wgu, b->dgu_base, 2 * d->hidden, b->dx2, gemm, stream));
+    /* dx <- d(out)/dh: through the second norm, plus dout along the residual. */
+    L3K_TRY(step(c, l3k_rmsnorm_backward(b->dx2, b->dout2, b->h, w->norm2_weight, b->r2, cfg->eps, b->dx2,
+                                         g->norm2_weight, b->norm_ws, stream)));
+
+    /* Attention: h = x + o Wo^T; dgu is dead, its memory is the scratch from here on. */
+    if (!b->keep_attn)
+        L3K_TRY(step(c, l3k_attention_forward(b->q, b->k, b->v, d->key_range, 0.0f, cfg->causal, b->o4, b->lse,
+                                              stream)));
+    L3K_TRY(step(c, l3k_linear_backward_input(b->dx2, w->o_weight, b->dO, 0, gemm, stream)));
+    L3K_TRY(step(c, l3k_linear_backward_weight(b->dx2, b->o, g->o_weight, 0, gemm, stream)));
+    L3K_TRY(step(c, l3k_attention_backward(b->dO4, b->q, b->k, b->v, d->key_range, b->o4, b->lse, 0.0f,
+                                           cfg->causal, cfg->deterministic, b->dq, b->dk, b->dv, b->attn_ws,
+                                           stream)));
+    L3K_TRY(step(c, l3k_rope_backward(b->dq, b->dk, cos, sin, 0, L3K_ROPE_HALF, b->dq, b->dk, stream)));
+    /* qkv = rmsnorm(x) Wqkv^T: the norm's output is recomputed. */
+    L3K_TRY(step(c, l3k_rmsnorm_forward(b->x2, w->norm1_weight, cfg->eps, b->norm1, NULL, stream)));
+    L3K_TRY(proj_backward_weight(c, d, gqkv, b->dqkv_base, d->qkv, b->norm1, gemm, stream));
+    L3K_TRY(proj_backward_input(c, d, &d->wqkv, b->dqkv_base, d->qkv, b->xpre, gemm, stream));
+    /* dx = through the first norm, plus dh along the residual (dx holds dh: in place). */
+    return step(c, l3k_rmsnorm_backward(b->xpre, b->dx2, b->x2, w->norm1_weight, b->r1, cfg->eps, b->dx2,
+                                        g->norm1_weight, b->norm_ws, stream));
+}
+
 l3k_status l3k_llama_block_backward(const DLTensor *dout, const DLTensor *x, const DLTensor *cos,
                                     const DLTensor *sin, const l3k_llama_block_weights *w,
                                     const l3k_llama_block_config *cfg, const l3k_llama_block_activations *saved,
@@ -708,6 +818,7 @@ l3k_status l3k_llama_block_backward(const DLTensor *dout, const DLTensor *x, con
     dims d;
     bwd_plan p;
     L3K_TRY(make_dims(&c, x, w, cfg, &d));
+    L3K_TRY(check_tables(&c, cos, sin));
     if (flags & ~L3K_BLOCK_PRESERVE_ACTIVATIONS)
         return l3k_fail(&c, L3K_ERROR_VALUE, "flags is %u, expected 0 or L3K_BLOCK_PRESERVE_ACTIVATIONS (%u)",
                         flags, L3K_BLOCK_PRESERVE_ACTIVATIONS);
@@ -745,71 +856,11 @@ l3k_status l3k_llama_block_backward(const DLTensor *dout, const DLTensor *x, con
     /* With no token the steps still run: the weight gradients' GEMMs over zero rows write zeros. */
     if (d.dim == 0) return L3K_SUCCESS;
 
-    char *ws = (char *)l3k_data(workspace);
-    view vx, vdout, vdx, vda, vdgu, vgu, vh, vr1, vr2, vq, vk, vv, vo, vo4, vlse, vdo, vdo4, vdq, vdk,
-        vdv, vxpre, vnorm, vgemm, vnws, vaws;
-    char *dgu_base = preserve ? ws + p.dgu.off : (char *)l3k_data(saved->gate_up);
-    char *attn_base = p.attn_in_dgu ? dgu_base : ws + p.attn.off;
-    /* da waits in the gate/up gradient's memory (the gate part's, when the parts are apart). */
-    char *da_base = p.da_in_dgrad ? (char *)l3k_data(ggu.w[0]) : ws + p.da.off;
-    const attn_plan *ap = &p.ap;
-
-    DLTensor *x2 = rows_view(&vx, x, l3k_data(x), 0, d.t, d.dim);
-    DLTensor *dout2 = rows_view(&vdout, x, l3k_data(dout), 0, d.t, d.dim);
-    DLTensor *dx2 = rows_view(&vdx, x, l3k_data(dx), 0, d.t, d.dim);
-    DLTensor *da = rows_view(&vda, x, da_base, 0, d.t, d.hidden);
-    DLTensor *gu = rows_view(&vgu, x, l3k_data(saved->gate_up), 0, d.t, 2 * d.hidden);
-    DLTensor *dgu = rows_view(&vdgu, x, dgu_base, 0, d.t, 2 * d.hidden);
-    DLTensor *h = rows_view(&vh, x, l3k_data(saved->residual), 0, d.t, d.dim);
-    DLTensor *r1 = f32_view(&vr1, x, l3k_data(saved->rstd1), 0, d.t);
-    DLTensor *r2 = f32_view(&vr2, x, l3k_data(saved->rstd2), 0, d.t);
-    DLTensor *q = heads_view(&vq, x, l3k_data(saved->qkv), 0, &d, d.qkv, 0, d.h);
-    DLTensor *k = heads_view(&vk, x, l3k_data(saved->qkv), 0, &d, d.qkv, d.h, d.hkv);
-    DLTensor *v = heads_view(&vv, x, l3k_data(saved->qkv), 0, &d, d.qkv, d.h + d.hkv, d.hkv);
-    const int keep_attn = saved->attn_out != NULL;
-    void *o_base = keep_attn ? l3k_data(saved->attn_out) : attn_base + ap->o.off;
-    DLTensor *o = rows_view(&vo, x, o_base, 0, d.t, d.dim);
-    DLTensor *o4 = heads_view(&vo4, x, o_base, 0, &d, d.dim, 0, d.h);
-    const int64_t nlse = d.b * d.h * d.s;
-    DLTensor *lse = f32_view(&vlse, x, keep_attn ? l3k_data(saved->lse) : attn_base + ap->lse.off, 0, nlse);
-    DLTensor *dO = rows_view(&vdo, x, attn_base, ap->dout.off, d.t, d.dim);
-    DLTensor *dO4 = heads_view(&vdo4, x, attn_base, ap->dout.off, &d, d.dim, 0, d.h);
-    DLTensor *dq = heads_view(&vdq, x, attn_base, ap->dqkv.off, &d, d.qkv, 0, d.h);
-    DLTensor *dk = heads_view(&vdk, x, attn_base, ap->dqkv.off, &d, d.qkv, d.h, d.hkv);
-    DLTensor *dv = heads_view(&vdv, x, attn_base, ap->dqkv.off, &d, d.qkv, d.h + d.hkv, d.hkv);
-    /* dQKV Wqkv reuses the attention output's slot, the first norm's output dO's. */
-    DLTensor *xpre = rows_view(&vxpre, x, attn_base, ap->o.off, d.t, d.dim);
-    DLTensor *norm1 = rows_view(&vnorm, x, attn_base, ap->dout.off, d.t, d.dim);
-    DLTensor *gemm = p.gemm.bytes ? bytes_view(&vgemm, x, ws, p.gemm) : NULL;
-    DLTensor *norm_ws = p.norm_ws.bytes ? bytes_view(&vnws, x, ws, p.norm_ws) : NULL;
-    region aw = {ap->attn_ws.off, ap->attn_ws.bytes};
-    DLTensor *attn_ws = aw.bytes ? bytes_view(&vaws, x, attn_base, aw) : NULL;
-
-    /* MLP: out = h + a Wd^T, a = silu(g) * u.  a is written over da. */
-    L3K_TRY(step(&c, l3k_linear_backward_input(dout2, w->down_weight, da, 0, gemm, stream)));
-    L3K_TRY(step(&c, l3k_swiglu_fused_backward(da, gu, dgu, da, stream)));
-    L3K_TRY(step(&c, l3k_linear_backward_weight(dout2, da, g->down_weight, 0, gemm, stream)));
-    /* [g | u] = rmsnorm(h) Wgu^T: the norm's output is recomputed into dx, read, then dx takes dh. */
-    L3K_TRY(step(&c, l3k_rmsnorm_forward(h, w->norm2_weight, cfg->eps, dx2, NULL, stream)));
-    L3K_TRY(proj_backward_weight(&c, &d, &ggu, dgu_base, 2 * d.hidden, dx2, gemm, stream));
-    L3K_TRY(proj_backward_input(&c, &d, &d.wgu, dgu_base, 2 * d.hidden, dx2, gemm, stream));
-    /* dx <- d(out)/dh: through the second norm, plus dout along the residual. */
-    L3K_TRY(step(&c, l3k_rmsnorm_backward(dx2, dout2, h, w->norm2_weight, r2, cfg->eps, dx2, g->norm2_weight,
-                                          norm_ws, stream)));
-
-    /* Attention: h = x + o Wo^T; dgu is dead, its memory is the scratch from here on. */
-    if (!keep_attn)
-        L3K_TRY(step(&c, l3k_attention_forward(q, k, v, d.key_range, 0.0f, cfg->causal, o4, lse, stream)));
-    L3K_TRY(step(&c, l3k_linear_backward_input(dx2, w->o_weight, dO, 0, gemm, stream)));
-    L3K_TRY(step(&c, l3k_linear_backward_weight(dx2, o, g->o_weight, 0, gemm, stream)));
-    L3K_TRY(step(&c, l3k_attention_backward(dO4, q, k, v, d.key_range, o4, lse, 0.0f, cfg->causal,
-                                            cfg->deterministic, dq, dk, dv, attn_ws, stream)));
-    L3K_TRY(step(&c, l3k_rope_backward(dq, dk, cos, sin, 0, L3K_ROPE_HALF, dq, dk, stream)));
-    /* qkv = rmsnorm(x) Wqkv^T: the norm's output is recomputed. */
-    L3K_TRY(step(&c, l3k_rmsnorm_forward(x2, w->norm1_weight, cfg->eps, norm1, NULL, stream)));
-    L3K_TRY(proj_backward_weight(&c, &d, &gqkv, attn_base + ap->dqkv.off, d.qkv, norm1, gemm, stream));
-    L3K_TRY(proj_backward_input(&c, &d, &d.wqkv, attn_base + ap->dqkv.off, d.qkv, xpre, gemm, stream));
-    /* dx = through the first norm, plus dh along the residual (dx holds dh: in place). */
-    return step(&c, l3k_rmsnorm_backward(xpre, dx2, x2, w->norm1_weight, r1, cfg->eps, dx2, g->norm1_weight,
-                                         norm_ws, stream));
+    bwd_views v;
+    make_bwd_views(&v, &d, &p, x, dout, dx, saved, preserve, &ggu, (char *)l3k_data(workspace));
+    /* Every step is checked before the first one runs: a refused call writes nothing. */
+    l3k_set_checking_only(1);
+    const l3k_status st = backward_steps(&c, &d, &v, w, cfg, cos, sin, &gqkv, &ggu, g, stream);
+    l3k_set_checking_only(0);
+    return st ? st : backward_steps(&c, &d, &v, w, cfg, cos, sin, &gqkv, &ggu, g, stream);
 }

@@ -697,6 +697,9 @@ int main(void) {
     test_padded(&w, &cfg, &seed);
 
     free(gu_copy);
+    host_tensor *const owned[] = {&tq, &th, &tgu, &tr1, &tr2, &tfw, &tbw, &tao, &tlse};
+    for (size_t i = 0; i < sizeof owned / sizeof owned[0]; ++i) free(owned[i]->t.data);
+    for (int i = 1; i < N_PARTS; ++i) free(gbuf[i]);
     printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "ok", g_failures);
     return g_failures ? 1 : 0;
 }
