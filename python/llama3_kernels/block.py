@@ -257,33 +257,35 @@ torch.library.register_autograd(f"{NAMESPACE}::llama_block_train", _train_backwa
 # ---- eager autograd ----------------------------------------------------------------------------
 
 class LlamaBlockFunction(torch.autograd.Function):
-    """The whole block as one autograd node over the two C calls.  Its activations are kept
-    on ctx, and the backward consumes them unless the graph is retained."""
+    """The whole block as one autograd node over the two C calls.  Inputs, weights and
+    activations go through save_for_backward, so that saved-tensor hooks (non-reentrant
+    checkpointing, offloading) see them; the backward consumes the activations unless the graph
+    is retained."""
 
     @staticmethod
     def forward(ctx, x, cos, sin, call: BlockCall, keep_attention: bool, key_range, *weights):
         out, *acts = call.train_forward(x, cos, sin, keep_attention, key_range)
-        ctx.call, ctx.inputs, ctx.activations, ctx.weights = call, (x, cos, sin), acts, weights
-        ctx.key_range = key_range
+        ctx.save_for_backward(x, cos, sin, key_range, *weights, *acts)
+        ctx.call, ctx.n_weights, ctx.consumed = call, len(weights), False
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        if ctx.activations is None:
+        if ctx.consumed:
             raise RuntimeError(
                 "Llama3Block: backward through the block a second time: the first backward consumed its "
                 "activations (it writes the gate/up gradient over them). Pass retain_graph=True to the "
                 "first backward to keep them.")
-        acts = ctx.activations
+        x, cos, sin, key_range, *rest = ctx.saved_tensors
+        weights, acts = rest[:ctx.n_weights], rest[ctx.n_weights:]
         preserve = torch._C._autograd._get_current_graph_task_keep_graph()
-        if not preserve:
-            ctx.activations = None
+        ctx.consumed = not preserve
         call = ctx.call
         # Sharded training (FSDP) frees the weights' memory after the forward and gathers them
         # anew for the backward: borrow them again where their storage moved.
-        if any(w.data_ptr() != ptr for w, ptr in zip(ctx.weights, call.data_ptrs)):
-            call = BlockCall(ctx.weights, *call.spec)
-        dx, *grads = call.backward(dout, *ctx.inputs, acts, preserve, ctx.key_range)
+        if any(w.data_ptr() != ptr for w, ptr in zip(weights, call.data_ptrs)):
+            call = BlockCall(weights, *call.spec)
+        dx, *grads = call.backward(dout, x, cos, sin, acts, preserve, key_range)
         return (dx, None, None, None, None, None, *grads)
 
 

@@ -391,10 +391,9 @@ def test_gradient_checkpointing(reentrant, device, monkeypatch):
         assert_close(got_grads[n], want_grads[n], dtype, 1.0, f"grad {n}")
 
 
-@pytest.mark.xfail(strict=True, reason="the eager block keeps its activations on its autograd ctx, out of reach of "
-                   "the saved-tensor hooks non-reentrant checkpointing (transformers 5's default) drops and "
-                   "recomputes through: the layer is not recomputed and its activations stay alive")
 def test_non_reentrant_checkpointing_recomputes(device, monkeypatch):
+    """Non-reentrant checkpointing (transformers 5's default) drops the block's saved tensors and
+    reruns the layer in the backward to get them back."""
     n_plain, n_ckpt, _, _ = _checkpointing(False, device, monkeypatch)
     assert n_ckpt == 2 * n_plain
 
