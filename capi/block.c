@@ -199,6 +199,19 @@ static l3k_status make_proj(l3k_call *c, proj *p, const DLTensor *fused, const c
     return L3K_SUCCESS;
 }
 
+/* Every buffer the block plans is at most tokens * (qkv + 4 dim + 4 hidden + 2 heads) elements
+ * of 8 bytes; bound that once, so no size the plans add up can overflow. */
+static l3k_status check_plan_fits(l3k_call *c, const dims *d) {
+    int64_t per_token = d->qkv, n;
+    L3K_TRY(l3k_size_mul(c, "block buffers: 4 * dim", 4, d->dim, &n));
+    L3K_TRY(l3k_size_add(c, "block buffers: elements per token", per_token, n, &per_token));
+    L3K_TRY(l3k_size_mul(c, "block buffers: 4 * hidden", 4, d->hidden, &n));
+    L3K_TRY(l3k_size_add(c, "block buffers: elements per token", per_token, n, &per_token));
+    L3K_TRY(l3k_size_add(c, "block buffers: elements per token", per_token, 2 * d->h, &per_token));
+    L3K_TRY(l3k_size_mul(c, "block buffers: tokens * elements per token", d->t, per_token, &n));
+    return l3k_size_mul(c, "block buffers: bytes", n, 8, &n);
+}
+
 static l3k_status make_dims(l3k_call *c, const DLTensor *x, const l3k_llama_block_weights *w,
                             const l3k_llama_block_config *cfg, dims *d) {
     L3K_TRY(check_struct_size(c, w, w ? w->struct_size : 0, sizeof(l3k_llama_block_weights), "weights",
@@ -214,7 +227,7 @@ static l3k_status make_dims(l3k_call *c, const DLTensor *x, const l3k_llama_bloc
     d->b = x->shape[0];
     d->s = x->shape[1];
     d->dim = x->shape[2];
-    d->t = d->b * d->s;
+    L3K_TRY(l3k_size_mul(c, "tokens batch * seq", d->b, d->s, &d->t));
     if (cfg->n_heads < 1 || d->dim % cfg->n_heads != 0)
         return l3k_fail(c, L3K_ERROR_VALUE, "n_heads is %lld, expected a divisor of dim %lld",
                         (long long)cfg->n_heads, (long long)d->dim);
@@ -225,7 +238,9 @@ static l3k_status make_dims(l3k_call *c, const DLTensor *x, const l3k_llama_bloc
     d->h = cfg->n_heads;
     d->hkv = cfg->n_kv_heads;
     d->hd = d->dim / d->h;
-    d->qkv = d->dim + 2 * d->hkv * d->hd;
+    int64_t kv_width;
+    L3K_TRY(l3k_size_mul(c, "qkv width: 2 * n_kv_heads * head_dim", 2, d->hkv * d->hd, &kv_width));
+    L3K_TRY(l3k_size_add(c, "qkv width: dim + 2 * n_kv_heads * head_dim", d->dim, kv_width, &d->qkv));
     const DLTensor *qkv_parts[3] = {w->q_weight, w->k_weight, w->v_weight};
     static const char *qkv_names[3] = {"q_weight", "k_weight", "v_weight"};
     const int64_t qkv_widths[3] = {d->dim, d->hkv * d->hd, d->hkv * d->hd};
@@ -261,6 +276,7 @@ static l3k_status make_dims(l3k_call *c, const DLTensor *x, const l3k_llama_bloc
         }
     }
     d->es = l3k_dt_size(d->dt);
+    L3K_TRY(check_plan_fits(c, d));
     L3K_TRY(l3k_linear_workspace_size(x, &d->gemm_ws));
     /* The RMSNorm backward's scratch for (tokens, dim) rows, asked of the op itself. */
     const int64_t rows_shape[2] = {d->t, d->dim};
