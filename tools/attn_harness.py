@@ -11,6 +11,7 @@ with nvcc/gcc and calls it through ctypes with a hand-written mirror of kernels/
 
 --mode sanitize runs a few tiny cases only (for compute-sanitizer memcheck/racecheck).
 """
+
 import argparse
 import ctypes
 import math
@@ -32,13 +33,24 @@ DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 class FwdArgs(ctypes.Structure):
     _fields_ = [
-        ("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p),
-        ("o", ctypes.c_void_p), ("lse", ctypes.c_void_p),
-        ("batch", ctypes.c_int64), ("n_heads", ctypes.c_int64), ("n_kv_heads", ctypes.c_int64),
-        ("seq_q", ctypes.c_int64), ("seq_k", ctypes.c_int64), ("head_dim", ctypes.c_int64),
-        ("q_stride", ctypes.c_int64 * 3), ("k_stride", ctypes.c_int64 * 3),
-        ("v_stride", ctypes.c_int64 * 3), ("o_stride", ctypes.c_int64 * 3),
-        ("scale", ctypes.c_float), ("causal", ctypes.c_int), ("dtype", ctypes.c_int),
+        ("q", ctypes.c_void_p),
+        ("k", ctypes.c_void_p),
+        ("v", ctypes.c_void_p),
+        ("o", ctypes.c_void_p),
+        ("lse", ctypes.c_void_p),
+        ("batch", ctypes.c_int64),
+        ("n_heads", ctypes.c_int64),
+        ("n_kv_heads", ctypes.c_int64),
+        ("seq_q", ctypes.c_int64),
+        ("seq_k", ctypes.c_int64),
+        ("head_dim", ctypes.c_int64),
+        ("q_stride", ctypes.c_int64 * 3),
+        ("k_stride", ctypes.c_int64 * 3),
+        ("v_stride", ctypes.c_int64 * 3),
+        ("o_stride", ctypes.c_int64 * 3),
+        ("scale", ctypes.c_float),
+        ("causal", ctypes.c_int),
+        ("dtype", ctypes.c_int),
         ("key_range", ctypes.c_void_p),  # int32 (B, 2) on the GPU, or None
     ]
 
@@ -46,16 +58,25 @@ class FwdArgs(ctypes.Structure):
 class BwdArgs(ctypes.Structure):
     _fields_ = [
         ("f", FwdArgs),
-        ("dout", ctypes.c_void_p), ("do_stride", ctypes.c_int64 * 3),
-        ("dq", ctypes.c_void_p), ("dk", ctypes.c_void_p), ("dv", ctypes.c_void_p),
-        ("dq_stride", ctypes.c_int64 * 3), ("dk_stride", ctypes.c_int64 * 3), ("dv_stride", ctypes.c_int64 * 3),
-        ("workspace", ctypes.c_void_p), ("workspace_bytes", ctypes.c_size_t), ("deterministic", ctypes.c_int),
+        ("dout", ctypes.c_void_p),
+        ("do_stride", ctypes.c_int64 * 3),
+        ("dq", ctypes.c_void_p),
+        ("dk", ctypes.c_void_p),
+        ("dv", ctypes.c_void_p),
+        ("dq_stride", ctypes.c_int64 * 3),
+        ("dk_stride", ctypes.c_int64 * 3),
+        ("dv_stride", ctypes.c_int64 * 3),
+        ("workspace", ctypes.c_void_p),
+        ("workspace_bytes", ctypes.c_size_t),
+        ("deterministic", ctypes.c_int),
     ]
 
 
 def build(arch, out, root=ROOT):
-    src_cu = [os.path.join(root, "kernels/cuda", f) for f in (
-        "flash_attn.cu", "flash_fwd_sm80.cu", "flash_bwd_sm80.cu", "flash_fwd_sm90.cu", "flash_bwd_sm90.cu")]
+    src_cu = [
+        os.path.join(root, "kernels/cuda", f)
+        for f in ("flash_attn.cu", "flash_fwd_sm80.cu", "flash_bwd_sm80.cu", "flash_fwd_sm90.cu", "flash_bwd_sm90.cu")
+    ]
     src_c = os.path.join(root, "kernels/cpu/flash_attn.c")
     inc = os.path.join(root, "kernels")
     obj_c = out + ".c.o"
@@ -64,14 +85,34 @@ def build(arch, out, root=ROOT):
     gencode = []
     for a in arch.split(","):
         gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-    cmd = ["nvcc", "-std=c++17", "-O3", "-lineinfo", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-fopenmp", *gencode,
-           "-Xptxas", "-v", "-I" + inc, *src_cu, obj_c, "-o", out]
+    cmd = [
+        "nvcc",
+        "-std=c++17",
+        "-O3",
+        "-lineinfo",
+        "-shared",
+        "-Xcompiler",
+        "-fPIC",
+        "-Xcompiler",
+        "-fopenmp",
+        *gencode,
+        "-Xptxas",
+        "-v",
+        "-I" + inc,
+        *src_cu,
+        obj_c,
+        "-o",
+        out,
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         print(r.stdout, r.stderr)
         raise SystemExit("build failed")
     spills = [l for l in r.stderr.splitlines() if "spill" in l and not l.strip().startswith("0 bytes stack")]
-    print(f"built {out} in {time.time() - t0:.1f}s; kernels with spills: {sum(1 for l in spills if ' 0 bytes spill stores' not in l)}")
+    print(
+        f"built {out} in {time.time() - t0:.1f}s; kernels with spills: "
+        f"{sum(1 for l in spills if ' 0 bytes spill stores' not in l)}"
+    )
     return out
 
 
@@ -193,15 +234,15 @@ PARITY_CASES = [
     (1, 4, 4, 1, 1, 64, False),
     (2, 4, 4, 17, 17, 64, True),
     (1, 8, 2, 128, 128, 128, True),
-    (1, 8, 1, 1000, 1000, 128, True),      # MQA
+    (1, 8, 1, 1000, 1000, 128, True),  # MQA
     (1, 8, 2, 2048, 2048, 128, False),
-    (1, 16, 2, 1000, 1000, 64, False),     # GQA 8
+    (1, 16, 2, 1000, 1000, 64, False),  # GQA 8
     (1, 4, 1, 113, 203, 64, True),
-    (1, 4, 4, 203, 113, 128, True),        # Sq > Sk: fully masked rows
+    (1, 4, 4, 203, 113, 128, True),  # Sq > Sk: fully masked rows
     (1, 2, 2, 1, 239, 128, True),
     (1, 2, 2, 239, 1, 128, True),
     (2, 4, 2, 1023, 1024, 128, True),
-    (1, 4, 2, 17, 100, 40, True),          # odd head dims -> padded kernels
+    (1, 4, 2, 17, 100, 40, True),  # odd head dims -> padded kernels
     (1, 4, 1, 100, 17, 96, False),
     (1, 2, 2, 128, 257, 160, True),
     (1, 2, 1, 300, 300, 256, True),
@@ -218,13 +259,13 @@ PARITY_CASES = [
 # empty or full, and run past both ends (the kernels clamp them).
 RANGE_PATTERNS = [
     lambda S: (0, S),
-    lambda S: (S - S // 3, S),           # left padding
-    lambda S: (0, S // 2 + 1),           # right padding
-    lambda S: (64, min(S, 192)),         # tile edges (mma.sync 64-key tiles, wgmma 128)
+    lambda S: (S - S // 3, S),  # left padding
+    lambda S: (0, S // 2 + 1),  # right padding
+    lambda S: (64, min(S, 192)),  # tile edges (mma.sync 64-key tiles, wgmma 128)
     lambda S: (min(S, 128), min(S, 128)),  # empty
-    lambda S: (-3, S + 10),              # past both ends: every key
+    lambda S: (-3, S + 10),  # past both ends: every key
     lambda S: (1, max(1, S - 1)),
-    lambda S: (S // 2, S // 2 + 1),      # one key
+    lambda S: (S // 2, S // 2 + 1),  # one key
 ]
 
 KEY_RANGE_CASES = [
@@ -234,14 +275,15 @@ KEY_RANGE_CASES = [
     (8, 2, 2, 1000, 1000, 64, True),
     (8, 2, 2, 257, 257, 256, True),
     (8, 2, 1, 130, 500, 128, False),
-    (8, 4, 2, 500, 130, 96, True),       # Sq > Sk: rows masked by the diagonal and by the range
+    (8, 4, 2, 500, 130, 96, True),  # Sq > Sk: rows masked by the diagonal and by the range
     (8, 8, 2, 2048, 2048, 128, True),
 ]
 
 
 def key_ranges(B, SK, offset):
-    return torch.tensor([RANGE_PATTERNS[(b + offset) % len(RANGE_PATTERNS)](SK) for b in range(B)],
-                        dtype=torch.int32, device="cuda")
+    return torch.tensor(
+        [RANGE_PATTERNS[(b + offset) % len(RANGE_PATTERNS)](SK) for b in range(B)], dtype=torch.int32, device="cuda"
+    )
 
 
 def parity(lib):
@@ -257,16 +299,20 @@ def parity(lib):
             bshd = ci % 3 == 1
             mag = 3.0 if ci % 4 == 2 else 1.0
             scale = 1.0 / math.sqrt(D)
-            q = (torch.randn(B, SQ, H, D, device="cuda") * mag).to(dtype).transpose(1, 2) if bshd else \
-                (torch.randn(B, H, SQ, D, device="cuda") * mag).to(dtype)
+            q = (
+                (torch.randn(B, SQ, H, D, device="cuda") * mag).to(dtype).transpose(1, 2)
+                if bshd
+                else (torch.randn(B, H, SQ, D, device="cuda") * mag).to(dtype)
+            )
             k = (torch.randn(B, HKV, SK, D, device="cuda") * mag).to(dtype)
             v = torch.randn(B, HKV, SK, D, device="cuda").to(dtype)
             do = torch.randn(B, H, SQ, D, device="cuda").to(dtype)
             ro, rl, rdq, rdk, rdv = reference(q, k, v, do, scale, causal, torch.float32, key_range)
             po, pl, pdq, pdk, pdv = reference(q, k, v, do, scale, causal, dtype, key_range)
             for det in (False, True):
-                o, lse, outs = run_ours(lib, q, k, v, do, scale, causal, det, bshd, repeat=2 if det else 1,
-                                        key_range=key_range)
+                o, lse, outs = run_ours(
+                    lib, q, k, v, do, scale, causal, det, bshd, repeat=2 if det else 1, key_range=key_range
+                )
                 dq, dk, dv = outs[0]
                 fin = torch.isfinite(rl)
                 lse_err = maxerr(lse[fin], rl[fin]) if fin.any() else 0.0
@@ -282,10 +328,12 @@ def parity(lib):
                     dq2, dk2, dv2 = outs[1]
                     ok = ok and torch.equal(dq, dq2) and torch.equal(dk, dk2) and torch.equal(dv, dv2)
                 fails += not ok
-                rows.append(f"{'PASS' if ok else 'FAIL'} B={B} H={H} Hkv={HKV} Sq={SQ} Sk={SK} D={D} causal={int(causal)} "
-                            f"{'ranges ' if ranged else ''}"
-                            f"{str(dtype)[6:]} bshd={int(bshd)} det={int(det)} | lse {lse_err:.1e} inf_ok={int(inf_ok)} | "
-                            + " ".join(f"{n} {e[n]:.2e}/{ept[n]:.2e}" for n in e))
+                rows.append(
+                    f"{'PASS' if ok else 'FAIL'} B={B} H={H} Hkv={HKV} Sq={SQ} Sk={SK} D={D} causal={int(causal)} "
+                    f"{'ranges ' if ranged else ''}"
+                    f"{str(dtype)[6:]} bshd={int(bshd)} det={int(det)} | lse {lse_err:.1e} inf_ok={int(inf_ok)} | "
+                    + " ".join(f"{n} {e[n]:.2e}/{ept[n]:.2e}" for n in e)
+                )
                 print(rows[-1], flush=True)
     print(f"parity: {len(rows) - fails}/{len(rows)} passed")
     return fails + nan_checks(lib)
@@ -329,9 +377,9 @@ def nan_checks(lib):
 
 
 def bench(lib):
+    import torch.nn.functional as F
     import triton.testing as tt
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    import torch.nn.functional as F
 
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     shapes = [
@@ -343,7 +391,7 @@ def bench(lib):
         (2, 32, 8, 2048, 64, True),
     ]
     table = []
-    for (B, H, HKV, S, D, causal) in shapes:
+    for B, H, HKV, S, D, causal in shapes:
         dtype = torch.bfloat16
         scale = 1.0 / math.sqrt(D)
         q = torch.randn(B, H, S, D, device="cuda", dtype=dtype)
@@ -385,9 +433,11 @@ def bench(lib):
                 res[f"ours fwd v{vi}"] = bench_ms(lambda: f_fwd(vi))
 
                 if lib.has_bwd_variant:
+
                     def f_fbv():
                         L.l3k_cuda_attn_fwd(ctypes.byref(fa), None)
                         L.l3k_cuda_attn_bwd_variant(ctypes.byref(ba), None, vi)
+
                     res[f"ours fwd+bwd v{vi}"] = bench_ms(f_fbv)
         kr = k.repeat_interleave(H // HKV, 1).contiguous()
         vr = v.repeat_interleave(H // HKV, 1).contiguous()
@@ -395,16 +445,20 @@ def bench(lib):
             try:
                 qq, kk, vv = [x.detach().clone().requires_grad_(True) for x in (q, kr, vr)]
                 with sdpa_kernel(be):
-                    res[name + " fwd"] = bench_ms(lambda: F.scaled_dot_product_attention(qq, kk, vv, is_causal=causal, scale=scale))
+                    res[name + " fwd"] = bench_ms(
+                        lambda: F.scaled_dot_product_attention(qq, kk, vv, is_causal=causal, scale=scale)
+                    )
 
-                    def fb():
+                    def fb(do=do):
                         out = F.scaled_dot_product_attention(qq, kk, vv, is_causal=causal, scale=scale)
                         out.backward(do)
+
                     res[name + " fwd+bwd"] = bench_ms(fb, grad_to_none=[qq, kk, vv])
             except Exception as ex:  # backend unavailable
                 print(f"  {name}: {type(ex).__name__}: {str(ex)[:120]}")
         line = f"B={B} H={H} Hkv={HKV} S={S} D={D} causal={int(causal)}: " + ", ".join(
-            f"{n} {ms:.3f}ms {flops * (3.5 if 'bwd' in n else 1.0) / ms / 1e9:.0f}TF" for n, ms in res.items())
+            f"{n} {ms:.3f}ms {flops * (3.5 if 'bwd' in n else 1.0) / ms / 1e9:.0f}TF" for n, ms in res.items()
+        )
         table.append(line)
         print(line, flush=True)
         del q, k, v, do, o, dq, dk, dv, ws, wsd, kr, vr
@@ -414,10 +468,14 @@ def bench(lib):
 
 def sanitize(lib):
     torch.manual_seed(0)
-    for (B, H, HKV, SQ, SK, D, causal, ranged) in [
-            (1, 2, 1, 70, 45, 64, True, False), (1, 2, 2, 33, 130, 128, True, False),
-            (1, 2, 1, 40, 40, 40, False, False), (1, 1, 1, 20, 70, 256, True, False),
-            (8, 2, 1, 150, 150, 128, True, True), (8, 2, 2, 90, 200, 64, False, True)]:
+    for B, H, HKV, SQ, SK, D, causal, ranged in [
+        (1, 2, 1, 70, 45, 64, True, False),
+        (1, 2, 2, 33, 130, 128, True, False),
+        (1, 2, 1, 40, 40, 40, False, False),
+        (1, 1, 1, 20, 70, 256, True, False),
+        (8, 2, 1, 150, 150, 128, True, True),
+        (8, 2, 2, 90, 200, 64, False, True),
+    ]:
         key_range = key_ranges(B, SK, 0) if ranged else None
         for det in (False, True):
             q = torch.randn(B, H, SQ, D, device="cuda", dtype=torch.bfloat16)
@@ -426,7 +484,10 @@ def sanitize(lib):
             do = torch.randn(B, H, SQ, D, device="cuda", dtype=torch.bfloat16)
             o, lse, outs = run_ours(lib, q, k, v, do, 1.0 / math.sqrt(D), causal, det, False, key_range=key_range)
             ro, rl, rdq, rdk, rdv = reference(q, k, v, do, 1.0 / math.sqrt(D), causal, torch.float32, key_range)
-            print(f"sanitize case Sq={SQ} Sk={SK} D={D} det={det}: o err {maxerr(o, ro):.2e} dq {maxerr(outs[0][0], rdq):.2e}")
+            print(
+                f"sanitize case Sq={SQ} Sk={SK} D={D} det={det}: o err {maxerr(o, ro):.2e} "
+                f"dq {maxerr(outs[0][0], rdq):.2e}"
+            )
 
 
 def main():

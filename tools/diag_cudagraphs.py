@@ -5,6 +5,7 @@ kernel launches, host time), the timing of both forms at the tutorial's test sha
 reduce-overhead of a module whose graph is one tiny kernel, timed the same ways (wall clock, and
 CUDA events after an L2-evicting read as the block benchmark does).
 Run with TORCH_LOGS=cudagraphs,perf_hints for the compiler's own account."""
+
 import time
 
 import torch
@@ -43,8 +44,10 @@ def floor(x, cos, sin):
     with torch.no_grad():
         ro = torch.compile(m, mode="reduce-overhead")
         for name, fn in (("eager", lambda: m(x, cos, sin)), ("reduce-overhead", lambda: ro(x, cos, sin))):
-            print(f"[floor] one-kernel module, {name}: events {events(fn) * 1e3:.1f} us, "
-                  f"wall {timeit(fn):.1f} us per call")
+            print(
+                f"[floor] one-kernel module, {name}: events {events(fn) * 1e3:.1f} us, "
+                f"wall {timeit(fn):.1f} us per call"
+            )
 
 
 def main():
@@ -72,8 +75,9 @@ def main():
             print(f"[{name}] reduce-overhead forward, guards skipped: {t:.1f} us per call")
             t = timeit(capture_forward(block, x, cos, sin))
             print(f"[{name}] hand-captured graph forward: {t:.1f} us per call")
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
+            with torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            ) as prof:
                 for _ in range(3):
                     ro(x, cos, sin)
                 torch.cuda.synchronize()

@@ -8,6 +8,7 @@ ran at ~1900 MHz and gave the same ratios as the rounds: host launches are not t
 
   python3 tools/diag_timing_protocol.py [--reps 60]
 """
+
 import argparse
 import statistics
 import subprocess
@@ -28,9 +29,13 @@ class Sampler:
     def __init__(self):
         self.proc = subprocess.Popen(
             ["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits", "-lms", "20"],
-            stdout=subprocess.PIPE, text=True, bufsize=1)
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
         self.samples = []
         import threading
+
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
@@ -70,6 +75,7 @@ def main():
         def run():
             with torch.no_grad():
                 block(x, cos, sin)
+
         return run
 
     xg = x.clone().requires_grad_()
@@ -81,10 +87,16 @@ def main():
             for p in block.parameters():
                 p.grad = None
             block(xg, cos, sin).backward(dy)
+
         return run
 
-    fns = {"GEMMs alone": gemms, "ours": infer(ours), "eager": infer(ref),
-           "ours step": train(ours), "eager step": train(ref)}
+    fns = {
+        "GEMMs alone": gemms,
+        "ours": infer(ours),
+        "eager": infer(ref),
+        "ours step": train(ours),
+        "eager step": train(ref),
+    }
     for fn in fns.values():  # first calls tune the GEMMs and build cuDNN plans
         fn()
         fn()
@@ -121,6 +133,7 @@ def main():
                     times.append(s.elapsed_time(e))
                 out[label] = statistics.median(times)
             return out
+
         return run
 
     def timed(label):
@@ -134,6 +147,7 @@ def main():
     def alternating_blocks(order, blocks=6, per_block=25, skip=5):
         """Each contender alone for `per_block` reps, contenders alternating block by block (drift
         cancels); the first `skip` reps of a block (the switch) are reported apart."""
+
         def run():
             steady, first = {l: [] for l in order}, {l: [] for l in order}
             for _ in range(blocks):
@@ -146,15 +160,17 @@ def main():
             out = {f"{l} steady": statistics.median(steady[l]) for l in order}
             out.update({f"{l} after switch": statistics.median(first[l]) for l in order})
             return out
+
         return run
 
     def paired_rounds(order, rounds=30):
         """Shared rounds in which each contender runs twice in a row: the first run follows another
         contender, the second follows itself."""
+
         def run():
             after_other, after_self = {l: [] for l in order}, {l: [] for l in order}
             for r in range(rounds):
-                rot = order[r % len(order):] + order[:r % len(order)]
+                rot = order[r % len(order) :] + order[: r % len(order)]
                 marks = [(label, i, timed(label)) for label in rot for i in range(2)]
                 torch.cuda.synchronize()
                 for label, i, (s, e) in marks:
@@ -162,6 +178,7 @@ def main():
             out = {f"{l} after another": statistics.median(after_other[l]) for l in order}
             out.update({f"{l} after itself": statistics.median(after_self[l]) for l in order})
             return out
+
         return run
 
     phase("alone, GEMMs/ours/eager", alone(["GEMMs alone", "ours", "eager"]))

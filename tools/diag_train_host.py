@@ -8,6 +8,7 @@ torch.compile.
 
   python3 tools/diag_train_host.py [--compiled]
 """
+
 import cProfile
 import pstats
 import sys
@@ -45,8 +46,10 @@ def main():
     t1 = time.perf_counter()
     torch.cuda.synchronize()
     t2 = time.perf_counter()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: training step {(t1 - t0) / n * 1e6:.0f} us "
-          f"of host time per step ({(t2 - t0) / n * 1e6:.0f} us with the final drain)")
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}: training step {(t1 - t0) / n * 1e6:.0f} us "
+        f"of host time per step ({(t2 - t0) / n * 1e6:.0f} us with the final drain)"
+    )
     steps = 20
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):

@@ -7,6 +7,7 @@ the numbers are host time.
 
   python3 tools/host_block_calls.py
 """
+
 import ctypes
 import statistics
 import time
@@ -48,13 +49,18 @@ def main():
         for p in params:
             p.grad = None
         blk(x, cos, sin).backward(dy)
+
     rows.append(("eager training step (module, autograd)", per_call_us(step)))
     call = BlockCall(params, 8, 8, False, 1e-5)
     xd = x.detach()
     acts = call.train_forward(xd, cos, sin, False)[1:]
     rows.append(("BlockCall.train_forward (Python + C)", per_call_us(lambda: call.train_forward(xd, cos, sin, False))))
-    rows.append(("BlockCall.backward, preserving (Python + C)",
-                 per_call_us(lambda: call.backward(dy, xd, cos, sin, acts, True))))
+    rows.append(
+        (
+            "BlockCall.backward, preserving (Python + C)",
+            per_call_us(lambda: call.backward(dy, xd, cos, sin, acts, True)),
+        )
+    )
     with torch.no_grad():
         rows.append(("inference forward (module)", per_call_us(lambda: blk(xd, cos, sin))))
 
@@ -73,23 +79,53 @@ def main():
     w, cfg = ctypes.byref(call.weights), ctypes.byref(call.cfg)
     fwd = LIB.l3k_llama_block_forward_train
     bwd = LIB.l3k_llama_block_backward
-    rows.append(("C: l3k_llama_block_forward_train",
-                 per_call_us(lambda: fwd(p[0], p[1], p[2], w, cfg, p[3], ctypes.byref(saved), p[4], s))))
-    rows.append(("C: l3k_llama_block_backward (preserving)",
-                 per_call_us(lambda: bwd(p[10], p[0], p[1], p[2], w, cfg, ctypes.byref(saved), PRESERVE_ACTIVATIONS,
-                                         p[11], ctypes.byref(g), p[12], s))))
+    rows.append(
+        (
+            "C: l3k_llama_block_forward_train",
+            per_call_us(lambda: fwd(p[0], p[1], p[2], w, cfg, p[3], ctypes.byref(saved), p[4], s)),
+        )
+    )
+    rows.append(
+        (
+            "C: l3k_llama_block_backward (preserving)",
+            per_call_us(
+                lambda: bwd(
+                    p[10],
+                    p[0],
+                    p[1],
+                    p[2],
+                    w,
+                    cfg,
+                    ctypes.byref(saved),
+                    PRESERVE_ACTIVATIONS,
+                    p[11],
+                    ctypes.byref(g),
+                    p[12],
+                    s,
+                )
+            ),
+        )
+    )
     # Single ops through the C ABI: validation + launch.
     t = torch.randn(256, 512, device=dev, dtype=dt)
     wt = torch.randn(512, device=dev, dtype=dt)
     y = torch.empty_like(t)
     bo = Borrowed(t, wt, y)
-    rows.append(("C: l3k_rmsnorm_forward (one kernel)",
-                 per_call_us(lambda: LIB.l3k_rmsnorm_forward(bo.ptrs[0], bo.ptrs[1], 1e-5, bo.ptrs[2], None, s))))
+    rows.append(
+        (
+            "C: l3k_rmsnorm_forward (one kernel)",
+            per_call_us(lambda: LIB.l3k_rmsnorm_forward(bo.ptrs[0], bo.ptrs[1], 1e-5, bo.ptrs[2], None, s)),
+        )
+    )
     wl = torch.randn(512, 512, device=dev, dtype=dt)
     ws = torch.empty(32 << 20, dtype=torch.uint8, device=dev)
     bl = Borrowed(t, wl, y, ws)
-    rows.append(("C: l3k_linear_forward (cuBLASLt)",
-                 per_call_us(lambda: LIB.l3k_linear_forward(bl.ptrs[0], bl.ptrs[1], None, bl.ptrs[2], bl.ptrs[3], s))))
+    rows.append(
+        (
+            "C: l3k_linear_forward (cuBLASLt)",
+            per_call_us(lambda: LIB.l3k_linear_forward(bl.ptrs[0], bl.ptrs[1], None, bl.ptrs[2], bl.ptrs[3], s)),
+        )
+    )
     e = torch.empty(0, device=dev)
     rows.append(("torch.empty (one tensor)", per_call_us(lambda: torch.empty(256, 512, device=dev, dtype=dt))))
     rows.append(("Borrowed of one tensor (to_dlpack)", per_call_us(lambda: Borrowed(e))))

@@ -7,6 +7,7 @@ long loop with the GPU left to drain only at the end, for
   - the bare C call l3k_llama_block_forward with its arguments prepared once,
   - the PyTorch block in eager mode,
 and the GPU time of one forward (CUDA events around 200 back-to-back calls, host far ahead)."""
+
 import ctypes
 import time
 
@@ -52,11 +53,20 @@ def main():
         ws = torch.empty(call.inference_bytes[(x.shape, x.dtype)], dtype=torch.uint8, device=dev)
         o = Borrowed(out, ws)
         stream = torch.cuda.current_stream().cuda_stream
-        args = (b.ptrs[0], b.ptrs[1], b.ptrs[2], ctypes.byref(call.weights), ctypes.byref(call.cfg),
-                o.ptrs[0], o.ptrs[1], stream)
+        args = (
+            b.ptrs[0],
+            b.ptrs[1],
+            b.ptrs[2],
+            ctypes.byref(call.weights),
+            ctypes.byref(call.cfg),
+            o.ptrs[0],
+            o.ptrs[1],
+            stream,
+        )
 
         def bare():
             LIB.l3k_llama_block_forward(*args)
+
         check(LIB.l3k_llama_block_forward(*args))
         rows = {
             "module forward (weights cached)": wall_us(lambda: ours(x, cos, sin)),

@@ -7,13 +7,14 @@ nothing itself, so torch's counters see the whole step.
 
   python3 tools/mem_trace_block.py
 """
+
 import torch
 
 import llama3_kernels.block as blk
 from llama3_kernels import Llama3Block
 from llama3_kernels.ops.rope import llama3_rope_cos_sin
 
-MiB = 2 ** 20
+MiB = 2**20
 trace = []
 
 
@@ -23,6 +24,7 @@ def wrap(name, fn):
         out = fn(*args, **kw)
         trace.append((name, before, torch.cuda.max_memory_allocated()))
         return out
+
     return call
 
 

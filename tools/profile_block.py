@@ -5,6 +5,7 @@ kind, so the time outside the GEMMs can be attributed.
 
   python3 tools/profile_block.py [--steps 3]
 """
+
 import argparse
 from collections import defaultdict
 
@@ -16,9 +17,19 @@ from llama3_kernels.ops.rope import llama3_rope_cos_sin
 
 def kind(name: str) -> str:
     n = name.lower()
-    for key, label in (("gemm", "GEMM"), ("nvjet", "GEMM"), ("cutlass", "GEMM"), ("sm90_xmma", "GEMM"),
-                       ("fa_", "attention"), ("attn", "attention"), ("rmsnorm", "rmsnorm"), ("rope", "rope"),
-                       ("swiglu", "swiglu"), ("memset", "memset"), ("memcpy", "memcpy")):
+    for key, label in (
+        ("gemm", "GEMM"),
+        ("nvjet", "GEMM"),
+        ("cutlass", "GEMM"),
+        ("sm90_xmma", "GEMM"),
+        ("fa_", "attention"),
+        ("attn", "attention"),
+        ("rmsnorm", "rmsnorm"),
+        ("rope", "rope"),
+        ("swiglu", "swiglu"),
+        ("memset", "memset"),
+        ("memcpy", "memcpy"),
+    ):
         if key in n:
             return label
     return "other"

@@ -6,6 +6,7 @@ in the same run; then device time of each kernel (torch.profiler).
 Notes (H100 80GB HBM3, see docs/performance.md and docs/kernels.md):
   floors at 3.0 TB/s: forward 67.1 MB -> 22.4 us, backward 100.7 MB -> 33.6 us.
 """
+
 import sys
 
 import torch
@@ -42,7 +43,9 @@ def timed(fn, reps=50):
     for _ in range(reps):
         do_flush()
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); fn(); e.record()
+        s.record()
+        fn()
+        e.record()
         times.append((s, e))
     torch.cuda.synchronize()
     t = sorted(s.elapsed_time(e) for s, e in times)
@@ -63,12 +66,16 @@ tc = lambda: compiled(x, w)
 ref = eager_rmsnorm(x, w)
 fwd()
 torch.cuda.synchronize()
-print("forward max |y - eager| =", (y.float() - ref.float()).abs().max().item(),
-      " torch.compile max |y - eager| =", (tc().float() - ref.float()).abs().max().item())
+print(
+    "forward max |y - eager| =",
+    (y.float() - ref.float()).abs().max().item(),
+    " torch.compile max |y - eager| =",
+    (tc().float() - ref.float()).abs().max().item(),
+)
 
 big = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
 big2 = torch.empty_like(big)
-t_big = timed(lambda: big2.copy_(big), reps=10)
+t_big = timed(lambda big=big, big2=big2: big2.copy_(big), reps=10)
 del big, big2
 bw_big = 2 * (1 << 30) / t_big * 1e-3
 print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}")
@@ -77,15 +84,23 @@ FB, BB = 2 * rows * n * 2, 3 * rows * n * 2
 rowsout = []
 for MODE in ("zero", "read"):
     t_copy = timed(copy)
-    res = {"copy 32 MiB": (t_copy, FB), "forward": (timed(fwd), FB), "torch.compile fwd": (timed(tc), FB),
-           "backward (dx + dweight)": (timed(bwd), BB), "backward dx only": (timed(bwd_dx), BB)}
+    res = {
+        "copy 32 MiB": (t_copy, FB),
+        "forward": (timed(fwd), FB),
+        "torch.compile fwd": (timed(tc), FB),
+        "backward (dx + dweight)": (timed(bwd), BB),
+        "backward dx only": (timed(bwd_dx), BB),
+    }
     print(f"--- L2 flush: {MODE} ---")
     for k, (t, b) in res.items():
-        print(f"{k:26s} {t:7.1f} us  {b / t * 1e-3:6.0f} GB/s  {100 * b / t * 1e-3 / bw_big:5.1f}% of copy bw"
-              f"  {100 * (t_copy * b / FB) / t:5.1f}% of same-size copy")
+        print(
+            f"{k:26s} {t:7.1f} us  {b / t * 1e-3:6.0f} GB/s  {100 * b / t * 1e-3 / bw_big:5.1f}% of copy bw"
+            f"  {100 * (t_copy * b / FB) / t:5.1f}% of same-size copy"
+        )
 if "--profile" in sys.argv:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            fwd(); bwd()
+            fwd()
+            bwd()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=60))

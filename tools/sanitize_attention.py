@@ -1,12 +1,13 @@
 """A small attention workload for compute-sanitizer: forward and backward (both dq
 modes), causal and not, GQA, odd lengths, head_dim 40/64/128, with and without key ranges
 (padding: a range that starts late, one that ends early, an empty one)."""
+
 import torch
 
 import llama3_kernels as l3k
 
 torch.manual_seed(0)
-for (b, h, hkv, sq, sk, d) in ((1, 2, 1, 17, 17, 64), (2, 4, 2, 33, 70, 128), (1, 2, 2, 70, 33, 40)):
+for b, h, hkv, sq, sk, d in ((1, 2, 1, 17, 17, 64), (2, 4, 2, 33, 70, 128), (1, 2, 2, 70, 33, 40)):
     for causal in (False, True):
         for det, ranged in ((False, False), (True, False), (False, True), (True, True)):
             key_range = None

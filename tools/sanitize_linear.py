@@ -5,6 +5,7 @@ products with and without accumulation (in place: untuned), with and without the
 odd sizes, both 16-bit dtypes; then the block's C calls: inference forward, training steps
 with the activations consumed and preserved (retain_graph), the attention output kept, and the
 weights as nine separate matrices."""
+
 import torch
 
 import llama3_kernels as l3k
@@ -42,9 +43,20 @@ for dtype in (torch.float16, torch.bfloat16):
     blk(x, cos, sin).float().sum().backward()
     q, k, v = (t.detach().clone() for t in blk.qkv_weight.split(blk._split_sizes("qkv_weight")))
     g, u = (t.detach().clone() for t in blk.gate_up_weight.split(blk._split_sizes("gate_up_weight")))
-    split = [t.requires_grad_() for t in (q, k, v, blk.o_weight.detach().clone(), g, u,
-                                          blk.down_weight.detach().clone(), blk.norm1_weight.detach().clone(),
-                                          blk.norm2_weight.detach().clone())]
+    split = [
+        t.requires_grad_()
+        for t in (
+            q,
+            k,
+            v,
+            blk.o_weight.detach().clone(),
+            g,
+            u,
+            blk.down_weight.detach().clone(),
+            blk.norm1_weight.detach().clone(),
+            blk.norm2_weight.detach().clone(),
+        )
+    ]
     l3k.block.llama_block(x, cos, sin, split, 4, 2).float().sum().backward()
 torch.cuda.synchronize()
 print("sanitize_linear: done")

@@ -1,6 +1,7 @@
 """A small RMSNorm workload for compute-sanitizer (memcheck, racecheck, synccheck):
 every kernel variant (vector and scalar paths, register-cached and looped rows,
 fused residual add, every dtype) runs once on small shapes."""
+
 import torch
 
 import llama3_kernels as l3k

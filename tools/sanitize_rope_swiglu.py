@@ -2,6 +2,7 @@
 vector and scalar paths, both RoPE conventions, float32 and activation-dtype tables,
 fused-QKV views in place, q only, odd widths, separate and fused SwiGLU layouts,
 forward and backward, every dtype."""
+
 import torch
 
 import llama3_kernels as l3k
@@ -15,7 +16,7 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
                 cos, sin = l3k.llama3_rope_cos_sin(S + 3, D, device=dev, dtype=tdt)
                 qkv = torch.randn(B, S, (Hq + 2 * Hk) * D, device=dev, dtype=dtype)
                 v4 = qkv.view(B, S, Hq + 2 * Hk, D)
-                q, k = v4[:, :, :Hq].transpose(1, 2), v4[:, :, Hq:Hq + Hk].transpose(1, 2)
+                q, k = v4[:, :, :Hq].transpose(1, 2), v4[:, :, Hq : Hq + Hk].transpose(1, 2)
                 l3k.rope_(q, k, cos, sin, offset=3, interleaved=inter)
                 qo, ko = l3k.rope(q.contiguous(), k, cos, sin, interleaved=inter)
                 l3k.rope_(qo, None, cos, sin, interleaved=inter)

@@ -5,6 +5,7 @@ other object with ``__dlpack__`` (NumPy, CuPy, JAX) through that protocol.
 The capsule is kept alive by the caller for the duration of the C call and is
 never consumed: its producer still owns the memory and frees it as usual.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -4,6 +4,7 @@ turn a non-zero ``l3k_status`` into a Python exception carrying the C message.
 ``L3K_LIBRARY=/path/to/libl3k.so`` loads a separately built library instead of
 the one packaged in the wheel.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -90,56 +91,106 @@ _RESTYPES = {
 
 def _sized(cls):
     """A struct whose first field, struct_size, holds its own size (the header's *_INIT macros)."""
+
     def init(self, *args, **kwargs):
         ctypes.Structure.__init__(self, ctypes.sizeof(cls), *args, **kwargs)
+
     cls.__init__ = init
     return cls
 
 
 @_sized
 class BlockWeights(ctypes.Structure):  # l3k_llama_block_weights: DLTensor pointers
-    _fields_ = [("struct_size", _SZ)] + [(n, _P) for n in (
-        "qkv_weight", "o_weight", "gate_up_weight", "down_weight", "norm1_weight", "norm2_weight",
-        "q_weight", "k_weight", "v_weight", "gate_weight", "up_weight")]
+    _fields_ = [("struct_size", _SZ)] + [
+        (n, _P)
+        for n in (
+            "qkv_weight",
+            "o_weight",
+            "gate_up_weight",
+            "down_weight",
+            "norm1_weight",
+            "norm2_weight",
+            "q_weight",
+            "k_weight",
+            "v_weight",
+            "gate_weight",
+            "up_weight",
+        )
+    ]
 
 
 @_sized
 class BlockConfig(ctypes.Structure):  # l3k_llama_block_config
-    _fields_ = [("struct_size", _SZ), ("n_heads", _I64), ("n_kv_heads", _I64), ("causal", _INT),
-                ("eps", _F), ("deterministic", _INT), ("key_range", _P)]
+    _fields_ = [
+        ("struct_size", _SZ),
+        ("n_heads", _I64),
+        ("n_kv_heads", _I64),
+        ("causal", _INT),
+        ("eps", _F),
+        ("deterministic", _INT),
+        ("key_range", _P),
+    ]
 
 
 @_sized
 class BlockActivations(ctypes.Structure):  # l3k_llama_block_activations: DLTensor pointers
-    _fields_ = [("struct_size", _SZ)] + [(n, _P) for n in (
-        "qkv", "residual", "gate_up", "rstd1", "rstd2", "attn_out", "lse")]
+    _fields_ = [("struct_size", _SZ)] + [
+        (n, _P) for n in ("qkv", "residual", "gate_up", "rstd1", "rstd2", "attn_out", "lse")
+    ]
 
 
 class BufferDesc(ctypes.Structure):  # l3k_buffer_desc
-    _fields_ = [("rows", _I64), ("cols", _I64), ("dtype_code", ctypes.c_uint8), ("dtype_bits", ctypes.c_uint8),
-                ("dtype_lanes", ctypes.c_uint16)]
+    _fields_ = [
+        ("rows", _I64),
+        ("cols", _I64),
+        ("dtype_code", ctypes.c_uint8),
+        ("dtype_bits", ctypes.c_uint8),
+        ("dtype_lanes", ctypes.c_uint16),
+    ]
 
 
 @_sized
 class BlockLayout(ctypes.Structure):  # l3k_llama_block_layout
-    _fields_ = ([("struct_size", _SZ)]
-                + [(n, BufferDesc) for n in ("qkv", "residual", "gate_up", "rstd1", "rstd2", "attn_out", "lse")]
-                + [("forward_workspace_bytes", _SZ), ("backward_workspace_bytes", _SZ),
-                   ("backward_workspace_bytes_preserving", _SZ), ("backward_workspace_extra_split_gate_up", _SZ)])
+    _fields_ = (
+        [("struct_size", _SZ)]
+        + [(n, BufferDesc) for n in ("qkv", "residual", "gate_up", "rstd1", "rstd2", "attn_out", "lse")]
+        + [
+            ("forward_workspace_bytes", _SZ),
+            ("backward_workspace_bytes", _SZ),
+            ("backward_workspace_bytes_preserving", _SZ),
+            ("backward_workspace_extra_split_gate_up", _SZ),
+        ]
+    )
 
 
 @_sized
 class BlockGrads(ctypes.Structure):  # l3k_llama_block_grads: DLTensor pointers
-    _fields_ = [("struct_size", _SZ)] + [(n, _P) for n in (
-        "qkv_weight", "o_weight", "gate_up_weight", "down_weight", "norm1_weight", "norm2_weight",
-        "q_weight", "k_weight", "v_weight", "gate_weight", "up_weight")]
+    _fields_ = [("struct_size", _SZ)] + [
+        (n, _P)
+        for n in (
+            "qkv_weight",
+            "o_weight",
+            "gate_up_weight",
+            "down_weight",
+            "norm1_weight",
+            "norm2_weight",
+            "q_weight",
+            "k_weight",
+            "v_weight",
+            "gate_weight",
+            "up_weight",
+        )
+    ]
 
 
 # Header name -> mirror, for the header test.
 STRUCTS: dict = {
-    "l3k_llama_block_weights": BlockWeights, "l3k_llama_block_config": BlockConfig,
-    "l3k_llama_block_activations": BlockActivations, "l3k_buffer_desc": BufferDesc,
-    "l3k_llama_block_layout": BlockLayout, "l3k_llama_block_grads": BlockGrads,
+    "l3k_llama_block_weights": BlockWeights,
+    "l3k_llama_block_config": BlockConfig,
+    "l3k_llama_block_activations": BlockActivations,
+    "l3k_buffer_desc": BufferDesc,
+    "l3k_llama_block_layout": BlockLayout,
+    "l3k_llama_block_grads": BlockGrads,
 }
 PRESERVE_ACTIVATIONS = 1  # L3K_BLOCK_PRESERVE_ACTIVATIONS
 
@@ -150,8 +201,11 @@ def _candidates() -> list[Path]:
         return [Path(override)]
     here = Path(__file__).resolve().parent
     # The wheel holds one file, libl3k.so; versioned names are for a library copied in by hand.
-    return [p for p in [here / "libl3k.so"] if p.exists()] + sorted(here.glob("libl3k.so.*")) + sorted(
-        here.glob("l3k.dll"))
+    return (
+        [p for p in [here / "libl3k.so"] if p.exists()]
+        + sorted(here.glob("libl3k.so.*"))
+        + sorted(here.glob("l3k.dll"))
+    )
 
 
 def _load() -> ctypes.CDLL:
@@ -163,7 +217,8 @@ def _load() -> ctypes.CDLL:
     if not paths:
         raise ImportError(
             "llama3_kernels: the shared library libl3k.so was not found next to the package; "
-            "install with `pip install .` or set L3K_LIBRARY=/path/to/libl3k.so")
+            "install with `pip install .` or set L3K_LIBRARY=/path/to/libl3k.so"
+        )
     path = paths[0]
     try:
         lib = ctypes.CDLL(str(path))

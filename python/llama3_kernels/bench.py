@@ -10,6 +10,7 @@ kernels on small shapes: those times only show that the path runs, and the
 table, JSON and plot say so and rank nothing.  It prints a table and writes
 JSON (card, versions, date, shapes, medians) and a PNG plot.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,8 @@ import torch
 from . import _lib
 from .ops.rmsnorm import add_rms_norm, rms_norm
 
-
 # ---- timing ----------------------------------------------------------------------------
+
 
 class Timer:
     """Median wall time of callables: CUDA events with an L2 flush on the GPU, perf_counter on the CPU."""
@@ -42,8 +43,7 @@ class Timer:
         # zeroing the buffer leaves ~50 MB of dirty lines whose write-back the
         # timed kernel would pay (a same-size copy measured 28-32 us that way
         # against 21-22 us after a read, on the H100).
-        self.flush = (torch.ones(64 << 20, dtype=torch.float32, device=device)
-                      if device.type == "cuda" else None)
+        self.flush = torch.ones(64 << 20, dtype=torch.float32, device=device) if device.type == "cuda" else None
 
     def _events(self, n: int) -> list:
         """n (start, end) event pairs, made before any timing: creating them inside the timed loop
@@ -94,7 +94,7 @@ class Timer:
                 fns[label]()
         times: dict[str, list[float]] = {label: [] for label in labels}
         for r in range(self.reps):
-            order = labels[r % len(labels):] + labels[:r % len(labels)]
+            order = labels[r % len(labels) :] + labels[: r % len(labels)]
             pairs = self._events(len(order))
             for label, ms in zip(order, self._read([self._start(fns[l], p) for l, p in zip(order, pairs)])):
                 times[label].append(ms)
@@ -126,13 +126,14 @@ def copy_bandwidth(timer: Timer, device) -> float:
 
 # ---- cases -----------------------------------------------------------------------------
 
+
 @dataclass
 class Case:
     op: str
     shape: tuple
     dtype: torch.dtype
-    bytes: int                      # fewest bytes the op must move
-    variants: dict[str, Callable]   # label -> callable running the op once
+    bytes: int  # fewest bytes the op must move
+    variants: dict[str, Callable]  # label -> callable running the op once
     results: dict[str, float] = field(default_factory=dict)
 
 
@@ -159,6 +160,7 @@ def rmsnorm_cases(device, dtype, compile_ok: bool) -> list[Case]:
         def run():
             xg.grad = wg.grad = None
             f(xg, wg).backward(dy)
+
         return run
 
     fb = {"llama3_kernels": fwd_bwd(rms_norm), "eager": fwd_bwd(eager_rmsnorm)}
@@ -169,6 +171,7 @@ def rmsnorm_cases(device, dtype, compile_ok: bool) -> list[Case]:
     def eager_add_rmsnorm(x, r, w):
         h = x + r
         return h, eager_rmsnorm(h, w)
+
     add = {"llama3_kernels": lambda: add_rms_norm(x, r, w), "eager": lambda: eager_add_rmsnorm(x, r, w)}
     if compile_ok:
         compiled_add = torch.compile(eager_add_rmsnorm)
@@ -191,13 +194,14 @@ def eager_rope(x, cos, sin):
 
 def rope_cases(device, dtype, compile_ok: bool) -> list[Case]:
     from .ops.rope import llama3_rope_cos_sin, rope_
+
     B, Hq, Hk, S, D = (2, 32, 8, 2048, 128) if device.type == "cuda" else (1, 8, 2, 256, 128)
     q = torch.randn(B, Hq, S, D, device=device, dtype=dtype)
     k = torch.randn(B, Hk, S, D, device=device, dtype=dtype)
     cos, sin = llama3_rope_cos_sin(S, D, device=device)
     qkv = torch.randn(B, S, (Hq + 2 * Hk) * D, device=device, dtype=dtype)
     v4 = qkv.view(B, S, Hq + 2 * Hk, D)
-    qv, kv = v4[:, :, :Hq].transpose(1, 2), v4[:, :, Hq:Hq + Hk].transpose(1, 2)
+    qv, kv = v4[:, :, :Hq].transpose(1, 2), v4[:, :, Hq : Hq + Hk].transpose(1, 2)
     es = q.element_size()
     nbytes = 2 * (q.numel() + k.numel()) * es + 2 * cos.numel() * cos.element_size()
     eager = lambda qq, kk: (eager_rope(qq, cos, sin), eager_rope(kk, cos, sin))
@@ -207,8 +211,10 @@ def rope_cases(device, dtype, compile_ok: bool) -> list[Case]:
         compiled = torch.compile(eager)
         contig["torch.compile"] = lambda: compiled(q, k)
         views["torch.compile"] = lambda: compiled(qv, kv)
-    return [Case("rope q+k in place", (B, Hq, Hk, S, D), dtype, nbytes, contig),
-            Case("rope fused-QKV view", (B, Hq, Hk, S, D), dtype, nbytes, views)]
+    return [
+        Case("rope q+k in place", (B, Hq, Hk, S, D), dtype, nbytes, contig),
+        Case("rope fused-QKV view", (B, Hq, Hk, S, D), dtype, nbytes, views),
+    ]
 
 
 def eager_swiglu_backward(da, g, u):
@@ -218,7 +224,9 @@ def eager_swiglu_backward(da, g, u):
 
 def swiglu_cases(device, dtype, compile_ok: bool) -> list[Case]:
     import torch.nn.functional as F
+
     from .ops.swiglu import swiglu_backward_into, swiglu_forward_into, swiglu_fused_forward_into
+
     rows, n = (4096, 14336) if device.type == "cuda" else (256, 2048)
     g = torch.randn(rows, n, device=device, dtype=dtype)
     u = torch.randn(rows, n, device=device, dtype=dtype)
@@ -230,16 +238,20 @@ def swiglu_cases(device, dtype, compile_ok: bool) -> list[Case]:
     eager_fused = lambda t: F.silu(t[:, :n]) * t[:, n:]
     fwd = {"llama3_kernels": lambda: swiglu_forward_into(g, u, a), "eager": lambda: eager_f(g, u)}
     fused = {"llama3_kernels": lambda: swiglu_fused_forward_into(gu, a), "eager": lambda: eager_fused(gu)}
-    bwd = {"llama3_kernels": lambda: swiglu_backward_into(da, g, u, dg, du),
-           "eager": lambda: eager_swiglu_backward(da, g, u)}
+    bwd = {
+        "llama3_kernels": lambda: swiglu_backward_into(da, g, u, dg, du),
+        "eager": lambda: eager_swiglu_backward(da, g, u),
+    }
     if compile_ok:
         cf, cff, cb = torch.compile(eager_f), torch.compile(eager_fused), torch.compile(eager_swiglu_backward)
         fwd["torch.compile"] = lambda: cf(g, u)
         fused["torch.compile"] = lambda: cff(gu)
         bwd["torch.compile"] = lambda: cb(da, g, u)
-    return [Case("swiglu forward", (rows, n), dtype, 3 * rows * n * es, fwd),
-            Case("swiglu fused gu", (rows, n), dtype, 3 * rows * n * es, fused),
-            Case("swiglu backward", (rows, n), dtype, 5 * rows * n * es, bwd)]
+    return [
+        Case("swiglu forward", (rows, n), dtype, 3 * rows * n * es, fwd),
+        Case("swiglu fused gu", (rows, n), dtype, 3 * rows * n * es, fused),
+        Case("swiglu backward", (rows, n), dtype, 5 * rows * n * es, bwd),
+    ]
 
 
 SUITES = {"rmsnorm": rmsnorm_cases, "rope": rope_cases, "swiglu": swiglu_cases}
@@ -247,8 +259,10 @@ SUITES = {"rmsnorm": rmsnorm_cases, "rope": rope_cases, "swiglu": swiglu_cases}
 
 # ---- report ----------------------------------------------------------------------------
 
-CPU_CAVEAT = ("CPU timings of the reference kernels on small shapes (float32): "
-              "a check that the benchmark runs, not performance results")
+CPU_CAVEAT = (
+    "CPU timings of the reference kernels on small shapes (float32): "
+    "a check that the benchmark runs, not performance results"
+)
 REFS = ("torch.compile", "eager")
 
 
@@ -267,7 +281,7 @@ def environment(device) -> dict:
     env = {
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "llama3_kernels": "%d.%d.%d" % _lib.version(),
+        "llama3_kernels": ".".join(str(v) for v in _lib.version()),
         "library": _lib.library_path(),
         "device": str(device),
     }
@@ -301,23 +315,33 @@ def print_table(cases: list[Case], bw: float, caveat: str | None = None) -> None
 def case_plot_rows(cases: list[Case]) -> list[tuple[str, str, dict, dict]]:
     """(group, row label, contender -> median ms, reference -> median ms), as
     bench_block.block_plot_rows."""
-    return [("single ops", f"{c.op} {'x'.join(map(str, c.shape))}", c.results,
-             {r: c.results[r] for r in REFS if r in c.results}) for c in cases]
+    return [
+        (
+            "single ops",
+            f"{c.op} {'x'.join(map(str, c.shape))}",
+            c.results,
+            {r: c.results[r] for r in REFS if r in c.results},
+        )
+        for c in cases
+    ]
 
 
 def _ratio_ticks(lo: float, hi: float) -> list[float]:
     """Round ratios, 1 first, then outward, each far enough from the others to be read."""
     gap = math.log(hi / lo) / 9
     ticks = [1.0]
-    for t in sorted((t for t in (0.05, 0.1, 0.2, 0.5, 0.8, 0.9, 0.95, 1.05, 1.1, 1.25, 1.5, 2, 3, 5, 10, 20)
-                     if lo <= t <= hi), key=lambda t: abs(math.log(t))):
+    for t in sorted(
+        (t for t in (0.05, 0.1, 0.2, 0.5, 0.8, 0.9, 0.95, 1.05, 1.1, 1.25, 1.5, 2, 3, 5, 10, 20) if lo <= t <= hi),
+        key=lambda t: abs(math.log(t)),
+    ):
         if all(abs(math.log(t / u)) >= gap for u in ticks):
             ticks.append(t)
     return sorted(ticks)
 
 
-def plot(rows: list[tuple[str, str, dict, dict]], path: Path, title: str, caveat: str | None = None,
-         note: str | None = None) -> bool:
+def plot(
+    rows: list[tuple[str, str, dict, dict]], path: Path, title: str, caveat: str | None = None, note: str | None = None
+) -> bool:
     """On the GPU one column per reference (torch.compile, then eager) and one row of panels per
     group (block config, single ops), each with its own scale: a bar is a contender's median over
     the reference's, drawn from 1.0, so the few-percent gaps that matter show, where absolute times
@@ -325,6 +349,7 @@ def plot(rows: list[tuple[str, str, dict, dict]], path: Path, title: str, caveat
     With a caveat (the CPU run) plain times under it, nothing ranked."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         from matplotlib.ticker import FixedLocator, NullLocator
@@ -349,9 +374,15 @@ def plot(rows: list[tuple[str, str, dict, dict]], path: Path, title: str, caveat
     if not groups:
         return False
     slots = [sum(n + 1 for _, n, _ in entries) - 1 for entries in groups.values()]
-    fig, axes = plt.subplots(len(groups), len(panels), squeeze=False, sharey="row", constrained_layout=True,
-                             gridspec_kw={"height_ratios": slots},
-                             figsize=(3 + 5.5 * len(panels), 1.6 + 0.17 * sum(slots) + 0.5 * len(groups)))
+    fig, axes = plt.subplots(
+        len(groups),
+        len(panels),
+        squeeze=False,
+        sharey="row",
+        constrained_layout=True,
+        gridspec_kw={"height_ratios": slots},
+        figsize=(3 + 5.5 * len(panels), 1.6 + 0.17 * sum(slots) + 0.5 * len(groups)),
+    )
     palette, colors = plt.get_cmap("tab10").colors, {}
     for (group, entries), row_axes in zip(groups.items(), axes):
         ys, y = [], 0
@@ -388,8 +419,9 @@ def plot(rows: list[tuple[str, str, dict, dict]], path: Path, title: str, caveat
         ax0.set_ylim(y - 1.5, -0.5)
         ax0.set_ylabel(group, fontsize=9, fontweight="bold")
     for ax, ref in zip(axes[-1], panels):
-        ax.set_xlabel("median time (ms, log scale), CPU reference kernels" if ref is None
-                      else f"median time / {ref} median time")
+        ax.set_xlabel(
+            "median time (ms, log scale), CPU reference kernels" if ref is None else f"median time / {ref} median time"
+        )
     for ax, ref in zip(axes[0], panels):
         if ref is not None:
             ax.set_title(f"ratio to {ref} (< 1: faster than {ref})", fontsize=9)
@@ -399,8 +431,7 @@ def plot(rows: list[tuple[str, str, dict, dict]], path: Path, title: str, caveat
             handles.setdefault(l, h)
     axes[0][-1].legend(handles.values(), handles.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     if caveat:
-        fig.suptitle(f"NOT PERFORMANCE RESULTS\n{textwrap.fill(caveat, 70)}\n{title}", fontsize=10,
-                     color="firebrick")
+        fig.suptitle(f"NOT PERFORMANCE RESULTS\n{textwrap.fill(caveat, 70)}\n{title}", fontsize=10, color="firebrick")
     else:
         fig.suptitle(title, fontsize=10)
     if note:
@@ -412,14 +443,21 @@ def plot(rows: list[tuple[str, str, dict, dict]], path: Path, title: str, caveat
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", default="block", choices=["all", "block", *SUITES],
-                    help="block (default): the whole LLaMA-3 block; all: block and every op")
+    ap.add_argument(
+        "--suite",
+        default="block",
+        choices=["all", "block", *SUITES],
+        help="block (default): the whole LLaMA-3 block; all: block and every op",
+    )
     ap.add_argument("--out", default="bench_out", help="folder for bench.json and bench.png")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
     ap.add_argument("--cpu", action="store_true", help="run the CPU path even where a GPU is present")
-    ap.add_argument("--configs", default=None,
-                    help="block configs to run, comma-separated name prefixes (e.g. 'llama3-8b'); default all")
+    ap.add_argument(
+        "--configs",
+        default=None,
+        help="block configs to run, comma-separated name prefixes (e.g. 'llama3-8b'); default all",
+    )
     args = ap.parse_args(argv)
 
     log = Progress()
@@ -432,12 +470,17 @@ def main(argv=None) -> int:
     timer = Timer(device, reps=reps, warmup=5 if gpu else 2)
     env = environment(device)
     if not gpu:
-        why = "no CUDA GPU visible" if not torch.cuda.is_available() else (
-            "--cpu given" if args.cpu else "library built without CUDA")
+        why = (
+            "no CUDA GPU visible"
+            if not torch.cuda.is_available()
+            else ("--cpu given" if args.cpu else "library built without CUDA")
+        )
         print(f"[bench] {why}: {CPU_CAVEAT}.", flush=True)
-    print(f"[bench] {env['card']}, torch {env['torch']}, llama3_kernels {env['llama3_kernels']} "
-          f"(CUDA kernels {'built' if _lib.has_cuda() else 'NOT built: no nvcc when it was installed'}), {date}",
-          flush=True)
+    print(
+        f"[bench] {env['card']}, torch {env['torch']}, llama3_kernels {env['llama3_kernels']} "
+        f"(CUDA kernels {'built' if _lib.has_cuda() else 'NOT built: no nvcc when it was installed'}), {date}",
+        flush=True,
+    )
 
     bw = copy_bandwidth(timer, device)
     print(f"[bench] copy bandwidth (read + write): {bw / 1e12:.3f} TB/s", flush=True)
@@ -446,6 +489,7 @@ def main(argv=None) -> int:
     blocks = []
     if args.suite in ("all", "block"):
         from .bench_block import run_block_suite
+
         only = [n.strip() for n in args.configs.split(",")] if args.configs else None
         blocks = run_block_suite(timer, device, not args.no_compile, log=log, only=only)
     for i, c in enumerate(cases, 1):
@@ -456,6 +500,7 @@ def main(argv=None) -> int:
     print()
     if blocks:
         from .bench_block import print_block_table
+
         print_block_table(blocks, caveat)
     if cases:
         if blocks:
@@ -469,30 +514,51 @@ def main(argv=None) -> int:
         "date_utc": date,
         "environment": env,
         "copy_bandwidth_Bps": bw,
-        "timing": ("median of %d reps, CUDA events, L2 evicted by a 256 MiB read before each rep" % reps if gpu else
-                   "median of %d reps, perf_counter" % reps)
-                  + "; block contenders timed in shared rounds, order rotated each round (clock-equalized)"
-                  + ("; and in steady state (each alone for a block of repetitions, blocks alternating, "
-                     "the first 5 of each block dropped)" if gpu else ""),
-        "cases": [{"op": c.op, "shape": list(c.shape), "dtype": str(c.dtype).replace("torch.", ""),
-                   "min_bytes": c.bytes, "floor_ms": c.bytes / bw * 1e3,
-                   "median_ms": c.results} for c in cases],
+        "timing": (
+            f"median of {reps} reps, CUDA events, L2 evicted by a 256 MiB read before each rep"
+            if gpu
+            else f"median of {reps} reps, perf_counter"
+        )
+        + "; block contenders timed in shared rounds, order rotated each round (clock-equalized)"
+        + (
+            "; and in steady state (each alone for a block of repetitions, blocks alternating, "
+            "the first 5 of each block dropped)"
+            if gpu
+            else ""
+        ),
+        "cases": [
+            {
+                "op": c.op,
+                "shape": list(c.shape),
+                "dtype": str(c.dtype).replace("torch.", ""),
+                "min_bytes": c.bytes,
+                "floor_ms": c.bytes / bw * 1e3,
+                "median_ms": c.results,
+            }
+            for c in cases
+        ],
     }
     if blocks:
         from .bench_block import block_records
+
         record["blocks"] = block_records(blocks)
     (out / "bench.json").write_text(json.dumps(record, indent=2))
     rows = case_plot_rows(cases)
     if blocks:
         from .bench_block import block_plot_rows
+
         rows = block_plot_rows(blocks) + rows
     note = None
     if gpu and blocks:
-        note = ("block passes: fwd, fwd+bwd timed in shared rounds, order rotated each round (clock-equalized); "
-                "'steady': each contender alone for a block of repetitions, blocks alternating")
+        note = (
+            "block passes: fwd, fwd+bwd timed in shared rounds, order rotated each round (clock-equalized); "
+            "'steady': each contender alone for a block of repetitions, blocks alternating"
+        )
     drew = plot(rows, out / "bench.png", f"{env['card']} | torch {env['torch']} | {date}", caveat, note)
-    print(f"\n[bench] wrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if drew else
-                                                     " (matplotlib missing: no plot)"))
+    print(
+        f"\n[bench] wrote {out / 'bench.json'}"
+        + (f" and {out / 'bench.png'}" if drew else " (matplotlib missing: no plot)")
+    )
     return 0
 
 

@@ -6,6 +6,7 @@ Configurations on a GPU: the LLaMA-3-8B layer (bf16, GQA 32/8, causal, batch 2, 
 the tutorial's benchmark config (fp16, MHA, not causal) and the tutorial's test shape.
 Without a GPU: one small float32 config on the CPU path.
 """
+
 from __future__ import annotations
 
 import gc
@@ -31,8 +32,8 @@ class BlockConfig:
     batch: int
     seq: int
     backward: bool = True
-    graphs: bool = False      # also time forward replays of CUDA graphs (hand-captured, reduce-overhead)
-    results: dict = field(default_factory=dict)   # (variant, "fwd"|"fwd+bwd"|"mem") -> value
+    graphs: bool = False  # also time forward replays of CUDA graphs (hand-captured, reduce-overhead)
+    results: dict = field(default_factory=dict)  # (variant, "fwd"|"fwd+bwd"|"mem") -> value
 
     @property
     def tokens(self) -> int:
@@ -72,6 +73,7 @@ def _gemms(cfg: BlockConfig, device):
             x @ w.T
             dy @ w
             dy.T @ x
+
     return fwd, fwd_bwd
 
 
@@ -88,13 +90,17 @@ def run_block_suite(timer, device, compile_ok: bool, log=_print_flushed, only=No
         if not configs:
             raise SystemExit(f"--configs {','.join(only)}: no block config of this device matches")
     for cfg in configs:
-        log(f"{cfg.name}: building the blocks (batch {cfg.batch}, seq {cfg.seq}, dim {cfg.dim}, "
-            f"{str(cfg.dtype).replace('torch.', '')})")
+        log(
+            f"{cfg.name}: building the blocks (batch {cfg.batch}, seq {cfg.seq}, dim {cfg.dim}, "
+            f"{str(cfg.dtype).replace('torch.', '')})"
+        )
         torch.manual_seed(0)
-        ref = TorchLlama3Block(cfg.dim, cfg.hidden, cfg.heads, cfg.kv_heads, causal=cfg.causal,
-                               device=device, dtype=cfg.dtype)
-        ours = Llama3Block(cfg.dim, cfg.hidden, cfg.heads, cfg.kv_heads, causal=cfg.causal,
-                                 device=device, dtype=cfg.dtype)
+        ref = TorchLlama3Block(
+            cfg.dim, cfg.hidden, cfg.heads, cfg.kv_heads, causal=cfg.causal, device=device, dtype=cfg.dtype
+        )
+        ours = Llama3Block(
+            cfg.dim, cfg.hidden, cfg.heads, cfg.kv_heads, causal=cfg.causal, device=device, dtype=cfg.dtype
+        )
         ours.load_state_dict(ref.state_dict())
         cos, sin = llama3_rope_cos_sin(cfg.seq, cfg.dim // cfg.heads, device=device)
         x = torch.randn(cfg.batch, cfg.seq, cfg.dim, device=device, dtype=cfg.dtype)
@@ -110,6 +116,7 @@ def run_block_suite(timer, device, compile_ok: bool, log=_print_flushed, only=No
             def run():
                 with torch.no_grad():
                     block(x, cos, sin)
+
             return run
 
         def training_step(block):
@@ -123,6 +130,7 @@ def run_block_suite(timer, device, compile_ok: bool, log=_print_flushed, only=No
             def run():
                 clear_grads()
                 block(xg, cos, sin).backward(dy)
+
             run.clear_grads = clear_grads
             return run
 
@@ -135,19 +143,25 @@ def run_block_suite(timer, device, compile_ok: bool, log=_print_flushed, only=No
                 if protocol and device.type != "cuda":
                     continue
                 what = f"{cfg.name} {kind}{protocol}"
-                log(f"{what}: start ({len(fns)} contenders"
-                    + (", the first calls compile)" if compile_ok and not protocol else ")"))
+                log(
+                    f"{what}: start ({len(fns)} contenders"
+                    + (", the first calls compile)" if compile_ok and not protocol else ")")
+                )
                 t0 = time.perf_counter()
                 times = how(fns)
                 for label, t in times.items():
                     cfg.results[(label, kind + protocol)] = t
-                log(f"{what}: done in {time.perf_counter() - t0:.1f} s: "
-                    + ", ".join(f"{label} {t:.3f} ms" for label, t in times.items()))
+                log(
+                    f"{what}: done in {time.perf_counter() - t0:.1f} s: "
+                    + ", ".join(f"{label} {t:.3f} ms" for label, t in times.items())
+                )
         if cfg.backward and device.type == "cuda":
             for label in variants:
                 cfg.results[(label, "mem")] = _extra_peak_mib(steps[label])
-            log(f"{cfg.name}: extra peak MiB of a training step: "
-                + ", ".join(f"{label} {cfg.results[(label, 'mem')]:.0f}" for label in variants))
+            log(
+                f"{cfg.name}: extra peak MiB of a training step: "
+                + ", ".join(f"{label} {cfg.results[(label, 'mem')]:.0f}" for label in variants)
+            )
         if cfg.graphs and device.type == "cuda":
             try:
                 _time_graphs(cfg, timer, {"llama3_kernels": ours, "eager": ref}, x, cos, sin, compile_ok, log)
@@ -192,6 +206,7 @@ def capture_forward(block, x, cos, sin):
     def replay():
         static_x.copy_(x)
         g.replay()
+
     return replay
 
 
@@ -220,8 +235,12 @@ def print_block_table(configs: list[BlockConfig], caveat: str | None = None) -> 
     apart on a busy CPU, comes out negative."""
     labels = ["llama3_kernels", "eager", "torch.compile"]
     print(f"block: {caveat}" if caveat else "block: median times; ours/x = our time over x's (< 1: we are faster)")
-    print(f"{'block':<16} {'pass':<15} " + " ".join(f"{l:>15}" for l in labels) + f" {'GEMMs alone':>12}"
-          + ("" if caveat else f" {'ours/eager':>10} {'ours/compile':>12}"))
+    print(
+        f"{'block':<16} {'pass':<15} "
+        + " ".join(f"{l:>15}" for l in labels)
+        + f" {'GEMMs alone':>12}"
+        + ("" if caveat else f" {'ours/eager':>10} {'ours/compile':>12}")
+    )
     for cfg in configs:
         for kind in KINDS:
             row = [cfg.results.get((l, kind)) for l in labels]
@@ -229,8 +248,10 @@ def print_block_table(configs: list[BlockConfig], caveat: str | None = None) -> 
                 continue
             cells = " ".join(f"{v:>12.3f} ms" if v is not None else f"{'-':>15}" for v in row)
             ratio = lambda v: f"{row[0] / v:>9.2f}x" if v else f"{'-':>10}"
-            print(f"{cfg.name:<16} {kind:<15} {cells} {cfg.results[('GEMMs alone', kind)]:>9.3f} ms"
-                  + ("" if caveat else f" {ratio(row[1])} {ratio(row[2]):>12}"))
+            print(
+                f"{cfg.name:<16} {kind:<15} {cells} {cfg.results[('GEMMs alone', kind)]:>9.3f} ms"
+                + ("" if caveat else f" {ratio(row[1])} {ratio(row[2]):>12}")
+            )
     extra = sorted({l for c in configs for (l, k) in c.results if l not in labels + ["GEMMs alone"]})
     if extra:
         print()
@@ -240,21 +261,30 @@ def print_block_table(configs: list[BlockConfig], caveat: str | None = None) -> 
                 vals = [cfg.results.get((l, k)) for k in KINDS]
                 if all(v is None for v in vals):
                     continue
-                print(f"{cfg.name:<16} {l:<40} "
-                      + " ".join(f"{v:>12.3f} ms" if v is not None else f"{'-':>15}" for v in vals))
+                print(
+                    f"{cfg.name:<16} {l:<40} "
+                    + " ".join(f"{v:>12.3f} ms" if v is not None else f"{'-':>15}" for v in vals)
+                )
     if caveat:
         return
     print()
     print(f"{'block':<16} {'time outside the GEMMs (ms)':<34} {'extra peak MiB fwd+bwd':>40}")
     for cfg in configs:
+
         def out(label, kind):
             v = cfg.results.get((label, kind))
             return f"{v - cfg.results[('GEMMs alone', kind)]:.3f}" if v is not None else "-"
+
         mem = lambda l: f"{cfg.results[(l, 'mem')]:.0f}" if (l, "mem") in cfg.results else "-"
-        cells = "  ".join(f"{k}: ours {out('llama3_kernels', k)} compile {out('torch.compile', k)}"
-                          for k in KINDS if (("llama3_kernels", k) in cfg.results))
-        print(f"{cfg.name:<16} {cells}   mem: ours {mem('llama3_kernels')} eager {mem('eager')} "
-              f"compile {mem('torch.compile')}")
+        cells = "  ".join(
+            f"{k}: ours {out('llama3_kernels', k)} compile {out('torch.compile', k)}"
+            for k in KINDS
+            if (("llama3_kernels", k) in cfg.results)
+        )
+        print(
+            f"{cfg.name:<16} {cells}   mem: ours {mem('llama3_kernels')} eager {mem('eager')} "
+            f"compile {mem('torch.compile')}"
+        )
 
 
 GRAPHED = (" cuda graph", " reduce-overhead")
@@ -280,11 +310,20 @@ def block_plot_rows(configs: list[BlockConfig]) -> list[tuple[str, str, dict, di
 def block_records(configs: list[BlockConfig]) -> list[dict]:
     recs = []
     for cfg in configs:
-        recs.append({
-            "config": cfg.name, "dim": cfg.dim, "hidden": cfg.hidden, "heads": cfg.heads,
-            "kv_heads": cfg.kv_heads, "causal": cfg.causal, "dtype": str(cfg.dtype).replace("torch.", ""),
-            "batch": cfg.batch, "seq": cfg.seq, "forward_tflop": cfg.forward_flops() / 1e12,
-            "median_ms": {f"{l} {k}": v for (l, k), v in cfg.results.items() if k != "mem"},
-            "extra_peak_mib_fwd_bwd": {l: v for (l, k), v in cfg.results.items() if k == "mem"},
-        })
+        recs.append(
+            {
+                "config": cfg.name,
+                "dim": cfg.dim,
+                "hidden": cfg.hidden,
+                "heads": cfg.heads,
+                "kv_heads": cfg.kv_heads,
+                "causal": cfg.causal,
+                "dtype": str(cfg.dtype).replace("torch.", ""),
+                "batch": cfg.batch,
+                "seq": cfg.seq,
+                "forward_tflop": cfg.forward_flops() / 1e12,
+                "median_ms": {f"{l} {k}": v for (l, k), v in cfg.results.items() if k != "mem"},
+                "extra_peak_mib_fwd_bwd": {l: v for (l, k), v in cfg.results.items() if k == "mem"},
+            }
+        )
     return recs

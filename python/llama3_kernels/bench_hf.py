@@ -12,6 +12,7 @@ one model: unpatched eager, the compiled unpatched model, then the model patched
 ``llama3_kernels.hf.apply_to_llama``.  Without a GPU, a tiny float32 config times the CPU
 reference path: a check that the benchmark runs, not results.  Prints a table, writes JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,19 +28,47 @@ from .bench import Progress, Timer, environment
 
 CPU_NOTE = "CPU reference timings, not results: a tiny float32 config on the C reference kernels"
 
-GPU_CONFIG = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                  num_hidden_layers=4, vocab_size=32000, batch=2, seq=2048)
-CPU_CONFIG = dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2,
-                  num_hidden_layers=2, vocab_size=1000, batch=2, seq=128)
+GPU_CONFIG = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    num_hidden_layers=4,
+    vocab_size=32000,
+    batch=2,
+    seq=2048,
+)
+CPU_CONFIG = dict(
+    hidden_size=256,
+    intermediate_size=688,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_hidden_layers=2,
+    vocab_size=1000,
+    batch=2,
+    seq=128,
+)
 
 
 def build_model(shape: dict, device, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(**{k: v for k, v in shape.items() if k not in ("batch", "seq")},
-                      max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
-                      rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                        original_max_position_embeddings=8192),
-                      tie_word_embeddings=False, use_cache=False, attn_implementation="sdpa")
+
+    cfg = LlamaConfig(
+        **{k: v for k, v in shape.items() if k not in ("batch", "seq")},
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+        tie_word_embeddings=False,
+        use_cache=False,
+        attn_implementation="sdpa",
+    )
     with torch.device(device):  # initialised where it runs (seconds, not minutes, at 8B layer sizes)
         model = LlamaForCausalLM(cfg)
     return model.to(dtype).train()
@@ -55,6 +84,7 @@ def training_step(model, ids):
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         return loss
+
     return step
 
 
@@ -90,6 +120,7 @@ def main(argv=None) -> int:
     timer = Timer(device, reps=reps, warmup=3 if gpu else 1)
     env = environment(device)
     import transformers
+
     env["transformers"] = transformers.__version__
     if not gpu:
         print(f"[bench_hf] {CPU_NOTE}.", flush=True)
@@ -104,8 +135,12 @@ def main(argv=None) -> int:
     def measure(label: str, step) -> None:
         loss = step().item()  # also the first warmup (and the compile)
         ms = timer(step)
-        results[label] = {"median_ms": ms, "tokens_per_s": tokens / (ms * 1e-3),
-                          "extra_peak_bytes": extra_peak_bytes(step, device), "first_loss": loss}
+        results[label] = {
+            "median_ms": ms,
+            "tokens_per_s": tokens / (ms * 1e-3),
+            "extra_peak_bytes": extra_peak_bytes(step, device),
+            "first_loss": loss,
+        }
         log(f"{label}: {ms:.2f} ms, {tokens / (ms * 1e-3):,.0f} tokens/s, loss {loss:.4f}")
 
     measure("eager (SDPA)", training_step(model, ids))
@@ -115,10 +150,12 @@ def main(argv=None) -> int:
         measure("llama3_kernels", training_step(model, ids))
 
     print()
-    print(f"LlamaForCausalLM training step (forward with loss + backward): {shape['num_hidden_layers']} layers, "
-          f"hidden {shape['hidden_size']}, intermediate {shape['intermediate_size']}, "
-          f"{shape['num_attention_heads']}/{shape['num_key_value_heads']} heads, vocab {shape['vocab_size']}, "
-          f"{str(dtype).replace('torch.', '')}, batch {shape['batch']}, seq {shape['seq']}")
+    print(
+        f"LlamaForCausalLM training step (forward with loss + backward): {shape['num_hidden_layers']} layers, "
+        f"hidden {shape['hidden_size']}, intermediate {shape['intermediate_size']}, "
+        f"{shape['num_attention_heads']}/{shape['num_key_value_heads']} heads, vocab {shape['vocab_size']}, "
+        f"{str(dtype).replace('torch.', '')}, batch {shape['batch']}, seq {shape['seq']}"
+    )
     if not gpu:
         print(f"*** {CPU_NOTE} ***")
     head = f"{'contender':<16} {'median':>11} {'tokens/s':>12} {'extra peak':>12} {'first loss':>11}"
@@ -141,11 +178,18 @@ def main(argv=None) -> int:
         **({} if gpu else {"caveat": CPU_NOTE}),
         "date_utc": date,
         "environment": env,
-        "config": {**shape, "dtype": str(dtype).replace("torch.", ""), "attn_implementation": "sdpa",
-                   "rope_scaling": "llama3"},
+        "config": {
+            **shape,
+            "dtype": str(dtype).replace("torch.", ""),
+            "attn_implementation": "sdpa",
+            "rope_scaling": "llama3",
+        },
         "step": "forward with labels (loss over the vocabulary) + backward, gradients set to None before each",
-        "timing": (f"median of {reps} steps, CUDA events, L2 evicted before each" if gpu else
-                   f"median of {reps} steps, perf_counter"),
+        "timing": (
+            f"median of {reps} steps, CUDA events, L2 evicted before each"
+            if gpu
+            else f"median of {reps} steps, perf_counter"
+        ),
         "results": results,
     }
     path = out / "bench_hf.json"

@@ -31,33 +31,49 @@ import torch
 from torch import nn
 
 from ._dlpack import Borrowed, current_stream
-from ._lib import (LIB, PRESERVE_ACTIVATIONS, BlockActivations, BlockConfig, BlockGrads, BlockLayout,
-                   BlockWeights, check)
+from ._lib import LIB, PRESERVE_ACTIVATIONS, BlockActivations, BlockConfig, BlockGrads, BlockLayout, BlockWeights, check
 from .ops._registry import NAMESPACE, TORCH_LIB, define, ops
 
 # The block's weights in either form the C ABI takes, as l3k_llama_block_weights names them:
 # fused (this module's parameters) or split (e.g. a Hugging Face layer's own parameters).
 PARAM_NAMES = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight", "norm1_weight", "norm2_weight")
-SPLIT_PARAM_NAMES = ("q_weight", "k_weight", "v_weight", "o_weight", "gate_weight", "up_weight", "down_weight",
-                     "norm1_weight", "norm2_weight")
+SPLIT_PARAM_NAMES = (
+    "q_weight",
+    "k_weight",
+    "v_weight",
+    "o_weight",
+    "gate_weight",
+    "up_weight",
+    "down_weight",
+    "norm1_weight",
+    "norm2_weight",
+)
 
 # Parameter names of the tutorial's block and of Hugging Face's LlamaDecoderLayer,
 # mapped onto this block's fused parameters: (fused name, part index).
 _QKV_PARTS, _GATE_UP_PARTS = ("q", "k", "v"), ("gate", "up")
 _ALIASES = {
-    "attn_q.weight": ("qkv_weight", 0), "attn_k.weight": ("qkv_weight", 1), "attn_v.weight": ("qkv_weight", 2),
+    "attn_q.weight": ("qkv_weight", 0),
+    "attn_k.weight": ("qkv_weight", 1),
+    "attn_v.weight": ("qkv_weight", 2),
     "attn_o.weight": ("o_weight", None),
-    "mlp_gate.weight": ("gate_up_weight", 0), "mlp_up.weight": ("gate_up_weight", 1),
+    "mlp_gate.weight": ("gate_up_weight", 0),
+    "mlp_up.weight": ("gate_up_weight", 1),
     "mlp_down.weight": ("down_weight", None),
-    "self_attn.q_proj.weight": ("qkv_weight", 0), "self_attn.k_proj.weight": ("qkv_weight", 1),
-    "self_attn.v_proj.weight": ("qkv_weight", 2), "self_attn.o_proj.weight": ("o_weight", None),
-    "mlp.gate_proj.weight": ("gate_up_weight", 0), "mlp.up_proj.weight": ("gate_up_weight", 1),
+    "self_attn.q_proj.weight": ("qkv_weight", 0),
+    "self_attn.k_proj.weight": ("qkv_weight", 1),
+    "self_attn.v_proj.weight": ("qkv_weight", 2),
+    "self_attn.o_proj.weight": ("o_weight", None),
+    "mlp.gate_proj.weight": ("gate_up_weight", 0),
+    "mlp.up_proj.weight": ("gate_up_weight", 1),
     "mlp.down_proj.weight": ("down_weight", None),
-    "input_layernorm.weight": ("norm1_weight", None), "post_attention_layernorm.weight": ("norm2_weight", None),
+    "input_layernorm.weight": ("norm1_weight", None),
+    "post_attention_layernorm.weight": ("norm2_weight", None),
 }
 
 
 # ---- the C calls ----------------------------------------------------------------------------
+
 
 class BlockCall:
     """The weights and configuration of one block as the C ABI takes them, with the sizes
@@ -67,8 +83,9 @@ class BlockCall:
 
     __slots__ = ("key", "params", "data_ptrs", "spec", "borrowed", "weights", "cfg", "layouts", "inference_bytes")
 
-    def __init__(self, params, n_heads: int, n_kv_heads: int, causal: bool, eps: float,
-                 deterministic: bool = False, key=None):
+    def __init__(
+        self, params, n_heads: int, n_kv_heads: int, causal: bool, eps: float, deterministic: bool = False, key=None
+    ):
         self.key = key
         self.params = tuple(params)
         self.data_ptrs = tuple([p.data_ptr() for p in params])  # what the DLTensors below point at
@@ -85,8 +102,11 @@ class BlockCall:
         lay = self.layouts.get(k)
         if lay is None:
             lay = self.layouts[k] = BlockLayout()
-            check(LIB.l3k_llama_block_training_layout(x_ptr, ctypes.byref(self.weights), ctypes.byref(self.cfg),
-                                                      ctypes.byref(lay)))
+            check(
+                LIB.l3k_llama_block_training_layout(
+                    x_ptr, ctypes.byref(self.weights), ctypes.byref(self.cfg), ctypes.byref(lay)
+                )
+            )
         return lay
 
     def config(self, key_range_ptr) -> BlockConfig:
@@ -105,46 +125,81 @@ class BlockCall:
         n = self.inference_bytes.get(k)
         if n is None:
             size = ctypes.c_size_t(0)
-            check(LIB.l3k_llama_block_forward_workspace_size(b.ptrs[0], ctypes.byref(self.weights),
-                                                             ctypes.byref(self.cfg), ctypes.byref(size)))
+            check(
+                LIB.l3k_llama_block_forward_workspace_size(
+                    b.ptrs[0], ctypes.byref(self.weights), ctypes.byref(self.cfg), ctypes.byref(size)
+                )
+            )
             n = self.inference_bytes[k] = size.value
         out = torch.empty_like(x)
         ws = torch.empty(n, dtype=torch.uint8, device=x.device)
         o = Borrowed(out, ws)
-        check(LIB.l3k_llama_block_forward(b.ptrs[0], b.ptrs[1], b.ptrs[2], ctypes.byref(self.weights),
-                                          ctypes.byref(self.config(b.ptrs[3])), o.ptrs[0], o.ptrs[1],
-                                          current_stream(x)))
+        check(
+            LIB.l3k_llama_block_forward(
+                b.ptrs[0],
+                b.ptrs[1],
+                b.ptrs[2],
+                ctypes.byref(self.weights),
+                ctypes.byref(self.config(b.ptrs[3])),
+                o.ptrs[0],
+                o.ptrs[1],
+                current_stream(x),
+            )
+        )
         return out
 
-    def train_forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keep_attention: bool,
-                      key_range=None):
+    def train_forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keep_attention: bool, key_range=None
+    ):
         """(out, *activations) of a training forward; the activations in BlockActivations' order,
         size-0 tensors for an attention output and LSE that are not kept."""
         b = Borrowed(x, cos, sin, key_range)
         lay = self.layout(x, b.ptrs[0])
         dev, dt = x.device, x.dtype
         out = torch.empty_like(x)
-        acts = [torch.empty(lay.qkv.rows, lay.qkv.cols, dtype=dt, device=dev),
-                torch.empty(lay.residual.rows, lay.residual.cols, dtype=dt, device=dev),
-                torch.empty(lay.gate_up.rows, lay.gate_up.cols, dtype=dt, device=dev),
-                torch.empty(lay.rstd1.rows, dtype=torch.float32, device=dev),
-                torch.empty(lay.rstd2.rows, dtype=torch.float32, device=dev)]
+        acts = [
+            torch.empty(lay.qkv.rows, lay.qkv.cols, dtype=dt, device=dev),
+            torch.empty(lay.residual.rows, lay.residual.cols, dtype=dt, device=dev),
+            torch.empty(lay.gate_up.rows, lay.gate_up.cols, dtype=dt, device=dev),
+            torch.empty(lay.rstd1.rows, dtype=torch.float32, device=dev),
+            torch.empty(lay.rstd2.rows, dtype=torch.float32, device=dev),
+        ]
         if keep_attention:
-            acts += [torch.empty(lay.attn_out.rows, lay.attn_out.cols, dtype=dt, device=dev),
-                     torch.empty(lay.lse.rows, dtype=torch.float32, device=dev)]
+            acts += [
+                torch.empty(lay.attn_out.rows, lay.attn_out.cols, dtype=dt, device=dev),
+                torch.empty(lay.lse.rows, dtype=torch.float32, device=dev),
+            ]
         ws = torch.empty(lay.forward_workspace_bytes, dtype=torch.uint8, device=dev)
         o = Borrowed(out, ws, *acts)
         saved = BlockActivations(*o.ptrs[2:])
-        check(LIB.l3k_llama_block_forward_train(b.ptrs[0], b.ptrs[1], b.ptrs[2], ctypes.byref(self.weights),
-                                                ctypes.byref(self.config(b.ptrs[3])), o.ptrs[0],
-                                                ctypes.byref(saved), o.ptrs[1], current_stream(x)))
+        check(
+            LIB.l3k_llama_block_forward_train(
+                b.ptrs[0],
+                b.ptrs[1],
+                b.ptrs[2],
+                ctypes.byref(self.weights),
+                ctypes.byref(self.config(b.ptrs[3])),
+                o.ptrs[0],
+                ctypes.byref(saved),
+                o.ptrs[1],
+                current_stream(x),
+            )
+        )
         if not keep_attention:
             empty = torch.empty(0, dtype=dt, device=dev)
             acts += [empty, torch.empty(0, dtype=torch.float32, device=dev)]
         return (out, *acts)
 
-    def backward(self, dout: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, acts,
-                 preserve: bool, key_range=None):
+    def backward(
+        self,
+        dout: torch.Tensor,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        acts,
+        preserve: bool,
+        key_range=None,
+    ):
         """(dx, *weight gradients) from the activations train_forward returned (given the same
         key_range).  Without `preserve` the gate/up activation is overwritten."""
         if not dout.is_contiguous():
@@ -155,15 +210,30 @@ class BlockCall:
         saved = BlockActivations(*b.ptrs[5:])
         dx = torch.empty_like(x)
         grads = _gradient_buffers(self.params)
-        ws = torch.empty(lay.backward_workspace_bytes_preserving if preserve else lay.backward_workspace_bytes,
-                         dtype=torch.uint8, device=x.device)
+        ws = torch.empty(
+            lay.backward_workspace_bytes_preserving if preserve else lay.backward_workspace_bytes,
+            dtype=torch.uint8,
+            device=x.device,
+        )
         o = Borrowed(dx, ws, *grads)
         names = SPLIT_PARAM_NAMES if len(grads) == len(SPLIT_PARAM_NAMES) else PARAM_NAMES
         g = BlockGrads(**dict(zip(names, o.ptrs[2:])))
-        check(LIB.l3k_llama_block_backward(b.ptrs[0], b.ptrs[1], b.ptrs[2], b.ptrs[3], ctypes.byref(self.weights),
-                                           ctypes.byref(self.config(b.ptrs[4])), ctypes.byref(saved),
-                                           PRESERVE_ACTIVATIONS if preserve else 0, o.ptrs[0], ctypes.byref(g),
-                                           o.ptrs[1], current_stream(x)))
+        check(
+            LIB.l3k_llama_block_backward(
+                b.ptrs[0],
+                b.ptrs[1],
+                b.ptrs[2],
+                b.ptrs[3],
+                ctypes.byref(self.weights),
+                ctypes.byref(self.config(b.ptrs[4])),
+                ctypes.byref(saved),
+                PRESERVE_ACTIVATIONS if preserve else 0,
+                o.ptrs[0],
+                ctypes.byref(g),
+                o.ptrs[1],
+                current_stream(x),
+            )
+        )
         return (dx, *grads)
 
 
@@ -176,13 +246,24 @@ def _gradient_buffers(params) -> list:
     q, k, v, o, gate, up, down, n1, n2 = params
 
     def joined(*parts):
-        whole = torch.empty(sum(p.shape[0] for p in parts), parts[0].shape[1], dtype=parts[0].dtype,
-                            device=parts[0].device)
+        whole = torch.empty(
+            sum(p.shape[0] for p in parts), parts[0].shape[1], dtype=parts[0].dtype, device=parts[0].device
+        )
         return list(whole.split([p.shape[0] for p in parts]))
+
     dq, dk, dv = joined(q, k, v)
     dgate, dup = joined(gate, up)
-    return [dq, dk, dv, torch.empty_like(o), dgate, dup, torch.empty_like(down), torch.empty_like(n1),
-            torch.empty_like(n2)]
+    return [
+        dq,
+        dk,
+        dv,
+        torch.empty_like(o),
+        dgate,
+        dup,
+        torch.empty_like(down),
+        torch.empty_like(n1),
+        torch.empty_like(n2),
+    ]
 
 
 # ---- registered ops (torch.compile) --------------------------------------------------------
@@ -197,41 +278,63 @@ def _inference_kernel(x, cos, sin, weights, n_heads, n_kv_heads, causal, eps, de
     return call.inference(x.contiguous(), cos, sin, key_range)
 
 
-def _train_kernel(x, cos, sin, weights, n_heads, n_kv_heads, causal, eps, deterministic, keep_attention,
-                  key_range=None):
+def _train_kernel(
+    x, cos, sin, weights, n_heads, n_kv_heads, causal, eps, deterministic, keep_attention, key_range=None
+):
     call = BlockCall(weights, n_heads, n_kv_heads, causal, eps, deterministic)
     return list(call.train_forward(x.contiguous(), cos, sin, keep_attention, key_range))
 
 
-def _backward_kernel(dout, x, cos, sin, acts, weights, n_heads, n_kv_heads, causal, eps, deterministic, preserve,
-                     key_range=None):
+def _backward_kernel(
+    dout, x, cos, sin, acts, weights, n_heads, n_kv_heads, causal, eps, deterministic, preserve, key_range=None
+):
     call = BlockCall(weights, n_heads, n_kv_heads, causal, eps, deterministic)
     return list(call.backward(dout, x.contiguous(), cos, sin, acts, preserve, key_range))
 
 
-def _train_fake(x, cos, sin, weights, n_heads, n_kv_heads, causal, eps, deterministic, keep_attention,
-                key_range=None):
+def _train_fake(x, cos, sin, weights, n_heads, n_kv_heads, causal, eps, deterministic, keep_attention, key_range=None):
     b, s, dim = x.shape
     t = b * s
     new = x.new_empty
     qkv_rows = sum(w.shape[0] for w in weights[:3]) if len(weights) == 9 else weights[0].shape[0]
     gate_up_rows = sum(w.shape[0] for w in weights[4:6]) if len(weights) == 9 else weights[2].shape[0]
-    kept = [new(t, dim), new(b * n_heads * s, dtype=torch.float32)] if keep_attention else [
-        new(0), new(0, dtype=torch.float32)]
-    return [torch.empty_like(x), new(t, qkv_rows), new(t, dim), new(t, gate_up_rows),
-            new(t, dtype=torch.float32), new(t, dtype=torch.float32), *kept]
+    kept = (
+        [new(t, dim), new(b * n_heads * s, dtype=torch.float32)]
+        if keep_attention
+        else [new(0), new(0, dtype=torch.float32)]
+    )
+    return [
+        torch.empty_like(x),
+        new(t, qkv_rows),
+        new(t, dim),
+        new(t, gate_up_rows),
+        new(t, dtype=torch.float32),
+        new(t, dtype=torch.float32),
+        *kept,
+    ]
 
 
 def _backward_fake(dout, x, cos, sin, acts, weights, *spec):
     return [torch.empty_like(x), *[torch.empty_like(w) for w in weights]]
 
 
-define(f"llama_block_inference(Tensor x, Tensor cos, Tensor sin, {_SPEC}, Tensor? key_range=None) -> Tensor",
-        _inference_kernel, lambda x, *rest: torch.empty_like(x))
-define(f"llama_block_train(Tensor x, Tensor cos, Tensor sin, {_SPEC}, bool keep_attention, "
-        "Tensor? key_range=None) -> Tensor[]", _train_kernel, _train_fake)
-define(f"llama_block_backward(Tensor dout, Tensor x, Tensor cos, Tensor sin, Tensor[] acts, {_SPEC}, "
-        "bool preserve, Tensor? key_range=None) -> Tensor[]", _backward_kernel, _backward_fake)
+define(
+    f"llama_block_inference(Tensor x, Tensor cos, Tensor sin, {_SPEC}, Tensor? key_range=None) -> Tensor",
+    _inference_kernel,
+    lambda x, *rest: torch.empty_like(x),
+)
+define(
+    f"llama_block_train(Tensor x, Tensor cos, Tensor sin, {_SPEC}, bool keep_attention, "
+    "Tensor? key_range=None) -> Tensor[]",
+    _train_kernel,
+    _train_fake,
+)
+define(
+    f"llama_block_backward(Tensor dout, Tensor x, Tensor cos, Tensor sin, Tensor[] acts, {_SPEC}, "
+    "bool preserve, Tensor? key_range=None) -> Tensor[]",
+    _backward_kernel,
+    _backward_fake,
+)
 
 
 def _train_setup(ctx, inputs, output):
@@ -250,11 +353,13 @@ def _train_backward(ctx, douts):
     return dx, None, None, grads, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd(f"{NAMESPACE}::llama_block_train", _train_backward, setup_context=_train_setup,
-                                lib=TORCH_LIB)
+torch.library.register_autograd(
+    f"{NAMESPACE}::llama_block_train", _train_backward, setup_context=_train_setup, lib=TORCH_LIB
+)
 
 
 # ---- eager autograd ----------------------------------------------------------------------------
+
 
 class LlamaBlockFunction(torch.autograd.Function):
     """The whole block as one autograd node over the two C calls.  Inputs, weights and
@@ -275,9 +380,10 @@ class LlamaBlockFunction(torch.autograd.Function):
             raise RuntimeError(
                 "Llama3Block: backward through the block a second time: the first backward consumed its "
                 "activations (it writes the gate/up gradient over them). Pass retain_graph=True to the "
-                "first backward to keep them.")
+                "first backward to keep them."
+            )
         x, cos, sin, key_range, *rest = ctx.saved_tensors
-        weights, acts = rest[:ctx.n_weights], rest[ctx.n_weights:]
+        weights, acts = rest[: ctx.n_weights], rest[ctx.n_weights :]
         preserve = torch._C._autograd._get_current_graph_task_keep_graph()
         ctx.consumed = not preserve
         call = ctx.call
@@ -310,9 +416,20 @@ def _key_range(key_range, x: torch.Tensor):
     return key_range if key_range.is_contiguous() else key_range.contiguous()
 
 
-def llama_block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weights, n_heads: int, n_kv_heads: int,
-                eps: float = 1e-5, causal: bool = True, deterministic: bool = False,
-                recompute_attention: bool = True, owner=None, key_range: torch.Tensor | None = None) -> torch.Tensor:
+def llama_block(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    weights,
+    n_heads: int,
+    n_kv_heads: int,
+    eps: float = 1e-5,
+    causal: bool = True,
+    deterministic: bool = False,
+    recompute_attention: bool = True,
+    owner=None,
+    key_range: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The block as a function of its weights: PARAM_NAMES' six (fused q/k/v and gate/up) or
     SPLIT_PARAM_NAMES' nine, in that order.  Differentiable in x and every weight; under
     torch.compile the registered ops.  `owner` (any weak-referenceable object, e.g. the module
@@ -365,9 +482,19 @@ class Llama3Block(nn.Module):
     state dict.
     """
 
-    def __init__(self, dim: int, hidden_dim: int, n_heads: int, n_kv_heads: int | None = None,
-                 causal: bool = True, eps: float = 1e-5, deterministic: bool = False,
-                 recompute_attention: bool = True, device=None, dtype=None):
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        causal: bool = True,
+        eps: float = 1e-5,
+        deterministic: bool = False,
+        recompute_attention: bool = True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"Llama3Block: dim {dim} is not a multiple of n_heads {n_heads}")
@@ -398,8 +525,7 @@ class Llama3Block(nn.Module):
         nn.init.ones_(self.norm2_weight)
 
     def _spec(self):
-        return (int(self.n_heads), int(self.n_kv_heads), bool(self.causal), float(self.eps),
-                bool(self.deterministic))
+        return (int(self.n_heads), int(self.n_kv_heads), bool(self.causal), float(self.eps), bool(self.deterministic))
 
     def _split_sizes(self, name: str):
         kv = self.n_kv_heads * self.head_dim
@@ -409,7 +535,7 @@ class Llama3Block(nn.Module):
         """Fold the tutorial's or Hugging Face's separate weights into the fused parameters."""
         parts: dict[str, dict[int, torch.Tensor]] = {}
         for key in [k for k in state_dict if k.startswith(prefix)]:
-            alias = _ALIASES.get(key[len(prefix):])
+            alias = _ALIASES.get(key[len(prefix) :])
             if alias is None:
                 continue
             name, idx = alias
@@ -430,27 +556,50 @@ class Llama3Block(nn.Module):
         """The weights under the tutorial's names (views of the fused parameters)."""
         q, k, v = self.qkv_weight.split(self._split_sizes("qkv_weight"))
         g, u = self.gate_up_weight.split(self._split_sizes("gate_up_weight"))
-        return {"attn_q.weight": q, "attn_k.weight": k, "attn_v.weight": v, "attn_o.weight": self.o_weight,
-                "mlp_gate.weight": g, "mlp_up.weight": u, "mlp_down.weight": self.down_weight,
-                "norm1_weight": self.norm1_weight, "norm2_weight": self.norm2_weight}
+        return {
+            "attn_q.weight": q,
+            "attn_k.weight": k,
+            "attn_v.weight": v,
+            "attn_o.weight": self.o_weight,
+            "mlp_gate.weight": g,
+            "mlp_up.weight": u,
+            "mlp_down.weight": self.down_weight,
+            "norm1_weight": self.norm1_weight,
+            "norm2_weight": self.norm2_weight,
+        }
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                key_range: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_range: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """key_range: optional (batch, 2) [start, end) of each sequence's valid positions in a
         padded batch (see llama_block)."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"Llama3Block: x has shape {tuple(x.shape)}, expected (batch, seq, {self.dim})")
         ps = self._parameters  # not six trips through nn.Module.__getattr__ (~1 us each)
-        return llama_block(x, cos, sin, [ps[n] for n in PARAM_NAMES], self.n_heads, self.n_kv_heads, self.eps,
-                           self.causal, self.deterministic, self.recompute_attention, owner=self, key_range=key_range)
+        return llama_block(
+            x,
+            cos,
+            sin,
+            [ps[n] for n in PARAM_NAMES],
+            self.n_heads,
+            self.n_kv_heads,
+            self.eps,
+            self.causal,
+            self.deterministic,
+            self.recompute_attention,
+            owner=self,
+            key_range=key_range,
+        )
 
     def _apply(self, fn, *args, **kwargs):
         _CALLS.pop(self, None)  # .to(), .half(), ...: let go of the old weights now
         return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, hidden_dim={self.hidden_dim}, n_heads={self.n_heads}, "
-                f"n_kv_heads={self.n_kv_heads}, causal={self.causal}, eps={self.eps}")
+        return (
+            f"dim={self.dim}, hidden_dim={self.hidden_dim}, n_heads={self.n_heads}, "
+            f"n_kv_heads={self.n_kv_heads}, causal={self.causal}, eps={self.eps}"
+        )
 
 
 TritonLlama3Block = Llama3Block  # the tutorial's name

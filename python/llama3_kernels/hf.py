@@ -20,6 +20,7 @@ float32 on CUDA (its attention takes float16/bfloat16; run float32 models under 
 Importing ``llama3_kernels`` imports this module but not transformers, which is imported when
 first used.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,6 +42,7 @@ class UnsupportedLlamaError(ValueError):
 
 def _llama():
     from transformers.models.llama import modeling_llama
+
     return modeling_llama
 
 
@@ -56,6 +58,7 @@ _PACKED_ARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_k"
 
 
 # ---- configuration and module checks --------------------------------------------------------
+
 
 def _check_config(cfg) -> None:
     hidden, heads = cfg.hidden_size, cfg.num_attention_heads
@@ -80,8 +83,9 @@ def _check_config(cfg) -> None:
     if not getattr(cfg, "is_causal", True):
         problems.append("is_causal=False (the block's attention is causal)")
     if problems:
-        raise UnsupportedLlamaError("llama3_kernels.hf: this Llama configuration cannot run on the fused block: "
-                                    + "; ".join(problems))
+        raise UnsupportedLlamaError(
+            "llama3_kernels.hf: this Llama configuration cannot run on the fused block: " + "; ".join(problems)
+        )
 
 
 def _is_plain_linear(mod) -> bool:
@@ -95,12 +99,17 @@ def _projections(layer):
 
 def _refuse_foreign_projection(layer, mod) -> None:
     name = next(n for n, m in layer.named_modules() if m is mod)
-    why = (f"is a {type(mod).__name__} (an adapter or quantized layer?)" if type(mod).forward is not nn.Linear.forward
-           else "has a bias" if mod.bias is not None
-           else "has its forward replaced or hooked (accelerate, ZeRO-3?), which the fused block would skip")
+    why = (
+        f"is a {type(mod).__name__} (an adapter or quantized layer?)"
+        if type(mod).forward is not nn.Linear.forward
+        else "has a bias"
+        if mod.bias is not None
+        else "has its forward replaced or hooked (accelerate, ZeRO-3?), which the fused block would skip"
+    )
     raise UnsupportedLlamaError(
         f"llama3_kernels.hf: {name} {why}; the fused block reads the plain weight of an nn.Linear without bias. "
-        "Merge adapters into the weights, or call llama3_kernels.hf.revert_llama(model) first.")
+        "Merge adapters into the weights, or call llama3_kernels.hf.revert_llama(model) first."
+    )
 
 
 def _layer_weights(layer):
@@ -118,14 +127,17 @@ def _check_layer(layer) -> None:
     if "forward" in layer.__dict__:
         raise UnsupportedLlamaError(
             "llama3_kernels.hf: a LlamaDecoderLayer has its forward replaced on the instance (accelerate hooks from a "
-            "device_map?), which would bypass the patched class; load the model onto one device without a device_map")
+            "device_map?), which would bypass the patched class; load the model onto one device without a device_map"
+        )
     _layer_weights(layer)
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
     if not all(isinstance(n, _llama().LlamaRMSNorm) for n in norms):
         raise UnsupportedLlamaError("llama3_kernels.hf: the layer's norms are not LlamaRMSNorm")
     if norms[0].variance_epsilon != norms[1].variance_epsilon:
-        raise UnsupportedLlamaError("llama3_kernels.hf: the layer's two RMSNorms have different eps "
-                                    f"({norms[0].variance_epsilon}, {norms[1].variance_epsilon}); the block takes one")
+        raise UnsupportedLlamaError(
+            "llama3_kernels.hf: the layer's two RMSNorms have different eps "
+            f"({norms[0].variance_epsilon}, {norms[1].variance_epsilon}); the block takes one"
+        )
 
 
 # ---- the attention mask as a range of keys per sequence -----------------------------------------
@@ -155,7 +167,8 @@ def _allowed(mask: torch.Tensor) -> torch.Tensor:
 def _refuse_mask(what: str):
     raise UnsupportedLlamaError(
         f"llama3_kernels.hf: {what}. The fused block's attention is causal over one contiguous range of keys per "
-        "sequence (left or right padding); packed sequences and custom masks are not supported.")
+        "sequence (left or right padding); packed sequences and custom masks are not supported."
+    )
 
 
 def _key_range(mask, x: torch.Tensor, cfg, position_ids, kwargs):
@@ -176,19 +189,29 @@ def _key_range(mask, x: torch.Tensor, cfg, position_ids, kwargs):
     batch, seq = x.shape[0], x.shape[1]
     compiling = torch.compiler.is_compiling()
     if mask is None:
-        if (not compiling and position_ids is not None and "flash" in str(getattr(cfg, "_attn_implementation", ""))
-                and position_ids.shape[-1] > 1 and bool((position_ids.diff(dim=-1) != 1).any())):
+        if (
+            not compiling
+            and position_ids is not None
+            and "flash" in str(getattr(cfg, "_attn_implementation", ""))
+            and position_ids.shape[-1] > 1
+            and bool((position_ids.diff(dim=-1) != 1).any())
+        ):
             # Flash-attention integrations read position ids that restart as packed sequences.
             _refuse_mask("position_ids restart within a sequence under a flash-attention implementation")
         return None
     if not isinstance(mask, torch.Tensor):
         raise UnsupportedLlamaError(
             f"llama3_kernels.hf: a {type(mask).__name__} attention mask (flex attention?) is not supported; load "
-            "the model with attn_implementation='sdpa' or 'eager'.")
+            "the model with attn_implementation='sdpa' or 'eager'."
+        )
     if not compiling:
         memo = _MASK_MEMO[0]
-        if (memo is not None and memo[0]() is mask and memo[1] == _mask_version(mask)
-                and memo[2] == (batch, seq, x.device)):
+        if (
+            memo is not None
+            and memo[0]() is mask
+            and memo[1] == _mask_version(mask)
+            and memo[2] == (batch, seq, x.device)
+        ):
             return memo[3]
     if mask.dim() == 2:
         if mask.shape[-1] != seq:
@@ -226,14 +249,14 @@ def _check_ranges(mask, device, start, end, seq):
     """(the mask differs from the ranges, some range is not [0, seq)), with one sync."""
     j = torch.arange(mask.shape[-1], device=device)
     s, e = start.view(-1, 1), end.view(-1, 1)
-    in_range = (j >= s) & (j < e)                                        # (batch, keys)
+    in_range = (j >= s) & (j < e)  # (batch, keys)
     allowed = _allowed(mask).to(device)
     if mask.dim() == 2:
         bad = (allowed != in_range).any()
     else:
         i = j[:seq].view(-1, 1)
-        want = in_range[:, None, None, :] & (j <= i)                     # (batch, 1, queries, keys)
-        real = ((i >= s[:, :, None]) & (i < e[:, :, None]))[:, None]      # (batch, 1, queries, 1)
+        want = in_range[:, None, None, :] & (j <= i)  # (batch, 1, queries, keys)
+        real = ((i >= s[:, :, None]) & (i < e[:, :, None]))[:, None]  # (batch, 1, queries, 1)
         row_differs = (allowed != want).any(-1, keepdim=True)
         row_uniform = allowed.all(-1, keepdim=True) | ~allowed.any(-1, keepdim=True)
         bad = (row_differs & (real | ~row_uniform)).any()
@@ -244,20 +267,25 @@ def _check_ranges(mask, device, start, end, seq):
 
 # ---- the patched forwards ----------------------------------------------------------------------
 
+
 def _refuse_call(layer, cfg, kwargs) -> None:
     if kwargs.get("output_attentions"):
-        raise UnsupportedLlamaError("llama3_kernels.hf: output_attentions=True is not supported: the fused block "
-                                    "never forms the attention weights")
+        raise UnsupportedLlamaError(
+            "llama3_kernels.hf: output_attentions=True is not supported: the fused block "
+            "never forms the attention weights"
+        )
     for name in _CACHE_ARGS:
         if kwargs.get(name) is not None:
             raise UnsupportedLlamaError(
                 "llama3_kernels.hf: generation with a KV cache is not supported yet. Call generate(..., "
                 "use_cache=False), or revert_llama(model) for cached generation; training and forward passes "
-                "without a cache run on the block.")
+                "without a cache run on the block."
+            )
     if layer.training and getattr(cfg, "attention_dropout", 0.0) > 0:
         raise UnsupportedLlamaError(
             f"llama3_kernels.hf: attention_dropout={cfg.attention_dropout} in training is not supported; set "
-            "model.config.attention_dropout = 0.0 or put the model in eval mode")
+            "model.config.attention_dropout = 0.0 or put the model in eval mode"
+        )
 
 
 def _half_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int):
@@ -278,8 +306,10 @@ def _compute_dtype(x: torch.Tensor, weights):
         return torch.get_autocast_dtype(dev)
     for w in weights:
         if w.dtype != x.dtype:
-            raise TypeError(f"llama3_kernels.hf: a layer weight is {w.dtype} but the hidden states are {x.dtype}; "
-                            "the block takes one dtype (cast the model, or run under torch.autocast)")
+            raise TypeError(
+                f"llama3_kernels.hf: a layer weight is {w.dtype} but the hidden states are {x.dtype}; "
+                "the block takes one dtype (cast the model, or run under torch.autocast)"
+            )
     return x.dtype
 
 
@@ -287,15 +317,19 @@ def _decoder_layer_forward(self, hidden_states, *args, **kwargs):
     if args:
         names = type(self)._l3k_positional
         if len(args) > len(names):
-            raise TypeError(f"llama3_kernels.hf: {len(args) + 1} positional arguments for a decoder layer that "
-                            f"takes at most {len(names) + 1}")
+            raise TypeError(
+                f"llama3_kernels.hf: {len(args) + 1} positional arguments for a decoder layer that "
+                f"takes at most {len(names) + 1}"
+            )
         kwargs.update(zip(names, args))
     cfg = self.self_attn.config
     _refuse_call(self, cfg, kwargs)
     pe = kwargs.get("position_embeddings")
     if pe is None:
-        raise UnsupportedLlamaError("llama3_kernels.hf: the layer was called without position_embeddings; this "
-                                    "transformers version computes RoPE inside the attention, which is not supported")
+        raise UnsupportedLlamaError(
+            "llama3_kernels.hf: the layer was called without position_embeddings; this "
+            "transformers version computes RoPE inside the attention, which is not supported"
+        )
     x = hidden_states
     if x.dim() != 3:
         raise ValueError(f"llama3_kernels.hf: hidden states of shape {tuple(x.shape)}, expected (batch, seq, hidden)")
@@ -306,9 +340,11 @@ def _decoder_layer_forward(self, hidden_states, *args, **kwargs):
     key_range = _key_range(kwargs.get("attention_mask"), x, cfg, kwargs.get("position_ids"), kwargs)
     dtype = _compute_dtype(x, weights)
     if x.device.type == "cuda" and dtype == torch.float32:
-        raise TypeError("llama3_kernels.hf: the CUDA attention takes float16 or bfloat16, and this model runs in "
-                        "float32: load it with torch_dtype=torch.bfloat16, call model.to(torch.bfloat16), or train "
-                        "under torch.autocast('cuda', dtype=torch.bfloat16)")
+        raise TypeError(
+            "llama3_kernels.hf: the CUDA attention takes float16 or bfloat16, and this model runs in "
+            "float32: load it with torch_dtype=torch.bfloat16, call model.to(torch.bfloat16), or train "
+            "under torch.autocast('cuda', dtype=torch.bfloat16)"
+        )
     owner = self
     if dtype != x.dtype or any(w.dtype != dtype for w in weights):
         x, weights, owner = x.to(dtype), [w.to(dtype) for w in weights], None
@@ -317,10 +353,22 @@ def _decoder_layer_forward(self, hidden_states, *args, **kwargs):
         if _TAKES_KEY_RANGE:
             extra["key_range"] = key_range
         elif not torch.compiler.is_compiling():
-            raise NotImplementedError("llama3_kernels.hf: padded batches need llama_block(key_range=...), which this "
-                                      "version of the library lacks")
-    out = _llama_block(x, cos, sin, weights, heads, kv_heads, eps=self.input_layernorm.variance_epsilon,
-                       causal=True, owner=owner, **extra)
+            raise NotImplementedError(
+                "llama3_kernels.hf: padded batches need llama_block(key_range=...), which this "
+                "version of the library lacks"
+            )
+    out = _llama_block(
+        x,
+        cos,
+        sin,
+        weights,
+        heads,
+        kv_heads,
+        eps=self.input_layernorm.variance_epsilon,
+        causal=True,
+        owner=owner,
+        **extra,
+    )
     out = out.to(hidden_states.dtype)
     return (out,) if type(self)._l3k_returns_tuple else out
 
@@ -342,6 +390,7 @@ def _returns_tuple(forward) -> bool:
     ann = inspect.signature(forward).return_annotation
     if ann is inspect.Signature.empty:
         from transformers import __version__
+
         major, minor = (int(p) for p in __version__.split(".")[:2])
         return (major, minor) < (4, 54)
     return "tuple" in (ann if isinstance(ann, str) else repr(ann)).lower()
@@ -366,8 +415,11 @@ def _patched_class(base, kind: str):
     if cls is None:
         ns = {"__module__": __name__, "_l3k_base": base, "_l3k_kind": kind, "_apply": _drop_block_state}
         if kind == "layer":
-            ns.update(forward=_decoder_layer_forward, _l3k_positional=_positional_names(base.forward),
-                      _l3k_returns_tuple=_returns_tuple(base.forward))
+            ns.update(
+                forward=_decoder_layer_forward,
+                _l3k_positional=_positional_names(base.forward),
+                _l3k_returns_tuple=_returns_tuple(base.forward),
+            )
         else:
             ns["forward"] = _rms_norm_forward
         cls = type(base.__name__, (base,), ns)
@@ -395,11 +447,15 @@ def _is_patched(mod) -> bool:
 
 # ---- the model-level hook: no cache unless asked, no attention weights ---------------------------
 
+
 def _model_pre_hook(module, args, kwargs):
-    if kwargs.get("output_attentions") or (kwargs.get("output_attentions") is None
-                                           and getattr(module.config, "output_attentions", False)):
-        raise UnsupportedLlamaError("llama3_kernels.hf: output_attentions=True is not supported: the fused block "
-                                    "never forms the attention weights")
+    if kwargs.get("output_attentions") or (
+        kwargs.get("output_attentions") is None and getattr(module.config, "output_attentions", False)
+    ):
+        raise UnsupportedLlamaError(
+            "llama3_kernels.hf: output_attentions=True is not supported: the fused block "
+            "never forms the attention weights"
+        )
     # use_cache defaults to the config's (True for most checkpoints): a plain forward would build a
     # cache the block cannot fill.  Left unset, it runs without one; asked for, the layers refuse.
     if kwargs.get("use_cache") is None and len(args) <= _USE_CACHE_INDEX.get(type(module), 0):
@@ -421,6 +477,7 @@ def _hook_ids(module):
 
 
 # ---- public entry points ----------------------------------------------------------------------------
+
 
 def _targets(model):
     """The Llama decoder layers of `model` whose forward is transformers' own (not a subclass that
@@ -469,8 +526,10 @@ def _revert(modules) -> None:
             _block._CALLS.pop(mod, None)
             mod.__class__ = type(mod)._l3k_base
         elif any(_is_patched_cls(c) for c in type(mod).__mro__[1:]):
-            raise RuntimeError(f"llama3_kernels.hf: cannot revert {type(mod).__name__}: it was wrapped in another "
-                               "class after it was patched")
+            raise RuntimeError(
+                f"llama3_kernels.hf: cannot revert {type(mod).__name__}: it was wrapped in another "
+                "class after it was patched"
+            )
         for k in _hook_ids(mod):
             del mod._forward_pre_hooks[k]
             mod._forward_pre_hooks_with_kwargs.pop(k, None)

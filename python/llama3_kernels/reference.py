@@ -4,6 +4,7 @@ This is the block a user would write without the library (the tutorial's block
 with a real rotate-half RoPE, SDPA attention, GQA and causal masking), with
 the same parameter names as ``TritonLlama3Block``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,17 @@ def torch_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class TorchLlama3Block(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int, n_heads: int, n_kv_heads: int | None = None,
-                 causal: bool = True, eps: float = 1e-5, device=None, dtype=None):
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        causal: bool = True,
+        eps: float = 1e-5,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads or n_heads
         self.head_dim = dim // n_heads
@@ -49,8 +59,7 @@ class TorchLlama3Block(nn.Module):
         k = self.attn_k(h).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.attn_v(h).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = torch_rope(q, cos, sin), torch_rope(k, cos, sin)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=self.n_kv_heads != self.n_heads)
         h = x + self.attn_o(o.transpose(1, 2).reshape(b, s, -1))
         n = torch_rmsnorm(h, self.norm2_weight, self.eps)
         return h + self.mlp_down(F.silu(self.mlp_gate(n)) * self.mlp_up(n))

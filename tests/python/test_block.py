@@ -2,20 +2,21 @@
 gradient, MHA and GQA, causal and not; the eager route and torch.compile (the same C calls
 as registered ops); retain_graph; weight loading from the tutorial's names and from Hugging
 Face's LlamaDecoderLayer; the tutorial's own call."""
+
 import copy
 
 import pytest
 import torch
-
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
 import llama3_kernels as l3k
-
 from conftest import assert_close
 
 CONFIGS = [  # dim, hidden, heads, kv heads, batch, seq
-    (64, 160, 4, 2, 2, 12), (128, 256, 2, 2, 1, 33), (128, 352, 8, 1, 3, 7),
+    (64, 160, 4, 2, 2, 12),
+    (128, 256, 2, 2, 1, 33),
+    (128, 352, 8, 1, 3, 7),
 ]
 
 
@@ -75,9 +76,17 @@ def _split_grads(blk):
     """The fused parameters' gradients under the tutorial's names."""
     q, k, v = blk.qkv_weight.grad.split(blk._split_sizes("qkv_weight"))
     g, u = blk.gate_up_weight.grad.split(blk._split_sizes("gate_up_weight"))
-    return {"attn_q.weight": q, "attn_k.weight": k, "attn_v.weight": v, "attn_o.weight": blk.o_weight.grad,
-            "mlp_gate.weight": g, "mlp_up.weight": u, "mlp_down.weight": blk.down_weight.grad,
-            "norm1_weight": blk.norm1_weight.grad, "norm2_weight": blk.norm2_weight.grad}
+    return {
+        "attn_q.weight": q,
+        "attn_k.weight": k,
+        "attn_v.weight": v,
+        "attn_o.weight": blk.o_weight.grad,
+        "mlp_gate.weight": g,
+        "mlp_up.weight": u,
+        "mlp_down.weight": blk.down_weight.grad,
+        "norm1_weight": blk.norm1_weight.grad,
+        "norm2_weight": blk.norm2_weight.grad,
+    }
 
 
 def test_inference_path_equals_training_path(device):
@@ -210,6 +219,7 @@ def test_compiled_inference_is_one_op(device):
     def backend(gm, example_inputs):
         seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
         return gm.forward
+
     torch._dynamo.reset()
     with torch.no_grad():
         y = blk(x, cos, sin)
@@ -289,8 +299,9 @@ def _split_params(blk):
     """The block's weights as nine separate matrices (each its own storage), SPLIT_PARAM_NAMES order."""
     q, k, v = blk.qkv_weight.detach().split(blk._split_sizes("qkv_weight"))
     g, u = blk.gate_up_weight.detach().split(blk._split_sizes("gate_up_weight"))
-    return [t.detach().clone() for t in (q, k, v, blk.o_weight, g, u, blk.down_weight, blk.norm1_weight,
-                                        blk.norm2_weight)]
+    return [
+        t.detach().clone() for t in (q, k, v, blk.o_weight, g, u, blk.down_weight, blk.norm1_weight, blk.norm2_weight)
+    ]
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -307,12 +318,22 @@ def test_split_weights_match_the_fused_block(compiled, device):
 
     def run(x):
         return l3k.block.llama_block(x, cos, sin, split, 4, 2)
+
     fn = torch.compile(run, fullgraph=True, backend="aot_eager") if compiled else run
     torch._dynamo.reset()
     y = fn(x)
     y.backward(g)
-    names = ["attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_o.weight", "mlp_gate.weight",
-             "mlp_up.weight", "mlp_down.weight", "norm1_weight", "norm2_weight"]
+    names = [
+        "attn_q.weight",
+        "attn_k.weight",
+        "attn_v.weight",
+        "attn_o.weight",
+        "mlp_gate.weight",
+        "mlp_up.weight",
+        "mlp_down.weight",
+        "norm1_weight",
+        "norm2_weight",
+    ]
     y_ref, dx_ref, grads_ref = want
     assert_close(y, y_ref, dtype, OUT_SCALE, "split output")
     assert_close(x.grad, dx_ref, dtype, OUT_SCALE, "split dx")
@@ -335,10 +356,17 @@ def test_weight_names_round_trip():
 def test_matches_hugging_face_llama_decoder_layer(device):
     transformers = pytest.importorskip("transformers")
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4,
-                                   num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0,
-                                   max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_position_embeddings=64,
+    )
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     hf = LlamaDecoderLayer(cfg, layer_idx=0).to(device=device, dtype=torch.float32)
@@ -357,7 +385,7 @@ def test_matches_hugging_face_llama_decoder_layer(device):
     mask = torch.full((s, s), float("-inf"), device=device).triu(1)[None, None]
     out = hf(hf_x, attention_mask=mask, position_ids=pos, position_embeddings=(cos_full, sin_full))
     y_ref = out[0] if isinstance(out, tuple) else out
-    cos, sin = cos_full[0, :, : 16].contiguous(), sin_full[0, :, : 16].contiguous()
+    cos, sin = cos_full[0, :, :16].contiguous(), sin_full[0, :, :16].contiguous()
     y = blk(x, cos, sin)
     g = torch.randn_like(y)
     y.backward(g)

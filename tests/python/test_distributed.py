@@ -13,6 +13,7 @@ The subprocesses get this process's environment, with the directory this test im
 llama3_kernels from put first on PYTHONPATH, so they run the same package: pip-installed
 (CI) or from the checkout with PYTHONPATH/L3K_LIBRARY.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,28 @@ pytestmark = [
 ]
 
 STEPS = 4
-MODEL = ["--dim", "64", "--hidden", "192", "--layers", "2", "--heads", "4", "--kv-heads", "2",
-         "--vocab", "128", "--seq", "16", "--batch", "4", "--lr", "3e-3", "--seed", "3"]
+MODEL = [
+    "--dim",
+    "64",
+    "--hidden",
+    "192",
+    "--layers",
+    "2",
+    "--heads",
+    "4",
+    "--kv-heads",
+    "2",
+    "--vocab",
+    "128",
+    "--seq",
+    "16",
+    "--batch",
+    "4",
+    "--lr",
+    "3e-3",
+    "--seed",
+    "3",
+]
 CONFIG = dict(vocab=128, dim=64, hidden=192, n_layers=2, n_heads=4, n_kv_heads=2, max_seq=16)
 TIMEOUT = 180
 GLOO_EXIT_ABORT = "terminate called without an active exception"
@@ -57,13 +78,28 @@ def _env() -> dict:
 
 def _train(tmp: Path, name: str, mode: str, block: str = "triton") -> dict:
     out = tmp / f"{name}.json"
-    args = ["-m", "llama3_kernels.examples.train_llama", "--mode", mode, "--block", block,
-            "--device", "cpu", "--dtype", "float32", "--steps", str(STEPS), "--out", str(out), *MODEL]
+    args = [
+        "-m",
+        "llama3_kernels.examples.train_llama",
+        "--mode",
+        mode,
+        "--block",
+        block,
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--steps",
+        str(STEPS),
+        "--out",
+        str(out),
+        *MODEL,
+    ]
     if mode == "single":
         cmd = [sys.executable, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    for attempt in range(2):
+    for _attempt in range(2):
         try:
             p = subprocess.run(cmd, env=_env(), cwd=tmp, capture_output=True, text=True, timeout=TIMEOUT)
         except subprocess.TimeoutExpired as e:
@@ -73,15 +109,16 @@ def _train(tmp: Path, name: str, mode: str, block: str = "triton") -> dict:
         if p.returncode == 0 or GLOO_EXIT_ABORT not in p.stderr:
             break
     if p.returncode != 0 or not out.exists():
-        raise AssertionError(f"{name}: {' '.join(cmd)} exited {p.returncode}\n"
-                             f"stdout:\n{p.stdout[-4000:]}\nstderr:\n{p.stderr[-6000:]}")
+        raise AssertionError(
+            f"{name}: {' '.join(cmd)} exited {p.returncode}\nstdout:\n{p.stdout[-4000:]}\nstderr:\n{p.stderr[-6000:]}"
+        )
     return json.loads(out.read_text())
 
 
 def _fsdp2_available() -> str | None:
     try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
         from torch.distributed.device_mesh import init_device_mesh  # noqa: F401
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
     except ImportError as e:
         return f"FSDP2 (torch.distributed.fsdp.fully_shard) is not in torch {torch.__version__}: {e}"
     return None
@@ -90,17 +127,23 @@ def _fsdp2_available() -> str | None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("distributed")
-    r = {"single": _train(tmp, "single", "single"),
-         "single_torch": _train(tmp, "single_torch", "single", "torch"),
-         "ddp": _train(tmp, "ddp", "ddp")}
+    r = {
+        "single": _train(tmp, "single", "single"),
+        "single_torch": _train(tmp, "single_torch", "single", "torch"),
+        "ddp": _train(tmp, "ddp", "ddp"),
+    }
     why = _fsdp2_available()
     r["fsdp2"] = _train(tmp, "fsdp2", "fsdp2") if why is None else why
     return r
 
 
 def _close(a, b, what, **tol):
-    torch.testing.assert_close(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
-                               msg=lambda m: f"{what}: {m}", **(tol or LOSS_TOL))
+    torch.testing.assert_close(
+        torch.tensor(a, dtype=torch.float64),
+        torch.tensor(b, dtype=torch.float64),
+        msg=lambda m: f"{what}: {m}",
+        **(tol or LOSS_TOL),
+    )
 
 
 def _check_against_single(run: dict, single: dict, mode: str):
@@ -159,15 +202,23 @@ def test_triton_block_matches_torch_block_step():
     torch.testing.assert_close(lt, lr, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(st, sr, atol=1e-6, rtol=1e-6)
     tri = models["triton"]
-    for i, layer in enumerate(tri.layers):  # fused parameters vs the torch block's separate ones
+    for i in range(len(tri.layers)):  # fused parameters vs the torch block's separate ones
         p = f"layers.{i}."
-        torch.testing.assert_close(gt[p + "qkv_weight"],
-                                   torch.cat([gr[p + f"attn_{n}.weight"] for n in "qkv"]), atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(gt[p + "gate_up_weight"],
-                                   torch.cat([gr[p + "mlp_gate.weight"], gr[p + "mlp_up.weight"]]),
-                                   atol=1e-5, rtol=1e-4)
-        for mine, theirs in (("o_weight", "attn_o.weight"), ("down_weight", "mlp_down.weight"),
-                             ("norm1_weight", "norm1_weight"), ("norm2_weight", "norm2_weight")):
+        torch.testing.assert_close(
+            gt[p + "qkv_weight"], torch.cat([gr[p + f"attn_{n}.weight"] for n in "qkv"]), atol=1e-5, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            gt[p + "gate_up_weight"],
+            torch.cat([gr[p + "mlp_gate.weight"], gr[p + "mlp_up.weight"]]),
+            atol=1e-5,
+            rtol=1e-4,
+        )
+        for mine, theirs in (
+            ("o_weight", "attn_o.weight"),
+            ("down_weight", "mlp_down.weight"),
+            ("norm1_weight", "norm1_weight"),
+            ("norm2_weight", "norm2_weight"),
+        ):
             torch.testing.assert_close(gt[p + mine], gr[p + theirs], atol=1e-5, rtol=1e-4)
     for n in ("embed.weight", "norm.weight", "lm_head.weight"):
         torch.testing.assert_close(gt[n], gr[n], atol=1e-5, rtol=1e-4)

@@ -11,6 +11,7 @@ Padding runs on the library's block once llama_block takes key_range; until then
 run on a pure-PyTorch block (below) that honours the key_range contract, which checks how the
 masks transformers hands a layer become key ranges.
 """
+
 import copy
 import pickle
 import subprocess
@@ -26,22 +27,44 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from conftest import TOL, assert_close  # noqa: E402
 from llama3_kernels import hf  # noqa: E402
 
-LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                   original_max_position_embeddings=16)
+LLAMA3_ROPE = dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16
+)
 
 CONFIGS = {  # hidden, intermediate, heads, kv heads, layers, vocab, rope scaling
-    "gqa-llama3rope": dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
-                           num_hidden_layers=2, vocab_size=101, rope_scaling=LLAMA3_ROPE),
-    "mha-odd": dict(hidden_size=96, intermediate_size=200, num_attention_heads=3, num_key_value_heads=3,
-                    num_hidden_layers=2, vocab_size=77),
-    "mqa-odd": dict(hidden_size=80, intermediate_size=136, num_attention_heads=5, num_key_value_heads=1,
-                    num_hidden_layers=3, vocab_size=53, rope_scaling=LLAMA3_ROPE),
+    "gqa-llama3rope": dict(
+        hidden_size=64,
+        intermediate_size=160,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        vocab_size=101,
+        rope_scaling=LLAMA3_ROPE,
+    ),
+    "mha-odd": dict(
+        hidden_size=96,
+        intermediate_size=200,
+        num_attention_heads=3,
+        num_key_value_heads=3,
+        num_hidden_layers=2,
+        vocab_size=77,
+    ),
+    "mqa-odd": dict(
+        hidden_size=80,
+        intermediate_size=136,
+        num_attention_heads=5,
+        num_key_value_heads=1,
+        num_hidden_layers=3,
+        vocab_size=53,
+        rope_scaling=LLAMA3_ROPE,
+    ),
 }
 
 
 def make_config(name="gqa-llama3rope", **over):
-    kw = dict(CONFIGS[name], max_position_embeddings=64, rope_theta=500000.0, rms_norm_eps=1e-5,
-              tie_word_embeddings=False)
+    kw = dict(
+        CONFIGS[name], max_position_embeddings=64, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False
+    )
     kw.update(over)
     return LlamaConfig(**kw)
 
@@ -77,6 +100,7 @@ def assert_tracks(ours, theirs, ref, dtype, what):
 
 
 # ---- patched against unpatched --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_logits_and_gradients_match_unpatched(name, dtype, device):
@@ -158,6 +182,7 @@ def test_autocast_float32_model(device):
 
 # ---- padding ----------------------------------------------------------------------------------------
 
+
 def _rope(t, cos, sin):
     half = t.shape[-1] // 2
     if cos.dim() == 3:
@@ -189,7 +214,7 @@ def reference_block(x, cos, sin, weights, n_heads, n_kv_heads, eps=1e-5, causal=
     if key_range is not None:
         start, end = key_range[:, 0].long(), key_range[:, 1].long()
         allowed = allowed & ((j >= start[:, None]) & (j < end[:, None]))[:, None, None, :]
-    scores = (q.float() @ k.float().transpose(-1, -2)) / hd ** 0.5
+    scores = (q.float() @ k.float().transpose(-1, -2)) / hd**0.5
     p = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
     attn = (p @ v.float()).to(x.dtype).transpose(1, 2).reshape(b, s, dim)
     r = x + attn @ wo.T
@@ -297,6 +322,7 @@ def test_key_range_from_each_mask_form(device):
 
 # ---- the model keeps working as a transformers model ----------------------------------------------
 
+
 def test_state_dict_parameters_and_save_pretrained(tmp_path, device):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     cfg = make_config()
@@ -368,6 +394,7 @@ def _checkpointing(reentrant, device, monkeypatch):
     def counting_block(*args, **kwargs):
         calls.append(torch.is_grad_enabled())
         return block(*args, **kwargs)
+
     block = hf._llama_block
     monkeypatch.setattr(hf, "_llama_block", counting_block)
     ids = torch.randint(0, cfg.vocab_size, (2, 13), device=device)
@@ -381,8 +408,7 @@ def _checkpointing(reentrant, device, monkeypatch):
 def test_gradient_checkpointing(reentrant, device, monkeypatch):
     """transformers' checkpointing wraps the patched layers and gives the gradients of the model
     without it; reentrant checkpointing runs each layer's block again in the backward."""
-    n_plain, n_ckpt, (want_logits, want_grads), (got_logits, got_grads) = _checkpointing(reentrant, device,
-                                                                                           monkeypatch)
+    n_plain, n_ckpt, (want_logits, want_grads), (got_logits, got_grads) = _checkpointing(reentrant, device, monkeypatch)
     if reentrant:
         assert n_ckpt == 2 * n_plain  # forward, then again in the backward
     dtype = got_logits.dtype
@@ -417,8 +443,9 @@ def test_torch_compile_of_the_patched_model(device):
         return make_boxed_func(gm.forward)
 
     torch._dynamo.reset()
-    compiled = torch.compile(compiled_model, fullgraph=True, backend=aot_autograd(fw_compiler=record,
-                                                                                  bw_compiler=record))
+    compiled = torch.compile(
+        compiled_model, fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record)
+    )
     got_logits, got_grads = run(compiled, ids, params_of=compiled_model)
     blocks = [t for t in seen if "llama3_kernels.llama_block" in t]
     assert blocks.count("llama3_kernels.llama_block_train.default") == cfg.num_hidden_layers, seen
@@ -453,12 +480,16 @@ def test_import_does_not_import_transformers():
 
 # ---- refusals -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("over, words", [
-    (dict(attention_bias=True), "attention_bias"),
-    (dict(mlp_bias=True), "mlp_bias"),
-    (dict(hidden_act="gelu"), "hidden_act"),
-    (dict(head_dim=32), "head_dim"),
-])
+
+@pytest.mark.parametrize(
+    "over, words",
+    [
+        (dict(attention_bias=True), "attention_bias"),
+        (dict(mlp_bias=True), "mlp_bias"),
+        (dict(hidden_act="gelu"), "hidden_act"),
+        (dict(head_dim=32), "head_dim"),
+    ],
+)
 def test_refuses_configurations(over, words):
     model = make_model(make_config(**over))
     with pytest.raises(hf.UnsupportedLlamaError, match=words):
@@ -492,6 +523,7 @@ def test_refuses_calls(device):
     pos = torch.cat([torch.arange(5), torch.arange(3)]).to(device)[None].expand(2, -1)
     try:
         from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+
         builds_packed_masks = True
     except ImportError:  # 4.x: such positions are positions, the mask stays causal
         builds_packed_masks = False

@@ -3,6 +3,7 @@
 The kernel is started by nbclient and inherits this process's environment, so PYTHONPATH and
 L3K_LIBRARY reach it; relative entries are made absolute because the kernel runs in notebooks/.
 """
+
 import json
 import os
 from pathlib import Path
@@ -14,8 +15,11 @@ NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "llama3_block_exe
 
 def test_notebook_is_committed_without_outputs():
     nb = json.loads(NOTEBOOK.read_text())
-    dirty = [i for i, c in enumerate(nb["cells"])
-             if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count"))]
+    dirty = [
+        i
+        for i, c in enumerate(nb["cells"])
+        if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count"))
+    ]
     assert not dirty, f"clear the outputs of cells {dirty} before committing"
 
 
@@ -29,8 +33,9 @@ def test_notebook_runs_top_to_bottom(monkeypatch):
             monkeypatch.setenv(var, os.pathsep.join(paths))
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
-                                     resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    )
     try:
         client.execute()
     except nbclient.exceptions.CellExecutionError as err:  # names the cell and the traceback

@@ -19,6 +19,7 @@ gradient norm of the last step, parameter checksums after the last step, and ste
 tokens/s of every rank (steps after --warmup).  CPU runs use gloo, CUDA runs NCCL with
 each rank on cuda:LOCAL_RANK.  NVLink multicast (NVLS) stays off: NCCL_NVLS_ENABLE=0.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,9 +51,21 @@ class TinyLlama(nn.Module):
     model's) load into both: TritonLlama3Block folds attn_q/k/v and mlp_gate/up into its
     fused parameters."""
 
-    def __init__(self, vocab: int, dim: int, hidden: int, n_layers: int, n_heads: int,
-                 n_kv_heads: int | None = None, block: str = "triton", max_seq: int = 2048,
-                 theta: float = 500000.0, eps: float = 1e-5, device=None, dtype=None):
+    def __init__(
+        self,
+        vocab: int,
+        dim: int,
+        hidden: int,
+        n_layers: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        block: str = "triton",
+        max_seq: int = 2048,
+        theta: float = 500000.0,
+        eps: float = 1e-5,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if block not in ("triton", "torch"):
             raise ValueError(f"TinyLlama: block {block!r}, expected 'triton' or 'torch'")
@@ -60,8 +73,7 @@ class TinyLlama(nn.Module):
         self.vocab, self.block_kind = vocab, block
         self.embed = nn.Embedding(vocab, dim, **kw)
         cls = TritonLlama3Block if block == "triton" else TorchLlama3Block
-        self.layers = nn.ModuleList(cls(dim, hidden, n_heads, n_kv_heads, eps=eps, **kw)
-                                    for _ in range(n_layers))
+        self.layers = nn.ModuleList(cls(dim, hidden, n_heads, n_kv_heads, eps=eps, **kw) for _ in range(n_layers))
         self.norm = RMSNorm(dim, eps, **kw) if block == "triton" else nn.RMSNorm(dim, eps=eps, **kw)
         self.lm_head = nn.Linear(dim, vocab, bias=False, **kw)
         cos, sin = llama3_rope_cos_sin(max_seq, dim // n_heads, theta, device=device)
@@ -150,6 +162,7 @@ def setup(args):
         device = torch.device("cpu")
     if args.mode != "single":
         import torch.distributed as dist
+
         kw = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kw)
     return rank, world, local, device
@@ -158,12 +171,14 @@ def setup(args):
 def wrap(model: nn.Module, args, device, world: int) -> nn.Module:
     if args.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
+
         ids = [device.index] if device.type == "cuda" else None
         # the RoPE tables are constant buffers: no broadcast each step
         return DDP(model, device_ids=ids, broadcast_buffers=False)
     if args.mode == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
+
         mesh = init_device_mesh(device.type, (world,))
         for layer in model.layers:
             fully_shard(layer, mesh=mesh, reshard_after_forward=args.reshard_after_forward)
@@ -173,15 +188,20 @@ def wrap(model: nn.Module, args, device, world: int) -> nn.Module:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--mode", choices=("single", "ddp", "fsdp2"), default="single")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=1, help="steps left out of steps/s and tokens/s")
     p.add_argument("--block", choices=("triton", "torch"), default="triton")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
-                   help="parameters and activations (the loss is computed in float32)")
+    p.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="float32",
+        help="parameters and activations (the loss is computed in float32)",
+    )
     p.add_argument("--vocab", type=int, default=256)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--hidden", type=int, default=None, help="MLP width (default 8/3 dim, multiple of 32)")
@@ -193,8 +213,12 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--clip", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-reshard-after-forward", dest="reshard_after_forward", action="store_false",
-                   help="FSDP2: keep the blocks' gathered weights from forward to backward")
+    p.add_argument(
+        "--no-reshard-after-forward",
+        dest="reshard_after_forward",
+        action="store_false",
+        help="FSDP2: keep the blocks' gathered weights from forward to backward",
+    )
     p.add_argument("--out", default=None, help="JSON file written by rank 0")
     args = p.parse_args(argv)
     if args.steps < 1:
@@ -213,8 +237,15 @@ def main(argv=None) -> dict | None:
     if args.batch % world:
         raise SystemExit(f"--batch {args.batch} is not a multiple of the world size {world}")
     dtype = DTYPES[args.dtype]
-    config = dict(vocab=args.vocab, dim=args.dim, hidden=args.hidden, n_layers=args.layers,
-                  n_heads=args.heads, n_kv_heads=args.kv_heads, max_seq=args.seq)
+    config = dict(
+        vocab=args.vocab,
+        dim=args.dim,
+        hidden=args.hidden,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        n_kv_heads=args.kv_heads,
+        max_seq=args.seq,
+    )
     model = build_model(args.seed, args.block, device=device, dtype=dtype, **config)
     model = wrap(model, args, device, world)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
@@ -224,8 +255,10 @@ def main(argv=None) -> dict | None:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     warmup = args.warmup if args.steps > args.warmup else 0
     # every step's shard of the global batch, made before the clock starts
-    data = [synthetic_batch(step, args.batch, args.seq, args.vocab, args.seed)[rows].to(device)
-            for step in range(args.steps)]
+    data = [
+        synthetic_batch(step, args.batch, args.seq, args.vocab, args.seed)[rows].to(device)
+        for step in range(args.steps)
+    ]
     losses, grad_norm, t0 = [], float("nan"), time.perf_counter()
     for step in range(args.steps):
         if step == warmup:
@@ -255,12 +288,17 @@ def main(argv=None) -> dict | None:
     psum, pabs = param_checksums(model.parameters())
     # FSDP2's parameters are DTensors: each rank holds a shard (to_local) of the whole (numel)
     numel = sum(p.numel() for p in model.parameters())
-    local_numel = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
-                      for p in model.parameters())
-    mine = dict(rank=rank, device=str(device), steps_per_s=timed / elapsed if elapsed > 0 else None,
-                tokens_per_s=timed * local_batch * args.seq / elapsed if elapsed > 0 else None,
-                seconds=elapsed, timed_steps=timed, local_param_numel=local_numel,
-                peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
+    local_numel = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+    mine = dict(
+        rank=rank,
+        device=str(device),
+        steps_per_s=timed / elapsed if elapsed > 0 else None,
+        tokens_per_s=timed * local_batch * args.seq / elapsed if elapsed > 0 else None,
+        seconds=elapsed,
+        timed_steps=timed,
+        local_param_numel=local_numel,
+        peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    )
     per_rank = [mine]
     if dist is not None:
         per_rank = [None] * world
@@ -271,21 +309,38 @@ def main(argv=None) -> dict | None:
         tps = [r["tokens_per_s"] for r in per_rank if r["tokens_per_s"]]
         sps = [r["steps_per_s"] for r in per_rank if r["steps_per_s"]]
         result = dict(
-            mode=args.mode, block=args.block, device=device.type, dtype=args.dtype, world_size=world,
+            mode=args.mode,
+            block=args.block,
+            device=device.type,
+            dtype=args.dtype,
+            world_size=world,
             device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            torch=torch.__version__, config=dict(config, seq=args.seq), global_batch=args.batch,
-            local_batch=local_batch, steps=args.steps, warmup=warmup, lr=args.lr, seed=args.seed,
+            torch=torch.__version__,
+            config=dict(config, seq=args.seq),
+            global_batch=args.batch,
+            local_batch=local_batch,
+            steps=args.steps,
+            warmup=warmup,
+            lr=args.lr,
+            seed=args.seed,
             reshard_after_forward=args.reshard_after_forward if args.mode == "fsdp2" else None,
             nccl_nvls_enable=os.environ.get("NCCL_NVLS_ENABLE"),
-            losses=loss_t.tolist(), grad_norm=grad_norm, param_sum=psum, param_abs_sum=pabs,
+            losses=loss_t.tolist(),
+            grad_norm=grad_norm,
+            param_sum=psum,
+            param_abs_sum=pabs,
             param_numel=numel,
             steps_per_s=sum(sps) / len(sps) if sps else None,
             tokens_per_s_per_rank=sum(tps) / len(tps) if tps else None,
-            tokens_per_s_total=sum(tps) if tps else None, per_rank=per_rank)
-        print(f"[train_llama] {args.mode} x{world} {args.block} {device.type} {args.dtype}: "
-              f"loss {result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}, grad norm {grad_norm:.6g}, "
-              f"{result['steps_per_s'] or 0:.2f} steps/s, {result['tokens_per_s_per_rank'] or 0:.0f} tokens/s a rank",
-              flush=True)
+            tokens_per_s_total=sum(tps) if tps else None,
+            per_rank=per_rank,
+        )
+        print(
+            f"[train_llama] {args.mode} x{world} {args.block} {device.type} {args.dtype}: "
+            f"loss {result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}, grad norm {grad_norm:.6g}, "
+            f"{result['steps_per_s'] or 0:.2f} steps/s, {result['tokens_per_s_per_rank'] or 0:.0f} tokens/s a rank",
+            flush=True,
+        )
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
