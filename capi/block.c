@@ -54,12 +54,12 @@ typedef struct {
 /* Sizes of one call. */
 typedef struct {
     int64_t b, s, t, dim, hd, h, hkv, qkv, hidden;
-    proj wqkv, wgu;  /* the weights of the two projections with parts */
+    proj wqkv, wgu; /* the weights of the two projections with parts */
     l3k_dt dt;
     size_t es;
-    size_t gemm_ws;  /* cuBLASLt workspace bytes */
-    size_t norm_ws;  /* RMSNorm backward's dweight partials */
-    size_t attn_ws;  /* attention backward's workspace */
+    size_t gemm_ws;            /* cuBLASLt workspace bytes */
+    size_t norm_ws;            /* RMSNorm backward's dweight partials */
+    size_t attn_ws;            /* attention backward's workspace */
     const DLTensor *key_range; /* cfg->key_range where cfg's struct_size covers it, else NULL */
 } dims;
 
@@ -80,8 +80,9 @@ static l3k_status check_struct_size(l3k_call *c, const void *s, size_t have, siz
                                     const char *init) {
     if (!s) return l3k_fail(c, L3K_ERROR_NULL_POINTER, "%s is NULL", name);
     if (have < first)
-        return l3k_fail(c, L3K_ERROR_VALUE, "%s->struct_size is %zu, expected at least %zu (initialize it with %s)",
-                        name, have, first, init);
+        return l3k_fail(c, L3K_ERROR_VALUE,
+                        "%s->struct_size is %zu, expected at least %zu (initialize it with %s)", name, have,
+                        first, init);
     return L3K_SUCCESS;
 }
 
@@ -105,15 +106,16 @@ static DLTensor *make_view(view *v, DLDevice dev, void *base, size_t offset, DLD
 }
 
 /* (rows, n) row-major at base + offset, of like's dtype. */
-static DLTensor *rows_view(view *v, const DLTensor *like, void *base, size_t offset, int64_t rows, int64_t n) {
+static DLTensor *rows_view(view *v, const DLTensor *like, void *base, size_t offset, int64_t rows,
+                           int64_t n) {
     const int64_t shape[2] = {rows, n}, strides[2] = {n, 1};
     return make_view(v, like->device, base, offset, like->dtype, 2, shape, strides);
 }
 
 /* (batch, heads, seq, head_dim) view of `heads` heads starting at head `first` of a
  * (tokens, width) buffer laid out (batch, seq, width). */
-static DLTensor *heads_view(view *v, const DLTensor *like, void *base, size_t offset, const dims *d, int64_t width,
-                            int64_t first, int64_t heads) {
+static DLTensor *heads_view(view *v, const DLTensor *like, void *base, size_t offset, const dims *d,
+                            int64_t width, int64_t first, int64_t heads) {
     const int64_t shape[4] = {d->b, heads, d->s, d->hd};
     const int64_t strides[4] = {d->s * width, d->hd, width, 1};
     return make_view(v, like->device, base, offset + (size_t)(first * d->hd) * d->es, like->dtype, 4, shape,
@@ -163,8 +165,9 @@ static l3k_status make_proj(l3k_call *c, proj *p, const DLTensor *fused, const c
     if (!fused && given != n_parts) {
         for (int i = 0; i < n_parts; ++i)
             if (!parts[i])
-                return l3k_fail(c, L3K_ERROR_NULL_POINTER, "%s is NULL and so is %s, expected one of the two forms",
-                                fused_name, part_names[i]);
+                return l3k_fail(c, L3K_ERROR_NULL_POINTER,
+                                "%s is NULL and so is %s, expected one of the two forms", fused_name,
+                                part_names[i]);
     }
     int64_t col = 0;
     for (int i = 0; i < n; ++i) {
@@ -172,9 +175,10 @@ static l3k_status make_proj(l3k_call *c, proj *p, const DLTensor *fused, const c
         L3K_TRY(l3k_check_tensor(c, ts[i], names[i]));
         L3K_TRY(l3k_check_dtype(c, ts[i], names[i], dt, "x"));
         if (ts[i]->ndim != 2 || ts[i]->shape[0] != rows || ts[i]->shape[1] != cols)
-            return l3k_fail(c, L3K_ERROR_SHAPE, "%s has ndim %d and shape[0] %lld, expected shape (%lld, %lld)",
-                            names[i], (int)ts[i]->ndim, (long long)(ts[i]->ndim ? ts[i]->shape[0] : 0),
-                            (long long)rows, (long long)cols);
+            return l3k_fail(c, L3K_ERROR_SHAPE,
+                            "%s has ndim %d and shape[0] %lld, expected shape (%lld, %lld)", names[i],
+                            (int)ts[i]->ndim, (long long)(ts[i]->ndim ? ts[i]->shape[0] : 0), (long long)rows,
+                            (long long)cols);
         if (contiguous) L3K_TRY(l3k_check_contiguous_numel(c, ts[i], names[i], rows * cols));
         p->w[i] = ts[i];
         p->col[i] = col;
@@ -244,8 +248,8 @@ static l3k_status make_dims(l3k_call *c, const DLTensor *x, const l3k_llama_bloc
     const DLTensor *qkv_parts[3] = {w->q_weight, w->k_weight, w->v_weight};
     static const char *qkv_names[3] = {"q_weight", "k_weight", "v_weight"};
     const int64_t qkv_widths[3] = {d->dim, d->hkv * d->hd, d->hkv * d->hd};
-    L3K_TRY(make_proj(c, &d->wqkv, w->qkv_weight, "qkv_weight", qkv_parts, qkv_names, 3, qkv_widths, d->dim, d->dt,
-                      0));
+    L3K_TRY(make_proj(c, &d->wqkv, w->qkv_weight, "qkv_weight", qkv_parts, qkv_names, 3, qkv_widths, d->dim,
+                      d->dt, 0));
     /* hidden comes from the gate/up weight itself. */
     const DLTensor *gu_parts[2] = {w->gate_weight, w->up_weight};
     static const char *gu_names[2] = {"gate_weight", "up_weight"};
@@ -258,8 +262,8 @@ static l3k_status make_dims(l3k_call *c, const DLTensor *x, const l3k_llama_bloc
         d->hidden = w->gate_up_weight ? first->shape[0] / 2 : first->shape[0];
     }
     const int64_t gu_widths[2] = {d->hidden, d->hidden};
-    L3K_TRY(make_proj(c, &d->wgu, w->gate_up_weight, "gate_up_weight", gu_parts, gu_names, 2, gu_widths, d->dim,
-                      d->dt, 0));
+    L3K_TRY(make_proj(c, &d->wgu, w->gate_up_weight, "gate_up_weight", gu_parts, gu_names, 2, gu_widths,
+                      d->dim, d->dt, 0));
     const DLTensor *ws[4] = {w->o_weight, w->down_weight, w->norm1_weight, w->norm2_weight};
     static const char *names[4] = {"o_weight", "down_weight", "norm1_weight", "norm2_weight"};
     const int64_t want[4][2] = {{d->dim, d->dim}, {d->dim, d->hidden}, {d->dim, 0}, {d->dim, 0}};
@@ -267,12 +271,13 @@ static l3k_status make_dims(l3k_call *c, const DLTensor *x, const l3k_llama_bloc
         L3K_TRY(l3k_check_tensor(c, ws[i], names[i]));
         L3K_TRY(l3k_check_dtype(c, ws[i], names[i], d->dt, "x"));
         const int nd = i < 2 ? 2 : 1;
-        if (ws[i]->ndim != nd || ws[i]->shape[0] != want[i][0] || (nd == 2 && ws[i]->shape[1] != want[i][1])) {
+        if (ws[i]->ndim != nd || ws[i]->shape[0] != want[i][0] ||
+            (nd == 2 && ws[i]->shape[1] != want[i][1])) {
             if (nd == 2)
                 return l3k_fail(c, L3K_ERROR_SHAPE, "%s has ndim %d, expected shape (%lld, %lld)", names[i],
                                 (int)ws[i]->ndim, (long long)want[i][0], (long long)want[i][1]);
-            return l3k_fail(c, L3K_ERROR_SHAPE, "%s has ndim %d, expected shape (%lld,)", names[i], (int)ws[i]->ndim,
-                            (long long)want[i][0]);
+            return l3k_fail(c, L3K_ERROR_SHAPE, "%s has ndim %d, expected shape (%lld,)", names[i],
+                            (int)ws[i]->ndim, (long long)want[i][0]);
         }
     }
     d->es = l3k_dt_size(d->dt);
@@ -298,8 +303,8 @@ static l3k_status step(l3k_call *c, l3k_status st) {
 }
 
 /* (rows, cols) at column `col` of a (rows, width) row-major buffer. */
-static DLTensor *cols_view(view *v, const DLTensor *like, void *base, int64_t rows, int64_t width, int64_t col,
-                           int64_t cols, size_t es) {
+static DLTensor *cols_view(view *v, const DLTensor *like, void *base, int64_t rows, int64_t width,
+                           int64_t col, int64_t cols, size_t es) {
     const int64_t shape[2] = {rows, cols}, strides[2] = {width, 1};
     return make_view(v, like->device, base, (size_t)col * es, like->dtype, 2, shape, strides);
 }
@@ -316,8 +321,8 @@ static l3k_status proj_forward(l3k_call *c, const dims *d, const proj *w, const 
 }
 
 /* The gradient of each part's weight: dW = dout[:, part]^T in. */
-static l3k_status proj_backward_weight(l3k_call *c, const dims *d, const proj *g, const void *dout, int64_t width,
-                                       const DLTensor *in, DLTensor *gemm, void *stream) {
+static l3k_status proj_backward_weight(l3k_call *c, const dims *d, const proj *g, const void *dout,
+                                       int64_t width, const DLTensor *in, DLTensor *gemm, void *stream) {
     for (int i = 0; i < g->n; ++i) {
         view vdy;
         DLTensor *dy = cols_view(&vdy, in, (void *)dout, d->t, width, g->col[i], g->width[i], d->es);
@@ -327,8 +332,8 @@ static l3k_status proj_backward_weight(l3k_call *c, const dims *d, const proj *g
 }
 
 /* din = dout W, summed over the parts. */
-static l3k_status proj_backward_input(l3k_call *c, const dims *d, const proj *w, const void *dout, int64_t width,
-                                      DLTensor *din, DLTensor *gemm, void *stream) {
+static l3k_status proj_backward_input(l3k_call *c, const dims *d, const proj *w, const void *dout,
+                                      int64_t width, DLTensor *din, DLTensor *gemm, void *stream) {
     for (int i = 0; i < w->n; ++i) {
         view vdy;
         DLTensor *dy = cols_view(&vdy, din, (void *)dout, d->t, width, w->col[i], w->width[i], d->es);
@@ -442,8 +447,8 @@ static l3k_status check_buffer(l3k_call *c, const DLTensor *t, const char *name,
 static l3k_status check_aligned(l3k_call *c, const DLTensor *t, const char *name) {
     const unsigned want = l3k_on_cuda(c) ? ALIGN : 16;
     if (t && (uintptr_t)l3k_data(t) % want != 0)
-        return l3k_fail(c, L3K_ERROR_ALIGNMENT, "%s data pointer %p is not %u-byte aligned", name, l3k_data(t),
-                        want);
+        return l3k_fail(c, L3K_ERROR_ALIGNMENT, "%s data pointer %p is not %u-byte aligned", name,
+                        l3k_data(t), want);
     return L3K_SUCCESS;
 }
 
@@ -503,7 +508,8 @@ static l3k_status check_disjoint(l3k_call *c, const tensor_list *outs, const ten
             if (outs->t[j])
                 L3K_TRY(l3k_check_no_overlap(c, outs->t[i], outs->name[i], outs->t[j], outs->name[j], 0));
         for (int j = 0; j < ins->n; ++j)
-            if (ins->t[j]) L3K_TRY(l3k_check_no_overlap(c, outs->t[i], outs->name[i], ins->t[j], ins->name[j], 0));
+            if (ins->t[j])
+                L3K_TRY(l3k_check_no_overlap(c, outs->t[i], outs->name[i], ins->t[j], ins->name[j], 0));
     }
     return L3K_SUCCESS;
 }
@@ -555,9 +561,13 @@ l3k_status l3k_llama_block_forward(const DLTensor *x, const DLTensor *cos, const
     L3K_TRY(check_disjoint(&c, &outs, &ins));
     if (d.t == 0 || d.dim == 0) return L3K_SUCCESS;
     char *ws = (char *)l3k_data(workspace);
-    const fwd_buffers buf = {l3k_ptr_add(ws, (int64_t)p.qkv.off), l3k_ptr_add(ws, (int64_t)p.h.off),
-                             l3k_ptr_add(ws, (int64_t)p.gu.off),  l3k_ptr_add(ws, (int64_t)p.o.off),
-                             NULL, NULL, l3k_ptr_add(ws, (int64_t)p.lse.off)};
+    const fwd_buffers buf = {l3k_ptr_add(ws, (int64_t)p.qkv.off),
+                             l3k_ptr_add(ws, (int64_t)p.h.off),
+                             l3k_ptr_add(ws, (int64_t)p.gu.off),
+                             l3k_ptr_add(ws, (int64_t)p.o.off),
+                             NULL,
+                             NULL,
+                             l3k_ptr_add(ws, (int64_t)p.lse.off)};
     return checked_forward(&c, &d, x, cos, sin, w, cfg, out, &buf, &p, ws, stream);
 }
 
@@ -572,7 +582,7 @@ typedef struct {
 static void plan_attention_part(const dims *d, attn_plan *p) {
     size_t at = 0;
     const size_t td = (size_t)d->t * (size_t)d->dim * d->es;
-    p->o = take(&at, td);  /* the attention output (recomputed), later dQKV Wqkv */
+    p->o = take(&at, td); /* the attention output (recomputed), later dQKV Wqkv */
     p->lse = take(&at, (size_t)d->b * (size_t)d->h * (size_t)d->s * 4);
     p->dout = take(&at, td); /* dO, later the first norm's output */
     p->dqkv = take(&at, (size_t)d->t * (size_t)d->qkv * d->es);
@@ -608,7 +618,8 @@ static void plan_backward(const dims *d, int preserve, int split_gate_up, bwd_pl
     p->total = at;
 }
 
-static l3k_status attention_ws_size(l3k_call *c, const DLTensor *x, const l3k_llama_block_config *cfg, dims *d) {
+static l3k_status attention_ws_size(l3k_call *c, const DLTensor *x, const l3k_llama_block_config *cfg,
+                                    dims *d) {
     /* Shapes of the backward's q and k views are all the size query reads. */
     view vq, vk;
     DLTensor *q = heads_view(&vq, x, (void *)0x100, 0, d, d->qkv, 0, d->h);
@@ -623,9 +634,8 @@ l3k_status l3k_llama_block_training_layout(const DLTensor *x, const l3k_llama_bl
     dims d;
     fwd_plan fp;
     bwd_plan consume, preserve;
-    L3K_TRY(check_struct_size(&c, layout, layout ? layout->struct_size : 0,
-                              sizeof(l3k_llama_block_layout), "layout",
-                              "L3K_LLAMA_BLOCK_LAYOUT_INIT"));
+    L3K_TRY(check_struct_size(&c, layout, layout ? layout->struct_size : 0, sizeof(l3k_llama_block_layout),
+                              "layout", "L3K_LLAMA_BLOCK_LAYOUT_INIT"));
     L3K_TRY(make_dims(&c, x, w, cfg, &d));
     L3K_TRY(attention_ws_size(&c, x, cfg, &d));
     plan_forward(&d, 0, 0, &fp);
@@ -644,7 +654,8 @@ l3k_status l3k_llama_block_training_layout(const DLTensor *x, const l3k_llama_bl
     layout->forward_workspace_bytes = fp.total;
     layout->backward_workspace_bytes = consume.total;
     layout->backward_workspace_bytes_preserving = preserve.total;
-    const size_t extra_c = consume_split.total - consume.total, extra_p = preserve_split.total - preserve.total;
+    const size_t extra_c = consume_split.total - consume.total,
+                 extra_p = preserve_split.total - preserve.total;
     layout->backward_workspace_extra_split_gate_up = extra_c > extra_p ? extra_c : extra_p;
     return L3K_SUCCESS;
 }
@@ -658,14 +669,15 @@ static l3k_status check_activations(l3k_call *c, const dims *d, const l3k_llama_
     L3K_TRY(check_buffer(c, s->rstd1, "saved->rstd1", d->t, L3K_DT_F32, "rstd"));
     L3K_TRY(check_buffer(c, s->rstd2, "saved->rstd2", d->t, L3K_DT_F32, "rstd"));
     if (!s->attn_out != !s->lse)
-        return l3k_fail(c, L3K_ERROR_NULL_POINTER, "saved->%s is NULL but saved->%s is not: give both or neither",
+        return l3k_fail(c, L3K_ERROR_NULL_POINTER,
+                        "saved->%s is NULL but saved->%s is not: give both or neither",
                         s->attn_out ? "lse" : "attn_out", s->attn_out ? "attn_out" : "lse");
     if (s->attn_out) {
         L3K_TRY(check_buffer(c, s->attn_out, "saved->attn_out", d->t * d->dim, d->dt, "x"));
         L3K_TRY(check_buffer(c, s->lse, "saved->lse", d->b * d->h * d->s, L3K_DT_F32, "lse"));
     }
     const DLTensor *all[7] = {s->qkv, s->residual, s->gate_up, s->rstd1, s->rstd2, s->attn_out, s->lse};
-    static const char *names[7] = {"saved->qkv",   "saved->residual",        "saved->gate_up", "saved->rstd1",
+    static const char *names[7] = {"saved->qkv",   "saved->residual", "saved->gate_up", "saved->rstd1",
                                    "saved->rstd2", "saved->attn_out", "saved->lse"};
     for (int i = 0; i < 7; ++i) L3K_TRY(check_aligned(c, all[i], names[i]));
     return L3K_SUCCESS;
@@ -722,33 +734,33 @@ static l3k_status check_grads(l3k_call *c, const dims *d, const l3k_llama_block_
     const DLTensor *qkv_parts[3] = {g->q_weight, g->k_weight, g->v_weight};
     static const char *qkv_names[3] = {"grads->q_weight", "grads->k_weight", "grads->v_weight"};
     const int64_t qkv_widths[3] = {d->dim, d->hkv * d->hd, d->hkv * d->hd};
-    L3K_TRY(make_proj(c, gqkv, g->qkv_weight, "grads->qkv_weight", qkv_parts, qkv_names, 3, qkv_widths, d->dim,
-                      d->dt, 1));
+    L3K_TRY(make_proj(c, gqkv, g->qkv_weight, "grads->qkv_weight", qkv_parts, qkv_names, 3, qkv_widths,
+                      d->dim, d->dt, 1));
     const DLTensor *gu_parts[2] = {g->gate_weight, g->up_weight};
     static const char *gu_names[2] = {"grads->gate_weight", "grads->up_weight"};
     const int64_t gu_widths[2] = {d->hidden, d->hidden};
-    L3K_TRY(make_proj(c, ggu, g->gate_up_weight, "grads->gate_up_weight", gu_parts, gu_names, 2, gu_widths, d->dim,
-                      d->dt, 1));
-    const DLTensor *all[11] = {g->qkv_weight,  g->o_weight, g->gate_up_weight, g->down_weight,
-                               g->norm1_weight, g->norm2_weight, g->q_weight, g->k_weight,
-                               g->v_weight,     g->gate_weight, g->up_weight};
+    L3K_TRY(make_proj(c, ggu, g->gate_up_weight, "grads->gate_up_weight", gu_parts, gu_names, 2, gu_widths,
+                      d->dim, d->dt, 1));
+    const DLTensor *all[11] = {g->qkv_weight,   g->o_weight,     g->gate_up_weight, g->down_weight,
+                               g->norm1_weight, g->norm2_weight, g->q_weight,       g->k_weight,
+                               g->v_weight,     g->gate_weight,  g->up_weight};
     for (int i = 0; i < 11; ++i) L3K_TRY(check_aligned(c, all[i], "a gradient"));
     return L3K_SUCCESS;
 }
 
 /* The backward's operands: views of the caller's buffers and of the workspace. */
 typedef struct {
-    view vx, vdout, vdx, vda, vdgu, vgu, vh, vr1, vr2, vq, vk, vv, vo, vo4, vlse, vdo, vdo4, vdq, vdk, vdv, vxpre,
-        vnorm, vgemm, vnws, vaws;
-    DLTensor *x2, *dout2, *dx2, *da, *gu, *dgu, *h, *r1, *r2, *q, *k, *v, *o, *o4, *lse, *dO, *dO4, *dq, *dk, *dv,
-        *xpre, *norm1, *gemm, *norm_ws, *attn_ws;
+    view vx, vdout, vdx, vda, vdgu, vgu, vh, vr1, vr2, vq, vk, vv, vo, vo4, vlse, vdo, vdo4, vdq, vdk, vdv,
+        vxpre, vnorm, vgemm, vnws, vaws;
+    DLTensor *x2, *dout2, *dx2, *da, *gu, *dgu, *h, *r1, *r2, *q, *k, *v, *o, *o4, *lse, *dO, *dO4, *dq, *dk,
+        *dv, *xpre, *norm1, *gemm, *norm_ws, *attn_ws;
     void *dgu_base, *dqkv_base;
     int keep_attn;
 } bwd_views;
 
-static void make_bwd_views(bwd_views *b, const dims *d, const bwd_plan *p, const DLTensor *x, const DLTensor *dout,
-                           DLTensor *dx, const l3k_llama_block_activations *saved, int preserve, const proj *ggu,
-                           char *ws) {
+static void make_bwd_views(bwd_views *b, const dims *d, const bwd_plan *p, const DLTensor *x,
+                           const DLTensor *dout, DLTensor *dx, const l3k_llama_block_activations *saved,
+                           int preserve, const proj *ggu, char *ws) {
     const attn_plan *ap = &p->ap;
     char *dgu_base = preserve ? l3k_ptr_add(ws, (int64_t)p->dgu.off) : (char *)l3k_data(saved->gate_up);
     char *attn_base = p->attn_in_dgu ? dgu_base : l3k_ptr_add(ws, (int64_t)p->attn.off);
@@ -790,9 +802,10 @@ static void make_bwd_views(bwd_views *b, const dims *d, const bwd_plan *p, const
     b->attn_ws = aw.bytes ? bytes_view(&b->vaws, x, attn_base, aw) : NULL;
 }
 
-static l3k_status backward_steps(l3k_call *c, const dims *d, const bwd_views *b, const l3k_llama_block_weights *w,
-                                 const l3k_llama_block_config *cfg, const DLTensor *cos, const DLTensor *sin,
-                                 const proj *gqkv, const proj *ggu, const l3k_llama_block_grads *g, void *stream) {
+static l3k_status backward_steps(l3k_call *c, const dims *d, const bwd_views *b,
+                                 const l3k_llama_block_weights *w, const l3k_llama_block_config *cfg,
+                                 const DLTensor *cos, const DLTensor *sin, const proj *gqkv, const proj *ggu,
+                                 const l3k_llama_block_grads *g, void *stream) {
     DLTensor *gemm = b->gemm;
     /* MLP: out = h + a Wd^T, a = silu(g) * u.  a is written over da. */
     L3K_TRY(step(c, l3k_linear_backward_input(b->dout2, w->down_weight, b->da, 0, gemm, stream)));
@@ -808,13 +821,13 @@ static l3k_status backward_steps(l3k_call *c, const dims *d, const bwd_views *b,
 
     /* Attention: h = x + o Wo^T; dgu is dead, its memory is the scratch from here on. */
     if (!b->keep_attn)
-        L3K_TRY(step(c, l3k_attention_forward(b->q, b->k, b->v, d->key_range, 0.0f, cfg->causal, b->o4, b->lse,
-                                              stream)));
+        L3K_TRY(step(c, l3k_attention_forward(b->q, b->k, b->v, d->key_range, 0.0f, cfg->causal, b->o4,
+                                              b->lse, stream)));
     L3K_TRY(step(c, l3k_linear_backward_input(b->dx2, w->o_weight, b->dO, 0, gemm, stream)));
     L3K_TRY(step(c, l3k_linear_backward_weight(b->dx2, b->o, g->o_weight, 0, gemm, stream)));
-    L3K_TRY(step(c, l3k_attention_backward(b->dO4, b->q, b->k, b->v, d->key_range, b->o4, b->lse, 0.0f,
-                                           cfg->causal, cfg->deterministic, b->dq, b->dk, b->dv, b->attn_ws,
-                                           stream)));
+    L3K_TRY(step(
+        c, l3k_attention_backward(b->dO4, b->q, b->k, b->v, d->key_range, b->o4, b->lse, 0.0f, cfg->causal,
+                                  cfg->deterministic, b->dq, b->dk, b->dv, b->attn_ws, stream)));
     L3K_TRY(step(c, l3k_rope_backward(b->dq, b->dk, cos, sin, 0, L3K_ROPE_HALF, b->dq, b->dk, stream)));
     /* qkv = rmsnorm(x) Wqkv^T: the norm's output is recomputed. */
     L3K_TRY(step(c, l3k_rmsnorm_forward(b->x2, w->norm1_weight, cfg->eps, b->norm1, NULL, stream)));
@@ -827,9 +840,9 @@ static l3k_status backward_steps(l3k_call *c, const dims *d, const bwd_views *b,
 
 l3k_status l3k_llama_block_backward(const DLTensor *dout, const DLTensor *x, const DLTensor *cos,
                                     const DLTensor *sin, const l3k_llama_block_weights *w,
-                                    const l3k_llama_block_config *cfg, const l3k_llama_block_activations *saved,
-                                    unsigned flags, DLTensor *dx, const l3k_llama_block_grads *g,
-                                    DLTensor *workspace, void *stream) {
+                                    const l3k_llama_block_config *cfg,
+                                    const l3k_llama_block_activations *saved, unsigned flags, DLTensor *dx,
+                                    const l3k_llama_block_grads *g, DLTensor *workspace, void *stream) {
     l3k_call c = {.op = "llama_block_backward"};
     dims d;
     bwd_plan p;

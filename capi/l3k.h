@@ -50,9 +50,9 @@
 #define L3K_VERSION (L3K_VERSION_MAJOR * 10000 + L3K_VERSION_MINOR * 100 + L3K_VERSION_PATCH)
 
 #if defined(_WIN32)
-#  define L3K_API __declspec(dllexport)
+#define L3K_API __declspec(dllexport)
 #else
-#  define L3K_API __attribute__((visibility("default")))
+#define L3K_API __attribute__((visibility("default")))
 #endif
 
 #ifdef __cplusplus
@@ -63,16 +63,23 @@ extern "C" {
 #ifndef DLPACK_DLPACK_H_
 /* Same layout and values as dlpack.h.  Only what this ABI reads is declared. */
 typedef enum { kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3 } DLDeviceType;
-typedef struct { DLDeviceType device_type; int32_t device_id; } DLDevice;
-typedef enum { kDLInt = 0, kDLUInt = 1, kDLFloat = 2, kDLBfloat = 4 } DLDataTypeCode;
-typedef struct { uint8_t code; uint8_t bits; uint16_t lanes; } DLDataType;
 typedef struct {
-    void *data;          /* base pointer; element 0 is at data + byte_offset */
+    DLDeviceType device_type;
+    int32_t device_id;
+} DLDevice;
+typedef enum { kDLInt = 0, kDLUInt = 1, kDLFloat = 2, kDLBfloat = 4 } DLDataTypeCode;
+typedef struct {
+    uint8_t code;
+    uint8_t bits;
+    uint16_t lanes;
+} DLDataType;
+typedef struct {
+    void *data; /* base pointer; element 0 is at data + byte_offset */
     DLDevice device;
     int32_t ndim;
     DLDataType dtype;
-    int64_t *shape;      /* ndim sizes */
-    int64_t *strides;    /* ndim strides in elements; NULL = compact row-major */
+    int64_t *shape;   /* ndim sizes */
+    int64_t *strides; /* ndim strides in elements; NULL = compact row-major */
     uint64_t byte_offset;
 } DLTensor;
 #endif
@@ -80,18 +87,18 @@ typedef struct {
 /* ---- Status -------------------------------------------------------------- */
 typedef enum {
     L3K_SUCCESS = 0,
-    L3K_ERROR_NULL_POINTER = 1,      /* a required tensor, or its data/shape, is NULL */
-    L3K_ERROR_DEVICE = 2,            /* unsupported device type, or tensors on different devices */
-    L3K_ERROR_NO_CUDA = 3,           /* a CUDA tensor reached a library built without CUDA */
-    L3K_ERROR_DTYPE = 4,             /* unsupported dtype, or dtypes that must match do not */
-    L3K_ERROR_SHAPE = 5,             /* wrong ndim, or sizes that do not match */
-    L3K_ERROR_LAYOUT = 6,            /* strides this op does not accept (e.g. last dim not contiguous) */
-    L3K_ERROR_ALIGNMENT = 7,         /* a data pointer not aligned to its element size */
-    L3K_ERROR_VALUE = 8,             /* a scalar argument out of range (e.g. eps < 0 or NaN) */
-    L3K_ERROR_WORKSPACE = 9,         /* workspace missing or smaller than its size query says */
-    L3K_ERROR_CUDA = 10,             /* the CUDA runtime reported an error (message has its text) */
-    L3K_ERROR_CUBLAS = 11,           /* cuBLAS / cuBLASLt reported an error */
-    L3K_ERROR_INTERNAL = 12          /* a bug in this library: please report it */
+    L3K_ERROR_NULL_POINTER = 1, /* a required tensor, or its data/shape, is NULL */
+    L3K_ERROR_DEVICE = 2,       /* unsupported device type, or tensors on different devices */
+    L3K_ERROR_NO_CUDA = 3,      /* a CUDA tensor reached a library built without CUDA */
+    L3K_ERROR_DTYPE = 4,        /* unsupported dtype, or dtypes that must match do not */
+    L3K_ERROR_SHAPE = 5,        /* wrong ndim, or sizes that do not match */
+    L3K_ERROR_LAYOUT = 6,       /* strides this op does not accept (e.g. last dim not contiguous) */
+    L3K_ERROR_ALIGNMENT = 7,    /* a data pointer not aligned to its element size */
+    L3K_ERROR_VALUE = 8,        /* a scalar argument out of range (e.g. eps < 0 or NaN) */
+    L3K_ERROR_WORKSPACE = 9,    /* workspace missing or smaller than its size query says */
+    L3K_ERROR_CUDA = 10,        /* the CUDA runtime reported an error (message has its text) */
+    L3K_ERROR_CUBLAS = 11,      /* cuBLAS / cuBLASLt reported an error */
+    L3K_ERROR_INTERNAL = 12     /* a bug in this library: please report it */
 } l3k_status;
 
 /* Static text for a status code ("success", "null pointer", ...).  Never NULL. */
@@ -122,8 +129,8 @@ L3K_API int l3k_has_cuda(void);
  * eps:    finite, >= 0.
  * Vector loads are used where rows are 16-byte aligned; other layouts take a
  * scalar path, so any n from 1 up works. */
-L3K_API l3k_status l3k_rmsnorm_forward(const DLTensor *x, const DLTensor *weight, float eps,
-                                       DLTensor *y, DLTensor *rstd, void *stream);
+L3K_API l3k_status l3k_rmsnorm_forward(const DLTensor *x, const DLTensor *weight, float eps, DLTensor *y,
+                                       DLTensor *rstd, void *stream);
 
 /* Fused residual add + RMSNorm: h = x + residual; y = rmsnorm(h) * weight.
  * x, residual, h and y share shape, dtype and the layout rules of x above;
@@ -131,8 +138,8 @@ L3K_API l3k_status l3k_rmsnorm_forward(const DLTensor *x, const DLTensor *weight
  * may each alias x or residual exactly; h and y must not overlap each other,
  * and other overlaps are refused. */
 L3K_API l3k_status l3k_add_rmsnorm_forward(const DLTensor *x, const DLTensor *residual,
-                                           const DLTensor *weight, float eps, DLTensor *h,
-                                           DLTensor *y, DLTensor *rstd, void *stream);
+                                           const DLTensor *weight, float eps, DLTensor *h, DLTensor *y,
+                                           DLTensor *rstd, void *stream);
 
 /* Bytes of workspace l3k_rmsnorm_backward needs for x's shape when dweight is
  * asked for (without dweight it needs none).  `x` is only inspected. */
@@ -154,9 +161,8 @@ L3K_API l3k_status l3k_rmsnorm_backward_workspace_size(const DLTensor *x, size_t
  * workspace: needed when dweight is given (see the size query); may be NULL
  *          otherwise. */
 L3K_API l3k_status l3k_rmsnorm_backward(const DLTensor *dy, const DLTensor *dh, const DLTensor *x,
-                                        const DLTensor *weight, const DLTensor *rstd, float eps,
-                                        DLTensor *dx, DLTensor *dweight, DLTensor *workspace,
-                                        void *stream);
+                                        const DLTensor *weight, const DLTensor *rstd, float eps, DLTensor *dx,
+                                        DLTensor *dweight, DLTensor *workspace, void *stream);
 
 /* ---- RoPE (rotary position embedding) --------------------------------- *
  * Rotates q and k in one launch.  For every row x (one head of one token,
@@ -190,15 +196,15 @@ L3K_API l3k_status l3k_rmsnorm_backward(const DLTensor *dy, const DLTensor *dh, 
 #define L3K_ROPE_HALF 0
 #define L3K_ROPE_INTERLEAVED 1
 L3K_API l3k_status l3k_rope_forward(const DLTensor *q, const DLTensor *k, const DLTensor *cos,
-                                    const DLTensor *sin, int64_t offset, int mode,
-                                    DLTensor *q_out, DLTensor *k_out, void *stream);
+                                    const DLTensor *sin, int64_t offset, int mode, DLTensor *q_out,
+                                    DLTensor *k_out, void *stream);
 
 /* Gradient of l3k_rope_forward: the inverse rotation (sin negated) of dq and
  * (optional) dk into dq_out / dk_out, with the same arguments and rules as
  * the forward (dq in place of q, dk in place of k).  In place works. */
 L3K_API l3k_status l3k_rope_backward(const DLTensor *dq, const DLTensor *dk, const DLTensor *cos,
-                                     const DLTensor *sin, int64_t offset, int mode,
-                                     DLTensor *dq_out, DLTensor *dk_out, void *stream);
+                                     const DLTensor *sin, int64_t offset, int mode, DLTensor *dq_out,
+                                     DLTensor *dk_out, void *stream);
 
 /* ---- SwiGLU activation --------------------------------------------------- *
  * a = silu(g) * u = g * sigmoid(g) * u, in float32.
@@ -209,8 +215,7 @@ L3K_API l3k_status l3k_rope_backward(const DLTensor *dq, const DLTensor *dk, con
  * a:      output, shape/dtype/layout rules of g.  May be the same view as g
  *         or u (in place); any other overlap with them is rejected (exactly:
  *         interleaved rows that share no element are fine). */
-L3K_API l3k_status l3k_swiglu_forward(const DLTensor *g, const DLTensor *u, DLTensor *a,
-                                      void *stream);
+L3K_API l3k_status l3k_swiglu_forward(const DLTensor *g, const DLTensor *u, DLTensor *a, void *stream);
 
 /* The same on one fused gate_up tensor gu (..., 2 * hidden) laid out as
  * [g | u] along the last dim: g = gu[..., :hidden], u = gu[..., hidden:].
@@ -226,16 +231,16 @@ L3K_API l3k_status l3k_swiglu_fused_forward(const DLTensor *gu, DLTensor *a, voi
  * a:        optional output (NULL): receives silu(g) * u recomputed, so a
  *           caller need not keep the forward's activation for the weight
  *           gradient of the down projection. */
-L3K_API l3k_status l3k_swiglu_backward(const DLTensor *da, const DLTensor *g, const DLTensor *u,
-                                       DLTensor *dg, DLTensor *du, DLTensor *a, void *stream);
+L3K_API l3k_status l3k_swiglu_backward(const DLTensor *da, const DLTensor *g, const DLTensor *u, DLTensor *dg,
+                                       DLTensor *du, DLTensor *a, void *stream);
 
 /* Fused layout backward: gu (..., 2 * hidden) as in l3k_swiglu_fused_forward,
  * da (..., hidden); dgu (..., 2 * hidden) receives [dg | du].  a: optional
  * output as in l3k_swiglu_backward.  Each output may be the same view as an
  * input (every element reads its inputs before it is written): dgu over gu and
  * a over da turn the backward's buffers into its outputs with no extra memory. */
-L3K_API l3k_status l3k_swiglu_fused_backward(const DLTensor *da, const DLTensor *gu,
-                                             DLTensor *dgu, DLTensor *a, void *stream);
+L3K_API l3k_status l3k_swiglu_fused_backward(const DLTensor *da, const DLTensor *gu, DLTensor *dgu,
+                                             DLTensor *a, void *stream);
 
 /* ---- Linear layer (the block's GEMMs; cuBLASLt on CUDA) ----------------- *
  * x:        (..., K), rows as for RMSNorm (last dim contiguous, leading dims
@@ -274,23 +279,20 @@ L3K_API l3k_status l3k_linear_workspace_size(const DLTensor *x, size_t *bytes);
  * not overlap x or weight.  residual: optional, shape and dtype of y, added
  * through the GEMM's beta = 1 before the single rounding; it may be y itself
  * (accumulate in place) or another buffer (out of place: keeps the residual). */
-L3K_API l3k_status l3k_linear_forward(const DLTensor *x, const DLTensor *weight,
-                                      const DLTensor *residual, DLTensor *y, DLTensor *workspace,
-                                      void *stream);
+L3K_API l3k_status l3k_linear_forward(const DLTensor *x, const DLTensor *weight, const DLTensor *residual,
+                                      DLTensor *y, DLTensor *workspace, void *stream);
 
 /* dx = dy @ weight (accumulate != 0: dx += dy @ weight).  dy: (..., N) rows;
  * dx: dy's leading dims and K, dtype of dy, not overlapping dy or weight. */
-L3K_API l3k_status l3k_linear_backward_input(const DLTensor *dy, const DLTensor *weight,
-                                             DLTensor *dx, int accumulate, DLTensor *workspace,
-                                             void *stream);
+L3K_API l3k_status l3k_linear_backward_input(const DLTensor *dy, const DLTensor *weight, DLTensor *dx,
+                                             int accumulate, DLTensor *workspace, void *stream);
 
 /* dweight = dy^T @ x summed over all rows (accumulate != 0: dweight += ...).
  * dy: (..., N), x: (..., K) with the same number of rows; dweight: (N, K),
  * dtype of x or float32 (full-precision gradient accumulation), not
  * overlapping dy or x. */
-L3K_API l3k_status l3k_linear_backward_weight(const DLTensor *dy, const DLTensor *x,
-                                              DLTensor *dweight, int accumulate,
-                                              DLTensor *workspace, void *stream);
+L3K_API l3k_status l3k_linear_backward_weight(const DLTensor *dy, const DLTensor *x, DLTensor *dweight,
+                                              int accumulate, DLTensor *workspace, void *stream);
 
 /* ---- Flash attention ----------------------------------------------------- *
  * o = softmax(scale * q k^T + mask) v, tiled with an online softmax: the
@@ -404,7 +406,7 @@ typedef struct {
     const DLTensor *q_weight, *k_weight, *v_weight, *gate_weight, *up_weight;
 } l3k_llama_block_weights;
 #define L3K_LLAMA_BLOCK_WEIGHTS_INIT \
-    {sizeof(l3k_llama_block_weights), NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL}
+    { sizeof(l3k_llama_block_weights), NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL }
 
 typedef struct {
     size_t struct_size; /* sizeof(l3k_llama_block_config): use L3K_LLAMA_BLOCK_CONFIG_INIT */
@@ -423,14 +425,14 @@ typedef struct {
     const DLTensor *key_range;
 } l3k_llama_block_config;
 /* Defaults: causal, eps 1e-5, dq with atomics, no key range; n_heads and n_kv_heads must be set. */
-#define L3K_LLAMA_BLOCK_CONFIG_INIT {sizeof(l3k_llama_block_config), 0, 0, 1, 1e-5f, 0, NULL}
+#define L3K_LLAMA_BLOCK_CONFIG_INIT \
+    { sizeof(l3k_llama_block_config), 0, 0, 1, 1e-5f, 0, NULL }
 
 /* Bytes of workspace l3k_llama_block_forward needs for x's shape: every
  * intermediate plus the GEMM workspace.  `x` and the weights are only inspected. */
 L3K_API l3k_status l3k_llama_block_forward_workspace_size(const DLTensor *x,
                                                           const l3k_llama_block_weights *weights,
-                                                          const l3k_llama_block_config *cfg,
-                                                          size_t *bytes);
+                                                          const l3k_llama_block_config *cfg, size_t *bytes);
 
 /* Inference forward: out = block(x), nothing kept for a backward. */
 L3K_API l3k_status l3k_llama_block_forward(const DLTensor *x, const DLTensor *cos, const DLTensor *sin,
@@ -454,7 +456,8 @@ typedef struct {
                            backward recomputes it (one attention forward) and saves the memory */
     DLTensor *lse;      /* (batch * n_heads * seq,) float32, given iff attn_out is */
 } l3k_llama_block_activations;
-#define L3K_LLAMA_BLOCK_ACTIVATIONS_INIT {sizeof(l3k_llama_block_activations), NULL, NULL, NULL, NULL, NULL, NULL, NULL}
+#define L3K_LLAMA_BLOCK_ACTIVATIONS_INIT \
+    { sizeof(l3k_llama_block_activations), NULL, NULL, NULL, NULL, NULL, NULL, NULL }
 
 /* One buffer of the layout: rows * cols elements of `dtype`, row-major. */
 typedef struct {
@@ -466,13 +469,14 @@ typedef struct {
 typedef struct {
     size_t struct_size; /* sizeof(l3k_llama_block_layout): use L3K_LLAMA_BLOCK_LAYOUT_INIT */
     l3k_buffer_desc qkv, residual, gate_up, rstd1, rstd2, attn_out, lse; /* the activations, as above */
-    size_t forward_workspace_bytes;   /* for l3k_llama_block_forward_train */
-    size_t backward_workspace_bytes;  /* for l3k_llama_block_backward without flags */
-    size_t backward_workspace_bytes_preserving; /* ... with L3K_BLOCK_PRESERVE_ACTIVATIONS */
+    size_t forward_workspace_bytes;                /* for l3k_llama_block_forward_train */
+    size_t backward_workspace_bytes;               /* for l3k_llama_block_backward without flags */
+    size_t backward_workspace_bytes_preserving;    /* ... with L3K_BLOCK_PRESERVE_ACTIVATIONS */
     size_t backward_workspace_extra_split_gate_up; /* to add to either when the gate and up gradients
                                                       are two separate buffers (not one after the other) */
 } l3k_llama_block_layout;
-#define L3K_LLAMA_BLOCK_LAYOUT_INIT {sizeof(l3k_llama_block_layout)}
+#define L3K_LLAMA_BLOCK_LAYOUT_INIT \
+    { sizeof(l3k_llama_block_layout) }
 
 /* Fill `layout` for x's shape, the weights and cfg.  Only shapes and dtypes are
  * read.  The workspace sizes hold whether attn_out is kept or not. */
@@ -499,7 +503,7 @@ typedef struct {
     DLTensor *q_weight, *k_weight, *v_weight, *gate_weight, *up_weight;
 } l3k_llama_block_grads;
 #define L3K_LLAMA_BLOCK_GRADS_INIT \
-    {sizeof(l3k_llama_block_grads), NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL}
+    { sizeof(l3k_llama_block_grads), NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL }
 
 /* Backward flag: leave every activation as the forward wrote it (a second
  * backward over them works), at the cost of the larger workspace

@@ -14,13 +14,12 @@ static l3k_status check_rows_tensor(l3k_call *c, const DLTensor *t, const char *
     return l3k_check_rows(c, t, name, rows);
 }
 
-static l3k_status check_weight(l3k_call *c, const DLTensor *w, const char *name, l3k_dt dt,
-                               l3k_rows *rows) {
+static l3k_status check_weight(l3k_call *c, const DLTensor *w, const char *name, l3k_dt dt, l3k_rows *rows) {
     L3K_TRY(l3k_check_tensor(c, w, name));
     L3K_TRY(l3k_check_dtype(c, w, name, dt, "x"));
     if (w->ndim != 2)
-        return l3k_fail(c, L3K_ERROR_SHAPE, "%s has ndim %d, expected 2 (out_features, in_features)",
-                        name, (int)w->ndim);
+        return l3k_fail(c, L3K_ERROR_SHAPE, "%s has ndim %d, expected 2 (out_features, in_features)", name,
+                        (int)w->ndim);
     return l3k_check_rows(c, w, name, rows);
 }
 
@@ -31,9 +30,8 @@ static l3k_status check_leading(l3k_call *c, const DLTensor *t, const char *name
     for (int i = 0; ok && i < x->ndim - 1; ++i) ok = t->shape[i] == x->shape[i];
     if (!ok) {
         return l3k_fail(c, L3K_ERROR_SHAPE,
-                        "%s has ndim %d and last dim %lld, expected x's leading dims and last dim %lld",
-                        name, (int)t->ndim, (long long)(t->ndim ? t->shape[t->ndim - 1] : 0),
-                        (long long)n);
+                        "%s has ndim %d and last dim %lld, expected x's leading dims and last dim %lld", name,
+                        (int)t->ndim, (long long)(t->ndim ? t->shape[t->ndim - 1] : 0), (long long)n);
     }
     return L3K_SUCCESS;
 }
@@ -109,17 +107,31 @@ l3k_status l3k_linear_forward(const DLTensor *x, const DLTensor *weight, const D
     static const char *const names[4] = {"x", "weight", "residual", "y"};
     L3K_TRY(workspace_apart(&c, workspace, ws_bytes, ts, names, 4));
     l3k_gemm_args g = {
-        .trans_a = 1, .trans_b = 0, .m = wr.rows, .n = xr.rows, .k = xr.n,
-        .a = wr.data, .lda = wr.row_stride, .b = xr.data, .ldb = xr.row_stride,
-        .c = residual ? rr.data : 0, .ldc = rr.row_stride, .d = yr.data, .ldd = yr.row_stride,
-        .ab_dtype = dt, .cd_dtype = dt, .alpha = 1.0f, .beta = residual ? 1.0f : 0.0f,
-        .workspace = ws, .workspace_bytes = ws_bytes,
+        .trans_a = 1,
+        .trans_b = 0,
+        .m = wr.rows,
+        .n = xr.rows,
+        .k = xr.n,
+        .a = wr.data,
+        .lda = wr.row_stride,
+        .b = xr.data,
+        .ldb = xr.row_stride,
+        .c = residual ? rr.data : 0,
+        .ldc = rr.row_stride,
+        .d = yr.data,
+        .ldd = yr.row_stride,
+        .ab_dtype = dt,
+        .cd_dtype = dt,
+        .alpha = 1.0f,
+        .beta = residual ? 1.0f : 0.0f,
+        .workspace = ws,
+        .workspace_bytes = ws_bytes,
     };
     return run(&c, &g, stream);
 }
 
-l3k_status l3k_linear_backward_input(const DLTensor *dy, const DLTensor *weight, DLTensor *dx,
-                                     int accumulate, DLTensor *workspace, void *stream) {
+l3k_status l3k_linear_backward_input(const DLTensor *dy, const DLTensor *weight, DLTensor *dx, int accumulate,
+                                     DLTensor *workspace, void *stream) {
     l3k_call c = {.op = "linear_backward_input"};
     l3k_dt dt;
     l3k_rows dyr, wr, dxr;
@@ -141,11 +153,25 @@ l3k_status l3k_linear_backward_input(const DLTensor *dy, const DLTensor *weight,
     static const char *const names[3] = {"dy", "weight", "dx"};
     L3K_TRY(workspace_apart(&c, workspace, ws_bytes, ts, names, 3));
     l3k_gemm_args g = {
-        .trans_a = 0, .trans_b = 0, .m = wr.n, .n = dyr.rows, .k = dyr.n,
-        .a = wr.data, .lda = wr.row_stride, .b = dyr.data, .ldb = dyr.row_stride,
-        .c = accumulate ? dxr.data : 0, .ldc = dxr.row_stride, .d = dxr.data, .ldd = dxr.row_stride,
-        .ab_dtype = dt, .cd_dtype = dt, .alpha = 1.0f, .beta = accumulate ? 1.0f : 0.0f,
-        .workspace = ws, .workspace_bytes = ws_bytes,
+        .trans_a = 0,
+        .trans_b = 0,
+        .m = wr.n,
+        .n = dyr.rows,
+        .k = dyr.n,
+        .a = wr.data,
+        .lda = wr.row_stride,
+        .b = dyr.data,
+        .ldb = dyr.row_stride,
+        .c = accumulate ? dxr.data : 0,
+        .ldc = dxr.row_stride,
+        .d = dxr.data,
+        .ldd = dxr.row_stride,
+        .ab_dtype = dt,
+        .cd_dtype = dt,
+        .alpha = 1.0f,
+        .beta = accumulate ? 1.0f : 0.0f,
+        .workspace = ws,
+        .workspace_bytes = ws_bytes,
     };
     return run(&c, &g, stream);
 }
@@ -160,8 +186,8 @@ l3k_status l3k_linear_backward_weight(const DLTensor *dy, const DLTensor *x, DLT
     L3K_TRY(l3k_check_dtype(&c, dy, "dy", dt, "x"));
     L3K_TRY(l3k_check_rows(&c, dy, "dy", &dyr));
     if (dyr.rows != xr.rows)
-        return l3k_fail(&c, L3K_ERROR_SHAPE, "dy has %lld rows, expected %lld like x",
-                        (long long)dyr.rows, (long long)xr.rows);
+        return l3k_fail(&c, L3K_ERROR_SHAPE, "dy has %lld rows, expected %lld like x", (long long)dyr.rows,
+                        (long long)xr.rows);
     L3K_TRY(l3k_check_tensor(&c, dweight, "dweight"));
     L3K_TRY(l3k_check_float(&c, dweight, "dweight", &wdt));
     if (wdt != dt && wdt != L3K_DT_F32) {
@@ -182,11 +208,25 @@ l3k_status l3k_linear_backward_weight(const DLTensor *dy, const DLTensor *x, DLT
     static const char *const names[3] = {"dy", "x", "dweight"};
     L3K_TRY(workspace_apart(&c, workspace, ws_bytes, ts, names, 3));
     l3k_gemm_args g = {
-        .trans_a = 0, .trans_b = 1, .m = xr.n, .n = dyr.n, .k = xr.rows,
-        .a = xr.data, .lda = xr.row_stride, .b = dyr.data, .ldb = dyr.row_stride,
-        .c = accumulate ? dwr.data : 0, .ldc = dwr.row_stride, .d = dwr.data, .ldd = dwr.row_stride,
-        .ab_dtype = dt, .cd_dtype = wdt, .alpha = 1.0f, .beta = accumulate ? 1.0f : 0.0f,
-        .workspace = ws, .workspace_bytes = ws_bytes,
+        .trans_a = 0,
+        .trans_b = 1,
+        .m = xr.n,
+        .n = dyr.n,
+        .k = xr.rows,
+        .a = xr.data,
+        .lda = xr.row_stride,
+        .b = dyr.data,
+        .ldb = dyr.row_stride,
+        .c = accumulate ? dwr.data : 0,
+        .ldc = dwr.row_stride,
+        .d = dwr.data,
+        .ldd = dwr.row_stride,
+        .ab_dtype = dt,
+        .cd_dtype = wdt,
+        .alpha = 1.0f,
+        .beta = accumulate ? 1.0f : 0.0f,
+        .workspace = ws,
+        .workspace_bytes = ws_bytes,
     };
     return run(&c, &g, stream); /* no rows: k == 0, dweight = 0 (or unchanged when accumulating) */
 }

@@ -2,21 +2,20 @@
 #include "validate.h"
 
 /* x-like tensor: a float tensor of x's dtype and shape, seen as rows. */
-static l3k_status check_like_x(l3k_call *c, const DLTensor *t, const char *name,
-                               const DLTensor *x, l3k_dt dt, l3k_rows *rows) {
+static l3k_status check_like_x(l3k_call *c, const DLTensor *t, const char *name, const DLTensor *x, l3k_dt dt,
+                               l3k_rows *rows) {
     L3K_TRY(l3k_check_tensor(c, t, name));
     L3K_TRY(l3k_check_dtype(c, t, name, dt, "x"));
     L3K_TRY(l3k_check_same_shape(c, t, name, x, "x"));
     return l3k_check_rows(c, t, name, rows);
 }
 
-static l3k_status check_weight(l3k_call *c, const DLTensor *w, const char *name, int64_t n,
-                               l3k_dt dt) {
+static l3k_status check_weight(l3k_call *c, const DLTensor *w, const char *name, int64_t n, l3k_dt dt) {
     L3K_TRY(l3k_check_tensor(c, w, name));
     L3K_TRY(l3k_check_dtype(c, w, name, dt, "x"));
     if (w->ndim != 1 || w->shape[0] != n)
-        return l3k_fail(c, L3K_ERROR_SHAPE, "%s has ndim %d and %lld elements, expected shape (%lld,)",
-                        name, (int)w->ndim, (long long)l3k_numel(w), (long long)n);
+        return l3k_fail(c, L3K_ERROR_SHAPE, "%s has ndim %d and %lld elements, expected shape (%lld,)", name,
+                        (int)w->ndim, (long long)l3k_numel(w), (long long)n);
     return l3k_check_contiguous_numel(c, w, name, n);
 }
 
@@ -24,9 +23,8 @@ static l3k_status check_rstd(l3k_call *c, const DLTensor *rstd, int64_t rows) {
     return l3k_check_f32_vector(c, rstd, "rstd", rows);
 }
 
-static l3k_status forward(l3k_call *c, const DLTensor *x, const DLTensor *residual,
-                          const DLTensor *weight, float eps, DLTensor *h, DLTensor *y,
-                          DLTensor *rstd, void *stream) {
+static l3k_status forward(l3k_call *c, const DLTensor *x, const DLTensor *residual, const DLTensor *weight,
+                          float eps, DLTensor *h, DLTensor *y, DLTensor *rstd, void *stream) {
     l3k_dt dt;
     l3k_rows xr, rr = {0}, hr = {0}, yr;
     L3K_TRY(l3k_check_tensor(c, x, "x"));
@@ -62,13 +60,20 @@ static l3k_status forward(l3k_call *c, const DLTensor *x, const DLTensor *residu
     if (xr.rows == 0 || xr.n == 0) return L3K_SUCCESS;
 
     l3k_rmsnorm_fwd_args a = {
-        .x = xr.data, .x_stride = xr.row_stride,
-        .residual = residual ? rr.data : 0, .residual_stride = rr.row_stride,
-        .h_out = residual ? hr.data : 0, .h_stride = hr.row_stride,
+        .x = xr.data,
+        .x_stride = xr.row_stride,
+        .residual = residual ? rr.data : 0,
+        .residual_stride = rr.row_stride,
+        .h_out = residual ? hr.data : 0,
+        .h_stride = hr.row_stride,
         .weight = l3k_data(weight),
-        .y = yr.data, .y_stride = yr.row_stride,
+        .y = yr.data,
+        .y_stride = yr.row_stride,
         .rstd = rstd ? (float *)l3k_data(rstd) : 0,
-        .rows = xr.rows, .n = xr.n, .eps = eps, .dtype = dt,
+        .rows = xr.rows,
+        .n = xr.n,
+        .eps = eps,
+        .dtype = dt,
     };
     if (l3k_checking_only()) return L3K_SUCCESS;
     if (l3k_on_cuda(c)) return l3k_cuda_launch(c, L3K_CUDA_FN(l3k_cuda_rmsnorm_fwd), &a, stream);
@@ -82,9 +87,8 @@ l3k_status l3k_rmsnorm_forward(const DLTensor *x, const DLTensor *weight, float 
     return forward(&c, x, 0, weight, eps, 0, y, rstd, stream);
 }
 
-l3k_status l3k_add_rmsnorm_forward(const DLTensor *x, const DLTensor *residual,
-                                   const DLTensor *weight, float eps, DLTensor *h, DLTensor *y,
-                                   DLTensor *rstd, void *stream) {
+l3k_status l3k_add_rmsnorm_forward(const DLTensor *x, const DLTensor *residual, const DLTensor *weight,
+                                   float eps, DLTensor *h, DLTensor *y, DLTensor *rstd, void *stream) {
     l3k_call c = {.op = "add_rmsnorm_forward"};
     if (!residual) return l3k_fail(&c, L3K_ERROR_NULL_POINTER, "residual is NULL");
     return forward(&c, x, residual, weight, eps, h, y, rstd, stream);
@@ -117,9 +121,8 @@ l3k_status l3k_rmsnorm_backward_workspace_size(const DLTensor *x, size_t *bytes)
 }
 
 l3k_status l3k_rmsnorm_backward(const DLTensor *dy, const DLTensor *dh, const DLTensor *x,
-                                const DLTensor *weight, const DLTensor *rstd, float eps,
-                                DLTensor *dx, DLTensor *dweight, DLTensor *workspace,
-                                void *stream) {
+                                const DLTensor *weight, const DLTensor *rstd, float eps, DLTensor *dx,
+                                DLTensor *dweight, DLTensor *workspace, void *stream) {
     l3k_call c = {.op = "rmsnorm_backward"};
     l3k_dt dt;
     l3k_rows xr, dyr, dhr = {0}, dxr;
@@ -156,15 +159,22 @@ l3k_status l3k_rmsnorm_backward(const DLTensor *dy, const DLTensor *dh, const DL
     if (xr.n == 0) return L3K_SUCCESS;
 
     l3k_rmsnorm_bwd_args a = {
-        .dy = dyr.data, .dy_stride = dyr.row_stride,
-        .dh_in = dh ? dhr.data : 0, .dh_in_stride = dhr.row_stride,
-        .x = xr.data, .x_stride = xr.row_stride,
+        .dy = dyr.data,
+        .dy_stride = dyr.row_stride,
+        .dh_in = dh ? dhr.data : 0,
+        .dh_in_stride = dhr.row_stride,
+        .x = xr.data,
+        .x_stride = xr.row_stride,
         .weight = l3k_data(weight),
         .rstd = rstd ? (const float *)l3k_data(rstd) : 0,
-        .dx = dxr.data, .dx_stride = dxr.row_stride,
+        .dx = dxr.data,
+        .dx_stride = dxr.row_stride,
         .dweight = dweight ? l3k_data(dweight) : 0,
         .partials = need ? (float *)l3k_data(workspace) : 0,
-        .rows = xr.rows, .n = xr.n, .eps = eps, .dtype = dt,
+        .rows = xr.rows,
+        .n = xr.n,
+        .eps = eps,
+        .dtype = dt,
     };
     if (l3k_checking_only()) return L3K_SUCCESS;
     if (l3k_on_cuda(&c)) return l3k_cuda_launch(&c, L3K_CUDA_FN(l3k_cuda_rmsnorm_bwd), &a, stream);

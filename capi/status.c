@@ -20,19 +20,32 @@ const char *l3k_last_error(void) { return last_error; }
 
 const char *l3k_status_string(l3k_status status) {
     switch (status) {
-    case L3K_SUCCESS: return "success";
-    case L3K_ERROR_NULL_POINTER: return "null pointer";
-    case L3K_ERROR_DEVICE: return "unsupported or mismatched device";
-    case L3K_ERROR_NO_CUDA: return "library built without CUDA";
-    case L3K_ERROR_DTYPE: return "unsupported or mismatched dtype";
-    case L3K_ERROR_SHAPE: return "wrong ndim or mismatched shape";
-    case L3K_ERROR_LAYOUT: return "unsupported strides";
-    case L3K_ERROR_ALIGNMENT: return "misaligned data pointer";
-    case L3K_ERROR_VALUE: return "scalar argument out of range";
-    case L3K_ERROR_WORKSPACE: return "workspace missing or too small";
-    case L3K_ERROR_CUDA: return "CUDA runtime error";
-    case L3K_ERROR_CUBLAS: return "cuBLAS error";
-    case L3K_ERROR_INTERNAL: return "internal error";
+        case L3K_SUCCESS:
+            return "success";
+        case L3K_ERROR_NULL_POINTER:
+            return "null pointer";
+        case L3K_ERROR_DEVICE:
+            return "unsupported or mismatched device";
+        case L3K_ERROR_NO_CUDA:
+            return "library built without CUDA";
+        case L3K_ERROR_DTYPE:
+            return "unsupported or mismatched dtype";
+        case L3K_ERROR_SHAPE:
+            return "wrong ndim or mismatched shape";
+        case L3K_ERROR_LAYOUT:
+            return "unsupported strides";
+        case L3K_ERROR_ALIGNMENT:
+            return "misaligned data pointer";
+        case L3K_ERROR_VALUE:
+            return "scalar argument out of range";
+        case L3K_ERROR_WORKSPACE:
+            return "workspace missing or too small";
+        case L3K_ERROR_CUDA:
+            return "CUDA runtime error";
+        case L3K_ERROR_CUBLAS:
+            return "cuBLAS error";
+        case L3K_ERROR_INTERNAL:
+            return "internal error";
     }
     return "unknown status";
 }

@@ -8,17 +8,17 @@ typedef struct {
 } named_rows;
 
 /* Each output is the same view as an input or apart from it; outputs apart from each other. */
-static l3k_status check_overlaps(l3k_call *c, const named_rows *outs, int nout,
-                                 const named_rows *ins, int nin, size_t es) {
+static l3k_status check_overlaps(l3k_call *c, const named_rows *outs, int nout, const named_rows *ins,
+                                 int nin, size_t es) {
     for (int o = 0; o < nout; ++o) {
         if (!outs[o].rows) continue;
         for (int i = 0; i < nin; ++i)
-            L3K_TRY(l3k_check_rows_no_overlap(c, outs[o].rows, outs[o].name, ins[i].rows,
-                                              ins[i].name, es, 1));
+            L3K_TRY(
+                l3k_check_rows_no_overlap(c, outs[o].rows, outs[o].name, ins[i].rows, ins[i].name, es, 1));
         for (int p = 0; p < o; ++p)
             if (outs[p].rows)
-                L3K_TRY(l3k_check_rows_no_overlap(c, outs[o].rows, outs[o].name, outs[p].rows,
-                                                  outs[p].name, es, 0));
+                L3K_TRY(l3k_check_rows_no_overlap(c, outs[o].rows, outs[o].name, outs[p].rows, outs[p].name,
+                                                  es, 0));
     }
     return L3K_SUCCESS;
 }
@@ -33,8 +33,8 @@ static l3k_status check_like(l3k_call *c, const DLTensor *t, const char *name, c
 }
 
 /* A (..., hidden) tensor next to the fused gu (..., 2 * hidden). */
-static l3k_status check_half_of(l3k_call *c, const DLTensor *t, const char *name,
-                                const DLTensor *gu, l3k_dt dt, l3k_rows *rows) {
+static l3k_status check_half_of(l3k_call *c, const DLTensor *t, const char *name, const DLTensor *gu,
+                                l3k_dt dt, l3k_rows *rows) {
     L3K_TRY(l3k_check_tensor(c, t, name));
     L3K_TRY(l3k_check_dtype(c, t, name, dt, "gu"));
     int same = t->ndim == gu->ndim;
@@ -50,15 +50,15 @@ static l3k_status check_half_of(l3k_call *c, const DLTensor *t, const char *name
 }
 
 /* gu (..., 2 * hidden) seen as rows, split into its g and u halves. */
-static l3k_status check_fused(l3k_call *c, const DLTensor *gu, const char *name, l3k_dt *dt,
-                              int have_dt, l3k_rows *whole, l3k_rows *g, l3k_rows *u) {
+static l3k_status check_fused(l3k_call *c, const DLTensor *gu, const char *name, l3k_dt *dt, int have_dt,
+                              l3k_rows *whole, l3k_rows *g, l3k_rows *u) {
     L3K_TRY(l3k_check_tensor(c, gu, name));
     if (have_dt) L3K_TRY(l3k_check_dtype(c, gu, name, *dt, "gu"));
     else L3K_TRY(l3k_check_float(c, gu, name, dt));
     L3K_TRY(l3k_check_rows(c, gu, name, whole));
     if (whole->n % 2 != 0)
-        return l3k_fail(c, L3K_ERROR_SHAPE, "%s.shape[-1] is %lld, expected an even size (2 * hidden)",
-                        name, (long long)whole->n);
+        return l3k_fail(c, L3K_ERROR_SHAPE, "%s.shape[-1] is %lld, expected an even size (2 * hidden)", name,
+                        (long long)whole->n);
     *g = *whole;
     g->n = whole->n / 2;
     *u = *g;
@@ -68,14 +68,19 @@ static l3k_status check_fused(l3k_call *c, const DLTensor *gu, const char *name,
     return L3K_SUCCESS;
 }
 
-static l3k_status launch_fwd(l3k_call *c, const l3k_rows *g, const l3k_rows *u, const l3k_rows *a,
-                             l3k_dt dt, void *stream) {
+static l3k_status launch_fwd(l3k_call *c, const l3k_rows *g, const l3k_rows *u, const l3k_rows *a, l3k_dt dt,
+                             void *stream) {
     if (g->rows == 0 || g->n == 0) return L3K_SUCCESS;
     l3k_swiglu_fwd_args args = {
-        .g = g->data, .g_stride = g->row_stride,
-        .u = u->data, .u_stride = u->row_stride,
-        .a = a->data, .a_stride = a->row_stride,
-        .rows = g->rows, .n = g->n, .dtype = dt,
+        .g = g->data,
+        .g_stride = g->row_stride,
+        .u = u->data,
+        .u_stride = u->row_stride,
+        .a = a->data,
+        .a_stride = a->row_stride,
+        .rows = g->rows,
+        .n = g->n,
+        .dtype = dt,
     };
     if (l3k_checking_only()) return L3K_SUCCESS;
     if (l3k_on_cuda(c)) return l3k_cuda_launch(c, L3K_CUDA_FN(l3k_cuda_swiglu_fwd), &args, stream);
@@ -88,13 +93,21 @@ static l3k_status launch_bwd(l3k_call *c, const l3k_rows *da, const l3k_rows *g,
                              void *stream) {
     if (g->rows == 0 || g->n == 0) return L3K_SUCCESS;
     l3k_swiglu_bwd_args args = {
-        .da = da->data, .da_stride = da->row_stride,
-        .g = g->data, .g_stride = g->row_stride,
-        .u = u->data, .u_stride = u->row_stride,
-        .dg = dg->data, .dg_stride = dg->row_stride,
-        .du = du->data, .du_stride = du->row_stride,
-        .a_out = a ? a->data : 0, .a_out_stride = a ? a->row_stride : 0,
-        .rows = g->rows, .n = g->n, .dtype = dt,
+        .da = da->data,
+        .da_stride = da->row_stride,
+        .g = g->data,
+        .g_stride = g->row_stride,
+        .u = u->data,
+        .u_stride = u->row_stride,
+        .dg = dg->data,
+        .dg_stride = dg->row_stride,
+        .du = du->data,
+        .du_stride = du->row_stride,
+        .a_out = a ? a->data : 0,
+        .a_out_stride = a ? a->row_stride : 0,
+        .rows = g->rows,
+        .n = g->n,
+        .dtype = dt,
     };
     if (l3k_checking_only()) return L3K_SUCCESS;
     if (l3k_on_cuda(c)) return l3k_cuda_launch(c, L3K_CUDA_FN(l3k_cuda_swiglu_bwd), &args, stream);
@@ -127,8 +140,8 @@ l3k_status l3k_swiglu_fused_forward(const DLTensor *gu, DLTensor *a, void *strea
     return launch_fwd(&c, &gr, &ur, &ar, dt, stream);
 }
 
-l3k_status l3k_swiglu_backward(const DLTensor *da, const DLTensor *g, const DLTensor *u,
-                               DLTensor *dg, DLTensor *du, DLTensor *a, void *stream) {
+l3k_status l3k_swiglu_backward(const DLTensor *da, const DLTensor *g, const DLTensor *u, DLTensor *dg,
+                               DLTensor *du, DLTensor *a, void *stream) {
     l3k_call c = {.op = "swiglu_backward"};
     l3k_dt dt;
     l3k_rows dar, gr, ur, dgr, dur, ar;
@@ -146,8 +159,8 @@ l3k_status l3k_swiglu_backward(const DLTensor *da, const DLTensor *g, const DLTe
     return launch_bwd(&c, &dar, &gr, &ur, &dgr, &dur, a ? &ar : 0, dt, stream);
 }
 
-l3k_status l3k_swiglu_fused_backward(const DLTensor *da, const DLTensor *gu, DLTensor *dgu,
-                                     DLTensor *a, void *stream) {
+l3k_status l3k_swiglu_fused_backward(const DLTensor *da, const DLTensor *gu, DLTensor *dgu, DLTensor *a,
+                                     void *stream) {
     l3k_call c = {.op = "swiglu_fused_backward"};
     l3k_dt dt;
     l3k_rows gu_r, gr, ur, dgu_r, dgr, dur, dar, ar;
@@ -163,8 +176,7 @@ l3k_status l3k_swiglu_fused_backward(const DLTensor *da, const DLTensor *gu, DLT
         /* a: the same view as da or one half of gu, or apart from them; apart from dgu. */
         const named_rows ains[] = {{"da", &dar}, {"gu[..., :hidden]", &gr}, {"gu[..., hidden:]", &ur}};
         for (int i = 0; i < 3; ++i)
-            L3K_TRY(l3k_check_rows_no_overlap(&c, &ar, "a", ains[i].rows, ains[i].name,
-                                              l3k_dt_size(dt), 1));
+            L3K_TRY(l3k_check_rows_no_overlap(&c, &ar, "a", ains[i].rows, ains[i].name, l3k_dt_size(dt), 1));
         L3K_TRY(l3k_check_rows_no_overlap(&c, &ar, "a", &dgu_r, "dgu", l3k_dt_size(dt), 0));
     }
     return launch_bwd(&c, &dar, &gr, &ur, &dgr, &dur, a ? &ar : 0, dt, stream);

@@ -46,8 +46,8 @@ l3k_status l3k_size_add(l3k_call *c, const char *what, int64_t a, int64_t b, int
  * (only for a tensor l3k_check_tensor refuses). */
 int64_t l3k_numel(const DLTensor *t);
 int64_t l3k_stride(const DLTensor *t, int i); /* in elements; compact row-major when strides is NULL */
-void *l3k_data(const DLTensor *t); /* data + byte_offset; NULL when data is NULL */
-void *l3k_ptr_add(void *p, int64_t bytes); /* p + bytes; NULL stays NULL */
+void *l3k_data(const DLTensor *t);            /* data + byte_offset; NULL when data is NULL */
+void *l3k_ptr_add(void *p, int64_t bytes);    /* p + bytes; NULL stays NULL */
 
 /* numel * element size (saturating at INT64_MAX). */
 size_t l3k_tensor_bytes(const DLTensor *t);
@@ -63,12 +63,11 @@ l3k_status l3k_check_tensor(l3k_call *c, const DLTensor *t, const char *name);
 l3k_status l3k_check_float(l3k_call *c, const DLTensor *t, const char *name, l3k_dt *dt);
 
 /* dtype equal to `want` (the dtype of `like`). */
-l3k_status l3k_check_dtype(l3k_call *c, const DLTensor *t, const char *name, l3k_dt want,
-                           const char *like);
+l3k_status l3k_check_dtype(l3k_call *c, const DLTensor *t, const char *name, l3k_dt want, const char *like);
 
 /* Same ndim and sizes as `ref`. */
-l3k_status l3k_check_same_shape(l3k_call *c, const DLTensor *t, const char *name,
-                                const DLTensor *ref, const char *ref_name);
+l3k_status l3k_check_same_shape(l3k_call *c, const DLTensor *t, const char *name, const DLTensor *ref,
+                                const char *ref_name);
 
 /* Last dim contiguous and leading dims flatten to one row stride.  rows is the
  * product of the leading dims, also when the last dim is 0 (then any strides
@@ -76,8 +75,7 @@ l3k_status l3k_check_same_shape(l3k_call *c, const DLTensor *t, const char *name
 l3k_status l3k_check_rows(l3k_call *c, const DLTensor *t, const char *name, l3k_rows *out);
 
 /* Contiguous (compact row-major), exactly `numel` elements. */
-l3k_status l3k_check_contiguous_numel(l3k_call *c, const DLTensor *t, const char *name,
-                                      int64_t numel);
+l3k_status l3k_check_contiguous_numel(l3k_call *c, const DLTensor *t, const char *name, int64_t numel);
 
 /* float32, contiguous, `numel` elements, 4-byte aligned (rstd, lse). */
 l3k_status l3k_check_f32_vector(l3k_call *c, const DLTensor *t, const char *name, int64_t numel);
@@ -100,8 +98,8 @@ int l3k_same_view(const DLTensor *a, const DLTensor *b);
 /* An output must be the very same view as input `in` (in place, allowed when
  * allow_same) or share no byte with it.  A simple byte-range test: views that
  * interleave without sharing elements are rejected too. */
-l3k_status l3k_check_no_overlap(l3k_call *c, const DLTensor *out, const char *out_name,
-                                const DLTensor *in, const char *in_name, int allow_same);
+l3k_status l3k_check_no_overlap(l3k_call *c, const DLTensor *out, const char *out_name, const DLTensor *in,
+                                const char *in_name, int allow_same);
 
 /* 1 when two row views of `es`-byte elements share an element.  Exact for row
  * views with one row stride (e.g. the gate and up halves of one fused tensor
@@ -110,8 +108,7 @@ int l3k_rows_overlap(const l3k_rows *a, const l3k_rows *b, size_t es);
 
 /* Row-view form of l3k_check_no_overlap, exact for interleaved rows. */
 l3k_status l3k_check_rows_no_overlap(l3k_call *c, const l3k_rows *out, const char *out_name,
-                                     const l3k_rows *in, const char *in_name, size_t es,
-                                     int allow_same);
+                                     const l3k_rows *in, const char *in_name, size_t es, int allow_same);
 
 /* While set (per thread), every op validates its arguments and returns without launching or
  * writing anything: a composite op (the block) checks all of its steps this way before it runs
@@ -126,8 +123,6 @@ int l3k_on_cuda(const l3k_call *c);
  * device current around the launch, translate a cudaError_t into a status. */
 typedef int (*l3k_cuda_launch_fn)(const void *args, void *stream);
 l3k_status l3k_cuda_launch(l3k_call *c, l3k_cuda_launch_fn fn, const void *args, void *stream);
-
-
 
 /* The CUDA launcher `f`, or NULL in a build without CUDA (never reached there:
  * l3k_check_tensor rejects CUDA tensors first). */

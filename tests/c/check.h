@@ -12,24 +12,24 @@
 
 static int g_failures = 0;
 
-#define CHECK(cond, ...)                                              \
-    do {                                                              \
-        if (!(cond)) {                                                \
-            ++g_failures;                                             \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);      \
-            fprintf(stderr, __VA_ARGS__);                             \
-            fprintf(stderr, "\n");                                    \
-        }                                                             \
+#define CHECK(cond, ...)                                         \
+    do {                                                         \
+        if (!(cond)) {                                           \
+            ++g_failures;                                        \
+            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+            fprintf(stderr, __VA_ARGS__);                        \
+            fprintf(stderr, "\n");                               \
+        }                                                        \
     } while (0)
 
 /* `call` fails with `status` and a last-error message containing `needle`. */
-#define EXPECT_FAILS(call, status, needle)                                             \
-    do {                                                                               \
-        l3k_status got_ = (call);                                                      \
-        CHECK(got_ == (status), "%s: got %d (%s), expected %d", #call, got_,           \
-              l3k_last_error(), (int)(status));                                        \
-        CHECK(strstr(l3k_last_error(), needle) != NULL, "message '%s' lacks '%s'",     \
-              l3k_last_error(), needle);                                               \
+#define EXPECT_FAILS(call, status, needle)                                                           \
+    do {                                                                                             \
+        l3k_status got_ = (call);                                                                    \
+        CHECK(got_ == (status), "%s: got %d (%s), expected %d", #call, got_, l3k_last_error(),       \
+              (int)(status));                                                                        \
+        CHECK(strstr(l3k_last_error(), needle) != NULL, "message '%s' lacks '%s'", l3k_last_error(), \
+              needle);                                                                               \
     } while (0)
 
 /* A host tensor that owns its shape array. */

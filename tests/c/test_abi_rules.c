@@ -8,7 +8,10 @@ static void test_lse_alignment(void) {
     enum { B = 1, H = 2, S = 3, D = 8, N = B * H * S * D };
     float q[N], o[N], dq[N], dk[N], dv[N];
     float lse_buf[B * H * S + 1];
-    for (int i = 0; i < N; ++i) { q[i] = 0.1f * (float)(i % 7); o[i] = dq[i] = dk[i] = dv[i] = 42.0f; }
+    for (int i = 0; i < N; ++i) {
+        q[i] = 0.1f * (float)(i % 7);
+        o[i] = dq[i] = dk[i] = dv[i] = 42.0f;
+    }
     for (int i = 0; i < B * H * S + 1; ++i) lse_buf[i] = 42.0f;
     int64_t qs[4] = {B, H, S, D}, ls[1] = {B * H * S};
     host_tensor tq, to, tl, tdq, tdk, tdv;
@@ -19,10 +22,10 @@ static void test_lse_alignment(void) {
     set_tensor(&tdv, dv, L3K_DT_F32, 4, qs, NULL);
     set_tensor(&tl, lse_buf, L3K_DT_F32, 1, ls, NULL);
     tl.t.byte_offset = 2;
-    EXPECT_FAILS(l3k_attention_forward(&tq.t, &tq.t, &tq.t, NULL, 0.0f, 1, &to.t, &tl.t, NULL), L3K_ERROR_ALIGNMENT,
-                 "attention_forward: lse data pointer");
-    EXPECT_FAILS(l3k_attention_backward(&tq.t, &tq.t, &tq.t, &tq.t, NULL, &to.t, &tl.t, 0.0f, 1, 0, &tdq.t, &tdk.t,
-                                        &tdv.t, NULL, NULL),
+    EXPECT_FAILS(l3k_attention_forward(&tq.t, &tq.t, &tq.t, NULL, 0.0f, 1, &to.t, &tl.t, NULL),
+                 L3K_ERROR_ALIGNMENT, "attention_forward: lse data pointer");
+    EXPECT_FAILS(l3k_attention_backward(&tq.t, &tq.t, &tq.t, &tq.t, NULL, &to.t, &tl.t, 0.0f, 1, 0, &tdq.t,
+                                        &tdk.t, &tdv.t, NULL, NULL),
                  L3K_ERROR_ALIGNMENT, "attention_backward: lse data pointer");
     CHECK(strstr(l3k_last_error(), "4-byte aligned") != NULL, "message: %s", l3k_last_error());
     for (int i = 0; i < N; ++i) CHECK(o[i] == 42.0f && dq[i] == 42.0f, "output [%d] was written", i);
@@ -36,17 +39,20 @@ static void test_lse_alignment(void) {
 static void test_lse_overlap(void) {
     enum { N = 1 * 2 * 4 * 8 };
     float q[N], o[N];
-    for (int i = 0; i < N; ++i) { q[i] = 0.25f; o[i] = 42.0f; }
+    for (int i = 0; i < N; ++i) {
+        q[i] = 0.25f;
+        o[i] = 42.0f;
+    }
     int64_t qs[4] = {1, 2, 4, 8}, ls[1] = {8};
     host_tensor tq, to, tl;
     set_tensor(&tq, q, L3K_DT_F32, 4, qs, NULL);
     set_tensor(&to, o, L3K_DT_F32, 4, qs, NULL);
     set_tensor(&tl, q, L3K_DT_F32, 1, ls, NULL); /* lse over q's first row */
-    EXPECT_FAILS(l3k_attention_forward(&tq.t, &tq.t, &tq.t, NULL, 0.0f, 1, &to.t, &tl.t, NULL), L3K_ERROR_LAYOUT,
-                 "attention_forward: lse overlaps q, expected separate memory");
+    EXPECT_FAILS(l3k_attention_forward(&tq.t, &tq.t, &tq.t, NULL, 0.0f, 1, &to.t, &tl.t, NULL),
+                 L3K_ERROR_LAYOUT, "attention_forward: lse overlaps q, expected separate memory");
     set_tensor(&tl, o + 8, L3K_DT_F32, 1, ls, NULL); /* lse inside o */
-    EXPECT_FAILS(l3k_attention_forward(&tq.t, &tq.t, &tq.t, NULL, 0.0f, 1, &to.t, &tl.t, NULL), L3K_ERROR_LAYOUT,
-                 "attention_forward: lse overlaps o, expected separate memory");
+    EXPECT_FAILS(l3k_attention_forward(&tq.t, &tq.t, &tq.t, NULL, 0.0f, 1, &to.t, &tl.t, NULL),
+                 L3K_ERROR_LAYOUT, "attention_forward: lse overlaps o, expected separate memory");
     for (int i = 0; i < N; ++i) CHECK(q[i] == 0.25f && o[i] == 42.0f, "[%d] was written", i);
 }
 
@@ -77,15 +83,15 @@ static void test_rmsnorm_overlap(void) {
     float hb[R * N], yb[R * N];
     set_tensor(&th, hb, L3K_DT_F32, 2, s2, NULL);
     set_tensor(&ty, buf + N + 1, L3K_DT_F32, 2, s2, NULL);
-    EXPECT_FAILS(l3k_add_rmsnorm_forward(&tx.t, &tres.t, &tw.t, 1e-5f, &th.t, &ty.t, NULL, NULL), L3K_ERROR_LAYOUT,
-                 "add_rmsnorm_forward: y overlaps");
+    EXPECT_FAILS(l3k_add_rmsnorm_forward(&tx.t, &tres.t, &tw.t, 1e-5f, &th.t, &ty.t, NULL, NULL),
+                 L3K_ERROR_LAYOUT, "add_rmsnorm_forward: y overlaps");
     set_tensor(&ty, yb, L3K_DT_F32, 2, s2, NULL);
     set_tensor(&th, buf + 2, L3K_DT_F32, 2, s2, NULL);
-    EXPECT_FAILS(l3k_add_rmsnorm_forward(&tx.t, &tres.t, &tw.t, 1e-5f, &th.t, &ty.t, NULL, NULL), L3K_ERROR_LAYOUT,
-                 "add_rmsnorm_forward: h overlaps x without being the same view");
+    EXPECT_FAILS(l3k_add_rmsnorm_forward(&tx.t, &tres.t, &tw.t, 1e-5f, &th.t, &ty.t, NULL, NULL),
+                 L3K_ERROR_LAYOUT, "add_rmsnorm_forward: h overlaps x without being the same view");
     set_tensor(&th, hb, L3K_DT_F32, 2, s2, NULL);
-    EXPECT_FAILS(l3k_add_rmsnorm_forward(&tx.t, &tres.t, &tw.t, 1e-5f, &th.t, &th.t, NULL, NULL), L3K_ERROR_LAYOUT,
-                 "add_rmsnorm_forward: y overlaps h, expected separate memory");
+    EXPECT_FAILS(l3k_add_rmsnorm_forward(&tx.t, &tres.t, &tw.t, 1e-5f, &th.t, &th.t, NULL, NULL),
+                 L3K_ERROR_LAYOUT, "add_rmsnorm_forward: y overlaps h, expected separate memory");
     CHECK(memcmp(buf, keep, sizeof buf) == 0, "fused: inputs were written");
     /* rstd over y, dx over dy shifted. */
     set_tensor(&ty, yb, L3K_DT_F32, 2, s2, NULL);
@@ -129,7 +135,8 @@ static void test_rmsnorm_zero_width(void) {
     size_t bytes = 99;
     CHECK(l3k_rmsnorm_backward_workspace_size(&tx.t, &bytes) == L3K_SUCCESS && bytes == 0,
           "workspace (4, 0): %s, %zu bytes", l3k_last_error(), bytes);
-    CHECK(l3k_rmsnorm_backward(&tx.t, NULL, &tx.t, &tw.t, &tr.t, 1e-5f, &tdx.t, &tw.t, NULL, NULL) == L3K_SUCCESS,
+    CHECK(l3k_rmsnorm_backward(&tx.t, NULL, &tx.t, &tw.t, &tr.t, 1e-5f, &tdx.t, &tw.t, NULL, NULL) ==
+              L3K_SUCCESS,
           "backward (4, 0): %s", l3k_last_error());
     for (int i = 0; i < 4; ++i) CHECK(r[i] == 42.0f, "rstd[%d] was written", i);
     CHECK(dummy[0] == 7.0f, "an empty tensor's memory was written");
@@ -146,7 +153,11 @@ static void test_rmsnorm_zero_width(void) {
  * returns on the CPU) is the same as none. */
 static void test_linear_zero_size(void) {
     float dummy[1] = {7.0f}, y[6], res[6], dx[6], ws[1];
-    for (int i = 0; i < 6; ++i) { y[i] = 42.0f; res[i] = (float)i; dx[i] = 42.0f; }
+    for (int i = 0; i < 6; ++i) {
+        y[i] = 42.0f;
+        res[i] = (float)i;
+        dx[i] = 42.0f;
+    }
     int64_t xs[2] = {3, 0}, wsz[2] = {2, 0}, ys[2] = {3, 2}, w0[1] = {0};
     host_tensor tx, tw, ty, tres, tws;
     set_tensor(&tx, dummy, L3K_DT_F32, 2, xs, NULL);
@@ -157,16 +168,16 @@ static void test_linear_zero_size(void) {
     CHECK(l3k_linear_forward(&tx.t, &tw.t, NULL, &ty.t, &tws.t, NULL) == L3K_SUCCESS, "forward K = 0: %s",
           l3k_last_error());
     for (int i = 0; i < 6; ++i) CHECK(y[i] == 0.0f, "y[%d] = %g, expected 0", i, (double)y[i]);
-    CHECK(l3k_linear_forward(&tx.t, &tw.t, &tres.t, &ty.t, NULL, NULL) == L3K_SUCCESS, "forward K = 0 + residual: %s",
-          l3k_last_error());
+    CHECK(l3k_linear_forward(&tx.t, &tw.t, &tres.t, &ty.t, NULL, NULL) == L3K_SUCCESS,
+          "forward K = 0 + residual: %s", l3k_last_error());
     for (int i = 0; i < 6; ++i) CHECK(y[i] == (float)i, "y[%d] = %g, expected the residual", i, (double)y[i]);
     /* dx (3, 2) = dy (3, 0) @ W (0, 2): zeros. */
     int64_t wt[2] = {0, 2};
     set_tensor(&tw, dummy, L3K_DT_F32, 2, wt, NULL);
     host_tensor tdx;
     set_tensor(&tdx, dx, L3K_DT_F32, 2, ys, NULL);
-    CHECK(l3k_linear_backward_input(&tx.t, &tw.t, &tdx.t, 0, &tws.t, NULL) == L3K_SUCCESS, "backward_input N = 0: %s",
-          l3k_last_error());
+    CHECK(l3k_linear_backward_input(&tx.t, &tw.t, &tdx.t, 0, &tws.t, NULL) == L3K_SUCCESS,
+          "backward_input N = 0: %s", l3k_last_error());
     for (int i = 0; i < 6; ++i) CHECK(dx[i] == 0.0f, "dx[%d] = %g, expected 0", i, (double)dx[i]);
     /* dweight (2, 0) from x (3, 0): empty, a no-op. */
     set_tensor(&tw, dummy, L3K_DT_F32, 2, wsz, NULL);
@@ -192,7 +203,8 @@ static void test_zero_size_null_offset(void) {
     tr.t.byte_offset = 12;
     tw.t.dtype = tx.t.dtype;
     tw.t.shape = w8;
-    CHECK(l3k_rmsnorm_forward(&tx.t, &tw.t, 1e-5f, &tx.t, &tr.t, NULL) == L3K_SUCCESS, "rmsnorm: %s", l3k_last_error());
+    CHECK(l3k_rmsnorm_forward(&tx.t, &tw.t, 1e-5f, &tx.t, &tr.t, NULL) == L3K_SUCCESS, "rmsnorm: %s",
+          l3k_last_error());
     CHECK(l3k_swiglu_forward(&tx.t, &tx.t, &tx.t, NULL) == L3K_SUCCESS, "swiglu: %s", l3k_last_error());
     int64_t e16[2] = {0, 16};
     set_tensor(&tgu, NULL, L3K_DT_BF16, 2, e16, NULL);
@@ -201,8 +213,8 @@ static void test_zero_size_null_offset(void) {
     set_tensor(&tx, NULL, L3K_DT_BF16, 2, e8, NULL);
     tx.t.byte_offset = 2;
     CHECK(l3k_swiglu_fused_forward(&tgu.t, &tx.t, NULL) == L3K_SUCCESS, "swiglu fused: %s", l3k_last_error());
-    CHECK(l3k_swiglu_fused_backward(&tx.t, &tgu.t, &tgu.t, &tx.t, NULL) == L3K_SUCCESS, "swiglu fused bwd: %s",
-          l3k_last_error());
+    CHECK(l3k_swiglu_fused_backward(&tx.t, &tgu.t, &tgu.t, &tx.t, NULL) == L3K_SUCCESS,
+          "swiglu fused bwd: %s", l3k_last_error());
     set_tensor(&tq, NULL, L3K_DT_F32, 4, e4, NULL);
     tq.t.byte_offset = 16;
     set_tensor(&tk, NULL, L3K_DT_F32, 4, ek, NULL);
@@ -217,8 +229,8 @@ static void test_zero_size_null_offset(void) {
     host_tensor to;
     set_tensor(&to, NULL, L3K_DT_F32, 4, e4, NULL);
     to.t.byte_offset = 4096;
-    CHECK(l3k_attention_forward(&tq.t, &tk.t, &tk.t, NULL, 0.0f, 1, &to.t, &tl.t, NULL) == L3K_SUCCESS, "attention: %s",
-          l3k_last_error());
+    CHECK(l3k_attention_forward(&tq.t, &tk.t, &tk.t, NULL, 0.0f, 1, &to.t, &tl.t, NULL) == L3K_SUCCESS,
+          "attention: %s", l3k_last_error());
     int64_t xs[2] = {0, 8}, wsz[2] = {4, 8}, ys[2] = {0, 4};
     host_tensor tlx, tlw, tly;
     set_tensor(&tlx, NULL, L3K_DT_F32, 2, xs, NULL);
@@ -226,17 +238,18 @@ static void test_zero_size_null_offset(void) {
     set_tensor(&tlw, cs, L3K_DT_F32, 2, wsz, NULL);
     set_tensor(&tly, NULL, L3K_DT_F32, 2, ys, NULL);
     tly.t.byte_offset = 16;
-    CHECK(l3k_linear_forward(&tlx.t, &tlw.t, NULL, &tly.t, NULL, NULL) == L3K_SUCCESS, "linear: %s", l3k_last_error());
+    CHECK(l3k_linear_forward(&tlx.t, &tlw.t, NULL, &tly.t, NULL, NULL) == L3K_SUCCESS, "linear: %s",
+          l3k_last_error());
 }
 
 int main(int argc, char **argv) {
-    static const struct { const char *name; void (*fn)(void); } tests[] = {
-        {"lse_alignment", test_lse_alignment},
-        {"lse_overlap", test_lse_overlap},
-        {"rmsnorm_overlap", test_rmsnorm_overlap},
-        {"rmsnorm_zero_width", test_rmsnorm_zero_width},
-        {"linear_zero_size", test_linear_zero_size},
-        {"zero_size_null_offset", test_zero_size_null_offset},
+    static const struct {
+        const char *name;
+        void (*fn)(void);
+    } tests[] = {
+        {"lse_alignment", test_lse_alignment},       {"lse_overlap", test_lse_overlap},
+        {"rmsnorm_overlap", test_rmsnorm_overlap},   {"rmsnorm_zero_width", test_rmsnorm_zero_width},
+        {"linear_zero_size", test_linear_zero_size}, {"zero_size_null_offset", test_zero_size_null_offset},
     };
     for (size_t i = 0; i < sizeof tests / sizeof tests[0]; ++i)
         if (argc < 2 || strcmp(argv[1], tests[i].name) == 0) tests[i].fn();

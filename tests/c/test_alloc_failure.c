@@ -52,14 +52,16 @@ static void sweep(int backward) {
     const int64_t nl[1] = {NL};
     DLTensor *L = host_f32(&tl, b->lse, 1, nl);
     if (backward) /* o and lse from a forward that succeeds */
-        CHECK(l3k_attention_forward(Q, K, V, NULL, 0.0f, 1, O, L, NULL) == L3K_SUCCESS, "%s", l3k_last_error());
+        CHECK(l3k_attention_forward(Q, K, V, NULL, 0.0f, 1, O, L, NULL) == L3K_SUCCESS, "%s",
+              l3k_last_error());
     int failures_seen = 0;
     for (long k = 0; k < 1000; ++k) {
         memcpy(keep, b, sizeof *b);
         atomic_store(&g_calls, 0);
         atomic_store(&g_fail_countdown, k);
-        l3k_status st = backward ? l3k_attention_backward(DO, Q, K, V, NULL, O, L, 0.0f, 1, 0, DQ, DK, DV, NULL, NULL)
-                                 : l3k_attention_forward(Q, K, V, NULL, 0.0f, 1, O, L, NULL);
+        l3k_status st =
+            backward ? l3k_attention_backward(DO, Q, K, V, NULL, O, L, 0.0f, 1, 0, DQ, DK, DV, NULL, NULL)
+                     : l3k_attention_forward(Q, K, V, NULL, 0.0f, 1, O, L, NULL);
         const long calls = atomic_load(&g_calls);
         atomic_store(&g_fail_countdown, -1);
         if (calls <= k) { /* no malloc was failed: the call must have worked */
@@ -67,10 +69,12 @@ static void sweep(int backward) {
             break;
         }
         ++failures_seen;
-        CHECK(st == L3K_ERROR_INTERNAL, "%s, malloc %ld failed: status %d (%s)", op, k, (int)st, l3k_last_error());
+        CHECK(st == L3K_ERROR_INTERNAL, "%s, malloc %ld failed: status %d (%s)", op, k, (int)st,
+              l3k_last_error());
         char want[128];
         snprintf(want, sizeof want, "%s: host scratch allocation failed", op);
-        CHECK(strcmp(l3k_last_error(), want) == 0, "%s, malloc %ld failed: message '%s'", op, k, l3k_last_error());
+        CHECK(strcmp(l3k_last_error(), want) == 0, "%s, malloc %ld failed: message '%s'", op, k,
+              l3k_last_error());
         CHECK(memcmp(keep, b, sizeof *b) == 0, "%s, malloc %ld failed: a tensor was written", op, k);
     }
     CHECK(failures_seen > 0, "%s: no scratch allocation was seen", op);

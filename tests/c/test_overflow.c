@@ -47,21 +47,38 @@ static l3k_status rms_bwd(DLTensor **a) {
     return l3k_rmsnorm_backward(a[0], a[1], a[2], a[3], a[4], 1e-5f, a[5], a[6], a[7], NULL);
 }
 static l3k_status rms_ws(DLTensor **a) { return l3k_rmsnorm_backward_workspace_size(a[0], &g_ws_bytes); }
-static l3k_status rope_fwd(DLTensor **a) { return l3k_rope_forward(a[0], a[1], a[2], a[3], 1, 0, a[4], a[5], NULL); }
-static l3k_status rope_bwd(DLTensor **a) { return l3k_rope_backward(a[0], a[1], a[2], a[3], 1, 1, a[4], a[5], NULL); }
+static l3k_status rope_fwd(DLTensor **a) {
+    return l3k_rope_forward(a[0], a[1], a[2], a[3], 1, 0, a[4], a[5], NULL);
+}
+static l3k_status rope_bwd(DLTensor **a) {
+    return l3k_rope_backward(a[0], a[1], a[2], a[3], 1, 1, a[4], a[5], NULL);
+}
 static l3k_status swiglu_fwd(DLTensor **a) { return l3k_swiglu_forward(a[0], a[1], a[2], NULL); }
 static l3k_status swiglu_ffwd(DLTensor **a) { return l3k_swiglu_fused_forward(a[0], a[1], NULL); }
-static l3k_status swiglu_bwd(DLTensor **a) { return l3k_swiglu_backward(a[0], a[1], a[2], a[3], a[4], a[5], NULL); }
-static l3k_status swiglu_fbwd(DLTensor **a) { return l3k_swiglu_fused_backward(a[0], a[1], a[2], a[3], NULL); }
-static l3k_status lin_fwd(DLTensor **a) { return l3k_linear_forward(a[0], a[1], a[2], a[3], a[4], NULL); }
-static l3k_status lin_bwd_in(DLTensor **a) { return l3k_linear_backward_input(a[0], a[1], a[2], 1, a[3], NULL); }
-static l3k_status lin_bwd_w(DLTensor **a) { return l3k_linear_backward_weight(a[0], a[1], a[2], 1, a[3], NULL); }
-static l3k_status lin_ws(DLTensor **a) { return l3k_linear_workspace_size(a[0], &g_ws_bytes); }
-static l3k_status attn_fwd(DLTensor **a) { return l3k_attention_forward(a[0], a[1], a[2], NULL, 0.0f, 1, a[3], a[4], NULL); }
-static l3k_status attn_bwd(DLTensor **a) {
-    return l3k_attention_backward(a[0], a[1], a[2], a[3], NULL, a[4], a[5], 0.0f, 1, 0, a[6], a[7], a[8], a[9], NULL);
+static l3k_status swiglu_bwd(DLTensor **a) {
+    return l3k_swiglu_backward(a[0], a[1], a[2], a[3], a[4], a[5], NULL);
 }
-static l3k_status attn_ws(DLTensor **a) { return l3k_attention_backward_workspace_size(a[0], a[1], 0, &g_ws_bytes); }
+static l3k_status swiglu_fbwd(DLTensor **a) {
+    return l3k_swiglu_fused_backward(a[0], a[1], a[2], a[3], NULL);
+}
+static l3k_status lin_fwd(DLTensor **a) { return l3k_linear_forward(a[0], a[1], a[2], a[3], a[4], NULL); }
+static l3k_status lin_bwd_in(DLTensor **a) {
+    return l3k_linear_backward_input(a[0], a[1], a[2], 1, a[3], NULL);
+}
+static l3k_status lin_bwd_w(DLTensor **a) {
+    return l3k_linear_backward_weight(a[0], a[1], a[2], 1, a[3], NULL);
+}
+static l3k_status lin_ws(DLTensor **a) { return l3k_linear_workspace_size(a[0], &g_ws_bytes); }
+static l3k_status attn_fwd(DLTensor **a) {
+    return l3k_attention_forward(a[0], a[1], a[2], NULL, 0.0f, 1, a[3], a[4], NULL);
+}
+static l3k_status attn_bwd(DLTensor **a) {
+    return l3k_attention_backward(a[0], a[1], a[2], a[3], NULL, a[4], a[5], 0.0f, 1, 0, a[6], a[7], a[8],
+                                  a[9], NULL);
+}
+static l3k_status attn_ws(DLTensor **a) {
+    return l3k_attention_backward_workspace_size(a[0], a[1], 0, &g_ws_bytes);
+}
 
 #define F32 L3K_DT_F32
 #define BF16 L3K_DT_BF16
@@ -69,92 +86,142 @@ static l3k_status attn_ws(DLTensor **a) { return l3k_attention_backward_workspac
 static int build(int which, op_args *o, op_fn *fn) {
     memset(o, 0, sizeof *o);
     switch (which) {
-    case 0:
-        o->op = "rmsnorm_forward"; *fn = rms_fwd;
-        add_arg(o, "x", BF16, 2, 3, 8, 0, 0); add_arg(o, "weight", BF16, 1, 8, 0, 0, 0);
-        add_arg(o, "y", BF16, 2, 3, 8, 0, 0); add_arg(o, "rstd", F32, 1, 3, 0, 0, 0);
-        return 1;
-    case 1:
-        o->op = "add_rmsnorm_forward"; *fn = add_rms_fwd;
-        add_arg(o, "x", F32, 2, 3, 8, 0, 0); add_arg(o, "residual", F32, 2, 3, 8, 0, 0);
-        add_arg(o, "weight", F32, 1, 8, 0, 0, 0); add_arg(o, "h", F32, 2, 3, 8, 0, 0);
-        add_arg(o, "y", F32, 2, 3, 8, 0, 0); add_arg(o, "rstd", F32, 1, 3, 0, 0, 0);
-        return 1;
-    case 2:
-        o->op = "rmsnorm_backward"; *fn = rms_bwd;
-        add_arg(o, "dy", F32, 2, 3, 8, 0, 0); add_arg(o, "dh", F32, 2, 3, 8, 0, 0);
-        add_arg(o, "x", F32, 2, 3, 8, 0, 0); add_arg(o, "weight", F32, 1, 8, 0, 0, 0);
-        add_arg(o, "rstd", F32, 1, 3, 0, 0, 0); add_arg(o, "dx", F32, 2, 3, 8, 0, 0);
-        add_arg(o, "dweight", F32, 1, 8, 0, 0, 0); add_arg(o, "workspace", F32, 1, 4096, 0, 0, 0);
-        return 1;
-    case 3:
-        o->op = "rmsnorm_backward_workspace_size"; *fn = rms_ws;
-        add_arg(o, "x", F32, 2, 3, 8, 0, 0);
-        return 1;
-    case 4:
-    case 5:
-        o->op = which == 4 ? "rope_forward" : "rope_backward"; *fn = which == 4 ? rope_fwd : rope_bwd;
-        add_arg(o, which == 4 ? "q" : "dq", BF16, 4, 1, 2, 3, 8); add_arg(o, which == 4 ? "k" : "dk", BF16, 4, 1, 1, 3, 8);
-        add_arg(o, "cos", F32, 2, 4, 4, 0, 0); add_arg(o, "sin", F32, 2, 4, 4, 0, 0);
-        add_arg(o, which == 4 ? "q_out" : "dq_out", BF16, 4, 1, 2, 3, 8);
-        add_arg(o, which == 4 ? "k_out" : "dk_out", BF16, 4, 1, 1, 3, 8);
-        return 1;
-    case 6:
-        o->op = "swiglu_forward"; *fn = swiglu_fwd;
-        add_arg(o, "g", F32, 2, 3, 8, 0, 0); add_arg(o, "u", F32, 2, 3, 8, 0, 0); add_arg(o, "a", F32, 2, 3, 8, 0, 0);
-        return 1;
-    case 7:
-        o->op = "swiglu_fused_forward"; *fn = swiglu_ffwd;
-        add_arg(o, "gu", BF16, 2, 3, 16, 0, 0); add_arg(o, "a", BF16, 2, 3, 8, 0, 0);
-        return 1;
-    case 8:
-        o->op = "swiglu_backward"; *fn = swiglu_bwd;
-        add_arg(o, "da", F32, 2, 3, 8, 0, 0); add_arg(o, "g", F32, 2, 3, 8, 0, 0); add_arg(o, "u", F32, 2, 3, 8, 0, 0);
-        add_arg(o, "dg", F32, 2, 3, 8, 0, 0); add_arg(o, "du", F32, 2, 3, 8, 0, 0); add_arg(o, "a", F32, 2, 3, 8, 0, 0);
-        return 1;
-    case 9:
-        o->op = "swiglu_fused_backward"; *fn = swiglu_fbwd;
-        add_arg(o, "da", F32, 2, 3, 8, 0, 0); add_arg(o, "gu", F32, 2, 3, 16, 0, 0);
-        add_arg(o, "dgu", F32, 2, 3, 16, 0, 0); add_arg(o, "a", F32, 2, 3, 8, 0, 0);
-        return 1;
-    case 10:
-        o->op = "linear_forward"; *fn = lin_fwd;
-        add_arg(o, "x", F32, 2, 3, 8, 0, 0); add_arg(o, "weight", F32, 2, 4, 8, 0, 0);
-        add_arg(o, "residual", F32, 2, 3, 4, 0, 0); add_arg(o, "y", F32, 2, 3, 4, 0, 0);
-        add_arg(o, "workspace", F32, 1, 64, 0, 0, 0);
-        return 1;
-    case 11:
-        o->op = "linear_backward_input"; *fn = lin_bwd_in;
-        add_arg(o, "dy", F32, 2, 3, 4, 0, 0); add_arg(o, "weight", F32, 2, 4, 8, 0, 0);
-        add_arg(o, "dx", F32, 2, 3, 8, 0, 0); add_arg(o, "workspace", F32, 1, 64, 0, 0, 0);
-        return 1;
-    case 12:
-        o->op = "linear_backward_weight"; *fn = lin_bwd_w;
-        add_arg(o, "dy", BF16, 2, 3, 4, 0, 0); add_arg(o, "x", BF16, 2, 3, 8, 0, 0);
-        add_arg(o, "dweight", F32, 2, 4, 8, 0, 0); add_arg(o, "workspace", F32, 1, 64, 0, 0, 0);
-        return 1;
-    case 13:
-        o->op = "linear_workspace_size"; *fn = lin_ws;
-        add_arg(o, "x", F32, 2, 3, 8, 0, 0);
-        return 1;
-    case 14:
-        o->op = "attention_forward"; *fn = attn_fwd;
-        add_arg(o, "q", BF16, 4, 1, 2, 3, 8); add_arg(o, "k", BF16, 4, 1, 1, 3, 8);
-        add_arg(o, "v", BF16, 4, 1, 1, 3, 8); add_arg(o, "o", BF16, 4, 1, 2, 3, 8);
-        add_arg(o, "lse", F32, 1, 6, 0, 0, 0);
-        return 1;
-    case 15:
-        o->op = "attention_backward"; *fn = attn_bwd;
-        add_arg(o, "dout", F32, 4, 1, 2, 3, 8); add_arg(o, "q", F32, 4, 1, 2, 3, 8);
-        add_arg(o, "k", F32, 4, 1, 1, 3, 8); add_arg(o, "v", F32, 4, 1, 1, 3, 8);
-        add_arg(o, "o", F32, 4, 1, 2, 3, 8); add_arg(o, "lse", F32, 1, 6, 0, 0, 0);
-        add_arg(o, "dq", F32, 4, 1, 2, 3, 8); add_arg(o, "dk", F32, 4, 1, 1, 3, 8);
-        add_arg(o, "dv", F32, 4, 1, 1, 3, 8); add_arg(o, "workspace", F32, 1, 64, 0, 0, 0);
-        return 1;
-    case 16:
-        o->op = "attention_backward_workspace_size"; *fn = attn_ws;
-        add_arg(o, "q", F32, 4, 1, 2, 3, 8); add_arg(o, "k", F32, 4, 1, 1, 3, 8);
-        return 1;
+        case 0:
+            o->op = "rmsnorm_forward";
+            *fn = rms_fwd;
+            add_arg(o, "x", BF16, 2, 3, 8, 0, 0);
+            add_arg(o, "weight", BF16, 1, 8, 0, 0, 0);
+            add_arg(o, "y", BF16, 2, 3, 8, 0, 0);
+            add_arg(o, "rstd", F32, 1, 3, 0, 0, 0);
+            return 1;
+        case 1:
+            o->op = "add_rmsnorm_forward";
+            *fn = add_rms_fwd;
+            add_arg(o, "x", F32, 2, 3, 8, 0, 0);
+            add_arg(o, "residual", F32, 2, 3, 8, 0, 0);
+            add_arg(o, "weight", F32, 1, 8, 0, 0, 0);
+            add_arg(o, "h", F32, 2, 3, 8, 0, 0);
+            add_arg(o, "y", F32, 2, 3, 8, 0, 0);
+            add_arg(o, "rstd", F32, 1, 3, 0, 0, 0);
+            return 1;
+        case 2:
+            o->op = "rmsnorm_backward";
+            *fn = rms_bwd;
+            add_arg(o, "dy", F32, 2, 3, 8, 0, 0);
+            add_arg(o, "dh", F32, 2, 3, 8, 0, 0);
+            add_arg(o, "x", F32, 2, 3, 8, 0, 0);
+            add_arg(o, "weight", F32, 1, 8, 0, 0, 0);
+            add_arg(o, "rstd", F32, 1, 3, 0, 0, 0);
+            add_arg(o, "dx", F32, 2, 3, 8, 0, 0);
+            add_arg(o, "dweight", F32, 1, 8, 0, 0, 0);
+            add_arg(o, "workspace", F32, 1, 4096, 0, 0, 0);
+            return 1;
+        case 3:
+            o->op = "rmsnorm_backward_workspace_size";
+            *fn = rms_ws;
+            add_arg(o, "x", F32, 2, 3, 8, 0, 0);
+            return 1;
+        case 4:
+        case 5:
+            o->op = which == 4 ? "rope_forward" : "rope_backward";
+            *fn = which == 4 ? rope_fwd : rope_bwd;
+            add_arg(o, which == 4 ? "q" : "dq", BF16, 4, 1, 2, 3, 8);
+            add_arg(o, which == 4 ? "k" : "dk", BF16, 4, 1, 1, 3, 8);
+            add_arg(o, "cos", F32, 2, 4, 4, 0, 0);
+            add_arg(o, "sin", F32, 2, 4, 4, 0, 0);
+            add_arg(o, which == 4 ? "q_out" : "dq_out", BF16, 4, 1, 2, 3, 8);
+            add_arg(o, which == 4 ? "k_out" : "dk_out", BF16, 4, 1, 1, 3, 8);
+            return 1;
+        case 6:
+            o->op = "swiglu_forward";
+            *fn = swiglu_fwd;
+            add_arg(o, "g", F32, 2, 3, 8, 0, 0);
+            add_arg(o, "u", F32, 2, 3, 8, 0, 0);
+            add_arg(o, "a", F32, 2, 3, 8, 0, 0);
+            return 1;
+        case 7:
+            o->op = "swiglu_fused_forward";
+            *fn = swiglu_ffwd;
+            add_arg(o, "gu", BF16, 2, 3, 16, 0, 0);
+            add_arg(o, "a", BF16, 2, 3, 8, 0, 0);
+            return 1;
+        case 8:
+            o->op = "swiglu_backward";
+            *fn = swiglu_bwd;
+            add_arg(o, "da", F32, 2, 3, 8, 0, 0);
+            add_arg(o, "g", F32, 2, 3, 8, 0, 0);
+            add_arg(o, "u", F32, 2, 3, 8, 0, 0);
+            add_arg(o, "dg", F32, 2, 3, 8, 0, 0);
+            add_arg(o, "du", F32, 2, 3, 8, 0, 0);
+            add_arg(o, "a", F32, 2, 3, 8, 0, 0);
+            return 1;
+        case 9:
+            o->op = "swiglu_fused_backward";
+            *fn = swiglu_fbwd;
+            add_arg(o, "da", F32, 2, 3, 8, 0, 0);
+            add_arg(o, "gu", F32, 2, 3, 16, 0, 0);
+            add_arg(o, "dgu", F32, 2, 3, 16, 0, 0);
+            add_arg(o, "a", F32, 2, 3, 8, 0, 0);
+            return 1;
+        case 10:
+            o->op = "linear_forward";
+            *fn = lin_fwd;
+            add_arg(o, "x", F32, 2, 3, 8, 0, 0);
+            add_arg(o, "weight", F32, 2, 4, 8, 0, 0);
+            add_arg(o, "residual", F32, 2, 3, 4, 0, 0);
+            add_arg(o, "y", F32, 2, 3, 4, 0, 0);
+            add_arg(o, "workspace", F32, 1, 64, 0, 0, 0);
+            return 1;
+        case 11:
+            o->op = "linear_backward_input";
+            *fn = lin_bwd_in;
+            add_arg(o, "dy", F32, 2, 3, 4, 0, 0);
+            add_arg(o, "weight", F32, 2, 4, 8, 0, 0);
+            add_arg(o, "dx", F32, 2, 3, 8, 0, 0);
+            add_arg(o, "workspace", F32, 1, 64, 0, 0, 0);
+            return 1;
+        case 12:
+            o->op = "linear_backward_weight";
+            *fn = lin_bwd_w;
+            add_arg(o, "dy", BF16, 2, 3, 4, 0, 0);
+            add_arg(o, "x", BF16, 2, 3, 8, 0, 0);
+            add_arg(o, "dweight", F32, 2, 4, 8, 0, 0);
+            add_arg(o, "workspace", F32, 1, 64, 0, 0, 0);
+            return 1;
+        case 13:
+            o->op = "linear_workspace_size";
+            *fn = lin_ws;
+            add_arg(o, "x", F32, 2, 3, 8, 0, 0);
+            return 1;
+        case 14:
+            o->op = "attention_forward";
+            *fn = attn_fwd;
+            add_arg(o, "q", BF16, 4, 1, 2, 3, 8);
+            add_arg(o, "k", BF16, 4, 1, 1, 3, 8);
+            add_arg(o, "v", BF16, 4, 1, 1, 3, 8);
+            add_arg(o, "o", BF16, 4, 1, 2, 3, 8);
+            add_arg(o, "lse", F32, 1, 6, 0, 0, 0);
+            return 1;
+        case 15:
+            o->op = "attention_backward";
+            *fn = attn_bwd;
+            add_arg(o, "dout", F32, 4, 1, 2, 3, 8);
+            add_arg(o, "q", F32, 4, 1, 2, 3, 8);
+            add_arg(o, "k", F32, 4, 1, 1, 3, 8);
+            add_arg(o, "v", F32, 4, 1, 1, 3, 8);
+            add_arg(o, "o", F32, 4, 1, 2, 3, 8);
+            add_arg(o, "lse", F32, 1, 6, 0, 0, 0);
+            add_arg(o, "dq", F32, 4, 1, 2, 3, 8);
+            add_arg(o, "dk", F32, 4, 1, 1, 3, 8);
+            add_arg(o, "dv", F32, 4, 1, 1, 3, 8);
+            add_arg(o, "workspace", F32, 1, 64, 0, 0, 0);
+            return 1;
+        case 16:
+            o->op = "attention_backward_workspace_size";
+            *fn = attn_ws;
+            add_arg(o, "q", F32, 4, 1, 2, 3, 8);
+            add_arg(o, "k", F32, 4, 1, 1, 3, 8);
+            return 1;
     }
     return 0;
 }
@@ -178,33 +245,33 @@ static const char *make_hostile(host_tensor *h, int kind) {
     const int d = long_dim(t);
     for (int i = 0; i < t->ndim; ++i) h->strides[i] = compact_stride(t, i);
     switch (kind) {
-    case 0: /* element count past 2^63: wraps to a small or zero count */
-        h->shape[d] = (int64_t)1 << 62;
-        if (t->ndim == 1) h->shape[d] = INT64_MAX;
-        else h->shape[d == 0 ? 1 : 0] *= 4;
-        return "element count past 2^63";
-    case 1: /* a stride whose span passes 2^63 bytes */
-        t->strides = h->strides;
-        h->strides[d] = (int64_t)1 << 62;
-        return "stride 2^62";
-    case 2: /* a span that overflows int64 elements outright */
-        t->strides = h->strides;
-        h->strides[d] = INT64_MAX / 2 + 1;
-        h->shape[d] = 3;
-        return "stride span overflows";
-    case 3: /* reaches below address 0 */
-        t->strides = h->strides;
-        h->strides[d] = -((int64_t)1 << 61);
-        return "negative stride below address 0";
-    case 4:
-        t->byte_offset = (uint64_t)1 << 63;
-        return "byte_offset 2^63";
-    case 5: /* data + byte_offset wraps around to a small address */
-        t->byte_offset = UINT64_MAX - 15;
-        return "byte_offset wraps";
-    case 6: /* the end of the span passes 2^63 */
-        t->byte_offset = (uint64_t)INT64_MAX - (uint64_t)(uintptr_t)t->data - 4;
-        return "span ends past 2^63";
+        case 0: /* element count past 2^63: wraps to a small or zero count */
+            h->shape[d] = (int64_t)1 << 62;
+            if (t->ndim == 1) h->shape[d] = INT64_MAX;
+            else h->shape[d == 0 ? 1 : 0] *= 4;
+            return "element count past 2^63";
+        case 1: /* a stride whose span passes 2^63 bytes */
+            t->strides = h->strides;
+            h->strides[d] = (int64_t)1 << 62;
+            return "stride 2^62";
+        case 2: /* a span that overflows int64 elements outright */
+            t->strides = h->strides;
+            h->strides[d] = INT64_MAX / 2 + 1;
+            h->shape[d] = 3;
+            return "stride span overflows";
+        case 3: /* reaches below address 0 */
+            t->strides = h->strides;
+            h->strides[d] = -((int64_t)1 << 61);
+            return "negative stride below address 0";
+        case 4:
+            t->byte_offset = (uint64_t)1 << 63;
+            return "byte_offset 2^63";
+        case 5: /* data + byte_offset wraps around to a small address */
+            t->byte_offset = UINT64_MAX - 15;
+            return "byte_offset wraps";
+        case 6: /* the end of the span passes 2^63 */
+            t->byte_offset = (uint64_t)INT64_MAX - (uint64_t)(uintptr_t)t->data - 4;
+            return "span ends past 2^63";
     }
     return "";
 }
@@ -237,8 +304,9 @@ static void test_hostile_descriptors(void) {
                 CHECK(strncmp(l3k_last_error(), o.op, len) == 0 && l3k_last_error()[len] == ':',
                       "%s: %s with %s: message '%s' does not name the op", o.op, o.names[arg], what,
                       l3k_last_error());
-                CHECK(strstr(l3k_last_error(), o.names[arg]) != NULL, "%s: %s with %s: message '%s' does not name it",
-                      o.op, o.names[arg], what, l3k_last_error());
+                CHECK(strstr(l3k_last_error(), o.names[arg]) != NULL,
+                      "%s: %s with %s: message '%s' does not name it", o.op, o.names[arg], what,
+                      l3k_last_error());
                 for (int i = 0; i < o.n; ++i)
                     CHECK(memcmp(snap[i], o.buf[i], o.bytes[i]) == 0, "%s: %s with %s changed %s", o.op,
                           o.names[arg], what, o.names[i]);
@@ -253,7 +321,10 @@ static void test_hostile_descriptors(void) {
  * length check; the kernel then read cos/sin at row offset. */
 static void test_rope_offset_overflow(void) {
     float q[16], qo[16], cs[8], sn[8];
-    for (int i = 0; i < 16; ++i) { q[i] = 1.0f; qo[i] = 42.0f; }
+    for (int i = 0; i < 16; ++i) {
+        q[i] = 1.0f;
+        qo[i] = 42.0f;
+    }
     for (int i = 0; i < 8; ++i) cs[i] = sn[i] = 0.5f;
     int64_t qs[4] = {1, 1, 2, 8}, ts[2] = {2, 4};
     host_tensor tq, tqo, tc, ts_;
@@ -263,14 +334,14 @@ static void test_rope_offset_overflow(void) {
     set_tensor(&ts_, sn, L3K_DT_F32, 2, ts, NULL);
     const int64_t offsets[] = {INT64_MAX, INT64_MAX - 1, INT64_MAX - 2, (int64_t)1 << 62, 1};
     for (size_t i = 0; i < sizeof offsets / sizeof offsets[0]; ++i) {
-        EXPECT_FAILS(l3k_rope_forward(&tq.t, NULL, &tc.t, &ts_.t, offsets[i], 0, &tqo.t, NULL, NULL), L3K_ERROR_SHAPE,
-                     "rope_forward: cos has 2 rows, expected at least seq + offset = 2 + ");
-        EXPECT_FAILS(l3k_rope_backward(&tq.t, NULL, &tc.t, &ts_.t, offsets[i], 0, &tqo.t, NULL, NULL), L3K_ERROR_SHAPE,
-                     "rope_backward: cos has 2 rows");
+        EXPECT_FAILS(l3k_rope_forward(&tq.t, NULL, &tc.t, &ts_.t, offsets[i], 0, &tqo.t, NULL, NULL),
+                     L3K_ERROR_SHAPE, "rope_forward: cos has 2 rows, expected at least seq + offset = 2 + ");
+        EXPECT_FAILS(l3k_rope_backward(&tq.t, NULL, &tc.t, &ts_.t, offsets[i], 0, &tqo.t, NULL, NULL),
+                     L3K_ERROR_SHAPE, "rope_backward: cos has 2 rows");
     }
     for (int i = 0; i < 16; ++i) CHECK(qo[i] == 42.0f, "q_out[%d] was written", i);
-    CHECK(l3k_rope_forward(&tq.t, NULL, &tc.t, &ts_.t, 0, 0, &tqo.t, NULL, NULL) == L3K_SUCCESS, "offset 0: %s",
-          l3k_last_error());
+    CHECK(l3k_rope_forward(&tq.t, NULL, &tc.t, &ts_.t, 0, 0, &tqo.t, NULL, NULL) == L3K_SUCCESS,
+          "offset 0: %s", l3k_last_error());
 }
 
 /* rmsnorm_backward_workspace_size on x (1, 2^62 + 1) float32: the size was
@@ -304,10 +375,13 @@ static void test_lse_size_wrap(void) {
     set_tensor(&to, out, L3K_DT_F32, 4, big, zero);
     set_tensor(&tout, out, L3K_DT_F32, 4, big, zero);
     set_tensor(&tl, lse, L3K_DT_F32, 1, l0, NULL);
-    EXPECT_FAILS(l3k_attention_backward(&tq.t, &tq.t, &tq.t, &tq.t, NULL, &tq.t, &tl.t, 0.0f, 0, 0, &tout.t, &tout.t,
-                                        &tout.t, NULL, NULL),
-                 L3K_ERROR_SHAPE, "attention_backward: q shape (4294967296, 4294967296, 1, 8) has more than 2^63 - 1 elements");
-    EXPECT_FAILS(l3k_attention_forward(&tq.t, &tq.t, &tq.t, NULL, 0.0f, 0, &to.t, &tl.t, NULL), L3K_ERROR_SHAPE,
+    EXPECT_FAILS(
+        l3k_attention_backward(&tq.t, &tq.t, &tq.t, &tq.t, NULL, &tq.t, &tl.t, 0.0f, 0, 0, &tout.t, &tout.t,
+                               &tout.t, NULL, NULL),
+        L3K_ERROR_SHAPE,
+        "attention_backward: q shape (4294967296, 4294967296, 1, 8) has more than 2^63 - 1 elements");
+    EXPECT_FAILS(l3k_attention_forward(&tq.t, &tq.t, &tq.t, NULL, 0.0f, 0, &to.t, &tl.t, NULL),
+                 L3K_ERROR_SHAPE,
                  "attention_forward: q shape (4294967296, 4294967296, 1, 8) has more than 2^63 - 1 elements");
     size_t bytes = 0;
     EXPECT_FAILS(l3k_attention_backward_workspace_size(&tq.t, &tq.t, 0, &bytes), L3K_ERROR_SHAPE,
@@ -340,7 +414,8 @@ static void test_empty_huge_dims(void) {
           l3k_last_error());
     CHECK(l3k_swiglu_fused_backward(&ta.t, &tgu.t, &tgu.t, &ta.t, NULL) == L3K_SUCCESS,
           "empty gu with a huge hidden, backward: %s", l3k_last_error());
-    int64_t qs[4] = {(int64_t)1 << 40, (int64_t)1 << 40, 0, 8}, ks[4] = {(int64_t)1 << 40, 1, 4, 8}, l0[1] = {0};
+    int64_t qs[4] = {(int64_t)1 << 40, (int64_t)1 << 40, 0, 8}, ks[4] = {(int64_t)1 << 40, 1, 4, 8},
+            l0[1] = {0};
     int64_t z[4] = {0, 0, 8, 1};
     set_tensor(&tq, NULL, L3K_DT_F32, 4, qs, NULL);
     set_tensor(&tk, w, L3K_DT_F32, 4, ks, z); /* one row of 8, repeated */
@@ -363,7 +438,10 @@ static void test_empty_huge_dims(void) {
 
 int main(int argc, char **argv) {
     /* One test by name (argv[1]) or all of them. */
-    static const struct { const char *name; void (*fn)(void); } tests[] = {
+    static const struct {
+        const char *name;
+        void (*fn)(void);
+    } tests[] = {
         {"hostile_descriptors", test_hostile_descriptors},
         {"rope_offset_overflow", test_rope_offset_overflow},
         {"workspace_size_wrap", test_workspace_size_wrap},

@@ -2,8 +2,8 @@
  * every bad input answered with its own status and message, version. */
 #include "check.h"
 
-static void naive_forward(const float *x, const float *w, int64_t rows, int64_t n, float eps,
-                          float *y, float *rstd) {
+static void naive_forward(const float *x, const float *w, int64_t rows, int64_t n, float eps, float *y,
+                          float *rstd) {
     for (int64_t r = 0; r < rows; ++r) {
         double ss = 0;
         for (int64_t i = 0; i < n; ++i) ss += (double)x[r * n + i] * x[r * n + i];
@@ -48,8 +48,15 @@ static void test_parity(int64_t rows, int64_t n) {
     float *dx = malloc(sizeof(float) * count), *dxref = malloc(sizeof(float) * count);
     float *w = malloc(sizeof(float) * n), *dw = malloc(sizeof(float) * n), *dwref = malloc(sizeof(float) * n);
     float *rstd = malloc(sizeof(float) * rows), *rstdref = malloc(sizeof(float) * rows);
-    for (int64_t i = 0; i < count; ++i) { x[i] = frand(&seed); dy[i] = frand(&seed); y[i] = dx[i] = NAN; }
-    for (int64_t i = 0; i < n; ++i) { w[i] = 1.0f + 0.5f * frand(&seed); dw[i] = NAN; }
+    for (int64_t i = 0; i < count; ++i) {
+        x[i] = frand(&seed);
+        dy[i] = frand(&seed);
+        y[i] = dx[i] = NAN;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+        w[i] = 1.0f + 0.5f * frand(&seed);
+        dw[i] = NAN;
+    }
     for (int64_t i = 0; i < rows; ++i) rstd[i] = NAN;
 
     int64_t s2[2] = {rows, n}, s1[1] = {n}, sr[1] = {rows};
@@ -76,11 +83,22 @@ static void test_parity(int64_t rows, int64_t n) {
         /* n == 1: dx = rstd * dy * w * eps / (x^2 + eps), a difference of two
          * nearly equal terms; float32 keeps only ~1e-3 of it. */
         const float dx_tol = n == 1 ? 2e-3f : 1e-5f;
-        CHECK(max_rel_err(dx, dxref, count) < dx_tol, "dx error %g at %lldx%lld", max_rel_err(dx, dxref, count), (long long)rows, (long long)n);
+        CHECK(max_rel_err(dx, dxref, count) < dx_tol, "dx error %g at %lldx%lld",
+              max_rel_err(dx, dxref, count), (long long)rows, (long long)n);
         CHECK(max_rel_err(dw, dwref, n) < 1e-5f, "dw error %g", max_rel_err(dw, dwref, n));
     }
-    free(x); free(dy); free(y); free(yref); free(dx); free(dxref); free(w); free(dw); free(dwref);
-    free(rstd); free(rstdref); free(ws);
+    free(x);
+    free(dy);
+    free(y);
+    free(yref);
+    free(dx);
+    free(dxref);
+    free(w);
+    free(dw);
+    free(dwref);
+    free(rstd);
+    free(rstdref);
+    free(ws);
 }
 
 /* Each bad input gets its status, a message naming op and argument, and
@@ -88,52 +106,72 @@ static void test_parity(int64_t rows, int64_t n) {
 static void test_bad_inputs(void) {
     float x[12], w[4], y[12], r[3];
     unsigned seed = 1;
-    for (int i = 0; i < 12; ++i) { x[i] = frand(&seed); y[i] = 42.0f; }
+    for (int i = 0; i < 12; ++i) {
+        x[i] = frand(&seed);
+        y[i] = 42.0f;
+    }
     for (int i = 0; i < 4; ++i) w[i] = 1.0f;
     int64_t s2[2] = {3, 4}, s1[1] = {4}, s5[1] = {5}, sr[1] = {3};
     host_tensor tx, tw, ty, tr, tbad;
     DLTensor *X = host_f32(&tx, x, 2, s2), *W = host_f32(&tw, w, 1, s1), *Y = host_f32(&ty, y, 2, s2);
     DLTensor *R = host_f32(&tr, r, 1, sr);
 
-#define EXPECT(call, status, needle)                                                          \
-    do {                                                                                      \
-        EXPECT_FAILS(call, status, needle);                                                   \
-        for (int i_ = 0; i_ < 12; ++i_) CHECK(y[i_] == 42.0f, "y[%d] was written", i_);      \
+#define EXPECT(call, status, needle)                                                    \
+    do {                                                                                \
+        EXPECT_FAILS(call, status, needle);                                             \
+        for (int i_ = 0; i_ < 12; ++i_) CHECK(y[i_] == 42.0f, "y[%d] was written", i_); \
     } while (0)
 
-    EXPECT(l3k_rmsnorm_forward(NULL, W, 1e-5f, Y, R, NULL), L3K_ERROR_NULL_POINTER, "rmsnorm_forward: x is NULL");
+    EXPECT(l3k_rmsnorm_forward(NULL, W, 1e-5f, Y, R, NULL), L3K_ERROR_NULL_POINTER,
+           "rmsnorm_forward: x is NULL");
     EXPECT(l3k_rmsnorm_forward(X, NULL, 1e-5f, Y, R, NULL), L3K_ERROR_NULL_POINTER, "weight is NULL");
     EXPECT(l3k_rmsnorm_forward(X, W, -1.0f, Y, R, NULL), L3K_ERROR_VALUE, "eps is -1");
     EXPECT(l3k_rmsnorm_forward(X, W, NAN, Y, R, NULL), L3K_ERROR_VALUE, "eps is nan");
     EXPECT(l3k_rmsnorm_forward(X, W, INFINITY, Y, R, NULL), L3K_ERROR_VALUE, "finite");
 
     DLTensor *bad = host_f32(&tbad, w, 1, s5);
-    EXPECT(l3k_rmsnorm_forward(X, bad, 1e-5f, Y, R, NULL), L3K_ERROR_SHAPE, "weight has ndim 1 and 5 elements, expected shape (4,)");
+    EXPECT(l3k_rmsnorm_forward(X, bad, 1e-5f, Y, R, NULL), L3K_ERROR_SHAPE,
+           "weight has ndim 1 and 5 elements, expected shape (4,)");
 
-    tbad.t = *W; tbad.t.dtype.bits = 16; /* float16 weight, float32 x */
-    EXPECT(l3k_rmsnorm_forward(X, &tbad.t, 1e-5f, Y, R, NULL), L3K_ERROR_DTYPE, "weight dtype float16, expected float32 like x");
-    tbad.t = *X; tbad.t.dtype.code = kDLInt; /* integer x */
-    EXPECT(l3k_rmsnorm_forward(&tbad.t, W, 1e-5f, Y, R, NULL), L3K_ERROR_DTYPE, "x dtype int32, expected float32, float16 or bfloat16");
-    tbad.t = *X; tbad.t.device.device_type = kDLCUDA;
-    EXPECT(l3k_rmsnorm_forward(&tbad.t, W, 1e-5f, Y, R, NULL), l3k_has_cuda() ? L3K_ERROR_DEVICE : L3K_ERROR_NO_CUDA,
+    tbad.t = *W;
+    tbad.t.dtype.bits = 16; /* float16 weight, float32 x */
+    EXPECT(l3k_rmsnorm_forward(X, &tbad.t, 1e-5f, Y, R, NULL), L3K_ERROR_DTYPE,
+           "weight dtype float16, expected float32 like x");
+    tbad.t = *X;
+    tbad.t.dtype.code = kDLInt; /* integer x */
+    EXPECT(l3k_rmsnorm_forward(&tbad.t, W, 1e-5f, Y, R, NULL), L3K_ERROR_DTYPE,
+           "x dtype int32, expected float32, float16 or bfloat16");
+    tbad.t = *X;
+    tbad.t.device.device_type = kDLCUDA;
+    EXPECT(l3k_rmsnorm_forward(&tbad.t, W, 1e-5f, Y, R, NULL),
+           l3k_has_cuda() ? L3K_ERROR_DEVICE : L3K_ERROR_NO_CUDA,
            l3k_has_cuda() ? "weight is on cpu, expected cuda:0" : "built without CUDA");
-    tbad.t = *X; tbad.t.device.device_type = (DLDeviceType)7; /* Vulkan */
+    tbad.t = *X;
+    tbad.t.device.device_type = (DLDeviceType)7; /* Vulkan */
     EXPECT(l3k_rmsnorm_forward(&tbad.t, W, 1e-5f, Y, R, NULL), L3K_ERROR_DEVICE, "expected cpu or cuda");
     int64_t strides[2] = {1, 3}; /* a transposed view: last dim not contiguous */
-    tbad.t = *X; tbad.t.strides = strides;
-    EXPECT(l3k_rmsnorm_forward(&tbad.t, W, 1e-5f, Y, R, NULL), L3K_ERROR_LAYOUT, "x stride[1] is 3, expected 1");
-    tbad.t = *X; tbad.t.byte_offset = 2; /* misaligned float pointer */
+    tbad.t = *X;
+    tbad.t.strides = strides;
+    EXPECT(l3k_rmsnorm_forward(&tbad.t, W, 1e-5f, Y, R, NULL), L3K_ERROR_LAYOUT,
+           "x stride[1] is 3, expected 1");
+    tbad.t = *X;
+    tbad.t.byte_offset = 2; /* misaligned float pointer */
     EXPECT(l3k_rmsnorm_forward(&tbad.t, W, 1e-5f, Y, R, NULL), L3K_ERROR_ALIGNMENT, "not aligned");
     int64_t s3[2] = {4, 3};
-    tbad.t = *X; tbad.t.shape = s3;
-    EXPECT(l3k_rmsnorm_forward(X, W, 1e-5f, &tbad.t, R, NULL), L3K_ERROR_SHAPE, "y shape (4, 3), expected (3, 4) like x");
-    tbad.t = *R; tbad.t.dtype.bits = 64;
-    EXPECT(l3k_rmsnorm_forward(X, W, 1e-5f, Y, &tbad.t, NULL), L3K_ERROR_DTYPE, "rstd dtype float64, expected float32");
+    tbad.t = *X;
+    tbad.t.shape = s3;
+    EXPECT(l3k_rmsnorm_forward(X, W, 1e-5f, &tbad.t, R, NULL), L3K_ERROR_SHAPE,
+           "y shape (4, 3), expected (3, 4) like x");
+    tbad.t = *R;
+    tbad.t.dtype.bits = 64;
+    EXPECT(l3k_rmsnorm_forward(X, W, 1e-5f, Y, &tbad.t, NULL), L3K_ERROR_DTYPE,
+           "rstd dtype float64, expected float32");
     float ws[1];
     int64_t s0[1] = {1};
     host_tensor tws;
     DLTensor *WS = host_f32(&tws, ws, 1, s0);
-    EXPECT(l3k_rmsnorm_backward(X, NULL, X, W, R, 1e-5f, Y, W, WS, NULL), L3K_ERROR_WORKSPACE, "workspace has 4 bytes, expected at least 16");
+    EXPECT(l3k_rmsnorm_backward(X, NULL, X, W, R, 1e-5f, Y, W, WS, NULL), L3K_ERROR_WORKSPACE,
+           "workspace has 4 bytes, expected at least 16");
 #undef EXPECT
     CHECK(strcmp(l3k_status_string(L3K_SUCCESS), "success") == 0, "status string");
     CHECK(l3k_status_string((l3k_status)999) != NULL, "unknown status string");

@@ -8,21 +8,28 @@
 
 typedef struct {
     int64_t B, Hq, Hk, S, D, offset, extra_rows;
-    int mode;        /* L3K_ROPE_HALF / L3K_ROPE_INTERLEAVED */
-    l3k_dt dt, tdt;  /* activation and table dtypes */
-    int batched;     /* cos/sin (B, rows, D/2) instead of (rows, D/2) */
-    int fused;       /* q and k are views of one (B, S, Hq + 2 Hk, D) qkv buffer */
+    int mode;       /* L3K_ROPE_HALF / L3K_ROPE_INTERLEAVED */
+    l3k_dt dt, tdt; /* activation and table dtypes */
+    int batched;    /* cos/sin (B, rows, D/2) instead of (rows, D/2) */
+    int fused;      /* q and k are views of one (B, S, Hq + 2 Hk, D) qkv buffer */
 } rope_case;
 
 /* Expected rotation of element (b, h, s, i) of x (values as floats, contiguous
  * (B, H, S, D)), in double. */
-static double naive_rope(const float *x, int64_t H, const rope_case *c, const float *cosv,
-                         const float *sinv, int64_t b, int64_t h, int64_t s, int64_t i, double sign) {
+static double naive_rope(const float *x, int64_t H, const rope_case *c, const float *cosv, const float *sinv,
+                         int64_t b, int64_t h, int64_t s, int64_t i, double sign) {
     const int64_t half = c->D / 2, rows = c->S + c->offset + c->extra_rows;
     const float *row = x + ((b * H + h) * c->S + s) * c->D;
     int64_t p, i1, i2;
-    if (c->mode == L3K_ROPE_INTERLEAVED) { p = i / 2; i1 = 2 * p; i2 = 2 * p + 1; }
-    else { p = i % half; i1 = p; i2 = p + half; }
+    if (c->mode == L3K_ROPE_INTERLEAVED) {
+        p = i / 2;
+        i1 = 2 * p;
+        i2 = 2 * p + 1;
+    } else {
+        p = i % half;
+        i1 = p;
+        i2 = p + half;
+    }
     const int64_t t = (c->batched ? b * rows : 0) + s + c->offset;
     const double cs = cosv[t * half + p], sn = sign * sinv[t * half + p];
     const double x1 = row[i1], x2 = row[i2];
@@ -52,7 +59,8 @@ static void run_case(const rope_case *c, int inverse, int inplace) {
     float *qkv0 = malloc(sizeof(float) * (size_t)(nqkv + 1));
 
     for (int64_t i = 0; i < ntab; ++i) {
-        const double ang = 0.37 * (double)(i / half) / pow(10.0, (double)(i % half) / half) + 0.1 * frand(&seed);
+        const double ang = 0.37 * (double)(i / half) / pow(10.0, (double)(i % half) / half) +
+                           0.1 * frand(&seed);
         l3k_store(cbuf, i, (float)cos(ang), tdt);
         l3k_store(sbuf, i, (float)sin(ang), tdt);
         cv[i] = l3k_load(cbuf, i, tdt);
@@ -75,8 +83,10 @@ static void run_case(const rope_case *c, int inverse, int inplace) {
     } else {
         q_st[3] = k_st[3] = 1;
         q_st[2] = k_st[2] = c->D;
-        q_st[1] = c->S * c->D; k_st[1] = c->S * c->D;
-        q_st[0] = c->Hq * c->S * c->D; k_st[0] = c->Hk * c->S * c->D;
+        q_st[1] = c->S * c->D;
+        k_st[1] = c->S * c->D;
+        q_st[0] = c->Hq * c->S * c->D;
+        k_st[0] = c->Hk * c->S * c->D;
         for (int64_t i = 0; i < nq; ++i) l3k_store(qbuf, i, 2.0f * frand(&seed), dt);
         for (int64_t i = 0; i < nk; ++i) l3k_store(kbuf, i, 2.0f * frand(&seed), dt);
         q_data = qbuf;
@@ -133,7 +143,8 @@ static void run_case(const rope_case *c, int inverse, int inplace) {
                         double got;
                         if (inplace) {
                             const int64_t *sst = which ? k_st : q_st;
-                            got = l3k_load(which ? k_data : q_data, b * sst[0] + h * sst[1] + s * sst[2] + i, dt);
+                            got = l3k_load(which ? k_data : q_data, b * sst[0] + h * sst[1] + s * sst[2] + i,
+                                           dt);
                         } else {
                             got = l3k_load(which ? ko : qo, ((b * H + h) * c->S + s) * c->D + i, dt);
                         }
@@ -159,8 +170,18 @@ static void run_case(const rope_case *c, int inverse, int inplace) {
         CHECK(changed == 0, "%s: %d elements of qkv outside the outputs were written", label, changed);
     }
     ++g_cases;
-    free(qkv); free(qbuf); free(kbuf); free(qo); free(ko); free(cbuf); free(sbuf);
-    free(qv); free(kv); free(cv); free(sv); free(qkv0);
+    free(qkv);
+    free(qbuf);
+    free(kbuf);
+    free(qo);
+    free(ko);
+    free(cbuf);
+    free(sbuf);
+    free(qv);
+    free(kv);
+    free(cv);
+    free(sv);
+    free(qkv0);
 }
 
 /* Forward then backward returns the input (up to rounding). */
@@ -181,13 +202,19 @@ static void test_round_trip(void) {
     set_tensor(&tc, cs, L3K_DT_F32, 2, ts, NULL);
     set_tensor(&tsn, sn, L3K_DT_F32, 2, ts, NULL);
     for (int mode = 0; mode < 2; ++mode) {
-        CHECK(l3k_rope_forward(&tx.t, NULL, &tc.t, &tsn.t, 0, mode, &ty.t, NULL, NULL) == L3K_SUCCESS, "%s", l3k_last_error());
-        CHECK(l3k_rope_backward(&ty.t, NULL, &tc.t, &tsn.t, 0, mode, &ty.t, NULL, NULL) == L3K_SUCCESS, "%s", l3k_last_error());
+        CHECK(l3k_rope_forward(&tx.t, NULL, &tc.t, &tsn.t, 0, mode, &ty.t, NULL, NULL) == L3K_SUCCESS, "%s",
+              l3k_last_error());
+        CHECK(l3k_rope_backward(&ty.t, NULL, &tc.t, &tsn.t, 0, mode, &ty.t, NULL, NULL) == L3K_SUCCESS, "%s",
+              l3k_last_error());
         double err = 0;
         for (int64_t i = 0; i < n; ++i) err = fmax(err, fabs((double)y[i] - x0[i]));
         CHECK(err < 1e-5, "round trip mode %d: max error %g", mode, err);
     }
-    free(x); free(y); free(x0); free(cs); free(sn);
+    free(x);
+    free(y);
+    free(x0);
+    free(cs);
+    free(sn);
 }
 
 /* Each bad input gets its status, a message naming op and argument, and
@@ -197,7 +224,10 @@ static void test_bad_inputs(void) {
     static float q[N], k[N], qo[N], ko[N], cs[N], sn[N];
     unsigned seed = 3;
     for (int i = 0; i < N; ++i) {
-        q[i] = frand(&seed); k[i] = frand(&seed); cs[i] = frand(&seed); sn[i] = frand(&seed);
+        q[i] = frand(&seed);
+        k[i] = frand(&seed);
+        cs[i] = frand(&seed);
+        sn[i] = frand(&seed);
         qo[i] = ko[i] = 42.0f;
     }
     float q0 = q[0], k0 = k[0];
@@ -211,133 +241,213 @@ static void test_bad_inputs(void) {
     set_tensor(&ts_, sn, L3K_DT_F32, 2, ts, NULL);
     DLTensor *Q = &tq.t, *K = &tk.t, *QO = &tqo.t, *KO = &tko.t, *C = &tc.t, *S = &ts_.t;
 
-#define EXPECT(call, status, needle)                                                          \
-    do {                                                                                      \
-        EXPECT_FAILS(call, status, needle);                                                   \
-        for (int i_ = 0; i_ < N; ++i_)                                                        \
-            CHECK(qo[i_] == 42.0f && ko[i_] == 42.0f, "output [%d] was written", i_);         \
-        CHECK(q[0] == q0 && k[0] == k0, "input was written");                                 \
+#define EXPECT(call, status, needle)                                                  \
+    do {                                                                              \
+        EXPECT_FAILS(call, status, needle);                                           \
+        for (int i_ = 0; i_ < N; ++i_)                                                \
+            CHECK(qo[i_] == 42.0f && ko[i_] == 42.0f, "output [%d] was written", i_); \
+        CHECK(q[0] == q0 && k[0] == k0, "input was written");                         \
     } while (0)
 
     /* The valid call works (then the outputs are reset). */
-    CHECK(l3k_rope_forward(Q, K, C, S, 0, L3K_ROPE_HALF, QO, KO, NULL) == L3K_SUCCESS, "%s", l3k_last_error());
+    CHECK(l3k_rope_forward(Q, K, C, S, 0, L3K_ROPE_HALF, QO, KO, NULL) == L3K_SUCCESS, "%s",
+          l3k_last_error());
     for (int i = 0; i < N; ++i) qo[i] = ko[i] = 42.0f;
 
-    EXPECT(l3k_rope_forward(NULL, K, C, S, 0, 0, QO, KO, NULL), L3K_ERROR_NULL_POINTER, "rope_forward: q is NULL");
-    EXPECT(l3k_rope_backward(NULL, K, C, S, 0, 0, QO, KO, NULL), L3K_ERROR_NULL_POINTER, "rope_backward: dq is NULL");
+    EXPECT(l3k_rope_forward(NULL, K, C, S, 0, 0, QO, KO, NULL), L3K_ERROR_NULL_POINTER,
+           "rope_forward: q is NULL");
+    EXPECT(l3k_rope_backward(NULL, K, C, S, 0, 0, QO, KO, NULL), L3K_ERROR_NULL_POINTER,
+           "rope_backward: dq is NULL");
     EXPECT(l3k_rope_forward(Q, K, NULL, S, 0, 0, QO, KO, NULL), L3K_ERROR_NULL_POINTER, "cos is NULL");
     EXPECT(l3k_rope_forward(Q, K, C, NULL, 0, 0, QO, KO, NULL), L3K_ERROR_NULL_POINTER, "sin is NULL");
     EXPECT(l3k_rope_forward(Q, K, C, S, 0, 0, NULL, KO, NULL), L3K_ERROR_NULL_POINTER, "q_out is NULL");
-    EXPECT(l3k_rope_forward(Q, K, C, S, 0, 0, QO, NULL, NULL), L3K_ERROR_NULL_POINTER, "k_out is NULL but k is given");
-    EXPECT(l3k_rope_forward(Q, NULL, C, S, 0, 0, QO, KO, NULL), L3K_ERROR_NULL_POINTER, "k is NULL but k_out is given");
-    EXPECT(l3k_rope_backward(Q, K, C, S, 0, 0, QO, NULL, NULL), L3K_ERROR_NULL_POINTER, "rope_backward: dk_out is NULL but dk is given");
+    EXPECT(l3k_rope_forward(Q, K, C, S, 0, 0, QO, NULL, NULL), L3K_ERROR_NULL_POINTER,
+           "k_out is NULL but k is given");
+    EXPECT(l3k_rope_forward(Q, NULL, C, S, 0, 0, QO, KO, NULL), L3K_ERROR_NULL_POINTER,
+           "k is NULL but k_out is given");
+    EXPECT(l3k_rope_backward(Q, K, C, S, 0, 0, QO, NULL, NULL), L3K_ERROR_NULL_POINTER,
+           "rope_backward: dk_out is NULL but dk is given");
 
     int64_t odd[4] = {1, 2, 3, 5}, big[4] = {1, 1, 1, 258}, q3[3] = {2, 3, 4};
-    tb.t = *Q; tb.t.shape = odd;
-    EXPECT(l3k_rope_forward(&tb.t, NULL, C, S, 0, 0, QO, NULL, NULL), L3K_ERROR_SHAPE, "q head_dim is 5, expected an even number");
-    tb.t = *Q; tb.t.shape = big;
-    EXPECT(l3k_rope_forward(&tb.t, NULL, C, S, 0, 0, QO, NULL, NULL), L3K_ERROR_SHAPE, "q head_dim is 258, expected at most 256");
-    tb.t = *Q; tb.t.ndim = 3; tb.t.shape = q3;
-    EXPECT(l3k_rope_forward(&tb.t, NULL, C, S, 0, 0, QO, NULL, NULL), L3K_ERROR_SHAPE, "q has ndim 3, expected 4");
+    tb.t = *Q;
+    tb.t.shape = odd;
+    EXPECT(l3k_rope_forward(&tb.t, NULL, C, S, 0, 0, QO, NULL, NULL), L3K_ERROR_SHAPE,
+           "q head_dim is 5, expected an even number");
+    tb.t = *Q;
+    tb.t.shape = big;
+    EXPECT(l3k_rope_forward(&tb.t, NULL, C, S, 0, 0, QO, NULL, NULL), L3K_ERROR_SHAPE,
+           "q head_dim is 258, expected at most 256");
+    tb.t = *Q;
+    tb.t.ndim = 3;
+    tb.t.shape = q3;
+    EXPECT(l3k_rope_forward(&tb.t, NULL, C, S, 0, 0, QO, NULL, NULL), L3K_ERROR_SHAPE,
+           "q has ndim 3, expected 4");
 
     int64_t kb[4] = {2, 1, 3, 4}, kseq[4] = {1, 1, 4, 4}, kd[4] = {1, 1, 3, 2}, kh[4] = {1, 3, 3, 4};
-    tb.t = *K; tb.t.shape = kb;
-    EXPECT(l3k_rope_forward(Q, &tb.t, C, S, 0, 0, QO, KO, NULL), L3K_ERROR_SHAPE, "k.shape[0] (batch) is 2, expected 1 like q");
-    tb.t = *K; tb.t.shape = kseq;
-    EXPECT(l3k_rope_forward(Q, &tb.t, C, S, 0, 0, QO, KO, NULL), L3K_ERROR_SHAPE, "k.shape[2] (seq) is 4, expected 3 like q");
-    tb.t = *K; tb.t.shape = kd;
-    EXPECT(l3k_rope_forward(Q, &tb.t, C, S, 0, 0, QO, KO, NULL), L3K_ERROR_SHAPE, "k.shape[3] (head_dim) is 2, expected 4 like q");
-    tb.t = *K; tb.t.shape = kh;
-    EXPECT(l3k_rope_forward(Q, &tb.t, C, S, 0, 0, QO, KO, NULL), L3K_ERROR_SHAPE, "q has 2 heads, expected a multiple of the 3 heads of k");
-    tb.t = *K; tb.t.shape = kh; /* the backward names dq/dk */
-    EXPECT(l3k_rope_backward(Q, &tb.t, C, S, 0, 0, QO, KO, NULL), L3K_ERROR_SHAPE, "dq has 2 heads, expected a multiple of the 3 heads of dk");
+    tb.t = *K;
+    tb.t.shape = kb;
+    EXPECT(l3k_rope_forward(Q, &tb.t, C, S, 0, 0, QO, KO, NULL), L3K_ERROR_SHAPE,
+           "k.shape[0] (batch) is 2, expected 1 like q");
+    tb.t = *K;
+    tb.t.shape = kseq;
+    EXPECT(l3k_rope_forward(Q, &tb.t, C, S, 0, 0, QO, KO, NULL), L3K_ERROR_SHAPE,
+           "k.shape[2] (seq) is 4, expected 3 like q");
+    tb.t = *K;
+    tb.t.shape = kd;
+    EXPECT(l3k_rope_forward(Q, &tb.t, C, S, 0, 0, QO, KO, NULL), L3K_ERROR_SHAPE,
+           "k.shape[3] (head_dim) is 2, expected 4 like q");
+    tb.t = *K;
+    tb.t.shape = kh;
+    EXPECT(l3k_rope_forward(Q, &tb.t, C, S, 0, 0, QO, KO, NULL), L3K_ERROR_SHAPE,
+           "q has 2 heads, expected a multiple of the 3 heads of k");
+    tb.t = *K;
+    tb.t.shape = kh; /* the backward names dq/dk */
+    EXPECT(l3k_rope_backward(Q, &tb.t, C, S, 0, 0, QO, KO, NULL), L3K_ERROR_SHAPE,
+           "dq has 2 heads, expected a multiple of the 3 heads of dk");
 
     int64_t c33[2] = {3, 3}, c1[1] = {6}, c223[3] = {2, 3, 2}, c42[2] = {4, 2};
-    tb.t = *C; tb.t.shape = c33;
-    EXPECT(l3k_rope_forward(Q, K, &tb.t, S, 0, 0, QO, KO, NULL), L3K_ERROR_SHAPE, "cos.shape[1] is 3, expected head_dim/2 = 2");
-    tb.t = *C; tb.t.ndim = 1; tb.t.shape = c1;
-    EXPECT(l3k_rope_forward(Q, K, &tb.t, S, 0, 0, QO, KO, NULL), L3K_ERROR_SHAPE, "cos has ndim 1, expected 2 (seq, head_dim/2) or 3");
-    tb.t = *C; tb.t.ndim = 3; tb.t.shape = c223;
-    EXPECT(l3k_rope_forward(Q, K, &tb.t, S, 0, 0, QO, KO, NULL), L3K_ERROR_SHAPE, "cos.shape[0] is 2, expected the batch size 1");
-    tb.t = *S; tb.t.shape = c42;
-    EXPECT(l3k_rope_forward(Q, K, C, &tb.t, 0, 0, QO, KO, NULL), L3K_ERROR_SHAPE, "sin shape (4, 2), expected (3, 2) like cos");
-    EXPECT(l3k_rope_forward(Q, K, C, S, 1, 0, QO, KO, NULL), L3K_ERROR_SHAPE, "cos has 3 rows, expected at least seq + offset = 3 + 1 = 4");
+    tb.t = *C;
+    tb.t.shape = c33;
+    EXPECT(l3k_rope_forward(Q, K, &tb.t, S, 0, 0, QO, KO, NULL), L3K_ERROR_SHAPE,
+           "cos.shape[1] is 3, expected head_dim/2 = 2");
+    tb.t = *C;
+    tb.t.ndim = 1;
+    tb.t.shape = c1;
+    EXPECT(l3k_rope_forward(Q, K, &tb.t, S, 0, 0, QO, KO, NULL), L3K_ERROR_SHAPE,
+           "cos has ndim 1, expected 2 (seq, head_dim/2) or 3");
+    tb.t = *C;
+    tb.t.ndim = 3;
+    tb.t.shape = c223;
+    EXPECT(l3k_rope_forward(Q, K, &tb.t, S, 0, 0, QO, KO, NULL), L3K_ERROR_SHAPE,
+           "cos.shape[0] is 2, expected the batch size 1");
+    tb.t = *S;
+    tb.t.shape = c42;
+    EXPECT(l3k_rope_forward(Q, K, C, &tb.t, 0, 0, QO, KO, NULL), L3K_ERROR_SHAPE,
+           "sin shape (4, 2), expected (3, 2) like cos");
+    EXPECT(l3k_rope_forward(Q, K, C, S, 1, 0, QO, KO, NULL), L3K_ERROR_SHAPE,
+           "cos has 3 rows, expected at least seq + offset = 3 + 1 = 4");
     EXPECT(l3k_rope_forward(Q, K, C, S, -1, 0, QO, KO, NULL), L3K_ERROR_VALUE, "offset is -1, expected >= 0");
     EXPECT(l3k_rope_forward(Q, K, C, S, 0, 2, QO, KO, NULL), L3K_ERROR_VALUE, "mode is 2");
     int64_t tstr[2] = {1, 3}; /* a transposed table */
-    tb.t = *C; tb.t.strides = tstr;
+    tb.t = *C;
+    tb.t.strides = tstr;
     EXPECT(l3k_rope_forward(Q, K, &tb.t, S, 0, 0, QO, KO, NULL), L3K_ERROR_LAYOUT, "cos is not contiguous");
 
-    tb.t = *Q; tb.t.dtype.code = kDLInt;
-    EXPECT(l3k_rope_forward(&tb.t, K, C, S, 0, 0, QO, KO, NULL), L3K_ERROR_DTYPE, "q dtype int32, expected float32, float16 or bfloat16");
-    tb.t = *K; tb.t.dtype.bits = 16;
-    EXPECT(l3k_rope_forward(Q, &tb.t, C, S, 0, 0, QO, KO, NULL), L3K_ERROR_DTYPE, "k dtype float16, expected float32 like q");
-    tb.t = *C; tb.t.dtype.code = kDLBfloat; tb.t.dtype.bits = 16;
-    EXPECT(l3k_rope_forward(Q, K, &tb.t, S, 0, 0, QO, KO, NULL), L3K_ERROR_DTYPE, "cos dtype bfloat16, expected float32 like q");
-    tb.t = *QO; tb.t.dtype.bits = 16;
-    EXPECT(l3k_rope_forward(Q, K, C, S, 0, 0, &tb.t, KO, NULL), L3K_ERROR_DTYPE, "q_out dtype float16, expected float32 like q");
+    tb.t = *Q;
+    tb.t.dtype.code = kDLInt;
+    EXPECT(l3k_rope_forward(&tb.t, K, C, S, 0, 0, QO, KO, NULL), L3K_ERROR_DTYPE,
+           "q dtype int32, expected float32, float16 or bfloat16");
+    tb.t = *K;
+    tb.t.dtype.bits = 16;
+    EXPECT(l3k_rope_forward(Q, &tb.t, C, S, 0, 0, QO, KO, NULL), L3K_ERROR_DTYPE,
+           "k dtype float16, expected float32 like q");
+    tb.t = *C;
+    tb.t.dtype.code = kDLBfloat;
+    tb.t.dtype.bits = 16;
+    EXPECT(l3k_rope_forward(Q, K, &tb.t, S, 0, 0, QO, KO, NULL), L3K_ERROR_DTYPE,
+           "cos dtype bfloat16, expected float32 like q");
+    tb.t = *QO;
+    tb.t.dtype.bits = 16;
+    EXPECT(l3k_rope_forward(Q, K, C, S, 0, 0, &tb.t, KO, NULL), L3K_ERROR_DTYPE,
+           "q_out dtype float16, expected float32 like q");
     /* float16 activations: tables may be float32 or float16, but both alike. */
-    tb.t = *Q; tb.t.dtype.bits = 16;
-    tb2.t = *K; tb2.t.dtype.bits = 16;
-    tb3.t = *QO; tb3.t.dtype.bits = 16;
-    tb4.t = *KO; tb4.t.dtype.bits = 16;
-    host_tensor th; th.t = *S; th.t.dtype.bits = 16;
-    EXPECT(l3k_rope_forward(&tb.t, &tb2.t, C, &th.t, 0, 0, &tb3.t, &tb4.t, NULL), L3K_ERROR_DTYPE, "sin dtype float16, expected float32 like cos");
-    th.t = *C; th.t.dtype.code = kDLBfloat; th.t.dtype.bits = 16;
-    EXPECT(l3k_rope_forward(&tb.t, &tb2.t, &th.t, S, 0, 0, &tb3.t, &tb4.t, NULL), L3K_ERROR_DTYPE, "cos dtype bfloat16, expected float32 or float16 like q");
+    tb.t = *Q;
+    tb.t.dtype.bits = 16;
+    tb2.t = *K;
+    tb2.t.dtype.bits = 16;
+    tb3.t = *QO;
+    tb3.t.dtype.bits = 16;
+    tb4.t = *KO;
+    tb4.t.dtype.bits = 16;
+    host_tensor th;
+    th.t = *S;
+    th.t.dtype.bits = 16;
+    EXPECT(l3k_rope_forward(&tb.t, &tb2.t, C, &th.t, 0, 0, &tb3.t, &tb4.t, NULL), L3K_ERROR_DTYPE,
+           "sin dtype float16, expected float32 like cos");
+    th.t = *C;
+    th.t.dtype.code = kDLBfloat;
+    th.t.dtype.bits = 16;
+    EXPECT(l3k_rope_forward(&tb.t, &tb2.t, &th.t, S, 0, 0, &tb3.t, &tb4.t, NULL), L3K_ERROR_DTYPE,
+           "cos dtype bfloat16, expected float32 or float16 like q");
 
     int64_t qos[4] = {1, 3, 2, 4};
-    tb.t = *QO; tb.t.shape = qos;
-    EXPECT(l3k_rope_forward(Q, K, C, S, 0, 0, &tb.t, KO, NULL), L3K_ERROR_SHAPE, "q_out shape (1, 3, 2, 4), expected (1, 2, 3, 4) like q");
+    tb.t = *QO;
+    tb.t.shape = qos;
+    EXPECT(l3k_rope_forward(Q, K, C, S, 0, 0, &tb.t, KO, NULL), L3K_ERROR_SHAPE,
+           "q_out shape (1, 3, 2, 4), expected (1, 2, 3, 4) like q");
     int64_t nc[4] = {24, 12, 8, 2};
-    tb.t = *Q; tb.t.strides = nc;
-    EXPECT(l3k_rope_forward(&tb.t, K, C, S, 0, 0, QO, KO, NULL), L3K_ERROR_LAYOUT, "q stride[3] is 2, expected 1 (last dim contiguous)");
-    tb.t = *KO; tb.t.strides = nc;
+    tb.t = *Q;
+    tb.t.strides = nc;
+    EXPECT(l3k_rope_forward(&tb.t, K, C, S, 0, 0, QO, KO, NULL), L3K_ERROR_LAYOUT,
+           "q stride[3] is 2, expected 1 (last dim contiguous)");
+    tb.t = *KO;
+    tb.t.strides = nc;
     EXPECT(l3k_rope_forward(Q, K, C, S, 0, 0, QO, &tb.t, NULL), L3K_ERROR_LAYOUT, "k_out stride[3] is 2");
     int64_t zs[4] = {24, 0, 4, 1};
-    tb.t = *QO; tb.t.strides = zs;
+    tb.t = *QO;
+    tb.t.strides = zs;
     EXPECT(l3k_rope_forward(Q, K, C, S, 0, 0, &tb.t, KO, NULL), L3K_ERROR_LAYOUT, "q_out stride[1] is 0");
     /* Outputs that overlap their inputs without being the same view. */
-    tb.t = *Q; tb.t.byte_offset = 4 * 4;
-    EXPECT(l3k_rope_forward(Q, K, C, S, 0, 0, &tb.t, KO, NULL), L3K_ERROR_LAYOUT, "q_out overlaps q without being the same view");
+    tb.t = *Q;
+    tb.t.byte_offset = 4 * 4;
+    EXPECT(l3k_rope_forward(Q, K, C, S, 0, 0, &tb.t, KO, NULL), L3K_ERROR_LAYOUT,
+           "q_out overlaps q without being the same view");
     int64_t tr[4] = {24, 12, 4, 1}, sh2[4] = {1, 2, 3, 4};
-    tb.t = *Q; tb.t.shape = sh2; tb.t.strides = tr; /* same strides as compact: same view */
-    tb2.t = *Q; int64_t swap[4] = {24, 4, 8, 1}; tb2.t.strides = swap; /* same data, other strides */
-    EXPECT(l3k_rope_forward(Q, K, C, S, 0, 0, &tb2.t, KO, NULL), L3K_ERROR_LAYOUT, "q_out overlaps q without being the same view");
-    tb.t = *K; tb.t.byte_offset = 4;
+    tb.t = *Q;
+    tb.t.shape = sh2;
+    tb.t.strides = tr; /* same strides as compact: same view */
+    tb2.t = *Q;
+    int64_t swap[4] = {24, 4, 8, 1};
+    tb2.t.strides = swap; /* same data, other strides */
+    EXPECT(l3k_rope_forward(Q, K, C, S, 0, 0, &tb2.t, KO, NULL), L3K_ERROR_LAYOUT,
+           "q_out overlaps q without being the same view");
+    tb.t = *K;
+    tb.t.byte_offset = 4;
     EXPECT(l3k_rope_forward(Q, K, C, S, 0, 0, QO, &tb.t, NULL), L3K_ERROR_LAYOUT, "k_out overlaps k");
-    tb.t = *QO; tb.t.shape = ks;
-    EXPECT(l3k_rope_forward(Q, K, C, S, 0, 0, QO, &tb.t, NULL), L3K_ERROR_LAYOUT, "k_out starts at the same address as q_out");
+    tb.t = *QO;
+    tb.t.shape = ks;
+    EXPECT(l3k_rope_forward(Q, K, C, S, 0, 0, QO, &tb.t, NULL), L3K_ERROR_LAYOUT,
+           "k_out starts at the same address as q_out");
 
-    tb.t = *C; tb.t.device.device_type = kDLCUDA;
-    EXPECT(l3k_rope_forward(Q, K, &tb.t, S, 0, 0, QO, KO, NULL), l3k_has_cuda() ? L3K_ERROR_DEVICE : L3K_ERROR_NO_CUDA,
+    tb.t = *C;
+    tb.t.device.device_type = kDLCUDA;
+    EXPECT(l3k_rope_forward(Q, K, &tb.t, S, 0, 0, QO, KO, NULL),
+           l3k_has_cuda() ? L3K_ERROR_DEVICE : L3K_ERROR_NO_CUDA,
            l3k_has_cuda() ? "cos is on cuda:0, expected cpu like the other tensors" : "built without CUDA");
-    tb.t = *KO; tb.t.device.device_type = (DLDeviceType)7;
-    EXPECT(l3k_rope_forward(Q, K, C, S, 0, 0, QO, &tb.t, NULL), L3K_ERROR_DEVICE, "k_out is on device type 7:0, expected cpu or cuda");
-    tb.t = *Q; tb.t.byte_offset = 2;
+    tb.t = *KO;
+    tb.t.device.device_type = (DLDeviceType)7;
+    EXPECT(l3k_rope_forward(Q, K, C, S, 0, 0, QO, &tb.t, NULL), L3K_ERROR_DEVICE,
+           "k_out is on device type 7:0, expected cpu or cuda");
+    tb.t = *Q;
+    tb.t.byte_offset = 2;
     EXPECT(l3k_rope_forward(&tb.t, K, C, S, 0, 0, QO, KO, NULL), L3K_ERROR_ALIGNMENT, "q data pointer");
 #undef EXPECT
 
     /* Same view passed as input and output: in place is fine (compact strides spelled out). */
-    tb.t = *Q; tb.t.strides = tr;
-    CHECK(l3k_rope_forward(Q, NULL, C, S, 0, 0, &tb.t, NULL, NULL) == L3K_SUCCESS, "in place with explicit strides: %s", l3k_last_error());
+    tb.t = *Q;
+    tb.t.strides = tr;
+    CHECK(l3k_rope_forward(Q, NULL, C, S, 0, 0, &tb.t, NULL, NULL) == L3K_SUCCESS,
+          "in place with explicit strides: %s", l3k_last_error());
 }
 
 static void test_zero_size(void) {
     float dummy[8] = {0};
-    int64_t qs[4] = {2, 4, 0, 8}, ks[4] = {2, 2, 0, 8}, ts[2] = {0, 4}, qe[4] = {0, 4, 5, 8}, ke[4] = {0, 2, 5, 8};
+    int64_t qs[4] = {2, 4, 0, 8}, ks[4] = {2, 2, 0, 8}, ts[2] = {0, 4}, qe[4] = {0, 4, 5, 8},
+            ke[4] = {0, 2, 5, 8};
     int64_t ts5[2] = {5, 4};
     host_tensor tq, tk, tc, ts_;
     set_tensor(&tq, NULL, L3K_DT_F32, 4, qs, NULL);
     set_tensor(&tk, NULL, L3K_DT_F32, 4, ks, NULL);
     set_tensor(&tc, NULL, L3K_DT_F32, 2, ts, NULL);
     set_tensor(&ts_, NULL, L3K_DT_F32, 2, ts, NULL);
-    CHECK(l3k_rope_forward(&tq.t, &tk.t, &tc.t, &ts_.t, 7, 0, &tq.t, &tk.t, NULL) == L3K_SUCCESS, "seq 0: %s", l3k_last_error());
+    CHECK(l3k_rope_forward(&tq.t, &tk.t, &tc.t, &ts_.t, 7, 0, &tq.t, &tk.t, NULL) == L3K_SUCCESS, "seq 0: %s",
+          l3k_last_error());
     set_tensor(&tq, NULL, L3K_DT_F32, 4, qe, NULL);
     set_tensor(&tk, NULL, L3K_DT_F32, 4, ke, NULL);
     set_tensor(&tc, dummy, L3K_DT_F32, 2, ts5, NULL);
     set_tensor(&ts_, dummy, L3K_DT_F32, 2, ts5, NULL);
-    CHECK(l3k_rope_backward(&tq.t, &tk.t, &tc.t, &ts_.t, 0, 1, &tq.t, &tk.t, NULL) == L3K_SUCCESS, "batch 0: %s", l3k_last_error());
+    CHECK(l3k_rope_backward(&tq.t, &tk.t, &tc.t, &ts_.t, 0, 1, &tq.t, &tk.t, NULL) == L3K_SUCCESS,
+          "batch 0: %s", l3k_last_error());
 }
 
 int main(void) {
