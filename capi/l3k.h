@@ -254,6 +254,11 @@ L3K_API l3k_status l3k_swiglu_fused_backward(const DLTensor *da, const DLTensor 
  *           one workspace must not serve two streams at the same time.
  * K = 0 (an empty sum) writes zeros (plus the residual, or leaves an
  *           accumulated output as it is).
+ * cuBLASLt is not linked: the process's first CUDA GEMM (these calls or the
+ *           block's) opens it: the copy already loaded, the loader's search,
+ *           pip's nvidia-cublas next to the Python package, the build's toolkit.
+ *           Where none has it, CUDA GEMMs fail with L3K_ERROR_CUBLAS and
+ *           l3k_last_error() names every place tried.  CPU calls never need it.
  * The first CUDA call on a device creates that device's cuBLASLt handle:
  * make one call before capturing a CUDA graph.
  * Algorithm: the first CUDA call of a configuration (device, shapes, strides,

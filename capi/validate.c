@@ -6,6 +6,8 @@
 
 #ifdef L3K_WITH_CUDA
 #include <cuda_runtime_api.h>
+
+#include "linear.h" /* L3K_GEMM_NO_CUBLASLT, l3k_cublaslt_error */
 #endif
 
 static const char *device_name(DLDevice d, char buf[32]) {
@@ -389,6 +391,8 @@ l3k_status l3k_cuda_launch(l3k_call *c, l3k_cuda_launch_fn fn, const void *args,
         err = cudaSetDevice(c->device.device_id);
     if (err == cudaSuccess) err = (cudaError_t)fn(args, stream);
     if (prev >= 0 && prev != c->device.device_id) cudaSetDevice(prev);
+    if ((int)err == L3K_GEMM_NO_CUBLASLT) /* "cuBLASLt not found; tried: ...; install ..." */
+        return l3k_fail(c, L3K_ERROR_CUBLAS, "%s", l3k_cublaslt_error());
     if ((int)err < 0) /* launchers report cuBLAS failures as -(cublasStatus_t) */
         return l3k_fail(c, L3K_ERROR_CUBLAS, "cuBLAS status %d on cuda:%d", -(int)err,
                         (int)c->device.device_id);

@@ -32,8 +32,16 @@ typedef struct {
 #define L3K_GEMM_WORKSPACE_BYTES ((size_t)32 << 20)
 
 int l3k_cpu_gemm(const l3k_gemm_args *g);
-/* Returns 0, a cudaError_t (> 0), or -(cublasStatus_t) for a cuBLAS failure. */
+/* Returns 0, a cudaError_t (> 0), -(cublasStatus_t) for a cuBLAS failure, or
+ * L3K_GEMM_NO_CUBLASLT when cuBLASLt could not be opened (l3k_cublaslt_error() says why). */
 int l3k_cuda_gemm(const l3k_gemm_args *g, void *stream);
+
+/* Below every -(cublasStatus_t). */
+#define L3K_GEMM_NO_CUBLASLT (-1000)
+
+/* CUDA builds: why cuBLASLt could not be opened, naming every place it was looked for
+ * (kernels/cuda/cublaslt_search.h), at most L3K_SEARCH_ERROR bytes; "" when it was opened. */
+const char *l3k_cublaslt_error(void);
 
 #ifdef __cplusplus
 }

@@ -24,10 +24,8 @@ struct l3k_cublaslt_api {
 };
 
 /* The entry points, or NULL when no cuBLASLt of the build's major version could be
- * opened; the first failure writes to stderr where it looked.  Opened once per process. */
+ * opened (l3k_cublaslt_error(), declared in linear.h for the C side, says where it looked).
+ * Looked for once per process, at the first call. */
 const l3k_cublaslt_api *l3k_cublaslt(void);
-
-/* Why l3k_cublaslt() returned NULL ("" when it did not). */
-const char *l3k_cublaslt_error(void);
 
 #endif /* L3K_CUBLASLT_LOAD_H_ */

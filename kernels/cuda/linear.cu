@@ -19,7 +19,7 @@
  * L3K_GEMM_AUTOTUNE=0 turns it off.
  *
  * cuBLASLt itself is opened at the first call (cublaslt_load.cu); when it cannot be,
- * every call returns -CUBLAS_STATUS_NOT_INITIALIZED. */
+ * every call returns L3K_GEMM_NO_CUBLASLT, which the C ABI reports with the places it tried. */
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
@@ -48,7 +48,7 @@ int handle_for_device(int dev, cublasLtHandle_t *out) {
     if (dev < 0 || dev >= MAX_DEVICES) return (int)cudaErrorInvalidDevice;
     std::lock_guard<std::mutex> lock(g_handle_mutex);
     if (!g_handles[dev]) {
-        if (!l3k_cublaslt()) return -(int)CUBLAS_STATUS_NOT_INITIALIZED;
+        if (!l3k_cublaslt()) return L3K_GEMM_NO_CUBLASLT;
         cublasStatus_t st = LT(Create)(&g_handles[dev]);
         if (st != CUBLAS_STATUS_SUCCESS) return -(int)st;
     }
