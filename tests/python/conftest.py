@@ -18,6 +18,25 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def pytest_report_header(config):
+    """Which library the tests load, and whether its CUDA cases can run here (for CI logs)."""
+    try:
+        import llama3_kernels as l3k
+
+        has_cuda = l3k.has_cuda()
+        lib = f"llama3_kernels {l3k.__version__}: {l3k.library_path()}, CUDA kernels: {'yes' if has_cuda else 'no'}"
+    except Exception as e:  # the tests report it too; the header still says what was found
+        lib, has_cuda = f"llama3_kernels: not loaded ({type(e).__name__}: {e})", False
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        gpu = f"torch {torch.__version__} sees {n} GPU(s): {torch.cuda.get_device_name(0)}"
+        cases = "CUDA cases run" if has_cuda else "CUDA cases run and fail: the library was built without CUDA"
+    else:
+        gpu = f"torch {torch.__version__} sees no GPU (CUDA {torch.version.cuda or 'not built'})"
+        cases = "CUDA cases skipped"
+    return [lib, f"{gpu}; {cases}"]
+
+
 def assert_close(out, ref, dtype=None, scale=1.0, what=""):
     """Compare in float32 with the dtype's tolerance (scaled for long reductions)."""
     tol = TOL[dtype or out.dtype]

@@ -81,3 +81,16 @@ def test_library_needs_no_cublas_nor_runpath():
     needed = [line for line in out.splitlines() if "(NEEDED)" in line]
     assert not [n for n in needed if "cublas" in n.lower()], needed
     assert "RUNPATH" not in out and "(RPATH)" not in out, out
+
+
+def test_report_header_names_library_and_gpu():
+    """The pytest header a CI log starts with: which library, with or without CUDA, and whether a GPU is seen."""
+    import torch
+
+    from conftest import pytest_report_header
+
+    lib, gpu = pytest_report_header(None)
+    assert l3k.library_path() in lib and l3k.__version__ in lib, lib
+    assert f"CUDA kernels: {'yes' if l3k.has_cuda() else 'no'}" in lib, lib
+    assert ("sees no GPU" in gpu) == (not torch.cuda.is_available()), gpu
+    assert ("CUDA cases skipped" in gpu) == (not torch.cuda.is_available()), gpu
