@@ -33,24 +33,24 @@ static int l3k_cublaslt_dirs(const char *lib_path, int major, const char *build_
                              char dirs[L3K_SEARCH_MAX_DIRS][L3K_SEARCH_PATH]) {
     int n = 0;
     if (lib_path && *lib_path) {
-        /* site-packages: the folder above the one holding the library. */
+        /* site-packages: the folder above the one holding the library.  An absolute package
+         * folder loses its last name ("/a/site/pkg" -> "/a/site"); any other gets "/..". */
         char site[L3K_SEARCH_PATH];
         const char *slash = strrchr(lib_path, '/');
-        size_t len = slash ? (size_t)(slash - lib_path) : 0; /* the package folder */
-        if (!slash) {
-            snprintf(site, sizeof site, "..");
-        } else if (len < sizeof site) {
-            memcpy(site, lib_path, len);
-            site[len] = '\0';
-            char *up = strrchr(site, '/');
-            if (up) *up = '\0';                                   /* "/a/site/pkg" -> "/a/site" */
-            else snprintf(site, sizeof site, "%s", len ? "." : ""); /* "pkg/lib.so" -> "." */
-        } else {
-            site[0] = '\0';
-            lib_path = NULL;
-        }
-        if (lib_path) {
-            int w = snprintf(dirs[n], L3K_SEARCH_PATH, "%s/nvidia/cublas/lib", site);
+        const int pkg_len = slash ? (int)(slash - lib_path) : 1;
+        const char *pkg = slash ? lib_path : ".";
+        int cut = pkg_len; /* where the package folder's own name starts, after its '/' */
+        while (cut > 0 && pkg[cut - 1] != '/') --cut;
+        const int name_len = pkg_len - cut;
+        const int dots = (name_len == 1 && pkg[cut] == '.') ||
+                         (name_len == 2 && pkg[cut] == '.' && pkg[cut + 1] == '.');
+        int w;
+        if (pkg[0] == '/' && cut > 0 && name_len > 0 && !dots)
+            w = snprintf(site, sizeof site, "%.*s", cut - 1, pkg); /* "" for "/pkg" */
+        else
+            w = snprintf(site, sizeof site, "%.*s/..", pkg_len, pkg);
+        if (w >= 0 && w < (int)sizeof site) {
+            w = snprintf(dirs[n], L3K_SEARCH_PATH, "%s/nvidia/cublas/lib", site);
             if (w > 0 && w < L3K_SEARCH_PATH) ++n;
             w = snprintf(dirs[n], L3K_SEARCH_PATH, "%s/nvidia/cu%d/lib", site, major);
             if (w > 0 && w < L3K_SEARCH_PATH) ++n;

@@ -30,8 +30,17 @@ static void test_dirs(void) {
     n = l3k_cublaslt_dirs("/site/pkg/libl3k.so", 12, NULL, d);
     CHECK(n == 2 && strcmp(d[0], "/site/nvidia/cublas/lib") == 0 && strcmp(d[1], "/site/nvidia/cu12/lib") == 0,
           "no build folder: %d, %s, %s", n, d[0], d[1]);
-    n = l3k_cublaslt_dirs("pkg/libl3k.so", 13, "", d); /* a relative path: the folder above pkg */
-    CHECK(n == 2 && strcmp(d[0], "./nvidia/cublas/lib") == 0, "relative: %d, %s", n, d[0]);
+    n = l3k_cublaslt_dirs("/pkg/libl3k.so", 13, "", d); /* site-packages is "/" */
+    CHECK(n == 2 && strcmp(d[0], "/nvidia/cublas/lib") == 0, "at the root: %d, %s", n, d[0]);
+    /* Relative, or ending in a dot: "/.." appended instead of a name taken off. */
+    n = l3k_cublaslt_dirs("pkg/libl3k.so", 13, NULL, d);
+    CHECK(n == 2 && strcmp(d[0], "pkg/../nvidia/cublas/lib") == 0, "relative: %d, %s", n, d[0]);
+    n = l3k_cublaslt_dirs("./libl3k.so", 13, NULL, d);
+    CHECK(n == 2 && strcmp(d[1], "./../nvidia/cu13/lib") == 0, "./: %d, %s", n, d[1]);
+    n = l3k_cublaslt_dirs("libl3k.so", 13, NULL, d);
+    CHECK(n == 2 && strcmp(d[0], "./../nvidia/cublas/lib") == 0, "no folder: %d, %s", n, d[0]);
+    n = l3k_cublaslt_dirs("/a/site/pkg/../libl3k.so", 13, NULL, d);
+    CHECK(n == 2 && strcmp(d[0], "/a/site/pkg/../../nvidia/cublas/lib") == 0, "/..: %d, %s", n, d[0]);
     n = l3k_cublaslt_dirs(NULL, 13, "/toolkit/lib64", d); /* dladdr found no file name */
     CHECK(n == 1 && strcmp(d[0], "/toolkit/lib64") == 0, "no library path: %d, %s", n, d[0]);
 }
