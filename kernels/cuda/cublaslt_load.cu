@@ -19,9 +19,9 @@
 #else
 #define L3K_CUBLASLT_PIP "nvidia-cublas-cu" L3K_STR(CUBLAS_VER_MAJOR)
 #endif
-#define L3K_CUBLASLT_HINT                                                                    \
-    "install cuBLAS " L3K_STR(CUBLAS_VER_MAJOR) " (pip install " L3K_CUBLASLT_PIP            \
-    ") or put the CUDA toolkit's lib64 on LD_LIBRARY_PATH"
+#define L3K_CUBLASLT_HINT                                                         \
+    "install cuBLAS " L3K_STR(CUBLAS_VER_MAJOR) " (pip install " L3K_CUBLASLT_PIP \
+                                                ") or put the CUDA toolkit's lib64 on LD_LIBRARY_PATH"
 
 namespace {
 
@@ -72,7 +72,7 @@ bool load(l3k_cublaslt_api &api) {
     return len == 0;
 }
 
-}  // namespace
+} // namespace
 
 const l3k_cublaslt_api *l3k_cublaslt(void) {
     static l3k_cublaslt_api api;

@@ -47,8 +47,7 @@ static int l3k_cublaslt_dirs(const char *lib_path, int major, const char *build_
         int w;
         if (pkg[0] == '/' && cut > 0 && name_len > 0 && !dots)
             w = snprintf(site, sizeof site, "%.*s", cut - 1, pkg); /* "" for "/pkg" */
-        else
-            w = snprintf(site, sizeof site, "%.*s/..", pkg_len, pkg);
+        else w = snprintf(site, sizeof site, "%.*s/..", pkg_len, pkg);
         if (w >= 0 && w < (int)sizeof site) {
             w = snprintf(dirs[n], L3K_SEARCH_PATH, "%s/nvidia/cublas/lib", site);
             if (w > 0 && w < L3K_SEARCH_PATH) ++n;
@@ -76,10 +75,8 @@ static void l3k_search_add(l3k_search_list *l, const char *name, const char *rea
     if (l->full) return;
     const char *sep = l->count ? ", " : "";
     char entry[L3K_SEARCH_PATH + 256];
-    if (reason && *reason)
-        snprintf(entry, sizeof entry, "%s%s (%.160s)", sep, name, reason);
-    else
-        snprintf(entry, sizeof entry, "%s%s", sep, name);
+    if (reason && *reason) snprintf(entry, sizeof entry, "%s%s (%.160s)", sep, name, reason);
+    else snprintf(entry, sizeof entry, "%s%s", sep, name);
     const size_t n = strlen(entry);
     if (l->len + n + 6 <= l->limit) { /* 6: a later ", ..." and the NUL */
         memcpy(l->out + l->len, entry, n + 1);
@@ -112,8 +109,8 @@ static const char *l3k_search_reason(const char *name, const char *err) {
  * at most L3K_SEARCH_ERROR are used; cap >= 1)
  *     "<what> not found; tried: <soname> (dlopen search), <dir>/<soname>, ...; <hint>",
  * each place with dlerror()'s reason where it is more than a missing file.  On success err is "". */
-static void *l3k_library_search(const char *what, const char *soname, const char *const *dirs,
-                                int ndirs, const char *hint, char *err, size_t cap) {
+static void *l3k_library_search(const char *what, const char *soname, const char *const *dirs, int ndirs,
+                                const char *hint, char *err, size_t cap) {
     err[0] = '\0';
     void *h = dlopen(soname, RTLD_NOW | RTLD_NOLOAD);
     if (!h) h = dlopen(soname, RTLD_NOW | RTLD_LOCAL);

@@ -10,7 +10,8 @@
 #include "check.h"
 #include "cuda/cublaslt_search.h"
 
-static const char HINT[] = "install cuBLAS 13 (pip install nvidia-cublas) or put the CUDA toolkit's lib64 on LD_LIBRARY_PATH";
+static const char HINT[] =
+    "install cuBLAS 13 (pip install nvidia-cublas) or put the CUDA toolkit's lib64 on LD_LIBRARY_PATH";
 
 static int ends_with(const char *s, const char *tail) {
     const size_t n = strlen(s), m = strlen(tail);
@@ -28,8 +29,9 @@ static void test_dirs(void) {
         CHECK(strcmp(d[2], "/usr/local/cuda/targets/x86_64-linux/lib") == 0, "[2] %s", d[2]);
     }
     n = l3k_cublaslt_dirs("/site/pkg/libl3k.so", 12, NULL, d);
-    CHECK(n == 2 && strcmp(d[0], "/site/nvidia/cublas/lib") == 0 && strcmp(d[1], "/site/nvidia/cu12/lib") == 0,
-          "no build folder: %d, %s, %s", n, d[0], d[1]);
+    CHECK(
+        n == 2 && strcmp(d[0], "/site/nvidia/cublas/lib") == 0 && strcmp(d[1], "/site/nvidia/cu12/lib") == 0,
+        "no build folder: %d, %s, %s", n, d[0], d[1]);
     n = l3k_cublaslt_dirs("/pkg/libl3k.so", 13, "", d); /* site-packages is "/" */
     CHECK(n == 2 && strcmp(d[0], "/nvidia/cublas/lib") == 0, "at the root: %d, %s", n, d[0]);
     /* Relative, or ending in a dot: "/.." appended instead of a name taken off. */
@@ -54,9 +56,12 @@ static void test_not_found(void) {
     snprintf(junk, sizeof junk, "%s/libl3k-absent.so.13", tmp);
     FILE *f = fopen(junk, "w");
     CHECK(f != NULL, "fopen %s", junk);
-    if (f) { fputs("not an ELF file\n", f); fclose(f); }
-    const char *dirs[3] = {"/nonexistent/site-packages/nvidia/cublas/lib", "/nonexistent/site-packages/nvidia/cu13/lib",
-                           tmp};
+    if (f) {
+        fputs("not an ELF file\n", f);
+        fclose(f);
+    }
+    const char *dirs[3] = {"/nonexistent/site-packages/nvidia/cublas/lib",
+                           "/nonexistent/site-packages/nvidia/cu13/lib", tmp};
     char err[1024];
     void *h = l3k_library_search("cuBLASLt", "libl3k-absent.so.13", dirs, 3, HINT, err, sizeof err);
     CHECK(h == NULL, "found a library that does not exist");
@@ -66,9 +71,11 @@ static void test_not_found(void) {
              "/nonexistent/site-packages/nvidia/cublas/lib/libl3k-absent.so.13, "
              "/nonexistent/site-packages/nvidia/cu13/lib/libl3k-absent.so.13, %s (",
              junk);
-    CHECK(strncmp(err, want, strlen(want)) == 0, "message:\n  %s\nexpected it to start with:\n  %s", err, want);
-    CHECK(ends_with(err, "); install cuBLAS 13 (pip install nvidia-cublas) or put the CUDA toolkit's lib64 on "
-                         "LD_LIBRARY_PATH"),
+    CHECK(strncmp(err, want, strlen(want)) == 0, "message:\n  %s\nexpected it to start with:\n  %s", err,
+          want);
+    CHECK(ends_with(err,
+                    "); install cuBLAS 13 (pip install nvidia-cublas) or put the CUDA toolkit's lib64 on "
+                    "LD_LIBRARY_PATH"),
           "message does not end with the junk file's reason and the hint: %s", err);
     CHECK(strlen(err) < L3K_SEARCH_ERROR, "message of %zu bytes", strlen(err));
     unlink(junk);
@@ -89,8 +96,10 @@ static void test_long_paths(void) {
     void *h = l3k_library_search("cuBLASLt", "libl3k-absent.so.13", dirs, 3, HINT, err, sizeof err);
     CHECK(h == NULL, "found a library that does not exist");
     CHECK(strlen(err) < L3K_SEARCH_ERROR, "message of %zu bytes", strlen(err));
-    CHECK(strncmp(err, "cuBLASLt not found; tried: libl3k-absent.so.13 (dlopen search), /aaaa", 68) == 0, "%s", err);
-    CHECK(strstr(err, "/libl3k-absent.so.13, ...; install cuBLAS 13") != NULL, "no cut before the hint: %s", err);
+    CHECK(strncmp(err, "cuBLASLt not found; tried: libl3k-absent.so.13 (dlopen search), /aaaa", 68) == 0,
+          "%s", err);
+    CHECK(strstr(err, "/libl3k-absent.so.13, ...; install cuBLAS 13") != NULL, "no cut before the hint: %s",
+          err);
     CHECK(strstr(err, "/bbbb") == NULL, "the second folder fits no more: %s", err);
     CHECK(ends_with(err, HINT), "hint cut: %s", err);
     /* A buffer smaller than the bound: the same, within it. */
@@ -132,7 +141,10 @@ static void test_found_in_order(void) {
 }
 
 int main(int argc, char **argv) {
-    static const struct { const char *name; void (*fn)(void); } tests[] = {
+    static const struct {
+        const char *name;
+        void (*fn)(void);
+    } tests[] = {
         {"dirs", test_dirs},
         {"not_found", test_not_found},
         {"long_paths", test_long_paths},
