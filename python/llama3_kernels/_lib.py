@@ -99,24 +99,28 @@ def _sized(cls):
     return cls
 
 
+# The tensors of l3k_llama_block_weights (and of l3k_llama_block_grads, their gradients, in the
+# same order), and the activations of l3k_llama_block_activations (l3k_llama_block_layout
+# describes each with an l3k_buffer_desc).
+_WEIGHT_FIELDS = (
+    "qkv_weight",
+    "o_weight",
+    "gate_up_weight",
+    "down_weight",
+    "norm1_weight",
+    "norm2_weight",
+    "q_weight",
+    "k_weight",
+    "v_weight",
+    "gate_weight",
+    "up_weight",
+)
+_ACTIVATION_FIELDS = ("qkv", "residual", "gate_up", "rstd1", "rstd2", "attn_out", "lse")
+
+
 @_sized
 class BlockWeights(ctypes.Structure):  # l3k_llama_block_weights: DLTensor pointers
-    _fields_ = [("struct_size", _SZ)] + [
-        (n, _P)
-        for n in (
-            "qkv_weight",
-            "o_weight",
-            "gate_up_weight",
-            "down_weight",
-            "norm1_weight",
-            "norm2_weight",
-            "q_weight",
-            "k_weight",
-            "v_weight",
-            "gate_weight",
-            "up_weight",
-        )
-    ]
+    _fields_ = [("struct_size", _SZ)] + [(n, _P) for n in _WEIGHT_FIELDS]
 
 
 @_sized
@@ -134,9 +138,7 @@ class BlockConfig(ctypes.Structure):  # l3k_llama_block_config
 
 @_sized
 class BlockActivations(ctypes.Structure):  # l3k_llama_block_activations: DLTensor pointers
-    _fields_ = [("struct_size", _SZ)] + [
-        (n, _P) for n in ("qkv", "residual", "gate_up", "rstd1", "rstd2", "attn_out", "lse")
-    ]
+    _fields_ = [("struct_size", _SZ)] + [(n, _P) for n in _ACTIVATION_FIELDS]
 
 
 class BufferDesc(ctypes.Structure):  # l3k_buffer_desc
@@ -153,7 +155,7 @@ class BufferDesc(ctypes.Structure):  # l3k_buffer_desc
 class BlockLayout(ctypes.Structure):  # l3k_llama_block_layout
     _fields_ = (
         [("struct_size", _SZ)]
-        + [(n, BufferDesc) for n in ("qkv", "residual", "gate_up", "rstd1", "rstd2", "attn_out", "lse")]
+        + [(n, BufferDesc) for n in _ACTIVATION_FIELDS]
         + [
             ("forward_workspace_bytes", _SZ),
             ("backward_workspace_bytes", _SZ),
@@ -164,23 +166,8 @@ class BlockLayout(ctypes.Structure):  # l3k_llama_block_layout
 
 
 @_sized
-class BlockGrads(ctypes.Structure):  # l3k_llama_block_grads: DLTensor pointers
-    _fields_ = [("struct_size", _SZ)] + [
-        (n, _P)
-        for n in (
-            "qkv_weight",
-            "o_weight",
-            "gate_up_weight",
-            "down_weight",
-            "norm1_weight",
-            "norm2_weight",
-            "q_weight",
-            "k_weight",
-            "v_weight",
-            "gate_weight",
-            "up_weight",
-        )
-    ]
+class BlockGrads(ctypes.Structure):  # l3k_llama_block_grads: DLTensor pointers, as in the weights
+    _fields_ = [("struct_size", _SZ)] + [(n, _P) for n in _WEIGHT_FIELDS]
 
 
 # Header name -> mirror, for the header test.
