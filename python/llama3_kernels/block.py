@@ -49,26 +49,26 @@ SPLIT_PARAM_NAMES = (
     "norm2_weight",
 )
 
-# Parameter names of the tutorial's block and of Hugging Face's LlamaDecoderLayer,
-# mapped onto this block's fused parameters: (fused name, part index).
+# Parameter names of the tutorial's block and of Hugging Face's LlamaDecoderLayer, mapped onto
+# this block's fused parameters: (tutorial name, Hugging Face name, fused name, part index).  The
+# tutorial's norm weights have this block's names already.
 _QKV_PARTS, _GATE_UP_PARTS = ("q", "k", "v"), ("gate", "up")
+_FOREIGN_NAMES = (
+    ("attn_q.weight", "self_attn.q_proj.weight", "qkv_weight", 0),
+    ("attn_k.weight", "self_attn.k_proj.weight", "qkv_weight", 1),
+    ("attn_v.weight", "self_attn.v_proj.weight", "qkv_weight", 2),
+    ("attn_o.weight", "self_attn.o_proj.weight", "o_weight", None),
+    ("mlp_gate.weight", "mlp.gate_proj.weight", "gate_up_weight", 0),
+    ("mlp_up.weight", "mlp.up_proj.weight", "gate_up_weight", 1),
+    ("mlp_down.weight", "mlp.down_proj.weight", "down_weight", None),
+    (None, "input_layernorm.weight", "norm1_weight", None),
+    (None, "post_attention_layernorm.weight", "norm2_weight", None),
+)
 _ALIASES = {
-    "attn_q.weight": ("qkv_weight", 0),
-    "attn_k.weight": ("qkv_weight", 1),
-    "attn_v.weight": ("qkv_weight", 2),
-    "attn_o.weight": ("o_weight", None),
-    "mlp_gate.weight": ("gate_up_weight", 0),
-    "mlp_up.weight": ("gate_up_weight", 1),
-    "mlp_down.weight": ("down_weight", None),
-    "self_attn.q_proj.weight": ("qkv_weight", 0),
-    "self_attn.k_proj.weight": ("qkv_weight", 1),
-    "self_attn.v_proj.weight": ("qkv_weight", 2),
-    "self_attn.o_proj.weight": ("o_weight", None),
-    "mlp.gate_proj.weight": ("gate_up_weight", 0),
-    "mlp.up_proj.weight": ("gate_up_weight", 1),
-    "mlp.down_proj.weight": ("down_weight", None),
-    "input_layernorm.weight": ("norm1_weight", None),
-    "post_attention_layernorm.weight": ("norm2_weight", None),
+    foreign: (name, part)
+    for tutorial, hf, name, part in _FOREIGN_NAMES
+    for foreign in (tutorial, hf)
+    if foreign is not None
 }
 
 
@@ -118,6 +118,12 @@ class BlockCall:
         cfg.key_range = key_range_ptr
         return cfg
 
+    def inputs(self, ptrs) -> tuple:
+        """The arguments every block call takes for the DLTensor pointers (x, cos, sin,
+        key_range): x, cos, sin, the weights and the call's configuration."""
+        x, cos, sin, key_range = ptrs
+        return x, cos, sin, ctypes.byref(self.weights), ctypes.byref(self.config(key_range))
+
     def inference(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_range=None) -> torch.Tensor:
         """The block's output for contiguous x (batch, seq, dim); nothing kept."""
         b = Borrowed(x, cos, sin, key_range)
@@ -136,11 +142,7 @@ class BlockCall:
         o = Borrowed(out, ws)
         check(
             LIB.l3k_llama_block_forward(
-                b.ptrs[0],
-                b.ptrs[1],
-                b.ptrs[2],
-                ctypes.byref(self.weights),
-                ctypes.byref(self.config(b.ptrs[3])),
+                *self.inputs(b.ptrs[:4]),
                 o.ptrs[0],
                 o.ptrs[1],
                 current_stream(x),
@@ -174,11 +176,7 @@ class BlockCall:
         saved = BlockActivations(*o.ptrs[2:])
         check(
             LIB.l3k_llama_block_forward_train(
-                b.ptrs[0],
-                b.ptrs[1],
-                b.ptrs[2],
-                ctypes.byref(self.weights),
-                ctypes.byref(self.config(b.ptrs[3])),
+                *self.inputs(b.ptrs[:4]),
                 o.ptrs[0],
                 ctypes.byref(saved),
                 o.ptrs[1],
@@ -221,11 +219,7 @@ class BlockCall:
         check(
             LIB.l3k_llama_block_backward(
                 b.ptrs[0],
-                b.ptrs[1],
-                b.ptrs[2],
-                b.ptrs[3],
-                ctypes.byref(self.weights),
-                ctypes.byref(self.config(b.ptrs[4])),
+                *self.inputs(b.ptrs[1:5]),
                 ctypes.byref(saved),
                 PRESERVE_ACTIVATIONS if preserve else 0,
                 o.ptrs[0],
