@@ -122,34 +122,20 @@ def linear_forward_into(x, weight, y, residual=None, workspace=None, stream=None
     check(LIB.l3k_linear_forward(*b.ptrs, current_stream(x) if stream is None else stream))
 
 
+def _linear_backward(fn, dy, other, out, accumulate, workspace, stream) -> None:
+    """The two linear backward calls take (dy, the weight or x, dx or dweight, accumulate,
+    workspace, stream)."""
+    b = Borrowed(dy, other, out, workspace)
+    dy_p, other_p, out_p, workspace_p = b.ptrs
+    check(fn(dy_p, other_p, out_p, int(accumulate), workspace_p, current_stream(dy) if stream is None else stream))
+
+
 def linear_backward_input_into(dy, weight, dx, accumulate=False, workspace=None, stream=None) -> None:
-    b = Borrowed(dy, weight, dx)
-    w = Borrowed(workspace)
-    check(
-        LIB.l3k_linear_backward_input(
-            b.ptrs[0],
-            b.ptrs[1],
-            b.ptrs[2],
-            int(accumulate),
-            w.ptrs[0],
-            current_stream(dy) if stream is None else stream,
-        )
-    )
+    _linear_backward(LIB.l3k_linear_backward_input, dy, weight, dx, accumulate, workspace, stream)
 
 
 def linear_backward_weight_into(dy, x, dweight, accumulate=False, workspace=None, stream=None) -> None:
-    b = Borrowed(dy, x, dweight)
-    w = Borrowed(workspace)
-    check(
-        LIB.l3k_linear_backward_weight(
-            b.ptrs[0],
-            b.ptrs[1],
-            b.ptrs[2],
-            int(accumulate),
-            w.ptrs[0],
-            current_stream(dy) if stream is None else stream,
-        )
-    )
+    _linear_backward(LIB.l3k_linear_backward_weight, dy, x, dweight, accumulate, workspace, stream)
 
 
 # ---- attention -----------------------------------------------------------------------------
