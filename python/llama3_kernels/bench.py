@@ -293,6 +293,17 @@ def environment(device) -> dict:
     return env
 
 
+def record_header(gpu: bool, caveat: str | None, date: str, env: dict) -> dict:
+    """The opening keys of a benchmark's JSON record: what its timings are (with the caveat of a
+    CPU run), when and where they were taken."""
+    return {
+        "timings_are": "gpu" if gpu else "cpu reference",
+        **({"caveat": caveat} if caveat else {}),
+        "date_utc": date,
+        "environment": env,
+    }
+
+
 def print_table(cases: list[Case], bw: float, caveat: str | None = None) -> None:
     """With a caveat (the CPU run) only the times: the share of the copy-bandwidth floor would
     read as a ranking."""
@@ -509,10 +520,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {
-        "timings_are": "gpu" if gpu else "cpu reference",
-        **({"caveat": CPU_CAVEAT} if caveat else {}),
-        "date_utc": date,
-        "environment": env,
+        **record_header(gpu, caveat, date, env),
         "copy_bandwidth_Bps": bw,
         "timing": (
             f"median of {reps} reps, CUDA events, L2 evicted by a 256 MiB read before each rep"

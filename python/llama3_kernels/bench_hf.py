@@ -24,30 +24,29 @@ from pathlib import Path
 import torch
 
 from . import _lib
-from .bench import Progress, Timer, environment
+from .bench import Progress, Timer, environment, record_header
 
 CPU_NOTE = "CPU reference timings, not results: a tiny float32 config on the C reference kernels"
 
-GPU_CONFIG = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    num_hidden_layers=4,
-    vocab_size=32000,
-    batch=2,
-    seq=2048,
-)
-CPU_CONFIG = dict(
-    hidden_size=256,
-    intermediate_size=688,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_hidden_layers=2,
-    vocab_size=1000,
-    batch=2,
-    seq=128,
-)
+
+def run_shape(
+    hidden: int, intermediate: int, heads: int, kv_heads: int, layers: int, vocab: int, batch: int, seq: int
+) -> dict:
+    """The model's sizes under LlamaConfig's names, with the batch and sequence length of a step."""
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        num_hidden_layers=layers,
+        vocab_size=vocab,
+        batch=batch,
+        seq=seq,
+    )
+
+
+GPU_CONFIG = run_shape(hidden=4096, intermediate=14336, heads=32, kv_heads=8, layers=4, vocab=32000, batch=2, seq=2048)
+CPU_CONFIG = run_shape(hidden=256, intermediate=688, heads=4, kv_heads=2, layers=2, vocab=1000, batch=2, seq=128)
 
 
 def build_model(shape: dict, device, dtype):
@@ -174,10 +173,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {
-        "timings_are": "gpu" if gpu else "cpu reference",
-        **({} if gpu else {"caveat": CPU_NOTE}),
-        "date_utc": date,
-        "environment": env,
+        **record_header(gpu, None if gpu else CPU_NOTE, date, env),
         "config": {
             **shape,
             "dtype": str(dtype).replace("torch.", ""),
