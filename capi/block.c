@@ -117,7 +117,9 @@ static DLTensor *rows_view(view *v, const DLTensor *like, void *base, size_t off
 static DLTensor *heads_view(view *v, const DLTensor *like, void *base, size_t offset, const dims *d,
                             int64_t width, int64_t first, int64_t heads) {
     const int64_t shape[4] = {d->b, heads, d->s, d->hd};
-    const int64_t strides[4] = {d->s * width, d->hd, width, 1};
+    /* seq * width fits when batch > 0 (check_plan_fits bounds tokens * qkv); with no batch, seq
+     * may be any size (the views are empty) and the batch stride is unused. */
+    const int64_t strides[4] = {d->b ? d->s * width : 0, d->hd, width, 1};
     return make_view(v, like->device, base, offset + (size_t)(first * d->hd) * d->es, like->dtype, 4, shape,
                      strides);
 }
@@ -151,9 +153,12 @@ static l3k_status make_proj(l3k_call *c, proj *p, const DLTensor *fused, const c
                             const int64_t *widths, int64_t cols, l3k_dt dt, int contiguous) {
     int given = 0;
     int64_t total = 0;
+    char what[96];
+    snprintf(what, sizeof what, "%s rows (its parts' rows summed)", fused_name);
     for (int i = 0; i < n_parts; ++i) {
         given += parts[i] != NULL;
-        total += widths[i];
+        /* hidden is a gate weight's own row count, not yet checked: the sum can pass 2^63 - 1. */
+        L3K_TRY(l3k_size_add(c, what, total, widths[i], &total));
     }
     memset(p, 0, sizeof *p);
     if (fused && given)
@@ -192,7 +197,8 @@ static l3k_status make_proj(l3k_call *c, proj *p, const DLTensor *fused, const c
     for (int i = 0; adjacent && i < n; ++i) {
         adjacent = is_compact(ts[i]) && ts[i]->device.device_type == ts[0]->device.device_type &&
                    ts[i]->device.device_id == ts[0]->device.device_id &&
-                   (char *)l3k_data(ts[i]) == (char *)l3k_data(ts[0]) + (size_t)(p->col[i] * cols) * es;
+                   l3k_data(ts[i]) ==
+                       l3k_ptr_add(l3k_data(ts[0]), (int64_t)((size_t)(p->col[i] * cols) * es));
     }
     if (adjacent) {
         const int64_t shape[2] = {total, cols}, strides[2] = {cols, 1};
@@ -254,7 +260,8 @@ static l3k_status make_dims(l3k_call *c, const DLTensor *x, const l3k_llama_bloc
     const DLTensor *gu_parts[2] = {w->gate_weight, w->up_weight};
     static const char *gu_names[2] = {"gate_weight", "up_weight"};
     const DLTensor *first = w->gate_up_weight ? w->gate_up_weight : w->gate_weight;
-    if (first && first->ndim == 2 && first->shape) {
+    d->hidden = 0; /* a missing, malformed or negative-size gate weight is refused by its own check below */
+    if (first && first->ndim == 2 && first->shape && first->shape[0] >= 0) {
         if (w->gate_up_weight && first->shape[0] % 2 != 0)
             return l3k_fail(c, L3K_ERROR_SHAPE,
                             "gate_up_weight has %lld rows, expected an even count (gate rows, then up rows)",
@@ -394,7 +401,8 @@ static l3k_status run_forward(l3k_call *c, const dims *d, const DLTensor *x, con
     DLTensor *v = heads_view(&vv, x, buf->qkv, 0, d, d->qkv, d->h + d->hkv, d->hkv);
     DLTensor *o = rows_view(&vo, x, buf->o, 0, d->t, d->dim);
     DLTensor *o4 = heads_view(&vo4, x, buf->o, 0, d, d->dim, 0, d->h);
-    const int64_t nlse = d->b * d->h * d->s;
+    /* batch * heads * seq as tokens * heads: batch * heads alone may overflow when seq is 0. */
+    const int64_t nlse = d->t * d->h;
     DLTensor *lse = f32_view(&vlse, x, buf->lse, 0, nlse);
     DLTensor *h = rows_view(&vh, x, buf->h, 0, d->t, d->dim);
     DLTensor *gu = rows_view(&vgu, x, buf->gu, 0, d->t, 2 * d->hidden);
@@ -650,7 +658,7 @@ l3k_status l3k_llama_block_training_layout(const DLTensor *x, const l3k_llama_bl
     layout->gate_up = (l3k_buffer_desc){d.t, 2 * d.hidden, x->dtype};
     layout->rstd1 = layout->rstd2 = (l3k_buffer_desc){d.t, 1, f32};
     layout->attn_out = (l3k_buffer_desc){d.t, d.dim, x->dtype};
-    layout->lse = (l3k_buffer_desc){d.b * d.h * d.s, 1, f32};
+    layout->lse = (l3k_buffer_desc){d.t * d.h, 1, f32}; /* batch * heads * seq */
     layout->forward_workspace_bytes = fp.total;
     layout->backward_workspace_bytes = consume.total;
     layout->backward_workspace_bytes_preserving = preserve.total;
@@ -674,7 +682,7 @@ static l3k_status check_activations(l3k_call *c, const dims *d, const l3k_llama_
                         s->attn_out ? "lse" : "attn_out", s->attn_out ? "attn_out" : "lse");
     if (s->attn_out) {
         L3K_TRY(check_buffer(c, s->attn_out, "saved->attn_out", d->t * d->dim, d->dt, "x"));
-        L3K_TRY(check_buffer(c, s->lse, "saved->lse", d->b * d->h * d->s, L3K_DT_F32, "lse"));
+        L3K_TRY(check_buffer(c, s->lse, "saved->lse", d->t * d->h, L3K_DT_F32, "lse"));
     }
     const DLTensor *all[7] = {s->qkv, s->residual, s->gate_up, s->rstd1, s->rstd2, s->attn_out, s->lse};
     static const char *names[7] = {"saved->qkv",   "saved->residual", "saved->gate_up", "saved->rstd1",
@@ -787,7 +795,7 @@ static void make_bwd_views(bwd_views *b, const dims *d, const bwd_plan *p, const
     b->o = rows_view(&b->vo, x, o_base, o_off, d->t, d->dim);
     b->o4 = heads_view(&b->vo4, x, o_base, o_off, d, d->dim, 0, d->h);
     b->lse = f32_view(&b->vlse, x, b->keep_attn ? l3k_data(saved->lse) : attn_base,
-                      b->keep_attn ? 0 : ap->lse.off, d->b * d->h * d->s);
+                      b->keep_attn ? 0 : ap->lse.off, d->t * d->h);
     b->dO = rows_view(&b->vdo, x, attn_base, ap->dout.off, d->t, d->dim);
     b->dO4 = heads_view(&b->vdo4, x, attn_base, ap->dout.off, d, d->dim, 0, d->h);
     b->dq = heads_view(&b->vdq, x, attn_base, ap->dqkv.off, d, d->qkv, 0, d->h);
@@ -886,7 +894,9 @@ l3k_status l3k_llama_block_backward(const DLTensor *dout, const DLTensor *x, con
     if (d.dim == 0) return L3K_SUCCESS;
 
     bwd_views v;
-    make_bwd_views(&v, &d, &p, x, dout, dx, saved, preserve, &ggu, (char *)l3k_data(workspace));
+    /* With no token the plan may need no workspace, and a NULL one is then accepted. */
+    make_bwd_views(&v, &d, &p, x, dout, dx, saved, preserve, &ggu,
+                   workspace ? (char *)l3k_data(workspace) : NULL);
     /* Every step is checked before the first one runs: a refused call writes nothing. */
     l3k_set_checking_only(1);
     const l3k_status st = backward_steps(&c, &d, &v, w, cfg, cos, sin, &gqkv, &ggu, g, stream);

@@ -15,6 +15,9 @@
  * stride or byte_offset).  Every tensor is backed by a malloc of exactly the
  * bytes its shape, strides and byte_offset reach, so ASan reports any access
  * outside what it describes; an alias lies wholly inside the tensor it aliases.
+ * The training entries may also give the qkv and gate/up projections (weights
+ * or gradients) in parts carved out of one buffer of exactly their bytes, one
+ * after the other (joined into one GEMM by the library) or apart.
  *
  * Checked on every call:
  *  - the status is a valid l3k_status;
@@ -42,7 +45,7 @@
 
 #include "l3k.h"
 
-enum { MAX_TENSORS = 24, MAX_NDIM = 6 };
+enum { MAX_TENSORS = 48, MAX_NDIM = 6 };
 #define WORK_CAP ((int64_t)1 << 15)  /* elements a tensor may reach and still be run */
 #define BYTES_CAP ((int64_t)1 << 20) /* bytes a tensor may span and still be backed */
 #define SKIPPED (-1)
@@ -627,14 +630,91 @@ static int e_attention_backward(call *c) {
 typedef struct {
     DLDataType d;
     int64_t xs[3];
+    int64_t dm, kv, qkv, hidden, heads; /* the sizes the weights are made for (kv = n_kv_heads * head_dim) */
     DLTensor *x, *cos, *sin;
     l3k_llama_block_weights w;
     l3k_llama_block_config cfg;
 } block_args;
 
+/* How a projection with parts ([q | k | v] or [gate | up]) is given: one fused tensor, a tensor
+ * per part, the parts carved one after the other out of one buffer (the library joins them: one
+ * GEMM), carved apart (rotated, or with a gap: a GEMM each), or both forms at once (refused). */
+enum { FORM_FUSED, FORM_PARTS, FORM_CARVED, FORM_APART, FORM_BOTH };
+
+static int proj_form(call *c) {
+    const unsigned k = pick(c, 16);
+    return k < 8 ? FORM_FUSED : k < 11 ? FORM_PARTS : k < 14 ? FORM_CARVED : k < 15 ? FORM_APART : FORM_BOTH;
+}
+
+/* A clean 1-D byte tensor of exactly `bytes`, filled as `dtype`, that views are carved from; it
+ * is snapshotted and freed with the others, and no call is given it whole. */
+static unsigned char *backing(call *c, size_t bytes, DLDataType dtype) {
+    if (c->nt == MAX_TENSORS) return NULL;
+    ften *f = &c->t[c->nt++];
+    memset(f, 0, sizeof *f);
+    f->shape[0] = (int64_t)bytes;
+    f->t.ndim = 1;
+    f->t.shape = f->shape;
+    f->t.dtype = U8;
+    f->t.device.device_type = kDLCPU;
+    f->block_bytes = bytes;
+    f->block = new_block(bytes);
+    fill(c, f->block, bytes, dtype);
+    f->t.data = f->block;
+    return f->block;
+}
+
+/* A compact (rows, cols) view at p, inside a backing(). */
+static DLTensor *view_at(call *c, DLDataType dtype, int64_t rows, int64_t cols, unsigned char *p) {
+    if (!p || c->nt == MAX_TENSORS) return NULL;
+    ften *f = &c->t[c->nt++];
+    memset(f, 0, sizeof *f);
+    f->shape[0] = rows;
+    f->shape[1] = cols;
+    f->t.ndim = 2;
+    f->t.shape = f->shape;
+    f->t.dtype = dtype;
+    f->t.device.device_type = kDLCPU;
+    f->t.data = p;
+    return &f->t;
+}
+
+/* The tensors of a projection of n parts (widths[i] rows of cols each) in `form`: *fused and/or
+ * parts[0 .. n).  FORM_FUSED makes exactly the one arg() the fused-only entries make. */
+static void proj_arg(call *c, int form, DLDataType d, int n, const int64_t *widths, int64_t cols,
+                     DLTensor **fused, DLTensor **parts) {
+    int64_t total = 0;
+    for (int i = 0; i < n; ++i) {
+        parts[i] = NULL;
+        total += widths[i];
+    }
+    const int64_t fs[2] = {total, cols};
+    *fused = form == FORM_FUSED || form == FORM_BOTH ? arg(c, d, 2, fs) : NULL;
+    if (form == FORM_PARTS || form == FORM_BOTH) {
+        for (int i = 0; i < n; ++i) {
+            const int64_t s[2] = {widths[i], cols};
+            parts[i] = arg(c, d, 2, s);
+        }
+    } else if (form == FORM_CARVED || form == FORM_APART) {
+        /* Apart: the parts rotated (k | v | q), or in order with a gap of rows or of one element. */
+        const unsigned rot = form == FORM_APART ? pick(c, (unsigned)n) : 0;
+        const int64_t gap =
+            form == FORM_APART && (rot == 0 || pick(c, 2)) ? (pick(c, 8) ? cols * dim(c, 1, 2) : 1) : 0;
+        const size_t es = elem_bytes(d);
+        unsigned char *p = backing(c, (size_t)(total * cols + (n - 1) * gap) * es, d);
+        size_t at = 0;
+        for (int j = 0; j < n; ++j) {
+            const int i = (int)((j + rot) % (unsigned)n);
+            parts[i] = view_at(c, d, widths[i], cols, p ? p + at : NULL);
+            at += (size_t)(widths[i] * cols + gap) * es;
+        }
+    }
+}
+
 /* with_tables: whether the call takes cos and sin (the size queries do not: a hostile table
- * that no call reads must not count as accepted). */
-static void block_setup(call *c, block_args *a, int with_tables) {
+ * that no call reads must not count as accepted).  parts: whether the qkv and gate/up weights
+ * may come in parts (the training entries; the others keep their inputs' meaning). */
+static void block_setup(call *c, block_args *a, int with_tables, int parts) {
     const l3k_llama_block_weights w0 = L3K_LLAMA_BLOCK_WEIGHTS_INIT;
     const l3k_llama_block_config cfg0 = L3K_LLAMA_BLOCK_CONFIG_INIT;
     a->w = w0;
@@ -645,15 +725,30 @@ static void block_setup(call *c, block_args *a, int with_tables) {
     a->xs[0] = b;
     a->xs[1] = s;
     a->xs[2] = dm;
+    a->dm = dm;
+    a->kv = hkv * hd;
+    a->qkv = qkv;
+    a->hidden = hidden;
+    a->heads = h;
     a->x = arg(c, a->d, 3, a->xs);
     const int64_t ts[2] = {s + dim(c, 0, 2), hd / 2};
     const DLDataType td = pick(c, 2) ? F32 : a->d;
     a->cos = with_tables ? arg(c, td, 2, ts) : NULL;
     a->sin = with_tables ? arg(c, td, 2, ts) : NULL;
-    const int64_t sq[2] = {qkv, dm}, so[2] = {dm, dm}, sg[2] = {2 * hidden, dm}, sd[2] = {dm, hidden};
-    a->w.qkv_weight = arg(c, a->d, 2, sq);
+    const int fqkv = parts ? proj_form(c) : FORM_FUSED, fgu = parts ? proj_form(c) : FORM_FUSED;
+    const int64_t wq[3] = {dm, hkv * hd, hkv * hd}, wg[2] = {hidden, hidden}, so[2] = {dm, dm},
+                  sd[2] = {dm, hidden};
+    DLTensor *f, *p[3];
+    proj_arg(c, fqkv, a->d, 3, wq, dm, &f, p);
+    a->w.qkv_weight = f;
+    a->w.q_weight = p[0];
+    a->w.k_weight = p[1];
+    a->w.v_weight = p[2];
     a->w.o_weight = arg(c, a->d, 2, so);
-    a->w.gate_up_weight = arg(c, a->d, 2, sg);
+    proj_arg(c, fgu, a->d, 2, wg, dm, &f, p);
+    a->w.gate_up_weight = f;
+    a->w.gate_weight = p[0];
+    a->w.up_weight = p[1];
     a->w.down_weight = arg(c, a->d, 2, sd);
     a->w.norm1_weight = arg(c, a->d, 1, &dm);
     a->w.norm2_weight = arg(c, a->d, 1, &dm);
@@ -668,19 +763,174 @@ static void block_setup(call *c, block_args *a, int with_tables) {
 
 static int e_llama_block_forward_workspace_size(call *c) {
     block_args a;
-    block_setup(c, &a, 0);
+    block_setup(c, &a, 0, 0);
     size_t bytes = 0;
     return CALL(c, l3k_llama_block_forward_workspace_size(a.x, &a.w, &a.cfg, pick(c, 16) ? &bytes : NULL));
 }
 
 static int e_llama_block_forward(call *c) {
     block_args a;
-    block_setup(c, &a, 1);
+    block_setup(c, &a, 1, 0);
     DLTensor *out = arg(c, a.d, 3, a.xs);
     size_t bytes = 0;
     (void)l3k_llama_block_forward_workspace_size(a.x, &a.w, &a.cfg, &bytes);
     DLTensor *ws = bytes_arg(c, bytes);
     return CALL(c, l3k_llama_block_forward(a.x, a.cos, a.sin, &a.w, &a.cfg, out, ws, stream(c)));
+}
+
+/* cfg->key_range half the time: int32 (batch, 2), now and then another row count or dtype.  A cfg
+ * whose struct_size stops before the field has no key range: what the tensor is does not count. */
+static void block_key_range(call *c, block_args *a) {
+    if (pick(c, 2)) return;
+    const int read = a->cfg.struct_size >=
+                     offsetof(l3k_llama_block_config, key_range) + sizeof a->cfg.key_range;
+    const int must_fail = c->must_fail;
+    const char *why = c->why;
+    const int64_t shape[2] = {a->xs[0] + (pick(c, 16) == 0), 2};
+    a->cfg.key_range = arg(c, pick(c, 16) ? I32 : F32, 2, shape);
+    if (!read) {
+        c->must_fail = must_fail;
+        c->why = why;
+    }
+}
+
+/* The training layout for the setup's arguments, as the library reports it; where it refuses
+ * them, the sizes the setup meant (and no workspace), so the other arguments stay as they were. */
+static void block_layout(const block_args *a, l3k_llama_block_layout *lay) {
+    /* L3K_LLAMA_BLOCK_LAYOUT_INIT's {sizeof} alone trips -Wmissing-field-initializers. */
+    const l3k_llama_block_layout l0 = {.struct_size = sizeof l0};
+    *lay = l0;
+    if (l3k_llama_block_training_layout(a->x, &a->w, &a->cfg, lay) == L3K_SUCCESS) return;
+    *lay = l0;
+    const int64_t t = a->xs[0] * a->xs[1];
+    lay->qkv = (l3k_buffer_desc){t, a->qkv, a->d};
+    lay->residual = lay->attn_out = (l3k_buffer_desc){t, a->dm, a->d};
+    lay->gate_up = (l3k_buffer_desc){t, 2 * a->hidden, a->d};
+    lay->rstd1 = lay->rstd2 = (l3k_buffer_desc){t, 1, F32};
+    lay->lse = (l3k_buffer_desc){a->xs[0] * a->heads * a->xs[1], 1, F32};
+}
+
+/* One buffer from its layout entry: (rows, cols), or flattened; now and then another dtype or one
+ * row or column more. */
+static DLTensor *buffer_arg(call *c, l3k_buffer_desc b) {
+    const DLDataType dt = pick(c, 16) ? b.dtype : fdt(c);
+    int64_t s[2] = {b.rows, b.cols}, n;
+    if (pick(c, 16) == 0) s[pick(c, 2)] += 1;
+    if (pick(c, 4) == 0 && !__builtin_mul_overflow(s[0], s[1], &n)) return arg(c, dt, 1, &n);
+    return arg(c, dt, 2, s);
+}
+
+/* The activations from the layout; attn_out and lse: neither, both, or (refused) one of them.
+ * Now and then a struct_size of another version, or no struct at all. */
+static const l3k_llama_block_activations *activations_arg(call *c, const l3k_llama_block_layout *lay,
+                                                          l3k_llama_block_activations *s) {
+    const l3k_llama_block_activations s0 = L3K_LLAMA_BLOCK_ACTIVATIONS_INIT;
+    *s = s0;
+    if (pick(c, 32) == 0) s->struct_size = (size_t)pick(c, 2 * sizeof *s);
+    s->qkv = buffer_arg(c, lay->qkv);
+    s->residual = buffer_arg(c, lay->residual);
+    s->gate_up = buffer_arg(c, lay->gate_up);
+    s->rstd1 = buffer_arg(c, lay->rstd1);
+    s->rstd2 = buffer_arg(c, lay->rstd2);
+    const unsigned k = pick(c, 16);
+    if (k >= 7 && k != 15) s->attn_out = buffer_arg(c, lay->attn_out);
+    if (k >= 7 && k != 14) s->lse = buffer_arg(c, lay->lse);
+    return pick(c, 64) ? s : NULL;
+}
+
+/* The weight gradients, each projection in a form of its own (not necessarily its weight's).
+ * *gu_apart: the gate and up gradients are two buffers not one after the other. */
+static const l3k_llama_block_grads *grads_arg(call *c, const block_args *a, l3k_llama_block_grads *g,
+                                              int *gu_apart) {
+    const l3k_llama_block_grads g0 = L3K_LLAMA_BLOCK_GRADS_INIT;
+    *g = g0;
+    if (pick(c, 32) == 0) g->struct_size = (size_t)pick(c, 2 * sizeof *g);
+    const int fqkv = proj_form(c), fgu = proj_form(c);
+    const int64_t wq[3] = {a->dm, a->kv, a->kv}, wg[2] = {a->hidden, a->hidden}, so[2] = {a->dm, a->dm},
+                  sd[2] = {a->dm, a->hidden};
+    DLTensor *p[3];
+    proj_arg(c, fqkv, a->d, 3, wq, a->dm, &g->qkv_weight, p);
+    g->q_weight = p[0];
+    g->k_weight = p[1];
+    g->v_weight = p[2];
+    g->o_weight = arg(c, a->d, 2, so);
+    proj_arg(c, fgu, a->d, 2, wg, a->dm, &g->gate_up_weight, p);
+    g->gate_weight = p[0];
+    g->up_weight = p[1];
+    g->down_weight = arg(c, a->d, 2, sd);
+    g->norm1_weight = arg(c, a->d, 1, &a->dm);
+    g->norm2_weight = arg(c, a->d, 1, &a->dm);
+    *gu_apart = fgu == FORM_PARTS || fgu == FORM_APART;
+    return pick(c, 64) ? g : NULL;
+}
+
+/* 0 or L3K_BLOCK_PRESERVE_ACTIVATIONS; now and then unknown bits (refused). */
+static unsigned block_flags(call *c) {
+    switch (pick(c, 16)) {
+        case 0:
+            return 2u;
+        case 1:
+            return L3K_BLOCK_PRESERVE_ACTIVATIONS | 0x80000000u;
+        case 2:
+            return ~0u;
+        default:
+            return pick(c, 2) ? L3K_BLOCK_PRESERVE_ACTIVATIONS : 0u;
+    }
+}
+
+static int e_llama_block_training_layout(call *c) {
+    block_args a;
+    block_setup(c, &a, 0, 1);
+    l3k_llama_block_layout lay = {.struct_size = sizeof lay};
+    if (pick(c, 32) == 0) lay.struct_size = (size_t)pick(c, 2 * sizeof lay);
+    const l3k_llama_block_weights *w = pick(c, 64) ? &a.w : NULL;
+    const l3k_llama_block_config *cfg = pick(c, 64) ? &a.cfg : NULL;
+    return CALL(c, l3k_llama_block_training_layout(a.x, w, cfg, pick(c, 16) ? &lay : NULL));
+}
+
+static int e_llama_block_forward_train(call *c) {
+    block_args a;
+    l3k_llama_block_layout lay;
+    l3k_llama_block_activations s;
+    block_setup(c, &a, 1, 1);
+    block_key_range(c, &a);
+    block_layout(&a, &lay);
+    DLTensor *out = arg(c, a.d, 3, a.xs);
+    const l3k_llama_block_activations *saved = activations_arg(c, &lay, &s);
+    DLTensor *ws = bytes_arg(c, lay.forward_workspace_bytes);
+    return CALL(c, l3k_llama_block_forward_train(a.x, a.cos, a.sin, &a.w, &a.cfg, out, saved, ws, stream(c)));
+}
+
+static int e_llama_block_backward(call *c) {
+    block_args a;
+    l3k_llama_block_layout lay;
+    l3k_llama_block_activations s;
+    l3k_llama_block_grads g;
+    int gu_apart;
+    block_setup(c, &a, 1, 1);
+    block_key_range(c, &a);
+    block_layout(&a, &lay);
+    DLTensor *dout = arg(c, a.d, 3, a.xs), *dx = arg(c, a.d, 3, a.xs);
+    const l3k_llama_block_activations *saved = activations_arg(c, &lay, &s);
+    const l3k_llama_block_grads *grads = grads_arg(c, &a, &g, &gu_apart);
+    const unsigned flags = block_flags(c);
+    size_t bytes = flags & L3K_BLOCK_PRESERVE_ACTIVATIONS ? lay.backward_workspace_bytes_preserving
+                                                          : lay.backward_workspace_bytes;
+    if (gu_apart) bytes += lay.backward_workspace_extra_split_gate_up;
+    DLTensor *ws = bytes_arg(c, bytes);
+    /* A quarter of the time the activations first get a training forward's values (dout is its
+     * out), before the snapshot; only with arguments that are all backed and none must fail. */
+    if (saved && pick(c, 4) == 0) {
+        const int must_fail = c->must_fail;
+        const char *why = c->why;
+        DLTensor *fws = bytes_arg(c, lay.forward_workspace_bytes);
+        if (!c->skip && !c->must_fail)
+            (void)l3k_llama_block_forward_train(a.x, a.cos, a.sin, &a.w, &a.cfg, dout, saved, fws, NULL);
+        c->must_fail = must_fail;
+        c->why = why;
+    }
+    return CALL(c, l3k_llama_block_backward(dout, a.x, a.cos, a.sin, &a.w, &a.cfg, saved, flags, dx, grads,
+                                            ws, stream(c)));
 }
 
 /* The status and version functions: no tensors, never fail. */
@@ -718,6 +968,9 @@ static const entry ENTRIES[] = {
     {"llama_block_forward_workspace_size", e_llama_block_forward_workspace_size},
     {"llama_block_forward", e_llama_block_forward},
     {"status", e_status},
+    {"llama_block_training_layout", e_llama_block_training_layout},
+    {"llama_block_forward_train", e_llama_block_forward_train},
+    {"llama_block_backward", e_llama_block_backward},
 };
 enum { N_ENTRIES = sizeof ENTRIES / sizeof ENTRIES[0] };
 
