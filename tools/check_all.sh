@@ -3,12 +3,7 @@
 # compute-sanitizer (memcheck, racecheck) on each op's small workload, then benchmark suites.
 #   SANITIZE="..."  workloads to sanitize (empty: none)      SUITES="..."  bench suites (e.g. "all")
 #   PYTEST_TIMEOUT  seconds for pytest (default 300)
-set -uo pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT=$(cd "$OUT" && pwd)
-cd "$(dirname "$0")/.."
-src=$(bash tools/build.sh) || exit 1
-cd $src
+source "$(dirname "$0")/gpu_prelude.sh" # strict mode, absolute $OUT, install, cd to the source
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader
 timeout ${PYTEST_TIMEOUT:-300} python3 -m pytest -q tests/python --ignore=tests/python/test_distributed.py 2>&1 \
   | tee $OUT/pytest.log | tail -4

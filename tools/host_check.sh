@@ -2,12 +2,7 @@
 # On an H100 machine: install, the CUDA GEMM, block and torch.library tests, memcheck of the GEMM tuning and plan
 # cache, the host-overhead probe, and the block benchmark at the tutorial's test shape (the
 # host-bound one). Every step has its own time limit; logs under $OUT.
-set -uo pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT=$(cd "$OUT" && pwd)
-cd "$(dirname "$0")/.."
-src=$(bash tools/build.sh) || exit 1
-cd $src
+source "$(dirname "$0")/gpu_prelude.sh" # strict mode, absolute $OUT, install, cd to the source
 timeout ${TEST_T:-240} python3 -m pytest -q -x tests/python/test_linear.py tests/python/test_block.py tests/python/test_library.py -k cuda \
   2>&1 | tee $OUT/pytest.log | tail -2
 timeout ${SAN_T:-150} compute-sanitizer --tool memcheck --print-limit 20 python3 tools/sanitize_linear.py \

@@ -13,14 +13,8 @@
 # Knobs: NGPU (default: every visible GPU, at least 2), STEPS, WARMUP, and the bf16 model:
 # DIM HIDDEN LAYERS HEADS KV_HEADS VOCAB SEQ BATCH (BATCH is the global batch: BATCH/NGPU a GPU).
 # NVLink multicast (NVLS) stays off: NCCL_NVLS_ENABLE=0 here and in the example itself.
-set -uo pipefail
-export PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT=$(cd "$OUT" && pwd)
-cd "$(dirname "$0")/.."
-
-src=$(bash tools/build.sh) || exit 1   # pip-installs the tree (sm_90a only); prints its dir
-cd "$src"
+source "$(dirname "$0")/gpu_prelude.sh" # strict mode, absolute $OUT, install, cd to the source
 nvidia-smi --query-gpu=index,name,clocks.sm,clocks.max.sm,memory.total --format=csv,noheader
 have=$(python3 -c "import torch; print(torch.cuda.device_count())")
 NGPU=${NGPU:-$have}
