@@ -7,6 +7,13 @@
 #include "linear.h"
 #include "validate.h"
 
+/* One of a GEMM's row-view operands: the tensor, its name for messages, its rows. */
+typedef struct {
+    const DLTensor *t;
+    const char *name;
+    l3k_rows *r; /* filled in by the checks */
+} operand;
+
 static l3k_status check_rows_tensor(l3k_call *c, const DLTensor *t, const char *name, l3k_dt *dt,
                                     l3k_rows *rows) {
     L3K_TRY(l3k_check_tensor(c, t, name));
@@ -23,9 +30,12 @@ static l3k_status check_weight(l3k_call *c, const DLTensor *w, const char *name,
     return l3k_check_rows(c, w, name, rows);
 }
 
-/* `t` has x's leading shape and last dim `n`. */
-static l3k_status check_leading(l3k_call *c, const DLTensor *t, const char *name, const DLTensor *x,
-                                int64_t n) {
+/* An output: a tensor of `x`'s dtype (`dt`, named `x_name`), its leading shape and last dim `n`, seen
+ * as rows. */
+static l3k_status check_output(l3k_call *c, const DLTensor *t, const char *name, const DLTensor *x,
+                               const char *x_name, l3k_dt dt, int64_t n, l3k_rows *rows) {
+    L3K_TRY(l3k_check_tensor(c, t, name));
+    L3K_TRY(l3k_check_dtype(c, t, name, dt, x_name));
     int ok = t->ndim == x->ndim && t->shape[t->ndim - 1] == n;
     for (int i = 0; ok && i < x->ndim - 1; ++i) ok = t->shape[i] == x->shape[i];
     if (!ok) {
@@ -33,7 +43,22 @@ static l3k_status check_leading(l3k_call *c, const DLTensor *t, const char *name
                         "%s has ndim %d and last dim %lld, expected x's leading dims and last dim %lld", name,
                         (int)t->ndim, (long long)(t->ndim ? t->shape[t->ndim - 1] : 0), (long long)n);
     }
-    return L3K_SUCCESS;
+    return l3k_check_rows(c, t, name, rows);
+}
+
+/* The input `in` (x; dy for the input gradient) and the weight, whose in_features (out_features
+ * when `backward`) must be in's last dim, and the output, with in's leading dims and the weight's
+ * other dim.  in's dtype, *dt, is everyone's. */
+static l3k_status check_in_weight_out(l3k_call *c, const operand *in, const operand *w, const operand *out,
+                                      int backward, l3k_dt *dt) {
+    L3K_TRY(check_rows_tensor(c, in->t, in->name, dt, in->r));
+    L3K_TRY(check_weight(c, w->t, w->name, *dt, w->r));
+    const int64_t features = backward ? w->r->rows : w->r->n;
+    if (features != in->r->n)
+        return l3k_fail(c, L3K_ERROR_SHAPE, "%s has %s %lld, expected %lld like %s's last dim", w->name,
+                        backward ? "out_features" : "in_features", (long long)features, (long long)in->r->n,
+                        in->name);
+    return check_output(c, out->t, out->name, in->t, in->name, *dt, backward ? w->r->n : w->r->rows, out->r);
 }
 
 /* The optional cuBLASLt workspace.  One of 0 bytes is none: what a caller gets
@@ -50,20 +75,46 @@ static l3k_status workspace_of(l3k_call *c, const DLTensor *ws, void **data, siz
     return L3K_SUCCESS;
 }
 
-/* cuBLASLt writes the workspace while it reads the operands. */
-static l3k_status workspace_apart(l3k_call *c, const DLTensor *ws, size_t bytes, const DLTensor *const *ts,
-                                  const char *const *names, int count) {
-    if (!bytes) return L3K_SUCCESS;
-    for (int i = 0; i < count; ++i)
-        if (ts[i]) L3K_TRY(l3k_check_no_overlap(c, ws, "workspace", ts[i], names[i], 0));
-    return L3K_SUCCESS;
-}
-
-static l3k_status run(l3k_call *c, const l3k_gemm_args *g, void *stream) {
-    if (g->m == 0 || g->n == 0) return L3K_SUCCESS;
+/* D = op(A) op(B) (+ C when `cin` is given) in the column-major terms above.  D, d.rows rows of
+ * d.n, is the column-major d.n x d.rows matrix: m = d.n, n = d.rows; op(B) is k x n, so k is B's
+ * row count when B is transposed, else its row length.  D shares no byte with A or B and is C's
+ * very view or apart from it (C may be D itself: accumulate); the workspace is apart from all. */
+static l3k_status gemm(l3k_call *c, const operand *a, int trans_a, const operand *b, int trans_b,
+                       const operand *cin, const operand *d, l3k_dt ab_dtype, l3k_dt cd_dtype,
+                       const DLTensor *workspace, void *stream) {
+    const operand *ops[4] = {b, a, cin != d ? cin : 0, d};
+    for (int i = 0; i < 3; ++i)
+        if (ops[i]) L3K_TRY(l3k_check_no_overlap(c, d->t, d->name, ops[i]->t, ops[i]->name, ops[i] == cin));
+    void *ws;
+    size_t ws_bytes;
+    L3K_TRY(workspace_of(c, workspace, &ws, &ws_bytes));
+    for (int i = 0; ws_bytes && i < 4; ++i) /* cuBLASLt writes the workspace while it reads the operands */
+        if (ops[i]) L3K_TRY(l3k_check_no_overlap(c, workspace, "workspace", ops[i]->t, ops[i]->name, 0));
+    const l3k_gemm_args g = {
+        .trans_a = trans_a,
+        .trans_b = trans_b,
+        .m = d->r->n,
+        .n = d->r->rows,
+        .k = trans_b ? b->r->rows : b->r->n,
+        .a = a->r->data,
+        .lda = a->r->row_stride,
+        .b = b->r->data,
+        .ldb = b->r->row_stride,
+        .c = cin ? cin->r->data : 0,
+        .ldc = cin ? cin->r->row_stride : 0,
+        .d = d->r->data,
+        .ldd = d->r->row_stride,
+        .ab_dtype = ab_dtype,
+        .cd_dtype = cd_dtype,
+        .alpha = 1.0f,
+        .beta = cin ? 1.0f : 0.0f,
+        .workspace = ws,
+        .workspace_bytes = ws_bytes,
+    };
+    if (g.m == 0 || g.n == 0) return L3K_SUCCESS;
     if (l3k_checking_only()) return L3K_SUCCESS;
-    if (l3k_on_cuda(c)) return l3k_cuda_launch(c, L3K_CUDA_FN(l3k_cuda_gemm), g, stream);
-    l3k_cpu_gemm(g);
+    if (l3k_on_cuda(c)) return l3k_cuda_launch(c, L3K_CUDA_FN(l3k_cuda_gemm), &g, stream);
+    l3k_cpu_gemm(&g);
     return L3K_SUCCESS;
 }
 
@@ -80,15 +131,8 @@ l3k_status l3k_linear_forward(const DLTensor *x, const DLTensor *weight, const D
     l3k_call c = {.op = "linear_forward"};
     l3k_dt dt;
     l3k_rows xr, wr, yr, rr = {0};
-    L3K_TRY(check_rows_tensor(&c, x, "x", &dt, &xr));
-    L3K_TRY(check_weight(&c, weight, "weight", dt, &wr));
-    if (wr.n != xr.n)
-        return l3k_fail(&c, L3K_ERROR_SHAPE, "weight has in_features %lld, expected %lld like x's last dim",
-                        (long long)wr.n, (long long)xr.n);
-    L3K_TRY(l3k_check_tensor(&c, y, "y"));
-    L3K_TRY(l3k_check_dtype(&c, y, "y", dt, "x"));
-    L3K_TRY(check_leading(&c, y, "y", x, wr.rows));
-    L3K_TRY(l3k_check_rows(&c, y, "y", &yr));
+    const operand in = {x, "x", &xr}, w = {weight, "weight", &wr}, out = {y, "y", &yr};
+    L3K_TRY(check_in_weight_out(&c, &in, &w, &out, 0, &dt));
     if (residual) {
         L3K_TRY(l3k_check_tensor(&c, residual, "residual"));
         L3K_TRY(l3k_check_dtype(&c, residual, "residual", dt, "x"));
@@ -97,37 +141,8 @@ l3k_status l3k_linear_forward(const DLTensor *x, const DLTensor *weight, const D
         if (rr.data == yr.data && rr.row_stride != yr.row_stride)
             return l3k_fail(&c, L3K_ERROR_LAYOUT, "residual aliases y with another row stride");
     }
-    L3K_TRY(l3k_check_no_overlap(&c, y, "y", x, "x", 0));
-    L3K_TRY(l3k_check_no_overlap(&c, y, "y", weight, "weight", 0));
-    if (residual) L3K_TRY(l3k_check_no_overlap(&c, y, "y", residual, "residual", 1));
-    void *ws;
-    size_t ws_bytes;
-    L3K_TRY(workspace_of(&c, workspace, &ws, &ws_bytes));
-    const DLTensor *ts[4] = {x, weight, residual, y};
-    static const char *const names[4] = {"x", "weight", "residual", "y"};
-    L3K_TRY(workspace_apart(&c, workspace, ws_bytes, ts, names, 4));
-    l3k_gemm_args g = {
-        .trans_a = 1,
-        .trans_b = 0,
-        .m = wr.rows,
-        .n = xr.rows,
-        .k = xr.n,
-        .a = wr.data,
-        .lda = wr.row_stride,
-        .b = xr.data,
-        .ldb = xr.row_stride,
-        .c = residual ? rr.data : 0,
-        .ldc = rr.row_stride,
-        .d = yr.data,
-        .ldd = yr.row_stride,
-        .ab_dtype = dt,
-        .cd_dtype = dt,
-        .alpha = 1.0f,
-        .beta = residual ? 1.0f : 0.0f,
-        .workspace = ws,
-        .workspace_bytes = ws_bytes,
-    };
-    return run(&c, &g, stream);
+    const operand r = {residual, "residual", &rr};
+    return gemm(&c, &w, 1, &in, 0, residual ? &r : 0, &out, dt, dt, workspace, stream);
 }
 
 l3k_status l3k_linear_backward_input(const DLTensor *dy, const DLTensor *weight, DLTensor *dx, int accumulate,
@@ -135,45 +150,9 @@ l3k_status l3k_linear_backward_input(const DLTensor *dy, const DLTensor *weight,
     l3k_call c = {.op = "linear_backward_input"};
     l3k_dt dt;
     l3k_rows dyr, wr, dxr;
-    L3K_TRY(check_rows_tensor(&c, dy, "dy", &dt, &dyr));
-    L3K_TRY(check_weight(&c, weight, "weight", dt, &wr));
-    if (wr.rows != dyr.n)
-        return l3k_fail(&c, L3K_ERROR_SHAPE, "weight has out_features %lld, expected %lld like dy's last dim",
-                        (long long)wr.rows, (long long)dyr.n);
-    L3K_TRY(l3k_check_tensor(&c, dx, "dx"));
-    L3K_TRY(l3k_check_dtype(&c, dx, "dx", dt, "dy"));
-    L3K_TRY(check_leading(&c, dx, "dx", dy, wr.n));
-    L3K_TRY(l3k_check_rows(&c, dx, "dx", &dxr));
-    L3K_TRY(l3k_check_no_overlap(&c, dx, "dx", dy, "dy", 0));
-    L3K_TRY(l3k_check_no_overlap(&c, dx, "dx", weight, "weight", 0));
-    void *ws;
-    size_t ws_bytes;
-    L3K_TRY(workspace_of(&c, workspace, &ws, &ws_bytes));
-    const DLTensor *ts[3] = {dy, weight, dx};
-    static const char *const names[3] = {"dy", "weight", "dx"};
-    L3K_TRY(workspace_apart(&c, workspace, ws_bytes, ts, names, 3));
-    l3k_gemm_args g = {
-        .trans_a = 0,
-        .trans_b = 0,
-        .m = wr.n,
-        .n = dyr.rows,
-        .k = dyr.n,
-        .a = wr.data,
-        .lda = wr.row_stride,
-        .b = dyr.data,
-        .ldb = dyr.row_stride,
-        .c = accumulate ? dxr.data : 0,
-        .ldc = dxr.row_stride,
-        .d = dxr.data,
-        .ldd = dxr.row_stride,
-        .ab_dtype = dt,
-        .cd_dtype = dt,
-        .alpha = 1.0f,
-        .beta = accumulate ? 1.0f : 0.0f,
-        .workspace = ws,
-        .workspace_bytes = ws_bytes,
-    };
-    return run(&c, &g, stream);
+    const operand in = {dy, "dy", &dyr}, w = {weight, "weight", &wr}, out = {dx, "dx", &dxr};
+    L3K_TRY(check_in_weight_out(&c, &in, &w, &out, 1, &dt));
+    return gemm(&c, &w, 0, &in, 0, accumulate ? &out : 0, &out, dt, dt, workspace, stream);
 }
 
 l3k_status l3k_linear_backward_weight(const DLTensor *dy, const DLTensor *x, DLTensor *dweight,
@@ -199,34 +178,7 @@ l3k_status l3k_linear_backward_weight(const DLTensor *dy, const DLTensor *x, DLT
         return l3k_fail(&c, L3K_ERROR_SHAPE, "dweight has ndim %d, expected shape (%lld, %lld)",
                         (int)dweight->ndim, (long long)dyr.n, (long long)xr.n);
     L3K_TRY(l3k_check_rows(&c, dweight, "dweight", &dwr));
-    L3K_TRY(l3k_check_no_overlap(&c, dweight, "dweight", dy, "dy", 0));
-    L3K_TRY(l3k_check_no_overlap(&c, dweight, "dweight", x, "x", 0));
-    void *ws;
-    size_t ws_bytes;
-    L3K_TRY(workspace_of(&c, workspace, &ws, &ws_bytes));
-    const DLTensor *ts[3] = {dy, x, dweight};
-    static const char *const names[3] = {"dy", "x", "dweight"};
-    L3K_TRY(workspace_apart(&c, workspace, ws_bytes, ts, names, 3));
-    l3k_gemm_args g = {
-        .trans_a = 0,
-        .trans_b = 1,
-        .m = xr.n,
-        .n = dyr.n,
-        .k = xr.rows,
-        .a = xr.data,
-        .lda = xr.row_stride,
-        .b = dyr.data,
-        .ldb = dyr.row_stride,
-        .c = accumulate ? dwr.data : 0,
-        .ldc = dwr.row_stride,
-        .d = dwr.data,
-        .ldd = dwr.row_stride,
-        .ab_dtype = dt,
-        .cd_dtype = wdt,
-        .alpha = 1.0f,
-        .beta = accumulate ? 1.0f : 0.0f,
-        .workspace = ws,
-        .workspace_bytes = ws_bytes,
-    };
-    return run(&c, &g, stream); /* no rows: k == 0, dweight = 0 (or unchanged when accumulating) */
+    const operand a = {x, "x", &xr}, b = {dy, "dy", &dyr}, d = {dweight, "dweight", &dwr};
+    /* no rows: k == 0, dweight = 0 (or unchanged when accumulating) */
+    return gemm(&c, &a, 0, &b, 1, accumulate ? &d : 0, &d, dt, wdt, workspace, stream);
 }
