@@ -449,6 +449,13 @@ static l3k_status check_buffer(l3k_call *c, const DLTensor *t, const char *name,
     return L3K_SUCCESS;
 }
 
+/* out, dout or dx: a buffer of x's shape and dtype. */
+static l3k_status check_like_x(l3k_call *c, const DLTensor *t, const char *name, const DLTensor *x,
+                               const dims *d) {
+    L3K_TRY(check_buffer(c, t, name, l3k_numel(x), d->dt, "x"));
+    return l3k_check_same_shape(c, t, name, x, "x");
+}
+
 /* Scratch regions are placed inside the activation and gradient buffers, and the
  * CUDA kernels that use them (the attention backward's accumulators) want 256-byte
  * alignment; the CPU kernels want 16 (cudaMalloc, torch and NumPy give at least that). */
@@ -477,6 +484,24 @@ static void add(tensor_list *l, const DLTensor *t, const char *name) {
     l->name[l->n++] = name;
 }
 
+/* The tensors of an l3k_llama_block_weights or l3k_llama_block_grads (the same fields, in the
+ * same order), as an initializer list, and their names in messages. */
+enum { N_WEIGHTS = 11 };
+#define WEIGHT_FIELDS(s)                                                                      \
+    (s)->qkv_weight, (s)->o_weight, (s)->gate_up_weight, (s)->down_weight, (s)->norm1_weight, \
+        (s)->norm2_weight, (s)->q_weight, (s)->k_weight, (s)->v_weight, (s)->gate_weight, (s)->up_weight
+static const char *const weight_names[N_WEIGHTS] = {
+    "qkv_weight", "o_weight", "gate_up_weight", "down_weight", "norm1_weight", "norm2_weight",
+    "q_weight",   "k_weight", "v_weight",       "gate_weight", "up_weight"};
+static const char *const grad_names[N_WEIGHTS] = {
+    "grads->qkv_weight",   "grads->o_weight",     "grads->gate_up_weight", "grads->down_weight",
+    "grads->norm1_weight", "grads->norm2_weight", "grads->q_weight",       "grads->k_weight",
+    "grads->v_weight",     "grads->gate_weight",  "grads->up_weight"};
+
+static void add_all(tensor_list *l, const DLTensor *const *t, const char *const *names, int n) {
+    for (int i = 0; i < n; ++i) add(l, t[i], names[i]);
+}
+
 /* What every block call reads: x, the RoPE tables and the weights. */
 static tensor_list block_inputs(const DLTensor *x, const DLTensor *cos, const DLTensor *sin,
                                 const l3k_llama_block_weights *w) {
@@ -484,17 +509,8 @@ static tensor_list block_inputs(const DLTensor *x, const DLTensor *cos, const DL
     add(&l, x, "x");
     add(&l, cos, "cos");
     add(&l, sin, "sin");
-    add(&l, w->qkv_weight, "qkv_weight");
-    add(&l, w->o_weight, "o_weight");
-    add(&l, w->gate_up_weight, "gate_up_weight");
-    add(&l, w->down_weight, "down_weight");
-    add(&l, w->norm1_weight, "norm1_weight");
-    add(&l, w->norm2_weight, "norm2_weight");
-    add(&l, w->q_weight, "q_weight");
-    add(&l, w->k_weight, "k_weight");
-    add(&l, w->v_weight, "v_weight");
-    add(&l, w->gate_weight, "gate_weight");
-    add(&l, w->up_weight, "up_weight");
+    const DLTensor *ws[N_WEIGHTS] = {WEIGHT_FIELDS(w)};
+    add_all(&l, ws, weight_names, N_WEIGHTS);
     return l;
 }
 
@@ -533,6 +549,29 @@ static void add_activations(tensor_list *l, const l3k_llama_block_activations *s
     add(l, s->lse, "saved->lse");
 }
 
+static l3k_status check_activations(l3k_call *c, const dims *d, const l3k_llama_block_activations *s) {
+    L3K_TRY(check_struct_size(c, s, s ? s->struct_size : 0, sizeof(l3k_llama_block_activations), "saved",
+                              "L3K_LLAMA_BLOCK_ACTIVATIONS_INIT"));
+    L3K_TRY(check_buffer(c, s->qkv, "saved->qkv", d->t * d->qkv, d->dt, "x"));
+    L3K_TRY(check_buffer(c, s->residual, "saved->residual", d->t * d->dim, d->dt, "x"));
+    L3K_TRY(check_buffer(c, s->gate_up, "saved->gate_up", d->t * 2 * d->hidden, d->dt, "x"));
+    L3K_TRY(check_buffer(c, s->rstd1, "saved->rstd1", d->t, L3K_DT_F32, "rstd"));
+    L3K_TRY(check_buffer(c, s->rstd2, "saved->rstd2", d->t, L3K_DT_F32, "rstd"));
+    if (!s->attn_out != !s->lse)
+        return l3k_fail(c, L3K_ERROR_NULL_POINTER,
+                        "saved->%s is NULL but saved->%s is not: give both or neither",
+                        s->attn_out ? "lse" : "attn_out", s->attn_out ? "attn_out" : "lse");
+    if (s->attn_out) {
+        L3K_TRY(check_buffer(c, s->attn_out, "saved->attn_out", d->t * d->dim, d->dt, "x"));
+        L3K_TRY(check_buffer(c, s->lse, "saved->lse", d->t * d->h, L3K_DT_F32, "lse"));
+    }
+    const DLTensor *all[7] = {s->qkv, s->residual, s->gate_up, s->rstd1, s->rstd2, s->attn_out, s->lse};
+    static const char *names[7] = {"saved->qkv",   "saved->residual", "saved->gate_up", "saved->rstd1",
+                                   "saved->rstd2", "saved->attn_out", "saved->lse"};
+    for (int i = 0; i < 7; ++i) L3K_TRY(check_aligned(c, all[i], names[i]));
+    return L3K_SUCCESS;
+}
+
 static l3k_status check_workspace_aligned(l3k_call *c, DLTensor *workspace, size_t bytes) {
     L3K_TRY(l3k_check_workspace(c, workspace, bytes));
     return bytes ? check_aligned(c, workspace, "workspace") : L3K_SUCCESS;
@@ -550,33 +589,55 @@ l3k_status l3k_llama_block_forward_workspace_size(const DLTensor *x, const l3k_l
     return L3K_SUCCESS;
 }
 
+/* The forward, for inference (train 0: saved is not read, qkv, h and gate_up live in the
+ * workspace and the rstds are not written) or training (the activations go to saved; attn_out and
+ * lse too when given, else the workspace holds them). */
+static l3k_status forward(l3k_call *c, const DLTensor *x, const DLTensor *cos, const DLTensor *sin,
+                          const l3k_llama_block_weights *w, const l3k_llama_block_config *cfg, DLTensor *out,
+                          const l3k_llama_block_activations *saved, int train, DLTensor *workspace,
+                          void *stream) {
+    dims d;
+    fwd_plan p;
+    L3K_TRY(make_dims(c, x, w, cfg, &d));
+    L3K_TRY(check_tables(c, cos, sin));
+    L3K_TRY(check_like_x(c, out, "out", x, &d));
+    if (train) L3K_TRY(check_activations(c, &d, saved));
+    const int keep_attn = train && saved->attn_out != NULL;
+    plan_forward(&d, !train, keep_attn, &p);
+    L3K_TRY(check_workspace_aligned(c, workspace, p.total));
+    tensor_list outs = {.n = 0}, ins = block_inputs(x, cos, sin, w);
+    L3K_TRY(check_key_range(c, &d, &ins));
+    add(&outs, out, "out");
+    add(&outs, workspace, "workspace");
+    if (train) add_activations(&outs, saved, 1);
+    L3K_TRY(check_disjoint(c, &outs, &ins));
+    if (d.t == 0 || d.dim == 0) return L3K_SUCCESS;
+    char *ws = (char *)l3k_data(workspace);
+    const fwd_buffers buf = {
+        train ? l3k_data(saved->qkv) : l3k_ptr_add(ws, (int64_t)p.qkv.off),
+        train ? l3k_data(saved->residual) : l3k_ptr_add(ws, (int64_t)p.h.off),
+        train ? l3k_data(saved->gate_up) : l3k_ptr_add(ws, (int64_t)p.gu.off),
+        keep_attn ? l3k_data(saved->attn_out) : l3k_ptr_add(ws, (int64_t)p.o.off),
+        train ? (float *)l3k_data(saved->rstd1) : NULL,
+        train ? (float *)l3k_data(saved->rstd2) : NULL,
+        keep_attn ? (float *)l3k_data(saved->lse) : (float *)l3k_ptr_add(ws, (int64_t)p.lse.off),
+    };
+    return checked_forward(c, &d, x, cos, sin, w, cfg, out, &buf, &p, ws, stream);
+}
+
 l3k_status l3k_llama_block_forward(const DLTensor *x, const DLTensor *cos, const DLTensor *sin,
                                    const l3k_llama_block_weights *w, const l3k_llama_block_config *cfg,
                                    DLTensor *out, DLTensor *workspace, void *stream) {
     l3k_call c = {.op = "llama_block_forward"};
-    dims d;
-    fwd_plan p;
-    L3K_TRY(make_dims(&c, x, w, cfg, &d));
-    L3K_TRY(check_tables(&c, cos, sin));
-    L3K_TRY(check_buffer(&c, out, "out", l3k_numel(x), d.dt, "x"));
-    L3K_TRY(l3k_check_same_shape(&c, out, "out", x, "x"));
-    plan_forward(&d, 1, 0, &p);
-    L3K_TRY(check_workspace_aligned(&c, workspace, p.total));
-    tensor_list outs = {.n = 0}, ins = block_inputs(x, cos, sin, w);
-    L3K_TRY(check_key_range(&c, &d, &ins));
-    add(&outs, out, "out");
-    add(&outs, workspace, "workspace");
-    L3K_TRY(check_disjoint(&c, &outs, &ins));
-    if (d.t == 0 || d.dim == 0) return L3K_SUCCESS;
-    char *ws = (char *)l3k_data(workspace);
-    const fwd_buffers buf = {l3k_ptr_add(ws, (int64_t)p.qkv.off),
-                             l3k_ptr_add(ws, (int64_t)p.h.off),
-                             l3k_ptr_add(ws, (int64_t)p.gu.off),
-                             l3k_ptr_add(ws, (int64_t)p.o.off),
-                             NULL,
-                             NULL,
-                             l3k_ptr_add(ws, (int64_t)p.lse.off)};
-    return checked_forward(&c, &d, x, cos, sin, w, cfg, out, &buf, &p, ws, stream);
+    return forward(&c, x, cos, sin, w, cfg, out, NULL, 0, workspace, stream);
+}
+
+l3k_status l3k_llama_block_forward_train(const DLTensor *x, const DLTensor *cos, const DLTensor *sin,
+                                         const l3k_llama_block_weights *w, const l3k_llama_block_config *cfg,
+                                         DLTensor *out, const l3k_llama_block_activations *saved,
+                                         DLTensor *workspace, void *stream) {
+    l3k_call c = {.op = "llama_block_forward_train"};
+    return forward(&c, x, cos, sin, w, cfg, out, saved, 1, workspace, stream);
 }
 
 /* ---- training ------------------------------------------------------------- */
@@ -668,64 +729,6 @@ l3k_status l3k_llama_block_training_layout(const DLTensor *x, const l3k_llama_bl
     return L3K_SUCCESS;
 }
 
-static l3k_status check_activations(l3k_call *c, const dims *d, const l3k_llama_block_activations *s) {
-    L3K_TRY(check_struct_size(c, s, s ? s->struct_size : 0, sizeof(l3k_llama_block_activations), "saved",
-                              "L3K_LLAMA_BLOCK_ACTIVATIONS_INIT"));
-    L3K_TRY(check_buffer(c, s->qkv, "saved->qkv", d->t * d->qkv, d->dt, "x"));
-    L3K_TRY(check_buffer(c, s->residual, "saved->residual", d->t * d->dim, d->dt, "x"));
-    L3K_TRY(check_buffer(c, s->gate_up, "saved->gate_up", d->t * 2 * d->hidden, d->dt, "x"));
-    L3K_TRY(check_buffer(c, s->rstd1, "saved->rstd1", d->t, L3K_DT_F32, "rstd"));
-    L3K_TRY(check_buffer(c, s->rstd2, "saved->rstd2", d->t, L3K_DT_F32, "rstd"));
-    if (!s->attn_out != !s->lse)
-        return l3k_fail(c, L3K_ERROR_NULL_POINTER,
-                        "saved->%s is NULL but saved->%s is not: give both or neither",
-                        s->attn_out ? "lse" : "attn_out", s->attn_out ? "attn_out" : "lse");
-    if (s->attn_out) {
-        L3K_TRY(check_buffer(c, s->attn_out, "saved->attn_out", d->t * d->dim, d->dt, "x"));
-        L3K_TRY(check_buffer(c, s->lse, "saved->lse", d->t * d->h, L3K_DT_F32, "lse"));
-    }
-    const DLTensor *all[7] = {s->qkv, s->residual, s->gate_up, s->rstd1, s->rstd2, s->attn_out, s->lse};
-    static const char *names[7] = {"saved->qkv",   "saved->residual", "saved->gate_up", "saved->rstd1",
-                                   "saved->rstd2", "saved->attn_out", "saved->lse"};
-    for (int i = 0; i < 7; ++i) L3K_TRY(check_aligned(c, all[i], names[i]));
-    return L3K_SUCCESS;
-}
-
-l3k_status l3k_llama_block_forward_train(const DLTensor *x, const DLTensor *cos, const DLTensor *sin,
-                                         const l3k_llama_block_weights *w, const l3k_llama_block_config *cfg,
-                                         DLTensor *out, const l3k_llama_block_activations *saved,
-                                         DLTensor *workspace, void *stream) {
-    l3k_call c = {.op = "llama_block_forward_train"};
-    dims d;
-    fwd_plan p;
-    L3K_TRY(make_dims(&c, x, w, cfg, &d));
-    L3K_TRY(check_tables(&c, cos, sin));
-    L3K_TRY(check_buffer(&c, out, "out", l3k_numel(x), d.dt, "x"));
-    L3K_TRY(l3k_check_same_shape(&c, out, "out", x, "x"));
-    L3K_TRY(check_activations(&c, &d, saved));
-    const int keep_attn = saved->attn_out != NULL;
-    plan_forward(&d, 0, keep_attn, &p);
-    L3K_TRY(check_workspace_aligned(&c, workspace, p.total));
-    tensor_list outs = {.n = 0}, ins = block_inputs(x, cos, sin, w);
-    L3K_TRY(check_key_range(&c, &d, &ins));
-    add(&outs, out, "out");
-    add(&outs, workspace, "workspace");
-    add_activations(&outs, saved, 1);
-    L3K_TRY(check_disjoint(&c, &outs, &ins));
-    if (d.t == 0 || d.dim == 0) return L3K_SUCCESS;
-    char *ws = (char *)l3k_data(workspace);
-    const fwd_buffers buf = {
-        l3k_data(saved->qkv),
-        l3k_data(saved->residual),
-        l3k_data(saved->gate_up),
-        keep_attn ? l3k_data(saved->attn_out) : l3k_ptr_add(ws, (int64_t)p.o.off),
-        (float *)l3k_data(saved->rstd1),
-        (float *)l3k_data(saved->rstd2),
-        keep_attn ? (float *)l3k_data(saved->lse) : (float *)l3k_ptr_add(ws, (int64_t)p.lse.off),
-    };
-    return checked_forward(&c, &d, x, cos, sin, w, cfg, out, &buf, &p, ws, stream);
-}
-
 /* The gradients, and their two projections with parts as GEMM targets. */
 static l3k_status check_grads(l3k_call *c, const dims *d, const l3k_llama_block_weights *w,
                               const l3k_llama_block_grads *g, proj *gqkv, proj *ggu) {
@@ -749,10 +752,8 @@ static l3k_status check_grads(l3k_call *c, const dims *d, const l3k_llama_block_
     const int64_t gu_widths[2] = {d->hidden, d->hidden};
     L3K_TRY(make_proj(c, ggu, g->gate_up_weight, "grads->gate_up_weight", gu_parts, gu_names, 2, gu_widths,
                       d->dim, d->dt, 1));
-    const DLTensor *all[11] = {g->qkv_weight,   g->o_weight,     g->gate_up_weight, g->down_weight,
-                               g->norm1_weight, g->norm2_weight, g->q_weight,       g->k_weight,
-                               g->v_weight,     g->gate_weight,  g->up_weight};
-    for (int i = 0; i < 11; ++i) L3K_TRY(check_aligned(c, all[i], "a gradient"));
+    const DLTensor *all[N_WEIGHTS] = {WEIGHT_FIELDS(g)};
+    for (int i = 0; i < N_WEIGHTS; ++i) L3K_TRY(check_aligned(c, all[i], "a gradient"));
     return L3K_SUCCESS;
 }
 
@@ -860,10 +861,8 @@ l3k_status l3k_llama_block_backward(const DLTensor *dout, const DLTensor *x, con
         return l3k_fail(&c, L3K_ERROR_VALUE, "flags is %u, expected 0 or L3K_BLOCK_PRESERVE_ACTIVATIONS (%u)",
                         flags, L3K_BLOCK_PRESERVE_ACTIVATIONS);
     const int preserve = (flags & L3K_BLOCK_PRESERVE_ACTIVATIONS) != 0;
-    L3K_TRY(check_buffer(&c, dout, "dout", l3k_numel(x), d.dt, "x"));
-    L3K_TRY(l3k_check_same_shape(&c, dout, "dout", x, "x"));
-    L3K_TRY(check_buffer(&c, dx, "dx", l3k_numel(x), d.dt, "x"));
-    L3K_TRY(l3k_check_same_shape(&c, dx, "dx", x, "x"));
+    L3K_TRY(check_like_x(&c, dout, "dout", x, &d));
+    L3K_TRY(check_like_x(&c, dx, "dx", x, &d));
     L3K_TRY(check_activations(&c, &d, saved));
     proj gqkv, ggu;
     L3K_TRY(check_grads(&c, &d, w, g, &gqkv, &ggu));
@@ -875,17 +874,8 @@ l3k_status l3k_llama_block_backward(const DLTensor *dout, const DLTensor *x, con
     L3K_TRY(check_key_range(&c, &d, &ins));
     add(&outs, dx, "dx");
     add(&outs, workspace, "workspace");
-    add(&outs, g->qkv_weight, "grads->qkv_weight");
-    add(&outs, g->o_weight, "grads->o_weight");
-    add(&outs, g->gate_up_weight, "grads->gate_up_weight");
-    add(&outs, g->down_weight, "grads->down_weight");
-    add(&outs, g->norm1_weight, "grads->norm1_weight");
-    add(&outs, g->norm2_weight, "grads->norm2_weight");
-    add(&outs, g->q_weight, "grads->q_weight");
-    add(&outs, g->k_weight, "grads->k_weight");
-    add(&outs, g->v_weight, "grads->v_weight");
-    add(&outs, g->gate_weight, "grads->gate_weight");
-    add(&outs, g->up_weight, "grads->up_weight");
+    const DLTensor *gs[N_WEIGHTS] = {WEIGHT_FIELDS(g)};
+    add_all(&outs, gs, grad_names, N_WEIGHTS);
     if (!preserve) add(&outs, saved->gate_up, "saved->gate_up");
     add(&ins, dout, "dout");
     add_activations(&ins, saved, preserve);
