@@ -112,6 +112,43 @@ static float quant(float x, l3k_dt dt) {
     return x;
 }
 
+/* The kernels' buffers, and their argument block for them: shape is (batch, n_heads, n_kv_heads,
+ * seq_q, seq_k, head_dim); q, o, dout and dq are strided by qst, k, v, dk and dv by kst; no key
+ * range (the caller sets ab.f.key_range). */
+typedef struct {
+    void *q, *k, *v, *o, *dout, *dq, *dk, *dv;
+    float *lse;
+} attn_bufs;
+
+static l3k_attn_bwd_args attn_args(const attn_bufs *p, const int64_t shape[6], const int64_t qst[3],
+                                   const int64_t kst[3], float scale, int causal, l3k_dt dt) {
+    l3k_attn_bwd_args ab = {
+        .f = {.q = p->q,
+              .k = p->k,
+              .v = p->v,
+              .o = p->o,
+              .lse = p->lse,
+              .batch = shape[0],
+              .n_heads = shape[1],
+              .n_kv_heads = shape[2],
+              .seq_q = shape[3],
+              .seq_k = shape[4],
+              .head_dim = shape[5],
+              .scale = scale,
+              .causal = causal,
+              .dtype = dt},
+        .dout = p->dout,
+        .dq = p->dq,
+        .dk = p->dk,
+        .dv = p->dv,
+    };
+    for (int i = 0; i < 3; i++) {
+        ab.f.q_stride[i] = ab.f.o_stride[i] = ab.do_stride[i] = ab.dq_stride[i] = qst[i];
+        ab.f.k_stride[i] = ab.f.v_stride[i] = ab.dk_stride[i] = ab.dv_stride[i] = kst[i];
+    }
+    return ab;
+}
+
 /* fill a tensor stored (B, S, Hn, D) (i.e. strided view of (B,Hn,S,D)) with values v */
 static int run_case(const tcase *c) {
     const int64_t B = c->B, H = c->H, HKV = c->HKV, SQ = c->SQ, SK = c->SK, D = c->D;
@@ -155,37 +192,11 @@ static int run_case(const tcase *c) {
     if (kr) make_key_ranges(c->kr, B, SK, kr);
 
     const float scale = 1.f / sqrtf((float)D);
-    l3k_attn_bwd_args ab;
-    memset(&ab, 0, sizeof ab);
-    l3k_attn_fwd_args *a = &ab.f;
-    a->q = q;
-    a->k = k;
-    a->v = v;
-    a->o = o;
-    a->lse = lse;
-    a->batch = B;
-    a->n_heads = H;
-    a->n_kv_heads = HKV;
-    a->seq_q = SQ;
-    a->seq_k = SK;
-    a->head_dim = D;
-    memcpy(a->q_stride, qst, sizeof qst);
-    memcpy(a->o_stride, qst, sizeof qst);
-    memcpy(a->k_stride, kst, sizeof kst);
-    memcpy(a->v_stride, kst, sizeof kst);
-    a->scale = scale;
-    a->causal = c->causal;
-    a->dtype = dt;
-    a->key_range = kr;
-    ab.dout = dout;
-    memcpy(ab.do_stride, qst, sizeof qst);
-    ab.dq = dq;
-    ab.dk = dk;
-    ab.dv = dv;
-    memcpy(ab.dq_stride, qst, sizeof qst);
-    memcpy(ab.dk_stride, kst, sizeof kst);
-    memcpy(ab.dv_stride, kst, sizeof kst);
-    int rc = l3k_cpu_attn_fwd(a);
+    const attn_bufs bufs = {q, k, v, o, dout, dq, dk, dv, lse};
+    const int64_t shape[6] = {B, H, HKV, SQ, SK, D};
+    l3k_attn_bwd_args ab = attn_args(&bufs, shape, qst, kst, scale, c->causal, dt);
+    ab.f.key_range = kr;
+    int rc = l3k_cpu_attn_fwd(&ab.f);
     rc |= l3k_cpu_attn_bwd(&ab);
 
     /* naive float64 reference */
@@ -320,37 +331,11 @@ typedef struct {
 } nan_bufs;
 
 static int nan_run(nan_bufs *t, int causal) {
-    l3k_attn_bwd_args ab;
-    memset(&ab, 0, sizeof ab);
-    l3k_attn_fwd_args *a = &ab.f;
     const int64_t qst[3] = {NH * NSQ * ND, NSQ * ND, ND}, kst[3] = {NHKV * NSK * ND, NSK * ND, ND};
-    a->q = t->q;
-    a->k = t->k;
-    a->v = t->v;
-    a->o = t->o;
-    a->lse = t->lse;
-    a->batch = NB;
-    a->n_heads = NH;
-    a->n_kv_heads = NHKV;
-    a->seq_q = NSQ;
-    a->seq_k = NSK;
-    a->head_dim = ND;
-    memcpy(a->q_stride, qst, sizeof qst);
-    memcpy(a->o_stride, qst, sizeof qst);
-    memcpy(a->k_stride, kst, sizeof kst);
-    memcpy(a->v_stride, kst, sizeof kst);
-    a->scale = 0.35f;
-    a->causal = causal;
-    a->dtype = L3K_DT_F32;
-    ab.dout = t->dout;
-    memcpy(ab.do_stride, qst, sizeof qst);
-    ab.dq = t->dq;
-    ab.dk = t->dk;
-    ab.dv = t->dv;
-    memcpy(ab.dq_stride, qst, sizeof qst);
-    memcpy(ab.dk_stride, kst, sizeof kst);
-    memcpy(ab.dv_stride, kst, sizeof kst);
-    return l3k_cpu_attn_fwd(a) | l3k_cpu_attn_bwd(&ab);
+    const attn_bufs bufs = {t->q, t->k, t->v, t->o, t->dout, t->dq, t->dk, t->dv, t->lse};
+    const int64_t shape[6] = {NB, NH, NHKV, NSQ, NSK, ND};
+    const l3k_attn_bwd_args ab = attn_args(&bufs, shape, qst, kst, 0.35f, causal, L3K_DT_F32);
+    return l3k_cpu_attn_fwd(&ab.f) | l3k_cpu_attn_bwd(&ab);
 }
 
 static void nan_fill(nan_bufs *t) {
