@@ -158,10 +158,6 @@ static l3k_status check_key_range(l3k_call *c, const DLTensor *kr, int64_t batch
     return L3K_SUCCESS;
 }
 
-static l3k_status cpu_result(l3k_call *c, int rc) {
-    return rc ? l3k_fail(c, L3K_ERROR_INTERNAL, "host scratch allocation failed") : L3K_SUCCESS;
-}
-
 l3k_status l3k_attention_forward(const DLTensor *q, const DLTensor *k, const DLTensor *v,
                                  const DLTensor *key_range, float scale, int causal, DLTensor *o,
                                  DLTensor *lse, void *stream) {
@@ -172,9 +168,7 @@ l3k_status l3k_attention_forward(const DLTensor *q, const DLTensor *k, const DLT
     static const char *const out_names[2] = {"o", "lse"};
     L3K_TRY(check_key_range(&c, key_range, a.batch, outs, out_names, 2, &a));
     if (a.batch == 0 || a.n_heads == 0 || a.seq_q == 0) return L3K_SUCCESS;
-    if (l3k_checking_only()) return L3K_SUCCESS;
-    if (l3k_on_cuda(&c)) return l3k_cuda_launch(&c, L3K_CUDA_FN(l3k_cuda_attn_fwd), &a, stream);
-    return cpu_result(&c, l3k_cpu_attn_fwd(&a));
+    return L3K_RUN_KERNEL(&c, attn_fwd, &a, stream);
 }
 
 l3k_status l3k_attention_backward_workspace_size(const DLTensor *q, const DLTensor *k, int deterministic,
@@ -238,7 +232,5 @@ l3k_status l3k_attention_backward(const DLTensor *dout, const DLTensor *q, const
     a.workspace_bytes = need;
     a.deterministic = deterministic != 0;
     if (a.f.batch == 0 || a.f.n_kv_heads == 0 || a.f.head_dim == 0) return L3K_SUCCESS;
-    if (l3k_checking_only()) return L3K_SUCCESS;
-    if (l3k_on_cuda(&c)) return l3k_cuda_launch(&c, L3K_CUDA_FN(l3k_cuda_attn_bwd), &a, stream);
-    return cpu_result(&c, l3k_cpu_attn_bwd(&a));
+    return L3K_RUN_KERNEL(&c, attn_bwd, &a, stream);
 }

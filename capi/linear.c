@@ -112,10 +112,7 @@ static l3k_status gemm(l3k_call *c, const operand *a, int trans_a, const operand
         .workspace_bytes = ws_bytes,
     };
     if (g.m == 0 || g.n == 0) return L3K_SUCCESS;
-    if (l3k_checking_only()) return L3K_SUCCESS;
-    if (l3k_on_cuda(c)) return l3k_cuda_launch(c, L3K_CUDA_FN(l3k_cuda_gemm), &g, stream);
-    l3k_cpu_gemm(&g);
-    return L3K_SUCCESS;
+    return L3K_RUN_KERNEL(c, gemm, &g, stream);
 }
 
 l3k_status l3k_linear_workspace_size(const DLTensor *x, size_t *bytes) {

@@ -75,10 +75,7 @@ static l3k_status forward(l3k_call *c, const DLTensor *x, const DLTensor *residu
         .eps = eps,
         .dtype = dt,
     };
-    if (l3k_checking_only()) return L3K_SUCCESS;
-    if (l3k_on_cuda(c)) return l3k_cuda_launch(c, L3K_CUDA_FN(l3k_cuda_rmsnorm_fwd), &a, stream);
-    l3k_cpu_rmsnorm_fwd(&a);
-    return L3K_SUCCESS;
+    return L3K_RUN_KERNEL(c, rmsnorm_fwd, &a, stream);
 }
 
 l3k_status l3k_rmsnorm_forward(const DLTensor *x, const DLTensor *weight, float eps, DLTensor *y,
@@ -176,8 +173,5 @@ l3k_status l3k_rmsnorm_backward(const DLTensor *dy, const DLTensor *dh, const DL
         .eps = eps,
         .dtype = dt,
     };
-    if (l3k_checking_only()) return L3K_SUCCESS;
-    if (l3k_on_cuda(&c)) return l3k_cuda_launch(&c, L3K_CUDA_FN(l3k_cuda_rmsnorm_bwd), &a, stream);
-    l3k_cpu_rmsnorm_bwd(&a);
-    return L3K_SUCCESS;
+    return L3K_RUN_KERNEL(&c, rmsnorm_bwd, &a, stream);
 }

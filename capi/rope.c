@@ -155,10 +155,7 @@ static l3k_status rope(l3k_call *c, const DLTensor *q, const DLTensor *k, const 
     a.inverse = inverse;
     a.dtype = dt;
     a.table_dtype = tdt;
-    if (l3k_checking_only()) return L3K_SUCCESS;
-    if (l3k_on_cuda(c)) return l3k_cuda_launch(c, L3K_CUDA_FN(l3k_cuda_rope), &a, stream);
-    l3k_cpu_rope(&a);
-    return L3K_SUCCESS;
+    return L3K_RUN_KERNEL(c, rope, &a, stream);
 }
 
 l3k_status l3k_rope_forward(const DLTensor *q, const DLTensor *k, const DLTensor *cos, const DLTensor *sin,

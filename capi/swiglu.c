@@ -68,51 +68,36 @@ static l3k_status check_fused(l3k_call *c, const DLTensor *gu, const char *name,
     return L3K_SUCCESS;
 }
 
+/* A row view as the kernels' argument blocks take it: field f its data, f_stride its row stride. */
+#define ROWS_ARG(f, r) .f = (r)->data, .f##_stride = (r)->row_stride
+
 static l3k_status launch_fwd(l3k_call *c, const l3k_rows *g, const l3k_rows *u, const l3k_rows *a, l3k_dt dt,
                              void *stream) {
     if (g->rows == 0 || g->n == 0) return L3K_SUCCESS;
-    l3k_swiglu_fwd_args args = {
-        .g = g->data,
-        .g_stride = g->row_stride,
-        .u = u->data,
-        .u_stride = u->row_stride,
-        .a = a->data,
-        .a_stride = a->row_stride,
-        .rows = g->rows,
-        .n = g->n,
-        .dtype = dt,
+    const l3k_swiglu_fwd_args args = {
+        ROWS_ARG(g, g), ROWS_ARG(u, u), ROWS_ARG(a, a), .rows = g->rows, .n = g->n, .dtype = dt,
     };
-    if (l3k_checking_only()) return L3K_SUCCESS;
-    if (l3k_on_cuda(c)) return l3k_cuda_launch(c, L3K_CUDA_FN(l3k_cuda_swiglu_fwd), &args, stream);
-    l3k_cpu_swiglu_fwd(&args);
-    return L3K_SUCCESS;
+    return L3K_RUN_KERNEL(c, swiglu_fwd, &args, stream);
 }
 
+/* The backward; a (the forward's output, recomputed) is optional. */
 static l3k_status launch_bwd(l3k_call *c, const l3k_rows *da, const l3k_rows *g, const l3k_rows *u,
                              const l3k_rows *dg, const l3k_rows *du, const l3k_rows *a, l3k_dt dt,
                              void *stream) {
     if (g->rows == 0 || g->n == 0) return L3K_SUCCESS;
-    l3k_swiglu_bwd_args args = {
-        .da = da->data,
-        .da_stride = da->row_stride,
-        .g = g->data,
-        .g_stride = g->row_stride,
-        .u = u->data,
-        .u_stride = u->row_stride,
-        .dg = dg->data,
-        .dg_stride = dg->row_stride,
-        .du = du->data,
-        .du_stride = du->row_stride,
+    const l3k_swiglu_bwd_args args = {
+        ROWS_ARG(da, da),
+        ROWS_ARG(g, g),
+        ROWS_ARG(u, u),
+        ROWS_ARG(dg, dg),
+        ROWS_ARG(du, du),
         .a_out = a ? a->data : 0,
         .a_out_stride = a ? a->row_stride : 0,
         .rows = g->rows,
         .n = g->n,
         .dtype = dt,
     };
-    if (l3k_checking_only()) return L3K_SUCCESS;
-    if (l3k_on_cuda(c)) return l3k_cuda_launch(c, L3K_CUDA_FN(l3k_cuda_swiglu_bwd), &args, stream);
-    l3k_cpu_swiglu_bwd(&args);
-    return L3K_SUCCESS;
+    return L3K_RUN_KERNEL(c, swiglu_bwd, &args, stream);
 }
 
 l3k_status l3k_swiglu_forward(const DLTensor *g, const DLTensor *u, DLTensor *a, void *stream) {

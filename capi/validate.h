@@ -132,6 +132,18 @@ l3k_status l3k_cuda_launch(l3k_call *c, l3k_cuda_launch_fn fn, const void *args,
 #define L3K_CUDA_FN(f) ((l3k_cuda_launch_fn)0)
 #endif
 
+/* A CPU kernel's return value as a status: nonzero when its host scratch could not be allocated. */
+static inline l3k_status l3k_cpu_result(const l3k_call *c, int rc) {
+    return rc ? l3k_fail(c, L3K_ERROR_INTERNAL, "host scratch allocation failed") : L3K_SUCCESS;
+}
+
+/* Run the kernel pair l3k_cpu_<k> / l3k_cuda_<k> on argument block `args` on the call's device
+ * (the CUDA one through l3k_cuda_launch); nothing while checking only. */
+#define L3K_RUN_KERNEL(c, k, args, stream)                                                   \
+    (l3k_checking_only() ? L3K_SUCCESS                                                       \
+     : l3k_on_cuda(c)    ? l3k_cuda_launch((c), L3K_CUDA_FN(l3k_cuda_##k), (args), (stream)) \
+                         : l3k_cpu_result((c), l3k_cpu_##k(args)))
+
 /* Return early from the enclosing function on a failing status. */
 #define L3K_TRY(expr)                        \
     do {                                     \
