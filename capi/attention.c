@@ -128,22 +128,14 @@ static l3k_status check_qkv(l3k_call *c, const DLTensor *q, const DLTensor *k, c
  * Its values are the kernels' to read (on the GPU they cannot be seen here without a sync), and the
  * kernels clamp them.  Also the block's check of its cfg->key_range (capi/block.c). */
 l3k_status l3k_check_key_range(l3k_call *c, const DLTensor *kr, const char *name, int64_t batch) {
-    char buf[32];
-    L3K_TRY(l3k_check_tensor(c, kr, name));
-    if (kr->dtype.code != kDLInt || kr->dtype.bits != 32 || kr->dtype.lanes != 1)
-        return l3k_fail(c, L3K_ERROR_DTYPE, "%s dtype %s, expected int32", name,
-                        l3k_dtype_name(kr->dtype, buf));
+    L3K_TRY(l3k_check_exact_dtype(c, kr, name, (DLDataType){kDLInt, 32, 1}));
     if (kr->ndim != 2)
         return l3k_fail(c, L3K_ERROR_SHAPE, "%s has ndim %d, expected 2 (batch, [start, end))", name,
                         (int)kr->ndim);
     if (kr->shape[0] != batch || kr->shape[1] != 2)
         return l3k_fail(c, L3K_ERROR_SHAPE, "%s shape (%lld, %lld), expected (%lld, 2) (batch, [start, end))",
                         name, (long long)kr->shape[0], (long long)kr->shape[1], (long long)batch);
-    L3K_TRY(l3k_check_contiguous_numel(c, kr, name, 2 * batch));
-    if ((uintptr_t)l3k_data(kr) % 4 != 0)
-        return l3k_fail(c, L3K_ERROR_ALIGNMENT, "%s data pointer %p is not 4-byte aligned", name,
-                        l3k_data(kr));
-    return L3K_SUCCESS;
+    return l3k_check_packed(c, kr, name, 2 * batch);
 }
 
 /* key_range: NULL, or as l3k_check_key_range, apart from every output. */

@@ -326,17 +326,27 @@ l3k_status l3k_check_contiguous_numel(l3k_call *c, const DLTensor *t, const char
     return L3K_SUCCESS;
 }
 
-l3k_status l3k_check_f32_vector(l3k_call *c, const DLTensor *t, const char *name, int64_t numel) {
-    char a[32];
+l3k_status l3k_check_exact_dtype(l3k_call *c, const DLTensor *t, const char *name, DLDataType want) {
+    char a[32], b[32];
     L3K_TRY(l3k_check_tensor(c, t, name));
-    if (t->dtype.code != kDLFloat || t->dtype.bits != 32 || t->dtype.lanes != 1)
-        return l3k_fail(c, L3K_ERROR_DTYPE, "%s dtype %s, expected float32", name,
-                        l3k_dtype_name(t->dtype, a));
-    L3K_TRY(l3k_check_contiguous_numel(c, t, name, numel));
-    if ((uintptr_t)l3k_data(t) % 4 != 0)
-        return l3k_fail(c, L3K_ERROR_ALIGNMENT, "%s data pointer %p is not 4-byte aligned", name,
-                        l3k_data(t));
+    if (t->dtype.code != want.code || t->dtype.bits != want.bits || t->dtype.lanes != want.lanes)
+        return l3k_fail(c, L3K_ERROR_DTYPE, "%s dtype %s, expected %s", name, l3k_dtype_name(t->dtype, a),
+                        l3k_dtype_name(want, b));
     return L3K_SUCCESS;
+}
+
+l3k_status l3k_check_packed(l3k_call *c, const DLTensor *t, const char *name, int64_t numel) {
+    const unsigned es = (unsigned)elem_bytes(t);
+    L3K_TRY(l3k_check_contiguous_numel(c, t, name, numel));
+    if (es > 1 && (uintptr_t)l3k_data(t) % es != 0)
+        return l3k_fail(c, L3K_ERROR_ALIGNMENT, "%s data pointer %p is not %u-byte aligned", name,
+                        l3k_data(t), es);
+    return L3K_SUCCESS;
+}
+
+l3k_status l3k_check_f32_vector(l3k_call *c, const DLTensor *t, const char *name, int64_t numel) {
+    L3K_TRY(l3k_check_exact_dtype(c, t, name, (DLDataType){kDLFloat, 32, 1}));
+    return l3k_check_packed(c, t, name, numel);
 }
 
 size_t l3k_tensor_bytes(const DLTensor *t) {

@@ -77,6 +77,12 @@ l3k_status l3k_check_rows(l3k_call *c, const DLTensor *t, const char *name, l3k_
 /* Contiguous (compact row-major), exactly `numel` elements. */
 l3k_status l3k_check_contiguous_numel(l3k_call *c, const DLTensor *t, const char *name, int64_t numel);
 
+/* l3k_check_tensor, and dtype exactly `want` ("<name> dtype int64, expected int32"). */
+l3k_status l3k_check_exact_dtype(l3k_call *c, const DLTensor *t, const char *name, DLDataType want);
+
+/* Contiguous, `numel` elements, the data pointer aligned to the element size. */
+l3k_status l3k_check_packed(l3k_call *c, const DLTensor *t, const char *name, int64_t numel);
+
 /* float32, contiguous, `numel` elements, 4-byte aligned (rstd, lse). */
 l3k_status l3k_check_f32_vector(l3k_call *c, const DLTensor *t, const char *name, int64_t numel);
 
