@@ -147,15 +147,17 @@ __device__ __forceinline__ void l3k_store_tile(T *g, int64_t rs, const T *s, int
     }
 }
 
-/* Raise the dynamic smem limit once per (kernel, device); not a stream operation, so it is also
- * legal while a stream is being captured. */
+/* Set the kernel's dynamic smem limit to `smem` once per (kernel, device), whatever its size: a
+ * kernel's static __shared__ variables count against the 48 KB default too, so a dynamic size of
+ * exactly 48 KB plus a few static bytes fails to launch without it.  Not a stream operation, so
+ * it is also legal while a stream is being captured. */
 template <typename K>
 inline cudaError_t l3k_smem_prepare(K kernel, size_t smem, bool *done) {
     int dev = 0;
     cudaError_t e = cudaGetDevice(&dev);
     if (e != cudaSuccess) return e;
     if (dev < 0 || dev >= 64) dev = 63;
-    if (smem > 48 * 1024 && !done[dev]) {
+    if (!done[dev]) {
         e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e != cudaSuccess) return e;
         done[dev] = true;

@@ -32,7 +32,7 @@ from torch import nn
 
 from ._dlpack import Borrowed, current_stream
 from ._lib import LIB, PRESERVE_ACTIVATIONS, BlockActivations, BlockConfig, BlockGrads, BlockLayout, BlockWeights, check
-from .ops._registry import NAMESPACE, TORCH_LIB, define, ops
+from .ops._registry import define, ops, register_autograd
 
 # The block's weights in either form the C ABI takes, as l3k_llama_block_weights names them:
 # fused (this module's parameters) or split (e.g. a Hugging Face layer's own parameters).
@@ -333,7 +333,7 @@ define(
 
 def _train_setup(ctx, inputs, output):
     x, cos, sin, weights = inputs[:4]
-    key_range = inputs[10] if len(inputs) > 10 else None
+    key_range = inputs[10]
     ctx.save_for_backward(x, cos, sin, key_range, *output[1:], *weights)
     ctx.spec = tuple(inputs[4:9])
     ctx.mark_non_differentiable(*output[1:])
@@ -347,9 +347,7 @@ def _train_backward(ctx, douts):
     return dx, None, None, grads, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd(
-    f"{NAMESPACE}::llama_block_train", _train_backward, setup_context=_train_setup, lib=TORCH_LIB
-)
+register_autograd("llama_block_train", _train_backward, _train_setup)
 
 
 # ---- eager autograd ----------------------------------------------------------------------------

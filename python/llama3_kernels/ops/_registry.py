@@ -47,13 +47,34 @@ def define(schema: str, body, fake) -> torch._ops.OpOverload:
     return getattr(ops, name).default
 
 
+def register_autograd(name: str, backward, setup_context) -> None:
+    """torch.library.register_autograd for the op `name`, with `setup_context` always seeing every
+    argument and `backward` returning one gradient per argument.  Some torch versions (2.11) hand
+    the autograd of a call with trailing arguments at their defaults only the arguments before
+    them, and then want that many gradients back: the wrapper fills the defaults in and trims
+    the gradients to match."""
+    arguments = getattr(ops, name).default._schema.arguments
+    defaults = tuple(a.default_value for a in arguments)
+
+    def full_setup(ctx, inputs, output):
+        ctx.n_inputs = len(inputs)
+        setup_context(ctx, tuple(inputs) + defaults[len(inputs) :], output)
+
+    def fitted_backward(ctx, *grads):
+        got = backward(ctx, *grads)
+        got = got if isinstance(got, tuple) else (got,)
+        return got[: ctx.n_inputs]
+
+    torch.library.register_autograd(f"{NAMESPACE}::{name}", fitted_backward, setup_context=full_setup, lib=TORCH_LIB)
+
+
 def differentiable(name: str, body, setup_context, backward, cls_name: str) -> type[torch.autograd.Function]:
     """Register `setup_context` / `backward` as the autograd of the op `name`, and return the
     eager route's autograd.Function `cls_name` over the same three functions.
 
     The Function's forward calls `body` and then `setup_context` itself: a Function that
     defines setup_context as such costs ~15 us more per call (CPU, torch 2.15)."""
-    torch.library.register_autograd(f"{NAMESPACE}::{name}", backward, setup_context=setup_context, lib=TORCH_LIB)
+    register_autograd(name, backward, setup_context)
 
     def forward(ctx, *args):
         out = body(*args)
