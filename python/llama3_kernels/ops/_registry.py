@@ -49,21 +49,19 @@ def define(schema: str, body, fake) -> torch._ops.OpOverload:
 
 def register_autograd(name: str, backward, setup_context) -> None:
     """torch.library.register_autograd for the op `name`, with `setup_context` always seeing every
-    argument and `backward` returning one gradient per argument.  Some torch versions (2.11) hand
-    the autograd of a call with trailing arguments at their defaults only the arguments before
-    them, and then want that many gradients back: the wrapper fills the defaults in and trims
-    the gradients to match."""
-    arguments = getattr(ops, name).default._schema.arguments
-    defaults = tuple(a.default_value for a in arguments)
+    argument and `backward` returning one gradient per argument the call passed.  The dispatcher
+    drops trailing arguments equal to their defaults; torch 2.11 then wants only that many
+    gradients back from an op with a list argument (later versions trim them), and not every
+    version fills the defaults in for setup_context."""
+    defaults = tuple(a.default_value for a in getattr(ops, name).default._schema.arguments)
 
     def full_setup(ctx, inputs, output):
-        ctx.n_inputs = len(inputs)
         setup_context(ctx, tuple(inputs) + defaults[len(inputs) :], output)
 
     def fitted_backward(ctx, *grads):
         got = backward(ctx, *grads)
         got = got if isinstance(got, tuple) else (got,)
-        return got[: ctx.n_inputs]
+        return got[: len(ctx.needs_input_grad)]  # one flag per argument passed
 
     torch.library.register_autograd(f"{NAMESPACE}::{name}", fitted_backward, setup_context=full_setup, lib=TORCH_LIB)
 
