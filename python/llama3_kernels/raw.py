@@ -12,7 +12,18 @@ from __future__ import annotations
 import ctypes
 
 from ._dlpack import Borrowed, current_stream
-from ._lib import LIB, check
+from ._lib import LIB, VALUE, L3KArgumentError, check
+
+
+def _offset(op: str, offset) -> int:
+    """A RoPE position offset as the C ABI's int64_t: ctypes would wrap a larger one silently."""
+    offset = int(offset)
+    if offset >= 2**63:
+        raise L3KArgumentError(VALUE, f"{op}: offset is {offset}, expected at most 2^63 - 1")
+    if offset < -(2**63):
+        raise L3KArgumentError(VALUE, f"{op}: offset is {offset}, expected >= 0")  # as the C call says
+    return offset
+
 
 # ---- rmsnorm -------------------------------------------------------------------------------
 
@@ -64,7 +75,11 @@ def rope_forward_into(
     if stream is None:
         stream = current_stream(q)
     p = b.ptrs
-    check(LIB.l3k_rope_forward(p[0], p[1], p[2], p[3], int(offset), int(bool(interleaved)), p[4], p[5], stream))
+    check(
+        LIB.l3k_rope_forward(
+            p[0], p[1], p[2], p[3], _offset("rope_forward", offset), int(bool(interleaved)), p[4], p[5], stream
+        )
+    )
 
 
 def rope_backward_into(
@@ -75,7 +90,11 @@ def rope_backward_into(
     if stream is None:
         stream = current_stream(dq)
     p = b.ptrs
-    check(LIB.l3k_rope_backward(p[0], p[1], p[2], p[3], int(offset), int(bool(interleaved)), p[4], p[5], stream))
+    check(
+        LIB.l3k_rope_backward(
+            p[0], p[1], p[2], p[3], _offset("rope_backward", offset), int(bool(interleaved)), p[4], p[5], stream
+        )
+    )
 
 
 # ---- swiglu --------------------------------------------------------------------------------

@@ -412,3 +412,14 @@ def test_nan_propagates_like_pytorch(device):
             assert torch.all(torch.isfinite(g)), f"{where}: the other sequence's gradients"
         if where == "q":  # (a NaN in k may reach them on CUDA: dq = dS k multiplies their dS = 0 by it)
             assert torch.all(qg.grad[masked] == 0), "rows that see no key, one of them NaN: no gradient"
+
+
+@pytest.mark.parametrize("ndim", [0, 3, 5])
+def test_wrong_ndim_is_refused_by_name(ndim):
+    """q, k or v that is not (batch, heads, seq, head_dim) gets the library's error naming the
+    argument, not an IndexError from unpacking its shape."""
+    good = torch.randn(1, 2, 4, 8)
+    bad = torch.randn([2] * ndim)
+    for name, args in (("q", (bad, good, good)), ("k", (good, bad, good)), ("v", (good, good, bad))):
+        with pytest.raises(ValueError, match=rf"attention_forward: {name} has ndim {ndim}, expected 4"):
+            l3k.flash_attn(*args)

@@ -4,6 +4,7 @@ full-width tables, odd shapes, in place and out of place; LLaMA-3(.1) tables; th
 the bad-input matrix from Python."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -468,3 +469,19 @@ def test_bad_inputs_backward_names(device):
 
         b = Borrowed(a["q"], a["cos"], a["sin"], a["q_out"])
         check(LIB.l3k_rope_forward(b.ptrs[0], None, b.ptrs[1], b.ptrs[2], 0, 2, b.ptrs[3], None, None))
+
+
+@pytest.mark.parametrize(
+    "offset, expected", [(2**63, "at most 2^63 - 1"), (2**64 + 1, "at most 2^63 - 1"), (-(2**64), ">= 0")]
+)
+def test_offset_outside_int64_is_refused_not_wrapped(offset, expected):
+    """An offset the C ABI's int64_t cannot hold is refused by name; ctypes would wrap it (2^64 + 1
+    became 1, -2^64 became 0) and rotate at the wrong positions.  q is left as it was."""
+    q = torch.randn(1, 2, 4, 8)
+    cos, sin = l3k.llama3_rope_cos_sin(8, 8)
+    q0 = q.clone()
+    for fn in (l3k.rope_forward_into, l3k.rope_backward_into):
+        name = fn.__name__.removesuffix("_into")
+        with pytest.raises(ValueError, match=rf"{name}: offset is {offset}, expected {re.escape(expected)}"):
+            fn(q, None, cos, sin, q, offset=offset)
+    assert torch.equal(q, q0)

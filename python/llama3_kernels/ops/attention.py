@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._lib import SHAPE, L3KArgumentError
 from ..raw import (  # re-exported: the raw calls live in the torch-free raw module
     attention_backward_into,
     attention_backward_workspace_size,
@@ -39,6 +40,11 @@ def _lse_buffer(q: torch.Tensor) -> torch.Tensor:
 
 def _flash_attn(q, k, v, causal=False, scale=0.0, deterministic=False, key_range=None):
     """(o, lse): o (B, H, Sq, D) stored as (B, Sq, H, D), lse (B, H, Sq) float32."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise L3KArgumentError(
+                SHAPE, f"attention_forward: {name} has ndim {t.dim()}, expected 4 (batch, heads, seq, head_dim)"
+            )
     q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
     o = _bshd_like(q)
     lse = _lse_buffer(q)
