@@ -65,36 +65,29 @@ def rmsnorm_backward_into(
 # ---- rope ----------------------------------------------------------------------------------
 
 
+def _rope(fn, op: str, q, k, cos, sin, q_out, k_out, offset, interleaved: bool, stream) -> None:
+    """One RoPE call of the C ABI (`fn`: forward or backward, which take the same arguments)."""
+    b = Borrowed(q, k, cos, sin, q_out, k_out)
+    if stream is None:
+        stream = current_stream(q)
+    p = b.ptrs
+    check(fn(p[0], p[1], p[2], p[3], _offset(op, offset), int(bool(interleaved)), p[4], p[5], stream))
+
+
 def rope_forward_into(
     q, k, cos, sin, q_out, k_out=None, offset: int = 0, interleaved: bool = False, stream: int | None = None
 ) -> None:
     """Rotate q (batch, heads, seq, head_dim) and optional k (batch, kv_heads, seq, head_dim)
     into q_out / k_out (pass q / k themselves for in place).  cos, sin: (rows, head_dim/2)
     or (batch, rows, head_dim/2) with rows >= seq + offset."""
-    b = Borrowed(q, k, cos, sin, q_out, k_out)
-    if stream is None:
-        stream = current_stream(q)
-    p = b.ptrs
-    check(
-        LIB.l3k_rope_forward(
-            p[0], p[1], p[2], p[3], _offset("rope_forward", offset), int(bool(interleaved)), p[4], p[5], stream
-        )
-    )
+    _rope(LIB.l3k_rope_forward, "rope_forward", q, k, cos, sin, q_out, k_out, offset, interleaved, stream)
 
 
 def rope_backward_into(
     dq, dk, cos, sin, dq_out, dk_out=None, offset: int = 0, interleaved: bool = False, stream: int | None = None
 ) -> None:
     """Gradient of RoPE: the inverse rotation of dq (and dk) into dq_out (and dk_out)."""
-    b = Borrowed(dq, dk, cos, sin, dq_out, dk_out)
-    if stream is None:
-        stream = current_stream(dq)
-    p = b.ptrs
-    check(
-        LIB.l3k_rope_backward(
-            p[0], p[1], p[2], p[3], _offset("rope_backward", offset), int(bool(interleaved)), p[4], p[5], stream
-        )
-    )
+    _rope(LIB.l3k_rope_backward, "rope_backward", dq, dk, cos, sin, dq_out, dk_out, offset, interleaved, stream)
 
 
 # ---- swiglu --------------------------------------------------------------------------------
