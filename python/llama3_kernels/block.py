@@ -32,6 +32,7 @@ from torch import nn
 
 from ._dlpack import Borrowed, current_stream
 from ._lib import LIB, PRESERVE_ACTIVATIONS, BlockActivations, BlockConfig, BlockGrads, BlockLayout, BlockWeights, check
+from .ops._common import key_range_for
 from .ops._registry import define, ops, register_autograd
 
 # The block's weights in either form the C ABI takes, as l3k_llama_block_weights names them:
@@ -399,15 +400,6 @@ def _tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype):
     return cos.contiguous(), sin.contiguous()
 
 
-def _key_range(key_range, x: torch.Tensor):
-    """key_range as the C ABI takes it: int32, contiguous, on x's device (None stays None)."""
-    if key_range is None:
-        return None
-    if key_range.dtype != torch.int32 or key_range.device != x.device:
-        key_range = key_range.to(device=x.device, dtype=torch.int32)
-    return key_range if key_range.is_contiguous() else key_range.contiguous()
-
-
 def llama_block(
     x: torch.Tensor,
     cos: torch.Tensor,
@@ -437,7 +429,7 @@ def llama_block(
     cos, sin = _tables(cos, sin, x.dtype)
     weights = tuple(weights)
     spec = (int(n_heads), int(n_kv_heads), bool(causal), float(eps), bool(deterministic))
-    key_range = _key_range(key_range, x)
+    key_range = key_range_for(key_range, x)
     grad = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
     if torch.compiler.is_compiling():  # the same C calls as registered ops
         if grad:

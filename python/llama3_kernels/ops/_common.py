@@ -34,3 +34,12 @@ def rows_layout_ok(t: torch.Tensor) -> bool:
 def rows_view(t: torch.Tensor) -> torch.Tensor:
     """t itself when the C ABI reads its layout as rows, else a contiguous copy."""
     return t if t.is_contiguous() or rows_layout_ok(t) else t.contiguous()
+
+
+def key_range_for(key_range, like: torch.Tensor):
+    """key_range as the C ABI takes it: int32, contiguous, on `like`'s device (None stays None)."""
+    if key_range is None:
+        return None
+    if key_range.dtype != torch.int32 or key_range.device != like.device:
+        key_range = key_range.to(device=like.device, dtype=torch.int32)
+    return key_range if key_range.is_contiguous() else key_range.contiguous()

@@ -10,7 +10,7 @@ from ..raw import (  # re-exported: the raw calls live in the torch-free raw mod
     attention_backward_workspace_size,
     attention_forward_into,
 )
-from ._common import needs_grad
+from ._common import key_range_for, needs_grad
 from ._registry import define, differentiable, ops, traced
 
 # ---- bodies: the registered ops' kernels, called directly by the eager route ----------------
@@ -128,10 +128,7 @@ def flash_attn(
     ``o.transpose(1, 2).reshape(B, Sq, H * D)`` is free.  Differentiable in q, k, v.
     """
     s = 0.0 if scale is None else float(scale)
-    if key_range is not None and (key_range.dtype != torch.int32 or key_range.device != q.device):
-        key_range = key_range.to(device=q.device, dtype=torch.int32)
-    if key_range is not None and not key_range.is_contiguous():
-        key_range = key_range.contiguous()
+    key_range = key_range_for(key_range, q)
     if traced(q):
         return ops.flash_attn(q, k, v, bool(causal), s, bool(deterministic), key_range)[0]
     if needs_grad(q, k, v):
