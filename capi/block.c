@@ -41,9 +41,11 @@ typedef struct {
 } view;
 
 /* A projection whose output columns come in parts, [q | k | v] or [gate | up]: its weight
- * (or gradient) is one (rows, dim) tensor, or one tensor per part.  Parts that are
- * consecutive rows of one buffer are seen as that buffer, one GEMM; other parts take a GEMM
- * each, into or from their columns.  Not to be copied: w[] may point into `joined`. */
+ * (or gradient) is one (rows, dim) tensor, one GEMM, or one tensor per part, a GEMM each into
+ * or from their columns.  Gradient parts that are consecutive rows of one buffer are seen as
+ * that buffer (one GEMM, and the gate/up gradient's memory can hold scratch); weight parts
+ * never are, so the forward and dx do not depend on where the weights happen to lie.  Not to
+ * be copied: w[] may point into `joined`. */
 typedef struct {
     int n;                    /* GEMMs */
     const DLTensor *w[3];     /* the tensor of each GEMM */
@@ -191,8 +193,10 @@ static l3k_status make_proj(l3k_call *c, proj *p, const DLTensor *fused, const c
         col += rows;
     }
     p->n = n;
-    /* Parts that follow each other in one buffer: one GEMM over the whole. */
-    int adjacent = n > 1;
+    /* Gradient parts that follow each other in one buffer: one GEMM over the whole.  Weights
+     * are not joined: adjacent split weights would round dx differently from the same weights
+     * apart (one GEMM's float32 sum against bf16/fp16 partial sums). */
+    int adjacent = n > 1 && contiguous;
     const size_t es = l3k_dt_size(dt);
     for (int i = 0; adjacent && i < n; ++i) {
         adjacent = is_compact(ts[i]) && ts[i]->device.device_type == ts[0]->device.device_type &&

@@ -406,8 +406,8 @@ typedef struct {
     const DLTensor *norm2_weight;   /* (dim,) */
     /* The same projections as separate matrices (e.g. a Hugging Face model's own
      * parameters): q (dim, dim), k and v (n_kv_heads * head_dim, dim), gate and up
-     * (hidden, dim).  Parts that lie one after the other in one buffer run as one GEMM,
-     * as the fused form does; others run a GEMM each. */
+     * (hidden, dim).  Each part runs a GEMM of its own, wherever it lies in memory (parts
+     * that happen to be adjacent are not joined, so results do not depend on placement). */
     const DLTensor *q_weight, *k_weight, *v_weight, *gate_weight, *up_weight;
 } l3k_llama_block_weights;
 #define L3K_LLAMA_BLOCK_WEIGHTS_INIT \

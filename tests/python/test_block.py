@@ -304,6 +304,28 @@ def _split_params(blk):
     ]
 
 
+def test_split_weights_give_the_same_bits_wherever_they_lie(device):
+    """Nine separate weights computed on as the same nine weights placed one after the other in
+    one buffer: output and every gradient bit for bit (the C block never joins adjacent weight
+    parts into one GEMM, which would round dx differently)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    _, blk = make_pair(64, 160, 4, 2, True, device, dtype)
+    cos, sin = l3k.llama3_rope_cos_sin(7, 16, device=device)
+    x = torch.randn(2, 7, 64, device=device, dtype=dtype)
+    g = torch.randn_like(x)
+    apart = _split_params(blk)
+    whole = torch.cat([t.reshape(-1) for t in apart])
+    together = [v.view_as(t) for v, t in zip(whole.split([t.numel() for t in apart]), apart)]
+    results = []
+    for weights in (apart, together):
+        leaves = [x.clone().requires_grad_()] + [t.detach().requires_grad_() for t in weights]
+        y = l3k.block.llama_block(leaves[0], cos, sin, leaves[1:], 4, 2, deterministic=True)
+        y.backward(g)
+        results.append([y.detach()] + [t.grad for t in leaves])
+    for what, a, b in zip(["output", "dx"] + [f"grad {i}" for i in range(9)], *results):
+        assert torch.equal(a, b), f"{what} depends on where the split weights lie"
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_split_weights_match_the_fused_block(compiled, device):
     """llama_block on nine separate weights (a Hugging Face layer's form) computes what the fused
