@@ -1,12 +1,17 @@
 #!/usr/bin/env python3
 """Where a TritonLlama3Block forward+backward spends its GPU time: every kernel of one training
-step of the LLaMA-3-8B layer (B2 S2048 bf16) under torch.profiler, in launch order and summed by
-kind, so the time outside the GEMMs can be attributed.
+step under torch.profiler, in launch order and summed by kind, so the time outside the GEMMs can
+be attributed; then the wall time a step takes in a long loop (the GPU drained only at the end)
+next to the host time of the same loop with the GPU idle between steps, which tells a host-bound
+step from a GPU-bound one.  Configs: the LLaMA-3-8B layer (B2 S2048 bf16, default) or the
+tutorial's test shape (dim 512, hidden 2048, 8 heads MHA, not causal, B2 S128 fp16).
 
-  python3 tools/profile_block.py [--steps 3]
+  python3 tools/profile_block.py [--steps 3] [--config llama3-8b|tutorial-test]
 """
 
 import argparse
+import statistics
+import time
 from collections import defaultdict
 
 import torch
@@ -38,12 +43,16 @@ def kind(name: str) -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--config", choices=["llama3-8b", "tutorial-test"], default="llama3-8b")
     args = ap.parse_args()
     torch.manual_seed(0)
-    dim, hidden, heads, kv, b, s = 4096, 14336, 32, 8, 2, 2048
-    block = TritonLlama3Block(dim, hidden, heads, kv, device="cuda", dtype=torch.bfloat16)
+    if args.config == "llama3-8b":
+        dim, hidden, heads, kv, b, s, causal, dt = 4096, 14336, 32, 8, 2, 2048, True, torch.bfloat16
+    else:
+        dim, hidden, heads, kv, b, s, causal, dt = 512, 2048, 8, 8, 2, 128, False, torch.float16
+    block = TritonLlama3Block(dim, hidden, heads, kv, causal=causal, device="cuda", dtype=dt)
     cos, sin = llama3_rope_cos_sin(s, dim // heads, device="cuda")
-    x = torch.randn(b, s, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(b, s, dim, device="cuda", dtype=dt, requires_grad=True)
     dy = torch.randn_like(x)
 
     def step():
@@ -73,6 +82,22 @@ def main():
     print(f"\nsum of kernel times per step: {total / 1e3:.3f} ms")
     for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {k:<10} {v / 1e3:8.3f} ms")
+
+    n = 10 if args.config == "llama3-8b" else 200
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / n
+    host = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        host.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    idle = statistics.median(host) * 1e3
+    print(f"\nstep in a loop: {wall * 1e3:.3f} ms wall; host time of one step on an idle GPU: {idle:.3f} ms")
 
 
 if __name__ == "__main__":
