@@ -501,7 +501,9 @@ L3K_API l3k_status l3k_llama_block_forward_train(const DLTensor *x, const DLTens
  * aligned as the workspace; overwritten (not accumulated).  Every gradient is
  * required, fused or in parts like the weights (the form of each projection's
  * gradient need not match its weight's): the backward also uses the buffers as
- * scratch before their values are written. */
+ * scratch before their values are written.  Gradient parts that lie one after the
+ * other in one buffer are written as that buffer (one GEMM, and no extra workspace
+ * for gate/up: see backward_workspace_extra_split_gate_up). */
 typedef struct {
     size_t struct_size; /* sizeof(l3k_llama_block_grads): use L3K_LLAMA_BLOCK_GRADS_INIT */
     DLTensor *qkv_weight, *o_weight, *gate_up_weight, *down_weight, *norm1_weight, *norm2_weight;

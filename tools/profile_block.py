@@ -3,10 +3,10 @@
 step under torch.profiler, in launch order and summed by kind, so the time outside the GEMMs can
 be attributed; then the wall time a step takes in a long loop (the GPU drained only at the end)
 next to the host time of the same loop with the GPU idle between steps, which tells a host-bound
-step from a GPU-bound one.  Configs: the LLaMA-3-8B layer (B2 S2048 bf16, default) or the
-tutorial's test shape (dim 512, hidden 2048, 8 heads MHA, not causal, B2 S128 fp16).
+step from a GPU-bound one.  Configs: the block benchmark's GPU configs (llama3_kernels.bench_block),
+the LLaMA-3-8B layer by default.
 
-  python3 tools/profile_block.py [--steps 3] [--config llama3-8b|tutorial-test]
+  python3 tools/profile_block.py [--steps 3] [--config "llama3-8b layer"|"tutorial bench"|"tutorial test"]
 """
 
 import argparse
@@ -17,6 +17,7 @@ from collections import defaultdict
 import torch
 
 from llama3_kernels import TritonLlama3Block
+from llama3_kernels.bench_block import GPU_CONFIGS
 from llama3_kernels.ops.rope import llama3_rope_cos_sin
 
 
@@ -43,16 +44,15 @@ def kind(name: str) -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--config", choices=["llama3-8b", "tutorial-test"], default="llama3-8b")
+    ap.add_argument("--config", choices=[c.name for c in GPU_CONFIGS], default=GPU_CONFIGS[0].name)
     args = ap.parse_args()
     torch.manual_seed(0)
-    if args.config == "llama3-8b":
-        dim, hidden, heads, kv, b, s, causal, dt = 4096, 14336, 32, 8, 2, 2048, True, torch.bfloat16
-    else:
-        dim, hidden, heads, kv, b, s, causal, dt = 512, 2048, 8, 8, 2, 128, False, torch.float16
-    block = TritonLlama3Block(dim, hidden, heads, kv, causal=causal, device="cuda", dtype=dt)
-    cos, sin = llama3_rope_cos_sin(s, dim // heads, device="cuda")
-    x = torch.randn(b, s, dim, device="cuda", dtype=dt, requires_grad=True)
+    cfg = next(c for c in GPU_CONFIGS if c.name == args.config)  # the benchmark's own shapes
+    block = TritonLlama3Block(
+        cfg.dim, cfg.hidden, cfg.heads, cfg.kv_heads, causal=cfg.causal, device="cuda", dtype=cfg.dtype
+    )
+    cos, sin = llama3_rope_cos_sin(cfg.seq, cfg.dim // cfg.heads, device="cuda")
+    x = torch.randn(cfg.batch, cfg.seq, cfg.dim, device="cuda", dtype=cfg.dtype, requires_grad=True)
     dy = torch.randn_like(x)
 
     def step():
@@ -83,7 +83,7 @@ def main():
     for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {k:<10} {v / 1e3:8.3f} ms")
 
-    n = 10 if args.config == "llama3-8b" else 200
+    n = 10 if cfg.dim >= 4096 else 200  # the large layers take ms a step, the small one us
     t0 = time.perf_counter()
     for _ in range(n):
         step()
