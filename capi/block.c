@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "graph_cache.h"
 #include "validate.h"
 
 /* capi/attention.c: a key range tensor's dtype, shape, layout and device. */
@@ -629,11 +630,70 @@ static l3k_status forward(l3k_call *c, const DLTensor *x, const DLTensor *cos, c
     return checked_forward(c, &d, x, cos, sin, w, cfg, out, &buf, &p, ws, stream);
 }
 
+/* ---- graph replay keys ------------------------------------------------------ */
+
+enum { KEY_FORWARD = 1, KEY_FORWARD_TRAIN, KEY_BACKWARD };
+
+/* What every block call's host code reads of x, the tables, the weights and cfg.  Structs
+ * shorter than this version's (or NULL) leave the key unusable: such a call runs as usual. */
+static void key_common(l3k_graph_key *k, int op, const DLTensor *x, const DLTensor *cos, const DLTensor *sin,
+                       const l3k_llama_block_weights *w, const l3k_llama_block_config *cfg) {
+    l3k_graph_key_init(k, op, x);
+    if (!w || w->struct_size < sizeof *w || !cfg || cfg->struct_size < sizeof *cfg) {
+        k->usable = 0;
+        return;
+    }
+    const DLTensor *ts[3 + N_WEIGHTS] = {x, cos, sin, WEIGHT_FIELDS(w)};
+    for (int i = 0; i < 3 + N_WEIGHTS; ++i) l3k_graph_key_tensor(k, ts[i]);
+    uint32_t eps;
+    memcpy(&eps, &cfg->eps, sizeof eps);
+    const uint64_t settings[] = {(uint64_t)cfg->n_heads, (uint64_t)cfg->n_kv_heads, (uint64_t)cfg->causal,
+                                 eps, (uint64_t)cfg->deterministic};
+    for (size_t i = 0; i < sizeof settings / sizeof settings[0]; ++i) l3k_graph_key_word(k, settings[i]);
+    l3k_graph_key_tensor(k, cfg->key_range);
+}
+
+static void key_activations(l3k_graph_key *k, const l3k_llama_block_activations *s) {
+    if (!s || s->struct_size < sizeof *s) {
+        k->usable = 0;
+        return;
+    }
+    const DLTensor *all[7] = {s->qkv, s->residual, s->gate_up, s->rstd1, s->rstd2, s->attn_out, s->lse};
+    for (int i = 0; i < 7; ++i) l3k_graph_key_tensor(k, all[i]);
+}
+
+/* ---- forward entry points ------------------------------------------------- */
+
+typedef struct {
+    const DLTensor *x, *cos, *sin;
+    const l3k_llama_block_weights *w;
+    const l3k_llama_block_config *cfg;
+    DLTensor *out;
+    const l3k_llama_block_activations *saved;
+    int train;
+    DLTensor *workspace;
+} fwd_args;
+
+static l3k_status forward_body(l3k_call *c, const void *args, void *stream) {
+    const fwd_args *a = (const fwd_args *)args;
+    return forward(c, a->x, a->cos, a->sin, a->w, a->cfg, a->out, a->saved, a->train, a->workspace, stream);
+}
+
+static l3k_status forward_call(l3k_call *c, const fwd_args *a, void *stream) {
+    l3k_graph_key k;
+    key_common(&k, a->train ? KEY_FORWARD_TRAIN : KEY_FORWARD, a->x, a->cos, a->sin, a->w, a->cfg);
+    l3k_graph_key_tensor(&k, a->out);
+    l3k_graph_key_tensor(&k, a->workspace);
+    if (a->train) key_activations(&k, a->saved);
+    return l3k_graph_run(c, &k, forward_body, a, stream);
+}
+
 l3k_status l3k_llama_block_forward(const DLTensor *x, const DLTensor *cos, const DLTensor *sin,
                                    const l3k_llama_block_weights *w, const l3k_llama_block_config *cfg,
                                    DLTensor *out, DLTensor *workspace, void *stream) {
     l3k_call c = {.op = "llama_block_forward"};
-    return forward(&c, x, cos, sin, w, cfg, out, NULL, 0, workspace, stream);
+    const fwd_args a = {x, cos, sin, w, cfg, out, NULL, 0, workspace};
+    return forward_call(&c, &a, stream);
 }
 
 l3k_status l3k_llama_block_forward_train(const DLTensor *x, const DLTensor *cos, const DLTensor *sin,
@@ -641,7 +701,8 @@ l3k_status l3k_llama_block_forward_train(const DLTensor *x, const DLTensor *cos,
                                          DLTensor *out, const l3k_llama_block_activations *saved,
                                          DLTensor *workspace, void *stream) {
     l3k_call c = {.op = "llama_block_forward_train"};
-    return forward(&c, x, cos, sin, w, cfg, out, saved, 1, workspace, stream);
+    const fwd_args a = {x, cos, sin, w, cfg, out, saved, 1, workspace};
+    return forward_call(&c, &a, stream);
 }
 
 /* ---- training ------------------------------------------------------------- */
@@ -851,31 +912,45 @@ static l3k_status backward_steps(l3k_call *c, const dims *d, const bwd_views *b,
                                         g->norm1_weight, b->norm_ws, stream));
 }
 
-l3k_status l3k_llama_block_backward(const DLTensor *dout, const DLTensor *x, const DLTensor *cos,
-                                    const DLTensor *sin, const l3k_llama_block_weights *w,
-                                    const l3k_llama_block_config *cfg,
-                                    const l3k_llama_block_activations *saved, unsigned flags, DLTensor *dx,
-                                    const l3k_llama_block_grads *g, DLTensor *workspace, void *stream) {
-    l3k_call c = {.op = "llama_block_backward"};
+typedef struct {
+    const DLTensor *dout, *x, *cos, *sin;
+    const l3k_llama_block_weights *w;
+    const l3k_llama_block_config *cfg;
+    const l3k_llama_block_activations *saved;
+    unsigned flags;
+    DLTensor *dx;
+    const l3k_llama_block_grads *g;
+    DLTensor *workspace;
+} bwd_args;
+
+static l3k_status backward(l3k_call *c, const void *args, void *stream) {
+    const bwd_args *a = (const bwd_args *)args;
+    const DLTensor *dout = a->dout, *x = a->x, *cos = a->cos, *sin = a->sin;
+    const l3k_llama_block_weights *w = a->w;
+    const l3k_llama_block_config *cfg = a->cfg;
+    const l3k_llama_block_activations *saved = a->saved;
+    const unsigned flags = a->flags;
+    DLTensor *dx = a->dx, *workspace = a->workspace;
+    const l3k_llama_block_grads *g = a->g;
     dims d;
     bwd_plan p;
-    L3K_TRY(make_dims(&c, x, w, cfg, &d));
-    L3K_TRY(check_tables(&c, cos, sin));
+    L3K_TRY(make_dims(c, x, w, cfg, &d));
+    L3K_TRY(check_tables(c, cos, sin));
     if (flags & ~L3K_BLOCK_PRESERVE_ACTIVATIONS)
-        return l3k_fail(&c, L3K_ERROR_VALUE, "flags is %u, expected 0 or L3K_BLOCK_PRESERVE_ACTIVATIONS (%u)",
+        return l3k_fail(c, L3K_ERROR_VALUE, "flags is %u, expected 0 or L3K_BLOCK_PRESERVE_ACTIVATIONS (%u)",
                         flags, L3K_BLOCK_PRESERVE_ACTIVATIONS);
     const int preserve = (flags & L3K_BLOCK_PRESERVE_ACTIVATIONS) != 0;
-    L3K_TRY(check_like_x(&c, dout, "dout", x, &d));
-    L3K_TRY(check_like_x(&c, dx, "dx", x, &d));
-    L3K_TRY(check_activations(&c, &d, saved));
+    L3K_TRY(check_like_x(c, dout, "dout", x, &d));
+    L3K_TRY(check_like_x(c, dx, "dx", x, &d));
+    L3K_TRY(check_activations(c, &d, saved));
     proj gqkv, ggu;
-    L3K_TRY(check_grads(&c, &d, w, g, &gqkv, &ggu));
-    L3K_TRY(attention_ws_size(&c, x, cfg, &d));
+    L3K_TRY(check_grads(c, &d, w, g, &gqkv, &ggu));
+    L3K_TRY(attention_ws_size(c, x, cfg, &d));
     plan_backward(&d, preserve, ggu.n > 1, &p);
-    L3K_TRY(check_workspace_aligned(&c, workspace, p.total));
+    L3K_TRY(check_workspace_aligned(c, workspace, p.total));
     /* gate_up is written unless preserved; the other activations are read only. */
     tensor_list outs = {.n = 0}, ins = block_inputs(x, cos, sin, w);
-    L3K_TRY(check_key_range(&c, &d, &ins));
+    L3K_TRY(check_key_range(c, &d, &ins));
     add(&outs, dx, "dx");
     add(&outs, workspace, "workspace");
     const DLTensor *gs[N_WEIGHTS] = {WEIGHT_FIELDS(g)};
@@ -883,7 +958,7 @@ l3k_status l3k_llama_block_backward(const DLTensor *dout, const DLTensor *x, con
     if (!preserve) add(&outs, saved->gate_up, "saved->gate_up");
     add(&ins, dout, "dout");
     add_activations(&ins, saved, preserve);
-    L3K_TRY(check_disjoint(&c, &outs, &ins));
+    L3K_TRY(check_disjoint(c, &outs, &ins));
     /* With no token the steps still run: the weight gradients' GEMMs over zero rows write zeros. */
     if (d.dim == 0) return L3K_SUCCESS;
 
@@ -893,7 +968,28 @@ l3k_status l3k_llama_block_backward(const DLTensor *dout, const DLTensor *x, con
                    workspace ? (char *)l3k_data(workspace) : NULL);
     /* Every step is checked before the first one runs: a refused call writes nothing. */
     l3k_set_checking_only(1);
-    const l3k_status st = backward_steps(&c, &d, &v, w, cfg, cos, sin, &gqkv, &ggu, g, stream);
+    const l3k_status st = backward_steps(c, &d, &v, w, cfg, cos, sin, &gqkv, &ggu, g, stream);
     l3k_set_checking_only(0);
-    return st ? st : backward_steps(&c, &d, &v, w, cfg, cos, sin, &gqkv, &ggu, g, stream);
+    return st ? st : backward_steps(c, &d, &v, w, cfg, cos, sin, &gqkv, &ggu, g, stream);
+}
+
+l3k_status l3k_llama_block_backward(const DLTensor *dout, const DLTensor *x, const DLTensor *cos,
+                                    const DLTensor *sin, const l3k_llama_block_weights *w,
+                                    const l3k_llama_block_config *cfg,
+                                    const l3k_llama_block_activations *saved, unsigned flags, DLTensor *dx,
+                                    const l3k_llama_block_grads *g, DLTensor *workspace, void *stream) {
+    l3k_call c = {.op = "llama_block_backward"};
+    const bwd_args a = {dout, x, cos, sin, w, cfg, saved, flags, dx, g, workspace};
+    l3k_graph_key k;
+    key_common(&k, KEY_BACKWARD, x, cos, sin, w, cfg);
+    key_activations(&k, saved);
+    l3k_graph_key_word(&k, flags);
+    if (!g || g->struct_size < sizeof *g) k.usable = 0;
+    const DLTensor *more[] = {dout, dx, workspace};
+    for (int i = 0; i < 3; ++i) l3k_graph_key_tensor(&k, more[i]);
+    if (k.usable) {
+        const DLTensor *gs[N_WEIGHTS] = {WEIGHT_FIELDS(g)};
+        for (int i = 0; i < N_WEIGHTS; ++i) l3k_graph_key_tensor(&k, gs[i]);
+    }
+    return l3k_graph_run(&c, &k, backward, &a, stream);
 }

@@ -114,6 +114,19 @@ L3K_API int l3k_version(void);
 /* 1 if this library was built with CUDA kernels, else 0. */
 L3K_API int l3k_has_cuda(void);
 
+/* Graph replay of the block calls (l3k_llama_block_forward, _forward_train, _backward) on
+ * CUDA: the second time a call is made with exactly the same arguments (every tensor's
+ * address, dtype, shape, strides; the same settings) it is captured as a CUDA graph on a
+ * stream of the library's own, and from then on that graph is launched on the caller's
+ * stream instead: one launch instead of ~25, and no validation (the arguments are those of
+ * a call that passed it).  Results are bitwise those of the kernels launched one by one;
+ * memory contents may change freely between calls.  A call whose stream is being captured
+ * runs as usual (it becomes part of the caller's graph).  Up to 160 graphs are kept, the
+ * least recently used dropped first.  On by default; the environment variable
+ * L3K_GRAPH_REPLAY=0 turns it off at load.  Sets it on (1) or off (0, dropping the graphs)
+ * and returns the previous setting; always 0 without CUDA.  Thread-safe. */
+L3K_API int l3k_set_graph_replay(int enabled);
+
 /* ---- RMSNorm ------------------------------------------------------------- *
  * y = x * rsqrt(mean(x^2, last dim) + eps) * weight
  *

@@ -12,9 +12,14 @@
 
 static const char *device_name(DLDevice d, char buf[32]) {
     switch ((int)d.device_type) {
-    case kDLCPU: snprintf(buf, 32, "cpu"); break;
-    case kDLCUDA: snprintf(buf, 32, "cuda:%d", (int)d.device_id); break;
-    default: snprintf(buf, 32, "device type %d:%d", (int)d.device_type, (int)d.device_id);
+        case kDLCPU:
+            snprintf(buf, 32, "cpu");
+            break;
+        case kDLCUDA:
+            snprintf(buf, 32, "cuda:%d", (int)d.device_id);
+            break;
+        default:
+            snprintf(buf, 32, "device type %d:%d", (int)d.device_type, (int)d.device_id);
     }
     return buf;
 }
@@ -22,18 +27,24 @@ static const char *device_name(DLDevice d, char buf[32]) {
 const char *l3k_dtype_name(DLDataType dt, char buf[32]) {
     const char *base = "unknown";
     switch (dt.code) {
-    case kDLInt: base = "int"; break;
-    case kDLUInt: base = dt.bits == 1 ? "bool" : "uint"; break;
-    case kDLFloat: base = "float"; break;
-    case kDLBfloat: base = "bfloat"; break;
-    default: break;
+        case kDLInt:
+            base = "int";
+            break;
+        case kDLUInt:
+            base = dt.bits == 1 ? "bool" : "uint";
+            break;
+        case kDLFloat:
+            base = "float";
+            break;
+        case kDLBfloat:
+            base = "bfloat";
+            break;
+        default:
+            break;
     }
-    if (dt.code == kDLUInt && dt.bits == 1)
-        snprintf(buf, 32, "bool");
-    else if (dt.lanes > 1)
-        snprintf(buf, 32, "%s%ux%u", base, (unsigned)dt.bits, (unsigned)dt.lanes);
-    else
-        snprintf(buf, 32, "%s%u", base, (unsigned)dt.bits);
+    if (dt.code == kDLUInt && dt.bits == 1) snprintf(buf, 32, "bool");
+    else if (dt.lanes > 1) snprintf(buf, 32, "%s%ux%u", base, (unsigned)dt.bits, (unsigned)dt.lanes);
+    else snprintf(buf, 32, "%s%u", base, (unsigned)dt.bits);
     return buf;
 }
 
@@ -49,15 +60,15 @@ int l3k_add_ok(int64_t a, int64_t b, int64_t *out) { return !__builtin_add_overf
 
 l3k_status l3k_size_mul(l3k_call *c, const char *what, int64_t a, int64_t b, int64_t *out) {
     if (a < 0 || b < 0 || !l3k_mul_ok(a, b, out))
-        return l3k_fail(c, L3K_ERROR_SHAPE, "%s = %lld * %lld, expected at most 2^63 - 1", what,
-                        (long long)a, (long long)b);
+        return l3k_fail(c, L3K_ERROR_SHAPE, "%s = %lld * %lld, expected at most 2^63 - 1", what, (long long)a,
+                        (long long)b);
     return L3K_SUCCESS;
 }
 
 l3k_status l3k_size_add(l3k_call *c, const char *what, int64_t a, int64_t b, int64_t *out) {
     if (a < 0 || b < 0 || !l3k_add_ok(a, b, out))
-        return l3k_fail(c, L3K_ERROR_SHAPE, "%s = %lld + %lld, expected at most 2^63 - 1", what,
-                        (long long)a, (long long)b);
+        return l3k_fail(c, L3K_ERROR_SHAPE, "%s = %lld + %lld, expected at most 2^63 - 1", what, (long long)a,
+                        (long long)b);
     return L3K_SUCCESS;
 }
 
@@ -85,9 +96,7 @@ void *l3k_data(const DLTensor *t) {
     return (void *)((uintptr_t)t->data + (uintptr_t)t->byte_offset);
 }
 
-void *l3k_ptr_add(void *p, int64_t bytes) {
-    return p ? (void *)((uintptr_t)p + (uintptr_t)bytes) : NULL;
-}
+void *l3k_ptr_add(void *p, int64_t bytes) { return p ? (void *)((uintptr_t)p + (uintptr_t)bytes) : NULL; }
 
 int64_t l3k_stride(const DLTensor *t, int i) {
     if (t->strides) return t->strides[i];
@@ -97,9 +106,7 @@ int64_t l3k_stride(const DLTensor *t, int i) {
     return s < 0 ? 0 : s;
 }
 
-static size_t elem_bytes(const DLTensor *t) {
-    return ((size_t)t->dtype.bits * t->dtype.lanes + 7) / 8;
-}
+static size_t elem_bytes(const DLTensor *t) { return ((size_t)t->dtype.bits * t->dtype.lanes + 7) / 8; }
 
 /* Lowest and highest element offsets a tensor with elements reaches; 0 when an
  * offset passes int64. */
@@ -138,8 +145,8 @@ static l3k_status check_extent(l3k_call *c, const DLTensor *t, const char *name)
     const uint64_t base = (uint64_t)(uintptr_t)t->data;
     const uint64_t limit = t->device.device_type == kDLCPU ? (uint64_t)INT64_MAX : UINT64_MAX;
     if (t->data && (t->byte_offset > limit || base > limit - t->byte_offset))
-        return l3k_fail(c, L3K_ERROR_LAYOUT, "%s data %p + byte_offset %llu, expected an address below %s", name,
-                        t->data, (unsigned long long)t->byte_offset,
+        return l3k_fail(c, L3K_ERROR_LAYOUT, "%s data %p + byte_offset %llu, expected an address below %s",
+                        name, t->data, (unsigned long long)t->byte_offset,
                         limit == UINT64_MAX ? "2^64" : "2^63");
     if (numel == 0) return L3K_SUCCESS;
     int64_t lo, hi, lo_b, hi_b;
@@ -169,15 +176,13 @@ l3k_status l3k_check_tensor(l3k_call *c, const DLTensor *t, const char *name) {
     char a[32], b[32];
     if (!t) return l3k_fail(c, L3K_ERROR_NULL_POINTER, "%s is NULL", name);
     if (t->ndim < 0 || (t->ndim > 0 && !t->shape))
-        return l3k_fail(c, L3K_ERROR_NULL_POINTER, "%s has ndim %d and shape NULL", name,
-                        (int)t->ndim);
+        return l3k_fail(c, L3K_ERROR_NULL_POINTER, "%s has ndim %d and shape NULL", name, (int)t->ndim);
     for (int i = 0; i < t->ndim; ++i)
         if (t->shape[i] < 0)
             return l3k_fail(c, L3K_ERROR_SHAPE, "%s.shape[%d] is %lld, expected >= 0", name, i,
                             (long long)t->shape[i]);
     if (count_of(t, 0, t->ndim) < 0) return check_extent(c, t, name);
-    if (!t->data && l3k_numel(t) > 0)
-        return l3k_fail(c, L3K_ERROR_NULL_POINTER, "%s.data is NULL", name);
+    if (!t->data && l3k_numel(t) > 0) return l3k_fail(c, L3K_ERROR_NULL_POINTER, "%s.data is NULL", name);
     if (t->dtype.bits == 0 || t->dtype.lanes == 0)
         return l3k_fail(c, L3K_ERROR_DTYPE, "%s dtype has %u bits and %u lanes, expected at least 1 of each",
                         name, (unsigned)t->dtype.bits, (unsigned)t->dtype.lanes);
@@ -187,8 +192,7 @@ l3k_status l3k_check_tensor(l3k_call *c, const DLTensor *t, const char *name) {
                         device_name(t->device, a));
 #ifndef L3K_WITH_CUDA
     if (type == kDLCUDA)
-        return l3k_fail(c, L3K_ERROR_NO_CUDA,
-                        "%s is on %s but this library was built without CUDA", name,
+        return l3k_fail(c, L3K_ERROR_NO_CUDA, "%s is on %s but this library was built without CUDA", name,
                         device_name(t->device, a));
 #endif
     if (!c->have_device) {
@@ -196,8 +200,8 @@ l3k_status l3k_check_tensor(l3k_call *c, const DLTensor *t, const char *name) {
         c->device = t->device;
     } else if (c->device.device_type != t->device.device_type ||
                (type == kDLCUDA && c->device.device_id != t->device.device_id)) {
-        return l3k_fail(c, L3K_ERROR_DEVICE, "%s is on %s, expected %s like the other tensors",
-                        name, device_name(t->device, a), device_name(c->device, b));
+        return l3k_fail(c, L3K_ERROR_DEVICE, "%s is on %s, expected %s like the other tensors", name,
+                        device_name(t->device, a), device_name(c->device, b));
     }
     return check_extent(c, t, name);
 }
@@ -209,17 +213,15 @@ l3k_status l3k_check_float(l3k_call *c, const DLTensor *t, const char *name, l3k
     else if (d.lanes == 1 && d.code == kDLFloat && d.bits == 16) *dt = L3K_DT_F16;
     else if (d.lanes == 1 && d.code == kDLBfloat && d.bits == 16) *dt = L3K_DT_BF16;
     else
-        return l3k_fail(c, L3K_ERROR_DTYPE, "%s dtype %s, expected float32, float16 or bfloat16",
-                        name, l3k_dtype_name(d, a));
+        return l3k_fail(c, L3K_ERROR_DTYPE, "%s dtype %s, expected float32, float16 or bfloat16", name,
+                        l3k_dtype_name(d, a));
     if (((uintptr_t)l3k_data(t)) % l3k_dt_size(*dt) != 0)
-        return l3k_fail(c, L3K_ERROR_ALIGNMENT,
-                        "%s data pointer %p is not aligned to its %zu-byte elements", name,
-                        l3k_data(t), l3k_dt_size(*dt));
+        return l3k_fail(c, L3K_ERROR_ALIGNMENT, "%s data pointer %p is not aligned to its %zu-byte elements",
+                        name, l3k_data(t), l3k_dt_size(*dt));
     return L3K_SUCCESS;
 }
 
-l3k_status l3k_check_dtype(l3k_call *c, const DLTensor *t, const char *name, l3k_dt want,
-                           const char *like) {
+l3k_status l3k_check_dtype(l3k_call *c, const DLTensor *t, const char *name, l3k_dt want, const char *like) {
     char a[32];
     l3k_dt got = want;
     l3k_status st = l3k_check_float(c, t, name, &got);
@@ -236,8 +238,8 @@ static void shape_str(const DLTensor *t, char *buf, size_t cap) {
     if (n < cap) snprintf(buf + n, cap - n, t->ndim == 1 ? ",)" : ")");
 }
 
-l3k_status l3k_check_same_shape(l3k_call *c, const DLTensor *t, const char *name,
-                                const DLTensor *ref, const char *ref_name) {
+l3k_status l3k_check_same_shape(l3k_call *c, const DLTensor *t, const char *name, const DLTensor *ref,
+                                const char *ref_name) {
     int same = t->ndim == ref->ndim;
     for (int i = 0; same && i < t->ndim; ++i) same = t->shape[i] == ref->shape[i];
     if (same) return L3K_SUCCESS;
@@ -248,8 +250,7 @@ l3k_status l3k_check_same_shape(l3k_call *c, const DLTensor *t, const char *name
 }
 
 l3k_status l3k_check_rows(l3k_call *c, const DLTensor *t, const char *name, l3k_rows *out) {
-    if (t->ndim < 1)
-        return l3k_fail(c, L3K_ERROR_SHAPE, "%s has ndim 0, expected >= 1", name);
+    if (t->ndim < 1) return l3k_fail(c, L3K_ERROR_SHAPE, "%s has ndim 0, expected >= 1", name);
     int last = t->ndim - 1;
     out->data = l3k_data(t);
     out->n = t->shape[last];
@@ -266,8 +267,8 @@ l3k_status l3k_check_rows(l3k_call *c, const DLTensor *t, const char *name, l3k_
         return L3K_SUCCESS;
     }
     if (out->n > 1 && l3k_stride(t, last) != 1)
-        return l3k_fail(c, L3K_ERROR_LAYOUT, "%s stride[%d] is %lld, expected 1 (last dim contiguous)",
-                        name, last, (long long)l3k_stride(t, last));
+        return l3k_fail(c, L3K_ERROR_LAYOUT, "%s stride[%d] is %lld, expected 1 (last dim contiguous)", name,
+                        last, (long long)l3k_stride(t, last));
     /* Leading dims must form one arithmetic sequence of rows; size-1 dims do not count. */
     int64_t row_stride = 0, expect = 0;
     int have = 0, expect_ok = 1;
@@ -294,8 +295,8 @@ l3k_status l3k_check_rows(l3k_call *c, const DLTensor *t, const char *name, l3k_
     }
     if (!have) row_stride = out->n;
     if (out->rows > 1 && row_stride < out->n)
-        return l3k_fail(c, L3K_ERROR_LAYOUT, "%s row stride %lld is below the row length %lld",
-                        name, (long long)row_stride, (long long)out->n);
+        return l3k_fail(c, L3K_ERROR_LAYOUT, "%s row stride %lld is below the row length %lld", name,
+                        (long long)row_stride, (long long)out->n);
     out->row_stride = row_stride;
     /* In range: the row stride and the row length are within t's extent in bytes. */
     const size_t es = elem_bytes(t);
@@ -315,14 +316,12 @@ static int is_contiguous(const DLTensor *t) {
     return 1;
 }
 
-l3k_status l3k_check_contiguous_numel(l3k_call *c, const DLTensor *t, const char *name,
-                                      int64_t numel) {
+l3k_status l3k_check_contiguous_numel(l3k_call *c, const DLTensor *t, const char *name, int64_t numel) {
     if (l3k_numel(t) != numel)
         return l3k_fail(c, L3K_ERROR_SHAPE, "%s has %lld elements, expected %lld", name,
                         (long long)l3k_numel(t), (long long)numel);
     if (!is_contiguous(t))
-        return l3k_fail(c, L3K_ERROR_LAYOUT, "%s is not contiguous, expected compact row-major",
-                        name);
+        return l3k_fail(c, L3K_ERROR_LAYOUT, "%s is not contiguous, expected compact row-major", name);
     return L3K_SUCCESS;
 }
 
@@ -361,16 +360,14 @@ size_t l3k_tensor_bytes(const DLTensor *t) {
 l3k_status l3k_check_workspace(l3k_call *c, const DLTensor *t, size_t bytes) {
     /* A workspace given where none is needed is still a tensor of this call. */
     if (bytes == 0) return t ? l3k_check_tensor(c, t, "workspace") : L3K_SUCCESS;
-    if (!t)
-        return l3k_fail(c, L3K_ERROR_WORKSPACE, "workspace is NULL, expected %zu bytes", bytes);
+    if (!t) return l3k_fail(c, L3K_ERROR_WORKSPACE, "workspace is NULL, expected %zu bytes", bytes);
     l3k_status st = l3k_check_tensor(c, t, "workspace");
     if (st) return st;
-    if (!is_contiguous(t))
-        return l3k_fail(c, L3K_ERROR_LAYOUT, "workspace is not contiguous");
+    if (!is_contiguous(t)) return l3k_fail(c, L3K_ERROR_LAYOUT, "workspace is not contiguous");
     size_t have = l3k_tensor_bytes(t);
     if (have < bytes)
-        return l3k_fail(c, L3K_ERROR_WORKSPACE, "workspace has %zu bytes, expected at least %zu",
-                        have, bytes);
+        return l3k_fail(c, L3K_ERROR_WORKSPACE, "workspace has %zu bytes, expected at least %zu", have,
+                        bytes);
     if ((uintptr_t)l3k_data(t) % 16 != 0)
         return l3k_fail(c, L3K_ERROR_ALIGNMENT, "workspace data pointer %p is not 16-byte aligned",
                         l3k_data(t));
@@ -389,16 +386,13 @@ void l3k_set_checking_only(int on) { checking_only = on; }
 
 int l3k_checking_only(void) { return checking_only; }
 
-int l3k_on_cuda(const l3k_call *c) {
-    return c->have_device && c->device.device_type == kDLCUDA;
-}
+int l3k_on_cuda(const l3k_call *c) { return c->have_device && c->device.device_type == kDLCUDA; }
 
 l3k_status l3k_cuda_launch(l3k_call *c, l3k_cuda_launch_fn fn, const void *args, void *stream) {
 #ifdef L3K_WITH_CUDA
     int prev = -1;
     cudaError_t err = cudaGetDevice(&prev);
-    if (err == cudaSuccess && prev != c->device.device_id)
-        err = cudaSetDevice(c->device.device_id);
+    if (err == cudaSuccess && prev != c->device.device_id) err = cudaSetDevice(c->device.device_id);
     if (err == cudaSuccess) err = (cudaError_t)fn(args, stream);
     if (prev >= 0 && prev != c->device.device_id) cudaSetDevice(prev);
     if ((int)err == L3K_GEMM_NO_CUBLASLT) /* "cuBLASLt not found; tried: ...; install ..." */
@@ -407,11 +401,13 @@ l3k_status l3k_cuda_launch(l3k_call *c, l3k_cuda_launch_fn fn, const void *args,
         return l3k_fail(c, L3K_ERROR_CUBLAS, "cuBLAS status %d on cuda:%d", -(int)err,
                         (int)c->device.device_id);
     if (err != cudaSuccess)
-        return l3k_fail(c, L3K_ERROR_CUDA, "CUDA error %d (%s) on cuda:%d", (int)err,
-                        cudaGetErrorString(err), (int)c->device.device_id);
+        return l3k_fail(c, L3K_ERROR_CUDA, "CUDA error %d (%s) on cuda:%d", (int)err, cudaGetErrorString(err),
+                        (int)c->device.device_id);
     return L3K_SUCCESS;
 #else
-    (void)fn; (void)args; (void)stream;
+    (void)fn;
+    (void)args;
+    (void)stream;
     return l3k_fail(c, L3K_ERROR_NO_CUDA, "this library was built without CUDA");
 #endif
 }
@@ -421,7 +417,10 @@ l3k_status l3k_cuda_launch(l3k_call *c, l3k_cuda_launch_fn fn, const void *args,
 void l3k_byte_range(const DLTensor *t, uintptr_t *lo, uintptr_t *hi) {
     const uintptr_t base = (uintptr_t)l3k_data(t);
     int64_t min_off, max_off, es = (int64_t)elem_bytes(t);
-    if (l3k_numel(t) == 0) { *lo = *hi = base; return; }
+    if (l3k_numel(t) == 0) {
+        *lo = *hi = base;
+        return;
+    }
     if (!offset_span(t, &min_off, &max_off) || !l3k_mul_ok(min_off, es, &min_off) ||
         !l3k_add_ok(max_off, 1, &max_off) || !l3k_mul_ok(max_off, es, &max_off)) {
         *lo = 0; /* only for a tensor l3k_check_tensor refuses: overlaps everything */
@@ -441,8 +440,8 @@ int l3k_same_view(const DLTensor *a, const DLTensor *b) {
     return 1;
 }
 
-l3k_status l3k_check_no_overlap(l3k_call *c, const DLTensor *out, const char *out_name,
-                                const DLTensor *in, const char *in_name, int allow_same) {
+l3k_status l3k_check_no_overlap(l3k_call *c, const DLTensor *out, const char *out_name, const DLTensor *in,
+                                const char *in_name, int allow_same) {
     if (allow_same && l3k_same_view(out, in)) return L3K_SUCCESS;
     uintptr_t a0, a1, b0, b1;
     l3k_byte_range(out, &a0, &a1);
@@ -481,15 +480,17 @@ int l3k_rows_overlap(const l3k_rows *a, const l3k_rows *b, size_t es) {
     /* Element r*S + i of a (i < na) equals d + r'*S + j of b (j < nb), d = q*S + e. */
     const int64_t d = (int64_t)((pb - pa) / (intptr_t)es);
     int64_t q = d / S, e = d % S;
-    if (e < 0) { e += S; q -= 1; }
-    if (e < a->n && rows_meet(q, a->rows, b->rows)) return 1;            /* i = j + e */
-    if (S - e < b->n && rows_meet(q + 1, a->rows, b->rows)) return 1;    /* j = i + S - e */
+    if (e < 0) {
+        e += S;
+        q -= 1;
+    }
+    if (e < a->n && rows_meet(q, a->rows, b->rows)) return 1;         /* i = j + e */
+    if (S - e < b->n && rows_meet(q + 1, a->rows, b->rows)) return 1; /* j = i + S - e */
     return 0;
 }
 
 l3k_status l3k_check_rows_no_overlap(l3k_call *c, const l3k_rows *out, const char *out_name,
-                                     const l3k_rows *in, const char *in_name, size_t es,
-                                     int allow_same) {
+                                     const l3k_rows *in, const char *in_name, size_t es, int allow_same) {
     const int same = out->data == in->data && out->n == in->n && out->rows == in->rows &&
                      (out->rows <= 1 || out->row_stride == in->row_stride);
     if (allow_same && same) return L3K_SUCCESS;

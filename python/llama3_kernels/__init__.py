@@ -9,7 +9,16 @@ package offers the raw ``*_into`` calls, ``has_cuda``, ``version`` and ``library
 the torch-level names raise an ImportError saying so.
 """
 
-from ._lib import L3KArgumentError, L3KBackendError, L3KDTypeError, L3KError, has_cuda, library_path, version
+from ._lib import (
+    L3KArgumentError,
+    L3KBackendError,
+    L3KDTypeError,
+    L3KError,
+    has_cuda,
+    library_path,
+    set_graph_replay,
+    version,
+)
 from .raw import (
     add_rmsnorm_forward_into,
     attention_backward_into,

@@ -57,6 +57,7 @@ _SIGNATURES: dict[str, list] = {
     "l3k_last_error": [],
     "l3k_version": [],
     "l3k_has_cuda": [],
+    "l3k_set_graph_replay": [_INT],
     "l3k_rmsnorm_forward": [_P, _P, _F, _P, _P, _P],
     "l3k_add_rmsnorm_forward": [_P, _P, _P, _F, _P, _P, _P, _P],
     "l3k_rmsnorm_backward_workspace_size": [_P, ctypes.POINTER(_SZ)],
@@ -246,6 +247,12 @@ def version() -> tuple[int, int, int]:
 
 def has_cuda() -> bool:
     return bool(LIB.l3k_has_cuda())
+
+
+def set_graph_replay(enabled: bool) -> bool:
+    """Turn the library's CUDA-graph replay of repeated block calls on or off (l3k.h:
+    l3k_set_graph_replay); returns the previous setting.  On by default."""
+    return bool(LIB.l3k_set_graph_replay(int(bool(enabled))))
 
 
 def library_path() -> str:
