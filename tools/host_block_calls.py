@@ -17,7 +17,7 @@ import torch
 import llama3_kernels as l3k
 from llama3_kernels._dlpack import Borrowed, current_stream
 from llama3_kernels._lib import LIB, PRESERVE_ACTIVATIONS, BlockActivations, BlockGrads
-from llama3_kernels.block import PARAM_NAMES, BlockCall
+from llama3_kernels.block import PARAM_NAMES, BlockCall, _layout
 
 
 def per_call_us(fn, n=300, reps=5):
@@ -65,7 +65,7 @@ def main():
         rows.append(("inference forward (module)", per_call_us(lambda: blk(xd, cos, sin))))
 
     # The bare C calls, arguments prepared once.
-    lay = call.layout(xd, Borrowed(xd).ptrs[0])
+    lay = _layout(call, xd)
     out = torch.empty_like(xd)
     fws = torch.empty(lay.forward_workspace_bytes, dtype=torch.uint8, device=dev)
     bws = torch.empty(lay.backward_workspace_bytes_preserving, dtype=torch.uint8, device=dev)

@@ -25,15 +25,17 @@ from __future__ import annotations
 
 import ctypes
 import math
+import threading
 import weakref
 
 import torch
 from torch import nn
 
-from ._dlpack import Borrowed, current_stream
+from ._dlpack import Borrowed, Slots, current_stream
 from ._lib import LIB, PRESERVE_ACTIVATIONS, BlockActivations, BlockConfig, BlockGrads, BlockLayout, BlockWeights, check
 from .ops._common import key_range_for
 from .ops._registry import define, ops, register_autograd
+from .reference import Llama3BlockBase
 
 # The block's weights in either form the C ABI takes, as l3k_llama_block_weights names them:
 # fused (this module's parameters) or split (e.g. a Hugging Face layer's own parameters).
@@ -77,12 +79,11 @@ _ALIASES = {
 
 
 class BlockCall:
-    """The weights and configuration of one block as the C ABI takes them, with the sizes
-    asked of the library per input shape.  A module keeps one between calls (so a call at
-    a host-bound shape costs little more than the C call); the registered ops make one
-    per call.  It holds references to the weights it borrowed."""
+    """The weights and configuration of one block as the C ABI takes them.  A module keeps one
+    between calls (so a call at a host-bound shape costs little more than the C call); the
+    registered ops make one per call.  It holds references to the weights it borrowed."""
 
-    __slots__ = ("key", "params", "data_ptrs", "spec", "borrowed", "weights", "cfg", "layouts", "inference_bytes")
+    __slots__ = ("key", "params", "data_ptrs", "spec", "borrowed", "weights", "cfg", "frame_key")
 
     def __init__(
         self, params, n_heads: int, n_kv_heads: int, causal: bool, eps: float, deterministic: bool = False, key=None
@@ -95,20 +96,8 @@ class BlockCall:
         names = SPLIT_PARAM_NAMES if len(params) == len(SPLIT_PARAM_NAMES) else PARAM_NAMES
         self.weights = BlockWeights(**dict(zip(names, self.borrowed.ptrs)))
         self.cfg = BlockConfig(n_heads, n_kv_heads, int(causal), eps, int(deterministic))
-        self.layouts: dict = {}
-        self.inference_bytes: dict = {}
-
-    def layout(self, x: torch.Tensor, x_ptr) -> BlockLayout:
-        k = (x.shape, x.dtype)
-        lay = self.layouts.get(k)
-        if lay is None:
-            lay = self.layouts[k] = BlockLayout()
-            check(
-                LIB.l3k_llama_block_training_layout(
-                    x_ptr, ctypes.byref(self.weights), ctypes.byref(self.cfg), ctypes.byref(lay)
-                )
-            )
-        return lay
+        # What a call's frame (sizes, DLTensors) depends on besides x.
+        self.frame_key = (tuple([tuple(p.shape) for p in params]), self.spec)
 
     def config(self, key_range_ptr) -> BlockConfig:
         """The configuration of one call: this block's, with the call's key range (a DLTensor
@@ -119,36 +108,29 @@ class BlockCall:
         cfg.key_range = key_range_ptr
         return cfg
 
-    def inputs(self, ptrs) -> tuple:
-        """The arguments every block call takes for the DLTensor pointers (x, cos, sin,
-        key_range): x, cos, sin, the weights and the call's configuration."""
-        x, cos, sin, key_range = ptrs
-        return x, cos, sin, ctypes.byref(self.weights), ctypes.byref(self.config(key_range))
+    def frame(self, kind: str, x: torch.Tensor, flag=None):
+        """This thread's frame of a call for x's shape (`kind` "inference", "forward" with `flag`
+        keep_attention, or "backward" with `flag` (preserve, attention kept)): made once, reused
+        by every later call of that shape."""
+        frames = _frames()
+        key = (kind, x.shape, x.dtype, x.device, flag, self.frame_key)
+        f = frames.get(key)
+        if f is None:
+            if len(frames) >= 256:  # e.g. many sequence lengths: start over rather than grow
+                frames.clear()
+            f = frames[key] = (_BackwardFrame if kind == "backward" else _ForwardFrame)(self, x, kind, flag)
+        return f
 
     def inference(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_range=None) -> torch.Tensor:
         """The block's output for contiguous x (batch, seq, dim); nothing kept."""
-        b = Borrowed(x, cos, sin, key_range)
-        k = (x.shape, x.dtype)
-        n = self.inference_bytes.get(k)
-        if n is None:
-            size = ctypes.c_size_t(0)
-            check(
-                LIB.l3k_llama_block_forward_workspace_size(
-                    b.ptrs[0], ctypes.byref(self.weights), ctypes.byref(self.cfg), ctypes.byref(size)
-                )
-            )
-            n = self.inference_bytes[k] = size.value
+        f = self.frame("inference", x)
         out = torch.empty_like(x)
-        ws = torch.empty(n, dtype=torch.uint8, device=x.device)
-        o = Borrowed(out, ws)
-        check(
-            LIB.l3k_llama_block_forward(
-                *self.inputs(b.ptrs[:4]),
-                o.ptrs[0],
-                o.ptrs[1],
-                current_stream(x),
-            )
-        )
+        ws = torch.empty(f.workspace_bytes, dtype=torch.uint8, device=x.device)
+        xp, outp, wsp = f.slots.fill([x.data_ptr(), out.data_ptr(), ws.data_ptr()])[:3]
+        t = Borrowed(cos, sin, key_range)
+        cfg = ctypes.byref(self.config(t.ptrs[2]))
+        w = ctypes.byref(self.weights)
+        check(LIB.l3k_llama_block_forward(xp, t.ptrs[0], t.ptrs[1], w, cfg, outp, wsp, current_stream(x)))
         return out
 
     def train_forward(
@@ -156,37 +138,22 @@ class BlockCall:
     ):
         """(out, *activations) of a training forward; the activations in BlockActivations' order,
         size-0 tensors for an attention output and LSE that are not kept."""
-        b = Borrowed(x, cos, sin, key_range)
-        lay = self.layout(x, b.ptrs[0])
-        dev, dt = x.device, x.dtype
+        f = self.frame("forward", x, keep_attention)
+        dev = x.device
         out = torch.empty_like(x)
-        acts = [
-            torch.empty(lay.qkv.rows, lay.qkv.cols, dtype=dt, device=dev),
-            torch.empty(lay.residual.rows, lay.residual.cols, dtype=dt, device=dev),
-            torch.empty(lay.gate_up.rows, lay.gate_up.cols, dtype=dt, device=dev),
-            torch.empty(lay.rstd1.rows, dtype=torch.float32, device=dev),
-            torch.empty(lay.rstd2.rows, dtype=torch.float32, device=dev),
-        ]
-        if keep_attention:
-            acts += [
-                torch.empty(lay.attn_out.rows, lay.attn_out.cols, dtype=dt, device=dev),
-                torch.empty(lay.lse.rows, dtype=torch.float32, device=dev),
-            ]
-        ws = torch.empty(lay.forward_workspace_bytes, dtype=torch.uint8, device=dev)
-        o = Borrowed(out, ws, *acts)
-        saved = BlockActivations(*o.ptrs[2:])
+        acts = [torch.empty(shape, dtype=dt, device=dev) for shape, dt in f.activations]
+        ws = torch.empty(f.workspace_bytes, dtype=torch.uint8, device=dev)
+        ptrs = f.slots.fill([x.data_ptr(), out.data_ptr(), ws.data_ptr()] + [a.data_ptr() for a in acts])
+        t = Borrowed(cos, sin, key_range)
+        cfg = ctypes.byref(self.config(t.ptrs[2]))
+        w = ctypes.byref(self.weights)
         check(
             LIB.l3k_llama_block_forward_train(
-                *self.inputs(b.ptrs[:4]),
-                o.ptrs[0],
-                ctypes.byref(saved),
-                o.ptrs[1],
-                current_stream(x),
+                ptrs[0], t.ptrs[0], t.ptrs[1], w, cfg, ptrs[1], f.saved_ref, ptrs[2], current_stream(x)
             )
         )
         if not keep_attention:
-            empty = torch.empty(0, dtype=dt, device=dev)
-            acts += [empty, torch.empty(0, dtype=torch.float32, device=dev)]
+            acts += [torch.empty(0, dtype=x.dtype, device=dev), torch.empty(0, dtype=torch.float32, device=dev)]
         return (out, *acts)
 
     def backward(
@@ -204,32 +171,121 @@ class BlockCall:
         if not dout.is_contiguous():
             dout = dout.contiguous()
         kept = acts[5].numel() > 0
-        b = Borrowed(dout, x, cos, sin, key_range, *(acts if kept else acts[:5]))
-        lay = self.layout(x, b.ptrs[1])
-        saved = BlockActivations(*b.ptrs[5:])
+        f = self.frame("backward", x, (preserve, kept))
         dx = torch.empty_like(x)
         grads = _gradient_buffers(self.params)
-        ws = torch.empty(
-            lay.backward_workspace_bytes_preserving if preserve else lay.backward_workspace_bytes,
-            dtype=torch.uint8,
-            device=x.device,
+        ws = torch.empty(f.workspace_bytes, dtype=torch.uint8, device=x.device)
+        ptrs = f.slots.fill(
+            [dout.data_ptr(), x.data_ptr(), dx.data_ptr(), ws.data_ptr()]
+            + [g.data_ptr() for g in grads]
+            + [a.data_ptr() for a in (acts if kept else acts[:5])]
         )
-        o = Borrowed(dx, ws, *grads)
-        names = SPLIT_PARAM_NAMES if len(grads) == len(SPLIT_PARAM_NAMES) else PARAM_NAMES
-        g = BlockGrads(**dict(zip(names, o.ptrs[2:])))
+        t = Borrowed(cos, sin, key_range)
+        cfg = ctypes.byref(self.config(t.ptrs[2]))
+        w = ctypes.byref(self.weights)
         check(
             LIB.l3k_llama_block_backward(
-                b.ptrs[0],
-                *self.inputs(b.ptrs[1:5]),
-                ctypes.byref(saved),
+                ptrs[0],
+                ptrs[1],
+                t.ptrs[0],
+                t.ptrs[1],
+                w,
+                cfg,
+                f.saved_ref,
                 PRESERVE_ACTIVATIONS if preserve else 0,
-                o.ptrs[0],
-                ctypes.byref(g),
-                o.ptrs[1],
+                ptrs[2],
+                f.grads_ref,
+                ptrs[3],
                 current_stream(x),
             )
         )
         return (dx, *grads)
+
+
+# ---- frames: what the C calls of one input shape reuse ----------------------------------------
+
+_THREAD = threading.local()
+
+
+def _frames() -> dict:
+    """This thread's frames (a frame's DLTensors are written at each call, so threads each
+    have their own)."""
+    frames = getattr(_THREAD, "frames", None)
+    if frames is None:
+        frames = _THREAD.frames = {}
+    return frames
+
+
+def _layout(call: BlockCall, x: torch.Tensor) -> BlockLayout:
+    lay = BlockLayout()
+    xs = Slots(x.device, [(x.shape, x.dtype)])
+    check(
+        LIB.l3k_llama_block_training_layout(
+            xs.fill([x.data_ptr()])[0], ctypes.byref(call.weights), ctypes.byref(call.cfg), ctypes.byref(lay)
+        )
+    )
+    return lay
+
+
+def _activation_specs(lay: BlockLayout, dtype: torch.dtype, kept: bool) -> list:
+    """(shape, dtype) of each activation a training forward keeps, in BlockActivations' order."""
+    specs = [
+        ((lay.qkv.rows, lay.qkv.cols), dtype),
+        ((lay.residual.rows, lay.residual.cols), dtype),
+        ((lay.gate_up.rows, lay.gate_up.cols), dtype),
+        ((lay.rstd1.rows,), torch.float32),
+        ((lay.rstd2.rows,), torch.float32),
+    ]
+    if kept:
+        specs += [((lay.attn_out.rows, lay.attn_out.cols), dtype), ((lay.lse.rows,), torch.float32)]
+    return specs
+
+
+class _ForwardFrame:
+    """x, out, the workspace and (training) the activations of a forward, as DLTensors (Slots),
+    with the sizes asked of the library once."""
+
+    def __init__(self, call: BlockCall, x: torch.Tensor, kind: str, keep_attention):
+        if kind == "inference":
+            size = ctypes.c_size_t(0)
+            xs = Slots(x.device, [(x.shape, x.dtype)])
+            check(
+                LIB.l3k_llama_block_forward_workspace_size(
+                    xs.fill([x.data_ptr()])[0], ctypes.byref(call.weights), ctypes.byref(call.cfg), ctypes.byref(size)
+                )
+            )
+            self.workspace_bytes, self.activations = size.value, []
+        else:
+            lay = _layout(call, x)
+            self.workspace_bytes = lay.forward_workspace_bytes
+            self.activations = _activation_specs(lay, x.dtype, keep_attention)
+        self.slots = Slots(
+            x.device, [(x.shape, x.dtype)] * 2 + [((self.workspace_bytes,), torch.uint8)] + self.activations
+        )
+        self.saved = BlockActivations(*self.slots.ptrs[3:])
+        self.saved_ref = ctypes.byref(self.saved)
+
+
+class _BackwardFrame:
+    """dout, x, dx, the workspace, the gradients and the activations of a backward."""
+
+    def __init__(self, call: BlockCall, x: torch.Tensor, kind: str, flags):
+        preserve, kept = flags
+        lay = _layout(call, x)
+        self.workspace_bytes = lay.backward_workspace_bytes_preserving if preserve else lay.backward_workspace_bytes
+        grads = [(p.shape, p.dtype) for p in call.params]
+        self.slots = Slots(
+            x.device,
+            [(x.shape, x.dtype)] * 3
+            + [((self.workspace_bytes,), torch.uint8)]
+            + grads
+            + _activation_specs(lay, x.dtype, kept),
+        )
+        n = 4 + len(grads)
+        names = SPLIT_PARAM_NAMES if len(grads) == len(SPLIT_PARAM_NAMES) else PARAM_NAMES
+        self.grads = BlockGrads(**dict(zip(names, self.slots.ptrs[4:n])))
+        self.saved = BlockActivations(*self.slots.ptrs[n:])
+        self.grads_ref, self.saved_ref = ctypes.byref(self.grads), ctypes.byref(self.saved)
 
 
 def _gradient_buffers(params) -> list:
@@ -452,7 +508,7 @@ def llama_block(
 # ---- the module ----------------------------------------------------------------------------
 
 
-class Llama3Block(nn.Module):
+class Llama3Block(Llama3BlockBase):
     """The LLaMA-3 transformer block on fused CUDA C kernels.
 
     ``Llama3Block(dim, hidden_dim, n_heads)`` and ``forward(x, cos, sin)`` as in the tutorial
@@ -466,30 +522,9 @@ class Llama3Block(nn.Module):
     state dict.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        hidden_dim: int,
-        n_heads: int,
-        n_kv_heads: int | None = None,
-        causal: bool = True,
-        eps: float = 1e-5,
-        deterministic: bool = False,
-        recompute_attention: bool = True,
-        device=None,
-        dtype=None,
-    ):
-        super().__init__()
-        if dim % n_heads:
-            raise ValueError(f"Llama3Block: dim {dim} is not a multiple of n_heads {n_heads}")
-        self.dim, self.hidden_dim = dim, hidden_dim
-        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads or n_heads
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"Llama3Block: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
-        self.head_dim = dim // n_heads
-        self.causal, self.eps, self.deterministic = causal, eps, deterministic
-        self.recompute_attention = recompute_attention
-        kv = self.n_kv_heads * self.head_dim
+    def _make_parameters(self, device, dtype) -> None:
+        """The fused parameters (the constructor's hyperparameters are in Llama3BlockBase)."""
+        dim, hidden_dim, kv = self.dim, self.hidden_dim, self.n_kv_heads * self.head_dim
         kw = dict(device=device, dtype=dtype)
         self.qkv_weight = nn.Parameter(torch.empty(dim + 2 * kv, dim, **kw))
         self.o_weight = nn.Parameter(torch.empty(dim, dim, **kw))
