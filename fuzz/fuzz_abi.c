@@ -413,6 +413,12 @@ static int rows_shape(call *c, int64_t *s, int64_t n) {
     return nd;
 }
 
+/* out = s (nd dims) with its last dim n: another tensor over the same rows. */
+static void rows_like(int64_t *out, const int64_t *s, int nd, int64_t n) {
+    memcpy(out, s, MAX_NDIM * sizeof *s);
+    out[nd - 1] = n;
+}
+
 /* rstd / the row statistics of a (..., n) tensor: x.shape[:-1], or (1,) for 1-D x. */
 static DLTensor *rows_vector(call *c, const int64_t *s, int nd) {
     const int64_t one = 1;
@@ -438,12 +444,17 @@ static int e_add_rmsnorm_forward(call *c) {
     return CALL(c, l3k_add_rmsnorm_forward(x, res, w, eps(c), h, y, r, stream(c)));
 }
 
-static int e_rmsnorm_backward_workspace_size(call *c) {
+/* A size query on one (..., n) tensor, n up to max_n; now and then a NULL out-pointer. */
+static int rows_size_query(call *c, int64_t max_n, l3k_status (*query)(const DLTensor *, size_t *)) {
     int64_t s[MAX_NDIM];
-    const int nd = rows_shape(c, s, dim(c, 0, 40));
+    const int nd = rows_shape(c, s, dim(c, 0, max_n));
     DLTensor *x = arg(c, fdt(c), nd, s);
     size_t bytes = 0;
-    return CALL(c, l3k_rmsnorm_backward_workspace_size(x, pick(c, 16) ? &bytes : NULL));
+    return CALL(c, query(x, pick(c, 16) ? &bytes : NULL));
+}
+
+static int e_rmsnorm_backward_workspace_size(call *c) {
+    return rows_size_query(c, 40, l3k_rmsnorm_backward_workspace_size);
 }
 
 static int e_rmsnorm_backward(call *c) {
@@ -494,8 +505,7 @@ static int e_swiglu_fused_forward(call *c) {
     int64_t s[MAX_NDIM], h[MAX_NDIM];
     const int64_t hidden = dim(c, 0, 12);
     const int nd = rows_shape(c, s, 2 * hidden + (pick(c, 16) == 0));
-    memcpy(h, s, sizeof h);
-    h[nd - 1] = hidden;
+    rows_like(h, s, nd, hidden);
     DLTensor *gu = arg(c, d, nd, s), *a = arg(c, d, nd, h);
     return CALL(c, l3k_swiglu_fused_forward(gu, a, stream(c)));
 }
@@ -514,60 +524,57 @@ static int e_swiglu_fused_backward(call *c) {
     int64_t s[MAX_NDIM], h[MAX_NDIM];
     const int64_t hidden = dim(c, 0, 12);
     const int nd = rows_shape(c, s, 2 * hidden);
-    memcpy(h, s, sizeof h);
-    h[nd - 1] = hidden;
+    rows_like(h, s, nd, hidden);
     DLTensor *da = arg(c, d, nd, h), *gu = arg(c, d, nd, s), *dgu = arg(c, d, nd, s);
     DLTensor *a = pick(c, 2) ? arg(c, d, nd, h) : NULL;
     return CALL(c, l3k_swiglu_fused_backward(da, gu, dgu, a, stream(c)));
 }
 
-static int e_linear_workspace_size(call *c) {
-    int64_t s[MAX_NDIM];
-    const int nd = rows_shape(c, s, dim(c, 0, 8));
-    DLTensor *x = arg(c, fdt(c), nd, s);
-    size_t bytes = 0;
-    return CALL(c, l3k_linear_workspace_size(x, pick(c, 16) ? &bytes : NULL));
-}
+static int e_linear_workspace_size(call *c) { return rows_size_query(c, 8, l3k_linear_workspace_size); }
 
 static DLTensor *linear_workspace(call *c) {
     return pick(c, 2) ? bytes_arg(c, (size_t)(16 * pick(c, 4))) : NULL;
 }
 
-static int e_linear_forward(call *c) {
-    const DLDataType d = fdt(c);
-    int64_t s[MAX_NDIM], ys[MAX_NDIM];
+/* The linear ops' shapes: x (..., k) and y (..., n) over the same rows, the weight (n, k); dy has
+ * y's shape, dx x's. */
+typedef struct {
+    DLDataType d;
+    int nd;
+    int64_t x[MAX_NDIM], y[MAX_NDIM], w[2];
+} linear_dims;
+
+static void linear_shapes(call *c, linear_dims *l) {
+    l->d = fdt(c);
     const int64_t k = dim(c, 0, 16), n = dim(c, 0, 12);
-    const int nd = rows_shape(c, s, k);
-    memcpy(ys, s, sizeof ys);
-    ys[nd - 1] = n;
-    const int64_t ws[2] = {n, k};
-    DLTensor *x = arg(c, d, nd, s), *w = arg(c, d, 2, ws), *res = pick(c, 2) ? arg(c, d, nd, ys) : NULL;
-    DLTensor *y = arg(c, d, nd, ys), *wk = linear_workspace(c);
+    l->nd = rows_shape(c, l->x, k);
+    rows_like(l->y, l->x, l->nd, n);
+    l->w[0] = n;
+    l->w[1] = k;
+}
+
+static int e_linear_forward(call *c) {
+    linear_dims l;
+    linear_shapes(c, &l);
+    DLTensor *x = arg(c, l.d, l.nd, l.x), *w = arg(c, l.d, 2, l.w);
+    DLTensor *res = pick(c, 2) ? arg(c, l.d, l.nd, l.y) : NULL;
+    DLTensor *y = arg(c, l.d, l.nd, l.y), *wk = linear_workspace(c);
     return CALL(c, l3k_linear_forward(x, w, res, y, wk, stream(c)));
 }
 
 static int e_linear_backward_input(call *c) {
-    const DLDataType d = fdt(c);
-    int64_t s[MAX_NDIM], xs[MAX_NDIM];
-    const int64_t k = dim(c, 0, 16), n = dim(c, 0, 12);
-    const int nd = rows_shape(c, s, n);
-    memcpy(xs, s, sizeof xs);
-    xs[nd - 1] = k;
-    const int64_t ws[2] = {n, k};
-    DLTensor *dy = arg(c, d, nd, s), *w = arg(c, d, 2, ws), *dx = arg(c, d, nd, xs), *wk = linear_workspace(c);
+    linear_dims l;
+    linear_shapes(c, &l);
+    DLTensor *dy = arg(c, l.d, l.nd, l.y), *w = arg(c, l.d, 2, l.w), *dx = arg(c, l.d, l.nd, l.x);
+    DLTensor *wk = linear_workspace(c);
     return CALL(c, l3k_linear_backward_input(dy, w, dx, (int)pick(c, 2), wk, stream(c)));
 }
 
 static int e_linear_backward_weight(call *c) {
-    const DLDataType d = fdt(c);
-    int64_t s[MAX_NDIM], xs[MAX_NDIM];
-    const int64_t k = dim(c, 0, 16), n = dim(c, 0, 12);
-    const int nd = rows_shape(c, s, n);
-    memcpy(xs, s, sizeof xs);
-    xs[nd - 1] = k;
-    const int64_t ws[2] = {n, k};
-    DLTensor *dy = arg(c, d, nd, s), *x = arg(c, d, nd, xs), *dw = arg(c, pick(c, 2) ? F32 : d, 2, ws);
-    DLTensor *wk = linear_workspace(c);
+    linear_dims l;
+    linear_shapes(c, &l);
+    DLTensor *dy = arg(c, l.d, l.nd, l.y), *x = arg(c, l.d, l.nd, l.x);
+    DLTensor *dw = arg(c, pick(c, 2) ? F32 : l.d, 2, l.w), *wk = linear_workspace(c);
     return CALL(c, l3k_linear_backward_weight(dy, x, dw, (int)pick(c, 2), wk, stream(c)));
 }
 
@@ -810,6 +817,14 @@ static void block_layout(const block_args *a, l3k_llama_block_layout *lay) {
     lay->lse = (l3k_buffer_desc){a->xs[0] * a->heads * a->xs[1], 1, F32};
 }
 
+/* The training calls' first arguments: the block's (tables and split weights allowed), a key
+ * range, and the layout for them. */
+static void training_setup(call *c, block_args *a, l3k_llama_block_layout *lay) {
+    block_setup(c, a, 1, 1);
+    block_key_range(c, a);
+    block_layout(a, lay);
+}
+
 /* One buffer from its layout entry: (rows, cols), or flattened; now and then another dtype or one
  * row or column more. */
 static DLTensor *buffer_arg(call *c, l3k_buffer_desc b) {
@@ -892,9 +907,7 @@ static int e_llama_block_forward_train(call *c) {
     block_args a;
     l3k_llama_block_layout lay;
     l3k_llama_block_activations s;
-    block_setup(c, &a, 1, 1);
-    block_key_range(c, &a);
-    block_layout(&a, &lay);
+    training_setup(c, &a, &lay);
     DLTensor *out = arg(c, a.d, 3, a.xs);
     const l3k_llama_block_activations *saved = activations_arg(c, &lay, &s);
     DLTensor *ws = bytes_arg(c, lay.forward_workspace_bytes);
@@ -907,9 +920,7 @@ static int e_llama_block_backward(call *c) {
     l3k_llama_block_activations s;
     l3k_llama_block_grads g;
     int gu_apart;
-    block_setup(c, &a, 1, 1);
-    block_key_range(c, &a);
-    block_layout(&a, &lay);
+    training_setup(c, &a, &lay);
     DLTensor *dout = arg(c, a.d, 3, a.xs), *dx = arg(c, a.d, 3, a.xs);
     const l3k_llama_block_activations *saved = activations_arg(c, &lay, &s);
     const l3k_llama_block_grads *grads = grads_arg(c, &a, &g, &gu_apart);

@@ -57,6 +57,21 @@ static void set_tensor(host_tensor *h, void *data, l3k_dt dt, int ndim, const in
     h->t.strides = strides ? h->strides : NULL;
 }
 
+/* One of several host tensors of the same dtype and shape: the tensor and its data. */
+typedef struct {
+    host_tensor *h;
+    void *data;
+} tensor_slot;
+
+/* Compact row-major host tensors of one dtype and shape, one per slot. */
+static void set_tensors(l3k_dt dt, int ndim, const int64_t *shape, const tensor_slot *s, size_t n) {
+    for (size_t i = 0; i < n; ++i) set_tensor(s[i].h, s[i].data, dt, ndim, shape, NULL);
+}
+/* SET_TENSORS(L3K_DT_F32, 2, shape, {&ta, a}, {&tb, b}): the slots listed in place. */
+#define SET_TENSORS(dt, ndim, shape, ...)                            \
+    set_tensors(dt, ndim, shape, (const tensor_slot[]){__VA_ARGS__}, \
+                sizeof((const tensor_slot[]){__VA_ARGS__}) / sizeof(tensor_slot))
+
 /* The stride of dim i of compact row-major t, in elements. */
 static int64_t compact_stride(const DLTensor *t, int i) {
     int64_t s = 1;
@@ -77,5 +92,35 @@ static float frand(unsigned *s) {
     *s = *s * 1664525u + 1013904223u;
     return ((float)(*s >> 8) / 16777216.0f) * 2.0f - 1.0f;
 }
+
+/* n elements of each of nbufs buffers from frand, drawn element by element across the buffers:
+ * bufs[0][0], bufs[1][0], ..., bufs[0][1], ... */
+static void frand_across(unsigned *seed, int n, int nbufs, float *const *bufs) {
+    for (int i = 0; i < n; ++i)
+        for (int b = 0; b < nbufs; ++b) bufs[b][i] = frand(seed);
+}
+
+/* A main's last step: the failure count printed; the exit status. */
+static int report_failures(void) {
+    printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "ok", g_failures);
+    return g_failures ? 1 : 0;
+}
+
+/* A test a main runs by name. */
+typedef struct {
+    const char *name;
+    void (*fn)(void);
+} named_test;
+/* NAMED_TEST(dirs): test_dirs, run by the name "dirs". */
+#define NAMED_TEST(name) \
+    { #name, test_##name }
+
+/* Runs the test named by argv[1] (to run one alone), or all of them; the exit status. */
+static int run_named_tests(int argc, char **argv, const named_test *tests, size_t n) {
+    for (size_t i = 0; i < n; ++i)
+        if (argc < 2 || strcmp(argv[1], tests[i].name) == 0) tests[i].fn();
+    return report_failures();
+}
+#define RUN_NAMED_TESTS(argc, argv, tests) run_named_tests(argc, argv, tests, sizeof tests / sizeof tests[0])
 
 #endif

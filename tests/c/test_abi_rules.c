@@ -15,11 +15,7 @@ static void test_lse_alignment(void) {
     for (int i = 0; i < B * H * S + 1; ++i) lse_buf[i] = 42.0f;
     int64_t qs[4] = {B, H, S, D}, ls[1] = {B * H * S};
     host_tensor tq, to, tl, tdq, tdk, tdv;
-    set_tensor(&tq, q, L3K_DT_F32, 4, qs, NULL);
-    set_tensor(&to, o, L3K_DT_F32, 4, qs, NULL);
-    set_tensor(&tdq, dq, L3K_DT_F32, 4, qs, NULL);
-    set_tensor(&tdk, dk, L3K_DT_F32, 4, qs, NULL);
-    set_tensor(&tdv, dv, L3K_DT_F32, 4, qs, NULL);
+    SET_TENSORS(L3K_DT_F32, 4, qs, {&tq, q}, {&to, o}, {&tdq, dq}, {&tdk, dk}, {&tdv, dv});
     set_tensor(&tl, lse_buf, L3K_DT_F32, 1, ls, NULL);
     tl.t.byte_offset = 2;
     EXPECT_FAILS(l3k_attention_forward(&tq.t, &tq.t, &tq.t, NULL, 0.0f, 1, &to.t, &tl.t, NULL),
@@ -123,9 +119,7 @@ static void test_rmsnorm_zero_width(void) {
     float w0[1], r[4] = {42.0f, 42.0f, 42.0f, 42.0f}, dummy[1] = {7.0f};
     int64_t xs[2] = {4, 0}, ws0[1] = {0}, rs[1] = {4};
     host_tensor tx, tw, ty, tr, tdx;
-    set_tensor(&tx, dummy, L3K_DT_F32, 2, xs, NULL);
-    set_tensor(&ty, dummy, L3K_DT_F32, 2, xs, NULL);
-    set_tensor(&tdx, dummy, L3K_DT_F32, 2, xs, NULL);
+    SET_TENSORS(L3K_DT_F32, 2, xs, {&tx, dummy}, {&ty, dummy}, {&tdx, dummy});
     set_tensor(&tw, w0, L3K_DT_F32, 1, ws0, NULL);
     set_tensor(&tr, r, L3K_DT_F32, 1, rs, NULL);
     CHECK(l3k_rmsnorm_forward(&tx.t, &tw.t, 1e-5f, &ty.t, &tr.t, NULL) == L3K_SUCCESS, "forward (4, 0): %s",
@@ -162,8 +156,7 @@ static void test_linear_zero_size(void) {
     host_tensor tx, tw, ty, tres, tws;
     set_tensor(&tx, dummy, L3K_DT_F32, 2, xs, NULL);
     set_tensor(&tw, dummy, L3K_DT_F32, 2, wsz, NULL);
-    set_tensor(&ty, y, L3K_DT_F32, 2, ys, NULL);
-    set_tensor(&tres, res, L3K_DT_F32, 2, ys, NULL);
+    SET_TENSORS(L3K_DT_F32, 2, ys, {&ty, y}, {&tres, res});
     set_tensor(&tws, ws, L3K_DT_F32, 1, w0, NULL);
     CHECK(l3k_linear_forward(&tx.t, &tw.t, NULL, &ty.t, &tws.t, NULL) == L3K_SUCCESS, "forward K = 0: %s",
           l3k_last_error());
@@ -243,16 +236,8 @@ static void test_zero_size_null_offset(void) {
 }
 
 int main(int argc, char **argv) {
-    static const struct {
-        const char *name;
-        void (*fn)(void);
-    } tests[] = {
-        {"lse_alignment", test_lse_alignment},       {"lse_overlap", test_lse_overlap},
-        {"rmsnorm_overlap", test_rmsnorm_overlap},   {"rmsnorm_zero_width", test_rmsnorm_zero_width},
-        {"linear_zero_size", test_linear_zero_size}, {"zero_size_null_offset", test_zero_size_null_offset},
-    };
-    for (size_t i = 0; i < sizeof tests / sizeof tests[0]; ++i)
-        if (argc < 2 || strcmp(argv[1], tests[i].name) == 0) tests[i].fn();
-    printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "ok", g_failures);
-    return g_failures ? 1 : 0;
+    static const named_test tests[] = {NAMED_TEST(lse_alignment),    NAMED_TEST(lse_overlap),
+                                       NAMED_TEST(rmsnorm_overlap),  NAMED_TEST(rmsnorm_zero_width),
+                                       NAMED_TEST(linear_zero_size), NAMED_TEST(zero_size_null_offset)};
+    return RUN_NAMED_TESTS(argc, argv, tests);
 }

@@ -90,6 +90,5 @@ int main(void) {
 #endif
     sweep(0);
     sweep(1);
-    printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "ok", g_failures);
-    return g_failures ? 1 : 0;
+    return report_failures();
 }

@@ -146,6 +146,21 @@ static void describe(described *d, params_f32 *p) {
     for (int i = 0; i < N_PARTS; ++i) host_f32(&d->t[i], part_f32(p, i), part_ndims[i], part_shapes[i]);
 }
 
+/* The weight slots of a weights or a grads struct (the two name them alike) pointed at host
+ * tensors ht.  Fused: qkv, o, gate_up, down, norm1, norm2 at ht[1..6] (the parts in part order).
+ * Split: q, k, v, gate, up at ht[0..4], and the fused qkv and gate_up slots cleared. */
+#define POINT_FUSED(s, ht)                                                                          \
+    do {                                                                                            \
+        (s).qkv_weight = &(ht)[1].t, (s).o_weight = &(ht)[2].t, (s).gate_up_weight = &(ht)[3].t;    \
+        (s).down_weight = &(ht)[4].t, (s).norm1_weight = &(ht)[5].t, (s).norm2_weight = &(ht)[6].t; \
+    } while (0)
+#define POINT_SPLIT(s, ht)                                                               \
+    do {                                                                                 \
+        (s).qkv_weight = (s).gate_up_weight = NULL;                                      \
+        (s).q_weight = &(ht)[0].t, (s).k_weight = &(ht)[1].t, (s).v_weight = &(ht)[2].t; \
+        (s).gate_weight = &(ht)[3].t, (s).up_weight = &(ht)[4].t;                        \
+    } while (0)
+
 /* 256-byte aligned host memory (the block asks it of its buffers). */
 static void *alloc_aligned(size_t bytes) {
     void *p = NULL;
@@ -188,9 +203,8 @@ static void train_step(const DLTensor *x, const DLTensor *cos, const DLTensor *s
     DLTensor *BWS = f32_buffer(&tbw, lay.backward_workspace_bytes / 4 + 1, NAN);
     DLTensor *OUT = host_f32(&tout, out, x->ndim, x->shape), *DX = host_f32(&tdx, dx, x->ndim, x->shape);
     l3k_llama_block_grads g = L3K_LLAMA_BLOCK_GRADS_INIT;
-    DLTensor **gp[N_PARTS] = {NULL,           &g.qkv_weight,   &g.o_weight,    &g.gate_up_weight,
-                              &g.down_weight, &g.norm1_weight, &g.norm2_weight};
-    for (int i = 1; i < N_PARTS; ++i) *gp[i] = host_f32(&tg[i], grads[i], part_ndims[i], part_shapes[i]);
+    for (int i = 1; i < N_PARTS; ++i) host_f32(&tg[i], grads[i], part_ndims[i], part_shapes[i]);
+    POINT_FUSED(g, tg);
     CHECK(l3k_llama_block_forward_train(x, cos, sin, w, cfg, OUT, &act, FWS, NULL) == L3K_SUCCESS, "%s",
           l3k_last_error());
     CHECK(l3k_llama_block_backward(dout, x, cos, sin, w, cfg, &act, 0, DX, &g, BWS, NULL) == L3K_SUCCESS,
@@ -378,12 +392,7 @@ int main(void) {
     describe(&grads_d, &gf);
     DLTensor *X = &in.t[0].t;
     l3k_llama_block_weights w = L3K_LLAMA_BLOCK_WEIGHTS_INIT;
-    w.qkv_weight = &in.t[1].t;
-    w.o_weight = &in.t[2].t;
-    w.gate_up_weight = &in.t[3].t;
-    w.down_weight = &in.t[4].t;
-    w.norm1_weight = &in.t[5].t;
-    w.norm2_weight = &in.t[6].t;
+    POINT_FUSED(w, in.t);
     l3k_llama_block_config cfg = L3K_LLAMA_BLOCK_CONFIG_INIT;
     cfg.n_heads = H;
     cfg.n_kv_heads = HKV;
@@ -448,12 +457,7 @@ int main(void) {
         gbuf[i] = alloc_aligned((size_t)n * 4);
         host_f32(&gt[i], gbuf[i], part_ndims[i], part_shapes[i]);
     }
-    g.qkv_weight = &gt[1].t;
-    g.o_weight = &gt[2].t;
-    g.gate_up_weight = &gt[3].t;
-    g.down_weight = &gt[4].t;
-    g.norm1_weight = &gt[5].t;
-    g.norm2_weight = &gt[6].t;
+    POINT_FUSED(g, gt);
     gbuf[0] = dx_f;
 
     /* Three runs: activations preserved (twice: the second sees them intact), then consumed;
@@ -522,19 +526,9 @@ int main(void) {
             host_f32(&gt2[i], gpart[i], 2, shape);
         }
         l3k_llama_block_weights ws_split = w;
-        ws_split.qkv_weight = ws_split.gate_up_weight = NULL;
-        ws_split.q_weight = &wt[0].t;
-        ws_split.k_weight = &wt[1].t;
-        ws_split.v_weight = &wt[2].t;
-        ws_split.gate_weight = &wt[3].t;
-        ws_split.up_weight = &wt[4].t;
+        POINT_SPLIT(ws_split, wt);
         l3k_llama_block_grads gs_split = g;
-        gs_split.qkv_weight = gs_split.gate_up_weight = NULL;
-        gs_split.q_weight = &gt2[0].t;
-        gs_split.k_weight = &gt2[1].t;
-        gs_split.v_weight = &gt2[2].t;
-        gs_split.gate_weight = &gt2[3].t;
-        gs_split.up_weight = &gt2[4].t;
+        POINT_SPLIT(gs_split, gt2);
         l3k_llama_block_layout lay_split = L3K_LLAMA_BLOCK_LAYOUT_INIT;
         CHECK(l3k_llama_block_training_layout(X, &ws_split, &cfg, &lay_split) == L3K_SUCCESS, "%s",
               l3k_last_error());
@@ -586,17 +580,9 @@ int main(void) {
             host_f32(&ga[i], (i < 3 ? gbuf[1] : gbuf[3]) + offsets[i] * DIM, 2, sh[i]);
         }
         l3k_llama_block_weights wadj = ws_split;
-        wadj.q_weight = &wa[0].t;
-        wadj.k_weight = &wa[1].t;
-        wadj.v_weight = &wa[2].t;
-        wadj.gate_weight = &wa[3].t;
-        wadj.up_weight = &wa[4].t;
+        POINT_SPLIT(wadj, wa);
         l3k_llama_block_grads gadj = gs_split;
-        gadj.q_weight = &ga[0].t;
-        gadj.k_weight = &ga[1].t;
-        gadj.v_weight = &ga[2].t;
-        gadj.gate_weight = &ga[3].t;
-        gadj.up_weight = &ga[4].t;
+        POINT_SPLIT(gadj, ga);
         CHECK(l3k_llama_block_forward_train(X, COS, SIN, &wadj, &cfg, OUT2, &act, FWS, NULL) == L3K_SUCCESS,
               "%s", l3k_last_error());
         CHECK(memcmp(out_apart, out_train, sizeof out_apart) == 0,
@@ -716,6 +702,5 @@ int main(void) {
     host_tensor *const owned[] = {&tq, &th, &tgu, &tr1, &tr2, &tfw, &tbw, &tao, &tlse};
     for (size_t i = 0; i < sizeof owned / sizeof owned[0]; ++i) free(owned[i]->t.data);
     for (int i = 1; i < N_PARTS; ++i) free(gbuf[i]);
-    printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "ok", g_failures);
-    return g_failures ? 1 : 0;
+    return report_failures();
 }

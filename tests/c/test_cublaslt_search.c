@@ -141,17 +141,7 @@ static void test_found_in_order(void) {
 }
 
 int main(int argc, char **argv) {
-    static const struct {
-        const char *name;
-        void (*fn)(void);
-    } tests[] = {
-        {"dirs", test_dirs},
-        {"not_found", test_not_found},
-        {"long_paths", test_long_paths},
-        {"found_in_order", test_found_in_order},
-    };
-    for (size_t i = 0; i < sizeof tests / sizeof tests[0]; ++i)
-        if (argc < 2 || strcmp(argv[1], tests[i].name) == 0) tests[i].fn();
-    printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "ok", g_failures);
-    return g_failures ? 1 : 0;
+    static const named_test tests[] = {NAMED_TEST(dirs), NAMED_TEST(not_found), NAMED_TEST(long_paths),
+                                       NAMED_TEST(found_in_order)};
+    return RUN_NAMED_TESTS(argc, argv, tests);
 }

@@ -9,6 +9,14 @@
 
 enum { MAX_ARGS = 10 };
 
+/* One argument of an op's valid small call: its name (as the op's messages give it), dtype and shape. */
+typedef struct {
+    const char *name;
+    l3k_dt dt;
+    int ndim;
+    int64_t shape[4];
+} arg_spec;
+
 /* One op's valid small arguments, each in its own exact-size buffer. */
 typedef struct {
     const char *op;
@@ -21,20 +29,18 @@ typedef struct {
 
 typedef l3k_status (*op_fn)(DLTensor **a);
 
-static void add_arg(op_args *o, const char *name, l3k_dt dt, int ndim, int64_t d0, int64_t d1, int64_t d2,
-                    int64_t d3) {
-    const int64_t shape[4] = {d0, d1, d2, d3};
+static void add_arg(op_args *o, const arg_spec *a) {
     size_t count = 1;
-    for (int i = 0; i < ndim; ++i) count *= (size_t)shape[i];
+    for (int i = 0; i < a->ndim; ++i) count *= (size_t)a->shape[i];
     const int i = o->n++;
-    o->names[i] = name;
-    o->bytes[i] = count * l3k_dt_size(dt);
+    o->names[i] = a->name;
+    o->bytes[i] = count * l3k_dt_size(a->dt);
     o->buf[i] = malloc(o->bytes[i]);
     for (size_t e = 0; e < count; ++e) {
-        if (dt == L3K_DT_F32) ((float *)o->buf[i])[e] = 0.25f;
+        if (a->dt == L3K_DT_F32) ((float *)o->buf[i])[e] = 0.25f;
         else ((uint16_t *)o->buf[i])[e] = 0x3e80; /* 0.25 in bfloat16 */
     }
-    set_tensor(&o->t[i], o->buf[i], dt, ndim, shape, NULL);
+    set_tensor(&o->t[i], o->buf[i], a->dt, a->ndim, a->shape, NULL);
 }
 
 static size_t g_ws_bytes;
@@ -83,147 +89,78 @@ static l3k_status attn_ws(DLTensor **a) {
 #define F32 L3K_DT_F32
 #define BF16 L3K_DT_BF16
 
-static int build(int which, op_args *o, op_fn *fn) {
-    memset(o, 0, sizeof *o);
-    switch (which) {
-        case 0:
-            o->op = "rmsnorm_forward";
-            *fn = rms_fwd;
-            add_arg(o, "x", BF16, 2, 3, 8, 0, 0);
-            add_arg(o, "weight", BF16, 1, 8, 0, 0, 0);
-            add_arg(o, "y", BF16, 2, 3, 8, 0, 0);
-            add_arg(o, "rstd", F32, 1, 3, 0, 0, 0);
-            return 1;
-        case 1:
-            o->op = "add_rmsnorm_forward";
-            *fn = add_rms_fwd;
-            add_arg(o, "x", F32, 2, 3, 8, 0, 0);
-            add_arg(o, "residual", F32, 2, 3, 8, 0, 0);
-            add_arg(o, "weight", F32, 1, 8, 0, 0, 0);
-            add_arg(o, "h", F32, 2, 3, 8, 0, 0);
-            add_arg(o, "y", F32, 2, 3, 8, 0, 0);
-            add_arg(o, "rstd", F32, 1, 3, 0, 0, 0);
-            return 1;
-        case 2:
-            o->op = "rmsnorm_backward";
-            *fn = rms_bwd;
-            add_arg(o, "dy", F32, 2, 3, 8, 0, 0);
-            add_arg(o, "dh", F32, 2, 3, 8, 0, 0);
-            add_arg(o, "x", F32, 2, 3, 8, 0, 0);
-            add_arg(o, "weight", F32, 1, 8, 0, 0, 0);
-            add_arg(o, "rstd", F32, 1, 3, 0, 0, 0);
-            add_arg(o, "dx", F32, 2, 3, 8, 0, 0);
-            add_arg(o, "dweight", F32, 1, 8, 0, 0, 0);
-            add_arg(o, "workspace", F32, 1, 4096, 0, 0, 0);
-            return 1;
-        case 3:
-            o->op = "rmsnorm_backward_workspace_size";
-            *fn = rms_ws;
-            add_arg(o, "x", F32, 2, 3, 8, 0, 0);
-            return 1;
-        case 4:
-        case 5:
-            o->op = which == 4 ? "rope_forward" : "rope_backward";
-            *fn = which == 4 ? rope_fwd : rope_bwd;
-            add_arg(o, which == 4 ? "q" : "dq", BF16, 4, 1, 2, 3, 8);
-            add_arg(o, which == 4 ? "k" : "dk", BF16, 4, 1, 1, 3, 8);
-            add_arg(o, "cos", F32, 2, 4, 4, 0, 0);
-            add_arg(o, "sin", F32, 2, 4, 4, 0, 0);
-            add_arg(o, which == 4 ? "q_out" : "dq_out", BF16, 4, 1, 2, 3, 8);
-            add_arg(o, which == 4 ? "k_out" : "dk_out", BF16, 4, 1, 1, 3, 8);
-            return 1;
-        case 6:
-            o->op = "swiglu_forward";
-            *fn = swiglu_fwd;
-            add_arg(o, "g", F32, 2, 3, 8, 0, 0);
-            add_arg(o, "u", F32, 2, 3, 8, 0, 0);
-            add_arg(o, "a", F32, 2, 3, 8, 0, 0);
-            return 1;
-        case 7:
-            o->op = "swiglu_fused_forward";
-            *fn = swiglu_ffwd;
-            add_arg(o, "gu", BF16, 2, 3, 16, 0, 0);
-            add_arg(o, "a", BF16, 2, 3, 8, 0, 0);
-            return 1;
-        case 8:
-            o->op = "swiglu_backward";
-            *fn = swiglu_bwd;
-            add_arg(o, "da", F32, 2, 3, 8, 0, 0);
-            add_arg(o, "g", F32, 2, 3, 8, 0, 0);
-            add_arg(o, "u", F32, 2, 3, 8, 0, 0);
-            add_arg(o, "dg", F32, 2, 3, 8, 0, 0);
-            add_arg(o, "du", F32, 2, 3, 8, 0, 0);
-            add_arg(o, "a", F32, 2, 3, 8, 0, 0);
-            return 1;
-        case 9:
-            o->op = "swiglu_fused_backward";
-            *fn = swiglu_fbwd;
-            add_arg(o, "da", F32, 2, 3, 8, 0, 0);
-            add_arg(o, "gu", F32, 2, 3, 16, 0, 0);
-            add_arg(o, "dgu", F32, 2, 3, 16, 0, 0);
-            add_arg(o, "a", F32, 2, 3, 8, 0, 0);
-            return 1;
-        case 10:
-            o->op = "linear_forward";
-            *fn = lin_fwd;
-            add_arg(o, "x", F32, 2, 3, 8, 0, 0);
-            add_arg(o, "weight", F32, 2, 4, 8, 0, 0);
-            add_arg(o, "residual", F32, 2, 3, 4, 0, 0);
-            add_arg(o, "y", F32, 2, 3, 4, 0, 0);
-            add_arg(o, "workspace", F32, 1, 64, 0, 0, 0);
-            return 1;
-        case 11:
-            o->op = "linear_backward_input";
-            *fn = lin_bwd_in;
-            add_arg(o, "dy", F32, 2, 3, 4, 0, 0);
-            add_arg(o, "weight", F32, 2, 4, 8, 0, 0);
-            add_arg(o, "dx", F32, 2, 3, 8, 0, 0);
-            add_arg(o, "workspace", F32, 1, 64, 0, 0, 0);
-            return 1;
-        case 12:
-            o->op = "linear_backward_weight";
-            *fn = lin_bwd_w;
-            add_arg(o, "dy", BF16, 2, 3, 4, 0, 0);
-            add_arg(o, "x", BF16, 2, 3, 8, 0, 0);
-            add_arg(o, "dweight", F32, 2, 4, 8, 0, 0);
-            add_arg(o, "workspace", F32, 1, 64, 0, 0, 0);
-            return 1;
-        case 13:
-            o->op = "linear_workspace_size";
-            *fn = lin_ws;
-            add_arg(o, "x", F32, 2, 3, 8, 0, 0);
-            return 1;
-        case 14:
-            o->op = "attention_forward";
-            *fn = attn_fwd;
-            add_arg(o, "q", BF16, 4, 1, 2, 3, 8);
-            add_arg(o, "k", BF16, 4, 1, 1, 3, 8);
-            add_arg(o, "v", BF16, 4, 1, 1, 3, 8);
-            add_arg(o, "o", BF16, 4, 1, 2, 3, 8);
-            add_arg(o, "lse", F32, 1, 6, 0, 0, 0);
-            return 1;
-        case 15:
-            o->op = "attention_backward";
-            *fn = attn_bwd;
-            add_arg(o, "dout", F32, 4, 1, 2, 3, 8);
-            add_arg(o, "q", F32, 4, 1, 2, 3, 8);
-            add_arg(o, "k", F32, 4, 1, 1, 3, 8);
-            add_arg(o, "v", F32, 4, 1, 1, 3, 8);
-            add_arg(o, "o", F32, 4, 1, 2, 3, 8);
-            add_arg(o, "lse", F32, 1, 6, 0, 0, 0);
-            add_arg(o, "dq", F32, 4, 1, 2, 3, 8);
-            add_arg(o, "dk", F32, 4, 1, 1, 3, 8);
-            add_arg(o, "dv", F32, 4, 1, 1, 3, 8);
-            add_arg(o, "workspace", F32, 1, 64, 0, 0, 0);
-            return 1;
-        case 16:
-            o->op = "attention_backward_workspace_size";
-            *fn = attn_ws;
-            add_arg(o, "q", F32, 4, 1, 2, 3, 8);
-            add_arg(o, "k", F32, 4, 1, 1, 3, 8);
-            return 1;
+/* ARG("x", F32, 3, 8): an arg_spec whose ndim is the number of dims listed. */
+#define N_DIMS(...) (int)(sizeof((int64_t[]){__VA_ARGS__}) / sizeof(int64_t))
+#define ARG(name, dt, ...)                             \
+    {                                                  \
+        name, dt, N_DIMS(__VA_ARGS__), { __VA_ARGS__ } \
     }
-    return 0;
+
+/* An op: its name, its call, and its valid small arguments in call order (a NULL name ends them). */
+typedef struct {
+    const char *op;
+    op_fn fn;
+    arg_spec args[MAX_ARGS];
+} op_spec;
+
+static const op_spec OPS[] = {
+    {"rmsnorm_forward",
+     rms_fwd,
+     {ARG("x", BF16, 3, 8), ARG("weight", BF16, 8), ARG("y", BF16, 3, 8), ARG("rstd", F32, 3)}},
+    {"add_rmsnorm_forward",
+     add_rms_fwd,
+     {ARG("x", F32, 3, 8), ARG("residual", F32, 3, 8), ARG("weight", F32, 8), ARG("h", F32, 3, 8),
+      ARG("y", F32, 3, 8), ARG("rstd", F32, 3)}},
+    {"rmsnorm_backward",
+     rms_bwd,
+     {ARG("dy", F32, 3, 8), ARG("dh", F32, 3, 8), ARG("x", F32, 3, 8), ARG("weight", F32, 8),
+      ARG("rstd", F32, 3), ARG("dx", F32, 3, 8), ARG("dweight", F32, 8), ARG("workspace", F32, 4096)}},
+    {"rmsnorm_backward_workspace_size", rms_ws, {ARG("x", F32, 3, 8)}},
+    {"rope_forward",
+     rope_fwd,
+     {ARG("q", BF16, 1, 2, 3, 8), ARG("k", BF16, 1, 1, 3, 8), ARG("cos", F32, 4, 4), ARG("sin", F32, 4, 4),
+      ARG("q_out", BF16, 1, 2, 3, 8), ARG("k_out", BF16, 1, 1, 3, 8)}},
+    {"rope_backward",
+     rope_bwd,
+     {ARG("dq", BF16, 1, 2, 3, 8), ARG("dk", BF16, 1, 1, 3, 8), ARG("cos", F32, 4, 4), ARG("sin", F32, 4, 4),
+      ARG("dq_out", BF16, 1, 2, 3, 8), ARG("dk_out", BF16, 1, 1, 3, 8)}},
+    {"swiglu_forward", swiglu_fwd, {ARG("g", F32, 3, 8), ARG("u", F32, 3, 8), ARG("a", F32, 3, 8)}},
+    {"swiglu_fused_forward", swiglu_ffwd, {ARG("gu", BF16, 3, 16), ARG("a", BF16, 3, 8)}},
+    {"swiglu_backward",
+     swiglu_bwd,
+     {ARG("da", F32, 3, 8), ARG("g", F32, 3, 8), ARG("u", F32, 3, 8), ARG("dg", F32, 3, 8),
+      ARG("du", F32, 3, 8), ARG("a", F32, 3, 8)}},
+    {"swiglu_fused_backward",
+     swiglu_fbwd,
+     {ARG("da", F32, 3, 8), ARG("gu", F32, 3, 16), ARG("dgu", F32, 3, 16), ARG("a", F32, 3, 8)}},
+    {"linear_forward",
+     lin_fwd,
+     {ARG("x", F32, 3, 8), ARG("weight", F32, 4, 8), ARG("residual", F32, 3, 4), ARG("y", F32, 3, 4),
+      ARG("workspace", F32, 64)}},
+    {"linear_backward_input",
+     lin_bwd_in,
+     {ARG("dy", F32, 3, 4), ARG("weight", F32, 4, 8), ARG("dx", F32, 3, 8), ARG("workspace", F32, 64)}},
+    {"linear_backward_weight",
+     lin_bwd_w,
+     {ARG("dy", BF16, 3, 4), ARG("x", BF16, 3, 8), ARG("dweight", F32, 4, 8), ARG("workspace", F32, 64)}},
+    {"linear_workspace_size", lin_ws, {ARG("x", F32, 3, 8)}},
+    {"attention_forward",
+     attn_fwd,
+     {ARG("q", BF16, 1, 2, 3, 8), ARG("k", BF16, 1, 1, 3, 8), ARG("v", BF16, 1, 1, 3, 8),
+      ARG("o", BF16, 1, 2, 3, 8), ARG("lse", F32, 6)}},
+    {"attention_backward",
+     attn_bwd,
+     {ARG("dout", F32, 1, 2, 3, 8), ARG("q", F32, 1, 2, 3, 8), ARG("k", F32, 1, 1, 3, 8),
+      ARG("v", F32, 1, 1, 3, 8), ARG("o", F32, 1, 2, 3, 8), ARG("lse", F32, 6), ARG("dq", F32, 1, 2, 3, 8),
+      ARG("dk", F32, 1, 1, 3, 8), ARG("dv", F32, 1, 1, 3, 8), ARG("workspace", F32, 64)}},
+    {"attention_backward_workspace_size", attn_ws, {ARG("q", F32, 1, 2, 3, 8), ARG("k", F32, 1, 1, 3, 8)}},
+};
+
+/* The op's arguments, each in its own buffer of 0.25s. */
+static void build(const op_spec *spec, op_args *o) {
+    memset(o, 0, sizeof *o);
+    o->op = spec->op;
+    for (int i = 0; i < MAX_ARGS && spec->args[i].name; ++i) add_arg(o, &spec->args[i]);
 }
 
 static void free_args(op_args *o) {
@@ -279,8 +216,9 @@ static const char *make_hostile(host_tensor *h, int kind) {
 /* Every argument of every op, made hostile in every way: refused, named, untouched. */
 static void test_hostile_descriptors(void) {
     op_args o;
-    op_fn fn;
-    for (int which = 0; build(which, &o, &fn); ++which) {
+    for (size_t which = 0; which < sizeof OPS / sizeof OPS[0]; ++which) {
+        const op_fn fn = OPS[which].fn;
+        build(&OPS[which], &o);
         DLTensor *args[MAX_ARGS];
         for (int i = 0; i < o.n; ++i) args[i] = &o.t[i].t;
         l3k_status st = fn(args);
@@ -437,19 +375,8 @@ static void test_empty_huge_dims(void) {
 }
 
 int main(int argc, char **argv) {
-    /* One test by name (argv[1]) or all of them. */
-    static const struct {
-        const char *name;
-        void (*fn)(void);
-    } tests[] = {
-        {"hostile_descriptors", test_hostile_descriptors},
-        {"rope_offset_overflow", test_rope_offset_overflow},
-        {"workspace_size_wrap", test_workspace_size_wrap},
-        {"lse_size_wrap", test_lse_size_wrap},
-        {"empty_huge_dims", test_empty_huge_dims},
-    };
-    for (size_t i = 0; i < sizeof tests / sizeof tests[0]; ++i)
-        if (argc < 2 || strcmp(argv[1], tests[i].name) == 0) tests[i].fn();
-    printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "ok", g_failures);
-    return g_failures ? 1 : 0;
+    static const named_test tests[] = {NAMED_TEST(hostile_descriptors), NAMED_TEST(rope_offset_overflow),
+                                       NAMED_TEST(workspace_size_wrap), NAMED_TEST(lse_size_wrap),
+                                       NAMED_TEST(empty_huge_dims)};
+    return RUN_NAMED_TESTS(argc, argv, tests);
 }

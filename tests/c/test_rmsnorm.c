@@ -192,6 +192,5 @@ int main(void) {
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; ++i) test_parity(shapes[i][0], shapes[i][1]);
     test_bad_inputs();
     test_zero_size();
-    printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "ok", g_failures);
-    return g_failures ? 1 : 0;
+    return report_failures();
 }
