@@ -31,45 +31,31 @@ BWD_VARIANT = int(os.environ.get("ATTN_BWD_VARIANT", "0"))
 DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-class FwdArgs(ctypes.Structure):
-    _fields_ = [
-        ("q", ctypes.c_void_p),
-        ("k", ctypes.c_void_p),
-        ("v", ctypes.c_void_p),
-        ("o", ctypes.c_void_p),
-        ("lse", ctypes.c_void_p),
-        ("batch", ctypes.c_int64),
-        ("n_heads", ctypes.c_int64),
-        ("n_kv_heads", ctypes.c_int64),
-        ("seq_q", ctypes.c_int64),
-        ("seq_k", ctypes.c_int64),
-        ("head_dim", ctypes.c_int64),
-        ("q_stride", ctypes.c_int64 * 3),
-        ("k_stride", ctypes.c_int64 * 3),
-        ("v_stride", ctypes.c_int64 * 3),
-        ("o_stride", ctypes.c_int64 * 3),
-        ("scale", ctypes.c_float),
-        ("causal", ctypes.c_int),
-        ("dtype", ctypes.c_int),
-        ("key_range", ctypes.c_void_p),  # int32 (B, 2) on the GPU, or None
-    ]
+_STRIDE = ctypes.c_int64 * 3  # strides of dims 0..2 of a (B, H, S, D) view
 
 
-class BwdArgs(ctypes.Structure):
-    _fields_ = [
-        ("f", FwdArgs),
-        ("dout", ctypes.c_void_p),
-        ("do_stride", ctypes.c_int64 * 3),
-        ("dq", ctypes.c_void_p),
-        ("dk", ctypes.c_void_p),
-        ("dv", ctypes.c_void_p),
-        ("dq_stride", ctypes.c_int64 * 3),
-        ("dk_stride", ctypes.c_int64 * 3),
-        ("dv_stride", ctypes.c_int64 * 3),
-        ("workspace", ctypes.c_void_p),
-        ("workspace_bytes", ctypes.c_size_t),
-        ("deterministic", ctypes.c_int),
-    ]
+def _decl(ctype, names):
+    """The fields of one C declaration of several names, e.g. `void *dq, *dk, *dv;`."""
+    return [(name, ctype) for name in names.split()]
+
+
+class FwdArgs(ctypes.Structure):  # l3k_attn_fwd_args
+    _fields_ = (
+        _decl(ctypes.c_void_p, "q k v o lse")
+        + _decl(ctypes.c_int64, "batch n_heads n_kv_heads seq_q seq_k head_dim")
+        + _decl(_STRIDE, "q_stride k_stride v_stride o_stride")
+        + [("scale", ctypes.c_float), ("causal", ctypes.c_int), ("dtype", ctypes.c_int)]
+        + [("key_range", ctypes.c_void_p)]  # int32 (B, 2) on the GPU, or None
+    )
+
+
+class BwdArgs(ctypes.Structure):  # l3k_attn_bwd_args
+    _fields_ = (
+        [("f", FwdArgs), ("dout", ctypes.c_void_p), ("do_stride", _STRIDE)]
+        + _decl(ctypes.c_void_p, "dq dk dv")
+        + _decl(_STRIDE, "dq_stride dk_stride dv_stride")
+        + [("workspace", ctypes.c_void_p), ("workspace_bytes", ctypes.c_size_t), ("deterministic", ctypes.c_int)]
+    )
 
 
 def build(arch, out, root=ROOT):

@@ -6,10 +6,9 @@ reduce-overhead of a module whose graph is one tiny kernel, timed the same ways 
 CUDA events after an L2-evicting read as the block benchmark does).
 Run with TORCH_LOGS=cudagraphs,perf_hints for the compiler's own account."""
 
-import time
-
 import torch
 import torch._dynamo.utils as dutils
+from wall_clock import wall_us
 
 from llama3_kernels import TritonLlama3Block
 from llama3_kernels.bench import Timer
@@ -18,14 +17,8 @@ from llama3_kernels.reference import TorchLlama3Block
 
 
 def timeit(fn, n=200):
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n * 1e6
+    """Microseconds per call, the GPU drained at the end of the loop."""
+    return wall_us(fn, n, warmup=10)[1]
 
 
 class OneKernel(torch.nn.Module):

@@ -12,10 +12,10 @@ torch.compile.
 import cProfile
 import pstats
 import sys
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from wall_clock import wall_us
 
 from llama3_kernels import Llama3Block, llama3_rope_cos_sin
 
@@ -36,19 +36,10 @@ def main():
             p.grad = None
         blk(x, cos, sin).backward(dy)
 
-    for _ in range(20):
-        step()
-    torch.cuda.synchronize()
-    n = 200
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    t2 = time.perf_counter()
+    host, drained = wall_us(step, n=200, warmup=20)
     print(
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}: training step {(t1 - t0) / n * 1e6:.0f} us "
-        f"of host time per step ({(t2 - t0) / n * 1e6:.0f} us with the final drain)"
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}: training step {host:.0f} us "
+        f"of host time per step ({drained:.0f} us with the final drain)"
     )
     steps = 20
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

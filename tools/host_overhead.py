@@ -9,9 +9,9 @@ long loop with the GPU left to drain only at the end, for
 and the GPU time of one forward (CUDA events around 200 back-to-back calls, host far ahead)."""
 
 import ctypes
-import time
 
 import torch
+from wall_clock import wall_us
 
 from llama3_kernels import TritonLlama3Block, llama3_rope_cos_sin
 from llama3_kernels import block as B
@@ -20,16 +20,9 @@ from llama3_kernels._lib import LIB, check
 from llama3_kernels.reference import TorchLlama3Block
 
 
-def wall_us(fn, n=2000):
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e6
+def host_us(fn, n=2000):
+    """Host microseconds per call in a long loop, the GPU left to drain after the clock stops."""
+    return wall_us(fn, n, warmup=50)[0]
 
 
 def main():
@@ -69,10 +62,10 @@ def main():
 
         check(LIB.l3k_llama_block_forward(*args))
         rows = {
-            "module forward (weights cached)": wall_us(lambda: ours(x, cos, sin)),
-            "module forward (weights rebuilt each call)": wall_us(uncached),
-            "bare C call l3k_llama_block_forward": wall_us(bare),
-            "PyTorch eager block": wall_us(lambda: ref(x, cos, sin)),
+            "module forward (weights cached)": host_us(lambda: ours(x, cos, sin)),
+            "module forward (weights rebuilt each call)": host_us(uncached),
+            "bare C call l3k_llama_block_forward": host_us(bare),
+            "PyTorch eager block": host_us(lambda: ref(x, cos, sin)),
         }
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda._sleep(20_000_000)  # ~10 ms of GPU wait: the host queues the whole loop ahead

@@ -2,7 +2,7 @@
 
 This is the block a user would write without the library (the tutorial's block
 with a real rotate-half RoPE, SDPA attention, GQA and causal masking), with
-the same parameter names as ``TritonLlama3Block``.
+the same constructor and parameter names as ``TritonLlama3Block``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,15 @@ def torch_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-class TorchLlama3Block(nn.Module):
+class Llama3BlockBase(nn.Module):
+    """The constructor both blocks share (``Llama3Block`` and ``TorchLlama3Block``), so that one
+    stands in for the other: the hyperparameters, checked and kept once as attributes; each
+    block makes its parameters in ``_make_parameters(device, dtype)``.
+
+    ``deterministic`` and ``recompute_attention`` choose how the library's backward runs; the
+    reference, on PyTorch's autograd, keeps them as attributes and computes the same either way.
+    """
+
     def __init__(
         self,
         dim: int,
@@ -33,14 +41,34 @@ class TorchLlama3Block(nn.Module):
         n_kv_heads: int | None = None,
         causal: bool = True,
         eps: float = 1e-5,
+        deterministic: bool = False,
+        recompute_attention: bool = True,
         device=None,
         dtype=None,
     ):
         super().__init__()
+        name = type(self).__name__
+        if dim % n_heads:
+            raise ValueError(f"{name}: dim {dim} is not a multiple of n_heads {n_heads}")
+        self.dim, self.hidden_dim = dim, hidden_dim
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads or n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"{name}: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
         self.head_dim = dim // n_heads
-        self.causal, self.eps = causal, eps
-        kv_dim = self.n_kv_heads * self.head_dim
+        self.causal, self.eps, self.deterministic = causal, eps, deterministic
+        self.recompute_attention = recompute_attention
+        self._make_parameters(device=device, dtype=dtype)
+
+    def _make_parameters(self, device, dtype) -> None:
+        raise NotImplementedError
+
+
+class TorchLlama3Block(Llama3BlockBase):
+    """The block in PyTorch: separate projections under the tutorial's names (attn_q, ...,
+    mlp_down, norm1_weight, norm2_weight), rotate-half RoPE and SDPA."""
+
+    def _make_parameters(self, device, dtype) -> None:
+        dim, hidden_dim, kv_dim = self.dim, self.hidden_dim, self.n_kv_heads * self.head_dim
         kw = dict(bias=False, device=device, dtype=dtype)
         self.attn_q = nn.Linear(dim, dim, **kw)
         self.attn_k = nn.Linear(dim, kv_dim, **kw)

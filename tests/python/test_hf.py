@@ -31,33 +31,22 @@ LLAMA3_ROPE = dict(
     rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16
 )
 
-CONFIGS = {  # hidden, intermediate, heads, kv heads, layers, vocab, rope scaling
-    "gqa-llama3rope": dict(
-        hidden_size=64,
-        intermediate_size=160,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=2,
-        vocab_size=101,
-        rope_scaling=LLAMA3_ROPE,
-    ),
-    "mha-odd": dict(
-        hidden_size=96,
-        intermediate_size=200,
-        num_attention_heads=3,
-        num_key_value_heads=3,
-        num_hidden_layers=2,
-        vocab_size=77,
-    ),
-    "mqa-odd": dict(
-        hidden_size=80,
-        intermediate_size=136,
-        num_attention_heads=5,
-        num_key_value_heads=1,
-        num_hidden_layers=3,
-        vocab_size=53,
-        rope_scaling=LLAMA3_ROPE,
-    ),
+_CONFIG_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "num_hidden_layers",
+    "vocab_size",
+    "rope_scaling",
+)
+CONFIGS = {
+    name: dict(zip(_CONFIG_FIELDS, values))
+    for name, values in {  # hidden, intermediate, heads, kv heads, layers, vocab, rope scaling
+        "gqa-llama3rope": (64, 160, 4, 2, 2, 101, LLAMA3_ROPE),
+        "mha-odd": (96, 200, 3, 3, 2, 77, None),
+        "mqa-odd": (80, 136, 5, 1, 3, 53, LLAMA3_ROPE),
+    }.items()
 }
 
 

@@ -9,6 +9,7 @@ import torch
 
 import llama3_kernels as l3k
 from conftest import assert_close, poison
+from llama3_kernels._dlpack import DLTensor  # for tensors built by hand to reach the ABI with odd metadata
 
 SHAPES = [(2, 128, 512), (5, 123, 123), (1, 1, 4096), (4096, 4096), (3, 7, 8192), (2, 3, 1), (4, 65536), (2, 70001)]
 EPS = 1e-5
@@ -294,30 +295,14 @@ def test_backward_bad_workspace(device):
     assert torch.all(dx == 7.0)
 
 
-class DLTensor(ctypes.Structure):
-    """DLPack's DLTensor, for tensors built by hand to reach the ABI with odd metadata."""
-
-    _fields_ = [
-        ("data", ctypes.c_void_p),
-        ("device_type", ctypes.c_int),
-        ("device_id", ctypes.c_int32),
-        ("ndim", ctypes.c_int32),
-        ("code", ctypes.c_uint8),
-        ("bits", ctypes.c_uint8),
-        ("lanes", ctypes.c_uint16),
-        ("shape", ctypes.POINTER(ctypes.c_int64)),
-        ("strides", ctypes.c_void_p),
-        ("byte_offset", ctypes.c_uint64),
-    ]
-
-
 def test_tensors_on_two_gpus_are_rejected_before_any_launch():
     """x on cuda:0, weight on cuda:1: refused by validation (no GPU needed to check it)."""
     from llama3_kernels._lib import DEVICE, LIB, NO_CUDA
 
     buf = (ctypes.c_float * 64)()
     shape = (ctypes.c_int64 * 1)(64)
-    on = lambda dev: DLTensor(ctypes.addressof(buf), 2, dev, 1, 2, 32, 1, shape, None, 0)  # kDLCUDA
+    # float32 (code 2, 32 bits) on kDLCUDA (2) device `dev`
+    on = lambda dev: DLTensor(ctypes.addressof(buf), (2, dev), 1, (2, 32, 1), shape, None, 0)
     x, w, y = on(0), on(1), on(0)
     st = LIB.l3k_rmsnorm_forward(ctypes.byref(x), ctypes.byref(w), 1e-5, ctypes.byref(y), None, None)
     if l3k.has_cuda():
@@ -333,7 +318,8 @@ def test_misaligned_pointer_is_rejected():
 
     buf = (ctypes.c_uint16 * 130)()
     shape = (ctypes.c_int64 * 1)(64)
-    mk = lambda off: DLTensor(ctypes.addressof(buf), 1, 0, 1, 2, 16, 1, shape, None, off)
+    # float16 (code 2, 16 bits) on kDLCPU (1), data pointer moved by `off` bytes
+    mk = lambda off: DLTensor(ctypes.addressof(buf), (1, 0), 1, (2, 16, 1), shape, None, off)
     x, w, y = mk(1), mk(0), mk(0)
     st = LIB.l3k_rmsnorm_forward(ctypes.byref(x), ctypes.byref(w), 1e-5, ctypes.byref(y), None, None)
     assert st == ALIGNMENT

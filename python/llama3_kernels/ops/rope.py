@@ -257,49 +257,56 @@ TORCH_LIB.impl("rope_", _rope_inplace_version_bump, "ADInplaceOrView", with_keys
 # ---- public ops ------------------------------------------------------------------------------
 
 
-def rope(
-    q: torch.Tensor,
-    k: torch.Tensor | None,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    offset: int = 0,
-    interleaved: bool = False,
-):
+def _public_op(name, traced_op, autograd_call, kernel, result, doc):
+    """One public entry point: the tables prepared, then the op under tracing, the autograd route
+    when q or k needs a gradient, else the kernel directly; result(q, k, out) is what it returns."""
+
+    def op(
+        q: torch.Tensor,
+        k: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        offset: int = 0,
+        interleaved: bool = False,
+    ):
+        cos, sin = _prep(q, k, cos, sin, interleaved)
+        if traced(q):
+            out = traced_op(q, k, cos, sin, int(offset), bool(interleaved))
+        elif needs_grad(q, k):
+            out = autograd_call(q, k, cos, sin, offset, interleaved)
+        else:
+            out = kernel(q, k, cos, sin, offset, interleaved)
+        return result(q, k, out)
+
+    op.__name__ = op.__qualname__ = name
+    op.__doc__ = doc
+    return op
+
+
+rope = _public_op(
+    "rope",
+    ops.rope,
+    RoPEFunction.apply,
+    _rope,
+    lambda q, k, out: (out[0], out[1] if k is not None else None),
     """Rotary embedding of q (batch, heads, seq, head_dim) and k (batch, kv_heads, seq,
     head_dim; may be None), out of place: returns new (q_rot, k_rot).  Differentiable.
 
     cos, sin: (rows, head_dim/2) or (batch, rows, head_dim/2) with rows >= seq + offset
     (full-width (.., head_dim) tables are accepted too); float32 or q's dtype, else converted.
     interleaved=False rotates pairs (i, i + head_dim/2) (Hugging Face), True pairs (2i, 2i+1)
-    (Meta).  q and k may be strided views (e.g. of one fused QKV projection)."""
-    cos, sin = _prep(q, k, cos, sin, interleaved)
-    if traced(q):
-        q_out, k_out = ops.rope(q, k, cos, sin, int(offset), bool(interleaved))
-    elif needs_grad(q, k):
-        q_out, k_out = RoPEFunction.apply(q, k, cos, sin, offset, interleaved)
-    else:
-        q_out, k_out = _rope(q, k, cos, sin, offset, interleaved)
-    return q_out, (k_out if k is not None else None)
+    (Meta).  q and k may be strided views (e.g. of one fused QKV projection).""",
+)
 
-
-def rope_(
-    q: torch.Tensor,
-    k: torch.Tensor | None,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    offset: int = 0,
-    interleaved: bool = False,
-):
+rope_ = _public_op(
+    "rope_",
+    ops.rope_,
+    _rope_inplace_grad,
+    _rope_inplace,
+    lambda q, k, out: (q, k),
     """In-place rotary embedding of q and k (see `rope`); returns (q, k).  Differentiable
-    (autograd sees the in-place update).  q and k need a contiguous last dim."""
-    cos, sin = _prep(q, k, cos, sin, interleaved)
-    if traced(q):
-        ops.rope_(q, k, cos, sin, int(offset), bool(interleaved))
-    elif needs_grad(q, k):
-        _rope_inplace_grad(q, k, cos, sin, offset, interleaved)
-    else:
-        _rope_inplace(q, k, cos, sin, offset, interleaved)
-    return q, k
+    (autograd sees the in-place update).  q and k need a contiguous last dim.""",
+)
 
 
 def triton_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
