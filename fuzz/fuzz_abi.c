@@ -93,37 +93,45 @@ static const DLDataType F32 = {kDLFloat, 32, 1}, F16 = {kDLFloat, 16, 1}, BF16 =
 
 static DLDataType fdt(call *c) {
     switch (pick(c, 3)) {
-    case 0: return F32;
-    case 1: return BF16;
-    default: return F16;
+        case 0:
+            return F32;
+        case 1:
+            return BF16;
+        default:
+            return F16;
     }
+}
+
+/* One of `n` choices: the i-th special value for i < n_special, else `otherwise`. */
+static float pick_value(call *c, int n, const float *special, int n_special, float otherwise) {
+    const int i = pick(c, n);
+    return i < n_special ? special[i] : otherwise;
 }
 
 static float eps(call *c) {
-    switch (pick(c, 16)) {
-    case 0: return -1.0f;
-    case 1: return NAN;
-    case 2: return INFINITY;
-    case 3: return 0.0f;
-    default: return 1e-5f;
-    }
+    static const float special[] = {-1.0f, NAN, INFINITY, 0.0f};
+    return pick_value(c, 16, special, 4, 1e-5f);
 }
 
 static float scale(call *c) {
-    switch (pick(c, 16)) {
-    case 0: return -0.5f;
-    case 1: return NAN;
-    case 2: return 0.25f;
-    default: return 0.0f;
-    }
+    static const float special[] = {-0.5f, NAN, 0.25f};
+    return pick_value(c, 16, special, 3, 0.0f);
 }
 
 static void *stream(call *c) { return pick(c, 8) == 0 ? (void *)(uintptr_t)0x1000 : NULL; }
 
 static int64_t hostile_value(call *c) {
-    static const int64_t v[] = {INT64_MAX, INT64_MAX - 1, INT64_MAX / 2 + 1, (int64_t)1 << 62, (int64_t)1 << 61,
-                                (int64_t)1 << 32, (int64_t)1 << 31, -((int64_t)1 << 62), INT64_MIN + 1,
-                                INT64_MIN, -1};
+    static const int64_t v[] = {INT64_MAX,
+                                INT64_MAX - 1,
+                                INT64_MAX / 2 + 1,
+                                (int64_t)1 << 62,
+                                (int64_t)1 << 61,
+                                (int64_t)1 << 32,
+                                (int64_t)1 << 31,
+                                -((int64_t)1 << 62),
+                                INT64_MIN + 1,
+                                INT64_MIN,
+                                -1};
     return v[pick(c, sizeof v / sizeof v[0])];
 }
 
@@ -185,8 +193,9 @@ static void fill(call *c, unsigned char *p, size_t bytes, DLDataType d) {
     for (; es == 2 && i + 2 <= bytes; i += 2) {
         const uint64_t r = rnd(c);
         /* sign, exponent near the bias, random mantissa: +-[2^-5, 2^3) in either format */
-        uint16_t h = d.code == kDLBfloat ? (uint16_t)((r & 0x8000) | ((122 + (r >> 16) % 8) << 7) | ((r >> 24) & 0x7f))
-                                         : (uint16_t)((r & 0x8000) | ((10 + (r >> 16) % 8) << 10) | ((r >> 24) & 0x3ff));
+        uint16_t h = d.code == kDLBfloat
+                         ? (uint16_t)((r & 0x8000) | ((122 + (r >> 16) % 8) << 7) | ((r >> 24) & 0x7f))
+                         : (uint16_t)((r & 0x8000) | ((10 + (r >> 16) % 8) << 10) | ((r >> 24) & 0x3ff));
         if (r % 97 == 0) h = d.code == kDLBfloat ? 0x7fc0 : 0x7e00;
         memcpy(p + i, &h, 2);
     }
@@ -223,75 +232,86 @@ static DLTensor *arg(call *c, DLDataType dtype, int ndim, const int64_t *shape) 
     const unsigned m = u8(c) % 32;
     int hostile = 0, alias = 0, misalign = 0, null_data = 0;
     switch (m) {
-    case 14: /* explicit compact strides */
-        compact_strides(f->shape, ndim, f->strides);
-        t->strides = f->strides;
-        break;
-    case 15: /* rows padded: a slice of a wider buffer */
-        if (ndim >= 2) {
-            int64_t pad = dim(c, 1, 8), s = 1;
-            for (int i = ndim - 1; i >= 0; --i) {
-                f->strides[i] = s;
-                s *= (f->shape[i] > 0 ? f->shape[i] : 1) + (i == ndim - 1 ? pad : 0);
+        case 14: /* explicit compact strides */
+            compact_strides(f->shape, ndim, f->strides);
+            t->strides = f->strides;
+            break;
+        case 15: /* rows padded: a slice of a wider buffer */
+            if (ndim >= 2) {
+                int64_t pad = dim(c, 1, 8), s = 1;
+                for (int i = ndim - 1; i >= 0; --i) {
+                    f->strides[i] = s;
+                    s *= (f->shape[i] > 0 ? f->shape[i] : 1) + (i == ndim - 1 ? pad : 0);
+                }
+                t->strides = f->strides;
+            }
+            break;
+        case 16: /* two leading dims swapped: e.g. (b, s, h, d) memory seen as (b, h, s, d) */
+            if (ndim >= 3) {
+                int64_t sh[MAX_NDIM], st[MAX_NDIM];
+                memcpy(sh, f->shape, sizeof sh);
+                const int a = ndim - 3, b = ndim - 2;
+                sh[a] = f->shape[b];
+                sh[b] = f->shape[a];
+                compact_strides(sh, ndim, st);
+                memcpy(f->strides, st, sizeof st);
+                f->strides[a] = st[b];
+                f->strides[b] = st[a];
+                t->strides = f->strides;
+            }
+            break;
+        case 17: /* a leading dim walked backwards */
+        case 18: /* a leading dim repeated (stride 0) */
+            compact_strides(f->shape, ndim, f->strides);
+            if (ndim >= 2) {
+                const int d = (int)pick(c, (unsigned)(ndim - 1));
+                f->strides[d] = m == 17 ? -f->strides[d] : 0;
             }
             t->strides = f->strides;
-        }
-        break;
-    case 16: /* two leading dims swapped: e.g. (b, s, h, d) memory seen as (b, h, s, d) */
-        if (ndim >= 3) {
-            int64_t sh[MAX_NDIM], st[MAX_NDIM];
-            memcpy(sh, f->shape, sizeof sh);
-            const int a = ndim - 3, b = ndim - 2;
-            sh[a] = f->shape[b];
-            sh[b] = f->shape[a];
-            compact_strides(sh, ndim, st);
-            memcpy(f->strides, st, sizeof st);
-            f->strides[a] = st[b];
-            f->strides[b] = st[a];
+            break;
+        case 19: /* any small strides */
+            for (int i = 0; i < ndim; ++i) f->strides[i] = dim(c, -4, 12);
             t->strides = f->strides;
+            break;
+        case 20:
+            t->dtype.code = (uint8_t)pick(c, 6);
+            t->dtype.bits = (uint8_t)(8 * dim(c, 0, 8));
+            t->dtype.lanes = (uint16_t)dim(c, 0, 2);
+            break;
+        case 21: {
+            static const int types[4] = {kDLCUDA, kDLCUDAHost, 7, 0};
+            t->device.device_type = (DLDeviceType)types[pick(c, 4)];
+            t->device.device_id = (int32_t)pick(c, 3);
+            break;
         }
-        break;
-    case 17: /* a leading dim walked backwards */
-    case 18: /* a leading dim repeated (stride 0) */
-        compact_strides(f->shape, ndim, f->strides);
-        if (ndim >= 2) {
-            const int d = (int)pick(c, (unsigned)(ndim - 1));
-            f->strides[d] = m == 17 ? -f->strides[d] : 0;
-        }
-        t->strides = f->strides;
-        break;
-    case 19: /* any small strides */
-        for (int i = 0; i < ndim; ++i) f->strides[i] = dim(c, -4, 12);
-        t->strides = f->strides;
-        break;
-    case 20:
-        t->dtype.code = (uint8_t)pick(c, 6);
-        t->dtype.bits = (uint8_t)(8 * dim(c, 0, 8));
-        t->dtype.lanes = (uint16_t)dim(c, 0, 2);
-        break;
-    case 21: {
-        static const int types[4] = {kDLCUDA, kDLCUDAHost, 7, 0};
-        t->device.device_type = (DLDeviceType)types[pick(c, 4)];
-        t->device.device_id = (int32_t)pick(c, 3);
-        break;
-    }
-    case 22:
-        if (ndim < MAX_NDIM && pick(c, 2)) f->shape[t->ndim++] = dim(c, 1, 3);
-        else if (ndim > 0) t->ndim--;
-        break;
-    case 23:
-        if (ndim > 0) f->shape[pick(c, (unsigned)ndim)] = dim(c, 0, 9);
-        break;
-    case 24: misalign = (int)dim(c, 1, 3); break;
-    case 25: null_data = 1; break;
-    case 26: c->nt--; return NULL;
-    case 27: hostile = 1; break;
-    case 28:
-    case 29: alias = 1; break;
-    case 30:
-        if (ndim > 0) f->shape[pick(c, (unsigned)ndim)] = 0;
-        break;
-    default: break;
+        case 22:
+            if (ndim < MAX_NDIM && pick(c, 2)) f->shape[t->ndim++] = dim(c, 1, 3);
+            else if (ndim > 0) t->ndim--;
+            break;
+        case 23:
+            if (ndim > 0) f->shape[pick(c, (unsigned)ndim)] = dim(c, 0, 9);
+            break;
+        case 24:
+            misalign = (int)dim(c, 1, 3);
+            break;
+        case 25:
+            null_data = 1;
+            break;
+        case 26:
+            c->nt--;
+            return NULL;
+        case 27:
+            hostile = 1;
+            break;
+        case 28:
+        case 29:
+            alias = 1;
+            break;
+        case 30:
+            if (ndim > 0) f->shape[pick(c, (unsigned)ndim)] = 0;
+            break;
+        default:
+            break;
     }
     const size_t es = elem_bytes(t->dtype);
     i128 lo, hi;
@@ -305,7 +325,8 @@ static DLTensor *arg(call *c, DLDataType dtype, int ndim, const int64_t *shape) 
     int target = alias ? alias_target(c) : -1;
     if (target >= 0 && extent <= (i128)c->t[target].block_bytes) {
         const ften *o = &c->t[target];
-        const int same = o->t.ndim == t->ndim && !memcmp(o->t.shape, t->shape, sizeof(int64_t) * (size_t)t->ndim) &&
+        const int same = o->t.ndim == t->ndim &&
+                         !memcmp(o->t.shape, t->shape, sizeof(int64_t) * (size_t)t->ndim) &&
                          elem_bytes(o->t.dtype) == es;
         if (same && m == 28) { /* the very same view: in place */
             t->data = o->t.data;
@@ -318,7 +339,8 @@ static DLTensor *arg(call *c, DLDataType dtype, int ndim, const int64_t *shape) 
             }
         } else { /* somewhere inside it, element-aligned */
             const int64_t room = (int64_t)(c->t[target].block_bytes - (size_t)extent);
-            const int64_t delta = es ? (int64_t)pick(c, 64) * (int64_t)es % (room + 1) / (int64_t)es * (int64_t)es : 0;
+            const int64_t delta =
+                es ? (int64_t)pick(c, 64) * (int64_t)es % (room + 1) / (int64_t)es * (int64_t)es : 0;
             t->data = (void *)((uintptr_t)o->block + (uintptr_t)delta - (uintptr_t)(int64_t)lo);
         }
     } else if (numel == 0) {
@@ -330,7 +352,8 @@ static DLTensor *arg(call *c, DLDataType dtype, int ndim, const int64_t *shape) 
         fill(c, f->block, f->block_bytes, t->dtype);
         if (pick(c, 4) == 0) t->byte_offset = (uint64_t)(es * (size_t)dim(c, 0, 8));
         /* data + byte_offset + lo is the block's first byte (after the misalignment) */
-        t->data = (void *)((uintptr_t)f->block + (uintptr_t)misalign - (uintptr_t)(int64_t)lo - (uintptr_t)t->byte_offset);
+        t->data = (void *)((uintptr_t)f->block + (uintptr_t)misalign - (uintptr_t)(int64_t)lo -
+                           (uintptr_t)t->byte_offset);
     }
     if (null_data) t->data = NULL;
     if (hostile) {
@@ -382,9 +405,14 @@ static DLTensor *arg(call *c, DLDataType dtype, int ndim, const int64_t *shape) 
 /* A 1-D byte tensor of about `bytes` (the input may shrink or grow it). */
 static DLTensor *bytes_arg(call *c, size_t bytes) {
     switch (pick(c, 8)) {
-    case 0: bytes = bytes > 16 ? bytes - 16 : 0; break;
-    case 1: bytes += 256; break;
-    default: break;
+        case 0:
+            bytes = bytes > 16 ? bytes - 16 : 0;
+            break;
+        case 1:
+            bytes += 256;
+            break;
+        default:
+            break;
     }
     if (bytes > (size_t)BYTES_CAP) bytes = (size_t)BYTES_CAP;
     const int64_t n = (int64_t)bytes;
@@ -629,8 +657,8 @@ static int e_attention_backward(call *c) {
     size_t bytes = 0;
     if (q && k) (void)l3k_attention_backward_workspace_size(q, k, det, &bytes);
     DLTensor *ws = bytes || pick(c, 4) == 0 ? bytes_arg(c, bytes) : NULL;
-    return CALL(c, l3k_attention_backward(dout, q, k, v, kr, o, lse, scale(c), (int)pick(c, 2), det, dq, dk, dv,
-                                          ws, stream(c)));
+    return CALL(c, l3k_attention_backward(dout, q, k, v, kr, o, lse, scale(c), (int)pick(c, 2), det, dq, dk,
+                                          dv, ws, stream(c)));
 }
 
 /* The block's common arguments. */
@@ -988,8 +1016,8 @@ enum { N_ENTRIES = sizeof ENTRIES / sizeof ENTRIES[0] };
 /* ---- the target -------------------------------------------------------------- */
 
 static void fail(const entry *e, const call *c, int st, const char *what) {
-    fprintf(stderr, "fuzz_abi: %s: %s (status %d, last error \"%s\"%s%s)\n", e->op, what, st, l3k_last_error(),
-            c->why ? ", must fail: " : "", c->why ? c->why : "");
+    fprintf(stderr, "fuzz_abi: %s: %s (status %d, last error \"%s\"%s%s)\n", e->op, what, st,
+            l3k_last_error(), c->why ? ", must fail: " : "", c->why ? c->why : "");
     __builtin_trap();
 }
 
@@ -1010,8 +1038,8 @@ static long g_stats[N_ENTRIES][3];
 
 static void print_stats(void) {
     for (int i = 0; i < N_ENTRIES; ++i)
-        fprintf(stderr, "%-36s ok %8ld  refused %8ld  skipped %8ld\n", ENTRIES[i].op, g_stats[i][0], g_stats[i][1],
-                g_stats[i][2]);
+        fprintf(stderr, "%-36s ok %8ld  refused %8ld  skipped %8ld\n", ENTRIES[i].op, g_stats[i][0],
+                g_stats[i][1], g_stats[i][2]);
 }
 
 int LLVMFuzzerInitialize(int *argc, char ***argv) {
@@ -1044,7 +1072,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 fail(e, c, st, "the message does not start with the op's name");
             for (int i = 0; i < c->nt; ++i)
                 if (c->t[i].snap && memcmp(c->t[i].snap, c->t[i].block, c->t[i].block_bytes) != 0) {
-                    fprintf(stderr, "fuzz_abi: the buffer of tensor %d (in the order the entry makes them) changed\n", i);
+                    fprintf(stderr,
+                            "fuzz_abi: the buffer of tensor %d (in the order the entry makes them) changed\n",
+                            i);
                     fail(e, c, st, "a refused call changed a buffer");
                 }
         }

@@ -137,9 +137,9 @@ int fastest_candidate(cublasLtHandle_t handle, const Descriptors &ds, const l3k_
         cudaEvent_t *round = &ev[r * per_round];
         ok = cudaEventRecord(round[0], stream) == cudaSuccess;
         for (int i = 0; ok && i < count; ++i) {
-            if (LT(Matmul)(handle, ds.op, &alpha, g->a, ds.a, g->b, ds.b, &beta, c, ds.c_layout(), g->d,
-                               ds.d, &cand[i].algo, g->workspace, g->workspace ? g->workspace_bytes : 0,
-                               stream) != CUBLAS_STATUS_SUCCESS)
+            if (LT(Matmul)(handle, ds.op, &alpha, g->a, ds.a, g->b, ds.b, &beta, c, ds.c_layout(), g->d, ds.d,
+                           &cand[i].algo, g->workspace, g->workspace ? g->workspace_bytes : 0,
+                           stream) != CUBLAS_STATUS_SUCCESS)
                 failed[i] = true;
             ok = cudaEventRecord(round[i + 1], stream) == cudaSuccess;
         }
@@ -237,15 +237,15 @@ extern "C" int l3k_cuda_gemm(const l3k_gemm_args *g, void *stream) {
         Preference pref;
         LT_TRY(LT(MatmulPreferenceCreate)(&pref.p));
         LT_TRY(LT(MatmulPreferenceSetAttribute)(pref.p, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
-                                                    sizeof ws));
-        LT_TRY(LT(MatmulPreferenceSetAttribute)(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-                                                    &al[0], 4));
-        LT_TRY(LT(MatmulPreferenceSetAttribute)(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                                                    &al[1], 4));
-        LT_TRY(LT(MatmulPreferenceSetAttribute)(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-                                                    &al[2], 4));
-        LT_TRY(LT(MatmulPreferenceSetAttribute)(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-                                                    &al[3], 4));
+                                                sizeof ws));
+        LT_TRY(
+            LT(MatmulPreferenceSetAttribute)(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al[0], 4));
+        LT_TRY(
+            LT(MatmulPreferenceSetAttribute)(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al[1], 4));
+        LT_TRY(
+            LT(MatmulPreferenceSetAttribute)(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al[2], 4));
+        LT_TRY(
+            LT(MatmulPreferenceSetAttribute)(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al[3], 4));
 
         cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
         if (cudaStreamIsCapturing((cudaStream_t)stream, &capture) != cudaSuccess) {
@@ -258,7 +258,7 @@ extern "C" int l3k_cuda_gemm(const l3k_gemm_args *g, void *stream) {
         cublasLtMatmulHeuristicResult_t cand[CANDIDATES] = {};
         int found = 0;
         LT_TRY(LT(MatmulAlgoGetHeuristic)(handle, ds.op, ds.a, ds.b, ds.c_layout(), ds.d, pref.p,
-                                              tune ? CANDIDATES : 1, cand, &found));
+                                          tune ? CANDIDATES : 1, cand, &found));
         if (found < 1) return -(int)CUBLAS_STATUS_NOT_SUPPORTED;
         fresh->algo = cand[tune && found > 1 ? fastest_candidate(handle, ds, g, c, alpha, beta, cand, found,
                                                                  (cudaStream_t)stream)
@@ -268,7 +268,7 @@ extern "C" int l3k_cuda_gemm(const l3k_gemm_args *g, void *stream) {
     }
     const Descriptors &ds = plan->ds;
     LT_TRY(LT(Matmul)(handle, ds.op, &alpha, g->a, ds.a, g->b, ds.b, &beta, c, ds.c_layout(), g->d, ds.d,
-                          &plan->algo, g->workspace, ws, (cudaStream_t)stream));
+                      &plan->algo, g->workspace, ws, (cudaStream_t)stream));
     if (fresh && !capturing) {
         std::lock_guard<std::mutex> lock(g_plans_mutex);
         g_plans.emplace(key, std::move(fresh)); /* a thread that raced here keeps the first entry */
