@@ -306,4 +306,42 @@ __device__ __forceinline__ int64_t l3k_attn_q_block_begin(int64_t j0, int keys, 
     return first > 0 ? first / rows : 0;
 }
 
+/* Thread tid 0 puts the key range [kb, ke) and the KV blocks that need no mask (lo <= n < hi of
+ * l3k_attn_unmasked_kv_blocks for the query rows q0..) in shared memory, read where a masked tile
+ * needs them (after the tile loop's first barrier): kept in registers across the loop, they made
+ * the mma.sync kernels spill more.  The arrays stay the kernel's own __shared__ variables. */
+__device__ __forceinline__ void l3k_attn_share_keys(int tid, int64_t q0, int keys, int64_t sq, int64_t sk,
+                                                    int causal, int64_t kb, int64_t ke, int64_t (&s_keys)[2],
+                                                    int (&s_plain)[2]) {
+    if (tid == 0) {
+        s_keys[0] = kb;
+        s_keys[1] = ke;
+        l3k_attn_unmasked_kv_blocks(q0, keys, sq, sk, causal, kb, ke, s_plain[0], s_plain[1]);
+    }
+}
+
+/* The CTA of a KV-outer backward kernel (flash_bwd_sm80.cu, flash_bwd_sm90.cu) on the grid
+ * (batch * kv heads, blocks of `keys` keys): kv head hk of sequence b, the keys from n0; G = h / hkv
+ * query heads share the kv head. */
+__device__ __forceinline__ void l3k_attn_kv_cta(int64_t h, int64_t hkv, int keys, int64_t &G, int64_t &b,
+                                                int64_t &hk, int64_t &n0) {
+    G = h / hkv;
+    const int64_t bhk = blockIdx.x;
+    b = bhk / hkv;
+    hk = bhk % hkv;
+    n0 = (int64_t)blockIdx.y * keys;
+}
+
+/* The blocks of `rows` query rows that such a CTA visits for each query head: of the m_blocks
+ * blocks, the ones from m_min on (returned: how many), those with a row that sees one of the keys
+ * [n0, n0 + keys); none when no key of the block is in the sequence's key range [kb, ke)
+ * (l3k_attn_keys; called by the kernel: inside this helper its branch changed the kernels' code). */
+__device__ __forceinline__ int64_t l3k_attn_kv_q_blocks(int64_t n0, int keys, int rows, int64_t sq,
+                                                        int64_t sk, int causal, int64_t kb, int64_t ke,
+                                                        int64_t &m_blocks, int64_t &m_min) {
+    m_blocks = l3k_ceil_div_pos(sq, rows);
+    m_min = l3k_attn_q_block_begin(n0, keys, rows, sq, sk, causal, kb, ke);
+    return m_blocks > m_min ? m_blocks - m_min : 0;
+}
+
 #endif /* L3K_CUDA_COMMON_CUH_ */

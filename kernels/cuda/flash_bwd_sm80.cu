@@ -15,17 +15,28 @@
 
 namespace {
 
+/* The row kernels (preprocess, dq convert) give one warp a row of the B*H*Sq rows (row_blocks):
+ * this warp's row, bh = b * H + h and its query i; false past the last row. */
+__device__ __forceinline__ bool warp_row(const l3k_attn_fwd_args &f, int64_t &row, int64_t &bh, int64_t &b,
+                                         int64_t &h, int64_t &i) {
+    const int64_t H = f.n_heads, Sq = f.seq_q;
+    row = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= f.batch * H * Sq) return false;
+    bh = row / Sq;
+    i = row % Sq;
+    b = bh / H;
+    h = bh % H;
+    return true;
+}
+
 /* ---- backward: preprocess ---------------------------------------------------
  * D[row] = sum_d dO*O (fp32); zero the dq accumulator row. One warp per row. */
 template <typename T>
 __global__ void fa_bwd_pre_kernel(const l3k_attn_bwd_args a, float *dsum, float *dqacc) {
-    const int64_t H = a.f.n_heads, Sq = a.f.seq_q;
     const int hd = (int)a.f.head_dim;
     const int lane = threadIdx.x & 31;
-    const int64_t row = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    const int64_t total = a.f.batch * H * Sq;
-    if (row >= total) return;
-    const int64_t bh = row / Sq, i = row % Sq, b = bh / H, h = bh % H;
+    int64_t row, bh, b, h, i;
+    if (!warp_row(a.f, row, bh, b, h, i)) return;
     const T *dog = static_cast<const T *>(a.dout) + b * a.do_stride[0] + h * a.do_stride[1] +
                    i * a.do_stride[2];
     const T *og = static_cast<const T *>(a.f.o) + b * a.f.o_stride[0] + h * a.f.o_stride[1] +
@@ -54,13 +65,11 @@ __global__ void fa_bwd_pre_kernel(const l3k_attn_bwd_args a, float *dsum, float 
  * (row 16wi + g + 8r, column 64w + 8j + 2t + e) of the block at 4096w + 4(128j + 32wi + 4g + t) + 2r + e. */
 template <typename T>
 __global__ void fa_bwd_dq_convert_kernel(const l3k_attn_bwd_args a, const float *dqacc, int tiled) {
-    const int64_t H = a.f.n_heads, Sq = a.f.seq_q;
+    const int64_t Sq = a.f.seq_q;
     const int hd = (int)a.f.head_dim;
     const int lane = threadIdx.x & 31;
-    const int64_t row = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    const int64_t total = a.f.batch * H * Sq;
-    if (row >= total) return;
-    const int64_t bh = row / Sq, i = row % Sq, b = bh / H, h = bh % H;
+    int64_t row, bh, b, h, i;
+    if (!warp_row(a.f, row, bh, b, h, i)) return;
     T *dqg = static_cast<T *>(a.dq) + b * a.dq_stride[0] + h * a.dq_stride[1] + i * a.dq_stride[2];
     const float *src = dqacc + row * hd;
     const float sc = a.f.scale;
@@ -109,10 +118,7 @@ __global__ void fa_bwd_dq_convert_kernel(const l3k_attn_bwd_args a, const float 
 template <typename T, int HD, int BM>
 __device__ __forceinline__ void strip_times_rows_t(float (&c)[BM / 8][4], uint32_t sA, uint32_t sB,
                                                    uint32_t oA, uint32_t oB) {
-#pragma unroll
-    for (int j = 0; j < BM / 8; j++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) c[j][e] = 0.f;
+    l3k_zero_acc(c);
 #pragma unroll
     for (int kk = 0; kk < HD / 16; kk++) {
         uint32_t a[4];
@@ -150,9 +156,8 @@ __global__ void __launch_bounds__(NW * 32, 1)
     const int g = lane >> 2, t = lane & 3;
     const l3k_attn_fwd_args &f = a.f;
     const int64_t H = f.n_heads, HKV = f.n_kv_heads, Sq = f.seq_q, Sk = f.seq_k;
-    const int64_t G = H / HKV;
-    const int64_t bhk = blockIdx.x, b = bhk / HKV, hk = bhk % HKV;
-    const int64_t n0 = (int64_t)blockIdx.y * BN;
+    int64_t G, b, hk, n0; /* query heads per kv head; this CTA's sequence, kv head, first key */
+    l3k_attn_kv_cta(H, HKV, BN, G, b, hk, n0);
     const int hd = (int)f.head_dim;
     const float sl2 = f.scale * L3K_LOG2E;
 
@@ -162,9 +167,8 @@ __global__ void __launch_bounds__(NW * 32, 1)
     /* Q blocks that see at least one key of this block (none: dk = dv = 0 are still written) */
     int64_t kb, ke; /* this sequence's keys */
     l3k_attn_keys(f.key_range, b, Sk, kb, ke);
-    const int64_t m_blocks = l3k_ceil_div_pos(Sq, BM);
-    const int64_t m_min = l3k_attn_q_block_begin(n0, BN, BM, Sq, Sk, f.causal, kb, ke);
-    const int64_t per_head = m_blocks > m_min ? m_blocks - m_min : 0;
+    int64_t m_blocks, m_min;
+    const int64_t per_head = l3k_attn_kv_q_blocks(n0, BN, BM, Sq, Sk, f.causal, kb, ke, m_blocks, m_min);
     const int64_t total = G * per_head;
     /* The key range waits in shared memory, read once per Q block: kept in registers across the
      * loop, it made these kernels spill more. */
@@ -198,10 +202,8 @@ __global__ void __launch_bounds__(NW * 32, 1)
     const int ks = warp % (BN / 16); /* key strip */
     const int dbase = (warp / (BN / 16)) * DW;
     float acc_dk[DW / 8][4], acc_dv[DW / 8][4];
-#pragma unroll
-    for (int j = 0; j < DW / 8; j++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) acc_dk[j][e] = acc_dv[j][e] = 0.f;
+    l3k_zero_acc(acc_dk);
+    l3k_zero_acc(acc_dv);
 
     const uint32_t sKa = l3k_smem_u32(sK), sQa = l3k_smem_u32(sQ), sdOa = l3k_smem_u32(sdO);
     const uint32_t sKw = sKa + 2u * (uint32_t)(ks * 16 * HD),
@@ -276,10 +278,7 @@ __global__ void __launch_bounds__(NW * 32, 1)
             const int qs = warp % (BM / 16);
             const int qd = (warp / (BM / 16)) * DQW;
             float acc_q[DQW / 8][4];
-#pragma unroll
-            for (int j = 0; j < DQW / 8; j++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) acc_q[j][e] = 0.f;
+            l3k_zero_acc(acc_q);
 #pragma unroll
             for (int kk = 0; kk < BN / 16; kk++) {
                 uint32_t dsa[4]; /* A = dS rows qs*16.., keys kk*16..; stored transposed -> ldmatrix.trans */
@@ -362,11 +361,7 @@ __global__ void __launch_bounds__(NW * 32, 1) fa_bwd_dq_kernel(const l3k_attn_bw
     /* As in the forward: the key range and the blocks that need no mask wait in shared memory. */
     __shared__ int64_t s_keys[2];
     __shared__ int s_plain[2];
-    if (tid == 0) {
-        s_keys[0] = kb;
-        s_keys[1] = ke;
-        l3k_attn_unmasked_kv_blocks(m0, BN, Sq, Sk, f.causal, kb, ke, s_plain[0], s_plain[1]);
-    }
+    l3k_attn_share_keys(tid, m0, BN, Sq, Sk, f.causal, kb, ke, s_keys, s_plain);
     const int wrow = warp * 16;
     float lse2[2], drow[2];
 #pragma unroll
@@ -376,10 +371,7 @@ __global__ void __launch_bounds__(NW * 32, 1) fa_bwd_dq_kernel(const l3k_attn_bw
         drow[r] = row < Sq ? dsum[bh * Sq + row] : 0.f;
     }
     float acc[NTO][4];
-#pragma unroll
-    for (int j = 0; j < NTO; j++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) acc[j][e] = 0.f;
+    l3k_zero_acc(acc);
 
     if (n_max > n_min) {
         l3k_load_tile<BM, HD, NT>(sQ, qg, f.q_stride[2], Sq - m0, hd, tid);
@@ -409,10 +401,8 @@ __global__ void __launch_bounds__(NW * 32, 1) fa_bwd_dq_kernel(const l3k_attn_bw
         l3k_cp_async_commit();
         const uint32_t sKs = sKa + 2u * (uint32_t)(st * BN * HD), sVs = sVa + 2u * (uint32_t)(st * BN * HD);
         float s[NTS][4], dp[NTS][4];
-#pragma unroll
-        for (int j = 0; j < NTS; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.f;
+        l3k_zero_acc(s);
+        l3k_zero_acc(dp);
 #pragma unroll
         for (int kk = 0; kk < HD / 16; kk++) {
             uint32_t qa[4], da[4];
@@ -514,19 +504,20 @@ cudaError_t bwd_dq(const l3k_attn_bwd_args &a, const float *dsum, cudaStream_t s
     return launch_bwd_dq<T, 256, 64, 32, 4>(a, dsum, s);
 }
 
-/* One warp a row of B*H*Sq: blocks of 8 warps. */
-unsigned row_blocks(const l3k_attn_bwd_args &a) {
-    return (unsigned)(((size_t)(a.f.batch * a.f.n_heads * a.f.seq_q) + 7) / 8);
+/* A row kernel (one warp a row of B*H*Sq: blocks of 8 warps) of a's dtype, bf16 or f16 its two
+ * instances. */
+template <typename K, typename... A>
+int launch_rows(K bf16, K f16, const l3k_attn_bwd_args *a, void *stream, A... args) {
+    const unsigned blocks = (unsigned)(((size_t)(a->f.batch * a->f.n_heads * a->f.seq_q) + 7) / 8);
+    const K kern = a->f.dtype == L3K_DT_BF16 ? bf16 : f16;
+    kern<<<blocks, 256, 0, static_cast<cudaStream_t>(stream)>>>(*a, args...);
+    return (int)cudaGetLastError();
 }
 
 } // namespace
 
 extern "C" int l3k_cuda_attn_bwd_pre(const l3k_attn_bwd_args *a, float *dsum, float *dqacc, void *stream) {
-    cudaStream_t s = static_cast<cudaStream_t>(stream);
-    if (a->f.dtype == L3K_DT_BF16)
-        fa_bwd_pre_kernel<__nv_bfloat16><<<row_blocks(*a), 256, 0, s>>>(*a, dsum, dqacc);
-    else fa_bwd_pre_kernel<__half><<<row_blocks(*a), 256, 0, s>>>(*a, dsum, dqacc);
-    return (int)cudaGetLastError();
+    return launch_rows(fa_bwd_pre_kernel<__nv_bfloat16>, fa_bwd_pre_kernel<__half>, a, stream, dsum, dqacc);
 }
 
 extern "C" int l3k_cuda_attn_bwd_main_sm80(const l3k_attn_bwd_args *a, const float *dsum, float *dqacc,
@@ -544,9 +535,6 @@ extern "C" int l3k_cuda_attn_bwd_dq_sm80(const l3k_attn_bwd_args *a, const float
 
 extern "C" int l3k_cuda_attn_bwd_dq_convert(const l3k_attn_bwd_args *a, const float *dqacc, int tiled,
                                             void *stream) {
-    cudaStream_t s = static_cast<cudaStream_t>(stream);
-    if (a->f.dtype == L3K_DT_BF16)
-        fa_bwd_dq_convert_kernel<__nv_bfloat16><<<row_blocks(*a), 256, 0, s>>>(*a, dqacc, tiled);
-    else fa_bwd_dq_convert_kernel<__half><<<row_blocks(*a), 256, 0, s>>>(*a, dqacc, tiled);
-    return (int)cudaGetLastError();
+    return launch_rows(fa_bwd_dq_convert_kernel<__nv_bfloat16>, fa_bwd_dq_convert_kernel<__half>, a, stream,
+                       dqacc, tiled);
 }

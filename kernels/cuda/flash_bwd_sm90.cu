@@ -65,6 +65,21 @@ __device__ __forceinline__ void bulk_wait_all() {
     asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
 
+/* acc (64 keys x HD, this warpgroup's dV or dK) += A B in one committed wgmma group: A (64 keys x 64
+ * queries, P^T or dS^T) from registers, four k16 steps of 4; B the 64 x HD tile (dO or Q) at sB,
+ * read MN-major. */
+template <typename T, int HD>
+__device__ __forceinline__ void regs_times_tile(float (&acc)[HD / 2], const uint32_t (&a)[16], uint32_t sB) {
+    l3k_wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        const uint64_t db = l3k_sw128_desc(sB + (uint32_t)(kk * 16 * 128), ROWS_Q * 128, 1024);
+        if constexpr (HD == 128) l3k_wgmma<T>::rs_n128(acc, &a[4 * kk], db);
+        else l3k_wgmma<T>::rs_n64(acc, &a[4 * kk], db);
+    }
+    l3k_wgmma_commit();
+}
+
 /* Named barrier of the 256 math threads (ids 1, 2 are the warpgroups' own: l3k_warpgroup_sync). */
 __device__ __forceinline__ void consumers_sync() {
     asm volatile("bar.sync 3, %0;\n" ::"n"(CONSUMERS) : "memory");
@@ -93,7 +108,6 @@ __global__ void __launch_bounds__(THREADS, 1)
     constexpr uint32_t QT = ROWS_Q * HD * 2;    /* Q, dO tile bytes (per stage) */
     constexpr uint32_t DST = KEYS * ROWS_Q * 2; /* dS^T tile: keys x 64 queries = one panel */
     constexpr int KSTEPS = HD / 16;
-    using W = l3k_wgmma<T>;
     using SS = l3k_wgmma_ss<T>;
     extern __shared__ unsigned char smem_raw[];
     const uint32_t sK = (l3k_smem_u32(smem_raw) + 1023u) & ~1023u;
@@ -114,9 +128,8 @@ __global__ void __launch_bounds__(THREADS, 1)
     const int lane = tid & 31, g = lane >> 2, t = lane & 3;
     const l3k_attn_fwd_args &f = a.f;
     const int64_t H = f.n_heads, HKV = f.n_kv_heads, Sq = f.seq_q, Sk = f.seq_k;
-    const int64_t G = H / HKV;
-    const int64_t bhk = blockIdx.x, b = bhk / HKV, hk = bhk % HKV;
-    const int64_t n0 = (int64_t)blockIdx.y * KEYS;
+    int64_t G, b, hk, n0; /* query heads per kv head; this CTA's sequence, kv head, first key */
+    l3k_attn_kv_cta(H, HKV, KEYS, G, b, hk, n0);
     const int hd = (int)f.head_dim;
     const float scale = f.scale;
 
@@ -124,9 +137,9 @@ __global__ void __launch_bounds__(THREADS, 1)
      * in the sequence's range on; none when no key is in range: dk = dv = 0 are still written) */
     int64_t kb, ke; /* this sequence's keys */
     l3k_attn_keys(f.key_range, b, Sk, kb, ke);
-    const int64_t m_blocks = l3k_ceil_div_pos(Sq, ROWS_Q);
-    const int64_t m_min = l3k_attn_q_block_begin(n0, KEYS, ROWS_Q, Sq, Sk, f.causal, kb, ke);
-    const int64_t per_head = m_blocks > m_min ? m_blocks - m_min : 0;
+    int64_t m_blocks, m_min;
+    const int64_t per_head =
+        l3k_attn_kv_q_blocks(n0, KEYS, ROWS_Q, Sq, Sk, f.causal, kb, ke, m_blocks, m_min);
     const int64_t total = G * per_head;
 
     if (tid == 0) {
@@ -263,14 +276,7 @@ __global__ void __launch_bounds__(THREADS, 1)
             pp[4 * kk + 2] = l3k_pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
             pp[4 * kk + 3] = l3k_pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
         }
-        l3k_wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; kk++) {
-            const uint64_t db = l3k_sw128_desc(sdOs + (uint32_t)(kk * 16 * 128), ROWS_Q * 128, 1024);
-            if constexpr (HD == 128) W::rs_n128(dv, &pp[4 * kk], db);
-            else W::rs_n64(dv, &pp[4 * kk], db);
-        }
-        l3k_wgmma_commit();
+        regs_times_tile<T, HD>(dv, pp, sdOs);
         l3k_wgmma_wait<1>(); /* dP^T done (the dV group may still run) */
         l3k_pin(dp);
 
@@ -294,14 +300,7 @@ __global__ void __launch_bounds__(THREADS, 1)
                                               l3k_sw128_tile_off(KEYS, krow0 + 8 * r, j) +
                                               4 * t) = dsp[2 * j + r];
         /* ---- dK += dS^T Q */
-        l3k_wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; kk++) {
-            const uint64_t db = l3k_sw128_desc(sQs + (uint32_t)(kk * 16 * 128), ROWS_Q * 128, 1024);
-            if constexpr (HD == 128) W::rs_n128(dk, &dsp[4 * kk], db);
-            else W::rs_n64(dk, &dsp[4 * kk], db);
-        }
-        l3k_wgmma_commit();
+        regs_times_tile<T, HD>(dk, dsp, sQs);
         l3k_fence_async_shared(); /* dS^T stores -> async proxy */
         /* The previous Q block's bulk add has read this warpgroup's dQ staging rows (issued a whole
          * iteration ago, so this rarely waits); the barrier orders that before the stores below. Both

@@ -69,10 +69,7 @@ __global__ void __launch_bounds__(NW * 32, 1) fa_fwd_kernel(const l3k_attn_fwd_a
     float row_m[MW][2], row_l[MW][2];
 #pragma unroll
     for (int mi = 0; mi < MW; mi++) {
-#pragma unroll
-        for (int j = 0; j < NTO; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) acc_o[mi][j][e] = 0.f;
+        l3k_zero_acc(acc_o[mi]);
         row_m[mi][0] = row_m[mi][1] = -INFINITY;
         row_l[mi][0] = row_l[mi][1] = 0.f;
     }
@@ -86,11 +83,7 @@ __global__ void __launch_bounds__(NW * 32, 1) fa_fwd_kernel(const l3k_attn_fwd_a
      * tile needs them: kept in registers across the loop, they made the hd128 kernel spill more. */
     __shared__ int64_t s_keys[2];
     __shared__ int s_plain[2];
-    if (tid == 0) {
-        s_keys[0] = kb;
-        s_keys[1] = ke;
-        l3k_attn_unmasked_kv_blocks(m0, BN, Sq, Sk, a.causal, kb, ke, s_plain[0], s_plain[1]);
-    }
+    l3k_attn_share_keys(tid, m0, BN, Sq, Sk, a.causal, kb, ke, s_keys, s_plain);
     const int n_lo = (int)n_min; /* block indices fit 32 bits: Sk / BN */
     for (int n = (int)n_max - 1, it = 0; n >= n_lo; --n, ++it) {
         const int st = (int)(it & 1);
@@ -110,11 +103,7 @@ __global__ void __launch_bounds__(NW * 32, 1) fa_fwd_kernel(const l3k_attn_fwd_a
         /* ---- S = Q K^T */
         float s[MW][NTS][4];
 #pragma unroll
-        for (int mi = 0; mi < MW; mi++)
-#pragma unroll
-            for (int j = 0; j < NTS; j++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) s[mi][j][e] = 0.f;
+        for (int mi = 0; mi < MW; mi++) l3k_zero_acc(s[mi]);
         const uint32_t sKs = sKa + 2u * (uint32_t)(st * BN * HD);
 #pragma unroll
         for (int kk = 0; kk < HD / 16; kk++) {
@@ -127,11 +116,7 @@ __global__ void __launch_bounds__(NW * 32, 1) fa_fwd_kernel(const l3k_attn_fwd_a
             for (int nj = 0; nj < BN / 16; nj++) {
                 uint32_t b0, b1, b2, b3;
                 l3k_ldsm_x4(b0, b1, b2, b3, sKs + (l3k_xo(oB, kk * 2) + nj * 16 * HD * 2));
-#pragma unroll
-                for (int mi = 0; mi < MW; mi++) {
-                    Op::run(s[mi][2 * nj], qa[mi], b0, b1);
-                    Op::run(s[mi][2 * nj + 1], qa[mi], b2, b3);
-                }
+                l3k_mma_strips<T>(s, 2 * nj, qa, b0, b1, b2, b3);
             }
         }
         /* ---- mask (key range and tail, causal diagonal); warp-uniform branch */
@@ -196,11 +181,7 @@ __global__ void __launch_bounds__(NW * 32, 1) fa_fwd_kernel(const l3k_attn_fwd_a
             for (int dj = 0; dj < HD / 16; dj++) {
                 uint32_t b0, b1, b2, b3;
                 l3k_ldsm_x4_t(b0, b1, b2, b3, sVs + (l3k_xo(oT, dj * 2) + kk * 16 * HD * 2));
-#pragma unroll
-                for (int mi = 0; mi < MW; mi++) {
-                    Op::run(acc_o[mi][2 * dj], pa[mi], b0, b1);
-                    Op::run(acc_o[mi][2 * dj + 1], pa[mi], b2, b3);
-                }
+                l3k_mma_strips<T>(acc_o, 2 * dj, pa, b0, b1, b2, b3);
             }
         }
     }

@@ -28,30 +28,47 @@ __device__ __forceinline__ void l3k_ldsm_x4_t(uint32_t &r0, uint32_t &r1, uint32
                  : "r"(addr));
 }
 
+/* m16n8k16 products c += a b (a: the m16k16 A fragment, b0 b1: a k16n8 B fragment, c: an m16n8
+ * fp32 accumulator tile) and the packing of their results, for the 16-bit types: T and its PTX
+ * name PTX ("bf16", "f16"). */
 template <typename T>
 struct l3k_mma;
-template <>
-struct l3k_mma<__nv_bfloat16> {
-    static __device__ __forceinline__ void run(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#define L3K_MMA_TYPE(T, PTX)                                                                                 \
+    template <>                                                                                              \
+    struct l3k_mma<T> {                                                                                      \
+        static __device__ __forceinline__ void run(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {  \
+            asm("mma.sync.aligned.m16n8k16.row.col.f32." PTX "." PTX                                         \
+                ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                               \
+                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                             \
+                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                             \
+        }                                                                                                    \
+        static __device__ __forceinline__ uint32_t pack(float lo, float hi) { return l3k_pack2<T>(lo, hi); } \
+    };
+L3K_MMA_TYPE(__nv_bfloat16, "bf16")
+L3K_MMA_TYPE(__half, "f16")
+#undef L3K_MMA_TYPE
+
+/* Zero N m16n8 fp32 accumulator tiles. */
+template <int N>
+__device__ __forceinline__ void l3k_zero_acc(float (&c)[N][4]) {
+#pragma unroll
+    for (int j = 0; j < N; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) c[j][e] = 0.f;
+}
+
+/* The 2 * MW products of one ldmatrix.x4 B load (b0 b1 | b2 b3: two k16n8 fragments, the n8 tiles n
+ * and n + 1) with the A fragments of MW m16 row strips: c[mi][n] += a[mi] (b0 b1), c[mi][n + 1] +=
+ * a[mi] (b2 b3). */
+template <typename T, int MW, int N>
+__device__ __forceinline__ void l3k_mma_strips(float (&c)[MW][N][4], int n, const uint32_t (&a)[MW][4],
+                                               uint32_t b0, uint32_t b1, uint32_t b2, uint32_t b3) {
+#pragma unroll
+    for (int mi = 0; mi < MW; mi++) {
+        l3k_mma<T>::run(c[mi][n], a[mi], b0, b1);
+        l3k_mma<T>::run(c[mi][n + 1], a[mi], b2, b3);
     }
-    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-        return l3k_pack2<__nv_bfloat16>(lo, hi);
-    }
-};
-template <>
-struct l3k_mma<__half> {
-    static __device__ __forceinline__ void run(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    static __device__ __forceinline__ uint32_t pack(float lo, float hi) { return l3k_pack2<__half>(lo, hi); }
-};
+}
 
 /* Swizzled element offset of (r, c) in a row-major tile of W 16-bit columns. The 16-byte chunk
  * index is XORed with row bits so that 8 consecutive rows at one logical chunk hit 8 distinct

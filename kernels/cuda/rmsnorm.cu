@@ -57,27 +57,12 @@ dev_info device_info() {
 /* ---- slot access with 32-bit in-row offsets --------------------------------
  * Eight elements from column `col`; elements at or past `lim` read as zero and
  * are not written (lim = 0 turns a whole row off).  VEC: as l3k_load8. */
-template <typename T, bool VEC>
-__device__ __forceinline__ l3k_slot<T> ld_slot(const T *__restrict__ row, int col, int lim) {
-    constexpr int PER16 = 16 / sizeof(T);
-    l3k_slot<T> s;
-    if (VEC) {
-#pragma unroll
-        for (int piece = 0; piece < 8 / PER16; ++piece) {
-            const int c = col + piece * PER16;
-            const uint4 *p = reinterpret_cast<const uint4 *>(row + c);
-            s.raw[piece] = c < lim ? *p : make_uint4(0, 0, 0, 0);
-        }
-    } else {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) s.at(i) = col + i < lim ? row[col + i] : l3k_from_float<T>(0.0f);
-    }
-    return s;
-}
 
-/* Weight: never written by these kernels, read through the read-only path.
- * FRESH: an asm volatile load, which the compiler cannot hoist out of the row
- * loop (a hoisted weight costs registers: 8 floats a slot once converted). */
+/* How ld_slot reads: LD_PLAIN ordinary loads; LD_NC the read-only path, for
+ * the weight (never written by these kernels); LD_FRESH the same as an asm
+ * volatile load, which the compiler cannot hoist out of the row loop (a
+ * hoisted weight costs registers: 8 floats a slot once converted). */
+enum { LD_PLAIN, LD_NC, LD_FRESH };
 template <bool FRESH>
 __device__ __forceinline__ uint4 ld_nc16(const void *p) {
     if (!FRESH) return __ldg(reinterpret_cast<const uint4 *>(p));
@@ -88,21 +73,29 @@ __device__ __forceinline__ uint4 ld_nc16(const void *p) {
     return v;
 }
 
-template <typename T, bool VEC, bool FRESH = false>
-__device__ __forceinline__ l3k_slot<T> ld_weight(const T *__restrict__ w, int col, int lim) {
+template <typename T, bool VEC, int LD = LD_PLAIN>
+__device__ __forceinline__ l3k_slot<T> ld_slot(const T *__restrict__ row, int col, int lim) {
     constexpr int PER16 = 16 / sizeof(T);
     l3k_slot<T> s;
     if (VEC) {
 #pragma unroll
         for (int piece = 0; piece < 8 / PER16; ++piece) {
             const int c = col + piece * PER16;
-            s.raw[piece] = c < lim ? ld_nc16<FRESH>(w + c) : make_uint4(0, 0, 0, 0);
+            const uint4 *p = reinterpret_cast<const uint4 *>(row + c);
+            if constexpr (LD == LD_PLAIN) s.raw[piece] = c < lim ? *p : make_uint4(0, 0, 0, 0);
+            else s.raw[piece] = c < lim ? ld_nc16<LD == LD_FRESH>(row + c) : make_uint4(0, 0, 0, 0);
         }
     } else {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) s.at(i) = col + i < lim ? w[col + i] : l3k_from_float<T>(0.0f);
+        for (int i = 0; i < 8; ++i) s.at(i) = col + i < lim ? row[col + i] : l3k_from_float<T>(0.0f);
     }
     return s;
+}
+
+/* The weight; FRESH: see LD_FRESH. */
+template <typename T, bool VEC, bool FRESH = false>
+__device__ __forceinline__ l3k_slot<T> ld_weight(const T *__restrict__ w, int col, int lim) {
+    return ld_slot<T, VEC, (FRESH ? LD_FRESH : LD_NC)>(w, col, lim);
 }
 
 template <typename T, bool VEC>
@@ -580,7 +573,7 @@ int fwd_launch_s(const l3k_rmsnorm_fwd_args &a, cudaStream_t st, const fwd_cfg &
 }
 
 template <typename T, bool VEC>
-int launch_fwd(const l3k_rmsnorm_fwd_args &a, cudaStream_t st) {
+int launch(const l3k_rmsnorm_fwd_args &a, cudaStream_t st) {
     const fwd_cfg c = default_fwd_cfg(a);
     if (c.S > FWD_MAX_SLOTS) {
         const int64_t grid = a.rows < (1 << 20) ? a.rows : (1 << 20);
@@ -637,7 +630,7 @@ int bwd_launch_s(const l3k_rmsnorm_bwd_args &a, cudaStream_t st, const bwd_cfg &
 }
 
 template <typename T, bool VEC>
-int launch_bwd(const l3k_rmsnorm_bwd_args &a, cudaStream_t st) {
+int launch(const l3k_rmsnorm_bwd_args &a, cudaStream_t st) {
     const bwd_cfg c = default_bwd_cfg(a);
     if (c.parts > 0) {
         int err;
@@ -674,20 +667,21 @@ bool bwd_vec(const l3k_rmsnorm_bwd_args *a) {
            aligned16(a->weight, 0, es) && (!a->dh_in || aligned16(a->dh_in, a->dh_in_stride, es));
 }
 
-} // namespace
-
-extern "C" int l3k_cuda_rmsnorm_fwd(const l3k_rmsnorm_fwd_args *a, void *stream) {
+/* The launch (forward or backward, by the argument type) for a's dtype, on the vector path or not. */
+template <typename Args>
+int dispatch(const Args &a, bool vec, void *stream) {
     cudaStream_t st = (cudaStream_t)stream;
-    const bool vec = fwd_vec(a);
     int err = 0;
-    L3K_DISPATCH_DTYPE(a->dtype, err = vec ? launch_fwd<T, true>(*a, st) : launch_fwd<T, false>(*a, st));
+    L3K_DISPATCH_DTYPE(a.dtype, err = vec ? launch<T, true>(a, st) : launch<T, false>(a, st));
     return err;
 }
 
+} // namespace
+
+extern "C" int l3k_cuda_rmsnorm_fwd(const l3k_rmsnorm_fwd_args *a, void *stream) {
+    return dispatch(*a, fwd_vec(a), stream);
+}
+
 extern "C" int l3k_cuda_rmsnorm_bwd(const l3k_rmsnorm_bwd_args *a, void *stream) {
-    cudaStream_t st = (cudaStream_t)stream;
-    const bool vec = bwd_vec(a);
-    int err = 0;
-    L3K_DISPATCH_DTYPE(a->dtype, err = vec ? launch_bwd<T, true>(*a, st) : launch_bwd<T, false>(*a, st));
-    return err;
+    return dispatch(*a, bwd_vec(a), stream);
 }

@@ -63,12 +63,27 @@ void flatten(int64_t &rows, int64_t &n, const int64_t *strides, int count) {
     rows = 1;
 }
 
+/* The kernel of a direction (its argument type), dtype and path. */
+template <typename T, bool VEC>
+auto kernel_for(const l3k_swiglu_fwd_args &) {
+    return swiglu_fwd<T, VEC>;
+}
+template <typename T, bool VEC>
+auto kernel_for(const l3k_swiglu_bwd_args &) {
+    return swiglu_bwd<T, VEC>;
+}
+
+/* One launch over a's rows x n: a thread a slot, blockIdx.y striding over the rows. */
 template <typename Args>
-void geometry(const Args &a, dim3 &grid, dim3 &block) {
+int launch(const Args &a, bool vec, void *stream) {
     const int64_t slots = (a.n + 7) / 8;
     const int threads = (int)l3k_clamp64(l3k_pow2_ceil(slots), 32, MAX_BLOCK);
-    block = dim3((unsigned)threads);
-    grid = dim3((unsigned)((slots + threads - 1) / threads), (unsigned)l3k_clamp64(a.rows, 1, 65535));
+    const dim3 block((unsigned)threads);
+    const dim3 grid((unsigned)((slots + threads - 1) / threads), (unsigned)l3k_clamp64(a.rows, 1, 65535));
+    cudaStream_t st = (cudaStream_t)stream;
+    L3K_DISPATCH_DTYPE(a.dtype, const auto kern = vec ? kernel_for<T, true>(a) : kernel_for<T, false>(a);
+                       kern<<<grid, block, 0, st>>>(a));
+    return (int)cudaGetLastError();
 }
 
 } // namespace
@@ -80,12 +95,7 @@ extern "C" int l3k_cuda_swiglu_fwd(const l3k_swiglu_fwd_args *args, void *stream
     flatten(a.rows, a.n, strides, 3);
     const bool vec = ((size_t)a.n * es) % 16 == 0 && rows16(a.g, a.g_stride, a.rows, es) &&
                      rows16(a.u, a.u_stride, a.rows, es) && rows16(a.a, a.a_stride, a.rows, es);
-    dim3 grid, block;
-    geometry(a, grid, block);
-    cudaStream_t st = (cudaStream_t)stream;
-    L3K_DISPATCH_DTYPE(a.dtype, if (vec) swiglu_fwd<T, true><<<grid, block, 0, st>>>(a);
-                       else swiglu_fwd<T, false><<<grid, block, 0, st>>>(a));
-    return (int)cudaGetLastError();
+    return launch(a, vec, stream);
 }
 
 extern "C" int l3k_cuda_swiglu_bwd(const l3k_swiglu_bwd_args *args, void *stream) {
@@ -98,10 +108,5 @@ extern "C" int l3k_cuda_swiglu_bwd(const l3k_swiglu_bwd_args *args, void *stream
                      rows16(a.g, a.g_stride, a.rows, es) && rows16(a.u, a.u_stride, a.rows, es) &&
                      rows16(a.dg, a.dg_stride, a.rows, es) && rows16(a.du, a.du_stride, a.rows, es) &&
                      rows16(a.a_out, a.a_out_stride, a.rows, es);
-    dim3 grid, block;
-    geometry(a, grid, block);
-    cudaStream_t st = (cudaStream_t)stream;
-    L3K_DISPATCH_DTYPE(a.dtype, if (vec) swiglu_bwd<T, true><<<grid, block, 0, st>>>(a);
-                       else swiglu_bwd<T, false><<<grid, block, 0, st>>>(a));
-    return (int)cudaGetLastError();
+    return launch(a, vec, stream);
 }
