@@ -255,6 +255,31 @@ L3K_API l3k_status l3k_swiglu_backward(const DLTensor *da, const DLTensor *g, co
 L3K_API l3k_status l3k_swiglu_fused_backward(const DLTensor *da, const DLTensor *gu, DLTensor *dgu,
                                              DLTensor *a, void *stream);
 
+/* ---- Cross-entropy, loss and gradient in one pass ------------------------ *
+ * For each row r of logits (V classes), in float32 arithmetic:
+ *   lse       = log(sum_j exp(logits[r, j]))
+ *   loss[r]   = lse - logits[r, target[r]]
+ *   dlogits[r, j] = (exp(logits[r, j] - lse) - (j == target[r])) * scale
+ * the gradient of sum_r loss[r] * scale, computed in the same pass so that a
+ * caller never keeps logits and their gradient at once (dlogits may be logits
+ * itself).  Rows whose target is ignore_index get loss 0 and dlogits 0.  A target
+ * outside [0, V) that is not ignore_index gives that row's loss and dlogits NaN.
+ *
+ * logits:     (..., V), float32, float16 or bfloat16, seen as rows as for RMSNorm
+ *             (last dim contiguous, leading dims flattening to one row stride); V >= 1
+ *             unless there are no rows (a call with no rows does nothing).
+ * target:     int64, contiguous, one element per row (any shape with that count),
+ *             on logits' device.
+ * grad_scale: optional (NULL: 1) float32 tensor of one element on logits' device,
+ *             read by the kernel (e.g. 1 / the number of counted rows for a mean,
+ *             computed on the device without a host synchronization).
+ * loss:       float32, contiguous, one element per row; apart from every other tensor.
+ * dlogits:    shape and dtype of logits (row rules above): the very same view as
+ *             logits (in place) or apart from it and from the other tensors. */
+L3K_API l3k_status l3k_cross_entropy_forward_backward(const DLTensor *logits, const DLTensor *target,
+                                                      int64_t ignore_index, const DLTensor *grad_scale,
+                                                      DLTensor *loss, DLTensor *dlogits, void *stream);
+
 /* ---- Linear layer (the block's GEMMs; cuBLASLt on CUDA) ----------------- *
  * x:        (..., K), rows as for RMSNorm (last dim contiguous, leading dims
  *           flattening to one row stride).

@@ -972,6 +972,42 @@ static int e_llama_block_backward(call *c) {
                                             ws, stream(c)));
 }
 
+/* Class indices for a target made by arg(), written over its own block (an alias or a
+ * mutated descriptor keeps fill()'s bytes): mostly in [0, n), now and then ignore_index
+ * or outside [0, n). */
+static void targets_fill(call *c, DLTensor *t, int64_t n, int64_t ignore_index) {
+    const ften *f = (const ften *)t; /* t is the first member of its ften */
+    if (!t || !f->block) return;
+    for (size_t i = 0; i + 8 <= f->block_bytes; i += 8) {
+        const uint64_t r = rnd(c);
+        int64_t v = n > 0 ? (int64_t)((r >> 8) % (uint64_t)n) : 0;
+        if (r % 8 == 0) v = ignore_index;
+        else if (r % 8 == 1) v = (r >> 4) % 2 ? n + (int64_t)((r >> 8) % 3) : -1 - (int64_t)((r >> 8) % 3);
+        memcpy(f->block + i, &v, 8);
+    }
+}
+
+static int e_cross_entropy_forward_backward(call *c) {
+    static const DLDataType I64 = {kDLInt, 64, 1};
+    const DLDataType d = fdt(c);
+    int64_t s[MAX_NDIM];
+    const int nd = rows_shape(c, s, dim(c, 0, 40));
+    int64_t rows = 1;
+    for (int i = 0; i < nd - 1; ++i) rows *= s[i];
+    const int64_t one = 1;
+    const int64_t ignore_index = pick(c, 8) == 0 ? hostile_value(c) : pick(c, 4) ? -100 : dim(c, -1, 3);
+    DLTensor *logits = arg(c, d, nd, s);
+    /* target: logits' leading dims, or flat (rows,): one element per row either way. */
+    DLTensor *target = pick(c, 2) && nd > 1 ? arg(c, I64, nd - 1, s) : arg(c, I64, 1, &rows);
+    targets_fill(c, target, s[nd - 1], ignore_index);
+    const int64_t gs_n = pick(c, 16) ? 1 : 2; /* now and then two elements (refused) */
+    DLTensor *grad_scale = pick(c, 2) ? arg(c, F32, pick(c, 4) ? 1 : 0, gs_n == 1 ? &one : &gs_n) : NULL;
+    DLTensor *loss = rows_vector(c, s, nd);
+    DLTensor *dlogits = pick(c, 4) == 0 ? logits : arg(c, d, nd, s); /* in place a quarter of the time */
+    return CALL(c, l3k_cross_entropy_forward_backward(logits, target, ignore_index, grad_scale, loss, dlogits,
+                                                      stream(c)));
+}
+
 /* The status and version functions: no tensors, never fail. */
 static int e_status(call *c) {
     const int code = (int)dim(c, -2, 14);
@@ -1010,6 +1046,7 @@ static const entry ENTRIES[] = {
     {"llama_block_training_layout", e_llama_block_training_layout},
     {"llama_block_forward_train", e_llama_block_forward_train},
     {"llama_block_backward", e_llama_block_backward},
+    {"cross_entropy_forward_backward", e_cross_entropy_forward_backward},
 };
 enum { N_ENTRIES = sizeof ENTRIES / sizeof ENTRIES[0] };
 

@@ -107,6 +107,29 @@ typedef struct {
 int l3k_cpu_rope(const l3k_rope_args *a);
 int l3k_cuda_rope(const l3k_rope_args *a, void *stream);
 
+/* ---- Cross-entropy -----------------------------------------------------------
+ * For each of `rows` rows of `n` logits (row r at logits + r * logits_stride):
+ * lse = log(sum exp), loss[r] = lse - logit[target[r]], and dlogits (row stride
+ * dlogits_stride, possibly the very same rows as logits) = (softmax - onehot) * scale,
+ * scale = *grad_scale (device memory) or 1 when grad_scale is NULL.  A row whose
+ * target is ignore_index: loss 0, dlogits 0; a target outside [0, n) otherwise:
+ * loss and dlogits NaN.  Float32 arithmetic; each row is read in full before any of
+ * its dlogits is written. */
+typedef struct {
+    int64_t rows, n; /* rows of n logits each */
+    l3k_dt dtype;
+    const void *logits;
+    void *dlogits; /* may be logits itself */
+    int64_t logits_stride, dlogits_stride;
+    const int64_t *target;
+    int64_t ignore_index;
+    const float *grad_scale; /* optional */
+    float *loss;
+} l3k_cross_entropy_args;
+
+int l3k_cpu_cross_entropy(const l3k_cross_entropy_args *a);
+int l3k_cuda_cross_entropy(const l3k_cross_entropy_args *a, void *stream);
+
 /* ---- SwiGLU activation ------------------------------------------------------
  * Row views as for RMSNorm: `rows` rows of `n` elements, row r at
  * ptr + r * stride.  Forward: a = silu(g) * u.  Backward, silu recomputed

@@ -24,6 +24,7 @@ from .raw import (
     attention_backward_into,
     attention_backward_workspace_size,
     attention_forward_into,
+    cross_entropy_into,
     linear_backward_input_into,
     linear_backward_weight_into,
     linear_forward_into,
@@ -64,6 +65,7 @@ _TORCH_NAMES = (
     "swiglu",
     "swiglu_fused",
     "swiglu_mlp",
+    "cross_entropy",
     "triton_swiglu",
     "TorchLlama3Block",
     "ops",
@@ -85,6 +87,7 @@ else:
     from .block import Llama3Block, TritonLlama3Block
     from .modules import RMSNorm, RotaryEmbedding, SwiGLUMLP
     from .ops.attention import flash_attn, triton_flash_attn
+    from .ops.cross_entropy import cross_entropy
     from .ops.linear import linear
     from .ops.rmsnorm import add_rms_norm, rms_norm, triton_rmsnorm
     from .ops.rope import llama3_rope_cos_sin, rope, rope_, rope_inv_freq, triton_rope

@@ -80,6 +80,7 @@ _SIGNATURES: dict[str, list] = {
     "l3k_swiglu_fused_forward": [_P, _P, _P],
     "l3k_swiglu_backward": [_P, _P, _P, _P, _P, _P, _P],
     "l3k_swiglu_fused_backward": [_P, _P, _P, _P, _P],
+    "l3k_cross_entropy_forward_backward": [_P, _P, _I64, _P, _P, _P, _P],
 }
 _RESTYPES = {
     "l3k_status_string": ctypes.c_char_p,

@@ -6,9 +6,11 @@
 
 Each ``LlamaDecoderLayer`` (and each ``LlamaModel``'s final ``LlamaRMSNorm``) gets its class
 swapped for a subclass whose ``forward`` calls ``llama_block`` on the layer's own nine
-parameters.  Nothing is copied or renamed, so ``state_dict`` keys, optimizers, ``save_pretrained``,
-gradient checkpointing (transformers' own machinery wraps the subclass like any layer) and
-``torch.compile`` of the whole model keep working, and ``revert_llama`` puts the original class back.
+parameters, and a ``LlamaForCausalLM`` computes its loss with the library's cross-entropy (the
+logits in their own dtype, no float32 copy).  Nothing is copied or renamed, so ``state_dict``
+keys, optimizers, ``save_pretrained``, gradient checkpointing (transformers' own machinery wraps
+the subclass like any layer) and ``torch.compile`` of the whole model keep working, and
+``revert_llama`` puts the original class (and loss) back.
 
 What the layer is handed is honoured: the model's rotary tables (any rope scaling, any position
 ids) and the attention mask, read as one range of valid keys per sequence (left or right padding).
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 from . import block as _block
+from .ops.cross_entropy import cross_entropy
 from .ops.rmsnorm import rms_norm
 
 __all__ = ["apply_to_llama", "revert_llama", "patched", "from_pretrained", "UnsupportedLlamaError"]
@@ -476,6 +479,35 @@ def _hook_ids(module):
     return [k for k, fn in module._forward_pre_hooks.items() if fn is _model_pre_hook]
 
 
+# ---- the causal-LM loss ---------------------------------------------------------------------------
+
+
+def causal_lm_loss(
+    logits, labels, vocab_size: int, num_items_in_batch=None, ignore_index: int = -100, shift_labels=None, **kwargs
+):
+    """transformers' ``ForCausalLMLoss`` (labels shifted by one, the mean over counted tokens or the
+    sum over ``num_items_in_batch``) on the library's cross-entropy: the logits are read in their
+    own dtype, where transformers first copies them to float32."""
+    if shift_labels is None:
+        labels = nn.functional.pad(labels, (0, 1), value=ignore_index)
+        shift_labels = labels[..., 1:]
+    return cross_entropy(
+        logits.reshape(-1, vocab_size),
+        shift_labels.reshape(-1),
+        ignore_index=ignore_index,
+        num_items=num_items_in_batch,
+    )
+
+
+def _uses_default_loss(model) -> bool:
+    """A causal LM whose loss is transformers' default (not one its owner set or configured)."""
+    if "_loss_function" in vars(model):
+        return False
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    return getattr(model, "loss_function", None) is ForCausalLMLoss
+
+
 # ---- public entry points ----------------------------------------------------------------------------
 
 
@@ -495,7 +527,7 @@ def _targets(model):
     return layers, models
 
 
-def _patch(model, final_norm: bool = True):
+def _patch(model, final_norm: bool = True, loss: bool = True):
     """Patch `model`; returns the modules this call changed (for `patched` to undo)."""
     layers, models = _targets(model)
     if not layers:
@@ -517,11 +549,17 @@ def _patch(model, final_norm: bool = True):
         if final_norm and type(norm) is llama.LlamaRMSNorm:
             norm.__class__ = _patched_class(type(norm), "norm")
             changed.append(norm)
+    for m in model.modules():
+        if loss and isinstance(m, llama.LlamaForCausalLM) and _uses_default_loss(m):
+            m._loss_function = causal_lm_loss  # PreTrainedModel.loss_function returns it first
+            changed.append(m)
     return changed
 
 
 def _revert(modules) -> None:
     for mod in modules:
+        if vars(mod).get("_loss_function") is causal_lm_loss:
+            del mod._loss_function
         if _is_patched(mod):
             _block._CALLS.pop(mod, None)
             mod.__class__ = type(mod)._l3k_base
@@ -539,10 +577,11 @@ def _is_patched_cls(cls) -> bool:
     return "_l3k_base" in cls.__dict__
 
 
-def apply_to_llama(model, *, final_norm: bool = True):
+def apply_to_llama(model, *, final_norm: bool = True, loss: bool = True):
     """Run every ``LlamaDecoderLayer`` of `model` (a ``LlamaForCausalLM``, ``LlamaModel``, or any module
-    holding them) on the fused block, and each ``LlamaModel``'s final norm on the library's RMSNorm
-    (unless ``final_norm=False``).  In place, on the model's own parameters; returns `model`.
+    holding them) on the fused block, each ``LlamaModel``'s final norm on the library's RMSNorm
+    (unless ``final_norm=False``) and each ``LlamaForCausalLM``'s default loss on the library's
+    cross-entropy (unless ``loss=False``).  In place, on the model's own parameters; returns `model`.
 
     Raises ``UnsupportedLlamaError`` for a configuration the block cannot compute (biases, an
     activation other than SiLU, head_dim != hidden_size / num_attention_heads, ...) or for projections
@@ -550,7 +589,7 @@ def apply_to_llama(model, *, final_norm: bool = True):
     block does not do: ``output_attentions``, a KV cache, attention dropout in training, masks that
     are not one range of keys per sequence.  Forward passes run without a cache unless one is asked for.
     """
-    _patch(model, final_norm)
+    _patch(model, final_norm, loss)
     return model
 
 
@@ -561,19 +600,21 @@ def revert_llama(model):
 
 
 @contextlib.contextmanager
-def patched(model, *, final_norm: bool = True):
+def patched(model, *, final_norm: bool = True, loss: bool = True):
     """``with patched(model): ...`` runs `model` on the block inside the block only; what was
     patched before entering stays patched."""
-    changed = _patch(model, final_norm)
+    changed = _patch(model, final_norm, loss)
     try:
         yield model
     finally:
         _revert(changed)
 
 
-def from_pretrained(pretrained_model_name_or_path, *args, model_class=None, final_norm: bool = True, **kwargs):
+def from_pretrained(
+    pretrained_model_name_or_path, *args, model_class=None, final_norm: bool = True, loss: bool = True, **kwargs
+):
     """``model_class.from_pretrained(...)`` (``AutoModelForCausalLM`` by default), patched."""
     if model_class is None:
         from transformers import AutoModelForCausalLM as model_class
     model = model_class.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-    return apply_to_llama(model, final_norm=final_norm)
+    return apply_to_llama(model, final_norm=final_norm, loss=loss)

@@ -215,3 +215,19 @@ def attention_backward_into(
             current_stream(q) if stream is None else stream,
         )
     )
+
+
+# ---- cross-entropy -------------------------------------------------------------------------
+
+
+def cross_entropy_into(
+    logits, target, loss, dlogits, ignore_index: int = -100, grad_scale=None, stream: int | None = None
+) -> None:
+    """Per-row loss (float32) and dlogits = (softmax - onehot) * grad_scale of `logits` (..., V)
+    for int64 `target` (one per row); `dlogits` may be `logits` itself.  Rows whose target is
+    ignore_index get loss 0 and dlogits 0."""
+    b = Borrowed(logits, target, grad_scale, loss, dlogits)
+    if stream is None:
+        stream = current_stream(logits)
+    p = b.ptrs
+    check(LIB.l3k_cross_entropy_forward_backward(p[0], p[1], int(ignore_index), p[2], p[3], p[4], stream))

@@ -356,6 +356,45 @@ def test_revert_and_context_manager(device):
         assert torch.equal(model(ids).logits, want)
 
 
+def test_loss_on_the_library_cross_entropy(device):
+    """The patch gives a causal LM the library's cross-entropy as its loss (and revert takes it
+    back); with labels ignored in places and transformers' num_items_in_batch, the loss and the
+    gradients equal those of transformers' own loss on the same logits; a loss the owner set is
+    left alone, and loss=False patches the layers only."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cfg = make_config()
+    model = make_model(cfg, device, dtype)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), device=device)
+    labels = ids.masked_fill(torch.rand(ids.shape, device=device) < 0.3, -100)
+    hf.apply_to_llama(model)
+    assert model.loss_function is hf.causal_lm_loss
+    for kw in ({}, {"num_items_in_batch": torch.tensor(11, device=device)}):
+        assert model.loss_function is hf.causal_lm_loss
+        model.zero_grad()
+        got = model(ids, labels=labels, **kw).loss
+        got.backward()
+        ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model._loss_function = ForCausalLMLoss  # transformers' loss on the same patched layers
+        model.zero_grad()
+        want = model(ids, labels=labels, **kw).loss
+        want.backward()
+        model._loss_function = hf.causal_lm_loss
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        for n, p in model.named_parameters():
+            assert_close(ours[n], p.grad, dtype, 3.0, f"{n} with {list(kw)}")
+    hf.revert_llama(model)
+    assert model.loss_function is ForCausalLMLoss
+    hf.apply_to_llama(model, loss=False)
+    assert model.loss_function is ForCausalLMLoss
+    hf.revert_llama(model)
+    model._loss_function = ForCausalLMLoss  # set by its owner: kept
+    hf.apply_to_llama(model)
+    assert vars(model)["_loss_function"] is ForCausalLMLoss
+
+
 def test_deepcopy_and_pickle(device):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     cfg = make_config()
