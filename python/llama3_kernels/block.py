@@ -108,6 +108,13 @@ class BlockCall:
         cfg.key_range = key_range_ptr
         return cfg
 
+    def tables(self, cos: torch.Tensor, sin: torch.Tensor, key_range):
+        """What every block call takes besides its own buffers: (the borrowed tables, which the
+        caller keeps alive over the call; cos and sin DLTensor pointers; the weights; the call's
+        configuration), as ctypes arguments."""
+        t = Borrowed(cos, sin, key_range)
+        return t, t.ptrs[0], t.ptrs[1], ctypes.byref(self.weights), ctypes.byref(self.config(t.ptrs[2]))
+
     def frame(self, kind: str, x: torch.Tensor, flag=None):
         """This thread's frame of a call for x's shape (`kind` "inference", "forward" with `flag`
         keep_attention, or "backward" with `flag` (preserve, attention kept)): made once, reused
@@ -127,10 +134,8 @@ class BlockCall:
         out = torch.empty_like(x)
         ws = torch.empty(f.workspace_bytes, dtype=torch.uint8, device=x.device)
         xp, outp, wsp = f.slots.fill([x.data_ptr(), out.data_ptr(), ws.data_ptr()])[:3]
-        t = Borrowed(cos, sin, key_range)
-        cfg = ctypes.byref(self.config(t.ptrs[2]))
-        w = ctypes.byref(self.weights)
-        check(LIB.l3k_llama_block_forward(xp, t.ptrs[0], t.ptrs[1], w, cfg, outp, wsp, current_stream(x)))
+        t, cos_p, sin_p, w, cfg = self.tables(cos, sin, key_range)
+        check(LIB.l3k_llama_block_forward(xp, cos_p, sin_p, w, cfg, outp, wsp, current_stream(x)))
         return out
 
     def train_forward(
@@ -144,12 +149,10 @@ class BlockCall:
         acts = [torch.empty(shape, dtype=dt, device=dev) for shape, dt in f.activations]
         ws = torch.empty(f.workspace_bytes, dtype=torch.uint8, device=dev)
         ptrs = f.slots.fill([x.data_ptr(), out.data_ptr(), ws.data_ptr()] + [a.data_ptr() for a in acts])
-        t = Borrowed(cos, sin, key_range)
-        cfg = ctypes.byref(self.config(t.ptrs[2]))
-        w = ctypes.byref(self.weights)
+        t, cos_p, sin_p, w, cfg = self.tables(cos, sin, key_range)
         check(
             LIB.l3k_llama_block_forward_train(
-                ptrs[0], t.ptrs[0], t.ptrs[1], w, cfg, ptrs[1], f.saved_ref, ptrs[2], current_stream(x)
+                ptrs[0], cos_p, sin_p, w, cfg, ptrs[1], f.saved_ref, ptrs[2], current_stream(x)
             )
         )
         if not keep_attention:
@@ -180,15 +183,13 @@ class BlockCall:
             + [g.data_ptr() for g in grads]
             + [a.data_ptr() for a in (acts if kept else acts[:5])]
         )
-        t = Borrowed(cos, sin, key_range)
-        cfg = ctypes.byref(self.config(t.ptrs[2]))
-        w = ctypes.byref(self.weights)
+        t, cos_p, sin_p, w, cfg = self.tables(cos, sin, key_range)
         check(
             LIB.l3k_llama_block_backward(
                 ptrs[0],
                 ptrs[1],
-                t.ptrs[0],
-                t.ptrs[1],
+                cos_p,
+                sin_p,
                 w,
                 cfg,
                 f.saved_ref,
@@ -216,15 +217,15 @@ def _frames() -> dict:
     return frames
 
 
-def _layout(call: BlockCall, x: torch.Tensor) -> BlockLayout:
-    lay = BlockLayout()
+def _ask(call: BlockCall, x: torch.Tensor, query, answer):
+    """`answer`, filled by one of the library's size queries for x's shape (x is only described)."""
     xs = Slots(x.device, [(x.shape, x.dtype)])
-    check(
-        LIB.l3k_llama_block_training_layout(
-            xs.fill([x.data_ptr()])[0], ctypes.byref(call.weights), ctypes.byref(call.cfg), ctypes.byref(lay)
-        )
-    )
-    return lay
+    check(query(xs.fill([x.data_ptr()])[0], ctypes.byref(call.weights), ctypes.byref(call.cfg), ctypes.byref(answer)))
+    return answer
+
+
+def _layout(call: BlockCall, x: torch.Tensor) -> BlockLayout:
+    return _ask(call, x, LIB.l3k_llama_block_training_layout, BlockLayout())
 
 
 def _activation_specs(lay: BlockLayout, dtype: torch.dtype, kept: bool) -> list:
@@ -247,13 +248,7 @@ class _ForwardFrame:
 
     def __init__(self, call: BlockCall, x: torch.Tensor, kind: str, keep_attention):
         if kind == "inference":
-            size = ctypes.c_size_t(0)
-            xs = Slots(x.device, [(x.shape, x.dtype)])
-            check(
-                LIB.l3k_llama_block_forward_workspace_size(
-                    xs.fill([x.data_ptr()])[0], ctypes.byref(call.weights), ctypes.byref(call.cfg), ctypes.byref(size)
-                )
-            )
+            size = _ask(call, x, LIB.l3k_llama_block_forward_workspace_size, ctypes.c_size_t(0))
             self.workspace_bytes, self.activations = size.value, []
         else:
             lay = _layout(call, x)

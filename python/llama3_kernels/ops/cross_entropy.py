@@ -82,11 +82,10 @@ def cross_entropy(
     there are none).  Targets outside [0, V) other than ignore_index give NaN."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"cross_entropy: reduction is {reduction!r}, expected one of {_REDUCTIONS}")
-    scale = None
-    if num_items is not None:
-        scale = torch.as_tensor(num_items, device=logits.device).to(torch.float32).reshape(1).reciprocal()
-    elif reduction == "mean":
-        scale = (target != ignore_index).sum().to(device=logits.device, dtype=torch.float32).reshape(1).reciprocal()
+    count = num_items if num_items is not None else (target != ignore_index).sum() if reduction == "mean" else None
+    scale = None  # the sum's factor, on the device: no host synchronization
+    if count is not None:
+        scale = torch.as_tensor(count, device=logits.device).to(torch.float32).reshape(1).reciprocal()
     if traced(logits):
         return ops.cross_entropy(logits, target, ignore_index, scale)[0]
     if needs_grad(logits):
