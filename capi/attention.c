@@ -4,11 +4,8 @@
 #include "attention.h"
 #include "validate.h"
 
-/* A (batch, heads, seq, head_dim) tensor: last dim contiguous; on CUDA the
- * kernels load 16-byte vectors, so the data pointer must be 16-byte aligned
- * and every stride a multiple of 8 elements. */
-static l3k_status check_bhsd(l3k_call *c, const DLTensor *t, const char *name, l3k_dt dt, const char *like,
-                             int64_t strides[3]) {
+l3k_status l3k_check_bhsd(l3k_call *c, const DLTensor *t, const char *name, l3k_dt dt, const char *like,
+                          int64_t strides[3]) {
     L3K_TRY(l3k_check_tensor(c, t, name));
     L3K_TRY(like ? l3k_check_dtype(c, t, name, dt, like) : L3K_SUCCESS);
     if (t->ndim != 4)
@@ -75,9 +72,9 @@ static l3k_status check_qkv(l3k_call *c, const DLTensor *q, const DLTensor *k, c
     if (c->device.device_type == kDLCUDA && dt == L3K_DT_F32)
         return l3k_fail(c, L3K_ERROR_DTYPE,
                         "q dtype float32 on CUDA, expected float16 or bfloat16 (float32 runs on the CPU)");
-    L3K_TRY(check_bhsd(c, q, "q", dt, 0, a->q_stride));
-    L3K_TRY(check_bhsd(c, k, "k", dt, "q", a->k_stride));
-    L3K_TRY(check_bhsd(c, v, "v", dt, "q", a->v_stride));
+    L3K_TRY(l3k_check_bhsd(c, q, "q", dt, 0, a->q_stride));
+    L3K_TRY(l3k_check_bhsd(c, k, "k", dt, "q", a->k_stride));
+    L3K_TRY(l3k_check_bhsd(c, v, "v", dt, "q", a->v_stride));
     L3K_TRY(l3k_check_same_shape(c, v, "v", k, "k"));
     const int64_t B = q->shape[0], H = q->shape[1], Sq = q->shape[2], D = q->shape[3];
     const int64_t Hkv = k->shape[1], Sk = k->shape[2];
@@ -93,7 +90,7 @@ static l3k_status check_qkv(l3k_call *c, const DLTensor *q, const DLTensor *k, c
     if (D < 8 || D > 256 || D % 8 != 0)
         return l3k_fail(c, L3K_ERROR_SHAPE, "head_dim is %lld, expected a multiple of 8 in [8, 256]",
                         (long long)D);
-    L3K_TRY(check_bhsd(c, o, "o", dt, "q", a->o_stride));
+    L3K_TRY(l3k_check_bhsd(c, o, "o", dt, "q", a->o_stride));
     L3K_TRY(l3k_check_same_shape(c, o, "o", q, "q"));
     int64_t rows;
     L3K_TRY(lse_rows(c, B, H, Sq, &rows));
@@ -124,9 +121,6 @@ static l3k_status check_qkv(l3k_call *c, const DLTensor *q, const DLTensor *k, c
     return L3K_SUCCESS;
 }
 
-/* A key range tensor (not NULL): int32 (batch, 2), contiguous, 4-byte aligned, on the call's device.
- * Its values are the kernels' to read (on the GPU they cannot be seen here without a sync), and the
- * kernels clamp them.  Also the block's check of its cfg->key_range (capi/block.c). */
 l3k_status l3k_check_key_range(l3k_call *c, const DLTensor *kr, const char *name, int64_t batch) {
     L3K_TRY(l3k_check_exact_dtype(c, kr, name, (DLDataType){kDLInt, 32, 1}));
     if (kr->ndim != 2)
@@ -184,13 +178,13 @@ l3k_status l3k_attention_backward(const DLTensor *dout, const DLTensor *q, const
     l3k_call c = {.op = "attention_backward"};
     l3k_attn_bwd_args a = {0};
     L3K_TRY(check_qkv(&c, q, k, v, o, lse, scale, causal, &a.f));
-    L3K_TRY(check_bhsd(&c, dout, "dout", a.f.dtype, "q", a.do_stride));
+    L3K_TRY(l3k_check_bhsd(&c, dout, "dout", a.f.dtype, "q", a.do_stride));
     L3K_TRY(l3k_check_same_shape(&c, dout, "dout", q, "q"));
-    L3K_TRY(check_bhsd(&c, dq, "dq", a.f.dtype, "q", a.dq_stride));
+    L3K_TRY(l3k_check_bhsd(&c, dq, "dq", a.f.dtype, "q", a.dq_stride));
     L3K_TRY(l3k_check_same_shape(&c, dq, "dq", q, "q"));
-    L3K_TRY(check_bhsd(&c, dk, "dk", a.f.dtype, "q", a.dk_stride));
+    L3K_TRY(l3k_check_bhsd(&c, dk, "dk", a.f.dtype, "q", a.dk_stride));
     L3K_TRY(l3k_check_same_shape(&c, dk, "dk", k, "k"));
-    L3K_TRY(check_bhsd(&c, dv, "dv", a.f.dtype, "q", a.dv_stride));
+    L3K_TRY(l3k_check_bhsd(&c, dv, "dv", a.f.dtype, "q", a.dv_stride));
     L3K_TRY(l3k_check_same_shape(&c, dv, "dv", v, "v"));
     /* The gradients may share one buffer (views of a fused dQKV) but no input's memory. */
     const DLTensor *outs[3] = {dq, dk, dv}, *ins[5] = {dout, q, k, v, o};

@@ -25,9 +25,6 @@
 #include "graph_cache.h"
 #include "validate.h"
 
-/* capi/attention.c: a key range tensor's dtype, shape, layout and device. */
-l3k_status l3k_check_key_range(l3k_call *c, const DLTensor *kr, const char *name, int64_t batch);
-
 /* l3k_llama_block_config as first published ends before key_range: shorter ones are refused,
  * and one that stops there has no key range. */
 #define CONFIG_FIRST_SIZE offsetof(l3k_llama_block_config, key_range)
@@ -367,15 +364,17 @@ typedef struct {
  * GEMM has read it), the attention output and LSE unless kept, the GEMM workspace;
  * for inference also the buffers a training forward keeps. */
 typedef struct {
-    region norm_out, o, lse, a, qkv, h, gu, gemm;
+    region norm_out, o, lse, a, qkv, h, gu, gemm, decode;
     size_t total;
 } fwd_plan;
 
-static void plan_forward(const dims *d, int inference, int keep_attn, fwd_plan *p) {
+/* decode_ws: the decode attention's workspace bytes (decode step only, else 0). */
+static void plan_forward(const dims *d, int inference, int keep_attn, size_t decode_ws, fwd_plan *p) {
     size_t at = 0;
     const size_t td = (size_t)d->t * (size_t)d->dim * d->es;
     memset(p, 0, sizeof *p);
     p->gemm = take(&at, d->gemm_ws);
+    p->decode = take(&at, decode_ws);
     if (inference) {
         p->qkv = take(&at, (size_t)d->t * (size_t)d->qkv * d->es);
         p->h = take(&at, td);
@@ -393,11 +392,12 @@ static void plan_forward(const dims *d, int inference, int keep_attn, fwd_plan *
     p->total = early > late ? early : late;
 }
 
+/* cache: NULL, or the decode step's: the new k and v go to the cache, and the queries attend it. */
 static l3k_status run_forward(l3k_call *c, const dims *d, const DLTensor *x, const DLTensor *cos,
                               const DLTensor *sin, const l3k_llama_block_weights *w,
-                              const l3k_llama_block_config *cfg, DLTensor *out, const fwd_buffers *buf,
-                              const fwd_plan *p, char *ws, void *stream) {
-    view vx, vn, vq, vk, vv, vo, vo4, vlse, vh, vgu, va, vout, vgemm, vr1, vr2;
+                              const l3k_llama_block_config *cfg, const l3k_kv_cache *cache, DLTensor *out,
+                              const fwd_buffers *buf, const fwd_plan *p, char *ws, void *stream) {
+    view vx, vn, vq, vk, vv, vo, vo4, vlse, vh, vgu, va, vout, vgemm, vr1, vr2, vdec;
     DLTensor *x2 = rows_view(&vx, x, l3k_data(x), 0, d->t, d->dim);
     DLTensor *out2 = rows_view(&vout, x, l3k_data(out), 0, d->t, d->dim);
     DLTensor *norm = rows_view(&vn, x, ws, p->norm_out.off, d->t, d->dim);
@@ -415,11 +415,19 @@ static l3k_status run_forward(l3k_call *c, const dims *d, const DLTensor *x, con
     DLTensor *r1 = buf->rstd1 ? f32_view(&vr1, x, buf->rstd1, 0, d->t) : NULL;
     DLTensor *r2 = buf->rstd2 ? f32_view(&vr2, x, buf->rstd2, 0, d->t) : NULL;
     DLTensor *gemm = p->gemm.bytes ? bytes_view(&vgemm, x, ws, p->gemm) : NULL;
+    DLTensor *dec = p->decode.bytes ? bytes_view(&vdec, x, ws, p->decode) : NULL;
 
     L3K_TRY(step(c, l3k_rmsnorm_forward(x2, w->norm1_weight, cfg->eps, norm, r1, stream)));
     L3K_TRY(proj_forward(c, d, &d->wqkv, norm, buf->qkv, d->qkv, gemm, stream));
-    L3K_TRY(step(c, l3k_rope_forward(q, k, cos, sin, 0, L3K_ROPE_HALF, q, k, stream)));
-    L3K_TRY(step(c, l3k_attention_forward(q, k, v, d->key_range, 0.0f, cfg->causal, o4, lse, stream)));
+    if (cache) {
+        L3K_TRY(step(c, l3k_kv_cache_append(q, k, v, cos, sin, cache->positions, cache->cache_range,
+                                            L3K_ROPE_HALF, q, cache->k, cache->v, stream)));
+        L3K_TRY(
+            step(c, l3k_attention_decode(q, cache->k, cache->v, cache->cache_range, 0.0f, o4, dec, stream)));
+    } else {
+        L3K_TRY(step(c, l3k_rope_forward(q, k, cos, sin, 0, L3K_ROPE_HALF, q, k, stream)));
+        L3K_TRY(step(c, l3k_attention_forward(q, k, v, d->key_range, 0.0f, cfg->causal, o4, lse, stream)));
+    }
     L3K_TRY(step(c, l3k_linear_forward(o, w->o_weight, x2, h, gemm, stream)));
     L3K_TRY(step(c, l3k_rmsnorm_forward(h, w->norm2_weight, cfg->eps, norm, r2, stream)));
     L3K_TRY(proj_forward(c, d, &d->wgu, norm, buf->gu, 2 * d->hidden, gemm, stream));
@@ -430,12 +438,12 @@ static l3k_status run_forward(l3k_call *c, const dims *d, const DLTensor *x, con
 /* Every step checked before the first one runs (a refused call writes nothing), then run. */
 static l3k_status checked_forward(l3k_call *c, const dims *d, const DLTensor *x, const DLTensor *cos,
                                   const DLTensor *sin, const l3k_llama_block_weights *w,
-                                  const l3k_llama_block_config *cfg, DLTensor *out, const fwd_buffers *buf,
-                                  const fwd_plan *p, char *ws, void *stream) {
+                                  const l3k_llama_block_config *cfg, const l3k_kv_cache *cache, DLTensor *out,
+                                  const fwd_buffers *buf, const fwd_plan *p, char *ws, void *stream) {
     l3k_set_checking_only(1);
-    const l3k_status st = run_forward(c, d, x, cos, sin, w, cfg, out, buf, p, ws, stream);
+    const l3k_status st = run_forward(c, d, x, cos, sin, w, cfg, cache, out, buf, p, ws, stream);
     l3k_set_checking_only(0);
-    return st ? st : run_forward(c, d, x, cos, sin, w, cfg, out, buf, p, ws, stream);
+    return st ? st : run_forward(c, d, x, cos, sin, w, cfg, cache, out, buf, p, ws, stream);
 }
 
 /* The RoPE tables: checked here as tensors, so that a call with no token (which never reaches
@@ -589,7 +597,7 @@ l3k_status l3k_llama_block_forward_workspace_size(const DLTensor *x, const l3k_l
     fwd_plan p;
     if (!bytes) return l3k_fail(&c, L3K_ERROR_NULL_POINTER, "bytes is NULL");
     L3K_TRY(make_dims(&c, x, weights, cfg, &d));
-    plan_forward(&d, 1, 0, &p);
+    plan_forward(&d, 1, 0, 0, &p);
     *bytes = p.total;
     return L3K_SUCCESS;
 }
@@ -608,7 +616,7 @@ static l3k_status forward(l3k_call *c, const DLTensor *x, const DLTensor *cos, c
     L3K_TRY(check_like_x(c, out, "out", x, &d));
     if (train) L3K_TRY(check_activations(c, &d, saved));
     const int keep_attn = train && saved->attn_out != NULL;
-    plan_forward(&d, !train, keep_attn, &p);
+    plan_forward(&d, !train, keep_attn, 0, &p);
     L3K_TRY(check_workspace_aligned(c, workspace, p.total));
     tensor_list outs = {.n = 0}, ins = block_inputs(x, cos, sin, w);
     L3K_TRY(check_key_range(c, &d, &ins));
@@ -627,12 +635,12 @@ static l3k_status forward(l3k_call *c, const DLTensor *x, const DLTensor *cos, c
         train ? (float *)l3k_data(saved->rstd2) : NULL,
         keep_attn ? (float *)l3k_data(saved->lse) : (float *)l3k_ptr_add(ws, (int64_t)p.lse.off),
     };
-    return checked_forward(c, &d, x, cos, sin, w, cfg, out, &buf, &p, ws, stream);
+    return checked_forward(c, &d, x, cos, sin, w, cfg, NULL, out, &buf, &p, ws, stream);
 }
 
 /* ---- graph replay keys ------------------------------------------------------ */
 
-enum { KEY_FORWARD = 1, KEY_FORWARD_TRAIN, KEY_BACKWARD };
+enum { KEY_FORWARD = 1, KEY_FORWARD_TRAIN, KEY_BACKWARD, KEY_DECODE };
 
 /* What every block call's host code reads of x, the tables, the weights and cfg.  Structs
  * shorter than this version's (or NULL) leave the key unusable: such a call runs as usual. */
@@ -705,6 +713,122 @@ l3k_status l3k_llama_block_forward_train(const DLTensor *x, const DLTensor *cos,
     return forward_call(&c, &a, stream);
 }
 
+/* ---- the decode step -------------------------------------------------------- */
+
+/* The cache struct and the cache tensors' dtype and shape against the block's (the cache ops
+ * check the rest, each under its own name); the decode attention's workspace bytes. */
+static l3k_status check_cache(l3k_call *c, const dims *d, const l3k_llama_block_config *cfg,
+                              const l3k_kv_cache *cache, size_t *decode_ws) {
+    L3K_TRY(check_struct_size(c, cache, cache ? cache->struct_size : 0, sizeof(l3k_kv_cache), "cache",
+                              "L3K_KV_CACHE_INIT"));
+    if (!cfg->causal)
+        return l3k_fail(c, L3K_ERROR_VALUE, "cfg->causal is 0, expected 1: decoding with a cache is causal");
+    if (d->key_range)
+        return l3k_fail(c, L3K_ERROR_VALUE,
+                        "cfg->key_range is given, expected NULL: the decode step reads each sequence's "
+                        "padding from cache->cache_range");
+    const DLTensor *kv[2] = {cache->k, cache->v};
+    static const char *names[2] = {"cache->k", "cache->v"};
+    for (int i = 0; i < 2; ++i) {
+        L3K_TRY(l3k_check_tensor(c, kv[i], names[i]));
+        L3K_TRY(l3k_check_dtype(c, kv[i], names[i], d->dt, "x"));
+        if (kv[i]->ndim != 4 || kv[i]->shape[0] != d->b || kv[i]->shape[1] != d->hkv ||
+            kv[i]->shape[3] != d->hd)
+            return l3k_fail(c, L3K_ERROR_SHAPE,
+                            "%s has ndim %d, expected shape (batch %lld, n_kv_heads %lld, capacity, head_dim "
+                            "%lld)",
+                            names[i], (int)kv[i]->ndim, (long long)d->b, (long long)d->hkv, (long long)d->hd);
+    }
+    L3K_TRY(l3k_check_tensor(c, cache->cache_range, "cache->cache_range"));
+    view vq;
+    DLTensor *q = heads_view(&vq, cache->k, (void *)0x100, 0, d, d->qkv, 0, d->h);
+    return step(c, l3k_attention_decode_workspace_size(q, cache->k, decode_ws));
+}
+
+static l3k_status decode(l3k_call *c, const DLTensor *x, const DLTensor *cos, const DLTensor *sin,
+                         const l3k_llama_block_weights *w, const l3k_llama_block_config *cfg,
+                         const l3k_kv_cache *cache, DLTensor *out, DLTensor *workspace, void *stream) {
+    dims d;
+    fwd_plan p;
+    size_t decode_ws;
+    L3K_TRY(make_dims(c, x, w, cfg, &d));
+    L3K_TRY(check_tables(c, cos, sin));
+    L3K_TRY(check_cache(c, &d, cfg, cache, &decode_ws));
+    L3K_TRY(check_like_x(c, out, "out", x, &d));
+    plan_forward(&d, 1, 0, decode_ws, &p);
+    L3K_TRY(check_workspace_aligned(c, workspace, p.total));
+    tensor_list outs = {.n = 0}, ins = block_inputs(x, cos, sin, w);
+    add(&ins, cache->cache_range, "cache->cache_range");
+    add(&ins, cache->positions, "cache->positions");
+    add(&outs, out, "out");
+    add(&outs, workspace, "workspace");
+    add(&outs, cache->k, "cache->k");
+    add(&outs, cache->v, "cache->v");
+    L3K_TRY(check_disjoint(c, &outs, &ins));
+    if (d.t == 0 || d.dim == 0) return L3K_SUCCESS;
+    char *ws = (char *)l3k_data(workspace);
+    const fwd_buffers buf = {
+        l3k_ptr_add(ws, (int64_t)p.qkv.off),
+        l3k_ptr_add(ws, (int64_t)p.h.off),
+        l3k_ptr_add(ws, (int64_t)p.gu.off),
+        l3k_ptr_add(ws, (int64_t)p.o.off),
+        NULL,
+        NULL,
+        (float *)l3k_ptr_add(ws, (int64_t)p.lse.off),
+    };
+    return checked_forward(c, &d, x, cos, sin, w, cfg, cache, out, &buf, &p, ws, stream);
+}
+
+l3k_status l3k_llama_block_decode_workspace_size(const DLTensor *x, const l3k_llama_block_weights *weights,
+                                                 const l3k_llama_block_config *cfg, const l3k_kv_cache *cache,
+                                                 size_t *bytes) {
+    l3k_call c = {.op = "llama_block_decode_workspace_size"};
+    dims d;
+    fwd_plan p;
+    size_t decode_ws;
+    if (!bytes) return l3k_fail(&c, L3K_ERROR_NULL_POINTER, "bytes is NULL");
+    L3K_TRY(make_dims(&c, x, weights, cfg, &d));
+    L3K_TRY(check_cache(&c, &d, cfg, cache, &decode_ws));
+    plan_forward(&d, 1, 0, decode_ws, &p);
+    *bytes = p.total;
+    return L3K_SUCCESS;
+}
+
+typedef struct {
+    const DLTensor *x, *cos, *sin;
+    const l3k_llama_block_weights *w;
+    const l3k_llama_block_config *cfg;
+    const l3k_kv_cache *cache;
+    DLTensor *out, *workspace;
+} decode_args;
+
+static l3k_status decode_body(l3k_call *c, const void *args, void *stream) {
+    const decode_args *a = (const decode_args *)args;
+    return decode(c, a->x, a->cos, a->sin, a->w, a->cfg, a->cache, a->out, a->workspace, stream);
+}
+
+l3k_status l3k_llama_block_decode(const DLTensor *x, const DLTensor *cos, const DLTensor *sin,
+                                  const l3k_llama_block_weights *w, const l3k_llama_block_config *cfg,
+                                  const l3k_kv_cache *cache, DLTensor *out, DLTensor *workspace,
+                                  void *stream) {
+    l3k_call c = {.op = "llama_block_decode"};
+    const decode_args a = {x, cos, sin, w, cfg, cache, out, workspace};
+    l3k_graph_key k;
+    key_common(&k, KEY_DECODE, x, cos, sin, w, cfg);
+    /* A cache struct shorter than this version's is not read here: the call then runs as usual
+     * (and its validation refuses it). */
+    const int whole = cache && cache->struct_size >= sizeof *cache;
+    if (!whole) k.usable = 0;
+    const DLTensor *more[6] = {out,
+                               workspace,
+                               whole ? cache->k : NULL,
+                               whole ? cache->v : NULL,
+                               whole ? cache->cache_range : NULL,
+                               whole ? cache->positions : NULL};
+    for (int i = 0; i < 6; ++i) l3k_graph_key_tensor(&k, more[i]);
+    return l3k_graph_run(&c, &k, decode_body, &a, stream);
+}
+
 /* ---- training ------------------------------------------------------------- */
 
 /* Backward scratch of the attention part, at `base` (where dgu was, or the workspace). */
@@ -772,7 +896,7 @@ l3k_status l3k_llama_block_training_layout(const DLTensor *x, const l3k_llama_bl
                               "layout", "L3K_LLAMA_BLOCK_LAYOUT_INIT"));
     L3K_TRY(make_dims(&c, x, w, cfg, &d));
     L3K_TRY(attention_ws_size(&c, x, cfg, &d));
-    plan_forward(&d, 0, 0, &fp);
+    plan_forward(&d, 0, 0, 0, &fp);
     bwd_plan consume_split, preserve_split;
     plan_backward(&d, 0, 0, &consume);
     plan_backward(&d, 1, 0, &preserve);

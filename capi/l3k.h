@@ -403,6 +403,64 @@ L3K_API l3k_status l3k_attention_backward(const DLTensor *dout, const DLTensor *
                                           DLTensor *dq, DLTensor *dk, DLTensor *dv, DLTensor *workspace,
                                           void *stream);
 
+/* ---- KV cache: append, decode attention ----------------------------------- *
+ * A layer's cache is two tensors, k_cache and v_cache, each (batch, n_kv_heads, capacity,
+ * head_dim) (the layout of a transformers StaticCache), of one float dtype; head_dim contiguous,
+ * the other strides any (on CUDA: 16-byte aligned data and strides that are multiples of 8
+ * elements, as for attention).  head_dim: a multiple of 8 in [8, 256].  float32, float16 and
+ * bfloat16 on both devices.
+ *
+ * cache_range: int32 (batch, 2), contiguous, on the cache's device.  Row b = [start, end): the
+ *    slots that hold sequence b's tokens once the call's `seq` new tokens are in, the new ones last:
+ *    new token i (0 <= i < seq) is at slot end - seq + i.  Slots before start (left padding) are
+ *    never attended.  The values are read by the kernels (on the GPU the library cannot look at
+ *    them without a sync, so they are never checked) and clamped first,
+ *    0 <= start <= end <= capacity, so no value reads or writes outside the cache.  A decoding
+ *    loop advances end by seq each step (in place, on the device: the calls can be captured in
+ *    a CUDA graph once and replayed). */
+
+/* Write `seq` new tokens of every sequence into the cache: k rotated by RoPE, v as it is, and q
+ * (optional) rotated in the same launch.
+ * k, v:      (batch, n_kv_heads, seq, head_dim), dtype of the cache; head_dim contiguous.
+ * q, q_out:  optional (both NULL or both given): (batch, n_heads, seq, head_dim), n_heads a
+ *            multiple of n_kv_heads.  q_out may be the same view as q (in place: then q, k and v
+ *            may be interleaved views of one fused QKV projection), else apart from every tensor.
+ * cos, sin:  RoPE tables as for l3k_rope_forward: (rows, head_dim/2) or (batch or 1, rows,
+ *            head_dim/2), contiguous, float32 or the cache's dtype.
+ * positions: optional int32 (batch,), contiguous, on the device: the table row of each sequence's
+ *            first new token (new token i uses row positions[b] + i); NULL: row i (tables that
+ *            hold this call's tokens, e.g. per-sequence tables of a Hugging Face model, then
+ *            rows >= seq is required).  A row outside the table makes that token's rotated q
+ *            and k NaN (visible, where reading past the table would not be).
+ * mode:      L3K_ROPE_HALF or L3K_ROPE_INTERLEAVED.
+ * k_cache, v_cache: written at the new tokens' slots only (a slot below 0, when end < seq, is
+ *            skipped); apart from each other and from every input. */
+L3K_API l3k_status l3k_kv_cache_append(const DLTensor *q, const DLTensor *k, const DLTensor *v,
+                                       const DLTensor *cos, const DLTensor *sin, const DLTensor *positions,
+                                       const DLTensor *cache_range, int mode, DLTensor *q_out,
+                                       DLTensor *k_cache, DLTensor *v_cache, void *stream);
+
+/* Bytes of workspace l3k_attention_decode needs (0 on the CPU; on CUDA 0 where the GPU is filled
+ * without splitting the keys).  Only shapes are read. */
+L3K_API l3k_status l3k_attention_decode_workspace_size(const DLTensor *q, const DLTensor *k_cache,
+                                                       size_t *bytes);
+
+/* Attention of each sequence's `seq` newest queries over its cache (decoding, chunked prefill,
+ * speculative verification): query i of sequence b sits at slot p = end - seq + i and attends the
+ * keys start <= j <= p (causal, after the left padding):
+ *   o = softmax(scale * q k_cache^T) v_cache,  float32 arithmetic, one rounding.
+ * q, o:      (batch, n_heads, seq, head_dim), n_heads a multiple of the cache's n_kv_heads (GQA:
+ *            query head h reads kv head h / (n_heads / n_kv_heads)); o apart from every input.
+ * scale:     > 0, or 0 for 1/sqrt(head_dim).
+ * workspace: at least l3k_attention_decode_workspace_size bytes, 256-byte aligned; may be NULL
+ *            when that is 0.
+ * A query that sees no key (p < start) gets o = 0.  On CUDA the keys of a sequence are cut into
+ * pieces (split-KV) whose results are merged, so the last bits may differ from the CPU's; the
+ * result does not depend on the run (no atomics). */
+L3K_API l3k_status l3k_attention_decode(const DLTensor *q, const DLTensor *k_cache, const DLTensor *v_cache,
+                                        const DLTensor *cache_range, float scale, DLTensor *o,
+                                        DLTensor *workspace, void *stream);
+
 /* ---- The whole LLaMA-3 block --------------------------------------------- *
  *   h   = x + attention(rope(rmsnorm(x) * norm1_weight) Wqkv^T) Wo^T
  *   out = h + (silu(g) * u) Wd^T,  [g | u] = (rmsnorm(h) * norm2_weight) Wgu^T
@@ -568,6 +626,40 @@ L3K_API l3k_status l3k_llama_block_backward(const DLTensor *dout, const DLTensor
                                             const l3k_llama_block_activations *saved, unsigned flags,
                                             DLTensor *dx, const l3k_llama_block_grads *grads,
                                             DLTensor *workspace, void *stream);
+
+/* ---- The block's decode step ---------------------------------------------- *
+ * One call for the block over `seq` new tokens of each sequence with a KV cache (seq = 1 to
+ * decode; a prompt, a chunk of one, or speculative tokens alike):
+ *   [q | k | v] = rmsnorm(x) Wqkv^T;  k, v appended to the cache with RoPE (q rotated too);
+ *   h = x + attention_decode(q, cache) Wo^T;  out = h + (silu(g) * u) Wd^T as in the forward.
+ * The steps are l3k_kv_cache_append and l3k_attention_decode between the forward's others, each
+ * through its public entry point.  Graph replay (l3k_set_graph_replay) applies: a decoding loop
+ * that keeps its buffers and advances cache_range (and positions) in place on the device makes
+ * every later step one graph launch.
+ * x, out:   (batch, seq, dim), contiguous, as for l3k_llama_block_forward; cos, sin, weights and
+ *           cfg too, except that cfg->causal must be 1 and cfg->key_range NULL (the cache's range
+ *           gives the padding).
+ * cache:    this layer's cache, cache_range and (optional) positions as l3k_kv_cache_append takes
+ *           them; k and v (batch, n_kv_heads, capacity, head_dim) in x's dtype.
+ * workspace: l3k_llama_block_decode_workspace_size bytes, aligned as for the forward. */
+typedef struct {
+    size_t struct_size;          /* sizeof(l3k_kv_cache): use L3K_KV_CACHE_INIT */
+    DLTensor *k, *v;             /* (batch, n_kv_heads, capacity, head_dim): written at the new slots */
+    const DLTensor *cache_range; /* int32 (batch, 2): [start, end) after this call's tokens */
+    const DLTensor *positions;   /* optional int32 (batch,): RoPE row of each first new token */
+} l3k_kv_cache;
+#define L3K_KV_CACHE_INIT \
+    { sizeof(l3k_kv_cache), NULL, NULL, NULL, NULL }
+
+L3K_API l3k_status l3k_llama_block_decode_workspace_size(const DLTensor *x,
+                                                         const l3k_llama_block_weights *weights,
+                                                         const l3k_llama_block_config *cfg,
+                                                         const l3k_kv_cache *cache, size_t *bytes);
+
+L3K_API l3k_status l3k_llama_block_decode(const DLTensor *x, const DLTensor *cos, const DLTensor *sin,
+                                          const l3k_llama_block_weights *weights,
+                                          const l3k_llama_block_config *cfg, const l3k_kv_cache *cache,
+                                          DLTensor *out, DLTensor *workspace, void *stream);
 
 /* @@L3K_DECLARATIONS_END@@ (new ops are declared above this line) */
 

@@ -34,19 +34,17 @@ static l3k_status check_out(l3k_call *c, const DLTensor *out, const char *name, 
     return l3k_check_no_overlap(c, out, name, in, in_name, 1);
 }
 
-/* cos or sin: (rows, head_dim/2) or (batch or 1, rows, head_dim/2), contiguous,
- * float32 or the dtype of q; returns its row count. */
-static l3k_status check_table(l3k_call *c, const DLTensor *t, const char *name, l3k_dt dt, int64_t batch,
-                              int64_t half, l3k_dt *tdt, int64_t *rows) {
+l3k_status l3k_check_rope_table(l3k_call *c, const DLTensor *t, const char *name, l3k_dt dt, const char *like,
+                                int64_t batch, int64_t half, l3k_dt *tdt, int64_t *rows) {
     char a[32];
     L3K_TRY(l3k_check_tensor(c, t, name));
     l3k_status st = l3k_check_float(c, t, name, tdt);
     if (st == L3K_ERROR_DTYPE || (st == L3K_SUCCESS && *tdt != L3K_DT_F32 && *tdt != dt)) {
         if (dt == L3K_DT_F32)
-            return l3k_fail(c, L3K_ERROR_DTYPE, "%s dtype %s, expected float32 like q", name,
-                            l3k_dtype_name(t->dtype, a));
-        return l3k_fail(c, L3K_ERROR_DTYPE, "%s dtype %s, expected float32 or %s like q", name,
-                        l3k_dtype_name(t->dtype, a), dt_str(dt));
+            return l3k_fail(c, L3K_ERROR_DTYPE, "%s dtype %s, expected float32 like %s", name,
+                            l3k_dtype_name(t->dtype, a), like);
+        return l3k_fail(c, L3K_ERROR_DTYPE, "%s dtype %s, expected float32 or %s like %s", name,
+                        l3k_dtype_name(t->dtype, a), dt_str(dt), like);
     }
     if (st) return st;
     if (t->ndim != 2 && t->ndim != 3)
@@ -99,8 +97,8 @@ static l3k_status rope(l3k_call *c, const DLTensor *q, const DLTensor *k, const 
         return l3k_fail(c, L3K_ERROR_NULL_POINTER, "%s is NULL but %s is given", kn, kon);
     }
     int64_t crows = 0, srows = 0;
-    L3K_TRY(check_table(c, cos, "cos", dt, batch, d / 2, &tdt, &crows));
-    L3K_TRY(check_table(c, sin, "sin", dt, batch, d / 2, &sdt, &srows));
+    L3K_TRY(l3k_check_rope_table(c, cos, "cos", dt, "q", batch, d / 2, &tdt, &crows));
+    L3K_TRY(l3k_check_rope_table(c, sin, "sin", dt, "q", batch, d / 2, &sdt, &srows));
     if (sdt != tdt) return l3k_check_dtype(c, sin, "sin", tdt, "cos");
     L3K_TRY(l3k_check_same_shape(c, sin, "sin", cos, "cos"));
     if (offset < 0) return l3k_fail(c, L3K_ERROR_VALUE, "offset is %lld, expected >= 0", (long long)offset);

@@ -116,6 +116,23 @@ int l3k_rows_overlap(const l3k_rows *a, const l3k_rows *b, size_t es);
 l3k_status l3k_check_rows_no_overlap(l3k_call *c, const l3k_rows *out, const char *out_name,
                                      const l3k_rows *in, const char *in_name, size_t es, int allow_same);
 
+/* A (batch, heads, seq, head_dim) tensor of dtype dt (not checked when `like` is NULL: then only a
+ * tensor), last dim contiguous; on CUDA the kernels load 16-byte vectors, so the data pointer must
+ * be 16-byte aligned and every stride a multiple of 8 elements.  strides[] gets the first three
+ * (capi/attention.c). */
+l3k_status l3k_check_bhsd(l3k_call *c, const DLTensor *t, const char *name, l3k_dt dt, const char *like,
+                          int64_t strides[3]);
+
+/* A key or cache range tensor (not NULL): int32 (batch, 2), contiguous, 4-byte aligned, on the
+ * call's device.  Its values are the kernels' to read (on the GPU they cannot be seen here without a
+ * sync), and the kernels clamp them (capi/attention.c). */
+l3k_status l3k_check_key_range(l3k_call *c, const DLTensor *kr, const char *name, int64_t batch);
+
+/* A RoPE table, cos or sin: (rows, head_dim/2) or (batch or 1, rows, head_dim/2), contiguous,
+ * float32 or dt (the dtype of `like`); *tdt gets its dtype, *rows its row count (capi/rope.c). */
+l3k_status l3k_check_rope_table(l3k_call *c, const DLTensor *t, const char *name, l3k_dt dt, const char *like,
+                                int64_t batch, int64_t half, l3k_dt *tdt, int64_t *rows);
+
 /* While set (per thread), every op validates its arguments and returns without launching or
  * writing anything: a composite op (the block) checks all of its steps this way before it runs
  * the first, so that a refused call leaves every buffer as it was. */

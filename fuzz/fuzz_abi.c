@@ -17,7 +17,9 @@
  * outside what it describes; an alias lies wholly inside the tensor it aliases.
  * The training entries may also give the qkv and gate/up projections (weights
  * or gradients) in parts carved out of one buffer of exactly their bytes, one
- * after the other (joined into one GEMM by the library) or apart.
+ * after the other (joined into one GEMM by the library) or apart.  The KV-cache append may
+ * take q, k and v as the heads of one fused projection (q rotated in place), as the block's decode
+ * step gives them; cache ranges and positions hold small integers, now and then extreme ones.
  *
  * Checked on every call:
  *  - the status is a valid l3k_status;
@@ -1008,6 +1010,171 @@ static int e_cross_entropy_forward_backward(call *c) {
                                                       stream(c)));
 }
 
+/* ---- the KV cache ---------------------------------------------------------------- */
+
+/* int32 values over an int32 tensor's own block (positions, cache ranges): mostly in [lo, hi], now
+ * and then an extreme; an alias or a mutated descriptor keeps fill()'s bytes. */
+static void ints_fill(call *c, DLTensor *t, int64_t lo, int64_t hi) {
+    const ften *f = (const ften *)t; /* t is the first member of its ften */
+    if (!t || !f->block) return;
+    static const int32_t extreme[4] = {INT32_MIN, INT32_MAX, -1, 1 << 30};
+    for (size_t i = 0; i + 4 <= f->block_bytes; i += 4) {
+        const uint64_t r = rnd(c);
+        const int32_t v = r % 16 == 0 ? extreme[(r >> 4) % 4]
+                                      : (int32_t)(lo + (int64_t)((r >> 8) % (uint64_t)(hi - lo + 1)));
+        memcpy(f->block + i, &v, 4);
+    }
+}
+
+/* A strided view at p, inside a backing(). */
+static DLTensor *view_nd(call *c, DLDataType dtype, int ndim, const int64_t *shape, const int64_t *strides,
+                         unsigned char *p) {
+    if (!p || c->nt == MAX_TENSORS) return NULL;
+    ften *f = &c->t[c->nt++];
+    memset(f, 0, sizeof *f);
+    memcpy(f->shape, shape, sizeof(int64_t) * (size_t)ndim);
+    memcpy(f->strides, strides, sizeof(int64_t) * (size_t)ndim);
+    f->t.ndim = ndim;
+    f->t.shape = f->shape;
+    f->t.strides = f->strides;
+    f->t.dtype = dtype;
+    f->t.device.device_type = kDLCPU;
+    f->t.data = p;
+    return &f->t;
+}
+
+/* The cache ops' shapes: q (b, h, s, hd), k and v (b, hkv, s, hd), the caches (b, hkv, cap, hd);
+ * now and then a head_dim the cache ops refuse. */
+typedef struct {
+    DLDataType d;
+    int64_t qs[4], ks[4], cs[4];
+} kv_dims;
+
+static void kv_shapes(call *c, kv_dims *a) {
+    a->d = fdt(c);
+    const int64_t b = dim(c, 0, 2), hkv = dim(c, 1, 2), h = hkv * dim(c, 1, 2), s = dim(c, 0, 4),
+                  cap = dim(c, 0, 8), hd = pick(c, 16) == 0 ? dim(c, 0, 20) : 8 * dim(c, 1, 2);
+    const int64_t qs[4] = {b, h, s, hd}, ks[4] = {b, hkv, s, hd}, cs[4] = {b, hkv, cap, hd};
+    memcpy(a->qs, qs, sizeof qs);
+    memcpy(a->ks, ks, sizeof ks);
+    memcpy(a->cs, cs, sizeof cs);
+}
+
+/* cache_range: int32 (batch, 2) (now and then another row count or dtype), values around
+ * [0, capacity] (the kernels clamp them). */
+static DLTensor *cache_range_arg(call *c, int64_t batch, int64_t cap) {
+    const int64_t shape[2] = {batch + (pick(c, 16) == 0), pick(c, 32) ? 2 : 3};
+    DLTensor *r = arg(c, pick(c, 16) ? I32 : F32, 2, shape);
+    ints_fill(c, r, -2, cap + 2);
+    return r;
+}
+
+/* positions: NULL half the time, else int32 (batch,) (now and then another length or dtype), values
+ * around [0, rows]. */
+static DLTensor *positions_arg(call *c, int64_t batch, int64_t rows) {
+    if (pick(c, 2)) return NULL;
+    const int64_t n = batch + (pick(c, 16) == 0);
+    DLTensor *p = arg(c, pick(c, 16) ? I32 : F32, 1, &n);
+    ints_fill(c, p, -2, rows + 1);
+    return p;
+}
+
+static int e_kv_cache_append(call *c) {
+    kv_dims a;
+    kv_shapes(c, &a);
+    const int64_t b = a.qs[0], h = a.qs[1], hkv = a.ks[1], s = a.qs[2], hd = a.qs[3];
+    DLTensor *q = NULL, *k, *v, *qo = NULL;
+    if (pick(c, 4) == 0) {
+        /* q, k and v the heads of one fused (b, s, h + 2 hkv, hd) projection, as the block gives
+         * them; q rotated in place most of the time. */
+        const int64_t w = (h + 2 * hkv) * hd, st[4] = {s * w, hd, w, 1};
+        const size_t es = elem_bytes(a.d);
+        unsigned char *p = backing(c, (size_t)(b * s * w) * es, a.d);
+        q = view_nd(c, a.d, 4, a.qs, st, p);
+        k = view_nd(c, a.d, 4, a.ks, st, p ? p + (size_t)(h * hd) * es : NULL);
+        v = view_nd(c, a.d, 4, a.ks, st, p ? p + (size_t)((h + hkv) * hd) * es : NULL);
+        qo = pick(c, 4) ? q : arg(c, a.d, 4, a.qs);
+    } else {
+        q = pick(c, 4) ? arg(c, a.d, 4, a.qs) : NULL;
+        k = arg(c, a.d, 4, a.ks);
+        v = arg(c, a.d, 4, a.ks);
+        if (q || pick(c, 16) == 0) qo = q && pick(c, 4) == 0 ? q : arg(c, a.d, 4, a.qs);
+    }
+    const int64_t rows = s + dim(c, 0, 3) - (pick(c, 16) == 0), half = hd / 2;
+    const DLDataType td = pick(c, 2) ? F32 : a.d;
+    const int64_t t2[2] = {rows, half}, t3[3] = {pick(c, 2) ? b : 1, rows, half};
+    const int batched = pick(c, 3) == 0;
+    DLTensor *cs = batched ? arg(c, td, 3, t3) : arg(c, td, 2, t2);
+    DLTensor *sn = batched ? arg(c, td, 3, t3) : arg(c, td, 2, t2);
+    DLTensor *pos = positions_arg(c, b, rows);
+    DLTensor *range = cache_range_arg(c, b, a.cs[2]);
+    DLTensor *kc = arg(c, a.d, 4, a.cs), *vc = arg(c, a.d, 4, a.cs);
+    const int mode = pick(c, 16) == 0 ? 2 : (int)pick(c, 2);
+    return CALL(c, l3k_kv_cache_append(q, k, v, cs, sn, pos, range, mode, qo, kc, vc, stream(c)));
+}
+
+static int e_attention_decode_workspace_size(call *c) {
+    kv_dims a;
+    kv_shapes(c, &a);
+    DLTensor *q = arg(c, a.d, 4, a.qs), *kc = arg(c, a.d, 4, a.cs);
+    size_t bytes = 0;
+    return CALL(c, l3k_attention_decode_workspace_size(q, kc, pick(c, 16) ? &bytes : NULL));
+}
+
+static int e_attention_decode(call *c) {
+    kv_dims a;
+    kv_shapes(c, &a);
+    DLTensor *q = arg(c, a.d, 4, a.qs), *kc = arg(c, a.d, 4, a.cs), *vc = arg(c, a.d, 4, a.cs);
+    DLTensor *range = cache_range_arg(c, a.qs[0], a.cs[2]);
+    DLTensor *o = arg(c, a.d, 4, a.qs);
+    size_t bytes = 0;
+    if (q && kc) (void)l3k_attention_decode_workspace_size(q, kc, &bytes);
+    DLTensor *ws = bytes || pick(c, 4) == 0 ? bytes_arg(c, bytes) : NULL;
+    return CALL(c, l3k_attention_decode(q, kc, vc, range, scale(c), o, ws, stream(c)));
+}
+
+/* The decode step's cache for the block's arguments: (batch, n_kv_heads, capacity, head_dim) k and
+ * v in x's dtype (now and then another), the range and positions; now and then a struct_size of
+ * another version, or no struct at all.  The setup's causal is mostly 1 and its key range mostly
+ * absent (the step refuses both). */
+static const l3k_kv_cache *block_cache(call *c, block_args *a, l3k_kv_cache *cache) {
+    const l3k_kv_cache c0 = L3K_KV_CACHE_INIT;
+    *cache = c0;
+    a->cfg.causal = pick(c, 8) != 0;
+    if (pick(c, 8) == 0) block_key_range(c, a);
+    if (pick(c, 32) == 0) cache->struct_size = (size_t)pick(c, 2 * sizeof *cache);
+    const int64_t hd = a->heads ? a->dm / a->heads : 0, hkv = hd ? a->kv / hd : 0;
+    const int64_t cs[4] = {a->xs[0], hkv, dim(c, 0, 8), hd};
+    const DLDataType d = pick(c, 16) ? a->d : fdt(c);
+    cache->k = arg(c, d, 4, cs);
+    cache->v = arg(c, d, 4, cs);
+    cache->cache_range = cache_range_arg(c, a->xs[0], cs[2]);
+    cache->positions = positions_arg(c, a->xs[0], a->xs[1] + 2);
+    return pick(c, 64) ? cache : NULL;
+}
+
+static int e_llama_block_decode_workspace_size(call *c) {
+    block_args a;
+    l3k_kv_cache cs;
+    block_setup(c, &a, 0, 1);
+    const l3k_kv_cache *cache = block_cache(c, &a, &cs);
+    size_t bytes = 0;
+    return CALL(c,
+                l3k_llama_block_decode_workspace_size(a.x, &a.w, &a.cfg, cache, pick(c, 16) ? &bytes : NULL));
+}
+
+static int e_llama_block_decode(call *c) {
+    block_args a;
+    l3k_kv_cache cs;
+    block_setup(c, &a, 1, 1);
+    const l3k_kv_cache *cache = block_cache(c, &a, &cs);
+    DLTensor *out = arg(c, a.d, 3, a.xs);
+    size_t bytes = 0;
+    (void)l3k_llama_block_decode_workspace_size(a.x, &a.w, &a.cfg, cache, &bytes);
+    DLTensor *ws = bytes_arg(c, bytes);
+    return CALL(c, l3k_llama_block_decode(a.x, a.cos, a.sin, &a.w, &a.cfg, cache, out, ws, stream(c)));
+}
+
 /* The status and version functions: no tensors, never fail. */
 static int e_status(call *c) {
     const int code = (int)dim(c, -2, 14);
@@ -1047,6 +1214,11 @@ static const entry ENTRIES[] = {
     {"llama_block_forward_train", e_llama_block_forward_train},
     {"llama_block_backward", e_llama_block_backward},
     {"cross_entropy_forward_backward", e_cross_entropy_forward_backward},
+    {"kv_cache_append", e_kv_cache_append},
+    {"attention_decode_workspace_size", e_attention_decode_workspace_size},
+    {"attention_decode", e_attention_decode},
+    {"llama_block_decode_workspace_size", e_llama_block_decode_workspace_size},
+    {"llama_block_decode", e_llama_block_decode},
 };
 enum { N_ENTRIES = sizeof ENTRIES / sizeof ENTRIES[0] };
 

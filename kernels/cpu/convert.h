@@ -89,4 +89,15 @@ static inline float l3k_round(float v, l3k_dt dt) {
     }
 }
 
+/* One RoPE table row, `half` values of cos and sin starting at element `at` of each table, in
+ * float32; sin negated when `negate` (the inverse rotation). */
+static inline void l3k_load_rope_row(const void *cos, const void *sin, int64_t at, int64_t half, l3k_dt dt,
+                                     int negate, float *c, float *s) {
+    for (int64_t p = 0; p < half; ++p) {
+        c[p] = l3k_load(cos, at + p, dt);
+        const float sv = l3k_load(sin, at + p, dt);
+        s[p] = negate ? -sv : sv;
+    }
+}
+
 #endif /* L3K_CPU_CONVERT_H_ */

@@ -26,7 +26,6 @@ static void rotate_token(const l3k_rope_args *a, const void *x, const int64_t *x
 
 int l3k_cpu_rope(const l3k_rope_args *a) {
     const int64_t half = a->head_dim / 2, tokens = a->batch * a->seq;
-    const size_t tes = l3k_dt_size(a->table_dtype);
 #pragma omp parallel
     {
         /* One row of cos and sin in float32 (negated sin for the inverse rotation). */
@@ -34,13 +33,8 @@ int l3k_cpu_rope(const l3k_rope_args *a) {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tokens; ++t) {
             const int64_t b = t / a->seq, s = t % a->seq;
-            const int64_t row = (b * a->table_batch_stride + (s + a->offset) * half) * (int64_t)tes;
-            const char *cr = (const char *)a->cos + row, *sr = (const char *)a->sin + row;
-            for (int64_t p = 0; p < half; ++p) {
-                cbuf[p] = l3k_load(cr, p, a->table_dtype);
-                const float sv = l3k_load(sr, p, a->table_dtype);
-                sbuf[p] = a->inverse ? -sv : sv;
-            }
+            const int64_t row = b * a->table_batch_stride + (s + a->offset) * half;
+            l3k_load_rope_row(a->cos, a->sin, row, half, a->table_dtype, a->inverse, cbuf, sbuf);
             rotate_token(a, a->q, a->q_strides, a->q_out, a->q_out_strides, a->hq, b, s, cbuf, sbuf);
             if (a->hk > 0)
                 rotate_token(a, a->k, a->k_strides, a->k_out, a->k_out_strides, a->hk, b, s, cbuf, sbuf);

@@ -23,8 +23,11 @@ from .raw import (
     add_rmsnorm_forward_into,
     attention_backward_into,
     attention_backward_workspace_size,
+    attention_decode_into,
+    attention_decode_workspace_size,
     attention_forward_into,
     cross_entropy_into,
+    kv_cache_append_into,
     linear_backward_input_into,
     linear_backward_weight_into,
     linear_forward_into,
@@ -66,6 +69,10 @@ _TORCH_NAMES = (
     "swiglu_fused",
     "swiglu_mlp",
     "cross_entropy",
+    "kv_cache_append",
+    "attention_decode",
+    "KVCache",
+    "llama_block_decode",
     "triton_swiglu",
     "TorchLlama3Block",
     "ops",
@@ -84,10 +91,12 @@ else:
         hf,  # Hugging Face Llama on these kernels (imports transformers only when used)
         library,  # registers torch.ops.llama3_kernels.* (torch.compile, torch.library)
     )
-    from .block import Llama3Block, TritonLlama3Block
+    from .block import Llama3Block, TritonLlama3Block, llama_block_decode
+    from .cache import KVCache
     from .modules import RMSNorm, RotaryEmbedding, SwiGLUMLP
     from .ops.attention import flash_attn, triton_flash_attn
     from .ops.cross_entropy import cross_entropy
+    from .ops.kv_cache import attention_decode, kv_cache_append
     from .ops.linear import linear
     from .ops.rmsnorm import add_rms_norm, rms_norm, triton_rmsnorm
     from .ops.rope import llama3_rope_cos_sin, rope, rope_, rope_inv_freq, triton_rope

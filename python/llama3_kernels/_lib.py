@@ -81,6 +81,11 @@ _SIGNATURES: dict[str, list] = {
     "l3k_swiglu_backward": [_P, _P, _P, _P, _P, _P, _P],
     "l3k_swiglu_fused_backward": [_P, _P, _P, _P, _P],
     "l3k_cross_entropy_forward_backward": [_P, _P, _I64, _P, _P, _P, _P],
+    "l3k_kv_cache_append": [_P, _P, _P, _P, _P, _P, _P, _INT, _P, _P, _P, _P],
+    "l3k_attention_decode_workspace_size": [_P, _P, ctypes.POINTER(_SZ)],
+    "l3k_attention_decode": [_P, _P, _P, _P, _F, _P, _P, _P],
+    "l3k_llama_block_decode_workspace_size": [_P, _P, _P, _P, ctypes.POINTER(_SZ)],
+    "l3k_llama_block_decode": [_P, _P, _P, _P, _P, _P, _P, _P, _P],
 }
 _RESTYPES = {
     "l3k_status_string": ctypes.c_char_p,
@@ -172,6 +177,11 @@ class BlockGrads(ctypes.Structure):  # l3k_llama_block_grads: DLTensor pointers,
     _fields_ = [("struct_size", _SZ)] + [(n, _P) for n in _WEIGHT_FIELDS]
 
 
+@_sized
+class KVCacheArgs(ctypes.Structure):  # l3k_kv_cache: DLTensor pointers
+    _fields_ = [("struct_size", _SZ), ("k", _P), ("v", _P), ("cache_range", _P), ("positions", _P)]
+
+
 # Header name -> mirror, for the header test.
 STRUCTS: dict = {
     "l3k_llama_block_weights": BlockWeights,
@@ -180,6 +190,7 @@ STRUCTS: dict = {
     "l3k_buffer_desc": BufferDesc,
     "l3k_llama_block_layout": BlockLayout,
     "l3k_llama_block_grads": BlockGrads,
+    "l3k_kv_cache": KVCacheArgs,
 }
 PRESERVE_ACTIVATIONS = 1  # L3K_BLOCK_PRESERVE_ACTIVATIONS
 

@@ -304,6 +304,83 @@ def record_header(gpu: bool, caveat: str | None, date: str, env: dict) -> dict:
     }
 
 
+@dataclass
+class Run:
+    """Where and how a benchmark's main() times (bench, bench_hf and bench_decode share it): the GPU
+    unless none is usable or --cpu is given, else the CPU reference kernels in float32, with
+    `caveat` saying what those timings are (None on the GPU)."""
+
+    name: str  # the script, as its banner lines are prefixed: [bench], [bench_hf], ...
+    gpu: bool
+    device: torch.device
+    dtype: torch.dtype
+    date: str  # UTC, ISO 8601
+    env: dict
+    timer: Timer
+    log: Progress
+    caveat: str | None
+
+    def header(self) -> dict:
+        """The opening keys of the run's JSON record (record_header)."""
+        return record_header(self.gpu, self.caveat, self.date, self.env)
+
+    def copy_bandwidth(self) -> float:
+        """Measures the copy bandwidth (bytes/s) with the run's timer and prints it."""
+        bw = copy_bandwidth(self.timer, self.device)
+        print(f"[{self.name}] copy bandwidth (read + write): {bw / 1e12:.3f} TB/s", flush=True)
+        return bw
+
+
+def start_run(
+    name: str,
+    cpu_caveat: str,
+    *,
+    cpu: bool = False,
+    reps: int | None = None,
+    default_reps: tuple[int, int] = (100, 10),
+    warmup: tuple[int, int] = (5, 2),
+    extra_env: dict | None = None,
+) -> Run:
+    """A benchmark's setup: the device (the CPU where `cpu`, i.e. --cpu), its dtype, a Timer
+    (`reps` where given, else default_reps; default_reps and warmup as (GPU, CPU)), the date and
+    the environment (`extra_env`, e.g. the transformers version, after it); prints the banner:
+    on the CPU why and `cpu_caveat` first, then the card, the versions and the date."""
+    log = Progress()
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    gpu = torch.cuda.is_available() and not cpu and _lib.has_cuda()
+    device = torch.device("cuda" if gpu else "cpu")
+    timer = Timer(device, reps=reps or default_reps[not gpu], warmup=warmup[not gpu])
+    extra_env = extra_env or {}
+    env = {**environment(device), **extra_env}
+    if not gpu:
+        why = (
+            "no CUDA GPU visible"
+            if not torch.cuda.is_available()
+            else ("--cpu given" if cpu else "library built without CUDA")
+        )
+        print(f"[{name}] {why}: {cpu_caveat}.", flush=True)
+    versions = "".join(f", {k} {v}" for k, v in extra_env.items())
+    print(
+        f"[{name}] {env['card']}, torch {env['torch']}{versions}, llama3_kernels {env['llama3_kernels']} "
+        f"(CUDA kernels {'built' if _lib.has_cuda() else 'NOT built: no nvcc when it was installed'}), {date}",
+        flush=True,
+    )
+    dtype = torch.bfloat16 if gpu else torch.float32
+    return Run(name, gpu, device, dtype, date, env, timer, log, None if gpu else cpu_caveat)
+
+
+def transformers_version(needed_by: str | None = None) -> str | None:
+    """transformers' version; where it is not installed None, or, where `needed_by` (what needs
+    it) is given, an ImportError saying so."""
+    try:
+        import transformers
+    except ImportError as e:
+        if needed_by:
+            raise ImportError(f"{needed_by} needs transformers (pip install transformers)") from e
+        return None
+    return transformers.__version__
+
+
 def print_table(cases: list[Case], bw: float, caveat: str | None = None) -> None:
     """With a caveat (the CPU run) only the times: the share of the copy-bandwidth floor would
     read as a ranking."""
@@ -471,42 +548,21 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
 
-    log = Progress()
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    gpu = torch.cuda.is_available() and not args.cpu and _lib.has_cuda()
-    caveat = None if gpu else CPU_CAVEAT
-    device = torch.device("cuda" if gpu else "cpu")
-    dtype = torch.bfloat16 if gpu else torch.float32
-    reps = args.reps or (100 if gpu else 10)
-    timer = Timer(device, reps=reps, warmup=5 if gpu else 2)
-    env = environment(device)
-    if not gpu:
-        why = (
-            "no CUDA GPU visible"
-            if not torch.cuda.is_available()
-            else ("--cpu given" if args.cpu else "library built without CUDA")
-        )
-        print(f"[bench] {why}: {CPU_CAVEAT}.", flush=True)
-    print(
-        f"[bench] {env['card']}, torch {env['torch']}, llama3_kernels {env['llama3_kernels']} "
-        f"(CUDA kernels {'built' if _lib.has_cuda() else 'NOT built: no nvcc when it was installed'}), {date}",
-        flush=True,
-    )
-
-    bw = copy_bandwidth(timer, device)
-    print(f"[bench] copy bandwidth (read + write): {bw / 1e12:.3f} TB/s", flush=True)
+    run = start_run("bench", CPU_CAVEAT, cpu=args.cpu, reps=args.reps, default_reps=(100, 10), warmup=(5, 2))
+    gpu, device, timer, caveat, env = run.gpu, run.device, run.timer, run.caveat, run.env
+    bw = run.copy_bandwidth()
     suites = SUITES if args.suite == "all" else {} if args.suite == "block" else {args.suite: SUITES[args.suite]}
-    cases = [c for make in suites.values() for c in make(device, dtype, not args.no_compile)]
+    cases = [c for make in suites.values() for c in make(device, run.dtype, not args.no_compile)]
     blocks = []
     if args.suite in ("all", "block"):
         from .bench_block import run_block_suite
 
         only = [n.strip() for n in args.configs.split(",")] if args.configs else None
-        blocks = run_block_suite(timer, device, not args.no_compile, log=log, only=only)
+        blocks = run_block_suite(timer, device, not args.no_compile, log=run.log, only=only)
     for i, c in enumerate(cases, 1):
         for label, fn in c.variants.items():
             c.results[label] = timer(fn)
-            log(f"({i}/{len(cases)}) {c.op} {label}: {c.results[label] * 1e3:.1f} us")
+            run.log(f"({i}/{len(cases)}) {c.op} {label}: {c.results[label] * 1e3:.1f} us")
 
     print()
     if blocks:
@@ -520,12 +576,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {
-        **record_header(gpu, caveat, date, env),
+        **run.header(),
         "copy_bandwidth_Bps": bw,
         "timing": (
-            f"median of {reps} reps, CUDA events, L2 evicted by a 256 MiB read before each rep"
+            f"median of {timer.reps} reps, CUDA events, L2 evicted by a 256 MiB read before each rep"
             if gpu
-            else f"median of {reps} reps, perf_counter"
+            else f"median of {timer.reps} reps, perf_counter"
         )
         + "; block contenders timed in shared rounds, order rotated each round (clock-equalized)"
         + (
@@ -562,7 +618,7 @@ def main(argv=None) -> int:
             "block passes: fwd, fwd+bwd timed in shared rounds, order rotated each round (clock-equalized); "
             "'steady': each contender alone for a block of repetitions, blocks alternating"
         )
-    drew = plot(rows, out / "bench.png", f"{env['card']} | torch {env['torch']} | {date}", caveat, note)
+    drew = plot(rows, out / "bench.png", f"{env['card']} | torch {env['torch']} | {run.date}", caveat, note)
     print(
         f"\n[bench] wrote {out / 'bench.json'}"
         + (f" and {out / 'bench.png'}" if drew else " (matplotlib missing: no plot)")

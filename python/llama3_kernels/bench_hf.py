@@ -16,15 +16,13 @@ reference path: a check that the benchmark runs, not results.  Prints a table, w
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from . import _lib
-from .bench import Progress, Timer, environment, record_header
+from .bench import start_run, transformers_version
 
 CPU_NOTE = "CPU reference timings, not results: a tiny float32 config on the C reference kernels"
 
@@ -109,21 +107,17 @@ def main(argv=None) -> int:
 
     from . import hf
 
-    log = Progress()
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    gpu = torch.cuda.is_available() and not args.cpu and _lib.has_cuda()
-    device = torch.device("cuda" if gpu else "cpu")
-    dtype = torch.bfloat16 if gpu else torch.float32
+    run = start_run(
+        "bench_hf",
+        CPU_NOTE,
+        cpu=args.cpu,
+        reps=args.reps,
+        default_reps=(20, 5),
+        warmup=(3, 1),
+        extra_env={"transformers": transformers_version("bench_hf")},
+    )
+    gpu, device, dtype, timer = run.gpu, run.device, run.dtype, run.timer
     shape = GPU_CONFIG if gpu else CPU_CONFIG
-    reps = args.reps or (20 if gpu else 5)
-    timer = Timer(device, reps=reps, warmup=3 if gpu else 1)
-    env = environment(device)
-    import transformers
-
-    env["transformers"] = transformers.__version__
-    if not gpu:
-        print(f"[bench_hf] {CPU_NOTE}.", flush=True)
-    print(f"[bench_hf] {env['card']}, torch {env['torch']}, transformers {env['transformers']}, {date}", flush=True)
 
     torch.manual_seed(0)
     model = build_model(shape, device, dtype)
@@ -140,7 +134,7 @@ def main(argv=None) -> int:
             "extra_peak_bytes": extra_peak_bytes(step, device),
             "first_loss": loss,
         }
-        log(f"{label}: {ms:.2f} ms, {tokens / (ms * 1e-3):,.0f} tokens/s, loss {loss:.4f}")
+        run.log(f"{label}: {ms:.2f} ms, {tokens / (ms * 1e-3):,.0f} tokens/s, loss {loss:.4f}")
 
     measure("eager (SDPA)", training_step(model, ids))
     if not args.no_compile:
@@ -173,7 +167,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {
-        **record_header(gpu, None if gpu else CPU_NOTE, date, env),
+        **run.header(),
         "config": {
             **shape,
             "dtype": str(dtype).replace("torch.", ""),
@@ -182,9 +176,9 @@ def main(argv=None) -> int:
         },
         "step": "forward with labels (loss over the vocabulary) + backward, gradients set to None before each",
         "timing": (
-            f"median of {reps} steps, CUDA events, L2 evicted before each"
+            f"median of {timer.reps} steps, CUDA events, L2 evicted before each"
             if gpu
-            else f"median of {reps} steps, perf_counter"
+            else f"median of {timer.reps} steps, perf_counter"
         ),
         "results": results,
     }

@@ -32,9 +32,19 @@ import torch
 from torch import nn
 
 from ._dlpack import Borrowed, Slots, current_stream
-from ._lib import LIB, PRESERVE_ACTIVATIONS, BlockActivations, BlockConfig, BlockGrads, BlockLayout, BlockWeights, check
+from ._lib import (
+    LIB,
+    PRESERVE_ACTIVATIONS,
+    BlockActivations,
+    BlockConfig,
+    BlockGrads,
+    BlockLayout,
+    BlockWeights,
+    KVCacheArgs,
+    check,
+)
 from .ops._common import key_range_for
-from .ops._registry import define, ops, register_autograd
+from .ops._registry import define, ops, register_autograd, traced
 from .reference import Llama3BlockBase
 
 # The block's weights in either form the C ABI takes, as l3k_llama_block_weights names them:
@@ -115,17 +125,19 @@ class BlockCall:
         t = Borrowed(cos, sin, key_range)
         return t, t.ptrs[0], t.ptrs[1], ctypes.byref(self.weights), ctypes.byref(self.config(t.ptrs[2]))
 
-    def frame(self, kind: str, x: torch.Tensor, flag=None):
+    def frame(self, kind: str, x: torch.Tensor, flag=None, cache=None):
         """This thread's frame of a call for x's shape (`kind` "inference", "forward" with `flag`
-        keep_attention, or "backward" with `flag` (preserve, attention kept)): made once, reused
-        by every later call of that shape."""
+        keep_attention, "backward" with `flag` (preserve, attention kept), or "decode" with `flag`
+        the cache's layout and `cache` its KVCacheArgs struct): made once, reused by every later call
+        of that shape."""
         frames = _frames()
         key = (kind, x.shape, x.dtype, x.device, flag, self.frame_key)
         f = frames.get(key)
         if f is None:
             if len(frames) >= 256:  # e.g. many sequence lengths: start over rather than grow
                 frames.clear()
-            f = frames[key] = (_BackwardFrame if kind == "backward" else _ForwardFrame)(self, x, kind, flag)
+            frame_class = _BackwardFrame if kind == "backward" else _ForwardFrame
+            f = frames[key] = frame_class(self, x, kind, cache if kind == "decode" else flag)
         return f
 
     def inference(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_range=None) -> torch.Tensor:
@@ -136,6 +148,20 @@ class BlockCall:
         xp, outp, wsp = f.slots.fill([x.data_ptr(), out.data_ptr(), ws.data_ptr()])[:3]
         t, cos_p, sin_p, w, cfg = self.tables(cos, sin, key_range)
         check(LIB.l3k_llama_block_forward(xp, cos_p, sin_p, w, cfg, outp, wsp, current_stream(x)))
+        return out
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache, v_cache, cache_range, positions):
+        """The decode step's output for contiguous x (batch, seq, dim) of `seq` new tokens per
+        sequence; their k and v are written into the cache (see llama_block_decode)."""
+        c = Borrowed(k_cache, v_cache, cache_range, positions)
+        cache = KVCacheArgs(*c.ptrs)
+        layout = (k_cache.shape, k_cache.stride(), v_cache.stride(), positions is None)
+        f = self.frame("decode", x, layout, cache)
+        out = torch.empty_like(x)
+        ws = torch.empty(f.workspace_bytes, dtype=torch.uint8, device=x.device)
+        xp, outp, wsp = f.slots.fill([x.data_ptr(), out.data_ptr(), ws.data_ptr()])[:3]
+        t, cos_p, sin_p, w, cfg = self.tables(cos, sin, None)
+        check(LIB.l3k_llama_block_decode(xp, cos_p, sin_p, w, cfg, ctypes.byref(cache), outp, wsp, current_stream(x)))
         return out
 
     def train_forward(
@@ -246,14 +272,28 @@ class _ForwardFrame:
     """x, out, the workspace and (training) the activations of a forward, as DLTensors (Slots),
     with the sizes asked of the library once."""
 
-    def __init__(self, call: BlockCall, x: torch.Tensor, kind: str, keep_attention):
+    def __init__(self, call: BlockCall, x: torch.Tensor, kind: str, flag):
+        """flag: keep_attention for a training forward; the KVCacheArgs struct for a decode step."""
         if kind == "inference":
             size = _ask(call, x, LIB.l3k_llama_block_forward_workspace_size, ctypes.c_size_t(0))
+            self.workspace_bytes, self.activations = size.value, []
+        elif kind == "decode":
+            size = ctypes.c_size_t(0)
+            xs = Slots(x.device, [(x.shape, x.dtype)])
+            check(
+                LIB.l3k_llama_block_decode_workspace_size(
+                    xs.fill([x.data_ptr()])[0],
+                    ctypes.byref(call.weights),
+                    ctypes.byref(call.cfg),
+                    ctypes.byref(flag),
+                    ctypes.byref(size),
+                )
+            )
             self.workspace_bytes, self.activations = size.value, []
         else:
             lay = _layout(call, x)
             self.workspace_bytes = lay.forward_workspace_bytes
-            self.activations = _activation_specs(lay, x.dtype, keep_attention)
+            self.activations = _activation_specs(lay, x.dtype, flag)
         self.slots = Slots(
             x.device, [(x.shape, x.dtype)] * 2 + [((self.workspace_bytes,), torch.uint8)] + self.activations
         )
@@ -383,6 +423,21 @@ define(
 )
 
 
+def _decode_kernel(
+    x, cos, sin, weights, n_heads, n_kv_heads, causal, eps, deterministic, k_cache, v_cache, cache_range, positions=None
+):
+    call = BlockCall(weights, n_heads, n_kv_heads, causal, eps, deterministic)
+    return call.decode(x.contiguous(), cos, sin, k_cache, v_cache, cache_range, positions)
+
+
+define(
+    f"llama_block_decode(Tensor x, Tensor cos, Tensor sin, {_SPEC}, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+    "Tensor cache_range, Tensor? positions=None) -> Tensor",
+    _decode_kernel,
+    lambda x, *rest: torch.empty_like(x),
+)
+
+
 def _train_setup(ctx, inputs, output):
     x, cos, sin, weights = inputs[:4]
     key_range = inputs[10]
@@ -487,17 +542,61 @@ def llama_block(
             return ops.llama_block_train(x, cos, sin, weights, *spec, not recompute_attention, key_range)[0]
         return ops.llama_block_inference(x, cos, sin, weights, *spec, key_range)
     x = x if x.is_contiguous() else x.contiguous()
-    call = None
-    if owner is not None:
-        key = (tuple([(w.data_ptr(), w.shape, w.dtype) for w in weights]), spec)
-        call = _CALLS.get(owner)
-        if call is None or call.key != key:
-            call = _CALLS[owner] = BlockCall(weights, *spec, key=key)
-    else:
-        call = BlockCall(weights, *spec)
+    call = _call_for(owner, weights, spec)
     if grad:
         return LlamaBlockFunction.apply(x, cos, sin, call, not recompute_attention, key_range, *weights)
     return call.inference(x, cos, sin, key_range)
+
+
+def llama_block_decode(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    weights,
+    n_heads: int,
+    n_kv_heads: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_range: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    owner=None,
+) -> torch.Tensor:
+    """The block's decode step, one C call: the output for x (batch, seq, dim), `seq` new tokens
+    per sequence, whose k (rotated) and v are written into k_cache / v_cache (batch, n_kv_heads,
+    capacity, head_dim), in place; their queries attend the cache (causal, after each sequence's
+    left padding).  cache_range: int32 (batch, 2), [start, end) of each sequence's slots once the
+    new tokens are in (they take end - seq .. end - 1).  RoPE: new token i of sequence b uses table
+    row positions[b] + i (positions int32 (batch,)), or row i without positions (tables holding
+    this call's tokens).  weights and `owner` as for llama_block.  Inference only: where autograd
+    would record it (grad mode on and x or a weight requiring grad) it refuses, rather than return
+    an output without a gradient; call it under torch.no_grad() or torch.inference_mode()."""
+    weights = tuple(weights)
+    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+        raise RuntimeError(
+            "llama_block_decode: the decode step has no backward, and gradients are wanted here (grad mode is on "
+            "and x or a weight requires grad); call it under torch.no_grad() or torch.inference_mode()"
+        )
+    cos, sin = _tables(cos, sin, x.dtype)
+    spec = (int(n_heads), int(n_kv_heads), True, float(eps), False)
+    cache_range = key_range_for(cache_range, x)
+    positions = key_range_for(positions, x)
+    if traced(x):
+        return ops.llama_block_decode(x, cos, sin, weights, *spec, k_cache, v_cache, cache_range, positions)
+    x = x if x.is_contiguous() else x.contiguous()
+    return _call_for(owner, weights, spec).decode(x, cos, sin, k_cache, v_cache, cache_range, positions)
+
+
+def _call_for(owner, weights, spec) -> BlockCall:
+    """The C-call state of `owner`'s weights (kept between calls, rebuilt when a weight's storage
+    changes), or a new one without an owner."""
+    if owner is None:
+        return BlockCall(weights, *spec)
+    key = (tuple([(w.data_ptr(), w.shape, w.dtype) for w in weights]), spec)
+    call = _CALLS.get(owner)
+    if call is None or call.key != key:
+        call = _CALLS[owner] = BlockCall(weights, *spec, key=key)
+    return call
 
 
 # ---- the module ----------------------------------------------------------------------------
@@ -587,14 +686,12 @@ class Llama3Block(Llama3BlockBase):
     ) -> torch.Tensor:
         """key_range: optional (batch, 2) [start, end) of each sequence's valid positions in a
         padded batch (see llama_block)."""
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"Llama3Block: x has shape {tuple(x.shape)}, expected (batch, seq, {self.dim})")
-        ps = self._parameters  # not six trips through nn.Module.__getattr__ (~1 us each)
+        weights = self._weights_for(x)
         return llama_block(
             x,
             cos,
             sin,
-            [ps[n] for n in PARAM_NAMES],
+            weights,
             self.n_heads,
             self.n_kv_heads,
             self.eps,
@@ -604,6 +701,26 @@ class Llama3Block(Llama3BlockBase):
             owner=self,
             key_range=key_range,
         )
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, layer: int = 0) -> torch.Tensor:
+        """The block over `seq` new tokens of each sequence, x (batch, seq, dim), with a KV cache
+        (a ``llama3_kernels.KVCache``, advanced by `seq` for this step before the first layer):
+        their keys and values go into the cache's layer `layer`, and their queries attend every
+        token the cache holds for their sequence.  cos/sin: (rows, head_dim/2) tables of every
+        position the cache will hold (the cache gives each sequence's position).  One C call;
+        inference only."""
+        if not self.causal:
+            raise ValueError("Llama3Block: decode needs a causal block (causal=True)")
+        weights, heads = self._weights_for(x), (self.n_heads, self.n_kv_heads)
+        kv = (cache.k[layer], cache.v[layer], cache.cache_range, cache.positions)
+        return llama_block_decode(x, cos, sin, weights, *heads, *kv, self.eps, owner=self)
+
+    def _weights_for(self, x: torch.Tensor) -> list:
+        """The fused parameters in PARAM_NAMES order, once x is known to be (batch, seq, dim)."""
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"Llama3Block: x has shape {tuple(x.shape)}, expected (batch, seq, {self.dim})")
+        ps = self._parameters  # not six trips through nn.Module.__getattr__ (~1 us each)
+        return [ps[n] for n in PARAM_NAMES]
 
     def _apply(self, fn, *args, **kwargs):
         _CALLS.pop(self, None)  # .to(), .half(), ...: let go of the old weights now

@@ -14,9 +14,12 @@ the subclass like any layer) and ``torch.compile`` of the whole model keep worki
 
 What the layer is handed is honoured: the model's rotary tables (any rope scaling, any position
 ids) and the attention mask, read as one range of valid keys per sequence (left or right padding).
+With a KV cache (``generate``; DynamicCache or StaticCache) each layer is one decode step
+(``llama_block_decode``): the cache makes room for the new tokens, and the step writes their
+rotated keys and values there and attends the cache.
 What the block cannot compute is refused with an error naming it: biases, activations other than
 SiLU, a head_dim other than hidden_size / num_attention_heads, attention dropout in training,
-``output_attentions``, a KV cache (generation with a cache), packed sequences, flex-attention masks,
+``output_attentions``, packed sequences, flex-attention masks,
 float32 on CUDA (its attention takes float16/bfloat16; run float32 models under ``torch.autocast``).
 
 Importing ``llama3_kernels`` imports this module but not transformers, which is imported when
@@ -277,13 +280,6 @@ def _refuse_call(layer, cfg, kwargs) -> None:
             "llama3_kernels.hf: output_attentions=True is not supported: the fused block "
             "never forms the attention weights"
         )
-    for name in _CACHE_ARGS:
-        if kwargs.get(name) is not None:
-            raise UnsupportedLlamaError(
-                "llama3_kernels.hf: generation with a KV cache is not supported yet. Call generate(..., "
-                "use_cache=False), or revert_llama(model) for cached generation; training and forward passes "
-                "without a cache run on the block."
-            )
     if layer.training and getattr(cfg, "attention_dropout", 0.0) > 0:
         raise UnsupportedLlamaError(
             f"llama3_kernels.hf: attention_dropout={cfg.attention_dropout} in training is not supported; set "
@@ -340,8 +336,15 @@ def _decoder_layer_forward(self, hidden_states, *args, **kwargs):
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     cos, sin = _half_tables(*pe, cfg.hidden_size // heads)
     weights = _layer_weights(self)
-    key_range = _key_range(kwargs.get("attention_mask"), x, cfg, kwargs.get("position_ids"), kwargs)
+    cache = next((kwargs[n] for n in _CACHE_ARGS if kwargs.get(n) is not None), None)
     dtype = _compute_dtype(x, weights)
+    if cache is not None:
+        if dtype != x.dtype or any(w.dtype != dtype for w in weights):
+            x, weights = x.to(dtype), [w.to(dtype) for w in weights]
+        out = _decode_with_cache(self, x, cos, sin, weights, heads, kv_heads, cache, kwargs)
+        out = out.to(hidden_states.dtype)
+        return (out,) if type(self)._l3k_returns_tuple else out
+    key_range = _key_range(kwargs.get("attention_mask"), x, cfg, kwargs.get("position_ids"), kwargs)
     if x.device.type == "cuda" and dtype == torch.float32:
         raise TypeError(
             "llama3_kernels.hf: the CUDA attention takes float16 or bfloat16, and this model runs in "
@@ -374,6 +377,103 @@ def _decoder_layer_forward(self, hidden_states, *args, **kwargs):
     )
     out = out.to(hidden_states.dtype)
     return (out,) if type(self)._l3k_returns_tuple else out
+
+
+# ---- generation with a KV cache -------------------------------------------------------------------
+
+
+def _stored_tensors(cache, layer_idx: int):
+    """The (keys, values) a cache keeps for a layer, across transformers' cache layouts."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        layer = layers[layer_idx]
+        return getattr(layer, "keys", None), getattr(layer, "values", None)
+    return cache.key_cache[layer_idx], cache.value_cache[layer_idx]
+
+
+def _refuse_cache(cache, why: str):
+    raise UnsupportedLlamaError(
+        f"llama3_kernels.hf: a {type(cache).__name__} {why}; the fused decode step writes each new token's key and "
+        "value into the cache's own (batch, kv_heads, length, head_dim) tensors, as DynamicCache and StaticCache "
+        "hold them. Use one of those, or revert_llama(model) for this cache."
+    )
+
+
+def _cache_range(mask, x: torch.Tensor, cache, layer_idx: int, slots: int):
+    """cache_range (batch, 2) int32 on x's device: [start, end) of each sequence's slots once this
+    call's tokens are in, from the mask's last query row (its keys are start .. end - 1), or
+    [0, the cache's length) without a mask.  The mask's other rows are checked against the
+    causal pattern of those ranges (eagerly, once per mask, one sync)."""
+    batch, seq = x.shape[0], x.shape[1]
+    if mask is None:
+        end = torch.as_tensor(cache.get_seq_length(layer_idx), device=x.device).reshape(-1)[:1]
+        return torch.stack([torch.zeros_like(end), end], dim=-1).expand(batch, 2).to(torch.int32).contiguous()
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        _refuse_mask(f"a KV-cache call was given a {getattr(mask, 'dim', lambda: type(mask).__name__)()}-D mask")
+    if mask.shape[-1] != slots or mask.shape[-2] != seq:
+        _refuse_mask(f"the mask is {tuple(mask.shape)} for {seq} queries over a cache of {slots} slots")
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        memo = _MASK_MEMO[0]
+        if memo is not None and memo[0]() is mask and memo[1] == _mask_version(mask) and memo[2] == ("cache", x.device):
+            return memo[3]
+    allowed = _allowed(mask[:, 0]).to(x.device)
+    if allowed.shape[0] != batch:
+        allowed = allowed.expand(batch, seq, slots)
+    last = allowed[:, -1]
+    idx = torch.arange(slots, device=x.device, dtype=torch.int32)
+    start = torch.where(last, idx, slots).amin(-1)
+    end = torch.where(last, idx + 1, 0).amax(-1)
+    start = torch.minimum(start, end)
+    cache_range = torch.stack([start, end], dim=-1).to(torch.int32)
+    if compiling:
+        return cache_range
+    # Query i of a sequence sits at slot end - seq + i and sees start .. its own slot.
+    i = torch.arange(seq, device=x.device).view(1, -1, 1)
+    own = end.view(-1, 1, 1) - seq + i
+    want = (idx.view(1, 1, -1) >= start.view(-1, 1, 1)) & (idx.view(1, 1, -1) <= own)
+    real = own >= start.view(-1, 1, 1)  # padding queries: implementations differ, not held to it
+    if bool(((allowed != want) & real).any()):
+        _refuse_mask("the attention mask of a KV-cache call is not one causal range of slots per sequence")
+    _MASK_MEMO[0] = (weakref.ref(mask), _mask_version(mask), ("cache", x.device), cache_range)
+    return cache_range
+
+
+def _decode_with_cache(layer, x, cos, sin, weights, heads: int, kv_heads: int, cache, kwargs):
+    """The layer over this call's tokens with a KV cache, as one decode step: the cache makes room
+    for the tokens (its own update, with placeholders), then the step writes their rotated keys and
+    values into those slots and attends the cache."""
+    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+        raise UnsupportedLlamaError(
+            "llama3_kernels.hf: a KV cache in a forward that needs gradients: the decode step is inference only. "
+            "Call the model with use_cache=False to train, or under torch.no_grad() to generate."
+        )
+    batch, seq = x.shape[0], x.shape[1]
+    head_dim = x.shape[-1] // heads
+    layer_idx = layer.self_attn.layer_idx
+    k_new = x.new_empty(batch, kv_heads, seq, head_dim)
+    keys, values = cache.update(k_new, torch.empty_like(k_new), layer_idx, kwargs=kwargs)
+    stored = _stored_tensors(cache, layer_idx)
+    if stored[0] is not keys or stored[1] is not values:
+        _refuse_cache(cache, "does not return the tensors it keeps (a quantized, offloaded or sliding-window cache?)")
+    if keys.dim() != 4 or keys.shape[1] != kv_heads or keys.shape[-1] != head_dim:
+        _refuse_cache(cache, f"holds keys of shape {tuple(keys.shape)}")
+    cache_range = _cache_range(kwargs.get("attention_mask"), x, cache, layer_idx, keys.shape[2])
+    x = x if x.is_contiguous() else x.contiguous()
+    return _block.llama_block_decode(
+        x,
+        cos,
+        sin,
+        weights,
+        heads,
+        kv_heads,
+        keys,
+        values,
+        cache_range,
+        None,  # the model's tables hold this call's positions: token i reads row i
+        layer.input_layernorm.variance_epsilon,
+        owner=layer,
+    )
 
 
 def _rms_norm_forward(self, hidden_states):
@@ -459,8 +559,9 @@ def _model_pre_hook(module, args, kwargs):
             "llama3_kernels.hf: output_attentions=True is not supported: the fused block "
             "never forms the attention weights"
         )
-    # use_cache defaults to the config's (True for most checkpoints): a plain forward would build a
-    # cache the block cannot fill.  Left unset, it runs without one; asked for, the layers refuse.
+    # use_cache defaults to the config's (True for most checkpoints): a plain forward (training
+    # among them) would build a cache and decode with it.  Left unset, it runs without one; asked
+    # for (generate does), the layers run the decode step on it.
     if kwargs.get("use_cache") is None and len(args) <= _USE_CACHE_INDEX.get(type(module), 0):
         kwargs["use_cache"] = False
     return args, kwargs
@@ -586,8 +687,9 @@ def apply_to_llama(model, *, final_norm: bool = True, loss: bool = True):
     Raises ``UnsupportedLlamaError`` for a configuration the block cannot compute (biases, an
     activation other than SiLU, head_dim != hidden_size / num_attention_heads, ...) or for projections
     that are not plain ``nn.Linear`` (adapters, quantized layers).  Calls are refused for what the
-    block does not do: ``output_attentions``, a KV cache, attention dropout in training, masks that
-    are not one range of keys per sequence.  Forward passes run without a cache unless one is asked for.
+    block does not do: ``output_attentions``, attention dropout in training, masks that are not one
+    range of keys per sequence, caches other than DynamicCache / StaticCache.  Forward passes run
+    without a cache unless one is asked for; ``generate`` asks for one and decodes on the library.
     """
     _patch(model, final_norm, loss)
     return model

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import attention, linear, rmsnorm, rope, swiglu  # noqa: F401  (their imports register the ops)
+from .ops import attention, kv_cache, linear, rmsnorm, rope, swiglu  # noqa: F401  (their imports register the ops)
 from .ops._registry import NAMESPACE
 
 ops = torch.ops.llama3_kernels

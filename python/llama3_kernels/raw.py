@@ -231,3 +231,52 @@ def cross_entropy_into(
         stream = current_stream(logits)
     p = b.ptrs
     check(LIB.l3k_cross_entropy_forward_backward(p[0], p[1], int(ignore_index), p[2], p[3], p[4], stream))
+
+
+# ---- KV cache ------------------------------------------------------------------------------
+
+
+def kv_cache_append_into(
+    k,
+    v,
+    cos,
+    sin,
+    cache_range,
+    k_cache,
+    v_cache,
+    q=None,
+    q_out=None,
+    positions=None,
+    interleaved: bool = False,
+    stream: int | None = None,
+) -> None:
+    """Write `seq` new tokens into a layer's cache: k (batch, n_kv_heads, seq, head_dim) rotated
+    by RoPE and v as it is, at slots end - seq .. end - 1 of each sequence (cache_range int32
+    (batch, 2) [start, end) after the append); q (optional) rotated into q_out (q itself: in
+    place).  positions: optional int32 (batch,), the table row of each sequence's first new token
+    (None: row i for new token i)."""
+    b = Borrowed(q, k, v, cos, sin, positions, cache_range, q_out, k_cache, v_cache)
+    if stream is None:
+        stream = current_stream(k)
+    p = b.ptrs
+    check(LIB.l3k_kv_cache_append(*p[:7], int(bool(interleaved)), *p[7:], stream))
+
+
+def attention_decode_workspace_size(q, k_cache) -> int:
+    """Bytes of workspace attention_decode_into needs (0 on the CPU)."""
+    b = Borrowed(q, k_cache)
+    size = ctypes.c_size_t(0)
+    check(LIB.l3k_attention_decode_workspace_size(b.ptrs[0], b.ptrs[1], ctypes.byref(size)))
+    return size.value
+
+
+def attention_decode_into(
+    q, k_cache, v_cache, cache_range, o, scale: float = 0.0, workspace=None, stream: int | None = None
+) -> None:
+    """o = attention of each sequence's `seq` newest queries q (batch, heads, seq, head_dim) over
+    its cache: query i attends slots start .. end - seq + i (cache_range [start, end))."""
+    b = Borrowed(q, k_cache, v_cache, cache_range, o, workspace)
+    if stream is None:
+        stream = current_stream(q)
+    p = b.ptrs
+    check(LIB.l3k_attention_decode(p[0], p[1], p[2], p[3], float(scale), p[4], p[5], stream))
