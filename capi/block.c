@@ -740,6 +740,7 @@ static l3k_status check_cache(l3k_call *c, const dims *d, const l3k_llama_block_
                             names[i], (int)kv[i]->ndim, (long long)d->b, (long long)d->hkv, (long long)d->hd);
     }
     L3K_TRY(l3k_check_tensor(c, cache->cache_range, "cache->cache_range"));
+    if (cache->positions) L3K_TRY(l3k_check_tensor(c, cache->positions, "cache->positions"));
     view vq;
     DLTensor *q = heads_view(&vq, cache->k, (void *)0x100, 0, d, d->qkv, 0, d->h);
     return step(c, l3k_attention_decode_workspace_size(q, cache->k, decode_ws));
