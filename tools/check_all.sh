@@ -7,7 +7,7 @@ source "$(dirname "$0")/gpu_prelude.sh" # strict mode, absolute $OUT, install, c
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader
 timeout ${PYTEST_TIMEOUT:-300} python3 -m pytest -q tests/python --ignore=tests/python/test_distributed.py 2>&1 \
   | tee $OUT/pytest.log | tail -4
-for w in ${SANITIZE-sanitize_rmsnorm sanitize_rope_swiglu sanitize_attention}; do
+for w in ${SANITIZE-sanitize_rmsnorm sanitize_rope_swiglu sanitize_attention sanitize_kv_cache}; do
   for tool in memcheck racecheck; do
     compute-sanitizer --tool $tool --error-exitcode 9 python3 tools/$w.py > $OUT/$w-$tool.log 2>&1
     echo "$w $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' $OUT/$w-$tool.log | tail -1)"
