@@ -23,6 +23,7 @@ that large.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import math
 import threading
@@ -90,21 +91,36 @@ _ALIASES = {
 
 class BlockCall:
     """The weights and configuration of one block as the C ABI takes them.  A module keeps one
-    between calls (so a call at a host-bound shape costs little more than the C call); the
-    registered ops make one per call.  It holds references to the weights it borrowed."""
+    between calls (so a call at a host-bound shape costs little more than the C call), and so do
+    the registered ops, per set of weights (``_op_call``).  With `hold` it keeps the weights it
+    borrowed alive; without, it describes them by address (contiguous weights only), and the
+    caller passes weights with those very addresses and shapes to every call."""
 
-    __slots__ = ("key", "params", "data_ptrs", "spec", "borrowed", "weights", "cfg", "frame_key")
+    __slots__ = ("key", "param_specs", "data_ptrs", "spec", "borrowed", "weights", "cfg", "frame_key")
 
     def __init__(
-        self, params, n_heads: int, n_kv_heads: int, causal: bool, eps: float, deterministic: bool = False, key=None
+        self,
+        params,
+        n_heads: int,
+        n_kv_heads: int,
+        causal: bool,
+        eps: float,
+        deterministic: bool = False,
+        key=None,
+        hold: bool = True,
     ):
         self.key = key
-        self.params = tuple(params)
+        self.param_specs = tuple([(p.shape, p.dtype, p.device) for p in params])
         self.data_ptrs = tuple([p.data_ptr() for p in params])  # what the DLTensors below point at
         self.spec = (n_heads, n_kv_heads, causal, eps, deterministic)
-        self.borrowed = Borrowed(*params)
+        if hold:
+            self.borrowed = Borrowed(*params)
+            ptrs = self.borrowed.ptrs
+        else:
+            self.borrowed = Slots(params[0].device, [(p.shape, p.dtype) for p in params])
+            ptrs = self.borrowed.fill(self.data_ptrs)
         names = SPLIT_PARAM_NAMES if len(params) == len(SPLIT_PARAM_NAMES) else PARAM_NAMES
-        self.weights = BlockWeights(**dict(zip(names, self.borrowed.ptrs)))
+        self.weights = BlockWeights(**dict(zip(names, ptrs)))
         self.cfg = BlockConfig(n_heads, n_kv_heads, int(causal), eps, int(deterministic))
         # What a call's frame (sizes, DLTensors) depends on besides x.
         self.frame_key = (tuple([tuple(p.shape) for p in params]), self.spec)
@@ -202,7 +218,7 @@ class BlockCall:
         kept = acts[5].numel() > 0
         f = self.frame("backward", x, (preserve, kept))
         dx = torch.empty_like(x)
-        grads = _gradient_buffers(self.params)
+        grads = _gradient_buffers(self.param_specs)
         ws = torch.empty(f.workspace_bytes, dtype=torch.uint8, device=x.device)
         ptrs = f.slots.fill(
             [dout.data_ptr(), x.data_ptr(), dx.data_ptr(), ws.data_ptr()]
@@ -308,7 +324,7 @@ class _BackwardFrame:
         preserve, kept = flags
         lay = _layout(call, x)
         self.workspace_bytes = lay.backward_workspace_bytes_preserving if preserve else lay.backward_workspace_bytes
-        grads = [(p.shape, p.dtype) for p in call.params]
+        grads = [(shape, dtype) for shape, dtype, _ in call.param_specs]
         self.slots = Slots(
             x.device,
             [(x.shape, x.dtype)] * 3
@@ -323,33 +339,24 @@ class _BackwardFrame:
         self.grads_ref, self.saved_ref = ctypes.byref(self.grads), ctypes.byref(self.saved)
 
 
-def _gradient_buffers(params) -> list:
-    """A gradient for each weight.  Split q/k/v and gate/up get views of one buffer each, in
-    the fused order, so the C backward sees them adjacent: one GEMM per projection, and the
-    gate/up gradient's memory can hold its scratch before it is written."""
-    if len(params) != len(SPLIT_PARAM_NAMES):
-        return [torch.empty_like(p) for p in params]
-    q, k, v, o, gate, up, down, n1, n2 = params
+def _gradient_buffers(specs) -> list:
+    """A contiguous gradient for each weight, from the weights' (shape, dtype, device).  Split
+    q/k/v and gate/up get views of one buffer each, in the fused order, so the C backward sees
+    them adjacent: one GEMM per projection, and the gate/up gradient's memory can hold its
+    scratch before it is written."""
+
+    def new(shape, dtype, device):
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    if len(specs) != len(SPLIT_PARAM_NAMES):
+        return [new(*s) for s in specs]
+    q, k, v, o, gate, up, down, n1, n2 = specs
 
     def joined(*parts):
-        whole = torch.empty(
-            sum(p.shape[0] for p in parts), parts[0].shape[1], dtype=parts[0].dtype, device=parts[0].device
-        )
-        return list(whole.split([p.shape[0] for p in parts]))
+        whole = new((sum(p[0][0] for p in parts), parts[0][0][1]), *parts[0][1:])
+        return list(whole.split([p[0][0] for p in parts]))
 
-    dq, dk, dv = joined(q, k, v)
-    dgate, dup = joined(gate, up)
-    return [
-        dq,
-        dk,
-        dv,
-        torch.empty_like(o),
-        dgate,
-        dup,
-        torch.empty_like(down),
-        torch.empty_like(n1),
-        torch.empty_like(n2),
-    ]
+    return [*joined(q, k, v), new(*o), *joined(gate, up), new(*down), new(*n1), new(*n2)]
 
 
 # ---- registered ops (torch.compile) --------------------------------------------------------
@@ -359,22 +366,42 @@ def _gradient_buffers(params) -> list:
 _SPEC = "Tensor[] weights, int n_heads, int n_kv_heads, bool causal, float eps, bool deterministic"
 
 
+# The registered ops' calls, per weights (address, shape, dtype, device) and settings: a compiled
+# model passes the same weights every step.  They hold no weight (hold=False), so a model that is
+# dropped is freed; the least recently used go first.
+_OP_CALLS: collections.OrderedDict = collections.OrderedDict()
+
+
+def _op_call(weights, *spec) -> BlockCall:
+    if not all(w.is_contiguous() for w in weights) or len({w.device for w in weights}) != 1:
+        return BlockCall(weights, *spec)
+    key = (tuple([(w.data_ptr(), w.shape, w.dtype, w.device) for w in weights]), spec)
+    call = _OP_CALLS.get(key)
+    if call is None:
+        if len(_OP_CALLS) >= 256:
+            _OP_CALLS.popitem(last=False)
+        call = _OP_CALLS[key] = BlockCall(weights, *spec, hold=False)
+    else:
+        _OP_CALLS.move_to_end(key)
+    return call
+
+
 def _inference_kernel(x, cos, sin, weights, n_heads, n_kv_heads, causal, eps, deterministic, key_range=None):
-    call = BlockCall(weights, n_heads, n_kv_heads, causal, eps, deterministic)
+    call = _op_call(weights, n_heads, n_kv_heads, causal, eps, deterministic)
     return call.inference(x.contiguous(), cos, sin, key_range)
 
 
 def _train_kernel(
     x, cos, sin, weights, n_heads, n_kv_heads, causal, eps, deterministic, keep_attention, key_range=None
 ):
-    call = BlockCall(weights, n_heads, n_kv_heads, causal, eps, deterministic)
+    call = _op_call(weights, n_heads, n_kv_heads, causal, eps, deterministic)
     return list(call.train_forward(x.contiguous(), cos, sin, keep_attention, key_range))
 
 
 def _backward_kernel(
     dout, x, cos, sin, acts, weights, n_heads, n_kv_heads, causal, eps, deterministic, preserve, key_range=None
 ):
-    call = BlockCall(weights, n_heads, n_kv_heads, causal, eps, deterministic)
+    call = _op_call(weights, n_heads, n_kv_heads, causal, eps, deterministic)
     return list(call.backward(dout, x.contiguous(), cos, sin, acts, preserve, key_range))
 
 
@@ -426,7 +453,7 @@ define(
 def _decode_kernel(
     x, cos, sin, weights, n_heads, n_kv_heads, causal, eps, deterministic, k_cache, v_cache, cache_range, positions=None
 ):
-    call = BlockCall(weights, n_heads, n_kv_heads, causal, eps, deterministic)
+    call = _op_call(weights, n_heads, n_kv_heads, causal, eps, deterministic)
     return call.decode(x.contiguous(), cos, sin, k_cache, v_cache, cache_range, positions)
 
 
