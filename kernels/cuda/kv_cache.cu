@@ -1,6 +1,6 @@
 /* KV cache on CUDA: appending rotated keys and values (kv_append), and decode attention of a few
- * queries over the cache, split-KV (decode_split, then decode_combine).  Contract in
- * kernels/kv_cache.h; kernels/cpu/kv_cache.c is the reference.
+ * queries over the cache, split-KV (decode_mma or decode_split, then decode_combine).  Contract
+ * in kernels/kv_cache.h; kernels/cpu/kv_cache.c is the reference.
  *
  * kv_append: one thread per 8 elements of one row (a head of a token): 4 RoPE pairs of a q or k
  * row, or 8 values of a v row.  A token's rows are the query heads, then the kv heads' k, then
@@ -8,11 +8,15 @@
  * token has fewer than 256 items, else gridDim.y cuts a token's items; gridDim.x strides over
  * the tokens, so a prefill of thousands of tokens runs in parallel like a decode step.
  *
- * decode_split: a CTA of 4 warps takes NR (4, 8 or 16) query rows of one kv head (row r of the
- * kv head = query i * G + head g: the G heads of one query are adjacent, so a CTA's rows span
- * few query positions and its causal limit is tight) and one piece of the sequence's key range.
- * It streams the piece's K and V through a cp.async ring of STAGES tiles of TK = 32 keys
- * (zero-filled past the piece), and for each tile:
+ * Decode attention: a CTA of 4 warps takes up to 16 query rows of one kv head (row r of the kv
+ * head = query i * G + head g: the G heads of one query are adjacent, so a CTA's rows span few
+ * query positions and its causal limit is tight) and one piece of the sequence's key range
+ * (blockIdx.y of l3k_decode_attn_splits pieces), streamed through a cp.async ring (zero-filled
+ * past the piece), K and V read once for all the CTA's rows.
+ *
+ * decode_mma (float16 and bfloat16, head_dim 64 or 128: the decode shapes) does the products on
+ * tensor cores, see its comment.  decode_split (float32, other head_dims) on CUDA cores, for
+ * NR = 4, 8 or 16 rows, tiles of TK = 32 keys:
  *   QK: lane = key, warp = a quarter of head_dim's 8-column chunks (interleaved): every thread
  *       dots its key with all NR rows over its chunks; q (float32) is read from shared memory
  *       as warp-wide broadcasts, K rows are padded to an odd number of 16-byte chunks so the
@@ -22,11 +26,17 @@
  *   PV: warp = (block of 4 rows, subset of the tile's keys), lane = CW adjacent columns (CPL
  *       times): o += p v for its 4 rows.  The warps of one row block sum their accumulators at
  *       the end (every warp rescaled by the same CTA-wide running max, so the sum is exact).
- * So K and V are read from HBM once per CTA for all its rows, with up to STAGES - 1 tiles in
- * flight, and everything is float32 on CUDA cores (<= 16 rows: no use for tensor cores).
+ * On CUDA cores this is bound by instruction issue (about 600 instructions a warp per 32 keys,
+ * 2 or 3 CTAs an SM), near 60% of the H100's copy bandwidth for bf16 D 128: hence decode_mma.
  *
  * With one split the CTA writes o; with several it writes float32 partials to the workspace and
- * decode_combine (one group of head_dim / 8 threads per (b, h, i) row) merges them. */
+ * decode_combine (one CTA per (b, h, i) row) merges them.
+ *
+ * Workspace (splits S > 1, R = B * H * seq_q rows, row index (b * H + h) * seq_q + i):
+ *   float o[R][S][D]: each split's o, unnormalized (relative to its own max);
+ *   float2 ml[R][S] from float offset S * R * D: the split's (max, sum), the max in log2 units
+ *   (scale * log2(e) * <q, k>), (-inf, 0) for a split that saw no key of the row.
+ * S * R * (D + 2) * 4 bytes: l3k_decode_attn_workspace_bytes before its rounding. */
 #include <math.h>
 
 #include "common.cuh"
@@ -727,6 +737,9 @@ __global__ void __launch_bounds__(DEC_THREADS, (dec_min_blocks<T, NR, DMAX>()))
  * outside the piece are zero-filled; the only keys a row may not see among those loaded are the
  * newest ones (causal, seq_q > 1).  A tile holding such keys checks their V rows, and where one
  * is not finite the warp takes that tile's PV on CUDA cores, skipping the masked pairs. */
+#ifndef L3K_DECODE_MMA
+#define L3K_DECODE_MMA 1 /* 0: decode_split for every dtype and head_dim */
+#endif
 constexpr int MMA_TK = 64, MMA_STAGES = 2, MMA_WARPS = 4;
 static_assert(MMA_WARPS * 32 == DEC_THREADS, "decode_mma runs DEC_THREADS threads");
 
@@ -1167,7 +1180,7 @@ int launch_attn(const l3k_decode_attn_args &a, const dec_geom &g, cudaStream_t s
     /* NR < 16 only where one group holds every row of a kv head: the same group count
      * (l3k_decode_row_groups, by L3K_DECODE_ROWS) that sized the splits. */
     int err = -1;
-    if constexpr (sizeof(T) == 2) {
+    if constexpr (sizeof(T) == 2 && L3K_DECODE_MMA) {
         if (g.D == 64) err = launch_mma<T, 64>(a, g, st);
         else if (g.D == 128) err = launch_mma<T, 128>(a, g, st);
     }
