@@ -152,7 +152,9 @@ def test_triton_swiglu_mlp(adjacent, dtype, device):
     scale = 4 if dtype != torch.float32 else 1  # the GEMMs round in the storage dtype
     assert_close(out, ref, dtype, scale=scale, what="out")
     for t, r, name in zip(leaves, refs, ["dx", "dgate_up" if adjacent else "dgate", "dup", "ddown"]):
-        assert_close(t.grad, r.grad, dtype, scale=scale, what=name)
+        # The weight gradients sum, over every token, products whose factors were each rounded
+        # to the storage dtype (the gate/up outputs, their SiLU product): twice the room.
+        assert_close(t.grad, r.grad, dtype, scale=scale if name == "dx" else 2 * scale, what=name)
     with torch.no_grad():
         assert_close(l3k.triton_swiglu(x, wg, wu, wd), ref, dtype, scale=scale, what="no-grad path")
 
