@@ -456,7 +456,9 @@ L3K_API l3k_status l3k_attention_decode_workspace_size(const DLTensor *q, const 
  *            when that is 0.
  * A query that sees no key (p < start) gets o = 0.  On CUDA the keys of a sequence are cut into
  * pieces (split-KV) whose results are merged, so the last bits may differ from the CPU's; the
- * result does not depend on the run (no atomics). */
+ * result does not depend on the run (no atomics).  The environment variable L3K_DECODE_MMA=1
+ * (read at each call) selects a tensor-core kernel for float16 / bfloat16 at head_dim 64 and 128,
+ * experimental: not yet held to the parity tests on a GPU. */
 L3K_API l3k_status l3k_attention_decode(const DLTensor *q, const DLTensor *k_cache, const DLTensor *v_cache,
                                         const DLTensor *cache_range, float scale, DLTensor *o,
                                         DLTensor *workspace, void *stream);

@@ -14,8 +14,9 @@
  * (blockIdx.y of l3k_decode_attn_splits pieces), streamed through a cp.async ring (zero-filled
  * past the piece), K and V read once for all the CTA's rows.
  *
- * decode_mma (float16 and bfloat16, head_dim 64 or 128: the decode shapes) does the products on
- * tensor cores, see its comment.  decode_split (float32, other head_dims) on CUDA cores, for
+ * decode_mma (float16 and bfloat16, head_dim 64 or 128: the decode shapes; only where the
+ * environment sets L3K_DECODE_MMA=1, see decode_mma_enabled) does the products on tensor cores,
+ * see its comment.  decode_split (everything else) on CUDA cores, for
  * NR = 4, 8 or 16 rows, tiles of TK = 32 keys:
  *   QK: lane = key, warp = a quarter of head_dim's 8-column chunks (interleaved): every thread
  *       dots its key with all NR rows over its chunks; q (float32) is read from shared memory
@@ -38,6 +39,7 @@
  *   (scale * log2(e) * <q, k>), (-inf, 0) for a split that saw no key of the row.
  * S * R * (D + 2) * 4 bytes: l3k_decode_attn_workspace_bytes before its rounding. */
 #include <math.h>
+#include <stdlib.h>
 
 #include "common.cuh"
 #include "kv_cache.h"
@@ -737,9 +739,13 @@ __global__ void __launch_bounds__(DEC_THREADS, (dec_min_blocks<T, NR, DMAX>()))
  * outside the piece are zero-filled; the only keys a row may not see among those loaded are the
  * newest ones (causal, seq_q > 1).  A tile holding such keys checks their V rows, and where one
  * is not finite the warp takes that tile's PV on CUDA cores, skipping the masked pairs. */
-#ifndef L3K_DECODE_MMA
-#define L3K_DECODE_MMA 1 /* 0: decode_split for every dtype and head_dim */
-#endif
+/* decode_mma runs only where the environment sets L3K_DECODE_MMA=1 (read at each call, so a test
+ * can compare both kernels in one process): it has not yet been held to the parity tests on a
+ * GPU, where decode_split has.  Without it every dtype and head_dim takes decode_split. */
+bool decode_mma_enabled() {
+    const char *e = getenv("L3K_DECODE_MMA");
+    return e && e[0] == '1' && e[1] == 0;
+}
 constexpr int MMA_TK = 64, MMA_STAGES = 2, MMA_WARPS = 4;
 static_assert(MMA_WARPS * 32 == DEC_THREADS, "decode_mma runs DEC_THREADS threads");
 
@@ -1180,9 +1186,11 @@ int launch_attn(const l3k_decode_attn_args &a, const dec_geom &g, cudaStream_t s
     /* NR < 16 only where one group holds every row of a kv head: the same group count
      * (l3k_decode_row_groups, by L3K_DECODE_ROWS) that sized the splits. */
     int err = -1;
-    if constexpr (sizeof(T) == 2 && L3K_DECODE_MMA) {
-        if (g.D == 64) err = launch_mma<T, 64>(a, g, st);
-        else if (g.D == 128) err = launch_mma<T, 128>(a, g, st);
+    if constexpr (sizeof(T) == 2) {
+        if (decode_mma_enabled()) {
+            if (g.D == 64) err = launch_mma<T, 64>(a, g, st);
+            else if (g.D == 128) err = launch_mma<T, 128>(a, g, st);
+        }
     }
     if (err == -1) {
         if (g.rows_kv <= 4) err = dispatch_dim<T, 4>(a, g, st);

@@ -72,6 +72,29 @@ def test_attention_decode_matches_sdpa(h, hkv, d, seq, cap, dtype, device):
         assert torch.equal(o[2], torch.zeros_like(o[2]))
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_attention_decode_tensor_core_kernel(head_dim, half, monkeypatch):
+    """The CUDA tensor-core decode kernel (L3K_DECODE_MMA=1) against SDPA: one query and several,
+    GQA and MHA, one split and many, padding, a query that sees nothing."""
+    if not (torch.cuda.is_available() and l3k.has_cuda()):
+        pytest.skip("needs CUDA")
+    monkeypatch.setenv("L3K_DECODE_MMA", "1")
+    for b, h, hkv, seq, cap in [(3, 32, 8, 1, 4096), (2, 8, 2, 3, 300), (3, 4, 4, 5, 70)]:
+        q = torch.randn(b, h, seq, head_dim, device="cuda", dtype=half)
+        kc = torch.randn(b, hkv, cap, head_dim, device="cuda", dtype=half)
+        vc = torch.randn(b, hkv, cap, head_dim, device="cuda", dtype=half)
+        ranges = torch.tensor([[0, cap], [5, cap // 2], [0, seq - 1]][:b], dtype=torch.int32, device="cuda")
+        for bi in range(b):  # NaN outside each range must not reach o
+            lo, hi = int(ranges[bi, 0]), int(ranges[bi, 1])
+            kc[bi, :, :lo] = float("nan")
+            kc[bi, :, max(hi, 0) :] = float("nan")
+            vc[bi, :, :lo] = float("nan")
+            vc[bi, :, max(hi, 0) :] = float("nan")
+        o = l3k.attention_decode(q, kc, vc, ranges)
+        assert_close(o, reference_decode(q, kc, vc, ranges), half, what=f"B{b} H{h}/{hkv} seq {seq} cache {cap}")
+
+
 def test_attention_decode_long_cache_splits(device):
     """A cache long enough for the CUDA kernel to cut each sequence's keys into pieces."""
     dtype = torch.bfloat16
