@@ -39,17 +39,6 @@ static l3k_status check_tokens(l3k_call *c, const DLTensor *t, const char *name,
     return L3K_SUCCESS;
 }
 
-/* A written tensor must not repeat elements (a stride 0 over a dim longer than 1): threads
- * writing one element at once would race. */
-static l3k_status check_no_repeats(l3k_call *c, const DLTensor *t, const char *name) {
-    if (!t || l3k_numel(t) == 0) return L3K_SUCCESS;
-    for (int i = 0; i < t->ndim; ++i)
-        if (t->shape[i] > 1 && l3k_stride(t, i) == 0)
-            return l3k_fail(c, L3K_ERROR_LAYOUT,
-                            "%s stride[%d] is 0, expected an output that does not repeat elements", name, i);
-    return L3K_SUCCESS;
-}
-
 /* Every written tensor apart from every other tensor of the call (in_place: the pairs allowed to
  * be the very same view, as outs[i] over ins[i]). */
 static l3k_status check_apart(l3k_call *c, const DLTensor *const *outs, const char *const *out_names,
@@ -114,7 +103,8 @@ l3k_status l3k_kv_cache_append(const DLTensor *q, const DLTensor *k, const DLTen
                         "mode is %d, expected L3K_ROPE_HALF (0) or L3K_ROPE_INTERLEAVED (1)", mode);
     const DLTensor *outs[3] = {q_out, k_cache, v_cache};
     static const char *out_names[3] = {"q_out", "k_cache", "v_cache"};
-    for (int i = 0; i < 3; ++i) L3K_TRY(check_no_repeats(&c, outs[i], out_names[i]));
+    for (int i = 0; i < 3; ++i)
+        if (outs[i]) L3K_TRY(l3k_check_no_repeats(&c, outs[i], out_names[i]));
     const DLTensor *ins[7] = {q, k, v, cos, sin, positions, cache_range};
     static const char *in_names[7] = {"q", "k", "v", "cos", "sin", "positions", "cache_range"};
     /* In place (q_out the very view of q), q's heads may interleave with k's and v's, views of one
@@ -212,7 +202,7 @@ l3k_status l3k_attention_decode(const DLTensor *q, const DLTensor *k_cache, cons
     if (need && (uintptr_t)l3k_data(workspace) % 256 != 0)
         return l3k_fail(&c, L3K_ERROR_ALIGNMENT, "workspace data pointer %p is not 256-byte aligned",
                         l3k_data(workspace));
-    L3K_TRY(check_no_repeats(&c, o, "o"));
+    L3K_TRY(l3k_check_no_repeats(&c, o, "o"));
     const DLTensor *outs[2] = {o, need ? workspace : NULL};
     static const char *out_names[2] = {"o", "workspace"};
     const DLTensor *ins[4] = {q, k_cache, v_cache, cache_range};

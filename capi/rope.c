@@ -27,10 +27,7 @@ static l3k_status check_out(l3k_call *c, const DLTensor *out, const char *name, 
     L3K_TRY(l3k_check_dtype(c, out, name, dt, in_name));
     L3K_TRY(check_4d(c, out, name, &got, strides));
     L3K_TRY(l3k_check_same_shape(c, out, name, in, in_name));
-    for (int i = 0; i < 3 && l3k_numel(out) > 0; ++i)
-        if (out->shape[i] > 1 && strides[i] == 0)
-            return l3k_fail(c, L3K_ERROR_LAYOUT,
-                            "%s stride[%d] is 0, expected an output that does not repeat elements", name, i);
+    L3K_TRY(l3k_check_no_repeats(c, out, name));
     return l3k_check_no_overlap(c, out, name, in, in_name, 1);
 }
 

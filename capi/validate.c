@@ -502,3 +502,12 @@ l3k_status l3k_check_rows_no_overlap(l3k_call *c, const l3k_rows *out, const cha
                         out_name, in_name);
     return L3K_SUCCESS;
 }
+
+l3k_status l3k_check_no_repeats(l3k_call *c, const DLTensor *t, const char *name) {
+    if (l3k_numel(t) == 0) return L3K_SUCCESS;
+    for (int i = 0; i < t->ndim; ++i)
+        if (t->shape[i] > 1 && l3k_stride(t, i) == 0)
+            return l3k_fail(c, L3K_ERROR_LAYOUT,
+                            "%s stride[%d] is 0, expected an output that does not repeat elements", name, i);
+    return L3K_SUCCESS;
+}

@@ -94,6 +94,10 @@ l3k_status l3k_check_workspace(l3k_call *c, const DLTensor *t, size_t bytes);
 /* eps finite and >= 0. */
 l3k_status l3k_check_eps(l3k_call *c, float eps);
 
+/* An output must not repeat elements (stride 0 over a dim longer than 1: threads writing one
+ * element at once would race); a tensor with no element passes. */
+l3k_status l3k_check_no_repeats(l3k_call *c, const DLTensor *t, const char *name);
+
 /* Byte range [lo, hi) spanned by a strided tensor's elements (lo == hi when empty). */
 void l3k_byte_range(const DLTensor *t, uintptr_t *lo, uintptr_t *hi);
 

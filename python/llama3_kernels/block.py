@@ -259,10 +259,12 @@ def _frames() -> dict:
     return frames
 
 
-def _ask(call: BlockCall, x: torch.Tensor, query, answer):
-    """`answer`, filled by one of the library's size queries for x's shape (x is only described)."""
+def _ask(call: BlockCall, x: torch.Tensor, query, answer, *more):
+    """`answer`, filled by one of the library's size queries for x's shape (x is only described);
+    `more`: the query's arguments between cfg and the answer (ctypes structs)."""
     xs = Slots(x.device, [(x.shape, x.dtype)])
-    check(query(xs.fill([x.data_ptr()])[0], ctypes.byref(call.weights), ctypes.byref(call.cfg), ctypes.byref(answer)))
+    refs = [ctypes.byref(a) for a in (call.weights, call.cfg, *more, answer)]
+    check(query(xs.fill([x.data_ptr()])[0], *refs))
     return answer
 
 
@@ -294,17 +296,7 @@ class _ForwardFrame:
             size = _ask(call, x, LIB.l3k_llama_block_forward_workspace_size, ctypes.c_size_t(0))
             self.workspace_bytes, self.activations = size.value, []
         elif kind == "decode":
-            size = ctypes.c_size_t(0)
-            xs = Slots(x.device, [(x.shape, x.dtype)])
-            check(
-                LIB.l3k_llama_block_decode_workspace_size(
-                    xs.fill([x.data_ptr()])[0],
-                    ctypes.byref(call.weights),
-                    ctypes.byref(call.cfg),
-                    ctypes.byref(flag),
-                    ctypes.byref(size),
-                )
-            )
+            size = _ask(call, x, LIB.l3k_llama_block_decode_workspace_size, ctypes.c_size_t(0), flag)
             self.workspace_bytes, self.activations = size.value, []
         else:
             lay = _layout(call, x)

@@ -210,15 +210,9 @@ def _key_range(mask, x: torch.Tensor, cfg, position_ids, kwargs):
             f"llama3_kernels.hf: a {type(mask).__name__} attention mask (flex attention?) is not supported; load "
             "the model with attn_implementation='sdpa' or 'eager'."
         )
-    if not compiling:
-        memo = _MASK_MEMO[0]
-        if (
-            memo is not None
-            and memo[0]() is mask
-            and memo[1] == _mask_version(mask)
-            and memo[2] == (batch, seq, x.device)
-        ):
-            return memo[3]
+    memo_key = ("keys", batch, seq, x.device)
+    if not compiling and _memo_holds(mask, memo_key):
+        return _MASK_MEMO[0][3]
     if mask.dim() == 2:
         if mask.shape[-1] != seq:
             _refuse_mask(f"the mask covers {mask.shape[-1]} keys for a sequence of {seq} (a KV cache or a prefix?)")
@@ -236,19 +230,32 @@ def _key_range(mask, x: torch.Tensor, cfg, position_ids, kwargs):
     allowed = _allowed(rows).to(x.device)
     if allowed.shape[0] != batch:
         allowed = allowed.expand(batch, seq)
-    idx = torch.arange(seq, device=x.device, dtype=torch.int32)
-    start = torch.where(allowed, idx, seq).amin(-1)
-    end = torch.where(allowed, idx + 1, 0).amax(-1)
-    start = torch.minimum(start, end)  # a sequence with no valid key: an empty range at 0
-    key_range = torch.stack([start, end], dim=-1).to(torch.int32)
+    start, end, key_range = _span(allowed)
     if compiling:
         return key_range
     bad, padded = _check_ranges(mask, x.device, start, end, seq)
     if bad:
         _refuse_mask("the attention mask is not one contiguous range of keys per sequence")
     result = key_range if padded else None
-    _MASK_MEMO[0] = (weakref.ref(mask), _mask_version(mask), (batch, seq, x.device), result)
+    _MASK_MEMO[0] = (weakref.ref(mask), _mask_version(mask), memo_key, result)
     return result
+
+
+def _memo_holds(mask, key) -> bool:
+    """Whether _MASK_MEMO holds what was learnt from this very mask (unchanged since) for `key`."""
+    memo = _MASK_MEMO[0]
+    return memo is not None and memo[0]() is mask and memo[1] == _mask_version(mask) and memo[2] == key
+
+
+def _span(allowed: torch.Tensor):
+    """(start, end, their (batch, 2) int32 stack) of the allowed keys in each row of `allowed`
+    (batch, keys): the first allowed key and one past the last, without a host sync."""
+    n = allowed.shape[-1]
+    idx = torch.arange(n, device=allowed.device, dtype=torch.int32)
+    start = torch.where(allowed, idx, n).amin(-1)
+    end = torch.where(allowed, idx + 1, 0).amax(-1)
+    start = torch.minimum(start, end)  # a sequence with no valid key: an empty range at 0
+    return start, end, torch.stack([start, end], dim=-1).to(torch.int32)
 
 
 def _check_ranges(mask, device, start, end, seq):
@@ -413,29 +420,24 @@ def _cache_range(mask, x: torch.Tensor, cache, layer_idx: int, slots: int):
     if mask.shape[-1] != slots or mask.shape[-2] != seq:
         _refuse_mask(f"the mask is {tuple(mask.shape)} for {seq} queries over a cache of {slots} slots")
     compiling = torch.compiler.is_compiling()
-    if not compiling:
-        memo = _MASK_MEMO[0]
-        if memo is not None and memo[0]() is mask and memo[1] == _mask_version(mask) and memo[2] == ("cache", x.device):
-            return memo[3]
+    memo_key = ("cache", batch, seq, x.device)
+    if not compiling and _memo_holds(mask, memo_key):
+        return _MASK_MEMO[0][3]
     allowed = _allowed(mask[:, 0]).to(x.device)
     if allowed.shape[0] != batch:
         allowed = allowed.expand(batch, seq, slots)
-    last = allowed[:, -1]
-    idx = torch.arange(slots, device=x.device, dtype=torch.int32)
-    start = torch.where(last, idx, slots).amin(-1)
-    end = torch.where(last, idx + 1, 0).amax(-1)
-    start = torch.minimum(start, end)
-    cache_range = torch.stack([start, end], dim=-1).to(torch.int32)
+    start, end, cache_range = _span(allowed[:, -1])
     if compiling:
         return cache_range
     # Query i of a sequence sits at slot end - seq + i and sees start .. its own slot.
     i = torch.arange(seq, device=x.device).view(1, -1, 1)
+    j = torch.arange(slots, device=x.device).view(1, 1, -1)
     own = end.view(-1, 1, 1) - seq + i
-    want = (idx.view(1, 1, -1) >= start.view(-1, 1, 1)) & (idx.view(1, 1, -1) <= own)
+    want = (j >= start.view(-1, 1, 1)) & (j <= own)
     real = own >= start.view(-1, 1, 1)  # padding queries: implementations differ, not held to it
     if bool(((allowed != want) & real).any()):
         _refuse_mask("the attention mask of a KV-cache call is not one causal range of slots per sequence")
-    _MASK_MEMO[0] = (weakref.ref(mask), _mask_version(mask), ("cache", x.device), cache_range)
+    _MASK_MEMO[0] = (weakref.ref(mask), _mask_version(mask), memo_key, cache_range)
     return cache_range
 
 

@@ -21,10 +21,6 @@ from ._common import key_range_for
 from ._registry import define, ops, traced
 
 
-def _int32(t, like):
-    return None if t is None else key_range_for(t, like)
-
-
 def _check_4d(op: str, **tensors) -> None:
     for name, t in tensors.items():
         if t is not None and t.dim() != 4:
@@ -40,7 +36,7 @@ def _kv_cache_append(k, v, cos, sin, cache_range, k_cache, v_cache, q=None, posi
     _check_4d("kv_cache_append", k=k, v=v, q=q)
     q_out = torch.empty_like(q) if q is not None else None
     cos, sin = cos.contiguous(), sin.contiguous()
-    cache_range, positions = _int32(cache_range, k), _int32(positions, k)
+    cache_range, positions = key_range_for(cache_range, k), key_range_for(positions, k)
     kv_cache_append_into(k, v, cos, sin, cache_range, k_cache, v_cache, q, q_out, positions, interleaved)
     return q_out if q_out is not None else k.new_empty(0)
 
@@ -50,7 +46,7 @@ def _attention_decode(q, k_cache, v_cache, cache_range, scale=0.0):
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     ws_bytes = attention_decode_workspace_size(q, k_cache)
     ws = q.new_empty(ws_bytes, dtype=torch.uint8) if ws_bytes else None
-    attention_decode_into(q, k_cache, v_cache, _int32(cache_range, q), o, scale, ws)
+    attention_decode_into(q, k_cache, v_cache, key_range_for(cache_range, q), o, scale, ws)
     return o
 
 
