@@ -72,6 +72,7 @@ _TORCH_NAMES = (
     "kv_cache_append",
     "attention_decode",
     "KVCache",
+    "CacheSlots",
     "llama_block_decode",
     "triton_swiglu",
     "TorchLlama3Block",
@@ -92,7 +93,7 @@ else:
         library,  # registers torch.ops.llama3_kernels.* (torch.compile, torch.library)
     )
     from .block import Llama3Block, TritonLlama3Block, llama_block_decode
-    from .cache import KVCache
+    from .cache import CacheSlots, KVCache
     from .modules import RMSNorm, RotaryEmbedding, SwiGLUMLP
     from .ops.attention import flash_attn, triton_flash_attn
     from .ops.cross_entropy import cross_entropy

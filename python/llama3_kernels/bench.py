@@ -331,20 +331,30 @@ class Run:
         return bw
 
 
+def bench_arguments(doc: str, writes: str, reps_help: str, compile_help: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --out (the folder for `writes`), --reps, --no-compile
+    and --cpu; each adds its own after."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench_out", help=f"folder for {writes}")
+    ap.add_argument("--reps", type=int, default=None, help=reps_help)
+    ap.add_argument("--no-compile", action="store_true", help=compile_help)
+    ap.add_argument("--cpu", action="store_true", help="run the CPU path even where a GPU is present")
+    return ap
+
+
 def start_run(
     name: str,
     cpu_caveat: str,
-    *,
-    cpu: bool = False,
-    reps: int | None = None,
+    args: argparse.Namespace,
     default_reps: tuple[int, int] = (100, 10),
     warmup: tuple[int, int] = (5, 2),
     extra_env: dict | None = None,
 ) -> Run:
-    """A benchmark's setup: the device (the CPU where `cpu`, i.e. --cpu), its dtype, a Timer
-    (`reps` where given, else default_reps; default_reps and warmup as (GPU, CPU)), the date and
-    the environment (`extra_env`, e.g. the transformers version, after it); prints the banner:
-    on the CPU why and `cpu_caveat` first, then the card, the versions and the date."""
+    """A benchmark's setup from its bench_arguments: the device (the CPU where --cpu), its dtype,
+    a Timer (--reps where given, else default_reps; default_reps and warmup as (GPU, CPU)), the
+    date and the environment (`extra_env`, e.g. the transformers version, after it); prints the
+    banner: on the CPU why and `cpu_caveat` first, then the card, the versions and the date."""
+    cpu, reps = args.cpu, args.reps
     log = Progress()
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     gpu = torch.cuda.is_available() and not cpu and _lib.has_cuda()
@@ -381,6 +391,16 @@ def transformers_version(needed_by: str | None = None) -> str | None:
     return transformers.__version__
 
 
+def print_head(title: str, columns: str, caveat: str | None = None) -> None:
+    """A table's title, the caveat (the CPU path's: its times are not results) as a banner, the
+    column header and a rule under it."""
+    print(title)
+    if caveat:
+        print(f"*** {caveat} ***")
+    print(columns)
+    print("-" * len(columns))
+
+
 def print_table(cases: list[Case], bw: float, caveat: str | None = None) -> None:
     """With a caveat (the CPU run) only the times: the share of the copy-bandwidth floor would
     read as a ranking."""
@@ -388,9 +408,7 @@ def print_table(cases: list[Case], bw: float, caveat: str | None = None) -> None
     head = f"{'op':<20} {'shape':<14} " + " ".join(f"{l:>16}" for l in labels)
     if not caveat:
         head += f" {'floor':>9} {'of floor':>9}"
-    print(f"single ops: {caveat}" if caveat else "single ops: median times")
-    print(head)
-    print("-" * len(head))
+    print_head(f"single ops: {caveat}" if caveat else "single ops: median times", head)
     for c in cases:
         floor_ms = c.bytes / bw * 1e3
         cells = " ".join(f"{c.results[l] * 1e3:>13.1f} us" if l in c.results else f"{'-':>16}" for l in labels)
@@ -530,17 +548,15 @@ def plot(
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_arguments(
+        __doc__, "bench.json and bench.png", "timed repetitions per case", "skip the torch.compile peers"
+    )
     ap.add_argument(
         "--suite",
         default="block",
         choices=["all", "block", *SUITES],
         help="block (default): the whole LLaMA-3 block; all: block and every op",
     )
-    ap.add_argument("--out", default="bench_out", help="folder for bench.json and bench.png")
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
-    ap.add_argument("--cpu", action="store_true", help="run the CPU path even where a GPU is present")
     ap.add_argument(
         "--configs",
         default=None,
@@ -548,7 +564,7 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
 
-    run = start_run("bench", CPU_CAVEAT, cpu=args.cpu, reps=args.reps, default_reps=(100, 10), warmup=(5, 2))
+    run = start_run("bench", CPU_CAVEAT, args)
     gpu, device, timer, caveat, env = run.gpu, run.device, run.timer, run.caveat, run.env
     bw = run.copy_bandwidth()
     suites = SUITES if args.suite == "all" else {} if args.suite == "block" else {args.suite: SUITES[args.suite]}

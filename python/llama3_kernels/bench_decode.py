@@ -40,7 +40,6 @@ project's bars beside the numbers, and writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -51,8 +50,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .bench import Timer, start_run, transformers_version
-from .bench_hf import build_model
+from .bench import Timer, bench_arguments, print_head, start_run, transformers_version
+from .bench_hf import build_model, model_shape
 
 CPU_NOTE = "CPU reference timings, not results: tiny float32 shapes on the C reference kernels"
 
@@ -95,14 +94,7 @@ def decode_config(
             "bar_floor": 1.3,
         },
         "generate": {
-            "model": dict(
-                hidden_size=dim,
-                intermediate_size=hidden,
-                num_attention_heads=heads,
-                num_key_value_heads=kv_heads,
-                num_hidden_layers=layers,
-                vocab_size=vocab,
-            ),
+            "model": model_shape(dim, hidden, heads, kv_heads, layers, vocab),
             "batches": batches,
             "prompt": prompt,
             "new_tokens": new_tokens,
@@ -229,15 +221,12 @@ def attention_case(case: dict, cfg: dict, timer: Timer, bw: float, device, dtype
 
 def print_attention(rows: list[dict], bw: float, dtype, gpu: bool) -> list[dict]:
     r0 = rows[0]
-    print(
+    print_head(
         f"Decode attention, one query token per sequence over a full cache: {_dtype_name(dtype)}, "
-        f"{r0['heads']}/{r0['kv_heads']} heads, head_dim {r0['head_dim']}; copy bandwidth {bw / 1e12:.3f} TB/s"
+        f"{r0['heads']}/{r0['kv_heads']} heads, head_dim {r0['head_dim']}; copy bandwidth {bw / 1e12:.3f} TB/s",
+        f"{'case':<18} {'contender':<16} {'median':>11} {'KV TB/s':>9} {'of copy':>8} {'vs best SDPA':>13}",
+        None if gpu else CPU_NOTE,
     )
-    if not gpu:
-        print(f"*** {CPU_NOTE} ***")
-    head = f"{'case':<18} {'contender':<16} {'median':>11} {'KV TB/s':>9} {'of copy':>8} {'vs best SDPA':>13}"
-    print(head)
-    print("-" * len(head))
     for r in rows:
         case = f"B{r['batch']} cache {r['cache']}"
         for label, us in r["median_us"].items():
@@ -317,22 +306,21 @@ def layer_step(cfg: dict, timer: Timer, bw: float, device, dtype, log) -> dict:
 
 
 def print_layer(r: dict, dtype, gpu: bool) -> list[dict]:
-    print(
-        f"One layer's decode step (Llama3Block.decode, one C call): dim {r['dim']}, hidden {r['hidden']}, "
-        f"{r['heads']}/{r['kv_heads']} heads, {_dtype_name(dtype)}, batch {r['batch']}, one new token, "
-        f"cache_range [0, {r['cache']})"
-    )
-    if not gpu:
-        print(f"*** {CPU_NOTE} ***")
-    print(
+    notes = [
         f"weight-read floor: {r['weight_bytes'] / 2**20:.1f} MiB of qkv, o, gate_up, down weights at the copy "
         f"bandwidth = {r['weight_floor_us']:.1f} us (the KV cache adds {r['kv_bytes'] / 2**20:.1f} MiB)"
-    )
+    ]
     if not r["graph_replay_on"]:
-        print("graph replay was off (it is CUDA-only; L3K_GRAPH_REPLAY=0 turns it off): both rows ran the same calls")
-    head = f"{'contender':<30} {'median':>11} {'/ weight floor':>15}"
-    print(head)
-    print("-" * len(head))
+        notes.append(
+            "graph replay was off (it is CUDA-only; L3K_GRAPH_REPLAY=0 turns it off): both rows ran the same calls"
+        )
+    print_head(
+        f"One layer's decode step (Llama3Block.decode, one C call): dim {r['dim']}, hidden {r['hidden']}, "
+        f"{r['heads']}/{r['kv_heads']} heads, {_dtype_name(dtype)}, batch {r['batch']}, one new token, "
+        f"cache_range [0, {r['cache']})\n" + "\n".join(notes),
+        f"{'contender':<30} {'median':>11} {'/ weight floor':>15}",
+        None if gpu else CPU_NOTE,
+    )
     for label, us in r["median_us"].items():
         print(f"{label:<30} {us:>8.1f} us {r['over_weight_floor'][label]:>14.2f}x")
     label = f"{OURS} (graph replay)"
@@ -347,15 +335,9 @@ def print_layer(r: dict, dtype, gpu: bool) -> list[dict]:
 
 def generate_call(model, ids, mask, new_tokens: int, **kw):
     def run():
+        fixed_length = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)  # every run makes as many
         return model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            use_cache=True,
-            pad_token_id=0,
-            **kw,
+            input_ids=ids, attention_mask=mask, do_sample=False, use_cache=True, pad_token_id=0, **fixed_length, **kw
         )
 
     return run
@@ -491,26 +473,22 @@ def generate_section(cfg: dict, timer: Timer, device, dtype, gpu: bool, compile_
 
 def print_generate(g: dict, gpu: bool) -> list[dict]:
     m, n = g["model"], g["new_tokens"]
-    print(
+    title = (
         f"generate(): LlamaForCausalLM, {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, intermediate "
         f"{m['intermediate_size']}, {m['num_attention_heads']}/{m['num_key_value_heads']} heads, vocab "
         f"{m['vocab_size']}{' (kept small; LLaMA-3 has 128256)' if gpu else ''}, {m['dtype']}, random init, "
-        f"prompt {g['prompt']}, {n} new tokens, greedy"
+        f"prompt {g['prompt']}, {n} new tokens, greedy\ncompile: {g['compile_note']}\nper token: {g['per_token']}"
     )
-    print(f"compile: {g['compile_note']}")
-    print(f"per token: {g['per_token']}")
-    if not gpu:
-        print(f"*** {CPU_NOTE} ***")
     # The reference: transformers' static cache, compiled (by generate or explicitly) where it was.
     statics = [r for r in g["results"] if r["contender"].startswith("HF static") and "error" not in r]
     ref = next((r for r in statics if r["compiled"] != "no"), statics[0] if statics else None)
     ref_label, compiled_ref = (ref["contender"], ref["compiled"] != "no") if ref else (None, False)
-    head = (
+    print_head(
+        title,
         f"{'contender':<42} {'batch':>5} {'compiled':>11} {f'gen {n}':>11} {'gen 1':>11} {'ms/token':>9} "
-        f"{'tokens/s':>10} {'/ HF static':>11}"
+        f"{'tokens/s':>10} {'/ HF static':>11}",
+        None if gpu else CPU_NOTE,
     )
-    print(head)
-    print("-" * len(head))
     refs = {
         r["batch"]: r["ms_per_token"]
         for r in g["results"]
@@ -544,17 +522,13 @@ def print_generate(g: dict, gpu: bool) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="bench_out", help="folder for bench_decode.json")
-    ap.add_argument(
-        "--reps",
-        type=int,
-        default=None,
-        help="timed repetitions per contender (default: 100 GPU / 5 CPU for the kernels and the layer, "
+    ap = bench_arguments(
+        __doc__,
+        "bench_decode.json",
+        "timed repetitions per contender (default: 100 GPU / 5 CPU for the kernels and the layer, "
         "10 GPU / 3 CPU generate calls)",
+        "skip the compiled peers of generate()",
     )
-    ap.add_argument("--no-compile", action="store_true", help="skip the compiled peers of generate()")
-    ap.add_argument("--cpu", action="store_true", help="run the CPU path even where a GPU is present")
     ap.add_argument(
         "--sections",
         default=",".join(SECTIONS),
@@ -567,15 +541,8 @@ def main(argv=None) -> int:
         ap.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
 
     needs_transformers = "bench_decode: the generate section" if "generate" in sections else None
-    run = start_run(
-        "bench_decode",
-        CPU_NOTE,
-        cpu=args.cpu,
-        reps=args.reps,
-        default_reps=(100, 5),
-        warmup=(5, 2),
-        extra_env={"transformers": transformers_version(needs_transformers)},
-    )
+    versions = {"transformers": transformers_version(needs_transformers)}
+    run = start_run("bench_decode", CPU_NOTE, args, (100, 5), (5, 2), versions)
     gpu, device, dtype, timer, log = run.gpu, run.device, run.dtype, run.timer, run.log
     config = GPU_CONFIG if gpu else CPU_CONFIG
     gen_timer = copy.copy(timer)  # shares the L2-flush buffer

@@ -15,22 +15,19 @@ reference path: a check that the benchmark runs, not results.  Prints a table, w
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from .bench import start_run, transformers_version
+from .bench import bench_arguments, print_head, start_run, transformers_version
 
 CPU_NOTE = "CPU reference timings, not results: a tiny float32 config on the C reference kernels"
 
 
-def run_shape(
-    hidden: int, intermediate: int, heads: int, kv_heads: int, layers: int, vocab: int, batch: int, seq: int
-) -> dict:
-    """The model's sizes under LlamaConfig's names, with the batch and sequence length of a step."""
+def model_shape(hidden: int, intermediate: int, heads: int, kv_heads: int, layers: int, vocab: int) -> dict:
+    """A model's sizes under LlamaConfig's names."""
     return dict(
         hidden_size=hidden,
         intermediate_size=intermediate,
@@ -38,9 +35,12 @@ def run_shape(
         num_key_value_heads=kv_heads,
         num_hidden_layers=layers,
         vocab_size=vocab,
-        batch=batch,
-        seq=seq,
     )
+
+
+def run_shape(batch: int, seq: int, **sizes) -> dict:
+    """model_shape's sizes with the batch and sequence length of a step."""
+    return {**model_shape(**sizes), "batch": batch, "seq": seq}
 
 
 GPU_CONFIG = run_shape(hidden=4096, intermediate=14336, heads=32, kv_heads=8, layers=4, vocab=32000, batch=2, seq=2048)
@@ -98,24 +98,14 @@ def extra_peak_bytes(step, device) -> int | None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="bench_out", help="folder for bench_hf.json")
-    ap.add_argument("--reps", type=int, default=None, help="timed steps per contender (default 20 GPU, 5 CPU)")
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
-    ap.add_argument("--cpu", action="store_true", help="run the CPU path even where a GPU is present")
+    ap = bench_arguments(
+        __doc__, "bench_hf.json", "timed steps per contender (default 20 GPU, 5 CPU)", "skip the torch.compile peer"
+    )
     args = ap.parse_args(argv)
 
     from . import hf
 
-    run = start_run(
-        "bench_hf",
-        CPU_NOTE,
-        cpu=args.cpu,
-        reps=args.reps,
-        default_reps=(20, 5),
-        warmup=(3, 1),
-        extra_env={"transformers": transformers_version("bench_hf")},
-    )
+    run = start_run("bench_hf", CPU_NOTE, args, (20, 5), (3, 1), {"transformers": transformers_version("bench_hf")})
     gpu, device, dtype, timer = run.gpu, run.device, run.dtype, run.timer
     shape = GPU_CONFIG if gpu else CPU_CONFIG
 
@@ -143,17 +133,14 @@ def main(argv=None) -> int:
         measure("llama3_kernels", training_step(model, ids))
 
     print()
-    print(
+    print_head(
         f"LlamaForCausalLM training step (forward with loss + backward): {shape['num_hidden_layers']} layers, "
         f"hidden {shape['hidden_size']}, intermediate {shape['intermediate_size']}, "
         f"{shape['num_attention_heads']}/{shape['num_key_value_heads']} heads, vocab {shape['vocab_size']}, "
-        f"{str(dtype).replace('torch.', '')}, batch {shape['batch']}, seq {shape['seq']}"
+        f"{str(dtype).replace('torch.', '')}, batch {shape['batch']}, seq {shape['seq']}",
+        f"{'contender':<16} {'median':>11} {'tokens/s':>12} {'extra peak':>12} {'first loss':>11}",
+        None if gpu else CPU_NOTE,
     )
-    if not gpu:
-        print(f"*** {CPU_NOTE} ***")
-    head = f"{'contender':<16} {'median':>11} {'tokens/s':>12} {'extra peak':>12} {'first loss':>11}"
-    print(head)
-    print("-" * len(head))
     for label, r in results.items():
         mem = r["extra_peak_bytes"]
         mem = f"{mem / 2**30:>8.2f} GiB" if mem is not None else f"{'-':>12}"

@@ -44,6 +44,7 @@ from ._lib import (
     KVCacheArgs,
     check,
 )
+from .cache import CacheSlots
 from .ops._common import key_range_for
 from .ops._registry import define, ops, register_autograd, traced
 from .reference import Llama3BlockBase
@@ -572,22 +573,19 @@ def llama_block_decode(
     cos: torch.Tensor,
     sin: torch.Tensor,
     weights,
+    cache: CacheSlots,
     n_heads: int,
     n_kv_heads: int,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cache_range: torch.Tensor,
-    positions: torch.Tensor | None = None,
     eps: float = 1e-5,
     owner=None,
 ) -> torch.Tensor:
     """The block's decode step, one C call: the output for x (batch, seq, dim), `seq` new tokens
-    per sequence, whose k (rotated) and v are written into k_cache / v_cache (batch, n_kv_heads,
-    capacity, head_dim), in place; their queries attend the cache (causal, after each sequence's
-    left padding).  cache_range: int32 (batch, 2), [start, end) of each sequence's slots once the
-    new tokens are in (they take end - seq .. end - 1).  RoPE: new token i of sequence b uses table
-    row positions[b] + i (positions int32 (batch,)), or row i without positions (tables holding
-    this call's tokens).  weights and `owner` as for llama_block.  Inference only: where autograd
+    per sequence, whose k (rotated) and v are written into cache.k / cache.v in place; their
+    queries attend the cache (causal, after each sequence's left padding).  `cache` is a
+    CacheSlots (``KVCache.layer(i)`` gives one): its cache_range says which slots each sequence
+    holds, its positions which RoPE table row new token 0 reads (row positions[b] + i for token i;
+    row i without positions: tables holding this call's tokens).  weights and `owner` as for
+    llama_block.  Inference only: where autograd
     would record it (grad mode on and x or a weight requiring grad) it refuses, rather than return
     an output without a gradient; call it under torch.no_grad() or torch.inference_mode()."""
     weights = tuple(weights)
@@ -598,8 +596,8 @@ def llama_block_decode(
         )
     cos, sin = _tables(cos, sin, x.dtype)
     spec = (int(n_heads), int(n_kv_heads), True, float(eps), False)
-    cache_range = key_range_for(cache_range, x)
-    positions = key_range_for(positions, x)
+    k_cache, v_cache = cache.k, cache.v
+    cache_range, positions = key_range_for(cache.cache_range, x), key_range_for(cache.positions, x)
     if traced(x):
         return ops.llama_block_decode(x, cos, sin, weights, *spec, k_cache, v_cache, cache_range, positions)
     x = x if x.is_contiguous() else x.contiguous()
@@ -730,9 +728,10 @@ class Llama3Block(Llama3BlockBase):
         inference only."""
         if not self.causal:
             raise ValueError("Llama3Block: decode needs a causal block (causal=True)")
-        weights, heads = self._weights_for(x), (self.n_heads, self.n_kv_heads)
-        kv = (cache.k[layer], cache.v[layer], cache.cache_range, cache.positions)
-        return llama_block_decode(x, cos, sin, weights, *heads, *kv, self.eps, owner=self)
+        weights = self._weights_for(x)
+        return llama_block_decode(
+            x, cos, sin, weights, cache.layer(layer), self.n_heads, self.n_kv_heads, self.eps, owner=self
+        )
 
     def _weights_for(self, x: torch.Tensor) -> list:
         """The fused parameters in PARAM_NAMES order, once x is known to be (batch, seq, dim)."""

@@ -15,7 +15,22 @@ to step and the library's graph replay turns each later decode step into one gra
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+
+class CacheSlots(NamedTuple):
+    """One layer's view of a cache, as the C ABI's ``l3k_kv_cache`` holds it: k and v (batch,
+    n_kv_heads, capacity, head_dim), written in place; cache_range int32 (batch, 2), [start, end)
+    of each sequence's slots once this step's tokens are in (they take end - seq .. end - 1);
+    positions int32 (batch,), the RoPE table row of each sequence's first new token, or None
+    (new token i reads row i)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    cache_range: torch.Tensor
+    positions: torch.Tensor | None = None
 
 
 class KVCache:
@@ -38,6 +53,10 @@ class KVCache:
         self.cache_range = torch.zeros(batch, 2, dtype=torch.int32, device=device)
         self.positions = torch.zeros(batch, dtype=torch.int32, device=device)
         self.length = 0  # slots taken so far (host-side count, the same for every sequence)
+
+    def layer(self, i: int) -> CacheSlots:
+        """Layer i's k and v with the shared range and positions."""
+        return CacheSlots(self.k[i], self.v[i], self.cache_range, self.positions)
 
     def reset(self, padding: torch.Tensor | None = None) -> KVCache:
         """Empty the cache; `padding` (batch,) counts each prompt's left padding tokens, which take

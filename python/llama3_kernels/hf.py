@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from . import block as _block
+from .cache import CacheSlots
 from .ops.cross_entropy import cross_entropy
 from .ops.rmsnorm import rms_norm
 
@@ -462,20 +463,9 @@ def _decode_with_cache(layer, x, cos, sin, weights, heads: int, kv_heads: int, c
         _refuse_cache(cache, f"holds keys of shape {tuple(keys.shape)}")
     cache_range = _cache_range(kwargs.get("attention_mask"), x, cache, layer_idx, keys.shape[2])
     x = x if x.is_contiguous() else x.contiguous()
-    return _block.llama_block_decode(
-        x,
-        cos,
-        sin,
-        weights,
-        heads,
-        kv_heads,
-        keys,
-        values,
-        cache_range,
-        None,  # the model's tables hold this call's positions: token i reads row i
-        layer.input_layernorm.variance_epsilon,
-        owner=layer,
-    )
+    slots = CacheSlots(keys, values, cache_range)  # no positions: the model's tables hold this call's tokens
+    eps = layer.input_layernorm.variance_epsilon
+    return _block.llama_block_decode(x, cos, sin, weights, slots, heads, kv_heads, eps, owner=layer)
 
 
 def _rms_norm_forward(self, hidden_states):
