@@ -237,12 +237,8 @@ static void load_model(Model *m, const char *path) {
 static void free_model(Model *m) {
     for (int32_t l = 0; l < m->c.n_layers; ++l)
         for (int i = 0; i < N_BLOCK; ++i) free(m->layers[l].data[i]);
-    free(m->layers);
-    free(m->cos);
-    free(m->sin);
-    free(m->embedding);
-    free(m->norm);
-    free(m->lm_head);
+    void *owned[] = {m->layers, m->cos, m->sin, m->embedding, m->norm, m->lm_head};
+    for (size_t i = 0; i < sizeof owned / sizeof owned[0]; ++i) free(owned[i]);
 }
 
 /* ---- the decoding state ------------------------------------------------------------------------ */
@@ -312,16 +308,8 @@ static void free_state(State *s, const Model *m) {
         free(s->k[l]);
         free(s->v[l]);
     }
-    free(s->k);
-    free(s->v);
-    free(s->tk);
-    free(s->tv);
-    free(s->x);
-    free(s->out);
-    free(s->normed);
-    free(s->logits);
-    free(s->block_buf);
-    free(s->head_buf);
+    void *owned[] = {s->k, s->v, s->tk, s->tv, s->x, s->out, s->normed, s->logits, s->block_buf, s->head_buf};
+    for (size_t i = 0; i < sizeof owned / sizeof owned[0]; ++i) free(owned[i]);
 }
 
 /* ---- one step ---------------------------------------------------------------------------------- */
