@@ -87,9 +87,7 @@ static l3k_status check_qkv(l3k_call *c, const DLTensor *q, const DLTensor *k, c
     if (Hkv < 1 || H % Hkv != 0)
         return l3k_fail(c, L3K_ERROR_SHAPE, "q has %lld heads, expected a multiple of k's %lld heads",
                         (long long)H, (long long)Hkv);
-    if (D < 8 || D > 256 || D % 8 != 0)
-        return l3k_fail(c, L3K_ERROR_SHAPE, "head_dim is %lld, expected a multiple of 8 in [8, 256]",
-                        (long long)D);
+    L3K_TRY(l3k_check_head_dim(c, "head_dim", D));
     L3K_TRY(l3k_check_bhsd(c, o, "o", dt, "q", a->o_stride));
     L3K_TRY(l3k_check_same_shape(c, o, "o", q, "q"));
     int64_t rows;

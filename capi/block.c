@@ -250,6 +250,8 @@ static l3k_status make_dims(l3k_call *c, const DLTensor *x, const l3k_llama_bloc
     d->h = cfg->n_heads;
     d->hkv = cfg->n_kv_heads;
     d->hd = d->dim / d->h;
+    /* Checked here rather than by the attention step, midway through a call. */
+    if (d->dim > 0) L3K_TRY(l3k_check_head_dim(c, "head_dim (dim / n_heads)", d->hd));
     int64_t kv_width;
     L3K_TRY(l3k_size_mul(c, "qkv width: 2 * n_kv_heads * head_dim", 2, d->hkv * d->hd, &kv_width));
     L3K_TRY(l3k_size_add(c, "qkv width: dim + 2 * n_kv_heads * head_dim", d->dim, kv_width, &d->qkv));

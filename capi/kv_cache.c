@@ -13,11 +13,7 @@ static l3k_status check_cache(l3k_call *c, const DLTensor *kc, const DLTensor *v
     L3K_TRY(l3k_check_bhsd(c, kc, "k_cache", *dt, "k_cache", kst));
     L3K_TRY(l3k_check_bhsd(c, vc, "v_cache", *dt, "k_cache", vst));
     L3K_TRY(l3k_check_same_shape(c, vc, "v_cache", kc, "k_cache"));
-    const int64_t D = kc->shape[3];
-    if (D < 8 || D > 256 || D % 8 != 0)
-        return l3k_fail(c, L3K_ERROR_SHAPE, "k_cache head_dim is %lld, expected a multiple of 8 in [8, 256]",
-                        (long long)D);
-    return L3K_SUCCESS;
+    return l3k_check_head_dim(c, "k_cache head_dim", kc->shape[3]);
 }
 
 /* t: (batch, heads, seq, head_dim) of the cache's dtype, batch and head_dim those of the cache;

@@ -380,6 +380,13 @@ l3k_status l3k_check_eps(l3k_call *c, float eps) {
     return L3K_SUCCESS;
 }
 
+l3k_status l3k_check_head_dim(l3k_call *c, const char *what, int64_t head_dim) {
+    if (head_dim < 8 || head_dim > 256 || head_dim % 8 != 0)
+        return l3k_fail(c, L3K_ERROR_SHAPE, "%s is %lld, expected a multiple of 8 in [8, 256]", what,
+                        (long long)head_dim);
+    return L3K_SUCCESS;
+}
+
 static _Thread_local int checking_only;
 
 void l3k_set_checking_only(int on) { checking_only = on; }

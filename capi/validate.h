@@ -94,6 +94,10 @@ l3k_status l3k_check_workspace(l3k_call *c, const DLTensor *t, size_t bytes);
 /* eps finite and >= 0. */
 l3k_status l3k_check_eps(l3k_call *c, float eps);
 
+/* A head_dim the attention kernels take: a multiple of 8 in [8, 256].  `what` names where it
+ * comes from ("head_dim", "k_cache head_dim", "head_dim (dim / n_heads)"). */
+l3k_status l3k_check_head_dim(l3k_call *c, const char *what, int64_t head_dim);
+
 /* An output must not repeat elements (stride 0 over a dim longer than 1: threads writing one
  * element at once would race); a tensor with no element passes. */
 l3k_status l3k_check_no_repeats(l3k_call *c, const DLTensor *t, const char *name);

@@ -348,6 +348,14 @@ static void test_padded(const l3k_llama_block_weights *w, const l3k_llama_block_
     tbad.t.dtype.code = kDLInt;
     EXPECT_FAILS(l3k_llama_block_forward(X, COS, SIN, w, &bad, OUT, WS, NULL), L3K_ERROR_LAYOUT,
                  "out overlaps cfg->key_range");
+    /* A head_dim the attention kernels do not take is refused up front, by the size query too. */
+    bad = cfg;
+    bad.n_heads = 8; /* head_dim 32 / 8 = 4 */
+    EXPECT_FAILS(l3k_llama_block_forward(X, COS, SIN, w, &bad, OUT, WS, NULL), L3K_ERROR_SHAPE,
+                 "llama_block_forward: head_dim (dim / n_heads) is 4, expected a multiple of 8 in [8, 256]");
+    size_t bad_bytes = 0;
+    EXPECT_FAILS(l3k_llama_block_forward_workspace_size(X, w, &bad, &bad_bytes), L3K_ERROR_SHAPE,
+                 "head_dim (dim / n_heads) is 4");
     int untouched = 1;
     for (int i = 0; i < T * DIM; ++i) untouched &= out_old[i] == 5.0f;
     for (size_t i = 0; i < bytes / 4; ++i) untouched &= data_of(WS)[i] == 5.0f;
