@@ -14,8 +14,8 @@
  * (blockIdx.y of l3k_decode_attn_splits pieces), streamed through a cp.async ring (zero-filled
  * past the piece), K and V read once for all the CTA's rows.
  *
- * decode_mma (float16 and bfloat16, head_dim 64 or 128: the decode shapes; only where the
- * environment sets L3K_DECODE_MMA=1, see decode_mma_enabled) does the products on tensor cores,
+ * decode_mma (float16 and bfloat16, head_dim 64 or 128: the decode shapes; unless the
+ * environment sets L3K_DECODE_MMA=0, see decode_mma_enabled) does the products on tensor cores,
  * see its comment.  decode_split (everything else) on CUDA cores, for
  * NR = 4, 8 or 16 rows, tiles of TK = 32 keys:
  *   QK: lane = key, warp = a quarter of head_dim's 8-column chunks (interleaved): every thread
@@ -739,12 +739,11 @@ __global__ void __launch_bounds__(DEC_THREADS, (dec_min_blocks<T, NR, DMAX>()))
  * outside the piece are zero-filled; the only keys a row may not see among those loaded are the
  * newest ones (causal, seq_q > 1).  A tile holding such keys checks their V rows, and where one
  * is not finite the warp takes that tile's PV on CUDA cores, skipping the masked pairs. */
-/* decode_mma runs only where the environment sets L3K_DECODE_MMA=1 (read at each call, so a test
- * can compare both kernels in one process): it has not yet been held to the parity tests on a
- * GPU, where decode_split has.  Without it every dtype and head_dim takes decode_split. */
+/* L3K_DECODE_MMA=0 in the environment sends every shape to decode_split (read at each call, so a
+ * test can hold both kernels to the reference in one process). */
 bool decode_mma_enabled() {
     const char *e = getenv("L3K_DECODE_MMA");
-    return e && e[0] == '1' && e[1] == 0;
+    return !(e && e[0] == '0' && e[1] == 0);
 }
 constexpr int MMA_TK = 64, MMA_STAGES = 2, MMA_WARPS = 4;
 static_assert(MMA_WARPS * 32 == DEC_THREADS, "decode_mma runs DEC_THREADS threads");

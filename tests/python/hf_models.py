@@ -47,3 +47,13 @@ def make_model(cfg, device="cpu", dtype=torch.float32, seed=0):
             if "norm" in name:
                 p.normal_(1.0, 0.2)
     return model.to(device=device, dtype=dtype)
+
+
+def cache_kw() -> str:
+    """The name under which this transformers' LlamaForCausalLM.forward takes a cache ("cache" in
+    later versions, "past_key_values" before)."""
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"

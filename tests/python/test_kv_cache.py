@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import llama3_kernels as l3k
 from conftest import assert_close
-from hf_models import make_config, make_model
+from hf_models import cache_kw, make_config, make_model
 from llama3_kernels.ops.rope import llama3_rope_cos_sin
 from llama3_kernels.reference import torch_rope
 
@@ -72,14 +72,16 @@ def test_attention_decode_matches_sdpa(h, hkv, d, seq, cap, dtype, device):
         assert torch.equal(o[2], torch.zeros_like(o[2]))
 
 
+@pytest.mark.parametrize("kernel", ["tensor_cores", "cuda_cores"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-def test_attention_decode_tensor_core_kernel(head_dim, half, monkeypatch):
-    """The CUDA tensor-core decode kernel (L3K_DECODE_MMA=1) against SDPA: one query and several,
-    GQA and MHA, one split and many, padding, a query that sees nothing."""
+def test_attention_decode_both_cuda_kernels(kernel, head_dim, half, monkeypatch):
+    """Each CUDA decode kernel at the shapes both serve (the tensor-core one by default,
+    L3K_DECODE_MMA=0 the CUDA-core one) against SDPA: one query and several, GQA and MHA, one
+    split and many, padding, a query that sees nothing."""
     if not (torch.cuda.is_available() and l3k.has_cuda()):
         pytest.skip("needs CUDA")
-    monkeypatch.setenv("L3K_DECODE_MMA", "1")
+    monkeypatch.setenv("L3K_DECODE_MMA", "1" if kernel == "tensor_cores" else "0")
     for b, h, hkv, seq, cap in [(3, 32, 8, 1, 4096), (2, 8, 2, 3, 300), (3, 4, 4, 5, 70)]:
         q = torch.randn(b, h, seq, head_dim, device="cuda", dtype=half)
         kc = torch.randn(b, hkv, cap, head_dim, device="cuda", dtype=half)
@@ -286,7 +288,9 @@ def test_teacher_forced_logits_bf16(device):
         cache, logits = DynamicCache(), []
         with torch.no_grad():
             for at, n in [(0, 8)] + [(t, 1) for t in range(8, 24)]:
-                out = model(ids[:, at : at + n], attention_mask=mask[:, : at + n], cache=cache, use_cache=True)
+                out = model(
+                    ids[:, at : at + n], attention_mask=mask[:, : at + n], **{cache_kw(): cache}, use_cache=True
+                )
                 logits.append(out.logits.float())
         return torch.cat(logits, 1)
 
@@ -311,7 +315,7 @@ def test_refuses_caches_it_cannot_write(device):
     model = l3k.hf.apply_to_llama(_hf_model(device, torch.float32 if device == "cpu" else torch.bfloat16))
     ids = torch.randint(1, 101, (1, 5), device=device)
     with torch.no_grad(), pytest.raises(l3k.hf.UnsupportedLlamaError, match="does not return the tensors it keeps"):
-        model(ids, cache=CopyingCache(), use_cache=True)
+        model(ids, **{cache_kw(): CopyingCache()}, use_cache=True)
 
 
 def test_kv_cache_append_to_a_cache_of_no_slot_still_rotates_q(device):
