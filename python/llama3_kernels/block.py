@@ -585,9 +585,9 @@ def llama_block_decode(
     CacheSlots (``KVCache.layer(i)`` gives one): its cache_range says which slots each sequence
     holds, its positions which RoPE table row new token 0 reads (row positions[b] + i for token i;
     row i without positions: tables holding this call's tokens).  weights and `owner` as for
-    llama_block.  Inference only: where autograd
-    would record it (grad mode on and x or a weight requiring grad) it refuses, rather than return
-    an output without a gradient; call it under torch.no_grad() or torch.inference_mode()."""
+    llama_block.  Inference only: where autograd would record it (grad mode on and x or a weight
+    requiring grad) it refuses, rather than return an output without a gradient; call it under
+    torch.no_grad() or torch.inference_mode()."""
     weights = tuple(weights)
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
         raise RuntimeError(

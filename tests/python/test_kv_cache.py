@@ -285,12 +285,10 @@ def test_teacher_forced_logits_bf16(device):
     mask[1, :4] = 0
 
     def stepwise():
-        cache, logits = DynamicCache(), []
+        cache, logits, name = DynamicCache(), [], cache_kw()
         with torch.no_grad():
             for at, n in [(0, 8)] + [(t, 1) for t in range(8, 24)]:
-                out = model(
-                    ids[:, at : at + n], attention_mask=mask[:, : at + n], **{cache_kw(): cache}, use_cache=True
-                )
+                out = model(ids[:, at : at + n], attention_mask=mask[:, : at + n], **{name: cache}, use_cache=True)
                 logits.append(out.logits.float())
         return torch.cat(logits, 1)
 
