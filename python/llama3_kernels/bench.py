@@ -37,8 +37,13 @@ from .ops.rmsnorm import add_rms_norm, rms_norm
 class Timer:
     """Median wall time of callables: CUDA events with an L2 flush on the GPU, perf_counter on the CPU."""
 
-    def __init__(self, device: torch.device, reps: int, warmup: int):
+    def __init__(self, device: torch.device, reps: int, warmup: int, hide_host: bool = False):
         self.device, self.reps, self.warmup = device, reps, warmup
+        # hide_host: the GPU spins ~0.5 ms (1M cycles) before each timed region, so the host has
+        # queued the whole region when it starts and the time is the GPU's alone.  For kernels of
+        # tens of microseconds, whose host path (Python, DLPack, dispatch) can take longer than
+        # the kernel: without it the region measures the host.
+        self.hide_host = hide_host
         # 256 MiB read before every repetition evicts the L2.  A read, not a write:
         # zeroing the buffer leaves ~50 MB of dirty lines whose write-back the
         # timed kernel would pay (a same-size copy measured 28-32 us that way
@@ -60,6 +65,8 @@ class Timer:
             return (time.perf_counter() - t0) * 1e3
         s, e = pair
         self.flush.sum()  # evict L2 (clean lines) so every repetition reads from memory
+        if self.hide_host:
+            torch.cuda._sleep(1_000_000)
         s.record()
         fn()
         e.record()

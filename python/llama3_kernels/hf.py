@@ -40,7 +40,14 @@ from .cache import CacheSlots
 from .ops.cross_entropy import cross_entropy
 from .ops.rmsnorm import rms_norm
 
-__all__ = ["apply_to_llama", "revert_llama", "patched", "from_pretrained", "UnsupportedLlamaError"]
+__all__ = [
+    "apply_to_llama",
+    "revert_llama",
+    "patched",
+    "from_pretrained",
+    "greedy_generate",
+    "UnsupportedLlamaError",
+]
 
 
 class UnsupportedLlamaError(ValueError):
@@ -712,3 +719,176 @@ def from_pretrained(
         from transformers import AutoModelForCausalLM as model_class
     model = model_class.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
     return apply_to_llama(model, final_norm=final_norm, loss=loss)
+
+
+# ---- greedy decoding without transformers' generate loop ---------------------------------------
+
+
+class _DecodeModel:
+    """What one decode step of a LlamaForCausalLM reads: its modules' own parameters (no copies)
+    and the RoPE tables of every slot the cache will hold."""
+
+    def __init__(self, model, batch: int, capacity: int, device):
+        from .cache import KVCache
+
+        inner = getattr(model, "model", None)
+        needed = ("layers", "embed_tokens", "norm", "rotary_emb")
+        if inner is None or not hasattr(model, "lm_head") or any(not hasattr(inner, n) for n in needed):
+            raise UnsupportedLlamaError(
+                f"llama3_kernels.hf.greedy_generate: {type(model).__name__} is not a LlamaForCausalLM "
+                "(it wants model.model.layers, embed_tokens, norm, rotary_emb and model.lm_head)"
+            )
+        if not _is_plain_linear(model.lm_head):
+            _refuse_foreign_projection(model, model.lm_head)
+        cfg = model.config
+        _check_config(cfg)
+        self.model, self.layers = model, list(inner.layers)
+        for layer in self.layers:
+            _check_layer(layer)
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        head_dim = cfg.hidden_size // self.heads
+        self.weights = [tuple(_layer_weights(layer)) for layer in self.layers]
+        dtype = inner.embed_tokens.weight.dtype
+        self.eps = [layer.input_layernorm.variance_epsilon for layer in self.layers]
+        probe = torch.zeros(1, 1, cfg.hidden_size, device=device, dtype=dtype)
+        cos, sin = inner.rotary_emb(probe, torch.arange(capacity, device=device)[None])
+        self.cos, self.sin = _half_tables(cos, sin, head_dim)
+        self.cache = KVCache(len(self.layers), batch, self.kv_heads, head_dim, capacity, dtype=dtype, device=device)
+
+    def logits_after(self, ids: torch.Tensor) -> torch.Tensor:
+        """The cache advanced by ids' tokens (batch, seq), every layer's decode step over them, and
+        the logits of each sequence's last one (batch, vocab)."""
+        inner = self.model.model
+        self.cache.advance(ids.shape[1])
+        x = inner.embed_tokens(ids)
+        for i, layer in enumerate(self.layers):
+            x = _block.llama_block_decode(
+                x, self.cos, self.sin, self.weights[i], self.cache.layer(i), self.heads, self.kv_heads,
+                self.eps[i], owner=layer,
+            )  # fmt: skip
+        h = rms_norm(x[:, -1], inner.norm.weight, inner.norm.variance_epsilon)
+        return self.model.lm_head(h)
+
+
+def _left_padding(ids: torch.Tensor, mask) -> torch.Tensor:
+    """Each prompt's count of left padding tokens, from a mask of zeros then ones per row."""
+    batch, prompt = ids.shape
+    if mask is None:
+        return torch.zeros(batch, dtype=torch.int32, device=ids.device)
+    if tuple(mask.shape) != (batch, prompt):
+        raise ValueError(
+            f"llama3_kernels.hf.greedy_generate: attention_mask has shape {tuple(mask.shape)}, "
+            f"expected input_ids' {(batch, prompt)}"
+        )
+    pad = (mask == 0).sum(1)
+    left = torch.arange(prompt, device=mask.device)[None] >= pad[:, None]
+    if not torch.equal(left, mask != 0) or bool((pad >= prompt).any()):
+        raise ValueError(
+            "llama3_kernels.hf.greedy_generate: attention_mask must be left padding (zeros, then ones, and at "
+            "least one token a row); pad the prompts on the left, as for generate()"
+        )
+    return pad.to(torch.int32)
+
+
+def _token_ids(value, what: str) -> list[int]:
+    if value is None:
+        return []
+    ids = [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    if any(v < 0 for v in ids):
+        raise ValueError(f"llama3_kernels.hf.greedy_generate: {what} {ids} holds a negative id")
+    return ids
+
+
+_DEFAULT = object()
+
+
+@torch.inference_mode()
+def greedy_generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    *,
+    eos_token_id=_DEFAULT,
+    pad_token_id=_DEFAULT,
+    cuda_graph: bool = True,
+) -> torch.Tensor:
+    """Greedy decoding of a ``LlamaForCausalLM`` on the library, without transformers' generate loop:
+    the same tokens as ``model.generate(input_ids, attention_mask=..., do_sample=False,
+    max_new_tokens=...)``, returned the same way, (batch, prompt + max_new_tokens) int64.
+
+    The prompt (left padding given by `attention_mask`, zeros then ones) goes through every layer's
+    decode step (``llama_block_decode``, one C call a layer) into a ``KVCache`` of exactly prompt +
+    max_new_tokens slots; then each new token is one step: embedding, the layers, the final norm
+    of the last position, ``lm_head``, argmax.  On CUDA with ``cuda_graph`` the step is captured
+    once as a CUDA graph and replayed for every token: the step's device work without per-token
+    host work or synchronization (finished sequences are checked every 8 tokens).  The model's own
+    parameters are read (patched by ``apply_to_llama`` or not); nothing is copied but the RoPE
+    tables of the cache's positions.
+
+    ``eos_token_id`` / ``pad_token_id``: the model's ``generation_config`` values by default, as
+    generate() takes them; after a sequence's EOS its tokens are the pad id, and decoding stops
+    early once every sequence has finished (the output is then shorter, as generate()'s).  Raises
+    ``UnsupportedLlamaError`` for a model the block cannot run and ``ValueError`` for bad
+    arguments (a mask that is not left padding, max_new_tokens < 1)."""
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            "llama3_kernels.hf.greedy_generate: input_ids must be a (batch, prompt) integer tensor, got "
+            f"{input_ids.dtype} of shape {tuple(input_ids.shape)}"
+        )
+    if int(max_new_tokens) < 1:
+        raise ValueError(f"llama3_kernels.hf.greedy_generate: max_new_tokens must be at least 1, got {max_new_tokens}")
+    gen = getattr(model, "generation_config", None)
+    eos = _token_ids(getattr(gen, "eos_token_id", None) if eos_token_id is _DEFAULT else eos_token_id, "eos_token_id")
+    pad = getattr(gen, "pad_token_id", None) if pad_token_id is _DEFAULT else pad_token_id
+    if pad is None and eos:
+        pad = eos[0]  # as generate() does when the model names no pad token
+    ids = input_ids.long()
+    batch, prompt = ids.shape
+    dev = ids.device
+    padding = _left_padding(ids, attention_mask)
+    run = _DecodeModel(model, batch, prompt + int(max_new_tokens), dev)
+    run.cache.reset(padding)
+
+    eos_t = torch.tensor(eos, dtype=torch.long, device=dev)
+    tok = run.logits_after(ids).argmax(-1)
+    done = torch.isin(tok, eos_t) if eos else torch.zeros(batch, dtype=torch.bool, device=dev)
+    out = [ids, tok[:, None].clone()]
+    step_in = tok[:, None].clone()  # the step's input (batch, 1): its address is fixed for a graph
+
+    def step():
+        nxt = run.logits_after(step_in).argmax(-1)
+        if eos:
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            done.logical_or_(torch.isin(nxt, eos_t))
+        step_in.copy_(nxt[:, None])
+
+    replay = step
+    if cuda_graph and dev.type == "cuda" and max_new_tokens > 2:
+        length = run.cache.length
+        step()  # uncaptured first: library set-up (cuBLASLt plans) happens outside the capture
+        out.append(step_in.clone())
+        graph = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream(device=dev)
+        s.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(s), torch.cuda.graph(graph, stream=s):
+            step()  # captured, not run: the cache's device range moved, its host count did not
+        torch.cuda.current_stream(dev).wait_stream(s)
+        run.cache.length = length + 1
+
+        def replay():
+            run.cache.length += 1  # the host's count, which the graph does not keep
+            graph.replay()
+
+    for n in range(len(out) - 1, int(max_new_tokens)):
+        if eos and n % 8 == 0 and bool(done.all()):
+            break
+        replay()
+        out.append(step_in.clone())
+    tokens = torch.cat(out, dim=1)
+    if eos and bool(done.all()):  # generate() stops after the token that finished the last sequence
+        new = torch.isin(tokens[:, prompt:], eos_t)
+        first = torch.where(new.any(1), new.int().argmax(1), new.shape[1])
+        tokens = tokens[:, : prompt + int(first.max()) + 1]
+    return tokens

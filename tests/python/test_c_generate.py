@@ -31,14 +31,21 @@ def _compiler():
 
 @pytest.fixture(scope="module")
 def generate_exe(tmp_path_factory):
-    """examples/generate.c built with `cc -O2 generate.c -I capi <library> -Wl,-rpath,<its folder>`."""
+    """examples/generate.c built with `cc -O2 generate.c -I capi <library> -Wl,-rpath,<its folder>`.
+
+    The program finds the library at run time by its soname (libl3k.so.<major>), which the file
+    the package loads need not be called (L3K_LIBRARY may name any copy): the folder on the rpath
+    holds links to it under both names."""
     cc = _compiler()
     if cc is None:
         pytest.skip("no C compiler (cc, gcc or clang; or $CC) to build examples/generate.c")
     lib = Path(l3k.library_path()).resolve()
-    exe = tmp_path_factory.mktemp("c_generate") / "l3k_generate"
+    folder = tmp_path_factory.mktemp("c_generate")
+    for name in ("libl3k.so", f"libl3k.so.{l3k.__version__.split('.')[0]}"):
+        (folder / name).symlink_to(lib)
+    exe = folder / "l3k_generate"
     cmd = [cc, "-std=c11", "-O2", "-Wall", "-Wextra", str(ROOT / "examples" / "generate.c")]
-    cmd += ["-I", str(ROOT / "capi"), str(lib), f"-Wl,-rpath,{lib.parent}", "-o", str(exe)]
+    cmd += ["-I", str(ROOT / "capi"), str(folder / "libl3k.so"), f"-Wl,-rpath,{folder}", "-o", str(exe)]
     built = subprocess.run(cmd, capture_output=True, text=True)
     assert built.returncode == 0, f"{' '.join(cmd)} failed:\n{built.stderr}"
     return exe
