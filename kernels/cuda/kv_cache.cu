@@ -432,7 +432,6 @@ __device__ __forceinline__ void pv_tile(float (&acc)[4][CPL * CW], const unsigne
 template <typename T, int NR, int DMAX, bool EXACT>
 __global__ void __launch_bounds__(DEC_THREADS, (dec_min_blocks<T, NR, DMAX>()))
     decode_split(const l3k_decode_attn_args a, const dec_geom g) {
-    l3k_pdl_launch_dependents(); /* decode_combine may start; it waits for this grid to finish */
     typedef dec_cfg<T, DMAX> cfg;
     constexpr int STAGES = cfg::STAGES, CW = cfg::CW, CPL = cfg::CPL, ES = (int)sizeof(T);
     constexpr int RB = NR / 4;                              /* row blocks of 4 (PV) */
@@ -783,8 +782,9 @@ __device__ __forceinline__ float2 unpack2(uint32_t w, __half *) {
 }
 
 /* CTAs an SM holds by shared memory (68 KB each at D 128): 3 on the H100 (228 KB), 2 on the
- * A100 (164 KB), where asking for 3 made ptxas spill.  (A 3-slot ring at 2 CTAs an SM measured
- * slower on the H100 at B1 and B8 over 4096 keys, 19.0 and 58.5 us against 17.6 and 55.2.) */
+ * A100 (164 KB), where asking for 3 made ptxas spill.  A 3-slot ring at 2 CTAs an SM (with
+ * decode_combine launched early, programmatic dependent launch) measured slower on an H100 at
+ * B1 and B8 over 4096 keys, 19.0 and 58.5 us against 17.6 and 55.2 (bf16, GQA 32/8, D 128). */
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 #define L3K_MMA_MIN_BLOCKS 2
 #else
@@ -794,7 +794,6 @@ __device__ __forceinline__ float2 unpack2(uint32_t w, __half *) {
 template <typename T, int HD>
 __global__ void __launch_bounds__(DEC_THREADS, L3K_MMA_MIN_BLOCKS)
     decode_mma(const l3k_decode_attn_args a, const dec_geom g) {
-    l3k_pdl_launch_dependents(); /* decode_combine may start; it waits for this grid to finish */
     typedef mma_layout<HD> LY;
     constexpr int KS = HD / 16, NTO = HD / 8, CH = HD / 8; /* k-steps, output n-tiles, 16-byte chunks */
     constexpr int PASSES = MMA_TK * CH / DEC_THREADS;
@@ -1094,7 +1093,6 @@ __global__ void __launch_bounds__(COMB_THREADS)
     const int64_t rows = a.batch * a.n_heads * a.seq_q;
     const float *wo = (const float *)a.workspace;
     const float2 *wml = reinterpret_cast<const float2 *>(wo + g.ws_ml);
-    l3k_pdl_wait(); /* launched early (programmatic dependent launch): the partials are complete */
     for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
         const float2 ml = tid < S ? wml[row * S + tid] : make_float2(-INFINITY, 0.0f);
         float m = ml.x;
@@ -1203,17 +1201,9 @@ int launch_attn(const l3k_decode_attn_args &a, const dec_geom &g, cudaStream_t s
     if (err != 0 || g.splits == 1) return err;
     const int chunks_p2 = (int)l3k_pow2_ceil(g.D / 4); /* 2 .. 64 */
     const int64_t rows = a.batch * a.n_heads * a.seq_q;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)l3k_clamp64(rows, 1, INT_MAX));
-    cfg.blockDim = dim3(COMB_THREADS);
-    cfg.stream = st;
-    /* Launched while the attention grid runs (sm_90 on), so the merge does not wait out a launch. */
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = l3k_device_info().major >= 9 ? 1 : 0;
-    return (int)cudaLaunchKernelEx(&cfg, decode_combine<T>, a, g, chunks_p2);
+    const unsigned blocks = (unsigned)l3k_clamp64(rows, 1, INT_MAX);
+    decode_combine<T><<<blocks, COMB_THREADS, 0, st>>>(a, g, chunks_p2);
+    return (int)cudaGetLastError();
 }
 
 } // namespace
