@@ -30,9 +30,9 @@ On a GPU, bf16, GQA 32/8 heads, head_dim 128, all in one process:
    by generate itself where this transformers does so, with mode "reduce-overhead"; else
    model.forward is compiled explicitly, in a row of its own); patched with the dynamic cache, and
    with the static cache (generate's compile off: the library's own graph replay; and, where
-   generate compiles, as generate compiles it); and ``llama3_kernels.hf.greedy_generate``, the
-   library's own greedy loop over the same model (on CUDA one graph replay a token; each call
-   captures its graph, and that time counts).  Time per token = (median of generate with 64 new
+   generate compiles, as generate compiles it); and ``llama3_kernels.hf.GreedyDecoder``, the
+   library's own greedy loop over the same model (on CUDA one graph replay a token; one decoder
+   a batch, whose graph the warmup captures).  Time per token = (median of generate with 64 new
    tokens - median with 1) / 63: the prefill cancels out; warmup calls (the compile) come first.
    Bar: ms/token <= 0.5x compiled static transformers'.  --no-compile runs the static
    cache of transformers uncompiled and skips the compiled rows.
@@ -401,13 +401,15 @@ def run_generate_peer(label, model, ids, mask, cfg: dict, timer: Timer, patched:
 
 
 def run_greedy_generate(label, model, ids, mask, cfg: dict, timer: Timer) -> dict:
-    """One batch of ``llama3_kernels.hf.greedy_generate`` (the library's own loop), timed as the
-    generate() peers are."""
+    """One batch of ``llama3_kernels.hf.GreedyDecoder`` (the library's own loop), timed as the
+    generate() peers are; one decoder serves every call, as a compiled model does (the warmup
+    captures its graph)."""
     from . import hf
 
     n, prompt = cfg["new_tokens"], ids.shape[1]
-    gen_n = lambda: hf.greedy_generate(model, ids, mask, n, eos_token_id=None)
-    gen_1 = lambda: hf.greedy_generate(model, ids, mask, 1, eos_token_id=None)
+    decoder = hf.GreedyDecoder(model, ids.shape[0], prompt + n, eos_token_id=None)
+    gen_n = lambda: decoder.generate(ids, mask, n)
+    gen_1 = lambda: decoder.generate(ids, mask, 1)
     out = gen_n()
     if out.shape[1] != prompt + n:
         raise RuntimeError(f"greedy_generate made {out.shape[1] - prompt} tokens, not {n}")
@@ -477,7 +479,7 @@ def generate_section(cfg: dict, timer: Timer, device, dtype, gpu: bool, compile_
     peer(f"{OURS} static", patched=True, disable_compile=True, **static)
     if compile_ok and auto_compiled:
         peer(f"{OURS} static, generate compiles", patched=True, **static)
-    peer(f"{OURS} greedy_generate" + (" (CUDA graph a token)" if gpu else ""), native=True)
+    peer(f"{OURS} GreedyDecoder" + (" (CUDA graph a token)" if gpu else ""), native=True)
     return {
         "model": {**cfg["model"], "dtype": _dtype_name(dtype), "init": "random", "rope_scaling": "llama3"},
         "vocab_note": "vocab 32000 keeps the model small; LLaMA-3's is 128256" if gpu else None,

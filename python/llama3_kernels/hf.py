@@ -45,6 +45,7 @@ __all__ = [
     "revert_llama",
     "patched",
     "from_pretrained",
+    "GreedyDecoder",
     "greedy_generate",
     "UnsupportedLlamaError",
 ]
@@ -723,40 +724,129 @@ def from_pretrained(
 
 # ---- greedy decoding without transformers' generate loop ---------------------------------------
 
+_WHO = "llama3_kernels.hf.GreedyDecoder"
+_DEFAULT = object()
 
-class _DecodeModel:
-    """What one decode step of a LlamaForCausalLM reads: its modules' own parameters (no copies)
-    and the RoPE tables of every slot the cache will hold."""
 
-    def __init__(self, model, batch: int, capacity: int, device):
+def _token_ids(value, what: str) -> list[int]:
+    if value is None:
+        return []
+    ids = [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    if any(v < 0 for v in ids):
+        raise ValueError(f"{_WHO}: {what} {ids} holds a negative id")
+    return ids
+
+
+def _left_padding(ids: torch.Tensor, mask) -> torch.Tensor:
+    """Each prompt's count of left padding tokens, from a mask of zeros then ones per row."""
+    batch, prompt = ids.shape
+    if mask is None:
+        return torch.zeros(batch, dtype=torch.int32, device=ids.device)
+    if tuple(mask.shape) != (batch, prompt):
+        raise ValueError(f"{_WHO}: attention_mask has shape {tuple(mask.shape)}, expected input_ids' {(batch, prompt)}")
+    pad = (mask == 0).sum(1)
+    left = torch.arange(prompt, device=mask.device)[None] >= pad[:, None]
+    if not torch.equal(left, mask != 0) or bool((pad >= prompt).any()):
+        raise ValueError(
+            f"{_WHO}: attention_mask must be left padding (zeros, then ones, and at least one token a row); "
+            "pad the prompts on the left, as for generate()"
+        )
+    return pad.to(torch.int32)
+
+
+class GreedyDecoder:
+    """Greedy decoding of a ``LlamaForCausalLM`` on the library, without transformers' generate
+    loop, for `batch` sequences of up to `capacity` tokens (prompt and new ones); reusable.
+
+        decoder = llama3_kernels.hf.GreedyDecoder(model, batch=8, capacity=1024)
+        tokens = decoder.generate(input_ids, attention_mask, max_new_tokens=64)
+
+    ``generate`` returns what ``model.generate(input_ids, attention_mask=..., do_sample=False,
+    max_new_tokens=...)`` does, (batch, prompt + new) int64: the prompt (left padding given by
+    `attention_mask`, zeros then ones) goes through every layer's decode step
+    (``llama_block_decode``, one C call a layer) into the decoder's ``KVCache``; then each new
+    token is one step: embedding, the layers, the final norm of the last position, ``lm_head``,
+    argmax.  On CUDA with ``cuda_graph`` that step is captured once as a CUDA graph (at the second
+    step the decoder runs; the first runs uncaptured, so that the library's set-up happens outside
+    the capture) and replayed for every later token of every later call: the step's device work,
+    with no per-token host work or synchronization (finished sequences are looked at every 8
+    tokens).  The model's own parameters are read, patched by ``apply_to_llama`` or not; nothing is
+    copied but the RoPE tables of the cache's positions.  A graph reads the parameters' storage:
+    where a parameter's storage has changed since (new weights loaded), the next call captures
+    again.
+
+    ``eos_token_id`` / ``pad_token_id``: the model's ``generation_config`` values by default, as
+    generate() takes them; after a sequence's EOS its tokens are the pad id, and decoding stops
+    once every sequence has finished (the output is then shorter, as generate()'s).  Raises
+    ``UnsupportedLlamaError`` for a model the block cannot run (as ``apply_to_llama`` does, and for
+    RoPE types that rescale their tables as the sequence grows) and ``ValueError`` for bad
+    arguments (a mask that is not left padding, a batch other than the decoder's, more tokens
+    than its capacity, max_new_tokens < 1)."""
+
+    def __init__(
+        self,
+        model,
+        batch: int,
+        capacity: int,
+        *,
+        eos_token_id=_DEFAULT,
+        pad_token_id=_DEFAULT,
+        cuda_graph: bool = True,
+    ):
         from .cache import KVCache
 
         inner = getattr(model, "model", None)
         needed = ("layers", "embed_tokens", "norm", "rotary_emb")
         if inner is None or not hasattr(model, "lm_head") or any(not hasattr(inner, n) for n in needed):
             raise UnsupportedLlamaError(
-                f"llama3_kernels.hf.greedy_generate: {type(model).__name__} is not a LlamaForCausalLM "
+                f"{_WHO}: {type(model).__name__} is not a LlamaForCausalLM "
                 "(it wants model.model.layers, embed_tokens, norm, rotary_emb and model.lm_head)"
             )
         if not _is_plain_linear(model.lm_head):
             _refuse_foreign_projection(model, model.lm_head)
         cfg = model.config
         _check_config(cfg)
+        rope_type = str(getattr(inner.rotary_emb, "rope_type", "default"))
+        if "dynamic" in rope_type or rope_type == "longrope":
+            # The tables are computed once for every slot; these scale them by the longest sequence.
+            raise UnsupportedLlamaError(
+                f"{_WHO}: rope type {rope_type!r} rescales its tables as the sequence grows; use "
+                "model.generate() on the patched model"
+            )
+        if int(batch) < 1 or int(capacity) < 2:
+            raise ValueError(f"{_WHO}: batch {batch} and capacity {capacity}: want batch >= 1 and capacity >= 2")
         self.model, self.layers = model, list(inner.layers)
         for layer in self.layers:
             _check_layer(layer)
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         head_dim = cfg.hidden_size // self.heads
-        self.weights = [tuple(_layer_weights(layer)) for layer in self.layers]
-        dtype = inner.embed_tokens.weight.dtype
         self.eps = [layer.input_layernorm.variance_epsilon for layer in self.layers]
-        probe = torch.zeros(1, 1, cfg.hidden_size, device=device, dtype=dtype)
-        cos, sin = inner.rotary_emb(probe, torch.arange(capacity, device=device)[None])
+        self.weights, self.param_ptrs = None, None  # read at each call (_refresh)
+        weight = inner.embed_tokens.weight
+        dev, dtype = weight.device, weight.dtype
+        self.batch, self.capacity = int(batch), int(capacity)
+        probe = torch.zeros(1, 1, cfg.hidden_size, device=dev, dtype=dtype)
+        with torch.no_grad():
+            cos, sin = inner.rotary_emb(probe, torch.arange(self.capacity, device=dev)[None])
         self.cos, self.sin = _half_tables(cos, sin, head_dim)
-        self.cache = KVCache(len(self.layers), batch, self.kv_heads, head_dim, capacity, dtype=dtype, device=device)
+        self.cache = KVCache(
+            len(self.layers), self.batch, self.kv_heads, head_dim, self.capacity, dtype=dtype, device=dev
+        )
 
-    def logits_after(self, ids: torch.Tensor) -> torch.Tensor:
+        gen = getattr(model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) if eos_token_id is _DEFAULT else eos_token_id
+        self.eos = _token_ids(eos, "eos_token_id")
+        pad = getattr(gen, "pad_token_id", None) if pad_token_id is _DEFAULT else pad_token_id
+        self.pad = pad if pad is not None or not self.eos else self.eos[0]  # as generate() does without one
+        # The step's fixed buffers: its input token, the finished flags, the EOS ids.
+        self.step_in = torch.zeros(self.batch, 1, dtype=torch.long, device=dev)
+        self.done = torch.zeros(self.batch, dtype=torch.bool, device=dev)
+        self.eos_ids = torch.tensor(self.eos, dtype=torch.long, device=dev)
+        self.use_graph = bool(cuda_graph) and dev.type == "cuda"
+        self.graph, self.warm = None, False
+
+    def _logits_after(self, ids: torch.Tensor) -> torch.Tensor:
         """The cache advanced by ids' tokens (batch, seq), every layer's decode step over them, and
         the logits of each sequence's last one (batch, vocab)."""
         inner = self.model.model
@@ -770,40 +860,83 @@ class _DecodeModel:
         h = rms_norm(x[:, -1], inner.norm.weight, inner.norm.variance_epsilon)
         return self.model.lm_head(h)
 
+    def _choose(self, logits: torch.Tensor) -> None:
+        """The argmax into step_in; a finished sequence gets the pad id, and one that meets an EOS
+        finishes."""
+        nxt = logits.argmax(-1)
+        if self.eos:
+            nxt = torch.where(self.done, torch.full_like(nxt, self.pad), nxt)
+            self.done.logical_or_(torch.isin(nxt, self.eos_ids))
+        self.step_in.copy_(nxt[:, None])
 
-def _left_padding(ids: torch.Tensor, mask) -> torch.Tensor:
-    """Each prompt's count of left padding tokens, from a mask of zeros then ones per row."""
-    batch, prompt = ids.shape
-    if mask is None:
-        return torch.zeros(batch, dtype=torch.int32, device=ids.device)
-    if tuple(mask.shape) != (batch, prompt):
-        raise ValueError(
-            f"llama3_kernels.hf.greedy_generate: attention_mask has shape {tuple(mask.shape)}, "
-            f"expected input_ids' {(batch, prompt)}"
-        )
-    pad = (mask == 0).sum(1)
-    left = torch.arange(prompt, device=mask.device)[None] >= pad[:, None]
-    if not torch.equal(left, mask != 0) or bool((pad >= prompt).any()):
-        raise ValueError(
-            "llama3_kernels.hf.greedy_generate: attention_mask must be left padding (zeros, then ones, and at "
-            "least one token a row); pad the prompts on the left, as for generate()"
-        )
-    return pad.to(torch.int32)
+    def _refresh(self) -> None:
+        """The layers' weights as they are now; where a parameter's storage changed (new weights
+        loaded), the graph, which read the old, is dropped."""
+        model = self.model
+        ptrs = tuple(p.data_ptr() for p in model.parameters()) + (model.lm_head.weight.data_ptr(),)
+        if ptrs != self.param_ptrs:
+            self.weights = [tuple(_layer_weights(layer)) for layer in self.layers]
+            self.param_ptrs, self.graph, self.warm = ptrs, None, False
+
+    def _step(self) -> None:
+        """One new token per sequence into step_in: replayed, run, or captured then replayed."""
+        if self.graph is not None:
+            self.cache.length += 1  # the host's count, which the graph does not keep
+            self.graph.replay()
+            return
+        if not self.use_graph or not self.warm:
+            self._choose(self._logits_after(self.step_in))
+            self.warm = True
+            return
+        length = self.cache.length
+        graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream(device=self.step_in.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.graph(graph, stream=side):
+            self._choose(self._logits_after(self.step_in))  # recorded, not run
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph, self.cache.length = graph, length
+        self._step()
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, attention_mask=None, max_new_tokens: int = 32) -> torch.Tensor:
+        """Greedy tokens after each prompt, (batch, prompt + max_new_tokens) int64 (fewer where every
+        sequence finished sooner), as model.generate() gives them; see the class."""
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"{_WHO}: input_ids must be a (batch, prompt) integer tensor, got {input_ids.dtype} of shape "
+                f"{tuple(input_ids.shape)}"
+            )
+        batch, prompt = input_ids.shape
+        new = int(max_new_tokens)
+        if batch != self.batch:
+            raise ValueError(f"{_WHO}: input_ids hold {batch} sequences; this decoder was made for {self.batch}")
+        if new < 1:
+            raise ValueError(f"{_WHO}: max_new_tokens must be at least 1, got {max_new_tokens}")
+        if prompt + new - 1 > self.capacity:  # the last token is chosen, never stored
+            raise ValueError(
+                f"{_WHO}: a prompt of {prompt} and {new} new tokens need {prompt + new - 1} slots; the capacity is "
+                f"{self.capacity}"
+            )
+        ids = input_ids.to(device=self.step_in.device, dtype=torch.long)
+        padding = _left_padding(ids, attention_mask)
+        self._refresh()
+        self.cache.reset(padding)
+        self.done.zero_()
+        self._choose(self._logits_after(ids))  # the prompt, uncaptured (its length varies)
+        out = [ids, self.step_in.clone()]
+        for n in range(1, new):
+            if self.eos and n % 8 == 0 and bool(self.done.all()):
+                break
+            self._step()
+            out.append(self.step_in.clone())
+        tokens = torch.cat(out, dim=1)
+        if self.eos and bool(self.done.all()):  # generate() stops after the token that finished the last
+            ended = torch.isin(tokens[:, prompt:], self.eos_ids)
+            first = torch.where(ended.any(1), ended.int().argmax(1), ended.shape[1])
+            tokens = tokens[:, : prompt + int(first.max()) + 1]
+        return tokens
 
 
-def _token_ids(value, what: str) -> list[int]:
-    if value is None:
-        return []
-    ids = [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
-    if any(v < 0 for v in ids):
-        raise ValueError(f"llama3_kernels.hf.greedy_generate: {what} {ids} holds a negative id")
-    return ids
-
-
-_DEFAULT = object()
-
-
-@torch.inference_mode()
 def greedy_generate(
     model,
     input_ids: torch.Tensor,
@@ -814,81 +947,19 @@ def greedy_generate(
     pad_token_id=_DEFAULT,
     cuda_graph: bool = True,
 ) -> torch.Tensor:
-    """Greedy decoding of a ``LlamaForCausalLM`` on the library, without transformers' generate loop:
-    the same tokens as ``model.generate(input_ids, attention_mask=..., do_sample=False,
-    max_new_tokens=...)``, returned the same way, (batch, prompt + max_new_tokens) int64.
-
-    The prompt (left padding given by `attention_mask`, zeros then ones) goes through every layer's
-    decode step (``llama_block_decode``, one C call a layer) into a ``KVCache`` of exactly prompt +
-    max_new_tokens slots; then each new token is one step: embedding, the layers, the final norm
-    of the last position, ``lm_head``, argmax.  On CUDA with ``cuda_graph`` the step is captured
-    once as a CUDA graph and replayed for every token: the step's device work without per-token
-    host work or synchronization (finished sequences are checked every 8 tokens).  The model's own
-    parameters are read (patched by ``apply_to_llama`` or not); nothing is copied but the RoPE
-    tables of the cache's positions.
-
-    ``eos_token_id`` / ``pad_token_id``: the model's ``generation_config`` values by default, as
-    generate() takes them; after a sequence's EOS its tokens are the pad id, and decoding stops
-    early once every sequence has finished (the output is then shorter, as generate()'s).  Raises
-    ``UnsupportedLlamaError`` for a model the block cannot run and ``ValueError`` for bad
-    arguments (a mask that is not left padding, max_new_tokens < 1)."""
-    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(
-            "llama3_kernels.hf.greedy_generate: input_ids must be a (batch, prompt) integer tensor, got "
-            f"{input_ids.dtype} of shape {tuple(input_ids.shape)}"
-        )
-    if int(max_new_tokens) < 1:
-        raise ValueError(f"llama3_kernels.hf.greedy_generate: max_new_tokens must be at least 1, got {max_new_tokens}")
-    gen = getattr(model, "generation_config", None)
-    eos = _token_ids(getattr(gen, "eos_token_id", None) if eos_token_id is _DEFAULT else eos_token_id, "eos_token_id")
-    pad = getattr(gen, "pad_token_id", None) if pad_token_id is _DEFAULT else pad_token_id
-    if pad is None and eos:
-        pad = eos[0]  # as generate() does when the model names no pad token
-    ids = input_ids.long()
-    batch, prompt = ids.shape
-    dev = ids.device
-    padding = _left_padding(ids, attention_mask)
-    run = _DecodeModel(model, batch, prompt + int(max_new_tokens), dev)
-    run.cache.reset(padding)
-
-    eos_t = torch.tensor(eos, dtype=torch.long, device=dev)
-    tok = run.logits_after(ids).argmax(-1)
-    done = torch.isin(tok, eos_t) if eos else torch.zeros(batch, dtype=torch.bool, device=dev)
-    out = [ids, tok[:, None].clone()]
-    step_in = tok[:, None].clone()  # the step's input (batch, 1): its address is fixed for a graph
-
-    def step():
-        nxt = run.logits_after(step_in).argmax(-1)
-        if eos:
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            done.logical_or_(torch.isin(nxt, eos_t))
-        step_in.copy_(nxt[:, None])
-
-    replay = step
-    if cuda_graph and dev.type == "cuda" and max_new_tokens > 2:
-        length = run.cache.length
-        step()  # uncaptured first: library set-up (cuBLASLt plans) happens outside the capture
-        out.append(step_in.clone())
-        graph = torch.cuda.CUDAGraph()
-        s = torch.cuda.Stream(device=dev)
-        s.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(s), torch.cuda.graph(graph, stream=s):
-            step()  # captured, not run: the cache's device range moved, its host count did not
-        torch.cuda.current_stream(dev).wait_stream(s)
-        run.cache.length = length + 1
-
-        def replay():
-            run.cache.length += 1  # the host's count, which the graph does not keep
-            graph.replay()
-
-    for n in range(len(out) - 1, int(max_new_tokens)):
-        if eos and n % 8 == 0 and bool(done.all()):
-            break
-        replay()
-        out.append(step_in.clone())
-    tokens = torch.cat(out, dim=1)
-    if eos and bool(done.all()):  # generate() stops after the token that finished the last sequence
-        new = torch.isin(tokens[:, prompt:], eos_t)
-        first = torch.where(new.any(1), new.int().argmax(1), new.shape[1])
-        tokens = tokens[:, : prompt + int(first.max()) + 1]
-    return tokens
+    """``GreedyDecoder(model, batch, prompt + max_new_tokens).generate(...)`` in one call: the tokens
+    of ``model.generate(input_ids, attention_mask=..., do_sample=False, max_new_tokens=...)`` from
+    the library's own loop (see GreedyDecoder).  A decoder kept between calls keeps its cache and
+    its CUDA graph; this captures a new graph each call."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"{_WHO}: input_ids must be (batch, prompt), got shape {tuple(input_ids.shape)}")
+    batch, prompt = input_ids.shape
+    decoder = GreedyDecoder(
+        model,
+        batch,
+        max(prompt + int(max_new_tokens), 2),
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        cuda_graph=cuda_graph,
+    )
+    return decoder.generate(input_ids, attention_mask, max_new_tokens)

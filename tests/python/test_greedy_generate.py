@@ -63,6 +63,39 @@ def test_eos_pads_finished_sequences_and_stops_like_generate():
     assert torch.equal(greedy_generate(model, ids[:1], mask[:1], 30), one)
 
 
+def test_a_decoder_serves_call_after_call():
+    """One GreedyDecoder, its cache and (on CUDA) its graph kept: prompts of other lengths and
+    paddings, fewer new tokens, and new weights loaded in between."""
+    model = _model("mqa-odd")
+    decoder = l3k.hf.GreedyDecoder(model, batch=3, capacity=40)
+    for length, new in ((9, 24), (5, 30), (12, 3)):
+        ids, mask = _prompts(model, 3, length=length)
+        assert torch.equal(decoder.generate(ids, mask, new), _hf_generate(model, ids, mask, new))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)  # in place: the same storage
+        model.model.layers[0].mlp.down_proj.weight = torch.nn.Parameter(model.model.layers[0].mlp.down_proj.weight * 2)
+    ids, mask = _prompts(model, 3)  # the same decoder: one parameter was replaced, one changed in place
+    assert torch.equal(decoder.generate(ids, mask, 20), _hf_generate(model, ids, mask, 20))
+    with pytest.raises(ValueError, match="made for 3"):
+        decoder.generate(ids[:2], mask[:2], 4)
+    with pytest.raises(ValueError, match="capacity is 40"):
+        decoder.generate(ids, mask, 33)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_decoder_recaptures_after_new_weights():
+    model = _model("gqa-llama3rope", "cuda", torch.bfloat16)
+    decoder = l3k.hf.GreedyDecoder(model, batch=2, capacity=64)
+    ids, mask = _prompts(model, 2, "cuda")
+    first = decoder.generate(ids, mask, 32)
+    assert decoder.graph is not None
+    assert torch.equal(decoder.generate(ids, mask, 32), first)  # replayed from the first token on
+    head = model.lm_head
+    head.weight = torch.nn.Parameter(head.weight.flip(0))  # new storage: the graph would read the old
+    want = l3k.hf.GreedyDecoder(model, batch=2, capacity=64, cuda_graph=False).generate(ids, mask, 32)
+    assert torch.equal(decoder.generate(ids, mask, 32), want)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("batch", [1, 4])
 def test_cuda_graph_replay_gives_the_uncaptured_tokens(batch):
@@ -87,12 +120,18 @@ def test_refusals():
         greedy_generate(model, ids, torch.zeros_like(mask), 4)
     with pytest.raises(ValueError, match="shape"):
         greedy_generate(model, ids, mask[:, 1:], 4)
+    with pytest.raises(ValueError, match="batch 0"):
+        l3k.hf.GreedyDecoder(model, batch=0, capacity=8)
     with pytest.raises(ValueError, match="max_new_tokens"):
         greedy_generate(model, ids, mask, 0)
     with pytest.raises(ValueError, match="input_ids"):
         greedy_generate(model, ids.float(), mask, 4)
     with pytest.raises(l3k.hf.UnsupportedLlamaError, match="not a LlamaForCausalLM"):
         greedy_generate(model.model, ids, mask, 4)
+    dynamic = _model("mha-odd")
+    dynamic.model.rotary_emb.rope_type = "dynamic"
+    with pytest.raises(l3k.hf.UnsupportedLlamaError, match="dynamic"):
+        greedy_generate(dynamic, ids, mask, 4)
     biased = _model("mha-odd")
     biased.config.attention_bias = True
     with pytest.raises(l3k.hf.UnsupportedLlamaError, match="attention_bias"):
