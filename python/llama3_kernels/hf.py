@@ -882,18 +882,20 @@ class GreedyDecoder:
         """One new token per sequence into step_in: replayed, run, or captured then replayed."""
         if self.graph is not None:
             self.cache.length += 1  # the host's count, which the graph does not keep
-            self.graph.replay()
+            with torch.cuda.device(self.step_in.device):
+                self.graph.replay()
             return
         if not self.use_graph or not self.warm:
             self._choose(self._logits_after(self.step_in))
             self.warm = True
             return
-        length = self.cache.length
-        graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream(device=self.step_in.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.graph(graph, stream=side):
-            self._choose(self._logits_after(self.step_in))  # recorded, not run
-        torch.cuda.current_stream().wait_stream(side)
+        length, dev = self.cache.length, self.step_in.device
+        with torch.cuda.device(dev):  # the model's device, whichever is current
+            graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream(device=dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.graph(graph, stream=side):
+                self._choose(self._logits_after(self.step_in))  # recorded, not run
+            torch.cuda.current_stream(dev).wait_stream(side)
         self.graph, self.cache.length = graph, length
         self._step()
 
