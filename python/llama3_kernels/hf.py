@@ -16,7 +16,9 @@ What the layer is handed is honoured: the model's rotary tables (any rope scalin
 ids) and the attention mask, read as one range of valid keys per sequence (left or right padding).
 With a KV cache (``generate``; DynamicCache or StaticCache) each layer is one decode step
 (``llama_block_decode``): the cache makes room for the new tokens, and the step writes their
-rotated keys and values there and attends the cache.
+rotated keys and values there and attends the cache.  ``GreedyDecoder`` (and ``greedy_generate``)
+decodes greedily without transformers' generate loop: the same tokens, one CUDA graph replay a
+token.
 What the block cannot compute is refused with an error naming it: biases, activations other than
 SiLU, a head_dim other than hidden_size / num_attention_heads, attention dropout in training,
 ``output_attentions``, packed sequences, flex-attention masks,
