@@ -16,8 +16,8 @@ On a GPU, bf16, GQA 32/8 heads, head_dim 128, all in one process:
    host has queued it (these kernels take less time than their host paths: GPU time, not host
    time), the contenders timed in shared rounds (order rotated each round); the KV bandwidth
    reached (bytes of K and V read / time) against the card's device-to-device copy bandwidth
-   measured in the same run.  Bars: >= 80% of the copy bandwidth
-   at batch 1 cache 32768 and batch 8 cache 4096, >= 1.5x the best SDPA backend at batch 1 cache 4096.
+   measured in the same run.  Bars: >= 80% of the copy bandwidth at batch 1 cache 32768 and
+   batch 8 cache 4096, >= 1.5x the best SDPA backend at batch 1 cache 4096.
 2. One decoder layer's decode step at LLaMA-3-8B sizes (dim 4096, hidden 14336), batch 1, one new
    token over a cache of 4096 (cache_range [0, 4096), the token rewritten at slot 4095 each
    call): ``Llama3Block.decode`` called again and again on the same buffers, so that the library
@@ -369,11 +369,31 @@ def compiled_forward(model):
         del model.forward  # the class's forward again
 
 
+def time_per_token(label: str, gen_n, gen_1, ids, n: int, timer: Timer) -> dict:
+    """A contender's result at one batch: gen_n and gen_1 make n and 1 new tokens after the prompt
+    ids; the first call of gen_n (a warmup: the compile or the capture) is checked, then both are
+    timed in shared rounds and the per-token time is their difference over n - 1."""
+    prompt, batch = ids.shape[1], ids.shape[0]
+    out = gen_n()
+    if out.shape[1] != prompt + n:
+        raise RuntimeError(f"{label} made {out.shape[1] - prompt} tokens, not {n}")
+    ms = timer.rounds({"n": gen_n, "1": gen_1})
+    per_token = (ms["n"] - ms["1"]) / (n - 1)
+    return {
+        "contender": label,
+        "batch": batch,
+        f"median_ms_{n}_tokens": ms["n"],
+        "median_ms_1_token": ms["1"],
+        "ms_per_token": per_token,
+        "tokens_per_s": batch / (per_token * 1e-3) if per_token > 0 else None,
+    }
+
+
 def run_generate_peer(label, model, ids, mask, cfg: dict, timer: Timer, patched: bool, explicit_compile: bool, **kw):
     """(result, whether generate compiled the decode step itself) of one contender at one batch."""
     from . import hf
 
-    n, prompt = cfg["new_tokens"], ids.shape[1]
+    n = cfg["new_tokens"]
     seen: list = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(noting_generate_compile(model, seen))
@@ -382,49 +402,25 @@ def run_generate_peer(label, model, ids, mask, cfg: dict, timer: Timer, patched:
         if explicit_compile:
             stack.enter_context(compiled_forward(model))
         gen_n, gen_1 = generate_call(model, ids, mask, n, **kw), generate_call(model, ids, mask, 1, **kw)
-        out = gen_n()  # the first warmup (and the compile), checked
-        if out.shape[1] != prompt + n:
-            raise RuntimeError(f"generate made {out.shape[1] - prompt} tokens, not {n}")
-        ms = timer.rounds({"n": gen_n, "1": gen_1})
+        r = time_per_token(label, gen_n, gen_1, ids, n, timer)
     by_generate = bool(seen)
-    per_token = (ms["n"] - ms["1"]) / (n - 1)
-    batch = ids.shape[0]
-    return {
-        "contender": label,
-        "batch": batch,
-        "compiled": "by generate" if by_generate else ("explicit" if explicit_compile else "no"),
-        f"median_ms_{n}_tokens": ms["n"],
-        "median_ms_1_token": ms["1"],
-        "ms_per_token": per_token,
-        "tokens_per_s": batch / (per_token * 1e-3) if per_token > 0 else None,
-    }, by_generate
+    r["compiled"] = "by generate" if by_generate else ("explicit" if explicit_compile else "no")
+    return r, by_generate
 
 
-def run_greedy_generate(label, model, ids, mask, cfg: dict, timer: Timer) -> dict:
+def run_greedy_decoder(label, model, ids, mask, cfg: dict, timer: Timer) -> dict:
     """One batch of ``llama3_kernels.hf.GreedyDecoder`` (the library's own loop), timed as the
     generate() peers are; one decoder serves every call, as a compiled model does (the warmup
     captures its graph)."""
     from . import hf
 
-    n, prompt = cfg["new_tokens"], ids.shape[1]
-    decoder = hf.GreedyDecoder(model, ids.shape[0], prompt + n, eos_token_id=None)
-    gen_n = lambda: decoder.generate(ids, mask, n)
-    gen_1 = lambda: decoder.generate(ids, mask, 1)
-    out = gen_n()
-    if out.shape[1] != prompt + n:
-        raise RuntimeError(f"greedy_generate made {out.shape[1] - prompt} tokens, not {n}")
-    ms = timer.rounds({"n": gen_n, "1": gen_1})
-    per_token = (ms["n"] - ms["1"]) / (n - 1)
-    batch = ids.shape[0]
-    return {
-        "contender": label,
-        "batch": batch,
-        "compiled": "no",
-        f"median_ms_{n}_tokens": ms["n"],
-        "median_ms_1_token": ms["1"],
-        "ms_per_token": per_token,
-        "tokens_per_s": batch / (per_token * 1e-3) if per_token > 0 else None,
-    }
+    n = cfg["new_tokens"]
+    decoder = hf.GreedyDecoder(model, ids.shape[0], ids.shape[1] + n, eos_token_id=None)
+    r = time_per_token(
+        label, lambda: decoder.generate(ids, mask, n), lambda: decoder.generate(ids, mask, 1), ids, n, timer
+    )
+    r["compiled"] = "no"
+    return r
 
 
 def generate_section(cfg: dict, timer: Timer, device, dtype, gpu: bool, compile_ok: bool, log) -> dict:
@@ -449,7 +445,7 @@ def generate_section(cfg: dict, timer: Timer, device, dtype, gpu: bool, compile_
             mask = torch.ones_like(ids)
             try:
                 if native:
-                    r = run_greedy_generate(label, model, ids, mask, cfg, timer)
+                    r = run_greedy_decoder(label, model, ids, mask, cfg, timer)
                 else:
                     r, by_generate = run_generate_peer(
                         label, model, ids, mask, cfg, timer, patched, explicit_compile, **kw
