@@ -139,41 +139,6 @@ __device__ __forceinline__ V l3k_subwarp_sum(V v, int width) {
         }                            \
     }
 
-/* ---- the device and launch order ----------------------------------------- */
-
-/* Multiprocessors and compute capability of the current device, read once per device. */
-struct l3k_dev_info {
-    int sms, major;
-};
-inline l3k_dev_info l3k_device_info() {
-    static l3k_dev_info cached[64];
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return {132, 0};
-    if (!cached[dev].sms) {
-        int v = 0, m = 0;
-        cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev);
-        cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, dev);
-        cached[dev].major = m;
-        cached[dev].sms = v > 0 ? v : 132;
-    }
-    return cached[dev];
-}
-
-/* Programmatic dependent launch (sm_90 on; no-ops before): a grid launched with
- * cudaLaunchAttributeProgrammaticStreamSerialization may start once every CTA of the grid before
- * it has called l3k_pdl_launch_dependents (or exited), so its launch overlaps that grid's work;
- * it calls l3k_pdl_wait before it reads what that grid wrote. */
-__device__ __forceinline__ void l3k_pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void l3k_pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 /* ---- PTX wrappers of the attention kernels -------------------------------- */
 
 constexpr float L3K_LOG2E = 1.4426950408889634f;

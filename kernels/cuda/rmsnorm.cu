@@ -36,6 +36,24 @@ constexpr int FWD_BLOCK = 256;
 constexpr int LOOP_BLOCK = 1024;
 constexpr int BWD_MAX_SLOTS = 4; /* longer rows: bwd_loop */
 
+/* Multiprocessors and compute capability of the current device, read once per device. */
+struct dev_info {
+    int sms, major;
+};
+dev_info device_info() {
+    static dev_info cached[64];
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return {132, 0};
+    if (!cached[dev].sms) {
+        int v = 0, m = 0;
+        cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev);
+        cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, dev);
+        cached[dev].major = m;
+        cached[dev].sms = v > 0 ? v : 132;
+    }
+    return cached[dev];
+}
+
 /* ---- slot access with 32-bit in-row offsets --------------------------------
  * Eight elements from column `col`; elements at or past `lim` read as zero and
  * are not written (lim = 0 turns a whole row off).  VEC: as l3k_load8. */
@@ -270,12 +288,23 @@ __global__ void __launch_bounds__(LOOP_BLOCK) fwd_loop(l3k_rmsnorm_fwd_args a) {
  * dy and rstd are loaded before this row is reduced, and the weight slots are
  * held in registers for the whole kernel.  One slot a thread: two blocks a
  * multiprocessor. */
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 template <typename T, int S, bool VEC, bool PF>
 __global__ void __launch_bounds__(L3K_RMSNORM_BWD_BLOCK, S == 1 ? 2 : 1)
     bwd_cached(l3k_rmsnorm_bwd_args a, int lg) {
     __shared__ float red[2 * 64];
     extern __shared__ float fold[]; /* n floats when the block has several groups */
-    l3k_pdl_launch_dependents();    /* the dweight reduction may be launched; it waits for this grid */
+    pdl_launch_dependents();        /* the dweight reduction may be launched; it waits for this grid */
     const grp_t g = make_grp(lg);
     const int G = g.G, R = blockDim.x >> lg, group = g.group, lane = g.lane;
     const int n = (int)a.n;
@@ -410,7 +439,7 @@ __global__ void __launch_bounds__(L3K_RMSNORM_BWD_BLOCK, S == 1 ? 2 : 1)
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(LOOP_BLOCK) bwd_loop(l3k_rmsnorm_bwd_args a) {
     __shared__ float red[2 * 64];
-    l3k_pdl_launch_dependents();
+    pdl_launch_dependents();
     const int G = blockDim.x;
     const grp_t g = make_grp(__ffs(G) - 1);
     const int64_t n = a.n;
@@ -464,7 +493,7 @@ template <typename T, bool PDL>
 __global__ void __launch_bounds__(RED_COLS *RED_LANES)
     dweight_reduce(const float *__restrict__ partials, int64_t parts, int64_t n, T *dweight) {
     __shared__ float tile[RED_LANES][RED_COLS + 1];
-    if (PDL) l3k_pdl_wait();
+    if (PDL) pdl_wait();
     const int tx = threadIdx.x % RED_COLS, ty = threadIdx.x / RED_COLS;
     const int64_t col = (int64_t)blockIdx.x * RED_COLS + tx;
     float v[RED_PER_LANE];
@@ -528,7 +557,7 @@ int64_t fwd_resident(int block) {
         cached[dev][1] = nb;
         cached[dev][0] = block;
     }
-    return (int64_t)cached[dev][1] * l3k_device_info().sms;
+    return (int64_t)cached[dev][1] * device_info().sms;
 }
 
 /* PF (the next row's loads in flight) where the registers allow it: up to 4
@@ -569,7 +598,7 @@ bwd_cfg default_bwd_cfg(const l3k_rmsnorm_bwd_args &a) {
     c.S = (int)((slots + c.G - 1) / c.G);
     c.block = (int)(l3k_rmsnorm_bwd_rows_per_block(a.n) * c.G);
     c.parts = l3k_rmsnorm_bwd_partials(a.rows, a.n);
-    c.pdl = l3k_device_info().major >= 9;
+    c.pdl = device_info().major >= 9;
     return c;
 }
 
