@@ -840,7 +840,9 @@ class GreedyDecoder:
         eos = getattr(gen, "eos_token_id", None) if eos_token_id is _DEFAULT else eos_token_id
         self.eos = _token_ids(eos, "eos_token_id")
         pad = getattr(gen, "pad_token_id", None) if pad_token_id is _DEFAULT else pad_token_id
-        self.pad = pad if pad is not None or not self.eos else self.eos[0]  # as generate() does without one
+        if pad is None and self.eos:
+            pad = self.eos[0]  # as generate() does when the model names no pad token
+        self.pad = pad
         # The step's fixed buffers: its input token, the finished flags, the EOS ids.
         self.step_in = torch.zeros(self.batch, 1, dtype=torch.long, device=dev)
         self.done = torch.zeros(self.batch, dtype=torch.bool, device=dev)
@@ -874,8 +876,7 @@ class GreedyDecoder:
     def _refresh(self) -> None:
         """The layers' weights as they are now; where a parameter's storage changed (new weights
         loaded), the graph, which read the old, is dropped."""
-        model = self.model
-        ptrs = tuple(p.data_ptr() for p in model.parameters()) + (model.lm_head.weight.data_ptr(),)
+        ptrs = tuple(p.data_ptr() for p in self.model.parameters())  # lm_head's and the embedding's too
         if ptrs != self.param_ptrs:
             self.weights = [tuple(_layer_weights(layer)) for layer in self.layers]
             self.param_ptrs, self.graph, self.warm = ptrs, None, False

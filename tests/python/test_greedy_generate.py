@@ -1,6 +1,6 @@
-"""llama3_kernels.hf.greedy_generate: greedy decoding of a Hugging Face LlamaForCausalLM on the
-library's decode step with its own loop (one CUDA graph a token on CUDA), held to the token ids of
-transformers' generate() on the unpatched model, EOS and padding included."""
+"""llama3_kernels.hf.GreedyDecoder and greedy_generate: greedy decoding of a Hugging Face
+LlamaForCausalLM on the library's decode step with its own loop (one CUDA graph a token on CUDA),
+held to the token ids of transformers' generate() on the unpatched model, EOS and padding included."""
 
 import pytest
 import torch
